@@ -1,0 +1,1 @@
+"""Benchmarks: each writes a JSON under benchmarks/results/ and prints a short table."""

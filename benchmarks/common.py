@@ -1,0 +1,77 @@
+"""The one timing helper and the one result writer that every benchmark shares."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+  """Device name and library versions, recorded with every result."""
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "numpy", "turboquant-jax"):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  device = jax.devices()[0]
+  return {
+      "device": getattr(device, "device_kind", str(device)),
+      "platform": device.platform,
+      "device_count": jax.device_count(),
+      "python": platform.python_version(),
+      "versions": versions,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def write_result(name: str, payload: dict[str, Any], results_dir: pathlib.Path | None = None
+                 ) -> pathlib.Path:
+  """Writes {environment, payload} to <results_dir>/<name>_<platform>.json."""
+  env = environment()
+  out_dir = pathlib.Path(results_dir or RESULTS_DIR)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{name}_{env['platform']}.json"
+  path.write_text(json.dumps({"benchmark": name, "environment": env, **payload}, indent=1))
+  return path
+
+
+def device_time(fn: Callable[..., Any], *args, calls: int = 20, repeats: int = 7,
+                warmup: int = 2) -> float:
+  """Median seconds per call of a jitted `fn`, in device time.
+
+  Each repeat queues `calls` calls and blocks once, so host dispatch overlaps device work
+  and a per-call host-clock reading (which counts dispatch, tens of µs) is never taken.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    samples.append((time.perf_counter() - start) / calls)
+  return statistics.median(samples)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+  """Prints rows as an aligned text table with the given column order."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  for row in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,1 @@
+"""Flax decoders (Llama, Gemma) that take the KV cache as an argument."""

@@ -1,0 +1,1 @@
+"""Fused Pallas GPU kernels over TurboQuant codes (decode attention, index scoring)."""

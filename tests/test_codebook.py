@@ -1,0 +1,95 @@
+import math
+
+import numpy as np
+import pytest
+
+from turboquant_jax import codebook
+
+# D_mse of unit vectors, Lloyd-Max on the exact f_d (../shared/turboquant-notes.md).
+NOTES_D_MSE = {
+    64: (0.3584, 0.1145, 0.0334, 0.0091),
+    128: (0.3609, 0.1160, 0.0340, 0.0093),
+    256: (0.3621, 0.1167, 0.0343, 0.0094),
+}
+# Max (1960), Lloyd-Max for N(0, 1): per-coordinate MSE and positive levels.
+MAX_GAUSSIAN_MSE = (0.3634, 0.1175, 0.03454, 0.009497)
+MAX_GAUSSIAN_LEVELS_2BIT = (0.4528, 1.510)
+
+
+@pytest.mark.parametrize("d", sorted(NOTES_D_MSE))
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_sphere_codebook_matches_notes(d, bits):
+  cb = codebook.lloyd_max_codebook(d, bits)
+  assert cb.mse == pytest.approx(NOTES_D_MSE[d][bits - 1], abs=5e-5 + 0.0005 * cb.mse)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_gaussian_codebook_matches_max_table(bits):
+  d = 100
+  cb = codebook.lloyd_max_codebook(d, bits, "gaussian")
+  assert cb.mse == pytest.approx(MAX_GAUSSIAN_MSE[bits - 1], rel=1e-3)
+  if bits == 1:
+    np.testing.assert_allclose(cb.centroids * math.sqrt(d), [-math.sqrt(2 / math.pi),
+                                                             math.sqrt(2 / math.pi)], rtol=1e-9)
+  if bits == 2:
+    np.testing.assert_allclose(cb.centroids[2:] * math.sqrt(d), MAX_GAUSSIAN_LEVELS_2BIT,
+                               rtol=1e-3)
+
+
+def test_sphere_tends_to_gaussian_for_large_d():
+  for bits in (1, 2, 3, 4):
+    sphere = codebook.lloyd_max_codebook(4096, bits)
+    gauss = codebook.lloyd_max_codebook(4096, bits, "gaussian")
+    np.testing.assert_allclose(sphere.centroids, gauss.centroids, rtol=2e-3)
+    # At small d the sphere density has lighter tails: lower distortion than the limit.
+    assert codebook.lloyd_max_codebook(16, bits).mse < gauss.mse
+
+
+def _fine_grid_moments(edges, d):
+  """Independent check: the trapezoid rule on 200,001 points inside each cell."""
+  mass, first = [], []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    t = np.linspace(lo, hi, 200_001)
+    f = np.exp(codebook.sphere_coordinate_log_density(t, d))
+    mass.append(np.trapezoid(f, t))
+    first.append(np.trapezoid(t * f, t))
+  return np.array(mass), np.array(first)
+
+
+@pytest.mark.parametrize("d,bits", [(16, 3), (128, 2), (64, 4)])
+def test_lloyd_max_optimality_conditions(d, bits):
+  cb = codebook.lloyd_max_codebook(d, bits)
+  np.testing.assert_allclose(cb.boundaries, 0.5 * (cb.centroids[1:] + cb.centroids[:-1]))
+  edges = np.concatenate([[-1.0], cb.boundaries, [1.0]])
+  mass, first = _fine_grid_moments(edges, d)
+  np.testing.assert_allclose(mass.sum(), 1.0, atol=1e-6)
+  np.testing.assert_allclose(cb.centroids, first / mass, rtol=1e-7, atol=1e-12)
+  assert np.all(np.diff(cb.centroids) > 0)
+  np.testing.assert_allclose(cb.centroids, -cb.centroids[::-1], atol=1e-15)
+
+
+def test_distortion_within_paper_bounds():
+  for bits in (1, 2, 3, 4):
+    mse = codebook.lloyd_max_codebook(128, bits).mse
+    assert 4.0**-bits <= mse <= math.sqrt(3) * math.pi / 2 * 4.0**-bits
+
+
+def test_zero_bits_is_the_mean():
+  cb = codebook.lloyd_max_codebook(64, 0)
+  np.testing.assert_array_equal(cb.centroids, [0.0])
+  assert cb.mse == pytest.approx(1.0, rel=1e-9)  # E‖x‖² of a unit vector
+
+
+def test_cached_and_read_only():
+  a = codebook.lloyd_max_codebook(128, 3)
+  assert a is codebook.lloyd_max_codebook(128, 3)
+  with pytest.raises(ValueError):
+    a.centroids[0] = 0.0
+
+
+@pytest.mark.parametrize("kwargs", [dict(d=2, bits=2), dict(d=64, bits=9), dict(d=64, bits=-1),
+                                    dict(d=64, bits=2, density="laplace"),
+                                    dict(d=64.0, bits=2)])
+def test_bad_arguments(kwargs):
+  with pytest.raises(ValueError):
+    codebook.lloyd_max_codebook(**kwargs)

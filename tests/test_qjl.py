@@ -1,0 +1,36 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax import qjl
+
+
+def test_sign_estimator_is_unbiased_with_predicted_variance(rng):
+  d, m, trials = 64, 64, 20000
+  q = rng.standard_normal(d)
+  r = rng.standard_normal(d)
+  keys = jax.random.split(jax.random.PRNGKey(0), trials)
+
+  @jax.jit
+  @jax.vmap
+  def estimate(key):
+    s = qjl.gaussian_sketch(key, d, m)
+    return qjl.qjl_inner_product(qjl.sketch(s, q), qjl.qjl_signs(s, r),
+                                 jnp.linalg.norm(r))
+
+  est = np.asarray(estimate(keys), np.float64)
+  truth = q @ r
+  var = ((math.pi / 2) * (q @ q) * (r @ r) - truth**2) / m
+  assert abs(est.mean() - truth) < 3 * math.sqrt(var / trials)
+  np.testing.assert_allclose(est.var(), var, rtol=0.05)
+
+
+def test_signs_are_plus_minus_one_and_sketch_is_standard_normal():
+  s = qjl.gaussian_sketch(jax.random.PRNGKey(1), 256, 128)
+  assert s.shape == (128, 256)
+  np.testing.assert_allclose(np.std(np.asarray(s)), 1.0, rtol=0.02)
+  signs = qjl.qjl_signs(s, jnp.ones((3, 256)))
+  assert set(np.unique(np.asarray(signs))) <= {-1.0, 1.0}
+  assert signs.shape == (3, 128)

@@ -1,0 +1,140 @@
+"""Lloyd-Max scalar codebooks for one coordinate of a random unit vector.
+
+After a uniformly random rotation, each coordinate t of a unit vector in R^d has density
+
+    f_d(t) = Γ(d/2) / (√π Γ((d-1)/2)) · (1 - t²)^((d-3)/2),   t ∈ [-1, 1],
+
+which tends to N(0, 1/d) as d grows. TurboQuant quantizes every coordinate with the one
+scalar codebook that minimises E[(t - c(t))²] under f_d (Lloyd-Max): no data, no training.
+
+The codebooks are solved here in float64 numpy, once per (d, bits, density), and cached.
+Integrals over each cell use Gauss-Legendre quadrature, so no scipy is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Density = Literal["sphere", "gaussian"]
+
+_MIN_DIM = 3  # f_d is a proper density on [-1, 1] for d >= 3.
+_MAX_BITS = 8
+
+
+class LloydMaxCodebook(NamedTuple):
+  """A scalar codebook for unit-vector coordinates (all arrays float64, read-only).
+
+  Attributes:
+    centroids: [2**bits] increasing reconstruction levels.
+    boundaries: [2**bits - 1] decision thresholds, midpoints of neighbouring centroids.
+    mse: D_mse of a unit vector, d · E[(t - c(t))²]: the expected squared error of the
+      whole vector, not of one coordinate.
+  """
+
+  centroids: np.ndarray
+  boundaries: np.ndarray
+  mse: float
+
+
+def sphere_coordinate_log_density(t: np.ndarray, d: int) -> np.ndarray:
+  """log f_d(t) for one coordinate of a uniform point on the unit sphere in R^d."""
+  log_norm = math.lgamma(d / 2) - 0.5 * math.log(math.pi) - math.lgamma((d - 1) / 2)
+  with np.errstate(divide="ignore"):
+    return log_norm + 0.5 * (d - 3) * np.log1p(-np.square(t))
+
+
+def gaussian_log_density(t: np.ndarray, d: int) -> np.ndarray:
+  """log of the N(0, 1/d) density, the large-d limit of f_d."""
+  return 0.5 * math.log(d / (2 * math.pi)) - 0.5 * d * np.square(t)
+
+
+def _support(d: int, density: Density) -> tuple[float, float]:
+  if density == "sphere":
+    return -1.0, 1.0
+  # The Gaussian's mass beyond 40 standard deviations is below float64 resolution.
+  half_width = 40.0 / math.sqrt(d)
+  return -half_width, half_width
+
+
+# Each cell is cut into this many pieces, each integrated with this many nodes: exact to
+# float64 rounding for the smooth densities here (checked against finer rules in tests).
+_PIECES = 16
+_NODES = 48
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(_NODES)
+
+
+def _cell_moments(edges: np.ndarray, d: int, density: Density) -> tuple[np.ndarray, ...]:
+  """∫ f, ∫ t f and ∫ t² f over each cell [edges[k], edges[k+1]]."""
+  log_density = sphere_coordinate_log_density if density == "sphere" else gaussian_log_density
+  lo, hi = edges[:-1], edges[1:]
+  # [cells, pieces + 1] piece edges, then [cells, pieces, nodes] quadrature points.
+  piece_edges = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _PIECES + 1)
+  a, b = piece_edges[:, :-1, None], piece_edges[:, 1:, None]
+  t = 0.5 * (b - a) * _GL_NODES + 0.5 * (a + b)
+  w = 0.5 * (b - a) * _GL_WEIGHTS
+  wf = w * np.exp(log_density(t, d))
+  return wf.sum((1, 2)), (wf * t).sum((1, 2)), (wf * t * t).sum((1, 2))
+
+
+def _validate(d: int, bits: int, density: str) -> None:
+  if not isinstance(d, (int, np.integer)) or d < _MIN_DIM:
+    raise ValueError(f"d must be an integer >= {_MIN_DIM}, got {d!r}")
+  if not isinstance(bits, (int, np.integer)) or not 0 <= bits <= _MAX_BITS:
+    raise ValueError(f"bits must be an integer in [0, {_MAX_BITS}], got {bits!r}")
+  if density not in ("sphere", "gaussian"):
+    raise ValueError(f"density must be 'sphere' or 'gaussian', got {density!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _solve(d: int, bits: int, density: Density, tol: float, max_iter: int) -> LloydMaxCodebook:
+  lo, hi = _support(d, density)
+  levels = 2**bits
+  sigma = 1.0 / math.sqrt(d)
+  # Start from a uniform grid over ±3σ; Lloyd's iteration is monotone from any start.
+  centroids = np.linspace(-3 * sigma, 3 * sigma, levels + 2)[1:-1] if levels > 1 else np.zeros(1)
+  for _ in range(max_iter):
+    boundaries = 0.5 * (centroids[1:] + centroids[:-1])
+    edges = np.concatenate([[lo], boundaries, [hi]])
+    mass, first, _ = _cell_moments(edges, d, density)
+    new = first / mass
+    # The density is symmetric: enforce it exactly so rounding never breaks the symmetry.
+    new = 0.5 * (new - new[::-1])
+    converged = np.max(np.abs(new - centroids)) < tol * sigma
+    centroids = new
+    if converged:
+      break
+  else:
+    raise RuntimeError(f"Lloyd-Max did not converge for d={d}, bits={bits}, {density}")
+  boundaries = 0.5 * (centroids[1:] + centroids[:-1])
+  edges = np.concatenate([[lo], boundaries, [hi]])
+  mass, first, second = _cell_moments(edges, d, density)
+  # E[(t - c)²] per cell = ∫t²f - 2c∫tf + c²∫f.
+  mse = float(d * np.sum(second - 2 * centroids * first + centroids**2 * mass))
+  centroids.setflags(write=False)
+  boundaries.setflags(write=False)
+  return LloydMaxCodebook(centroids, boundaries, mse)
+
+
+def lloyd_max_codebook(
+    d: int, bits: int, density: Density = "sphere", *, tol: float = 1e-12, max_iter: int = 200_000
+) -> LloydMaxCodebook:
+  """The Lloyd-Max codebook for one coordinate of a random unit vector in R^d.
+
+  Args:
+    d: dimension of the vectors (>= 3).
+    bits: bits per coordinate, 0..8 (0 gives the single level 0, used by the
+      inner-product quantizer at 1 bit).
+    density: "sphere" for the exact coordinate density f_d, "gaussian" for its N(0, 1/d)
+      limit.
+    tol: stop when no centroid moves by more than tol · (1/√d).
+    max_iter: Lloyd iterations before giving up.
+
+  Returns:
+    A cached, read-only `LloydMaxCodebook`.
+  """
+  _validate(d, bits, density)
+  return _solve(int(d), int(bits), density, float(tol), int(max_iter))

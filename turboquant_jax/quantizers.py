@@ -1,0 +1,330 @@
+"""TurboQuant's two vector quantizers, as immutable pytrees with pure methods.
+
+- `MSEQuantizer` (Algorithm 1): store ‖x‖, rotate y = Π·x/‖x‖, code each y_j by its
+  nearest Lloyd-Max centroid. x̂ = ‖x‖·Πᵀ·c[idx]. D_mse(b) ≈ 0.36, 0.117, 0.034, 0.0093.
+- `ProdQuantizer` (Algorithm 2): (b-1)-bit MSE codes, plus the 1-bit QJL sketch of the
+  residual r = x - x̂_mse and its norm γ. Inner products are unbiased.
+
+Everything lives in the rotated domain: the QJL sketch acts on the rotated residual
+(S·Π·r; S·Π has the same law as S), so `inner_products` rotates and sketches the query
+once and never de-rotates a stored vector:
+<q, x̂> = ‖x‖·<Π·q, c[idx]> + γ·√(π/2)/m·<S·Π·q, sign(S·Π·r)>.
+
+Shapes: vectors are [..., d]; codes carry the same leading axes. Inputs may be float32,
+bfloat16 or float16; arithmetic is float32. Non-finite input raises a ValueError when the
+input is concrete; under `jit` it cannot raise, so its norm is stored as NaN and decodes to
+NaN instead of a plausible vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax import codebook as codebook_lib
+from turboquant_jax import packing
+from turboquant_jax import qjl
+from turboquant_jax import rotation as rotation_lib
+
+Array = jax.Array
+
+MIN_DIM = 16
+MSE_BITS = (1, 2, 3, 4)
+PROD_BITS = (1, 2, 3, 4)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@flax.struct.dataclass
+class MSECodes:
+  """Packed codes of `MSEQuantizer`.
+
+  Attributes:
+    planes: bit-planes of the centroid indices, uint8 [..., d·w/8] each (see `packing`).
+    norms: [...] ‖x‖ in the quantizer's norm dtype.
+  """
+
+  planes: tuple[Array, ...]
+  norms: Array
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(p.nbytes) for p in self.planes) + int(self.norms.nbytes)
+
+
+@flax.struct.dataclass
+class ProdCodes:
+  """Packed codes of `ProdQuantizer`.
+
+  Attributes:
+    mse: the (b-1)-bit `MSECodes`, or None at b = 1 (the whole vector is sketched).
+    signs: uint8 [..., m/8], sign(S·Π·r) as a 1-bit plane.
+    residual_norms: [...] γ = ‖r‖ in the quantizer's norm dtype.
+  """
+
+  mse: MSECodes | None
+  signs: Array
+  residual_norms: Array
+
+  @property
+  def nbytes(self) -> int:
+    mse = 0 if self.mse is None else self.mse.nbytes
+    return mse + int(self.signs.nbytes) + int(self.residual_norms.nbytes)
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_input(x: Array, d: int, name: str = "x") -> Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+  if x.ndim < 1 or x.shape[-1] != d:
+    raise ValueError(f"{name} must have shape [..., {d}], got {x.shape}")
+  if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(f"{name} contains NaN or Inf; refusing to encode it")
+  return x
+
+
+def _norms_with_nan(x32: Array) -> Array:
+  """‖x‖ over the last axis, NaN where any coordinate is not finite."""
+  norms = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1))
+  return jnp.where(jnp.all(jnp.isfinite(x32), axis=-1), norms, jnp.nan)
+
+
+def _validate_config(d: int, bits: int, allowed: tuple[int, ...], name: str) -> None:
+  if not isinstance(d, (int, np.integer)) or d < MIN_DIM:
+    raise ValueError(f"{name} needs d >= {MIN_DIM}, got {d!r}")
+  if bits not in allowed:
+    raise ValueError(f"{name} supports bits in {allowed}, got {bits!r}")
+  if d % 8:
+    raise ValueError(f"{name} packs codes into bytes and needs d divisible by 8, got {d}")
+
+
+@flax.struct.dataclass
+class MSEQuantizer:
+  """TurboQuant_mse (Algorithm 1).
+
+  Attributes:
+    rotation: the random rotation Π (`HaarRotation` or `HadamardRotation`).
+    centroids: [2^bits] float32 Lloyd-Max levels for f_d.
+    boundaries: [2^bits - 1] float32 decision thresholds.
+    bits: bits per coordinate (static).
+    norm_dtype: dtype the norms are stored in (static).
+  """
+
+  rotation: rotation_lib.Rotation
+  centroids: Array
+  boundaries: Array
+  bits: int = flax.struct.field(pytree_node=False)
+  norm_dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+
+  @classmethod
+  def create(
+      cls,
+      key: Array,
+      d: int,
+      bits: int,
+      *,
+      rotation: str = "haar",
+      density: codebook_lib.Density = "sphere",
+      norm_dtype=jnp.float32,
+  ) -> "MSEQuantizer":
+    """A quantizer for d-vectors at `bits` bits per coordinate (1..4).
+
+    Args:
+      key: PRNG key for the rotation.
+      d: vector dimension (>= 16, divisible by 8; a power of two for "hadamard").
+      bits: 1, 2, 3 or 4.
+      rotation: "haar" (dense, any d) or "hadamard" (O(d log d), power-of-two d).
+      density: codebook density, "sphere" (exact) or "gaussian" (large-d limit).
+      norm_dtype: storage dtype of the norms (float32, float16 or bfloat16).
+    """
+    _validate_config(d, bits, MSE_BITS, "MSEQuantizer")
+    return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype)
+
+  @classmethod
+  def _create(cls, key, d, bits, *, rotation, density, norm_dtype) -> "MSEQuantizer":
+    cb = codebook_lib.lloyd_max_codebook(d, bits, density)
+    return cls(
+        rotation=rotation_lib.make_rotation(key, d, rotation),
+        centroids=jnp.asarray(cb.centroids, jnp.float32),
+        boundaries=jnp.asarray(cb.boundaries, jnp.float32),
+        bits=bits,
+        norm_dtype=norm_dtype,
+    )
+
+  @property
+  def dim(self) -> int:
+    return self.rotation.dim
+
+  def bytes_per_vector(self) -> int:
+    """Stored bytes per vector: packed codes plus one norm."""
+    return packing.packed_bytes(self.dim, self.bits) + jnp.dtype(self.norm_dtype).itemsize
+
+  def encode_rotated(self, y: Array) -> Array:
+    """Nearest-centroid indices of rotated unit coordinates. y: [..., d] -> uint8 [..., d]."""
+    return jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.uint8)
+
+  def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
+    """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
+    x32 = x.astype(jnp.float32)
+    norms = _norms_with_nan(x32)
+    safe = jnp.where(norms > 0, norms, 1.0)[..., None]
+    y = self.rotation.rotate(x32 / safe)
+    idx = self.encode_rotated(y)
+    stored = norms.astype(self.norm_dtype)
+    codes = MSECodes(planes=packing.pack_codes(idx, self.bits), norms=stored)
+    return codes, y * norms[..., None], stored.astype(jnp.float32)
+
+  def quantize(self, x: Array) -> MSECodes:
+    """Encodes vectors. x: [..., d] float -> `MSECodes` with leading axes [...]."""
+    x = _check_input(x, self.dim)
+    return self._quantize_rotated(x)[0]
+
+  def centroid_values(self, codes: MSECodes) -> Array:
+    """c[idx]: [..., d] float32, the unit-norm reconstruction in the rotated domain."""
+    idx = packing.unpack_codes(codes.planes, self.bits)
+    return jnp.take(self.centroids, idx.astype(jnp.int32), axis=0)
+
+  def rotated_values(self, codes: MSECodes) -> Array:
+    """‖x‖·c[idx]: [..., d] float32, the reconstruction before the inverse rotation."""
+    return self.centroid_values(codes) * codes.norms.astype(jnp.float32)[..., None]
+
+  def dequantize(self, codes: MSECodes, dtype=jnp.float32) -> Array:
+    """x̂ = ‖x‖·Πᵀ·c[idx]: [..., d] in `dtype`."""
+    return self.rotation.unrotate(self.rotated_values(codes)).astype(dtype)
+
+  def rotate_queries(self, q: Array) -> Array:
+    """Π·q, float32 [..., d]: the one transform a query needs."""
+    return self.rotation.rotate(_check_input(q, self.dim, "q").astype(jnp.float32))
+
+  def inner_products_rotated(self, q_rot: Array, codes: MSECodes) -> Array:
+    """<q, x̂> from rotated queries. q_rot: [..., nq, d], codes: [..., n] -> [..., nq, n]."""
+    scores = jnp.einsum("...qd,...nd->...qn", q_rot, self.centroid_values(codes),
+                        precision=_HIGHEST)
+    return scores * codes.norms.astype(jnp.float32)[..., None, :]
+
+  def inner_products(self, q: Array, codes: MSECodes) -> Array:
+    """Estimates <q, x> from the codes. q: [..., nq, d], codes: [..., n] -> [..., nq, n]."""
+    return self.inner_products_rotated(self.rotate_queries(q), codes)
+
+
+@flax.struct.dataclass
+class ProdQuantizer:
+  """TurboQuant_prod (Algorithm 2): unbiased inner products at `bits` bits per coordinate.
+
+  Attributes:
+    mse: the (bits-1)-bit `MSEQuantizer` (at bits = 1 a 0-bit one: x̂_mse = 0).
+    sketch: S, [m, d] i.i.d. N(0, 1), applied to rotated residuals.
+    bits: total bits per coordinate (static).
+  """
+
+  mse: MSEQuantizer
+  sketch: Array
+  bits: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(
+      cls,
+      key: Array,
+      d: int,
+      bits: int,
+      *,
+      sketch_dim: int | None = None,
+      rotation: str = "haar",
+      density: codebook_lib.Density = "sphere",
+      norm_dtype=jnp.float32,
+  ) -> "ProdQuantizer":
+    """A quantizer for d-vectors at `bits` bits per coordinate (1..4).
+
+    Args:
+      key: PRNG key for the rotation and the sketch.
+      d: vector dimension (>= 16, divisible by 8).
+      bits: total bits per coordinate: bits-1 for the MSE codes, 1 for the QJL signs.
+      sketch_dim: m, rows of the sketch (default d; a multiple of 8).
+      rotation, density, norm_dtype: as for `MSEQuantizer.create`.
+    """
+    _validate_config(d, bits, PROD_BITS, "ProdQuantizer")
+    m = d if sketch_dim is None else sketch_dim
+    if m < 8 or m % 8:
+      raise ValueError(f"sketch_dim must be a positive multiple of 8, got {m}")
+    rot_key, sketch_key = jax.random.split(key)
+    mse = MSEQuantizer._create(rot_key, d, bits - 1, rotation=rotation, density=density,
+                               norm_dtype=norm_dtype)
+    return cls(mse=mse, sketch=qjl.gaussian_sketch(sketch_key, d, m), bits=bits)
+
+  @property
+  def dim(self) -> int:
+    return self.mse.dim
+
+  @property
+  def sketch_dim(self) -> int:
+    return self.sketch.shape[-2]
+
+  @property
+  def norm_dtype(self):
+    return self.mse.norm_dtype
+
+  def bytes_per_vector(self) -> int:
+    """Stored bytes per vector: MSE codes, its norm (if any), sign bits, residual norm."""
+    itemsize = jnp.dtype(self.norm_dtype).itemsize
+    mse = self.mse.bytes_per_vector() if self.mse.bits else 0
+    return mse + self.sketch_dim // 8 + itemsize
+
+  def quantize(self, x: Array) -> ProdCodes:
+    """Encodes vectors. x: [..., d] float -> `ProdCodes` with leading axes [...]."""
+    x = _check_input(x, self.dim)
+    if self.mse.bits:
+      mse_codes, y_scaled, stored_norms = self.mse._quantize_rotated(x)
+      # The residual against the reconstruction as stored (rounded norm included), so the
+      # estimate stays unbiased whatever the norm dtype.
+      r_rot = y_scaled - self.mse.centroid_values(mse_codes) * stored_norms[..., None]
+    else:
+      mse_codes = None
+      r_rot = self.mse.rotation.rotate(x.astype(jnp.float32))
+    gamma = _norms_with_nan(r_rot)
+    signs = qjl.qjl_signs(self.sketch, r_rot)
+    return ProdCodes(mse=mse_codes, signs=packing.pack_signs(signs),
+                     residual_norms=gamma.astype(self.norm_dtype))
+
+  def rotated_values(self, codes: ProdCodes) -> Array:
+    """x̂ in the rotated domain: ‖x‖·c[idx] + γ·√(π/2)/m·(S·Π)ᵀ·signs. [..., d] float32."""
+    signs = packing.unpack_signs(codes.signs)
+    qjl_part = jnp.matmul(signs, self.sketch, precision=_HIGHEST)
+    qjl_part = qjl_part * (qjl.qjl_scale(self.sketch_dim)
+                           * codes.residual_norms.astype(jnp.float32)[..., None])
+    if codes.mse is None:
+      return qjl_part
+    return self.mse.rotated_values(codes.mse) + qjl_part
+
+  def dequantize(self, codes: ProdCodes, dtype=jnp.float32) -> Array:
+    """x̂ = Πᵀ·(rotated values), in the original domain: [..., d] in `dtype`."""
+    return self.mse.rotation.unrotate(self.rotated_values(codes)).astype(dtype)
+
+  def rotate_queries(self, q: Array) -> tuple[Array, Array]:
+    """(Π·q, S·Π·q), both float32: the query transforms, computed once per query."""
+    q_rot = self.mse.rotate_queries(q)
+    return q_rot, qjl.sketch(self.sketch, q_rot)
+
+  def inner_products_rotated(self, q_rot: Array, q_sketch: Array, codes: ProdCodes) -> Array:
+    """Unbiased <q, x> from transformed queries. q_*: [..., nq, ·], codes: [..., n] -> [..., nq, n]."""
+    signs = packing.unpack_signs(codes.signs)
+    scores = jnp.einsum("...qm,...nm->...qn", q_sketch, signs, precision=_HIGHEST)
+    scores = scores * (qjl.qjl_scale(self.sketch_dim)
+                       * codes.residual_norms.astype(jnp.float32)[..., None, :])
+    if codes.mse is not None:
+      scores = scores + self.mse.inner_products_rotated(q_rot, codes.mse)
+    return scores
+
+  def inner_products(self, q: Array, codes: ProdCodes) -> Array:
+    """Unbiased estimates of <q, x>. q: [..., nq, d], codes: [..., n] -> [..., nq, n]."""
+    return self.inner_products_rotated(*self.rotate_queries(q), codes)
+
+
+Quantizer = MSEQuantizer | ProdQuantizer
+
