@@ -85,7 +85,8 @@ def _check_input(x: Array, d: int, name: str = "x") -> Array:
     raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
   if x.ndim < 1 or x.shape[-1] != d:
     raise ValueError(f"{name} must have shape [..., {d}], got {x.shape}")
-  if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+  # numpy: under an outer trace jnp would return a tracer even for a concrete x.
+  if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x, np.float32))):
     raise ValueError(f"{name} contains NaN or Inf; refusing to encode it")
   return x
 

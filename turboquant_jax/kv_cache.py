@@ -1,0 +1,240 @@
+"""The KV-cache protocol, the update logic every cache shares, and the dense cache.
+
+A cache is an immutable pytree that lives inside `jax.jit`. Two calls make a decode step:
+
+    cache = cache.update(k, v)        # k, v: [batch, new_tokens, kv_heads, head_dim]
+    out = cache.attend(q)             # q: [batch, q_len, q_heads, head_dim] -> same shape
+
+`update(k, v, positions=None, num_tokens=None)` writes the new tokens of row b at
+positions[b] (default: its current length) and counts num_tokens[b] of them (default:
+all), so a batch holds sequences of different lengths and padded prompts stay out.
+Writes are scatters of the new tokens only: O(new tokens), whatever max_len is.
+
+A full cache never wraps or drops tokens silently. Eagerly (concrete arrays) an update
+past max_len raises ValueError. Under `jit` nothing can raise: the row's update is not
+applied, its `overflowed` flag is set, and from then on `attend` returns NaN for that
+row, so the error shows in the output instead of hiding in it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax import attention
+
+Array = jax.Array
+
+
+class KVCache(Protocol):
+  """What a decoder needs from a cache (see the module docstring)."""
+
+  lengths: Array
+
+  def update(self, k: Array, v: Array, positions: Array | None = None,
+             num_tokens: Array | None = None) -> "KVCache":
+    ...
+
+  def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
+             sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+    ...
+
+  def memory_report(self) -> dict[str, Any]:
+    ...
+
+
+def is_concrete(*xs: Any) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def check_kv_input(name: str, x: Array, batch: int, heads: int, head_dim: int) -> None:
+  """Raises at trace time unless x is a float [batch, T, heads, head_dim] array."""
+  if not hasattr(x, "shape") or x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != (
+      batch, heads, head_dim):
+    raise ValueError(f"{name} must have shape [{batch}, new_tokens, {heads}, {head_dim}], "
+                     f"got {getattr(x, 'shape', type(x))}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be floating point, got {x.dtype}")
+
+
+def check_finite(name: str, x: Array) -> None:
+  """Eagerly refuses NaN/Inf (under jit the values are unknown; see the quantizers)."""
+  # numpy, not jnp: under an outer trace jnp would return a tracer even for concrete x.
+  if is_concrete(x) and not np.all(np.isfinite(np.asarray(x, np.float32))):
+    raise ValueError(f"{name} contains NaN or Inf; refusing to cache it")
+
+
+def check_query(q: Array, batch: int, num_kv_heads: int, head_dim: int) -> None:
+  if not hasattr(q, "shape") or q.ndim != 4 or q.shape[0] != batch or q.shape[3] != head_dim:
+    raise ValueError(f"q must have shape [{batch}, q_len, q_heads, {head_dim}], "
+                     f"got {getattr(q, 'shape', type(q))}")
+  if q.shape[2] % num_kv_heads:
+    raise ValueError(f"q has {q.shape[2]} heads, not a multiple of {num_kv_heads} kv heads")
+
+
+@flax.struct.dataclass
+class UpdatePlan:
+  """Where an update's tokens go. All [B] except `indices` [B, T]."""
+
+  positions: Array
+  num_tokens: Array
+  new_lengths: Array
+  ok: Array
+  indices: Array  # target position of each new token; max_len (dropped) if not written
+
+
+def plan_update(lengths: Array, max_len: int, t: int, positions: Array | None,
+                num_tokens: Array | None) -> UpdatePlan:
+  """Validates an update and says where each new token is written."""
+  batch = lengths.shape[0]
+  pos = lengths if positions is None else jnp.broadcast_to(
+      jnp.asarray(positions, jnp.int32), (batch,))
+  num = jnp.full((batch,), t, jnp.int32) if num_tokens is None else jnp.broadcast_to(
+      jnp.asarray(num_tokens, jnp.int32), (batch,))
+  new_lengths = pos + num
+  if is_concrete(lengths, positions, num_tokens):
+    # numpy: these checks must not trace, even inside an outer transformation.
+    n_len, n_pos, n_num = (np.broadcast_to(np.asarray(x), (batch,)) for x in (
+        lengths, lengths if positions is None else positions, t if num_tokens is None
+        else num_tokens))
+    if np.any((n_num < 0) | (n_num > t)):
+      raise ValueError(f"num_tokens must lie in [0, {t}], got {n_num}")
+    if np.any(n_pos < 0) or np.any(n_pos > n_len):
+      raise ValueError(f"positions must lie in [0, lengths] (no gaps), got {n_pos} "
+                       f"for lengths {n_len}")
+    if np.any(n_pos + n_num > max_len):
+      raise ValueError(f"cache full: writing up to position {int((n_pos + n_num).max())} "
+                       f"into a cache of max_len {max_len}")
+  ok = new_lengths <= max_len
+  i = jnp.arange(t, dtype=jnp.int32)
+  written = (i[None, :] < num[:, None]) & ok[:, None]
+  indices = jnp.where(written, pos[:, None] + i[None, :], max_len)
+  return UpdatePlan(positions=pos, num_tokens=num, new_lengths=new_lengths, ok=ok,
+                    indices=indices)
+
+
+def scatter_tokens(buffer: Array, new: Array, indices: Array) -> Array:
+  """Writes new[b, :, i] to buffer[b, :, indices[b, i]]; indices out of range are dropped.
+
+  buffer: [B, H, L, ...], new: [B, H, T, ...], indices: [B, T].
+  """
+  def one(buf, upd, idx):
+    return buf.at[:, idx].set(upd.astype(buf.dtype), mode="drop")
+  return jax.vmap(one)(buffer, new, indices)
+
+
+def to_head_major(x: Array) -> Array:
+  """[B, T, H, D] -> [B, H, T, D]."""
+  return x.transpose(0, 2, 1, 3)
+
+
+def leaf_bytes(tree: Any) -> int:
+  return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+@flax.struct.dataclass
+class DenseKVCache:
+  """Full-precision KV cache, head-major, preallocated for max_len tokens.
+
+  Attributes:
+    keys, values: [B, Hkv, max_len, D] in fp32 or bf16.
+    lengths: [B] int32 tokens held per sequence.
+    overflowed: [B] bool, set when an update under jit did not fit.
+  """
+
+  keys: Array
+  values: Array
+  lengths: Array
+  overflowed: Array
+
+  @classmethod
+  def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "DenseKVCache":
+    _check_dims(batch, max_len, num_kv_heads, head_dim)
+    shape = (batch, num_kv_heads, max_len, head_dim)
+    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+               lengths=jnp.zeros((batch,), jnp.int32), overflowed=jnp.zeros((batch,), bool))
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.keys.shape[1]
+
+  @property
+  def max_len(self) -> int:
+    return self.keys.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.keys.shape[3]
+
+  def update(self, k: Array, v: Array, positions: Array | None = None,
+             num_tokens: Array | None = None) -> "DenseKVCache":
+    """Writes k, v ([B, T, Hkv, D]) at `positions` (default: the current lengths)."""
+    check_kv_input("k", k, self.batch, self.num_kv_heads, self.head_dim)
+    check_kv_input("v", v, self.batch, self.num_kv_heads, self.head_dim)
+    if v.shape != k.shape:
+      raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    check_finite("k", k)
+    check_finite("v", v)
+    plan = plan_update(self.lengths, self.max_len, k.shape[1], positions, num_tokens)
+    return _dense_update(self, k, v, plan)
+
+  def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
+             sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+    """Causal attention of q ([B, Tq, Hq, D]) over the cached tokens.
+
+    q_positions ([B, Tq]) default to the last Tq positions of each sequence.
+    """
+    check_query(q, self.batch, self.num_kv_heads, self.head_dim)
+    return _dense_attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
+                         soft_cap=soft_cap)
+
+  def memory_report(self) -> dict[str, Any]:
+    kv = int(self.keys.nbytes + self.values.nbytes)
+    total = leaf_bytes(self)
+    tokens = self.batch * self.num_kv_heads * self.max_len
+    bf16 = tokens * self.head_dim * 2 * 2
+    return {"keys_values": kv, "bookkeeping": total - kv, "total": total,
+            "bytes_per_token_per_head": kv / tokens, "bf16_total": bf16,
+            "compression_vs_bf16": bf16 / total}
+
+
+# The bodies run jitted even when called eagerly: one compilation per shape instead of one
+# per primitive. Under an outer jit they inline.
+@jax.jit
+def _dense_update(cache: DenseKVCache, k: Array, v: Array, plan: UpdatePlan) -> DenseKVCache:
+  return cache.replace(
+      keys=scatter_tokens(cache.keys, to_head_major(k), plan.indices),
+      values=scatter_tokens(cache.values, to_head_major(v), plan.indices),
+      lengths=jnp.where(plan.ok, plan.new_lengths, cache.lengths),
+      overflowed=cache.overflowed | ~plan.ok,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap"))
+def _dense_attend(cache: DenseKVCache, q: Array, q_positions: Array | None, *, scale,
+                  sliding_window, soft_cap) -> Array:
+  if q_positions is None:
+    q_positions = attention.default_query_positions(cache.lengths, q.shape[1])
+  k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                           (cache.batch, cache.max_len))
+  mask = attention.key_mask(q_positions, k_pos, k_pos < cache.lengths[:, None], sliding_window)
+  out = attention.dense_attention(q, cache.keys, cache.values, mask, scale=scale,
+                                  soft_cap=soft_cap)
+  return jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
+
+
+def _check_dims(batch: int, max_len: int, num_kv_heads: int, head_dim: int) -> None:
+  for name, value in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                      ("head_dim", head_dim)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,378 @@
+"""`TurboQuantKVCache`: the compressed twin of `DenseKVCache`.
+
+Storage (head-major, preallocated for max_len, every code packed):
+- Key and value codes for every token, quantized when the token is appended: per channel
+  group, bit-planes [B, H, max_len, d_g·w/8] uint8, a norm per vector [B, H, max_len]
+  (float16 by default) and, for QJL keys, sign planes and residual norms.
+- An exact window: the last `window` tokens in full precision, a ring [B, H, W, D] whose
+  slots record the position they hold ([B, W]). Quantizing at append time needs no block
+  to fill (every vector is coded on its own), so the window is always exactly the last W
+  tokens and no decode step ever pays for a flush.
+- Attention sinks: the first `num_sinks` tokens in full precision, [B, H, S, D].
+- Key centering: a per-(sequence, kv head) channel mean μ of the first update's keys
+  (causal: a prefill, or the first token), kept in float32; keys are coded as k - μ and
+  q·μ is added back to every compressed score, so compressed and exact keys share one
+  softmax on the same footing.
+- Fractional bits: the channels are ordered outliers first by a per-(sequence, kv head)
+  permutation chosen on the first update (`channel_split.outlier_permutation`).
+
+Which tokens attention reads where: positions [0, S) from the sinks, the trailing run of
+positions the window holds exactly, and everything else from the codes, all in one
+softmax. Scores come from the rotated query and the codes; values are summed in each
+channel group's rotated domain and rotated back once per query.
+
+Defaults follow the measurements in ../shared/turboquant-notes.md ("Keys and values"):
+MSE keys (the QJL term's variance, amplified by softmax, costs more than its unbiasedness
+buys), a 128-token window, 4 sinks and key centering; 3.5 bits for K and V.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from turboquant_jax import attention
+from turboquant_jax import channel_split
+from turboquant_jax import kv_cache
+from turboquant_jax.quantizers import ProdCodes
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboQuantConfig:
+  """Static configuration of a `TurboQuantKVCache`.
+
+  Attributes:
+    key_bits, value_bits: bits per coordinate, one of 2, 2.5, 3, 3.5, 4.
+    key_quantizer: "mse" (Algorithm 1) or "prod" (Algorithm 2, QJL residual) for keys;
+      values always use "mse".
+    window: recent tokens kept exact (0 for none).
+    num_sinks: first tokens kept exact (0 for none).
+    center_keys: subtract a per-head channel mean from keys before quantizing.
+    rotation: "haar" or "hadamard".
+    norm_dtype: storage dtype of the per-vector norms.
+    seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
+  """
+
+  key_bits: float = 3.5
+  value_bits: float = 3.5
+  key_quantizer: str = "mse"
+  window: int = 128
+  num_sinks: int = 4
+  center_keys: bool = True
+  rotation: str = "haar"
+  norm_dtype: Any = jnp.float16
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("key_bits", "value_bits"):
+      if getattr(self, name) not in channel_split.CACHE_BITS:
+        raise ValueError(f"{name} must be one of {channel_split.CACHE_BITS}, "
+                         f"got {getattr(self, name)!r}")
+    if self.key_quantizer not in ("mse", "prod"):
+      raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
+    for name in ("window", "num_sinks"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+
+
+def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...]) -> Any:
+  """Zeroed code buffers of the right shapes, without quantizing anything."""
+  shapes = jax.eval_shape(quantizer.quantize,
+                          jax.ShapeDtypeStruct((*lead, quantizer.dim), jnp.float32))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _permute(x: Array, perm: Array | None) -> Array:
+  """x: [B, H, T, D], perm: [B, H, D] -> x[..., perm]."""
+  if perm is None:
+    return x
+  return jnp.take_along_axis(x, perm[:, :, None, :], axis=-1)
+
+
+def _unpermute(x: Array, perm: Array | None) -> Array:
+  if perm is None:
+    return x
+  return _permute(x, jnp.argsort(perm, axis=-1))
+
+
+@flax.struct.dataclass
+class TurboQuantKVCache:
+  """Compressed KV cache; see the module docstring for the layout.
+
+  Attributes:
+    key_quantizer, value_quantizer: `SplitQuantizer`s (rotations, sketches, codebooks).
+    key_codes, value_codes: one codes pytree per channel group, leaves [B, H, L, ...].
+    window_keys, window_values: [B, H, W, D], the most recent tokens, exact.
+    window_positions: [B, W] int32, the position each ring slot holds (-1: empty).
+    sink_keys, sink_values: [B, H, S, D], the first tokens, exact.
+    key_mean: [B, H, D] float32 centering mean, or None.
+    key_perm, value_perm: [B, H, D] int32 outliers-first channel orders, or None.
+    calibrated: [B] bool, whether the row's mean and permutations are set.
+    lengths: [B] int32. overflowed: [B] bool (see `kv_cache`).
+    config: the `TurboQuantConfig` (static).
+  """
+
+  key_quantizer: channel_split.SplitQuantizer
+  value_quantizer: channel_split.SplitQuantizer
+  key_codes: tuple[Any, ...]
+  value_codes: tuple[Any, ...]
+  window_keys: Array
+  window_values: Array
+  window_positions: Array
+  sink_keys: Array
+  sink_values: Array
+  key_mean: Array | None
+  key_perm: Array | None
+  value_perm: Array | None
+  calibrated: Array
+  lengths: Array
+  overflowed: Array
+  config: TurboQuantConfig = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32, *, config: TurboQuantConfig = TurboQuantConfig(),
+             layer: int = 0) -> "TurboQuantKVCache":
+    """An empty cache. `dtype` is that of the exact parts (window, sinks): fp32 or bf16."""
+    kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
+    k_key, v_key = jax.random.split(key)
+    make = lambda k, bits, kind: channel_split.SplitQuantizer.create(  # noqa: E731
+        k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=config.norm_dtype)
+    kq = make(k_key, config.key_bits, config.key_quantizer)
+    vq = make(v_key, config.value_bits, "mse")
+    lead = (batch, num_kv_heads, max_len)
+    w, s = config.window, config.num_sinks
+    exact = lambda n: jnp.zeros((batch, num_kv_heads, n, head_dim), dtype)  # noqa: E731
+    # A fresh array per field: one buffer shared by two fields cannot be donated.
+    identity = lambda: jnp.tile(jnp.arange(head_dim, dtype=jnp.int32),  # noqa: E731
+                                (batch, num_kv_heads, 1))
+    return cls(
+        key_quantizer=kq, value_quantizer=vq,
+        key_codes=_empty_codes(kq, lead), value_codes=_empty_codes(vq, lead),
+        window_keys=exact(w), window_values=exact(w),
+        window_positions=jnp.full((batch, w), -1, jnp.int32),
+        sink_keys=exact(s), sink_values=exact(s),
+        key_mean=(jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
+                  if config.center_keys else None),
+        key_perm=identity() if kq.is_split else None,
+        value_perm=identity() if vq.is_split else None,
+        calibrated=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        overflowed=jnp.zeros((batch,), bool),
+        config=config,
+    )
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.window_keys.shape[1]
+
+  @property
+  def head_dim(self) -> int:
+    return self.window_keys.shape[3]
+
+  @property
+  def max_len(self) -> int:
+    return jax.tree.leaves(self.key_codes)[0].shape[2]
+
+  # -- writing ---------------------------------------------------------------------------
+
+  def update(self, k: Array, v: Array, positions: Array | None = None,
+             num_tokens: Array | None = None) -> "TurboQuantKVCache":
+    """Appends k, v ([B, T, Hkv, D]); see `kv_cache` for positions and num_tokens."""
+    b, h, d = self.batch, self.num_kv_heads, self.head_dim
+    kv_cache.check_kv_input("k", k, b, h, d)
+    kv_cache.check_kv_input("v", v, b, h, d)
+    if v.shape != k.shape:
+      raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    kv_cache.check_finite("k", k)
+    kv_cache.check_finite("v", v)
+    plan = kv_cache.plan_update(self.lengths, self.max_len, k.shape[1], positions, num_tokens)
+    return _update(self, k, v, plan)
+
+  def _update(self, k: Array, v: Array, plan: kv_cache.UpdatePlan) -> "TurboQuantKVCache":
+    t = k.shape[1]
+    kh = kv_cache.to_head_major(k)
+    vh = kv_cache.to_head_major(v)
+    valid = (jnp.arange(t)[None, :] < plan.num_tokens[:, None]) & plan.ok[:, None]  # [B, T]
+    first = ~self.calibrated & jnp.any(valid, axis=1)
+
+    key_mean, kc = self.key_mean, kh.astype(jnp.float32)
+    if key_mean is not None:
+      w = valid[:, None, :, None].astype(jnp.float32)
+      mean = jnp.sum(kc * w, axis=2) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+      key_mean = jnp.where(first[:, None, None], mean, key_mean)
+      kc = kc - key_mean[:, :, None, :]
+    key_perm = self._calibrate_perm(self.key_perm, self.key_quantizer, kc, valid, first)
+    value_perm = self._calibrate_perm(self.value_perm, self.value_quantizer, vh, valid, first)
+
+    write = lambda buf, new: kv_cache.scatter_tokens(buf, new, plan.indices)  # noqa: E731
+    key_codes = jax.tree.map(write, self.key_codes,
+                             self.key_quantizer.quantize(_permute(kc, key_perm)))
+    value_codes = jax.tree.map(
+        write, self.value_codes,
+        self.value_quantizer.quantize(_permute(vh.astype(jnp.float32), value_perm)))
+
+    window_keys, window_values, window_positions = self._update_window(kh, vh, plan)
+    sink_idx = jnp.where(plan.indices < self.config.num_sinks, plan.indices,
+                         self.config.num_sinks)
+    return self.replace(
+        key_codes=key_codes, value_codes=value_codes,
+        window_keys=window_keys, window_values=window_values,
+        window_positions=window_positions,
+        sink_keys=kv_cache.scatter_tokens(self.sink_keys, kh, sink_idx),
+        sink_values=kv_cache.scatter_tokens(self.sink_values, vh, sink_idx),
+        key_mean=key_mean, key_perm=key_perm, value_perm=value_perm,
+        calibrated=self.calibrated | first,
+        lengths=jnp.where(plan.ok, plan.new_lengths, self.lengths),
+        overflowed=self.overflowed | ~plan.ok,
+    )
+
+  @staticmethod
+  def _calibrate_perm(perm, quantizer, x, valid, first):
+    if perm is None:
+      return None
+    new = channel_split.outlier_permutation(x, valid[:, None, :], quantizer.sizes[0])
+    return jnp.where(first[:, None, None], new, perm)
+
+  def _update_window(self, kh: Array, vh: Array, plan: kv_cache.UpdatePlan):
+    """Ring slot s ends up holding the latest position p < new_length with p ≡ s mod W."""
+    w = self.config.window
+    if w == 0:
+      return self.window_keys, self.window_values, self.window_positions
+    t = kh.shape[2]
+    slots = jnp.arange(w, dtype=jnp.int32)
+    end = plan.new_lengths[:, None] - 1
+    target = end - jnp.mod(end - slots[None, :], w)  # [B, W]
+    i = target - plan.positions[:, None]
+    take = (i >= 0) & (i < plan.num_tokens[:, None]) & plan.ok[:, None]
+    gather_idx = jnp.clip(i, 0, t - 1)[:, None, :, None]
+    pick = lambda new, old: jnp.where(  # noqa: E731
+        take[:, None, :, None], jnp.take_along_axis(new, gather_idx, axis=2).astype(old.dtype),
+        old)
+    return (pick(kh, self.window_keys), pick(vh, self.window_values),
+            jnp.where(take, target, self.window_positions))
+
+  # -- reading ---------------------------------------------------------------------------
+
+  def exact_window_start(self) -> Array:
+    """[B]: positions [start, length) are held exactly by the window (a trailing run)."""
+    w = self.config.window
+    if w == 0:
+      return self.lengths
+    pos = self.lengths[:, None] - w + jnp.arange(w, dtype=jnp.int32)
+    held = jnp.take_along_axis(self.window_positions, jnp.mod(pos, w), axis=1)
+    covered = (pos >= 0) & (held == pos)
+    run = jnp.sum(jnp.cumprod(covered[:, ::-1].astype(jnp.int32), axis=1), axis=1)
+    return self.lengths - run
+
+  def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
+             sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+    """Causal attention of q ([B, Tq, Hq, D]) over sinks, compressed tokens and window.
+
+    q_positions ([B, Tq]) default to the last Tq positions of each sequence. Pure jnp,
+    in the rotated domain: the reference for the Pallas kernel.
+    """
+    kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
+    return _attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
+                   soft_cap=soft_cap)
+
+  def _attend(self, q: Array, q_positions: Array | None, scale: float | None,
+              sliding_window: int | None, soft_cap: float | None) -> Array:
+    b, h, d = self.batch, self.num_kv_heads, self.head_dim
+    scale = d**-0.5 if scale is None else scale
+    if q_positions is None:
+      q_positions = attention.default_query_positions(self.lengths, q.shape[1])
+    s = self.config.num_sinks
+    qg = attention.group_queries(q, h)  # [B, H, G, Tq, D]
+    g, tq = qg.shape[2], qg.shape[3]
+    qf = qg.reshape(b, h, g * tq, d)
+    window_start = self.exact_window_start()
+
+    # Compressed keys: scores from the rotated (and permuted) query and the codes.
+    kq = self.key_quantizer
+    scores_c = kq.scores(kq.transform_queries(_permute(qf, self.key_perm)), self.key_codes)
+    if self.key_mean is not None:
+      scores_c = scores_c + jnp.einsum("bhqd,bhd->bhq", qf, self.key_mean,
+                                       precision=jax.lax.Precision.HIGHEST)[..., None]
+    scores_c = scores_c.reshape(b, h, g, tq, self.max_len)
+    pos_c = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (b, self.max_len))
+    blocks = [(attention.scale_and_cap(scores_c, scale, soft_cap),
+               attention.key_mask(q_positions, pos_c,
+                                  (pos_c >= s) & (pos_c < window_start[:, None]),
+                                  sliding_window))]
+    exact = []
+    if self.config.window:
+      wp = self.window_positions
+      visible = (wp >= jnp.maximum(window_start, s)[:, None]) & (wp < self.lengths[:, None])
+      exact.append((self.window_keys, self.window_values, wp, visible))
+    if s:
+      sp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      exact.append((self.sink_keys, self.sink_values, sp, sp < self.lengths[:, None]))
+    for keys, _, pos, visible in exact:
+      blocks.append((attention.scale_and_cap(attention.grouped_scores(qg, keys), scale,
+                                             soft_cap),
+                     attention.key_mask(q_positions, pos, visible, sliding_window)))
+    probs = attention.joint_softmax(blocks)
+
+    # Compressed values: weighted sums in the rotated domain, one inverse rotation.
+    vq = self.value_quantizer
+    p_c = probs[0].reshape(b, h, g * tq, self.max_len)
+    out = vq.unrotate(vq.weighted_sums_rotated(p_c, self.value_codes))
+    out = _unpermute(out, self.value_perm).reshape(b, h, g, tq, d)
+    for p, (_, values, _, _) in zip(probs[1:], exact):
+      out = out + attention.grouped_values(p, values)
+    out = jnp.where(self.overflowed[:, None, None, None, None], jnp.nan, out)
+    return attention.ungroup_output(out).astype(q.dtype)
+
+  # -- memory ----------------------------------------------------------------------------
+
+  def memory_report(self) -> dict[str, Any]:
+    """Bytes of every buffer, bytes per token per head, and the ratio against bf16."""
+    report = {}
+    for side, codes in (("key", self.key_codes), ("value", self.value_codes)):
+      parts = {"codes": 0, "norms": 0, "qjl_signs": 0, "residual_norms": 0}
+      for c in codes:
+        mse = c
+        if isinstance(c, ProdCodes):
+          parts["qjl_signs"] += int(c.signs.nbytes)
+          parts["residual_norms"] += int(c.residual_norms.nbytes)
+          mse = c.mse
+        if mse is not None:
+          parts["codes"] += sum(int(p.nbytes) for p in mse.planes)
+          parts["norms"] += int(mse.norms.nbytes)
+      report.update({f"{side}_{k}": v for k, v in parts.items()})
+    compressed = sum(report.values())
+    report["window"] = int(self.window_keys.nbytes + self.window_values.nbytes)
+    report["sinks"] = int(self.sink_keys.nbytes + self.sink_values.nbytes)
+    report["key_mean"] = kv_cache.leaf_bytes(self.key_mean)
+    report["channel_perms"] = kv_cache.leaf_bytes((self.key_perm, self.value_perm))
+    report["rotations_and_sketches"] = kv_cache.leaf_bytes(
+        (self.key_quantizer, self.value_quantizer))
+    report["bookkeeping"] = kv_cache.leaf_bytes(
+        (self.window_positions, self.calibrated, self.lengths, self.overflowed))
+    total = kv_cache.leaf_bytes(self)
+    report["total"] = total
+    tokens = self.batch * self.num_kv_heads * self.max_len
+    report["bytes_per_token_per_head"] = compressed / tokens
+    report["bytes_per_token_per_head_all_buffers"] = total / tokens
+    report["bf16_total"] = tokens * self.head_dim * 2 * 2
+    report["compression_vs_bf16"] = report["bf16_total"] / total
+    return report
+
+
+# The bodies run jitted even when called eagerly: one compilation per shape instead of one
+# per primitive. Under an outer jit they inline.
+_update = jax.jit(TurboQuantKVCache._update)
+_attend = jax.jit(TurboQuantKVCache._attend,
+                  static_argnames=("scale", "sliding_window", "soft_cap"))
