@@ -7,8 +7,8 @@ from turboquant_jax import packing
 
 
 def pack_codes_numpy(codes, bits):
-  """The documented layout, bit by bit: code c of a w-bit plane of R bytes sits in byte
-  c mod R at bit offset w·(c div R)."""
+  """The documented layout, bit by bit: code c of a w-bit plane sits in byte c div k at bit
+  offset w·(c mod k), k = 8/w."""
   d = codes.shape[-1]
   planes, shift = [], 0
   for w in packing.plane_widths(bits):
@@ -16,7 +16,8 @@ def pack_codes_numpy(codes, bits):
     row = np.zeros(codes.shape[:-1] + (r,), np.uint8)
     for c in range(d):
       value = (codes[..., c].astype(np.int64) >> shift) & ((1 << w) - 1)
-      row[..., c % r] |= (value << (w * (c // r))).astype(np.uint8)
+      k = 8 // w
+      row[..., c // k] |= (value << (w * (c % k))).astype(np.uint8)
     planes.append(row)
     shift += w
   return planes
@@ -37,13 +38,13 @@ def test_round_trip_and_layout(bits, d, rng):
     assert all(p.shape[-1] & (p.shape[-1] - 1) == 0 for p in planes)
 
 
-def test_chunks_unpack_with_one_shift_and_mask(rng):
-  # The property a kernel relies on: (row >> i·w) & mask is codes[i·R:(i+1)·R].
-  codes = rng.integers(0, 4, size=(128,)).astype(np.uint8)
-  (row,) = packing.pack_codes(codes, 2)
-  row = np.asarray(row)
-  for i in range(4):
-    np.testing.assert_array_equal((row >> (2 * i)) & 3, codes[32 * i:32 * (i + 1)])
+def test_planes_unpack_to_natural_order_with_one_broadcast_shift(rng):
+  # The property a kernel relies on: every plane unpacks the same way, in natural order,
+  # so a 3-bit code is lo | hi << 2 element by element.
+  codes = rng.integers(0, 8, size=(128,)).astype(np.uint8)
+  lo, hi = (np.asarray(p) for p in packing.pack_codes(codes, 3))
+  unpack = lambda row, w: ((row[:, None] >> (np.arange(8 // w) * w)) & ((1 << w) - 1)).ravel()  # noqa: E731
+  np.testing.assert_array_equal(unpack(lo, 2) | (unpack(hi, 1) << 2), codes)
 
 
 def test_signs_round_trip(rng):

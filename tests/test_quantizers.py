@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from turboquant_jax import codebook, packing
+from turboquant_jax import codebook, packing, quantizers
 from turboquant_jax.quantizers import MSEQuantizer, ProdQuantizer
 
 from conftest import unit_vectors
@@ -82,7 +82,7 @@ def test_codes_match_float64_numpy(bits, rotation, rng):
   idx, norms, y, cb = numpy_mse_quantize(q, x)
   for fn in (q.quantize, jax.jit(q.quantize)):
     codes = fn(jnp.asarray(x, jnp.float32))
-    got = np.asarray(packing.unpack_codes(codes.planes, bits))
+    got = quantizers.level_of_code(bits)[np.asarray(packing.unpack_codes(codes.planes, bits))]
     differ = got != idx
     # float32 vs float64 may only disagree for coordinates on a decision boundary.
     assert differ.mean() < 1e-4
@@ -202,3 +202,14 @@ def test_bad_configuration_and_input():
     q.quantize(jnp.ones((3, 64), jnp.int32))
   with pytest.raises(ValueError, match="q must"):
     q.inner_products(jnp.ones((2, 32)), q.quantize(jnp.ones((3, 64))))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_codes_are_sign_magnitude(bits):
+  q = MSEQuantizer.create(jax.random.PRNGKey(12), 64, bits)
+  half = 2 ** (bits - 1)
+  values = np.asarray(q.code_values)
+  mags = np.asarray(q.centroids)[half:]
+  np.testing.assert_array_equal(values[half:], mags)       # top bit set: +magnitude[m]
+  np.testing.assert_array_equal(values[:half], -mags)      # top bit clear: -magnitude[m]
+  assert np.all(np.diff(mags) > 0)

@@ -1,15 +1,14 @@
 """Lossless bit packing of b-bit codes (b = 1..4) into bit-planes of uint8.
 
-Layout (what a GPU kernel unpacks with one shift and one mask per chunk):
+Layout (what a GPU kernel unpacks with shifts and masks into one natural-order tile):
 
 - A b-bit code is split into planes of widths `plane_widths(b)`, low bits first:
   1 → (1,), 2 → (2,), 3 → (2, 1), 4 → (4,). A 3-bit code n is stored as n & 3 in a
   2-bit plane and n >> 2 in a 1-bit plane.
-- A plane of width w over d codes is a uint8 row of R = d·w/8 bytes. It holds k = 8/w
-  contiguous chunks of R codes: byte j, bits [i·w, (i+1)·w) hold code i·R + j. Unpacking
-  `(row >> i·w) & (2^w - 1)` therefore yields codes [i·R, (i+1)·R) as one contiguous
-  slice, so a kernel dots each chunk with the matching slice of the query and never
-  interleaves.
+- A plane of width w over d codes is a uint8 row of d·w/8 bytes; byte r holds the k = 8/w
+  consecutive codes r·k + i at bits [i·w, (i+1)·w). Unpacking every plane the same way,
+  `((row[:, None] >> i·w) & (2^w - 1))` for i < k flattened, gives each plane's codes in
+  natural order, so the planes of one code combine element by element.
 - For power-of-two d (the head dims 16..256 the kernels serve), every plane row holds a
   power-of-two number of bytes, as Pallas GPU blocks require. Other d ≥ 16 whose d·w is a
   multiple of 8 pack with the same layout (d = 80, 96, ...).
@@ -47,21 +46,21 @@ def _check_dim(d: int, bits: int) -> None:
 
 
 def _pack_plane(codes: Array, w: int) -> Array:
-  """codes: [..., d] uint8 < 2^w -> [..., d·w/8] uint8 in the chunked layout."""
+  """codes: [..., d] uint8 < 2^w -> [..., d·w/8] uint8, k = 8/w consecutive codes a byte."""
   d = codes.shape[-1]
   k = 8 // w
-  chunks = codes.reshape(*codes.shape[:-1], k, d // k).astype(jnp.uint8)
-  shifts = (jnp.arange(k, dtype=jnp.uint8) * w)[:, None]
-  # Chunks occupy disjoint bit ranges, so the sum is a bitwise or.
-  return jnp.sum(chunks << shifts, axis=-2, dtype=jnp.uint8)
+  groups = codes.reshape(*codes.shape[:-1], d // k, k).astype(jnp.uint8)
+  shifts = jnp.arange(k, dtype=jnp.uint8) * w
+  # Codes occupy disjoint bit ranges, so the sum is a bitwise or.
+  return jnp.sum(groups << shifts, axis=-1, dtype=jnp.uint8)
 
 
 def _unpack_plane(row: Array, w: int) -> Array:
   """row: [..., R] uint8 -> [..., R·8/w] uint8 codes."""
   k = 8 // w
-  shifts = (jnp.arange(k, dtype=jnp.uint8) * w)[:, None]
-  chunks = (row[..., None, :] >> shifts) & jnp.uint8((1 << w) - 1)
-  return chunks.reshape(*row.shape[:-1], k * row.shape[-1])
+  shifts = jnp.arange(k, dtype=jnp.uint8) * w
+  codes = (row[..., None] >> shifts) & jnp.uint8((1 << w) - 1)
+  return codes.reshape(*row.shape[:-1], k * row.shape[-1])
 
 
 def pack_codes(codes: Array, bits: int) -> tuple[Array, ...]:

@@ -97,6 +97,23 @@ def _norms_with_nan(x32: Array) -> Array:
   return jnp.where(jnp.all(jnp.isfinite(x32), axis=-1), norms, jnp.nan)
 
 
+def code_of_level(level, bits: int):
+  """Sign-magnitude code of the level-th smallest centroid (an involution on codes)."""
+  if bits == 0:
+    return level
+  half = 1 << (bits - 1)
+  return jnp.where(level >= half, level, half - 1 - level)
+
+
+def level_of_code(bits: int) -> np.ndarray:
+  """[2^bits] index of the increasing level that each code stands for."""
+  codes = np.arange(1 << bits)
+  if bits == 0:
+    return codes
+  half = 1 << (bits - 1)
+  return np.where(codes >= half, codes, half - 1 - codes)
+
+
 def _validate_config(d: int, bits: int, allowed: tuple[int, ...], name: str) -> None:
   if not isinstance(d, (int, np.integer)) or d < MIN_DIM:
     raise ValueError(f"{name} needs d >= {MIN_DIM}, got {d!r}")
@@ -110,10 +127,16 @@ def _validate_config(d: int, bits: int, allowed: tuple[int, ...], name: str) -> 
 class MSEQuantizer:
   """TurboQuant_mse (Algorithm 1).
 
+  Codes are sign-magnitude: the top bit is the sign of the level, the low bits index its
+  magnitude from the centre out. The codebook is symmetric, so a kernel decodes a code
+  with a ladder over 2^(bits-1) magnitudes and one sign flip, and at 3 bits the 1-bit
+  plane is exactly the sign plane.
+
   Attributes:
     rotation: the random rotation Π (`HaarRotation` or `HadamardRotation`).
-    centroids: [2^bits] float32 Lloyd-Max levels for f_d.
+    centroids: [2^bits] float32 Lloyd-Max levels for f_d, increasing.
     boundaries: [2^bits - 1] float32 decision thresholds.
+    code_values: [2^bits] float32, the level each code stands for.
     bits: bits per coordinate (static).
     norm_dtype: dtype the norms are stored in (static).
   """
@@ -121,6 +144,7 @@ class MSEQuantizer:
   rotation: rotation_lib.Rotation
   centroids: Array
   boundaries: Array
+  code_values: Array
   bits: int = flax.struct.field(pytree_node=False)
   norm_dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
 
@@ -155,6 +179,7 @@ class MSEQuantizer:
         rotation=rotation_lib.make_rotation(key, d, rotation),
         centroids=jnp.asarray(cb.centroids, jnp.float32),
         boundaries=jnp.asarray(cb.boundaries, jnp.float32),
+        code_values=jnp.asarray(cb.centroids[level_of_code(bits)], jnp.float32),
         bits=bits,
         norm_dtype=norm_dtype,
     )
@@ -168,8 +193,9 @@ class MSEQuantizer:
     return packing.packed_bytes(self.dim, self.bits) + jnp.dtype(self.norm_dtype).itemsize
 
   def encode_rotated(self, y: Array) -> Array:
-    """Nearest-centroid indices of rotated unit coordinates. y: [..., d] -> uint8 [..., d]."""
-    return jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.uint8)
+    """Sign-magnitude codes of the nearest centroids. y: [..., d] -> uint8 [..., d]."""
+    level = jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
+    return code_of_level(level, self.bits).astype(jnp.uint8)
 
   def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
     """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
@@ -190,7 +216,7 @@ class MSEQuantizer:
   def centroid_values(self, codes: MSECodes) -> Array:
     """c[idx]: [..., d] float32, the unit-norm reconstruction in the rotated domain."""
     idx = packing.unpack_codes(codes.planes, self.bits)
-    return jnp.take(self.centroids, idx.astype(jnp.int32), axis=0)
+    return jnp.take(self.code_values, idx.astype(jnp.int32), axis=0)
 
   def rotated_values(self, codes: MSECodes) -> Array:
     """‖x‖·c[idx]: [..., d] float32, the reconstruction before the inverse rotation."""
