@@ -46,7 +46,7 @@ def write_result(name: str, payload: dict[str, Any], results_dir: pathlib.Path |
   return path
 
 
-def device_time(fn: Callable[..., Any], *args, calls: int = 20, repeats: int = 7,
+def device_time(fn: Callable[..., Any], *args, calls: int = 10, repeats: int = 21,
                 warmup: int = 2) -> float:
   """Median seconds per call of a jitted `fn`, in device time.
 

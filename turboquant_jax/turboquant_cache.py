@@ -276,16 +276,61 @@ class TurboQuantKVCache:
     run = jnp.sum(jnp.cumprod(covered[:, ::-1].astype(jnp.int32), axis=1), axis=1)
     return self.lengths - run
 
+  def exact_parts(self) -> list[tuple[Array, Array, Array, Array]]:
+    """(keys [B, H, n, D], values, positions [B, n], visible [B, n]) of the window, sinks."""
+    b, s = self.batch, self.config.num_sinks
+    parts = []
+    if self.config.window:
+      wp = self.window_positions
+      start = jnp.maximum(self.exact_window_start(), s)
+      visible = (wp >= start[:, None]) & (wp < self.lengths[:, None])
+      parts.append((self.window_keys, self.window_values, wp, visible))
+    if s:
+      sp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      parts.append((self.sink_keys, self.sink_values, sp, sp < self.lengths[:, None]))
+    return parts
+
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
-             sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+             sliding_window: int | None = None, soft_cap: float | None = None,
+             implementation: str | None = None, **kernel_kwargs) -> Array:
     """Causal attention of q ([B, Tq, Hq, D]) over sinks, compressed tokens and window.
 
-    q_positions ([B, Tq]) default to the last Tq positions of each sequence. Pure jnp,
-    in the rotated domain: the reference for the Pallas kernel.
+    Args:
+      q: [B, Tq, Hq, D] queries.
+      q_positions: [B, Tq] positions of the queries; default the last Tq of each sequence.
+      scale: score scale, 1/√D by default.
+      sliding_window: a query at p sees keys in (p - sliding_window, p].
+      soft_cap: scores become soft_cap·tanh(scores / soft_cap).
+      implementation: "reference" (pure jnp, the ground truth), "pallas" (the fused
+        kernel of `pallas_kernels.decode_attention`; in interpret mode off the GPU), or
+        None: the kernel on GPU, the reference elsewhere.
+      **kernel_kwargs: block_k, num_splits, num_warps, num_stages, compute_dtype for the
+        kernel.
     """
     kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
-    return _attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
-                   soft_cap=soft_cap)
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation is None:
+      implementation = "pallas" if on_gpu and self.kernel_supported() else "reference"
+    if implementation == "reference":
+      return _attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
+                     soft_cap=soft_cap)
+    if implementation != "pallas":
+      raise ValueError(f"implementation must be 'reference', 'pallas' or None, "
+                       f"got {implementation!r}")
+    if not self.kernel_supported():
+      raise ValueError("the Pallas kernel needs a power-of-two head_dim >= 32 and max_len "
+                       f"divisible by 16; got head_dim {self.head_dim}, max_len {self.max_len}")
+    from pallas_kernels import decode_attention  # the kernel package depends on this one
+    kernel_kwargs.setdefault("interpret", not on_gpu)
+    if kernel_kwargs["interpret"]:
+      kernel_kwargs.setdefault("compute_dtype", jnp.float32)
+    return decode_attention.attend_jit(self, q, q_positions, scale=scale,
+                                       sliding_window=sliding_window, soft_cap=soft_cap,
+                                       **kernel_kwargs)
+
+  def kernel_supported(self) -> bool:
+    d = self.head_dim
+    return d >= 32 and d & (d - 1) == 0 and self.max_len % 16 == 0
 
   def _attend(self, q: Array, q_positions: Array | None, scale: float | None,
               sliding_window: int | None, soft_cap: float | None) -> Array:
@@ -311,14 +356,7 @@ class TurboQuantKVCache:
                attention.key_mask(q_positions, pos_c,
                                   (pos_c >= s) & (pos_c < window_start[:, None]),
                                   sliding_window))]
-    exact = []
-    if self.config.window:
-      wp = self.window_positions
-      visible = (wp >= jnp.maximum(window_start, s)[:, None]) & (wp < self.lengths[:, None])
-      exact.append((self.window_keys, self.window_values, wp, visible))
-    if s:
-      sp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      exact.append((self.sink_keys, self.sink_values, sp, sp < self.lengths[:, None]))
+    exact = self.exact_parts()
     for keys, _, pos, visible in exact:
       blocks.append((attention.scale_and_cap(attention.grouped_scores(qg, keys), scale,
                                              soft_cap),
