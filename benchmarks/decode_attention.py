@@ -161,27 +161,23 @@ def sweep(key, results, batch=8, t=32768, bits=3):
   cache = make_cache(key, batch, t, TurboQuantConfig(key_bits=bits, value_bits=bits))
   q = jax.random.normal(key, (batch, 1, HQ, D), jnp.bfloat16)
   rows = []
-  for decode in ("poly", "ladder"):
-    for block_k, num_warps, num_stages in ((64, 4, 2), (32, 4, 2), (128, 8, 3), (64, 8, 2)):
-      kw = dict(decode=decode, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-      try:
-        ms = common.device_time(ours_fn(kw), cache, q) * 1e3
-      except Exception as e:  # noqa: BLE001
-        ms = float("nan")
-        log("sweep error", kw, repr(e)[:200])
-      rows.append({**kw, "ms": ms})
-      log("sweep", rows[-1])
-  best = min((r for r in rows if not math.isnan(r["ms"])), key=lambda r: r["ms"])
-  for splits in (16, 32, 64, 128):
-    kw = {k: best[k] for k in ("decode", "block_k", "num_warps", "num_stages")}
-    kw["num_splits"] = splits
+
+  def measure(kw):
     try:
       ms = common.device_time(ours_fn(kw), cache, q) * 1e3
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a variant that fails is recorded as NaN
       ms = float("nan")
       log("sweep error", kw, repr(e)[:200])
     rows.append({**kw, "ms": ms})
     log("sweep", rows[-1])
+
+  for decode in ("poly", "ladder"):
+    for block_k, num_warps, num_stages in ((64, 4, 2), (32, 4, 2), (128, 8, 3), (64, 8, 2)):
+      measure(dict(decode=decode, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+  best = min((r for r in rows if not math.isnan(r["ms"])), key=lambda r: r["ms"])
+  for splits in (16, 32, 64, 128):
+    measure({**{k: best[k] for k in ("decode", "block_k", "num_warps", "num_stages")},
+             "num_splits": splits})
   results["sweep"] = rows
   best = min((r for r in rows if not math.isnan(r["ms"])), key=lambda r: r["ms"])
   return {k: best[k] for k in ("decode", "block_k", "num_warps", "num_stages", "num_splits")
