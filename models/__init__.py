@@ -1,1 +1,4 @@
-"""Flax decoders (Llama, Gemma) that take the KV cache as an argument."""
+"""Flax NNX decoders (Llama, Gemma 3) that take the KV cache as an argument."""
+
+from models.config import DecoderConfig, gemma3_270m, smollm2_135m
+from models.decoder import Decoder, apply_rope

@@ -154,7 +154,10 @@ class DenseKVCache:
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32) -> "DenseKVCache":
+             dtype=jnp.float32, *, layer: int = 0) -> "DenseKVCache":
+    """An empty cache. `layer` is accepted, and unused, so that both caches are created
+    the same way."""
+    del layer
     _check_dims(batch, max_len, num_kv_heads, head_dim)
     shape = (batch, num_kv_heads, max_len, head_dim)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),

@@ -1,0 +1,203 @@
+"""Llama- and Gemma-family decoders in Flax NNX that take the KV cache as an argument.
+
+`Decoder(config, rngs=...)` is a tree of small modules (embedding, blocks of attention and
+MLP, final norm). A call maps tokens to logits and, given one cache per layer (any object
+of the `turboquant_jax.KVCache` protocol: `DenseKVCache`, `TurboQuantKVCache`, ...),
+returns the updated caches: swapping caches is one argument.
+
+    logits, caches = model(tokens, positions, caches)                 # decode / chunk
+    logits, caches = model(tokens, positions, caches, prefill=True)   # prompt: exact
+    logits, _ = model(tokens)                                         # no cache
+
+With `prefill=True` attention over the prompt is exact (its own keys and values, causal),
+and the cache is filled afterwards; later calls attend through the cache. Sliding-window
+layers pass their window to the cache, so window semantics hold with either cache.
+The model knows nothing of sampling or checkpoint formats.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import DecoderConfig
+from turboquant_jax import attention
+
+Array = jax.Array
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) · (offset + weight), computed in float32."""
+
+  def __init__(self, dim: int, eps: float, offset: float, param_dtype=jnp.float32):
+    self.eps, self.offset = eps, offset
+    self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, base: float, interleaved: bool) -> Array:
+  """Rotary embedding. x: [B, T, H, D], positions: [B, T]."""
+  d = x.shape[-1]
+  freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)           # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs               # [B, T, D/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  if interleaved:
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+  else:
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _linear(n_in: int, n_out: int, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Linear:
+  return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention with RoPE and optional QK-norm, reading and writing a cache."""
+
+  def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    self.cfg, self.layer = cfg, layer
+    hd = cfg.head_dim
+    self.q_proj = _linear(cfg.d_model, cfg.num_heads * hd, rngs, dtype, param_dtype)
+    self.k_proj = _linear(cfg.d_model, cfg.num_kv_heads * hd, rngs, dtype, param_dtype)
+    self.v_proj = _linear(cfg.d_model, cfg.num_kv_heads * hd, rngs, dtype, param_dtype)
+    self.o_proj = _linear(cfg.num_heads * hd, cfg.d_model, rngs, dtype, param_dtype)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg.rms_eps, cfg.norm_offset, param_dtype)
+      self.k_norm = RMSNorm(hd, cfg.rms_eps, cfg.norm_offset, param_dtype)
+
+  def __call__(self, x: Array, positions: Array, cache: Any, num_tokens: Array | None,
+               prefill: bool) -> tuple[Array, Any]:
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    base = cfg.layer_rope_base(self.layer)
+    q = apply_rope(q, positions, base, cfg.rope_interleaved)
+    k = apply_rope(k, positions, base, cfg.rope_interleaved)
+    window = cfg.layer_window(self.layer)
+    if cache is None or prefill:
+      # Exact causal attention over these tokens alone (the prompt).
+      n = jnp.full((b,), t, jnp.int32) if num_tokens is None else num_tokens
+      mask = attention.key_mask(positions, positions, jnp.arange(t)[None, :] < n[:, None],
+                                window)
+      out = attention.dense_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                      mask, scale=cfg.scale, soft_cap=cfg.attn_soft_cap)
+      if cache is not None:
+        cache = cache.update(k, v, positions=positions[:, 0], num_tokens=num_tokens)
+    else:
+      cache = cache.update(k, v, positions=positions[:, 0], num_tokens=num_tokens)
+      out = cache.attend(q, q_positions=positions, scale=cfg.scale, sliding_window=window,
+                         soft_cap=cfg.attn_soft_cap)
+    return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) · up(x)); SwiGLU or GeGLU."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    self.activation = cfg.activation
+    self.gate_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs, dtype, param_dtype)
+    self.up_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs, dtype, param_dtype)
+    self.down_proj = _linear(cfg.ffn_dim, cfg.d_model, rngs, dtype, param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    gate = self.gate_proj(x)
+    gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block; Gemma adds norms after attention and MLP (sandwich)."""
+
+  def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    norm = lambda: RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_offset, param_dtype)  # noqa: E731
+    self.input_norm, self.pre_mlp_norm = norm(), norm()
+    self.sandwich = cfg.sandwich_norms
+    if cfg.sandwich_norms:
+      self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+    self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x, positions, cache, num_tokens, prefill):
+    h, cache = self.attn(self.input_norm(x), positions, cache, num_tokens, prefill)
+    if self.sandwich:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_mlp_norm(x))
+    if self.sandwich:
+      h = self.post_mlp_norm(h)
+    return x + h, cache
+
+
+class Decoder(nnx.Module):
+  """A decoder-only transformer; see the module docstring for the call pattern."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                            for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_offset, param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs, dtype, param_dtype)
+
+  def init_caches(self, batch: int, max_len: int, make_cache: Callable[..., Any],
+                  dtype=jnp.float32) -> list[Any]:
+    """One cache per layer: make_cache(batch, max_len, kv_heads, head_dim, dtype, layer=i)."""
+    cfg = self.cfg
+    return [make_cache(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, layer=i)
+            for i in range(cfg.num_layers)]
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               caches: Sequence[Any] | None = None, *, num_tokens: Array | None = None,
+               prefill: bool = False) -> tuple[Array, list[Any] | None]:
+    """tokens: [B, T] int -> (logits [B, T, vocab] float32, updated caches).
+
+    positions ([B, T]) default to 0..T-1, or, with caches, to each sequence's length
+    onwards. num_tokens ([B]) says how many of the T tokens of each row are real.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if caches is not None and len(caches) != cfg.num_layers:
+      raise ValueError(f"need one cache per layer ({cfg.num_layers}), got {len(caches)}")
+    if positions is None:
+      start = (jnp.zeros((b,), jnp.int32) if caches is None or prefill
+               else caches[0].lengths)
+      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    x = self.embed(tokens)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+    new_caches = None if caches is None else []
+    for i, block in enumerate(self.layers):
+      x, cache = block(x, positions, None if caches is None else caches[i], num_tokens, prefill)
+      if caches is not None:
+        new_caches.append(cache)
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x.astype(jnp.float32))
+    else:
+      logits = self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    if cfg.final_soft_cap is not None:
+      logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
+    return logits, new_caches
