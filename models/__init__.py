@@ -2,3 +2,4 @@
 
 from models.config import DecoderConfig, gemma3_270m, smollm2_135m
 from models.decoder import Decoder, apply_rope
+from models.generate import SamplingConfig, generate, sample_logits

@@ -1,0 +1,92 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Decoder, SamplingConfig, generate, sample_logits
+from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
+
+from test_decoder import TINY
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Decoder(TINY["llama"], rngs=nnx.Rngs(0))
+
+
+def greedy_by_hand(model, prompt, n):
+  """The slow way: full forward passes over the growing sequence."""
+  seq = list(prompt)
+  for _ in range(n):
+    logits, _ = model(jnp.asarray([seq]))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_equals_full_forward_argmax_and_ragged_rows_are_independent(model):
+  prompts = jnp.asarray([[5, 9, 14, 3, 7], [8, 2, 0, 0, 0]])
+  lengths = jnp.asarray([5, 2])
+  out, count = generate(model, prompts, lengths, 6, DenseKVCache.create)
+  assert list(count) == [6, 6]
+  assert list(out[0]) == greedy_by_hand(model, [5, 9, 14, 3, 7], 6)
+  assert list(out[1]) == greedy_by_hand(model, [8, 2], 6)
+
+
+def test_stop_tokens_end_rows_and_pad(model):
+  prompt = jnp.asarray([[5, 9, 14, 3, 7]])
+  free, _ = generate(model, prompt, None, 6, DenseKVCache.create)
+  stop = int(free[0, 2])
+  out, count = generate(model, prompt, None, 6, DenseKVCache.create, stop_tokens=[stop],
+                        pad_id=-1)
+  first = list(free[0]).index(stop)
+  assert int(count[0]) == first + 1
+  assert list(out[0, :first + 1]) == list(free[0, :first + 1])
+  assert all(int(t) == -1 for t in out[0, first + 1:])
+
+
+def test_compressed_cache_generates_with_the_same_call(model):
+  prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3]])
+  make = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+      key_bits=4, value_bits=4, window=4, num_sinks=1))
+  out, count, caches = generate(model, prompts, None, 5, make, return_caches=True)
+  assert out.shape == (1, 5) and int(count[0]) == 5
+  assert int(caches[0].lengths[0]) == 8 + 4  # the last token is sampled, not appended
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(model):
+  prompts = jnp.asarray([[5, 9, 14, 3, 7]])
+  hot = SamplingConfig(temperature=1.5)
+  a, _ = generate(model, prompts, None, 6, DenseKVCache.create, sampling=hot,
+                  key=jax.random.PRNGKey(1))
+  b, _ = generate(model, prompts, None, 6, DenseKVCache.create, sampling=hot,
+                  key=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a, b)
+  greedy, _ = generate(model, prompts, None, 6, DenseKVCache.create)
+  for cfg in (SamplingConfig(temperature=1.0, top_k=1), SamplingConfig(temperature=1.0,
+                                                                       top_p=1e-6)):
+    c, _ = generate(model, prompts, None, 6, DenseKVCache.create, sampling=cfg,
+                    key=jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(c, greedy)
+
+
+def test_sample_logits_respects_top_k_and_top_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+  draw = lambda cfg: np.asarray(jax.vmap(lambda k: sample_logits(k, logits, cfg))(keys))[:, 0]  # noqa: E731
+  assert set(draw(SamplingConfig(temperature=1.0, top_k=2))) == {0, 1}
+  assert set(draw(SamplingConfig(temperature=1.0, top_p=0.7))) == {0, 1}
+  freq = np.bincount(draw(SamplingConfig(temperature=1.0)), minlength=4) / 2000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_bad_arguments(model):
+  with pytest.raises(ValueError, match="PRNG key"):
+    generate(model, jnp.ones((1, 3), jnp.int32), None, 2, DenseKVCache.create,
+             sampling=SamplingConfig(temperature=1.0))
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingConfig(top_p=0.0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate(model, jnp.ones((1, 3), jnp.int32), None, 0, DenseKVCache.create)
