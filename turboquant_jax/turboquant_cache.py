@@ -148,6 +148,9 @@ class TurboQuantKVCache:
     kq = make(k_key, config.key_bits, config.key_quantizer)
     vq = make(v_key, config.value_bits, "mse")
     lead = (batch, num_kv_heads, max_len)
+    # A ring longer than the cache, or sinks past its end, would only cost memory.
+    config = dataclasses.replace(config, window=min(config.window, max_len),
+                                 num_sinks=min(config.num_sinks, max_len))
     w, s = config.window, config.num_sinks
     exact = lambda n: jnp.zeros((batch, num_kv_heads, n, head_dim), dtype)  # noqa: E731
     # A fresh array per field: one buffer shared by two fields cannot be donated.
