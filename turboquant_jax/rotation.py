@@ -114,20 +114,31 @@ class HadamardRotation:
   def rotate(self, x: Array) -> Array:
     """Π·x for each vector. x: [..., d] -> [..., d]."""
     _check_last_axis(x, self.dim, "x")
-    for i in range(self.signs.shape[-2]):
-      x = fast_walsh_hadamard(x * self.signs[..., i, :].astype(x.dtype))
-    return x
+    return _hadamard_rotate(self.signs, x)
 
   def unrotate(self, y: Array) -> Array:
     """Πᵀ·y = D_1·H ··· D_r·H·y, the exact inverse of `rotate`."""
     _check_last_axis(y, self.dim, "y")
-    for i in reversed(range(self.signs.shape[-2])):
-      y = fast_walsh_hadamard(y) * self.signs[..., i, :].astype(y.dtype)
-    return y
+    return _hadamard_unrotate(self.signs, y)
 
   def as_matrix(self) -> Array:
     """Π as a dense [d, d] matrix (for tests and kernels that want one)."""
     return self.rotate(jnp.eye(self.dim, dtype=jnp.float32)).T
+
+
+# Jitted so an eager call costs one dispatch, not 2·log2(d) per round.
+@jax.jit
+def _hadamard_rotate(signs: Array, x: Array) -> Array:
+  for i in range(signs.shape[-2]):
+    x = fast_walsh_hadamard(x * signs[..., i, :].astype(x.dtype))
+  return x
+
+
+@jax.jit
+def _hadamard_unrotate(signs: Array, y: Array) -> Array:
+  for i in reversed(range(signs.shape[-2])):
+    y = fast_walsh_hadamard(y) * signs[..., i, :].astype(y.dtype)
+  return y
 
 
 Rotation = Union[HaarRotation, HadamardRotation]
