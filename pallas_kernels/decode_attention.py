@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from turboquant_jax import attention
+from turboquant_jax import codebook
 from turboquant_jax import packing
 from turboquant_jax.quantizers import MSEQuantizer, ProdCodes
 
@@ -71,7 +72,6 @@ def group_specs(split_quantizer) -> tuple[GroupSpec, ...]:
     mse: MSEQuantizer = g if isinstance(g, MSEQuantizer) else g.mse
     half = (1 << mse.bits) // 2
     # Static floats baked into the kernel: they come from the cached numpy codebook.
-    from turboquant_jax import codebook
     mags = tuple(float(x) for x in codebook.lloyd_max_codebook(mse.dim, mse.bits).centroids[
         half:]) if mse.bits else ()
     specs.append(GroupSpec(dim=mse.dim, bits=mse.bits, magnitudes=mags,
@@ -214,7 +214,8 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
 def _flatten_inputs(key_specs, value_specs, q_parts, key_codes, value_codes):
   """The kernel's operands after the four row inputs, in the order it pops them.
 
-  Returns (arrays with a token axis first, arrays without), as two lists with a flag each.
+  Returns a list of (array, has_token_axis) pairs; arrays with a token axis are split
+  across the programs, the others (queries) are whole in each.
   """
   ops = []  # (array, has_token_axis)
   for spec, (q_rot, q_sketch), codes in zip(key_specs, q_parts, key_codes):
