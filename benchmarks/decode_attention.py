@@ -11,7 +11,6 @@ head-major cache, and ours; plus a large read that measures the HBM ceiling in t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys

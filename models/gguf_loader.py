@@ -18,16 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.checkpoint import assign_param
 from models.config import DecoderConfig
 from models.decoder import Decoder
 
 
 def _require_gguf():
   try:
-    import gguf  # noqa: F401
+    import gguf
   except ImportError as e:  # pragma: no cover - message only
     raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
-  import gguf
   return gguf
 
 
@@ -129,18 +129,6 @@ _LAYER_NAMES = {
 }
 
 
-def _assign(module, dotted: str, attr: str, value: np.ndarray, dtype) -> None:
-  for part in dotted.split("."):
-    module = getattr(module, part)
-  param = getattr(module, attr)
-  want = param[...].shape
-  if attr == "kernel":
-    value = value.T  # [out, in] -> [in, out]
-  if value.shape != want:
-    raise ValueError(f"{dotted}.{attr}: checkpoint shape {value.shape}, model wants {want}")
-  param[...] = jnp.asarray(value, dtype)
-
-
 def load_gguf(path: str, param_dtype=jnp.float32) -> tuple[Decoder, GGUFFile]:
   """A `Decoder` with the weights of a GGUF file (and the open file, for the tokenizer)."""
   f = GGUFFile(path)
@@ -149,10 +137,10 @@ def load_gguf(path: str, param_dtype=jnp.float32) -> tuple[Decoder, GGUFFile]:
   model.embed.embedding[...] = jnp.asarray(f.tensor("token_embd.weight"), param_dtype)
   model.final_norm.weight[...] = jnp.asarray(f.tensor("output_norm.weight"), param_dtype)
   if not cfg.tie_embeddings:
-    _assign(model, "lm_head", "kernel", f.tensor("output.weight"), param_dtype)
+    assign_param(model, "lm_head", "kernel", f.tensor("output.weight"), param_dtype)
   for i in range(cfg.num_layers):
     for name, (dotted, attr) in _LAYER_NAMES.items():
       key = f"blk.{i}.{name}.weight"
       if key in f.tensors:
-        _assign(model.layers[i], dotted, attr, f.tensor(key), param_dtype)
+        assign_param(model.layers[i], dotted, attr, f.tensor(key), param_dtype)
   return model, f

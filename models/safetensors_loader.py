@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.checkpoint import assign_param
 from models.config import DecoderConfig
 from models.decoder import Decoder
 
@@ -65,17 +66,6 @@ def config_from_hf(hf: dict) -> tuple[str, DecoderConfig]:
   raise ValueError(f"unsupported model_type {kind!r} (llama and gemma3 are)")
 
 
-def _set(module, dotted: str, attr: str, value: np.ndarray, dtype) -> None:
-  for part in dotted.split("."):
-    module = getattr(module, part)
-  param = getattr(module, attr)
-  value = value.T if attr == "kernel" else value
-  if value.shape != param[...].shape:
-    raise ValueError(f"{dotted}.{attr}: checkpoint shape {value.shape}, model wants "
-                     f"{param[...].shape}")
-  param[...] = jnp.asarray(value, dtype)
-
-
 def load_safetensors(directory: str, param_dtype=jnp.float32) -> Decoder:
   """A `Decoder` from a Hugging Face directory (config.json and *.safetensors)."""
   try:
@@ -100,10 +90,10 @@ def load_safetensors(directory: str, param_dtype=jnp.float32) -> Decoder:
   model.embed.embedding[...] = jnp.asarray(take("model.embed_tokens.weight"), param_dtype)
   model.final_norm.weight[...] = jnp.asarray(take("model.norm.weight"), param_dtype)
   if not cfg.tie_embeddings:
-    _set(model, "lm_head", "kernel", take("lm_head.weight"), param_dtype)
+    assign_param(model, "lm_head", "kernel", take("lm_head.weight"), param_dtype)
   for i in range(cfg.num_layers):
     for name, (dotted, attr) in LAYER_NAMES[family].items():
-      _set(model.layers[i], dotted, attr, take(f"model.layers.{i}.{name}"), param_dtype)
+      assign_param(model.layers[i], dotted, attr, take(f"model.layers.{i}.{name}"), param_dtype)
   unused = set(weights) - used - {"lm_head.weight"}
   if unused:
     raise ValueError(f"checkpoint tensors the model has no place for: {sorted(unused)[:5]}")
