@@ -245,8 +245,11 @@ class TurboQuantKVCache:
   def _calibrate_perm(perm, quantizer, x, valid, first):
     if perm is None:
       return None
-    new = channel_split.outlier_permutation(x, valid[:, None, :], quantizer.sizes[0])
-    return jnp.where(first[:, None, None], new, perm)
+    # Only a row's first update chooses its channels: decode steps skip the argsorts.
+    def choose():
+      new = channel_split.outlier_permutation(x, valid[:, None, :], quantizer.sizes[0])
+      return jnp.where(first[:, None, None], new, perm)
+    return jax.lax.cond(jnp.any(first), choose, lambda: perm)
 
   def _update_window(self, kh: Array, vh: Array, plan: kv_cache.UpdatePlan):
     """Ring slot s ends up holding the latest position p < new_length with p ≡ s mod W."""
