@@ -78,8 +78,8 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.rms_eps, cfg.norm_offset, param_dtype)
       self.k_norm = RMSNorm(hd, cfg.rms_eps, cfg.norm_offset, param_dtype)
 
-  def __call__(self, x: Array, positions: Array, cache: Any, num_tokens: Array | None,
-               prefill: bool) -> tuple[Array, Any]:
+  def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """x: [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D], RoPE applied."""
     cfg = self.cfg
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -90,6 +90,13 @@ class Attention(nnx.Module):
     base = cfg.layer_rope_base(self.layer)
     q = apply_rope(q, positions, base, cfg.rope_interleaved)
     k = apply_rope(k, positions, base, cfg.rope_interleaved)
+    return q, k, v
+
+  def __call__(self, x: Array, positions: Array, cache: Any, num_tokens: Array | None,
+               prefill: bool) -> tuple[Array, Any]:
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q, k, v = self.project(x, positions)
     window = cfg.layer_window(self.layer)
     if cache is None or prefill:
       # Exact causal attention over these tokens alone (the prompt).
@@ -170,11 +177,14 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                caches: Sequence[Any] | None = None, *, num_tokens: Array | None = None,
-               prefill: bool = False) -> tuple[Array, list[Any] | None]:
+               prefill: bool = False, logits_at: Array | None = None
+               ) -> tuple[Array, list[Any] | None]:
     """tokens: [B, T] int -> (logits [B, T, vocab] float32, updated caches).
 
     positions ([B, T]) default to 0..T-1, or, with caches, to each sequence's length
     onwards. num_tokens ([B]) says how many of the T tokens of each row are real.
+    logits_at ([B] int) computes the logits of one token per row only ([B, 1, vocab]):
+    a long prompt then skips T-1 products with the (large) unembedding.
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -192,6 +202,8 @@ class Decoder(nnx.Module):
       x, cache = block(x, positions, None if caches is None else caches[i], num_tokens, prefill)
       if caches is not None:
         new_caches.append(cache)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x.astype(jnp.float32))

@@ -63,8 +63,9 @@ def sample_logits(key: Array, logits: Array, sampling: SamplingConfig) -> Array:
 def _generate(graphdef, state, caches, prompts, prompt_lengths, key, *, max_new_tokens,
               sampling, stop_tokens, pad_id):
   model = nnx.merge(graphdef, state)
-  logits, caches = model(prompts, caches=caches, num_tokens=prompt_lengths, prefill=True)
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  logits, caches = model(prompts, caches=caches, num_tokens=prompt_lengths, prefill=True,
+                         logits_at=prompt_lengths - 1)
+  last = logits[:, 0]
   batch = prompts.shape[0]
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 

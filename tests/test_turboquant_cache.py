@@ -214,3 +214,65 @@ def test_bad_config_and_inputs(rng):
     cache.update(rand(rng, B, 2, HKV, D), rand(rng, B, 1, HKV, D))
   with pytest.raises(ValueError, match="NaN"):
     cache.update(rand(rng, B, 1, HKV, D).at[0, 0, 0, 0].set(jnp.nan), rand(rng, B, 1, HKV, D))
+
+
+def test_calibration_waits_for_a_window_and_is_causal(rng):
+  """Token by token: nothing is calibrated (and attention is exactly dense) until the row
+  holds `window` tokens; then μ is the mean of the keys past the sinks, and later keys
+  never change it. A prefill of the same tokens calibrates to the same μ and codes."""
+  w, s = 16, 2
+  config = TurboQuantConfig(window=w, num_sinks=s, key_bits=2.5, value_bits=2.5)
+  k, v = outlier_kv(rng, 1, 40, HKV, D)
+  q = rand(rng, 1, 1, HQ, D)
+  cache = TurboQuantKVCache.create(1, L, HKV, D, config=config)
+  dense = DenseKVCache.create(1, L, HKV, D)
+  for t in range(w - 1):
+    cache, dense = (c.update(k[:, t:t + 1], v[:, t:t + 1]) for c in (cache, dense))
+  assert not bool(cache.calibrated[0])
+  np.testing.assert_allclose(cache.attend(q), dense.attend(q), rtol=1e-5, atol=1e-6)
+  cache = cache.update(k[:, w - 1:w], v[:, w - 1:w])
+  assert bool(cache.calibrated[0])
+  mean = np.mean(np.asarray(k[0, s:w]), axis=0)  # [H, D]
+  np.testing.assert_allclose(cache.key_mean[0], mean, rtol=1e-5, atol=1e-5)
+  mu, perm = np.asarray(cache.key_mean), np.asarray(cache.key_perm)
+  for t in range(w, 40):
+    cache = cache.update(k[:, t:t + 1], v[:, t:t + 1])
+  np.testing.assert_array_equal(cache.key_mean, mu)
+  np.testing.assert_array_equal(cache.key_perm, perm)
+  # The window's early tokens were re-coded with μ: same codes as a prefill of them.
+  prefill_mu = TurboQuantKVCache.create(1, L, HKV, D, config=config).update(k[:, :w], v[:, :w])
+  np.testing.assert_array_equal(prefill_mu.key_perm, perm)
+  np.testing.assert_allclose(prefill_mu.key_mean, mu, rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(cache.key_codes), jax.tree.leaves(
+      prefill_mu.update(k[:, w:], v[:, w:]).key_codes)):
+    np.testing.assert_allclose(np.asarray(got, np.float32)[:, :, :40],
+                               np.asarray(want, np.float32)[:, :, :40], atol=1e-3)
+
+
+def test_sinks_stay_bit_exact_after_many_appends(rng):
+  config = TurboQuantConfig(window=4, num_sinks=3, key_bits=2, value_bits=2)
+  k, v = rand(rng, B, 60, HKV, D), rand(rng, B, 60, HKV, D)
+  cache = TurboQuantKVCache.create(B, L, HKV, D, config=config).update(k[:, :5], v[:, :5])
+  step = jax.jit(lambda c, kk, vv: c.update(kk, vv))
+  for t in range(5, 60):
+    cache = step(cache, k[:, t:t + 1], v[:, t:t + 1])
+  np.testing.assert_array_equal(cache.sink_keys, kv_head_major(k[:, :3]))
+  np.testing.assert_array_equal(cache.sink_values, kv_head_major(v[:, :3]))
+  keys, values = cache.reconstruct()
+  np.testing.assert_array_equal(keys[:, :, :3], kv_head_major(k[:, :3]))
+  np.testing.assert_array_equal(values[:, :, 56:60], kv_head_major(v[:, 56:60]))
+
+
+def kv_head_major(x):
+  return np.asarray(x).transpose(0, 2, 1, 3)
+
+
+def test_reconstruct_is_what_attention_reads(rng):
+  config = TurboQuantConfig(window=8, num_sinks=2, key_bits=3, value_bits=3.5)
+  k, v = outlier_kv(rng, B, 50, HKV, D)
+  cache = TurboQuantKVCache.create(B, L, HKV, D, config=config).update(k, v)
+  keys, values = cache.reconstruct()
+  q = rand(rng, B, 3, HQ, D)
+  dense = DenseKVCache(keys=keys, values=values, lengths=cache.lengths,
+                       overflowed=cache.overflowed)
+  np.testing.assert_allclose(cache.attend(q), dense.attend(q), rtol=2e-4, atol=2e-5)

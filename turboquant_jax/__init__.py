@@ -23,3 +23,5 @@ from turboquant_jax.flax_attention import (
     TurboQuantMultiHeadAttention,
     TurboQuantMultiHeadDotProductAttention,
 )
+from turboquant_jax.uniform_cache import UniformConfig, UniformKVCache
+from turboquant_jax.layer_policy import per_layer, turboquant_per_layer

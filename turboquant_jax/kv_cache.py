@@ -137,6 +137,29 @@ def leaf_bytes(tree: Any) -> int:
   return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
 
+def check_update(k: Array, v: Array, batch: int, heads: int, head_dim: int) -> None:
+  """The checks every cache's `update` makes: shapes, dtypes, equal k/v, finite values."""
+  check_kv_input("k", k, batch, heads, head_dim)
+  check_kv_input("v", v, batch, heads, head_dim)
+  if v.shape != k.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+  check_finite("k", k)
+  check_finite("v", v)
+
+
+def finish_report(report: dict[str, Any], cache: Any, per_token_bytes: int) -> dict[str, Any]:
+  """Adds the totals every memory report has: all buffers, bytes per token per head
+  (`per_token_bytes` is what the tokens themselves take), and the ratio against bf16."""
+  total = leaf_bytes(cache)
+  tokens = cache.batch * cache.num_kv_heads * cache.max_len
+  report["total"] = total
+  report["bytes_per_token_per_head"] = per_token_bytes / tokens
+  report["bytes_per_token_per_head_all_buffers"] = total / tokens
+  report["bf16_total"] = tokens * cache.head_dim * 2 * 2
+  report["compression_vs_bf16"] = report["bf16_total"] / total
+  return report
+
+
 @flax.struct.dataclass
 class DenseKVCache:
   """Full-precision KV cache, head-major, preallocated for max_len tokens.
@@ -182,12 +205,7 @@ class DenseKVCache:
   def update(self, k: Array, v: Array, positions: Array | None = None,
              num_tokens: Array | None = None) -> "DenseKVCache":
     """Writes k, v ([B, T, Hkv, D]) at `positions` (default: the current lengths)."""
-    check_kv_input("k", k, self.batch, self.num_kv_heads, self.head_dim)
-    check_kv_input("v", v, self.batch, self.num_kv_heads, self.head_dim)
-    if v.shape != k.shape:
-      raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
-    check_finite("k", k)
-    check_finite("v", v)
+    check_update(k, v, self.batch, self.num_kv_heads, self.head_dim)
     plan = plan_update(self.lengths, self.max_len, k.shape[1], positions, num_tokens)
     return _dense_update(self, k, v, plan)
 

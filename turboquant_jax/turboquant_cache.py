@@ -9,12 +9,15 @@ Storage (head-major, preallocated for max_len, every code packed):
   to fill (every vector is coded on its own), so the window is always exactly the last W
   tokens and no decode step ever pays for a flush.
 - Attention sinks: the first `num_sinks` tokens in full precision, [B, H, S, D].
-- Key centering: a per-(sequence, kv head) channel mean μ of the first update's keys
-  (causal: a prefill, or the first token), kept in float32; keys are coded as k - μ and
+- Key centering: a per-(sequence, kv head) channel mean μ, kept in float32, of the keys a
+  row holds when it first holds a window's worth of tokens (a long prefill, or the first
+  `window` decoded tokens; sinks left out). Causal: until then every token is exact in
+  the window and no code is read; at that moment the window is re-coded with μ, and μ
+  never changes again. Keys are coded as k - μ and
   q·μ is added back to every compressed score, so compressed and exact keys share one
   softmax on the same footing.
 - Fractional bits: the channels are ordered outliers first by a per-(sequence, kv head)
-  permutation chosen on the first update (`channel_split.outlier_permutation`).
+  permutation chosen at the same moment (`channel_split.outlier_permutation`).
 
 Which tokens attention reads where: positions [0, S) from the sinks, the trailing run of
 positions the window holds exactly, and everything else from the codes, all in one
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 
 from turboquant_jax import attention
 from turboquant_jax import channel_split
+from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
 from turboquant_jax.quantizers import ProdCodes
 
@@ -193,108 +197,128 @@ class TurboQuantKVCache:
   def update(self, k: Array, v: Array, positions: Array | None = None,
              num_tokens: Array | None = None) -> "TurboQuantKVCache":
     """Appends k, v ([B, T, Hkv, D]); see `kv_cache` for positions and num_tokens."""
-    b, h, d = self.batch, self.num_kv_heads, self.head_dim
-    kv_cache.check_kv_input("k", k, b, h, d)
-    kv_cache.check_kv_input("v", v, b, h, d)
-    if v.shape != k.shape:
-      raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
-    kv_cache.check_finite("k", k)
-    kv_cache.check_finite("v", v)
+    kv_cache.check_update(k, v, self.batch, self.num_kv_heads, self.head_dim)
     plan = kv_cache.plan_update(self.lengths, self.max_len, k.shape[1], positions, num_tokens)
     return _update(self, k, v, plan)
+
+  @property
+  def calibration_length(self) -> int:
+    """Tokens a row holds when it chooses its key mean and channel orders."""
+    return max(self.config.window, 1)
 
   def _update(self, k: Array, v: Array, plan: kv_cache.UpdatePlan) -> "TurboQuantKVCache":
     t = k.shape[1]
     kh = kv_cache.to_head_major(k)
     vh = kv_cache.to_head_major(v)
     valid = (jnp.arange(t)[None, :] < plan.num_tokens[:, None]) & plan.ok[:, None]  # [B, T]
-    first = ~self.calibrated & jnp.any(valid, axis=1)
+    # A row calibrates once it holds a window's worth of tokens. Until then all its tokens
+    # are exact in the window, so no code of it is read yet; calibration re-codes them.
+    first = (~self.calibrated & plan.ok & jnp.any(valid, axis=1)
+             & (plan.new_lengths >= self.calibration_length))
+    calibration = (self.key_mean, self.key_perm, self.value_perm, self.key_codes,
+                   self.value_codes)
+    if any(x is not None for x in calibration[:3]):
+      calibration = jax.lax.cond(jnp.any(first),
+                                 lambda: self._calibrate(kh, vh, valid, plan, first),
+                                 lambda: calibration)
+    key_mean, key_perm, value_perm, key_codes, value_codes = calibration
 
-    key_mean, kc = self.key_mean, kh.astype(jnp.float32)
+    kc = kh.astype(jnp.float32)
     if key_mean is not None:
-      w = valid[:, None, :, None].astype(jnp.float32)
-      mean = jnp.sum(kc * w, axis=2) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
-      key_mean = jnp.where(first[:, None, None], mean, key_mean)
       kc = kc - key_mean[:, :, None, :]
-    key_perm = self._calibrate_perm(self.key_perm, self.key_quantizer, kc, valid, first)
-    value_perm = self._calibrate_perm(self.value_perm, self.value_quantizer, vh, valid, first)
-
     write = lambda buf, new: kv_cache.scatter_tokens(buf, new, plan.indices)  # noqa: E731
-    key_codes = jax.tree.map(write, self.key_codes,
+    key_codes = jax.tree.map(write, key_codes,
                              self.key_quantizer.quantize(_permute(kc, key_perm)))
     value_codes = jax.tree.map(
-        write, self.value_codes,
+        write, value_codes,
         self.value_quantizer.quantize(_permute(vh.astype(jnp.float32), value_perm)))
 
-    window_keys, window_values, window_positions = self._update_window(kh, vh, plan)
-    sink_idx = jnp.where(plan.indices < self.config.num_sinks, plan.indices,
-                         self.config.num_sinks)
+    window_keys, window_values, window_positions = exact_tokens.update_window(
+        self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
+    sink_keys, sink_values = exact_tokens.update_sinks(self.sink_keys, self.sink_values,
+                                                       kh, vh, plan)
     return self.replace(
         key_codes=key_codes, value_codes=value_codes,
         window_keys=window_keys, window_values=window_values,
         window_positions=window_positions,
-        sink_keys=kv_cache.scatter_tokens(self.sink_keys, kh, sink_idx),
-        sink_values=kv_cache.scatter_tokens(self.sink_values, vh, sink_idx),
+        sink_keys=sink_keys, sink_values=sink_values,
         key_mean=key_mean, key_perm=key_perm, value_perm=value_perm,
         calibrated=self.calibrated | first,
         lengths=jnp.where(plan.ok, plan.new_lengths, self.lengths),
         overflowed=self.overflowed | ~plan.ok,
     )
 
-  @staticmethod
-  def _calibrate_perm(perm, quantizer, x, valid, first):
-    if perm is None:
-      return None
-    # Only a row's first update chooses its channels: decode steps skip the argsorts.
-    def choose():
-      new = channel_split.outlier_permutation(x, valid[:, None, :], quantizer.sizes[0])
-      return jnp.where(first[:, None, None], new, perm)
-    return jax.lax.cond(jnp.any(first), choose, lambda: perm)
+  def _calibrate(self, kh: Array, vh: Array, valid: Array, plan: kv_cache.UpdatePlan,
+                 first: Array):
+    """Key mean and channel orders of the rows in `first`, from every token they hold
+    (the window before this update, then the new tokens), sinks left out since they are
+    never read from codes; the window's tokens are re-coded with them."""
+    s, w = self.config.num_sinks, self.config.window
+    wp = self.window_positions
+    held = (wp >= 0) & (wp < plan.positions[:, None])                  # [B, W]
+    new_pos = plan.positions[:, None] + jnp.arange(kh.shape[2], dtype=jnp.int32)[None, :]
+    tokens_k = jnp.concatenate([self.window_keys.astype(jnp.float32),
+                                kh.astype(jnp.float32)], axis=2)       # [B, H, W+T, D]
+    tokens_v = jnp.concatenate([self.window_values.astype(jnp.float32),
+                                vh.astype(jnp.float32)], axis=2)
+    counted = jnp.concatenate([held, valid], axis=1)
+    past_sinks = counted & (jnp.concatenate([wp, new_pos], axis=1) >= s)
+    # A row with nothing past its sinks (a short cache) uses what it has.
+    counted = jnp.where(jnp.any(past_sinks, axis=1, keepdims=True), past_sinks, counted)
 
-  def _update_window(self, kh: Array, vh: Array, plan: kv_cache.UpdatePlan):
-    """Ring slot s ends up holding the latest position p < new_length with p ≡ s mod W."""
-    w = self.config.window
-    if w == 0:
-      return self.window_keys, self.window_values, self.window_positions
-    t = kh.shape[2]
-    slots = jnp.arange(w, dtype=jnp.int32)
-    end = plan.new_lengths[:, None] - 1
-    target = end - jnp.mod(end - slots[None, :], w)  # [B, W]
-    i = target - plan.positions[:, None]
-    take = (i >= 0) & (i < plan.num_tokens[:, None]) & plan.ok[:, None]
-    gather_idx = jnp.clip(i, 0, t - 1)[:, None, :, None]
-    pick = lambda new, old: jnp.where(  # noqa: E731
-        take[:, None, :, None], jnp.take_along_axis(new, gather_idx, axis=2).astype(old.dtype),
-        old)
-    return (pick(kh, self.window_keys), pick(vh, self.window_values),
-            jnp.where(take, target, self.window_positions))
+    key_mean = self.key_mean
+    if key_mean is not None:
+      c = counted[:, None, :, None].astype(jnp.float32)
+      mean = jnp.sum(tokens_k * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
+      key_mean = jnp.where(first[:, None, None], mean, key_mean)
+      tokens_k = tokens_k - key_mean[:, :, None, :]
+
+    def choose(perm, quantizer, x):
+      if perm is None:
+        return None
+      new = channel_split.outlier_permutation(x, counted[:, None, :], quantizer.sizes[0])
+      return jnp.where(first[:, None, None], new, perm)
+    key_perm = choose(self.key_perm, self.key_quantizer, tokens_k)
+    value_perm = choose(self.value_perm, self.value_quantizer, tokens_v)
+
+    # Re-code the tokens the window held before this update (the new ones follow).
+    key_codes, value_codes = self.key_codes, self.value_codes
+    if w:
+      idx = jnp.where(first[:, None] & held, wp, self.max_len)
+      write = lambda buf, new: kv_cache.scatter_tokens(buf, new, idx)  # noqa: E731
+      key_codes = jax.tree.map(write, key_codes, self.key_quantizer.quantize(
+          _permute(tokens_k[:, :, :w], key_perm)))
+      value_codes = jax.tree.map(write, value_codes, self.value_quantizer.quantize(
+          _permute(tokens_v[:, :, :w], value_perm)))
+    return key_mean, key_perm, value_perm, key_codes, value_codes
 
   # -- reading ---------------------------------------------------------------------------
 
   def exact_window_start(self) -> Array:
     """[B]: positions [start, length) are held exactly by the window (a trailing run)."""
-    w = self.config.window
-    if w == 0:
-      return self.lengths
-    pos = self.lengths[:, None] - w + jnp.arange(w, dtype=jnp.int32)
-    held = jnp.take_along_axis(self.window_positions, jnp.mod(pos, w), axis=1)
-    covered = (pos >= 0) & (held == pos)
-    run = jnp.sum(jnp.cumprod(covered[:, ::-1].astype(jnp.int32), axis=1), axis=1)
-    return self.lengths - run
+    return exact_tokens.window_start(self.window_positions, self.lengths, self.config.window)
 
   def exact_parts(self) -> list[tuple[Array, Array, Array, Array]]:
     """(keys [B, H, n, D], values, positions [B, n], visible [B, n]) of the window, sinks."""
-    b, s = self.batch, self.config.num_sinks
-    parts = []
-    if self.config.window:
-      wp = self.window_positions
-      start = jnp.maximum(self.exact_window_start(), s)
-      visible = (wp >= start[:, None]) & (wp < self.lengths[:, None])
-      parts.append((self.window_keys, self.window_values, wp, visible))
-    if s:
-      sp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      parts.append((self.sink_keys, self.sink_values, sp, sp < self.lengths[:, None]))
-    return parts
+    return exact_tokens.exact_parts(self.window_keys, self.window_values,
+                                    self.window_positions, self.sink_keys, self.sink_values,
+                                    self.lengths)
+
+  def reconstruct(self) -> tuple[Array, Array]:
+    """(keys, values) [B, H, max_len, D] float32: what attention reads at each position.
+
+    Codes decoded (channel order and key mean restored), exact tokens written over them.
+    Positions at or past a row's length hold garbage. For analysis and tests; attention
+    never materializes this.
+    """
+    keys = _unpermute(self.key_quantizer.dequantize(self.key_codes), self.key_perm)
+    if self.key_mean is not None:
+      keys = keys + self.key_mean[:, :, None, :]
+    values = _unpermute(self.value_quantizer.dequantize(self.value_codes), self.value_perm)
+    parts = self.exact_parts()
+    keys = exact_tokens.overlay(keys, [(k, p, vis) for k, _, p, vis in parts])
+    values = exact_tokens.overlay(values, [(v, p, vis) for _, v, p, vis in parts])
+    return keys, values
 
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
              sliding_window: int | None = None, soft_cap: float | None = None,
@@ -405,14 +429,7 @@ class TurboQuantKVCache:
         (self.key_quantizer, self.value_quantizer))
     report["bookkeeping"] = kv_cache.leaf_bytes(
         (self.window_positions, self.calibrated, self.lengths, self.overflowed))
-    total = kv_cache.leaf_bytes(self)
-    report["total"] = total
-    tokens = self.batch * self.num_kv_heads * self.max_len
-    report["bytes_per_token_per_head"] = compressed / tokens
-    report["bytes_per_token_per_head_all_buffers"] = total / tokens
-    report["bf16_total"] = tokens * self.head_dim * 2 * 2
-    report["compression_vs_bf16"] = report["bf16_total"] / total
-    return report
+    return kv_cache.finish_report(report, self, compressed)
 
 
 # The bodies run jitted even when called eagerly: one compilation per shape instead of one

@@ -1,0 +1,272 @@
+"""Quality of each KV cache on the real models: perplexity, needle retrieval, fidelity.
+
+    python -m benchmarks.quality [--model smollm2|gemma3] [--tokens 2048] [--seeds 3]
+
+For SmolLM2-135M and Gemma 3 270M (GGUF, see `models.gguf_loader`), and for the dense
+fp32 and bf16 caches, the integer baselines (llama.cpp-style symmetric q8_0/q4_0,
+KIVI-style asymmetric at 4/3/2 bits) and TurboQuant at 2, 2.5, 3, 3.5, 4 bits (mean and
+spread over rotation seeds), K/V-asymmetric widths and QJL ("prod") keys:
+
+1. perplexity of real English text (a license text from /usr/share/common-licenses by
+   default), the cache filled token by token through the decode path;
+2. needle in a haystack: a passkey at several depths of filler texts of several lengths,
+   prompt prefilled exactly, the answer decoded through the cache under test;
+3. per-layer cosine of keys, values and attention outputs against exact;
+4. K+V bytes per token (all layers) and the bits per coordinate they amount to.
+
+Every compressed cache keeps the same exact tokens (128-token window, 4 sinks). Results
+go to benchmarks/results/quality_<model>_<platform>.json, written after every run so a
+long job leaves what it has; a table is printed, and a plot of perplexity against bits
+per coordinate is saved if matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from models import evaluation, gguf_loader
+from models.tokenizer import tokenizer_from_gguf
+from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
+                            UniformKVCache)
+
+LICENSES = pathlib.Path("/usr/share/common-licenses")
+PERPLEXITY_TEXT = LICENSES / "GPL-3"
+HAYSTACK_TEXTS = [LICENSES / n for n in ("Apache-2.0", "GFDL-1.3", "MPL-2.0", "LGPL-2.1",
+                                         "Artistic", "GPL-2")]
+MODELS = {"smollm2": gguf_loader.smollm2_path, "gemma3": gguf_loader.gemma3_270m_path}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One cache setting: a name, a family for the plot, and how to make it per seed."""
+
+  name: str
+  family: str
+  make: callable
+  seeded: bool = False
+  bits: float | None = None  # nominal bits per coordinate, for the table
+  cache_dtype: object = jnp.float32
+
+
+def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
+  bits_v = bits_k if bits_v is None else bits_v
+  name = f"turboquant K{bits_k}/V{bits_v}" if bits_v != bits_k else f"turboquant {bits_k}"
+  if key_quantizer == "prod":
+    name += " prod keys"
+  family = "turboquant" if bits_v == bits_k and key_quantizer == "mse" else name
+  make = lambda seed: functools.partial(  # noqa: E731
+      TurboQuantKVCache.create, config=TurboQuantConfig(
+          key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
+  return Method(name, family, make, seeded=True, bits=(bits_k + bits_v) / 2)
+
+
+def uniform(config, name, family):
+  return Method(name, family,
+                lambda seed: functools.partial(UniformKVCache.create, config=config),
+                bits=(config.key_bits + config.value_bits) / 2)
+
+
+def methods() -> list[Method]:
+  dense = lambda seed: DenseKVCache.create  # noqa: E731
+  return [
+      Method("dense fp32", "dense", dense, bits=32),
+      Method("dense bf16", "dense", dense, bits=16, cache_dtype=jnp.bfloat16),
+      uniform(UniformConfig.llama_cpp(8), "int8 q8_0-style", "int symmetric (llama.cpp)"),
+      uniform(UniformConfig.llama_cpp(4), "int4 q4_0-style", "int symmetric (llama.cpp)"),
+      uniform(UniformConfig.kivi(4), "int4 KIVI-style", "int asymmetric (KIVI)"),
+      uniform(UniformConfig.kivi(3), "int3 KIVI-style", "int asymmetric (KIVI)"),
+      uniform(UniformConfig.kivi(2), "int2 KIVI-style", "int asymmetric (KIVI)"),
+      *[tq(b) for b in (2, 2.5, 3, 3.5, 4)],
+      tq(4, 3), tq(4, 2.5),
+      tq(3, key_quantizer="prod"), tq(4, key_quantizer="prod"),
+  ]
+
+
+def load_text(path: pathlib.Path) -> str:
+  return path.read_text(encoding="utf-8", errors="replace")
+
+
+def bits_per_coordinate(model, make, dtype) -> tuple[float, float]:
+  """(K+V bytes per token over all layers, stored bits per cached coordinate)."""
+  caches = model.init_caches(1, 2048, make, dtype)
+  per_token = evaluation.bytes_per_token(caches)
+  cfg = model.cfg
+  coords = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+  return per_token, per_token * 8 / coords
+
+
+def run_model(name: str, args, out: dict, save) -> None:
+  model, gguf_file = gguf_loader.load_gguf(MODELS[name]())
+  tok = tokenizer_from_gguf(gguf_file)
+  encode = lambda text: tok.encode(text, add_bos=False)  # noqa: E731
+  bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
+  ids = encode(load_text(args.text))
+  if len(ids) < args.tokens:
+    raise SystemExit(f"{args.text} has {len(ids)} tokens, fewer than --tokens {args.tokens}")
+  tokens = jnp.asarray([bos + ids[:args.tokens - len(bos)]], jnp.int32)
+  result = out.setdefault("models", {}).setdefault(name, {
+      "config": dataclasses.asdict(model.cfg), "perplexity": {}, "needle": {},
+      "fidelity": {}})
+  result.update(text=str(args.text), tokens=args.tokens, seeds=args.seeds)
+  chosen = [m for m in methods() if not args.only or any(s in m.name for s in args.only)]
+
+  # 1. Perplexity through the decode path.
+  for m in chosen:
+    if m.name in result["perplexity"]:
+      continue
+    start = time.perf_counter()
+    seeds = list(range(args.seeds)) if m.seeded else [0]
+    makes = [m.make(s) for s in seeds]
+    if len(makes) > 1:
+      nll = evaluation.decode_nll_variants(model, tokens, makes, cache_dtype=m.cache_dtype)
+    else:
+      nll = evaluation.decode_nll(model, tokens, makes[0], cache_dtype=m.cache_dtype)[None]
+    ppl = [evaluation.perplexity(n) for n in nll]
+    per_token, bits = bits_per_coordinate(model, makes[0], m.cache_dtype)
+    result["perplexity"][m.name] = {
+        "family": m.family, "nominal_bits": m.bits, "seeds": seeds, "perplexity": ppl,
+        "mean": float(np.mean(ppl)), "min": float(np.min(ppl)), "max": float(np.max(ppl)),
+        "kv_bytes_per_token": per_token, "stored_bits_per_coordinate": bits,
+        "seconds": time.perf_counter() - start}
+    print(f"[{name}] {m.name:28s} ppl {np.mean(ppl):8.4f} ({', '.join(f'{p:.3f}' for p in ppl)})"
+          f"  {bits:5.2f} bits  {time.perf_counter() - start:6.0f} s", flush=True)
+    save()
+
+  # 2. Needle in a haystack (seed 0 for seeded methods).
+  if args.needle_lengths:
+    filler = [t for p in HAYSTACK_TEXTS if p.exists() for t in encode(load_text(p))]
+    needle_methods = [m for m in chosen if m.name in args.needle_methods]
+    rng = np.random.default_rng(0)
+    for length in args.needle_lengths:
+      for depth in args.needle_depths:
+        key = f"{length}@{depth}"
+        if key in result["needle"] and all(m.name in result["needle"][key]["scores"]
+                                           for m in needle_methods):
+          continue
+        passkey = str(rng.integers(10000, 99999))
+        prompt = evaluation.needle_prompt(encode, filler, length, depth, passkey, bos=bos)
+        start = time.perf_counter()
+        kv = evaluation.prompt_kv(model, jnp.asarray([prompt[:-1]], jnp.int32),
+                                  chunk=args.chunk)
+        trial = result["needle"].setdefault(key, {"passkey": passkey, "scores": {},
+                                                  "answers": {}})
+        for m in needle_methods:
+          ans = evaluation.answer_from_kv(model, kv, jnp.asarray([prompt[-1]]), m.make(0),
+                                          num_tokens=8, cache_dtype=m.cache_dtype)
+          text = tok.decode([int(t) for t in ans[0]])
+          trial["scores"][m.name] = evaluation.needle_score(text, passkey)
+          trial["answers"][m.name] = text
+        print(f"[{name}] needle {key}: " + ", ".join(
+            f"{n}={s:.0f}" for n, s in trial["scores"].items())
+            + f"  {time.perf_counter() - start:.0f} s", flush=True)
+        save()
+
+  # 3. Per-layer fidelity on the first fidelity_tokens tokens.
+  if args.fidelity_tokens:
+    qkv = evaluation.layer_qkv(model, tokens[:, :args.fidelity_tokens])
+    for m in chosen:
+      if m.name not in args.needle_methods or m.name in result["fidelity"]:
+        continue
+      result["fidelity"][m.name] = evaluation.layer_fidelity(model, qkv, m.make(0))
+      save()
+
+
+def print_tables(out: dict) -> None:
+  for name, r in out.get("models", {}).items():
+    base = r["perplexity"].get("dense fp32", {}).get("mean")
+    rows = []
+    for m, p in r["perplexity"].items():
+      rows.append({"model": name, "cache": m, "bits/coord": p["stored_bits_per_coordinate"],
+                   "B/token": int(round(p["kv_bytes_per_token"])), "ppl": p["mean"],
+                   "spread": f"{p['min']:.3f}-{p['max']:.3f}" if len(p["perplexity"]) > 1
+                   else "",
+                   "Δ vs fp32": f"{100 * (p['mean'] / base - 1):+.2f}%" if base else ""})
+    common.print_table(rows, ["model", "cache", "bits/coord", "B/token", "ppl", "spread",
+                              "Δ vs fp32"])
+    if r["needle"]:
+      names = list(next(iter(r["needle"].values()))["scores"])
+      acc = {n: np.mean([t["scores"].get(n, np.nan) for t in r["needle"].values()])
+             for n in names}
+      print(f"needle exact match over {len(r['needle'])} prompts: "
+            + ", ".join(f"{n} {a:.2f}" for n, a in acc.items()))
+    print()
+
+
+def plot(out: dict, path: pathlib.Path) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  models = list(out.get("models", {}))
+  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+  for ax, name in zip(axes[0], models):
+    r = out["models"][name]["perplexity"]
+    base = r.get("dense fp32", {}).get("mean")
+    families = {}
+    for m, p in r.items():
+      if m.startswith("dense") or "prod" in m or "/V" in m:
+        continue
+      families.setdefault(p["family"], []).append(
+          (p["stored_bits_per_coordinate"], p["mean"], p["min"], p["max"]))
+    for fam, pts in families.items():
+      pts.sort()
+      x, y, lo, hi = map(np.array, zip(*pts))
+      ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", label=fam, capsize=3)
+    if base:
+      ax.axhline(base, color="k", ls="--", lw=1, label="dense fp32")
+    ax.set_xlabel("stored bits per coordinate (K and V, all buffers per token)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(name)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", action="append", choices=sorted(MODELS),
+                      help="default: both")
+  parser.add_argument("--tokens", type=int, default=2048)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--text", type=pathlib.Path, default=PERPLEXITY_TEXT)
+  parser.add_argument("--only", action="append", help="run methods whose name contains this")
+  parser.add_argument("--needle-lengths", type=lambda s: [int(x) for x in s.split(",") if x],
+                      default=[2048, 4096, 8192])
+  parser.add_argument("--needle-depths", type=lambda s: [float(x) for x in s.split(",")],
+                      default=[0.1, 0.5, 0.9])
+  parser.add_argument("--needle-methods", type=lambda s: s.split(","), default=[
+      "dense fp32", "int4 q4_0-style", "int4 KIVI-style", "int2 KIVI-style",
+      "turboquant 2", "turboquant 2.5", "turboquant 3", "turboquant 3.5"])
+  parser.add_argument("--chunk", type=int, default=256)
+  parser.add_argument("--fidelity-tokens", type=int, default=1024)
+  parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR)
+  args = parser.parse_args(argv)
+
+  platform = jax.devices()[0].platform
+  for name in args.model or sorted(MODELS, reverse=True):
+    path = args.out / f"quality_{name}_{platform}.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out.pop("environment", None)
+    out.pop("benchmark", None)
+    save = lambda: common.write_result(f"quality_{name}", out, args.out)  # noqa: E731
+    run_model(name, args, out, save)
+    print_tables(out)
+    plot(out, args.out / f"quality_{name}_{platform}.png")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,113 @@
+"""The quality harness (models.evaluation) pinned on tiny models."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Decoder, evaluation
+from models.generate import generate
+from tests.test_decoder import TINY
+from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
+                            UniformKVCache)
+
+T = 40
+
+
+def tiny(name="llama", seed=0):
+  model = Decoder(TINY[name], rngs=nnx.Rngs(seed))
+  tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (2, T), 0, TINY[name].vocab_size)
+  return model, tokens
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+  model, tokens = tiny()
+  model.embed.embedding[...] = jnp.zeros_like(model.embed.embedding[...])  # logits all 0
+  nll = evaluation.decode_nll(model, tokens, DenseKVCache.create)
+  assert nll.shape == (2, T - 1)
+  np.testing.assert_allclose(evaluation.perplexity(nll), TINY["llama"].vocab_size, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_decode_nll_with_a_dense_cache_is_the_full_forward_nll(name):
+  model, tokens = tiny(name)
+  logits, _ = model(tokens)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(evaluation.decode_nll(model, tokens, DenseKVCache.create), want,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_caches_cost_perplexity_and_more_bits_cost_less():
+  model, tokens = tiny()
+  base = evaluation.perplexity(evaluation.decode_nll(model, tokens, DenseKVCache.create))
+  ppl = {}
+  for bits in (2, 4):
+    make = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=bits, value_bits=bits, window=4, num_sinks=1))
+    ppl[bits] = evaluation.perplexity(evaluation.decode_nll(model, tokens, make))
+  assert abs(ppl[4] / base - 1) < abs(ppl[2] / base - 1)
+  assert ppl[2] != base
+
+
+def test_variants_equal_separate_runs():
+  model, tokens = tiny()
+  makes = [functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+      key_bits=2, value_bits=2, window=4, num_sinks=1, seed=s)) for s in (0, 1)]
+  both = evaluation.decode_nll_variants(model, tokens, makes)
+  for i, make in enumerate(makes):
+    np.testing.assert_allclose(both[i], evaluation.decode_nll(model, tokens, make),
+                               rtol=2e-4, atol=2e-4)
+  assert not np.allclose(both[0], both[1])
+
+
+def test_needle_prompt_and_score():
+  encode = lambda s: [ord(c) for c in s]  # noqa: E731
+  filler = list(range(1000, 1500))
+  prompt = evaluation.needle_prompt(encode, filler, 300, 0.5, "12345", bos=[7])
+  assert len(prompt) == 300 and prompt[0] == 7
+  text = "".join(chr(t) if t < 1000 else "#" for t in prompt[1:])
+  assert text.endswith(evaluation.QUESTION)
+  at = text.index("The secret passkey is 12345")
+  fill = text.count("#")
+  assert abs(text[:at].count("#") - 0.5 * fill) <= 1
+  with pytest.raises(ValueError, match="depth"):
+    evaluation.needle_prompt(encode, filler, 300, 1.5, "1")
+  with pytest.raises(ValueError, match="filler"):
+    evaluation.needle_prompt(encode, filler, 3000, 0.5, "1")
+  assert evaluation.needle_score(" 12345. Remember", "12345") == 1.0
+  assert evaluation.needle_score(" 1234 or 12345", "12345") == 0.0
+  assert evaluation.needle_score(" is secret", "12345") == 0.0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_prompt_kv_and_answer_match_the_exact_forward_and_generate(name):
+  model, tokens = tiny(name)
+  kv = evaluation.prompt_kv(model, tokens[:, :T - 1], chunk=16)  # 39 tokens: a ragged chunk
+  qkv = evaluation.layer_qkv(model, tokens[:, :T - 1])
+  for (k, v), (_, k_ref, v_ref) in zip(kv, qkv):
+    np.testing.assert_allclose(k, k_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-4, atol=1e-5)
+  got = evaluation.answer_from_kv(model, kv, tokens[:, -1], DenseKVCache.create, num_tokens=5)
+  want, _ = generate(model, tokens, None, 5, DenseKVCache.create)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_layer_fidelity_is_one_for_dense_and_below_one_compressed():
+  model, tokens = tiny()
+  qkv = evaluation.layer_qkv(model, tokens)
+  dense = evaluation.layer_fidelity(model, qkv, DenseKVCache.create, num_queries=8)
+  assert all(np.allclose(e["attn_cos"], 1.0, atol=1e-5) for e in dense)
+  for make in (functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+      key_bits=3, value_bits=3, window=4, num_sinks=1)),
+               functools.partial(UniformKVCache.create, config=UniformConfig.kivi(
+                   4, window=4, num_sinks=1, group_size=8))):
+    report = evaluation.layer_fidelity(model, qkv, make, num_queries=8)
+    assert len(report) == TINY["llama"].num_layers
+    for e in report:
+      assert e["compressed_tokens"] == 2 * (T - 4 - 1)  # per row: all but window and sink
+      assert 0.8 < min(e["key_cos"]) < 1.0 and 0.8 < min(e["value_cos"]) < 1.0
+      assert 0.9 < min(e["attn_cos"]) < 1.0
