@@ -25,3 +25,4 @@ from turboquant_jax.flax_attention import (
 )
 from turboquant_jax.uniform_cache import UniformConfig, UniformKVCache
 from turboquant_jax.layer_policy import per_layer, turboquant_per_layer
+from turboquant_jax.index import IndexConfig, TurboQuantIndex

@@ -1,0 +1,458 @@
+"""`TurboQuantIndex`: nearest-neighbour search over TurboQuant codes, with no training.
+
+    index = TurboQuantIndex(dim=576, bits=4)                 # metric "ip" by default
+    ids = index.add(vectors)                                 # [n, dim] -> [n] int64 ids
+    scores, ids = index.search(queries, k=10)                # [q, dim] -> [q, k] each
+    index.remove(ids[:3]); index.save("db.tqi"); index = TurboQuantIndex.load("db.tqi")
+
+Indexing is quantizing: a random rotation and a fixed Lloyd-Max codebook, nothing learned
+from the data, so `add` costs one rotation per vector and the first vector is as well
+served as the millionth.
+
+Storage: fixed-size blocks of `block_size` rows (packed codes, norms, tombstones, and the
+raw vectors if `keep_vectors`). Adding fills the last block and opens new ones; it never
+copies the whole database. Search streams the blocks: per block, scores of all queries
+against its codes in the rotated domain (the query is rotated once), a per-block top-k,
+and a running merge, so memory stays O(queries · block_size) whatever the database size.
+On a GPU the per-block scoring and top-k run in one Pallas kernel
+(`pallas_kernels.index_scoring`); elsewhere in jnp.
+
+Metrics: "ip" (inner product, larger is better), "cosine" (vectors and queries
+normalized), "l2" (squared Euclidean distance to the reconstruction, smaller is better,
+as FAISS reports it).
+
+Quantizers: "mse" (Algorithm 1, default) or "prod" (Algorithm 2: unbiased inner
+products from a (b-1)-bit MSE code plus a 1-bit QJL sketch). The default is the one with
+the higher recall in `benchmarks/nn_search.py`: ranking punishes the QJL term's variance
+more than it rewards its unbiasedness.
+
+Saved files: a magic string, a format version, a JSON header (configuration, array
+manifest, payload length and SHA-256), then the arrays. Saving writes a temporary file in
+the same directory and renames it over the target, so a failed save leaves the old file
+intact; loading checks the magic, version, length and checksum and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax.quantizers import MSEQuantizer, ProdQuantizer
+
+Array = jax.Array
+
+MAGIC = b"TQINDEX\n"
+FORMAT_VERSION = 1
+METRICS = ("ip", "cosine", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+  """Static configuration of a `TurboQuantIndex`.
+
+  Attributes:
+    dim: vector dimension (≥ 16, divisible by 8).
+    bits: bits per coordinate, 1-4 (the norm adds 32 bits per vector).
+    metric: "ip", "cosine" or "l2".
+    quantizer: "mse" or "prod".
+    rotation: "haar" (any dim) or "hadamard" (power-of-two dim).
+    seed: PRNG seed of the rotation (and the QJL sketch).
+    block_size: rows per storage block, the unit of streaming in search.
+    keep_vectors: also store the raw float32 vectors, for exact re-ranking.
+  """
+
+  dim: int
+  bits: int
+  metric: str = "ip"
+  quantizer: str = "mse"
+  rotation: str = "haar"
+  seed: int = 0
+  block_size: int = 16384
+  keep_vectors: bool = False
+
+  def __post_init__(self):
+    if self.metric not in METRICS:
+      raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+    if self.quantizer not in ("mse", "prod"):
+      raise ValueError(f"quantizer must be 'mse' or 'prod', got {self.quantizer!r}")
+    if self.quantizer == "prod" and self.bits < 2:
+      raise ValueError("the prod quantizer needs bits >= 2 (one of them is the QJL sign)")
+    if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
+      raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size}")
+
+  def make_quantizer(self) -> MSEQuantizer | ProdQuantizer:
+    cls = MSEQuantizer if self.quantizer == "mse" else ProdQuantizer
+    return cls.create(jax.random.PRNGKey(self.seed), self.dim, self.bits,
+                      rotation=self.rotation)
+
+
+# -- jitted pieces (one compilation per block shape) ----------------------------------------
+
+def _transform_queries(quantizer, q: Array) -> tuple[Array, ...]:
+  out = quantizer.rotate_queries(q)
+  return out if isinstance(out, tuple) else (out,)
+
+
+def _block_scores(quantizer, q_t: tuple[Array, ...], codes) -> Array:
+  """[Q, block] estimated inner products of the queries with a block's vectors."""
+  return quantizer.inner_products_rotated(*q_t, codes)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric"))
+def _search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offset, *, k,
+                  metric):
+  """Scores one block, keeps its top k, and merges them into the running top k."""
+  scores = _block_scores(quantizer, q_t, codes)
+  if metric == "l2":
+    scores = 2.0 * scores - sq_norms[None, :]  # = ‖q‖² - ‖q - x̂‖², ‖q‖² added later
+  scores = jnp.where(valid[None, :], scores, -jnp.inf)
+  s, i = jax.lax.top_k(scores, min(k, scores.shape[1]))
+  all_s = jnp.concatenate([best_s, s], axis=1)
+  all_i = jnp.concatenate([best_i, i.astype(jnp.int32) + offset], axis=1)
+  top_s, pick = jax.lax.top_k(all_s, k)
+  return top_s, jnp.take_along_axis(all_i, pick, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _exact_scores(queries: Array, vectors: Array, metric: str) -> Array:
+  """[Q, R] exact scores of each query against its R candidate vectors ([Q, R, d])."""
+  ip = jnp.einsum("qd,qrd->qr", queries, vectors, precision=jax.lax.Precision.HIGHEST)
+  if metric == "l2":
+    return 2.0 * ip - jnp.sum(jnp.square(vectors), axis=-1)
+  return ip
+
+
+@jax.jit
+def _encode(quantizer, x: Array):
+  codes = quantizer.quantize(x)
+  sq = jnp.sum(jnp.square(quantizer.rotated_values(codes)), axis=-1)
+  return codes, sq
+
+
+def _check_matrix(x: Any, dim: int, name: str) -> np.ndarray:
+  a = np.asarray(x)
+  if a.ndim == 1:
+    a = a[None, :]
+  if a.ndim != 2 or a.shape[1] != dim:
+    raise ValueError(f"{name} must have shape [n, {dim}] (or [{dim}]), got {np.shape(x)}")
+  if not np.issubdtype(a.dtype, np.floating):
+    raise ValueError(f"{name} must be floating point, got {a.dtype}")
+  a = a.astype(np.float32)
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f"{name} contains NaN or Inf")
+  return a
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+  n = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.where(n > 0, n, 1.0)
+
+
+class TurboQuantIndex:
+  """A growable vector index over TurboQuant codes; see the module docstring.
+
+  A plain Python object that owns device arrays (like a FAISS index), not a pytree: it is
+  mutated by `add` and `remove`. Its search runs jitted per block.
+  """
+
+  def __init__(self, dim: int, bits: int, metric: str = "ip", quantizer: str = "mse", *,
+               rotation: str = "haar", seed: int = 0, block_size: int = 16384,
+               keep_vectors: bool = False):
+    self.config = IndexConfig(dim=dim, bits=bits, metric=metric, quantizer=quantizer,
+                              rotation=rotation, seed=seed, block_size=block_size,
+                              keep_vectors=keep_vectors)
+    self.quantizer = self.config.make_quantizer()
+    self._blocks: list[dict[str, Any]] = []  # codes, sq_norms, vectors: device arrays
+    self._valid: list[np.ndarray] = []       # [block_size] bool per block (host)
+    self._ids: list[np.ndarray] = []         # [block_size] int64 per block (host)
+    self._rows = 0                           # rows used, tombstones included
+    self._next_id = 0
+    self._where: dict[int, int] = {}         # id -> row
+
+  # -- properties --------------------------------------------------------------------------
+
+  @property
+  def dim(self) -> int:
+    return self.config.dim
+
+  @property
+  def ntotal(self) -> int:
+    """Vectors searchable now (added and not removed)."""
+    return len(self._where)
+
+  def bytes_per_vector(self) -> int:
+    """Stored bytes per vector: packed codes and norms (plus ‖x̂‖² for l2; plus the raw
+    vector with keep_vectors)."""
+    n = self.quantizer.bytes_per_vector()
+    if self.config.metric == "l2":
+      n += 4
+    if self.config.keep_vectors:
+      n += 4 * self.dim
+    return n
+
+  # -- adding and removing -----------------------------------------------------------------
+
+  def add(self, vectors: Any, ids: Any = None) -> np.ndarray:
+    """Adds vectors [n, dim]; returns their int64 ids (given, or consecutive from the
+    largest seen plus one). Ids must be new and unique."""
+    x = _check_matrix(vectors, self.dim, "vectors")
+    n = x.shape[0]
+    if ids is None:
+      new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+    else:
+      new_ids = np.asarray(ids).reshape(-1)
+      if new_ids.shape[0] != n or not np.issubdtype(new_ids.dtype, np.integer):
+        raise ValueError(f"ids must be {n} integers, got {np.shape(ids)} {new_ids.dtype}")
+      new_ids = new_ids.astype(np.int64)
+      if len(np.unique(new_ids)) != n:
+        raise ValueError("ids must be unique")
+      taken = [int(i) for i in new_ids if int(i) in self._where]
+      if taken:
+        raise ValueError(f"ids already in the index: {taken[:5]}")
+    if self.config.metric == "cosine":
+      x = _normalize(x)
+    bs = self.config.block_size
+    start = 0
+    while start < n:
+      if self._rows == len(self._blocks) * bs:
+        self._open_block()
+      b, row = divmod(self._rows, bs)
+      take = min(n - start, bs - row)
+      self._write(b, row, x[start:start + take], new_ids[start:start + take])
+      start += take
+    if n:
+      self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+    return new_ids
+
+  def _open_block(self) -> None:
+    bs, d = self.config.block_size, self.dim
+    codes, sq = jax.eval_shape(_encode, self.quantizer,
+                               jax.ShapeDtypeStruct((bs, d), jnp.float32))
+    block = {"codes": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), codes),
+             "sq_norms": jnp.zeros(sq.shape, sq.dtype)}
+    if self.config.keep_vectors:
+      block["vectors"] = jnp.zeros((bs, d), jnp.float32)
+    self._blocks.append(block)
+    self._valid.append(np.zeros(bs, bool))
+    self._ids.append(np.full(bs, -1, np.int64))
+
+  def _write(self, b: int, row: int, x: np.ndarray, ids: np.ndarray) -> None:
+    n = x.shape[0]
+    # Encode in pieces of at most a block, padded to a power of two rows so that a stream
+    # of odd-sized adds compiles only a few shapes.
+    pad = max(16, 1 << (n - 1).bit_length())
+    xp = np.zeros((pad, self.dim), np.float32)
+    xp[:n] = x
+    codes, sq = _encode(self.quantizer, jnp.asarray(xp))
+    block = self._blocks[b]
+    put = lambda buf, new: buf.at[row:row + n].set(new[:n])  # noqa: E731
+    block["codes"] = jax.tree.map(put, block["codes"], codes)
+    block["sq_norms"] = put(block["sq_norms"], sq)
+    if "vectors" in block:
+      block["vectors"] = put(block["vectors"], jnp.asarray(x))
+    self._valid[b][row:row + n] = True
+    self._ids[b][row:row + n] = ids
+    base = b * self.config.block_size + row
+    self._where.update((int(i), base + j) for j, i in enumerate(ids))
+    self._rows += n
+
+  def remove(self, ids: Any) -> int:
+    """Removes vectors by id; returns how many. Unknown ids raise KeyError."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    missing = [i for i in ids if i not in self._where]
+    if missing:
+      raise KeyError(f"ids not in the index: {missing[:5]}")
+    bs = self.config.block_size
+    for i in ids:
+      b, row = divmod(self._where.pop(i), bs)
+      self._valid[b][row] = False
+    return len(ids)
+
+  # -- search ------------------------------------------------------------------------------
+
+  def search(self, queries: Any, k: int, *, rerank: int | None = None,
+             use_kernel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best vectors per query.
+
+    Args:
+      queries: [q, dim] (or [dim]) float.
+      k: neighbours per query, 1 ≤ k ≤ ntotal.
+      rerank: with keep_vectors, take this many candidates (≥ k) from the codes and
+        order them by their exact scores.
+      use_kernel: the Pallas scoring kernel (default: on GPU); jnp otherwise.
+
+    Returns:
+      (scores [q, k] float32, ids [q, k] int64), best first: inner products for "ip" and
+      "cosine", squared distances for "l2".
+    """
+    q = _check_matrix(queries, self.dim, "queries")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
+      raise ValueError(f"k must lie in [1, ntotal={self.ntotal}], got {k!r}")
+    if rerank is not None:
+      if not self.config.keep_vectors:
+        raise ValueError("rerank needs an index built with keep_vectors=True")
+      if rerank < k:
+        raise ValueError(f"rerank ({rerank}) must be >= k ({k})")
+      rerank = min(rerank, self.ntotal)
+    if self.config.metric == "cosine":
+      q = _normalize(q)
+    depth = k if rerank is None else rerank
+    scores, rows = self._scan(jnp.asarray(q), depth, use_kernel)
+    if rerank is not None:
+      scores, rows = self._rerank(jnp.asarray(q), rows, k)
+    scores, rows = np.asarray(scores), np.asarray(rows)
+    if self.config.metric == "l2":
+      scores = np.sum(q * q, axis=1, keepdims=True) - scores
+    all_ids = np.concatenate(self._ids)
+    return scores.astype(np.float32), all_ids[rows]
+
+  def _scan(self, q: Array, k: int, use_kernel: bool | None) -> tuple[Array, Array]:
+    bs = self.config.block_size
+    # The kernel tiles a block in 128-row pieces (k ≤ 128 per piece).
+    kernel_ok = bs % 128 == 0 and k <= 128
+    if use_kernel is None:
+      use_kernel = jax.default_backend() == "gpu" and kernel_ok
+    elif use_kernel and not kernel_ok:
+      raise ValueError(f"the scoring kernel needs block_size % 128 == 0 and k <= 128, got "
+                       f"block_size {bs}, k {k}")
+    q_t = _transform_queries(self.quantizer, q)
+    best_s = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
+    best_i = jnp.zeros((q.shape[0], k), jnp.int32)
+    for b, block in enumerate(self._blocks):
+      if not self._valid[b].any():
+        continue
+      valid = jnp.asarray(self._valid[b])
+      if use_kernel:
+        from pallas_kernels import index_scoring  # the kernel package depends on this one
+        best_s, best_i = index_scoring.search_block(
+            self.quantizer, q_t, block["codes"], block["sq_norms"], valid, best_s, best_i,
+            b * bs, k=k, metric=self.config.metric,
+            interpret=jax.default_backend() != "gpu")
+      else:
+        best_s, best_i = _search_block(self.quantizer, q_t, block["codes"],
+                                       block["sq_norms"], valid, best_s, best_i,
+                                       jnp.int32(b * bs), k=k, metric=self.config.metric)
+    return best_s, best_i
+
+  def _rerank(self, q: Array, rows: Array, k: int) -> tuple[Array, Array]:
+    bs = self.config.block_size
+    # Gather the candidates block by block: never a copy of the whole database.
+    candidates = jnp.zeros((*rows.shape, self.dim), jnp.float32)
+    for b, block in enumerate(self._blocks):
+      local = rows - b * bs
+      inside = (local >= 0) & (local < bs)
+      candidates = jnp.where(inside[..., None], block["vectors"][jnp.clip(local, 0, bs - 1)],
+                             candidates)
+    exact = _exact_scores(q, candidates, self.config.metric)
+    s, pick = jax.lax.top_k(exact, k)
+    return s, jnp.take_along_axis(rows, pick, axis=1)
+
+  def reconstruct(self, ids: Any) -> np.ndarray:
+    """The decoded vectors x̂ [n, dim] of the given ids (normalized inputs for cosine)."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    missing = [i for i in ids if i not in self._where]
+    if missing:
+      raise KeyError(f"ids not in the index: {missing[:5]}")
+    bs = self.config.block_size
+    out = []
+    for i in ids:
+      b, row = divmod(self._where[i], bs)
+      codes = jax.tree.map(lambda x: x[row:row + 1], self._blocks[b]["codes"])
+      out.append(np.asarray(self.quantizer.dequantize(codes))[0])
+    return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+
+  # -- persistence -------------------------------------------------------------------------
+
+  def _arrays(self) -> dict[str, np.ndarray]:
+    arrays = {}
+    for j, leaf in enumerate(jax.tree.leaves(self.quantizer)):
+      arrays[f"quantizer/{j}"] = np.asarray(leaf)
+    for b, block in enumerate(self._blocks):
+      for j, leaf in enumerate(jax.tree.leaves(block)):
+        arrays[f"block{b}/{j}"] = np.asarray(leaf)
+      arrays[f"block{b}/valid"] = self._valid[b]
+      arrays[f"block{b}/ids"] = self._ids[b]
+    return arrays
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the index to `path` atomically (temporary file, then rename)."""
+    path = pathlib.Path(path)
+    buf = io.BytesIO()
+    np.savez(buf, **self._arrays())
+    payload = buf.getvalue()
+    header = json.dumps({
+        "format_version": FORMAT_VERSION,
+        "config": dataclasses.asdict(self.config),
+        "rows": self._rows, "next_id": self._next_id, "blocks": len(self._blocks),
+        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                               dir=path.parent if str(path.parent) else ".")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(MAGIC)
+        f.write(FORMAT_VERSION.to_bytes(4, "little"))
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "TurboQuantIndex":
+    """Reads an index saved by `save`; raises ValueError on a damaged or foreign file."""
+    data = pathlib.Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+      raise ValueError(f"{path} is not a TurboQuantIndex file (bad magic)")
+    pos = len(MAGIC)
+    if len(data) < pos + 12:
+      raise ValueError(f"{path} is truncated (no header)")
+    version = int.from_bytes(data[pos:pos + 4], "little")
+    if version != FORMAT_VERSION:
+      raise ValueError(f"{path} has format version {version}; this library reads "
+                       f"{FORMAT_VERSION}")
+    hlen = int.from_bytes(data[pos + 4:pos + 12], "little")
+    pos += 12
+    try:
+      header = json.loads(data[pos:pos + hlen])
+    except (ValueError, UnicodeDecodeError):
+      raise ValueError(f"{path} has a damaged header") from None
+    payload = data[pos + hlen:]
+    if len(payload) != header["payload_bytes"]:
+      raise ValueError(f"{path} is truncated or padded: payload of {len(payload)} bytes, "
+                       f"expected {header['payload_bytes']}")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+      raise ValueError(f"{path} fails its checksum: the file was altered or damaged")
+    arrays = dict(np.load(io.BytesIO(payload), allow_pickle=False))
+    index = cls(**header["config"])
+    treedef = jax.tree.structure(index.quantizer)
+    leaves = [jnp.asarray(arrays[f"quantizer/{j}"]) for j in range(treedef.num_leaves)]
+    index.quantizer = jax.tree.unflatten(treedef, leaves)
+    for b in range(header["blocks"]):
+      index._open_block()
+      treedef = jax.tree.structure(index._blocks[b])
+      index._blocks[b] = jax.tree.unflatten(treedef, [
+          jnp.asarray(arrays[f"block{b}/{j}"]) for j in range(treedef.num_leaves)])
+      index._valid[b] = arrays[f"block{b}/valid"].copy()
+      index._ids[b] = arrays[f"block{b}/ids"].copy()
+    index._rows, index._next_id = header["rows"], header["next_id"]
+    bs = index.config.block_size
+    for b, (valid, ids) in enumerate(zip(index._valid, index._ids)):
+      index._where.update((int(ids[r]), b * bs + int(r)) for r in np.flatnonzero(valid))
+    return index
