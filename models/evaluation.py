@@ -268,3 +268,31 @@ def layer_fidelity(model, qkv: Sequence[tuple[Array, Array, Array]], make_cache:
     entry["attn_cos"] = jnp.mean(_cosine(out, ref), axis=(0, 1)).tolist()
     report.append(entry)
   return report
+
+
+# -- vectors for search --------------------------------------------------------------------
+
+def final_hidden_states(model, tokens: Array) -> Array:
+  """[B, T, d_model] float32: the final-norm outputs whose products with the unembedding
+  are the logits (so next-token prediction is inner-product search over it)."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  t = tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+
+  @nnx.jit
+  def run(model, tokens):
+    x = model.embed(tokens)
+    if model.cfg.embed_scale:
+      x = x * jnp.asarray(model.cfg.d_model**0.5, x.dtype)
+    for block in model.layers:
+      x, _ = block(x, positions, None, None, False)
+    return model.final_norm(x).astype(jnp.float32)
+
+  return run(model, tokens)
+
+
+def unembedding(model) -> Array:
+  """[vocab, d_model] float32: the matrix the logits are inner products with."""
+  if model.cfg.tie_embeddings:
+    return model.embed.embedding[...].astype(jnp.float32)
+  return model.lm_head.kernel[...].T.astype(jnp.float32)

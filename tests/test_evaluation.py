@@ -111,3 +111,14 @@ def test_layer_fidelity_is_one_for_dense_and_below_one_compressed():
       assert e["compressed_tokens"] == 2 * (T - 4 - 1)  # per row: all but window and sink
       assert 0.8 < min(e["key_cos"]) < 1.0 and 0.8 < min(e["value_cos"]) < 1.0
       assert 0.9 < min(e["attn_cos"]) < 1.0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_hidden_states_times_unembedding_are_the_logits(name):
+  model, tokens = tiny(name)
+  cfg = TINY[name]
+  logits, _ = model(tokens)
+  got = evaluation.final_hidden_states(model, tokens) @ evaluation.unembedding(model).T
+  if cfg.final_soft_cap is not None:
+    got = cfg.final_soft_cap * jnp.tanh(got / cfg.final_soft_cap)
+  np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4)

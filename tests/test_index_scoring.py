@@ -45,3 +45,14 @@ def test_lowers_for_cuda(cls, bits):
                              jax.ShapeDtypeStruct((4096,), bool)).lower(
                                  lowering_platforms=("cuda",))
   assert "turboquant_index_scores" in lowered.as_text()
+
+
+def test_query_tiles_and_program_streams(rng):
+  """More than one 64-query tile, several tiles per program, removed rows."""
+  quantizer, q_t, codes, sq, valid = setup(rng, MSEQuantizer, 64, 3, n=1024, q=150)
+  s, i = index_scoring.block_top_k(quantizer, q_t, codes, sq, valid, k=7, metric="ip",
+                                   interpret=True, tiles_per_program=4)
+  ref = index_scoring.block_scores_reference(quantizer, q_t, codes, sq, valid, metric="ip")
+  want_s, want_i = jax.lax.top_k(ref, 7)
+  np.testing.assert_array_equal(i, want_i)
+  np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-5)

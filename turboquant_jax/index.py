@@ -124,6 +124,26 @@ def _search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offset
   return top_s, jnp.take_along_axis(all_i, pick, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "metric", "use_kernel", "interpret"))
+def _scan_blocks(quantizer, q: Array, blocks, offsets: Array, *, k: int, metric: str,
+                 use_kernel: bool, interpret: bool) -> tuple[Array, Array]:
+  """Streams the blocks ((codes, sq_norms, valid) each) with a running top k: one XLA
+  program per number of blocks, so a search is one dispatch."""
+  q_t = _transform_queries(quantizer, q)
+  best_s = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
+  best_i = jnp.zeros((q.shape[0], k), jnp.int32)
+  for b, (codes, sq_norms, valid) in enumerate(blocks):
+    if use_kernel:
+      from pallas_kernels import index_scoring  # the kernel package depends on this one
+      best_s, best_i = index_scoring.search_block(
+          quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offsets[b], k=k,
+          metric=metric, interpret=interpret)
+    else:
+      best_s, best_i = _search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i,
+                                     offsets[b], k=k, metric=metric)
+  return best_s, best_i
+
+
 @functools.partial(jax.jit, static_argnames=("metric",))
 def _exact_scores(queries: Array, vectors: Array, metric: str) -> Array:
   """[Q, R] exact scores of each query against its R candidate vectors ([Q, R, d])."""
@@ -179,6 +199,7 @@ class TurboQuantIndex:
     self._rows = 0                           # rows used, tombstones included
     self._next_id = 0
     self._where: dict[int, int] = {}         # id -> row
+    self._device_valid: list[Array] | None = None  # device copy of _valid, per search
 
   # -- properties --------------------------------------------------------------------------
 
@@ -262,6 +283,7 @@ class TurboQuantIndex:
     if "vectors" in block:
       block["vectors"] = put(block["vectors"], jnp.asarray(x))
     self._valid[b][row:row + n] = True
+    self._device_valid = None
     self._ids[b][row:row + n] = ids
     base = b * self.config.block_size + row
     self._where.update((int(i), base + j) for j, i in enumerate(ids))
@@ -277,6 +299,7 @@ class TurboQuantIndex:
     for i in ids:
       b, row = divmod(self._where.pop(i), bs)
       self._valid[b][row] = False
+    self._device_valid = None
     return len(ids)
 
   # -- search ------------------------------------------------------------------------------
@@ -326,24 +349,15 @@ class TurboQuantIndex:
     elif use_kernel and not kernel_ok:
       raise ValueError(f"the scoring kernel needs block_size % 128 == 0 and k <= 128, got "
                        f"block_size {bs}, k {k}")
-    q_t = _transform_queries(self.quantizer, q)
-    best_s = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
-    best_i = jnp.zeros((q.shape[0], k), jnp.int32)
-    for b, block in enumerate(self._blocks):
-      if not self._valid[b].any():
-        continue
-      valid = jnp.asarray(self._valid[b])
-      if use_kernel:
-        from pallas_kernels import index_scoring  # the kernel package depends on this one
-        best_s, best_i = index_scoring.search_block(
-            self.quantizer, q_t, block["codes"], block["sq_norms"], valid, best_s, best_i,
-            b * bs, k=k, metric=self.config.metric,
-            interpret=jax.default_backend() != "gpu")
-      else:
-        best_s, best_i = _search_block(self.quantizer, q_t, block["codes"],
-                                       block["sq_norms"], valid, best_s, best_i,
-                                       jnp.int32(b * bs), k=k, metric=self.config.metric)
-    return best_s, best_i
+    if self._device_valid is None:
+      self._device_valid = [jnp.asarray(v) for v in self._valid]
+    live = [b for b, v in enumerate(self._valid) if v.any()]
+    return _scan_blocks(self.quantizer, jnp.asarray(q),
+                        [(self._blocks[b]["codes"], self._blocks[b]["sq_norms"],
+                          self._device_valid[b]) for b in live],
+                        jnp.asarray([b * bs for b in live], jnp.int32), k=k,
+                        metric=self.config.metric, use_kernel=use_kernel,
+                        interpret=jax.default_backend() != "gpu")
 
   def _rerank(self, q: Array, rows: Array, k: int) -> tuple[Array, Array]:
     bs = self.config.block_size
@@ -451,6 +465,7 @@ class TurboQuantIndex:
           jnp.asarray(arrays[f"block{b}/{j}"]) for j in range(treedef.num_leaves)])
       index._valid[b] = arrays[f"block{b}/valid"].copy()
       index._ids[b] = arrays[f"block{b}/ids"].copy()
+    index._device_valid = None
     index._rows, index._next_id = header["rows"], header["next_id"]
     bs = index.config.block_size
     for b, (valid, ids) in enumerate(zip(index._valid, index._ids)):
