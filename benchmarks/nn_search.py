@@ -110,7 +110,8 @@ def run_ours(db, queries, truth, bits, quantizer):
 def pq_sizes(d: int, target_bytes: int) -> list[int]:
   divisors = [m for m in range(1, d + 1) if d % m == 0]
   below = max(m for m in divisors if m <= target_bytes)
-  above = [m for m in divisors if m > target_bytes and m <= 1.25 * target_bytes]
+  # One size from above too where it stays close (and PQ training stays affordable).
+  above = [m for m in divisors if target_bytes < m <= 1.25 * target_bytes and d <= 640]
   return [below] + above[:1]
 
 

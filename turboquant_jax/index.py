@@ -153,9 +153,12 @@ def _exact_scores(queries: Array, vectors: Array, metric: str) -> Array:
   return ip
 
 
-@jax.jit
-def _encode(quantizer, x: Array):
+@functools.partial(jax.jit, static_argnames=("with_sq_norms",))
+def _encode(quantizer, x: Array, with_sq_norms: bool):
+  """Codes and ‖x̂‖² (only l2 needs it; other metrics store zeros and skip the decode)."""
   codes = quantizer.quantize(x)
+  if not with_sq_norms:
+    return codes, jnp.zeros(x.shape[:1], jnp.float32)
   sq = jnp.sum(jnp.square(quantizer.rotated_values(codes)), axis=-1)
   return codes, sq
 
@@ -258,8 +261,8 @@ class TurboQuantIndex:
 
   def _open_block(self) -> None:
     bs, d = self.config.block_size, self.dim
-    codes, sq = jax.eval_shape(_encode, self.quantizer,
-                               jax.ShapeDtypeStruct((bs, d), jnp.float32))
+    codes, sq = jax.eval_shape(functools.partial(_encode, with_sq_norms=False),
+                               self.quantizer, jax.ShapeDtypeStruct((bs, d), jnp.float32))
     block = {"codes": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), codes),
              "sq_norms": jnp.zeros(sq.shape, sq.dtype)}
     if self.config.keep_vectors:
@@ -275,7 +278,8 @@ class TurboQuantIndex:
     pad = max(16, 1 << (n - 1).bit_length())
     xp = np.zeros((pad, self.dim), np.float32)
     xp[:n] = x
-    codes, sq = _encode(self.quantizer, jnp.asarray(xp))
+    codes, sq = _encode(self.quantizer, jnp.asarray(xp),
+                        with_sq_norms=self.config.metric == "l2")
     block = self._blocks[b]
     put = lambda buf, new: buf.at[row:row + n].set(new[:n])  # noqa: E731
     block["codes"] = jax.tree.map(put, block["codes"], codes)
