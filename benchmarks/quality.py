@@ -37,7 +37,7 @@ from benchmarks import common
 from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
-                            UniformKVCache)
+                            UniformKVCache, turboquant_per_layer)
 
 LICENSES = pathlib.Path("/usr/share/common-licenses")
 PERPLEXITY_TEXT = LICENSES / "GPL-3"
@@ -74,6 +74,20 @@ def uniform(config, name, family):
   return Method(name, family,
                 lambda seed: functools.partial(UniformKVCache.create, config=config),
                 bits=(config.key_bits + config.value_bits) / 2)
+
+
+def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
+  """TurboQuant at `bits`, with the layers that attend over the whole context (Gemma's
+  global layers) at `wide` bits; None for a model with no local layers."""
+  layers = [i for i in range(cfg.num_layers) if cfg.layer_window(i) is None]
+  if len(layers) == cfg.num_layers:
+    return None
+  make = lambda seed: turboquant_per_layer(  # noqa: E731
+      TurboQuantConfig(key_bits=bits, value_bits=bits, seed=seed),
+      layer_bits={i: (wide, wide) for i in layers})
+  share = len(layers) / cfg.num_layers
+  return Method(f"turboquant {bits}, global layers {wide}", "per-layer", make, seeded=True,
+                bits=bits + share * (wide - bits))
 
 
 def methods() -> list[Method]:
@@ -118,7 +132,9 @@ def run_model(name: str, args, out: dict, save) -> None:
       "config": dataclasses.asdict(model.cfg), "perplexity": {}, "needle": {},
       "fidelity": {}})
   result.update(text=str(args.text), tokens=args.tokens, seeds=args.seeds)
-  chosen = [m for m in methods() if not args.only or any(s in m.name for s in args.only)]
+  extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
+  chosen = [m for m in methods() + [m for m in extra if m is not None]
+            if not args.only or any(s in m.name for s in args.only)]
 
   # 1. Perplexity through the decode path.
   for m in chosen:
