@@ -131,6 +131,24 @@ def _unpack_signs(sign_ref, rows) -> Array:
   return (_unpack_plane(sign_ref[rows, :], 1) * 2 - 1).astype(jnp.float32)
 
 
+def code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec: GroupSpec,
+                decode: str, compute_dtype) -> Array:
+  """[Q, block] estimated <q, x> of one block of one channel group's codes: the decoded
+  levels times the norms, plus the QJL term (sketched queries qs · signs) for "prod"
+  codes. Shared by this kernel and the index's scoring kernel."""
+  block = rows.size
+  scores = jnp.zeros((q.shape[0], block), jnp.float32)
+  if spec.bits:
+    tile = _decode_tile(planes, rows, spec, decode).astype(compute_dtype)
+    s = jnp.dot(q, tile.T, preferred_element_type=jnp.float32)
+    scores += s * norm_ref[rows].astype(jnp.float32)[None, :]
+  if spec.qjl_dim:
+    signs = _unpack_signs(sign_ref, rows).astype(compute_dtype)
+    s = jnp.dot(qs, signs.T, preferred_element_type=jnp.float32)
+    scores += s * (spec.qjl_scale * rnorm_ref[rows].astype(jnp.float32))[None, :]
+  return scores
+
+
 def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, soft_cap,
                    sliding_window, compute_dtype, num_aliased, decode):
   refs = list(refs)
@@ -169,14 +187,8 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
     rows = pl.ds(i * block_k, block_k)
     scores = jnp.zeros((rows_q, block_k), jnp.float32)
     for (spec, _, _, planes, norm_ref, sign_ref, rnorm_ref), (q, qs) in zip(keys, queries):
-      if spec.bits:
-        tile = _decode_tile(planes, rows, spec, decode).astype(compute_dtype)
-        s = jnp.dot(q, tile.T, preferred_element_type=jnp.float32)
-        scores += s * norm_ref[rows].astype(jnp.float32)[None, :]
-      if spec.qjl_dim:
-        signs = _unpack_signs(sign_ref, rows).astype(compute_dtype)
-        s = jnp.dot(qs, signs.T, preferred_element_type=jnp.float32)
-        scores += s * (spec.qjl_scale * rnorm_ref[rows].astype(jnp.float32))[None, :]
+      scores += code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec,
+                            decode, compute_dtype)
     scores = (scores + qoff[:, None]) * scale
     if soft_cap is not None:
       scores = soft_cap * jnp.tanh(scores / soft_cap)

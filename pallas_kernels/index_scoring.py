@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.decode_attention import GroupSpec, _decode_tile, _unpack_signs
-from pallas_kernels.decode_attention import magnitude_polynomial
+from pallas_kernels.decode_attention import GroupSpec, code_scores, magnitude_polynomial
 from turboquant_jax import codebook
 from turboquant_jax.quantizers import MSECodes, MSEQuantizer, ProdCodes, ProdQuantizer
 
@@ -71,15 +70,8 @@ def _score_kernel(*refs, spec: GroupSpec, k: int, tile_n: int, num_tiles: int,
 
   def tile_scores(t):
     rows = pl.ds(t * tile_n, tile_n)
-    scores = jnp.zeros((rows_q, tile_n), jnp.float32)
-    if spec.bits:
-      tile = _decode_tile(planes, rows, spec, decode).astype(compute_dtype)
-      s = jnp.dot(q, tile.T, preferred_element_type=jnp.float32)
-      scores += s * norm_ref[rows].astype(jnp.float32)[None, :]
-    if spec.qjl_dim:
-      signs = _unpack_signs(sign_ref, rows).astype(compute_dtype)
-      s = jnp.dot(qs, signs.T, preferred_element_type=jnp.float32)
-      scores += s * (spec.qjl_scale * rnorm_ref[rows].astype(jnp.float32))[None, :]
+    scores = code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec, decode,
+                         compute_dtype)
     return scores * scale + bias_ref[rows][None, :]
 
   def merge(scores, t, best_s, best_i):

@@ -341,8 +341,16 @@ class TurboQuantIndex:
     scores, rows = np.asarray(scores), np.asarray(rows)
     if self.config.metric == "l2":
       scores = np.sum(q * q, axis=1, keepdims=True) - scores
-    all_ids = np.concatenate(self._ids)
-    return scores.astype(np.float32), all_ids[rows]
+    return scores.astype(np.float32), self._ids_of_rows(rows)
+
+  def _ids_of_rows(self, rows: np.ndarray) -> np.ndarray:
+    """Ids of global rows, block by block (no copy of the whole id table per search)."""
+    block, row = np.divmod(rows, self.config.block_size)
+    out = np.empty(rows.shape, np.int64)
+    for b in np.unique(block):
+      here = block == b
+      out[here] = self._ids[b][row[here]]
+    return out
 
   def _scan(self, q: Array, k: int, use_kernel: bool | None) -> tuple[Array, Array]:
     bs = self.config.block_size
@@ -382,13 +390,15 @@ class TurboQuantIndex:
     missing = [i for i in ids if i not in self._where]
     if missing:
       raise KeyError(f"ids not in the index: {missing[:5]}")
-    bs = self.config.block_size
-    out = []
-    for i in ids:
-      b, row = divmod(self._where[i], bs)
-      codes = jax.tree.map(lambda x: x[row:row + 1], self._blocks[b]["codes"])
-      out.append(np.asarray(self.quantizer.dequantize(codes))[0])
-    return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+    block, row = np.divmod(np.asarray([self._where[i] for i in ids], np.int64),
+                           self.config.block_size)
+    out = np.zeros((len(ids), self.dim), np.float32)
+    # One decode per block touched, not one per id.
+    for b in np.unique(block):
+      here = block == b
+      codes = jax.tree.map(lambda x: x[row[here]], self._blocks[b]["codes"])
+      out[here] = np.asarray(self.quantizer.dequantize(codes))
+    return out
 
   # -- persistence -------------------------------------------------------------------------
 
