@@ -75,3 +75,37 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
   print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
   for row in cells:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+class Progress:
+  """One line per finished configuration: its label, time elapsed and time remaining.
+
+  Silent unless the stream is a terminal (a log file or a pipe gets the results alone),
+  or `enabled` says otherwise. Remaining time extrapolates the mean so far.
+  """
+
+  def __init__(self, total: int, stream=None, enabled: bool | None = None):
+    import sys
+    self.total, self.done = total, 0
+    self.stream = sys.stderr if stream is None else stream
+    if enabled is None:
+      enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+    self.enabled = enabled
+    self.start = time.perf_counter()
+
+  @staticmethod
+  def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+  def step(self, label: str) -> str:
+    """Marks one configuration done; returns the line (printed only when enabled)."""
+    self.done += 1
+    elapsed = time.perf_counter() - self.start
+    remaining = elapsed / self.done * max(self.total - self.done, 0)
+    line = (f"[{self.done}/{self.total}] {label}  elapsed {self._clock(elapsed)}"
+            f"  remaining ~{self._clock(remaining)}")
+    if self.enabled:
+      print(line, file=self.stream, flush=True)
+    return line

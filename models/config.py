@@ -90,3 +90,11 @@ def gemma3_270m(**overrides) -> DecoderConfig:
       rms_eps=1e-6, norm_offset=1.0, activation="gelu_tanh", qk_norm=True,
       sandwich_norms=True, embed_scale=True, tie_embeddings=True, sliding_window=512,
       global_every=6, query_scale=256**-0.5), **overrides})
+
+
+def llama3_8b(**overrides) -> DecoderConfig:
+  """Llama 3 8B's shapes: 32 layers, 32 q / 8 kv heads of 128, untied 128K vocabulary."""
+  return DecoderConfig(**{**dict(
+      vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+      head_dim=128, ffn_dim=14336, rope_base=500000.0, rms_eps=1e-5, activation="silu",
+      tie_embeddings=False), **overrides})

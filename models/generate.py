@@ -3,6 +3,9 @@
     tokens, num_generated = generate(model, prompts, prompt_lengths, 32,
                                      make_cache=TurboQuantKVCache.create)
 
+`decode_steps` is the bare greedy loop over caches the caller owns (benchmarks, serving):
+the caches are donated, so each step writes them in place.
+
 The prompt is attended exactly (prefill) and written to the caches; each decode step
 appends one token per sequence and reads the caches. No Python loop runs per token.
 Prompts of different lengths share a batch (padded on the right, with their lengths).
@@ -135,3 +138,42 @@ def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens
                                  stop_tokens=tuple(int(t) for t in stop_tokens),
                                  pad_id=pad_id)
   return (out, count, caches) if return_caches else (out, count)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"),
+                   donate_argnames=("caches",))
+def _decode_steps(graphdef, state, tokens, caches, *, num_steps):
+  model = nnx.merge(graphdef, state)
+
+  def body(carry, _):
+    token, caches = carry
+    logits, caches = model(token[:, None], caches=caches)
+    token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    return (token, caches), token
+
+  (_, caches), out = jax.lax.scan(body, (tokens, caches), None, length=num_steps)
+  return out.T, caches
+
+
+def decode_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int
+                 ) -> tuple[Array, list[Any]]:
+  """Greedy decoding of num_steps tokens in one jitted call, with no host sync per token.
+
+  Args:
+    model: a `models.Decoder`.
+    tokens: [B] int32, the last token of each sequence (not yet in the caches).
+    caches: one cache per layer. They are donated: do not use them after this call.
+    num_steps: tokens to decode; one compilation per (shapes, num_steps).
+
+  Returns:
+    (generated [B, num_steps] int32, the updated caches).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.ndim != 1 or tokens.shape[0] != caches[0].lengths.shape[0]:
+    raise ValueError(f"tokens must have shape [{caches[0].lengths.shape[0]}], "
+                     f"got {tokens.shape}")
+  graphdef, state = nnx.split(model)
+  out, caches = _decode_steps(graphdef, state, tokens, list(caches), num_steps=num_steps)
+  return out, caches

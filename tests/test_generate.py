@@ -92,3 +92,39 @@ def test_bad_arguments(model):
     SamplingConfig(top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
     generate(model, jnp.ones((1, 3), jnp.int32), None, 0, DenseKVCache.create)
+
+
+# -- decode_steps: the bare loop the end-to-end benchmark times -----------------------------
+
+@pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
+    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1))],
+    ids=["dense", "turboquant"])
+def test_decode_steps_continues_generate_compiles_once_and_donates(model, make):
+  from models import decode_steps
+  from models.generate import _decode_steps
+  prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
+  out, _, caches = generate(model, prompts, None, 1, make, return_caches=True)
+  # generate sizes its caches for one token; give decode_steps room for 2 × 3 more.
+  caches = [make(2, 32, c.num_kv_heads, c.head_dim, jnp.float32, layer=i)
+            for i, c in enumerate(caches)]
+  _, caches = model(prompts, caches=caches, prefill=True)
+  want, _ = generate(model, prompts, None, 7, make)
+  before = _decode_steps._cache_size()
+  leaves = jax.tree.leaves(caches)
+  first, caches = decode_steps(model, out[:, 0], caches, 3)
+  # Donated: every buffer of the caches passed in is gone (written in place).
+  assert all(x.is_deleted() for x in leaves)
+  second, caches = decode_steps(model, first[:, -1], caches, 3)
+  assert _decode_steps._cache_size() == before + 1  # same shapes: one compilation
+  got = jnp.concatenate([out[:, :1], first, second], axis=1)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(caches[0].lengths, [8 + 6, 8 + 6])
+
+
+def test_decode_steps_rejects_bad_arguments(model):
+  from models import decode_steps
+  caches = model.init_caches(2, 16, DenseKVCache.create)
+  with pytest.raises(ValueError, match="num_steps"):
+    decode_steps(model, jnp.zeros((2,), jnp.int32), caches, 0)
+  with pytest.raises(ValueError, match="tokens must have shape"):
+    decode_steps(model, jnp.zeros((3,), jnp.int32), caches, 2)

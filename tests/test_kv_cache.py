@@ -90,3 +90,15 @@ def test_memory_report_matches_nbytes():
   rep = cache.memory_report()
   assert rep["total"] == sum(x.nbytes for x in jax.tree.leaves(cache))
   assert rep["bytes_per_token_per_head"] == 2 * D * 2
+
+
+def test_implementation_choice_off_the_gpu(rng):
+  cache = DenseKVCache.create(2, 16, 2, 32, jnp.bfloat16).update(
+      *[jnp.asarray(rng.standard_normal((2, 5, 2, 32)), jnp.bfloat16)] * 2)
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 32)), jnp.bfloat16)
+  np.testing.assert_array_equal(cache.attend(q), cache.attend(q, implementation="reference"))
+  assert not cache.cudnn_supported()  # CPU: cuDNN is not there
+  with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):
+    cache.attend(q, implementation="cudnn")
+  with pytest.raises(ValueError, match="implementation must be"):
+    cache.attend(q, implementation="flash")

@@ -175,6 +175,37 @@ def test_jit_vmap_and_donation(rng):
   assert not np.allclose(outs[0], outs[1])  # different layers, different rotations
 
 
+@pytest.mark.parametrize("chunk", [1, 8], ids=["decode_token", "prefill_chunk"])
+def test_append_path_in_place_and_compiled_once_per_shape(chunk, rng):
+  """The decode loop's append: jitted with the cache donated, every buffer is written in
+  place (aliased, none copied) and one compilation serves every append of that shape,
+  through calibration and past the window."""
+  config = TurboQuantConfig(key_bits=3.5, value_bits=3, window=8, num_sinks=2)
+  cache = TurboQuantKVCache.create(B, L, HKV, D, jnp.bfloat16, config=config)
+  append = jax.jit(lambda c, kk, vv: c.update(kk, vv), donate_argnums=0)
+  compiled = append.lower(cache, *[jnp.zeros((B, chunk, HKV, D), jnp.bfloat16)] * 2
+                          ).compile().as_text()
+  # One alias per buffer of the cache (codes, norms, window, sinks, bookkeeping, ...).
+  assert compiled.count("may-alias") + compiled.count("must-alias") >= len(
+      jax.tree.leaves(cache))
+  import warnings
+  eager = TurboQuantKVCache.create(B, L, HKV, D, jnp.bfloat16, config=config)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "donated buffers were not usable" would raise
+    for i in range(0, 40, chunk):
+      k = rand(rng, B, chunk, HKV, D).astype(jnp.bfloat16)
+      v = rand(rng, B, chunk, HKV, D).astype(jnp.bfloat16)
+      leaves = jax.tree.leaves(cache)
+      cache = append(cache, k, v)
+      assert all(x.is_deleted() for x in leaves)
+      eager = eager.update(k, v)
+  assert append._cache_size() == 1
+  np.testing.assert_array_equal(cache.lengths, [40, 40])
+  assert bool(jnp.all(cache.calibrated))
+  for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_memory_report_counts_every_buffer(config):
   cache = TurboQuantKVCache.create(B, L, HKV, 128, config=config)

@@ -210,14 +210,30 @@ class DenseKVCache:
     return _dense_update(self, k, v, plan)
 
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
-             sliding_window: int | None = None, soft_cap: float | None = None) -> Array:
+             sliding_window: int | None = None, soft_cap: float | None = None,
+             implementation: str | None = None) -> Array:
     """Causal attention of q ([B, Tq, Hq, D]) over the cached tokens.
 
     q_positions ([B, Tq]) default to the last Tq positions of each sequence.
+    implementation: "reference" (jnp, float32), "cudnn" (cuDNN's fused attention, GPU,
+    bf16/fp16 caches, no soft cap), or None: cuDNN where it applies, else the reference.
     """
     check_query(q, self.batch, self.num_kv_heads, self.head_dim)
+    if implementation is None:
+      implementation = "cudnn" if self.cudnn_supported(soft_cap) else "reference"
+    if implementation == "cudnn":
+      if not self.cudnn_supported(soft_cap):
+        raise ValueError("cuDNN attention needs a GPU, a bf16 or fp16 cache and no soft cap")
+      return _cudnn_attend(self, q, q_positions, scale=scale, sliding_window=sliding_window)
+    if implementation != "reference":
+      raise ValueError(f"implementation must be 'reference', 'cudnn' or None, "
+                       f"got {implementation!r}")
     return _dense_attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
                          soft_cap=soft_cap)
+
+  def cudnn_supported(self, soft_cap: float | None = None) -> bool:
+    return (jax.default_backend() == "gpu" and soft_cap is None
+            and self.keys.dtype in (jnp.bfloat16, jnp.float16))
 
   def memory_report(self) -> dict[str, Any]:
     kv = int(self.keys.nbytes + self.values.nbytes)
@@ -251,6 +267,38 @@ def _dense_attend(cache: DenseKVCache, q: Array, q_positions: Array | None, *, s
   mask = attention.key_mask(q_positions, k_pos, k_pos < cache.lengths[:, None], sliding_window)
   out = attention.dense_attention(q, cache.keys, cache.values, mask, scale=scale,
                                   soft_cap=soft_cap)
+  return jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window"))
+def _cudnn_attend(cache: DenseKVCache, q: Array, q_positions: Array | None, *, scale,
+                  sliding_window) -> Array:
+  """cuDNN flash attention on the head-major cache as it lies (layout BNTH, no copy).
+
+  One query per row without a window (decode) is a padding mask: the row sees its first
+  q_position + 1 keys. Anything else is an additive mask; a row that sees no key gets a
+  uniform average instead of the reference's zeros (a decoder never asks for one).
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+  b, tq, _, d = q.shape
+  scale = d**-0.5 if scale is None else scale
+  if q_positions is None:
+    q_positions = attention.default_query_positions(cache.lengths, tq)
+  qh = q.astype(cache.keys.dtype).transpose(0, 2, 1, 3)   # [B, Hq, Tq, D]
+  if tq == 1 and sliding_window is None:
+    kv_len = jnp.clip(q_positions[:, 0] + 1, 0, cache.lengths).astype(jnp.int32)
+    out = cudnn.dot_product_attention(
+        qh, cache.keys, cache.values, q_seqlen=jnp.ones((b,), jnp.int32), kv_seqlen=kv_len,
+        scale=scale, mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH")
+  else:
+    k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                             (b, cache.max_len))
+    mask = attention.key_mask(q_positions, k_pos, k_pos < cache.lengths[:, None],
+                              sliding_window)[:, 0]     # [B, 1, Tq, Tk]
+    bias = jnp.where(mask, 0.0, -1e30).astype(qh.dtype)
+    out = cudnn.dot_product_attention(qh, cache.keys, cache.values, bias=bias, scale=scale,
+                                      qkv_layout="BNTH")
+  out = out.transpose(0, 2, 1, 3)
   return jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
 
 

@@ -1,0 +1,409 @@
+"""End-to-end decode on the GPU: tokens/s and context per GPU, compressed vs bf16 cache.
+
+Real architectures with random bf16 weights (speed does not depend on the values): a
+Llama-3-8B-like config, Gemma 3 270M's and SmolLM2-135M's own. For each (batch, context)
+and each cache (dense bf16 through cuDNN, TurboQuant at 3 and 3.5 bits) the caches are
+filled with random keys and values up to the context, then `models.decode_steps` decodes
+greedily: one jitted call of `steps` tokens, caches donated, no host sync per token;
+`repeats` calls are queued and blocked on once. Per point it also times one layer's
+attention and one layer's single-token append (so the step splits into attention, append
+and the rest: the matmuls, norms and logits), and per model the largest batch that fits
+in the GPU's memory at each context with each cache (every buffer counted, from the
+caches' shapes). Prefill-sized appends (quantize-on-append of a whole chunk) are timed
+against the HBM read ceiling measured in the same run.
+
+    python -m benchmarks.decode_e2e [--models llama3_8b,gemma3_270m,smollm2_135m]
+        [--points 8x32768,...] [--out DIR] [--quick]
+
+Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
+skips the points already there (a long sweep spans several calls), then prints the table
+and plots tokens/s against context if matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks import common
+from models import config as model_config
+from models.decoder import Decoder
+from models.generate import decode_steps
+from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+
+MODELS = {
+    "llama3_8b": model_config.llama3_8b,
+    "gemma3_270m": model_config.gemma3_270m,
+    "smollm2_135m": model_config.smollm2_135m,
+}
+CACHES = {
+    "bf16": DenseKVCache.create,
+    "tq3": functools.partial(TurboQuantKVCache.create,
+                             config=TurboQuantConfig(key_bits=3, value_bits=3)),
+    "tq3.5": functools.partial(TurboQuantKVCache.create,
+                               config=TurboQuantConfig(key_bits=3.5, value_bits=3.5)),
+}
+# (batch, context) per model; a point a cache cannot hold is recorded as not fitting.
+POINTS = {
+    "llama3_8b": [(8, 32768), (1, 4096), (8, 4096), (64, 4096), (1, 32768), (32, 32768),
+                  (1, 131072), (8, 131072)],
+    "gemma3_270m": [(8, 32768), (1, 4096), (64, 4096), (32, 32768), (8, 131072)],
+    "smollm2_135m": [(8, 32768), (1, 4096), (64, 4096), (32, 32768), (8, 131072)],
+}
+STEPS, REPEATS, APPENDS = 16, 3, 24
+RESERVE_BYTES = 4 * 2**30  # activations, logits, partials and the allocator's slack
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def cache_cost(cfg, make_cache, probe_len: int = 4096) -> tuple[float, float]:
+  """(bytes per token, fixed bytes per sequence) over all layers, from shapes alone."""
+  def total(length):
+    shapes = jax.eval_shape(lambda: [make_cache(1, length, cfg.num_kv_heads, cfg.head_dim,
+                                                jnp.bfloat16, layer=i)
+                                     for i in range(cfg.num_layers)])
+    return tree_bytes(shapes)
+  a, b = total(probe_len), total(2 * probe_len)
+  per_token = (b - a) / probe_len
+  return per_token, a - per_token * probe_len
+
+
+def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
+  """Largest batch per context for each cache, and batch×context against bf16."""
+  free = memory_bytes - weights_bytes - RESERVE_BYTES
+  out = {"memory_bytes": memory_bytes, "weights_bytes": weights_bytes,
+         "reserve_bytes": RESERVE_BYTES, "caches": {}}
+  for name, make in CACHES.items():
+    per_token, fixed = cache_cost(cfg, make)
+    out["caches"][name] = {
+        "bytes_per_token_all_layers": per_token, "fixed_bytes_per_sequence": fixed,
+        "max_batch": {str(t): int(free // (per_token * t + fixed)) for t in contexts}}
+  for name, c in out["caches"].items():
+    c["batch_x_context_vs_bf16"] = {
+        t: b / max(out["caches"]["bf16"]["max_batch"][t], 1e-9) for t, b in c["max_batch"].items()}
+  return out
+
+
+def fits(cfg, make_cache, batch, context, weights_bytes, memory_bytes) -> bool:
+  per_token, fixed = cache_cost(cfg, make_cache)
+  return (per_token * context + fixed) * batch <= memory_bytes - weights_bytes - RESERVE_BYTES
+
+
+# -- one point ------------------------------------------------------------------------------
+
+def fill_caches(cfg, caches, key, length: int):
+  """Appends random K/V until every cache holds `length` tokens (a prefill's state)."""
+  batch = caches[0].batch
+  chunk = max(256, 65536 // batch)
+  update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
+
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def random_kv(key, n):
+    shape = (batch, n, cfg.num_kv_heads, cfg.head_dim)
+    kk, kv = jax.random.split(key)
+    return (jax.random.normal(kk, shape, jnp.bfloat16),
+            jax.random.normal(kv, shape, jnp.bfloat16))
+
+  out = []
+  for i, cache in enumerate(caches):
+    for start in range(0, length, chunk):
+      k, v = random_kv(jax.random.fold_in(key, i * 1000003 + start), min(chunk, length - start))
+      cache = update(cache, k, v)
+    out.append(cache)
+  return out
+
+
+def time_append(cache, key, n: int) -> tuple[float, object]:
+  """Seconds per single-token append to one layer (donated, n calls, one block)."""
+  b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
+  update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
+  k = jax.random.normal(key, (b, 1, h, d), jnp.bfloat16)
+  for _ in range(2):
+    cache = update(cache, k, k)
+  jax.block_until_ready(cache)
+  start = time.perf_counter()
+  for _ in range(n - 2):
+    cache = update(cache, k, k)
+  jax.block_until_ready(cache)
+  return (time.perf_counter() - start) / (n - 2), cache
+
+
+def time_attention(cache, cfg, key, layer: int) -> float:
+  q = jax.random.normal(key, (cache.batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+  attend = jax.jit(lambda c, q: c.attend(q, scale=cfg.scale,
+                                         sliding_window=cfg.layer_window(layer),
+                                         soft_cap=cfg.attn_soft_cap))
+  return common.device_time(attend, cache, q)
+
+
+def run_point(model, cfg, cache_name, batch, context, key) -> dict:
+  make = CACHES[cache_name]
+  caches = model.init_caches(batch, context, make, jnp.bfloat16)
+  prefix = context - APPENDS - STEPS * (1 + REPEATS)
+  t0 = time.perf_counter()
+  caches = fill_caches(cfg, caches, key, prefix)
+  jax.block_until_ready(caches)
+  row = {"fill_s": time.perf_counter() - t0}
+  per_layer_append, caches[0] = time_append(caches[0], key, APPENDS)
+  # Every layer pays the same append; layer 0 stands for all, and its cache is now
+  # APPENDS tokens longer: keep the others in step so the loop sees equal lengths.
+  caches[1:] = [time_append(c, key, APPENDS)[1] for c in caches[1:]]
+  attention = {}
+  for layer in sorted({0, cfg.num_layers - 1}):
+    attention[layer] = time_attention(caches[layer], cfg, jax.random.fold_in(key, layer), layer)
+  windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+  attn_total = sum(attention[0] if w == windows[0] else attention[cfg.num_layers - 1]
+                   for w in windows)
+  tokens = jnp.zeros((batch,), jnp.int32)
+  t0 = time.perf_counter()
+  tokens, caches = decode_steps(model, tokens, caches, STEPS)
+  jax.block_until_ready(tokens)
+  row["compile_and_first_call_s"] = time.perf_counter() - t0
+  start = time.perf_counter()
+  outs = []
+  for _ in range(REPEATS):
+    out, caches = decode_steps(model, tokens[:, -1], caches, STEPS)
+    outs.append(out)
+    tokens = out
+  jax.block_until_ready((outs, caches))
+  elapsed = time.perf_counter() - start
+  step = elapsed / (REPEATS * STEPS)
+  ok = not bool(jnp.any(jnp.stack([c.overflowed for c in caches])))
+  memory = sum(c.memory_report()["total"] for c in caches)
+  del caches
+  row.update({
+      "tokens_per_s": batch / step, "step_ms": step * 1e3,
+      "attention_ms_per_step": attn_total * 1e3,
+      "append_ms_per_step": per_layer_append * cfg.num_layers * 1e3,
+      "rest_ms_per_step": (step - attn_total - per_layer_append * cfg.num_layers) * 1e3,
+      "attention_ms_per_layer": {str(k): v * 1e3 for k, v in attention.items()},
+      "cache_bytes": memory, "no_overflow": ok})
+  return row
+
+
+def time_prefill_append(cfg, cache_name, batch, chunk, max_len, key, ceiling) -> dict:
+  """One layer, appends of `chunk` tokens per row: ms, and bytes moved against the ceiling."""
+  cache = CACHES[cache_name](batch, max_len, cfg.num_kv_heads, cfg.head_dim, jnp.bfloat16)
+  update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
+  shape = (batch, chunk, cfg.num_kv_heads, cfg.head_dim)
+  k = jax.random.normal(key, shape, jnp.bfloat16)
+  v = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
+  n = max_len // chunk
+  cache = update(cache, k, v)   # compiles; also calibrates (first window)
+  jax.block_until_ready(cache)
+  start = time.perf_counter()
+  for _ in range(n - 1):
+    cache = update(cache, k, v)
+  jax.block_until_ready(cache)
+  seconds = (time.perf_counter() - start) / (n - 1)
+  rep = cache.memory_report()
+  written = rep["bytes_per_token_per_head"] * batch * cfg.num_kv_heads * chunk
+  read = k.nbytes + v.nbytes
+  return {"cache": cache_name, "batch": batch, "chunk": chunk, "ms": seconds * 1e3,
+          "input_bytes": int(read), "written_bytes": int(written),
+          "read_ceiling_frac": read / seconds / ceiling,
+          "moved_ceiling_frac": (read + written) / seconds / ceiling}
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+def check_correctness() -> list[dict]:
+  """cuDNN dense attention vs the jnp reference, and the Pallas path vs the reference,
+  on fresh random caches with ragged lengths (decode, windowed decode, a 4-token chunk)."""
+  rng = np.random.default_rng(0)
+  rows = []
+  b, t, h, hq, d = 3, 1024, 4, 16, 128
+  k = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
+  lengths = jnp.array([t, 700, 33])
+  for name, make in CACHES.items():
+    cache = make(b, t, h, d, jnp.bfloat16).update(k, v, num_tokens=lengths)
+    for tq, window in ((1, None), (1, 100), (4, None)):
+      q = jnp.asarray(rng.standard_normal((b, tq, hq, d)), jnp.bfloat16)
+      ref = cache.attend(q, sliding_window=window, implementation="reference")
+      got = cache.attend(q, sliding_window=window)
+      err = float(jnp.linalg.norm((got - ref).astype(jnp.float32))
+                  / jnp.linalg.norm(ref.astype(jnp.float32)))
+      rows.append({"cache": name, "q_len": tq, "window": window, "rel_err": err,
+                   "finite": bool(jnp.all(jnp.isfinite(got.astype(jnp.float32))))})
+      log("check", rows[-1])
+  return rows
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+def load(path: pathlib.Path) -> dict:
+  if path.exists():
+    return json.loads(path.read_text())
+  return {}
+
+
+def summarize(results) -> list[dict]:
+  table = []
+  for m, mres in results.get("models", {}).items():
+    for key, point in mres.get("points", {}).items():
+      b, t = key.split("x")
+      base = point.get("bf16", {})
+      for name in CACHES:
+        r = point.get(name)
+        if not r:
+          continue
+        row = {"model": m, "B": int(b), "T": int(t), "cache": name}
+        if "tokens_per_s" in r:
+          row.update(tok_s=r["tokens_per_s"], step_ms=r["step_ms"],
+                     attn_ms=r["attention_ms_per_step"], append_ms=r["append_ms_per_step"],
+                     rest_ms=r["rest_ms_per_step"])
+          if "tokens_per_s" in base:
+            row["x_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+        else:
+          row["tok_s"] = r.get("status", "error")
+        table.append(row)
+  return table
+
+
+def plot(results, path: pathlib.Path) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  models = list(results.get("models", {}))
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+  for ax, m in zip(axes[0], models):
+    points = results["models"][m]["points"]
+    for batch in sorted({int(k.split("x")[0]) for k in points}):
+      for name, style in zip(CACHES, ("-o", "--s", ":^")):
+        xs, ys = [], []
+        for key in sorted(points, key=lambda k: int(k.split("x")[1])):
+          b, t = map(int, key.split("x"))
+          r = points[key].get(name, {})
+          if b == batch and "tokens_per_s" in r:
+            xs.append(t)
+            ys.append(r["tokens_per_s"])
+        if len(xs) > 1:
+          ax.plot(xs, ys, style, label=f"{name} B={batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(m)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--points", default=None, help="e.g. 8x32768,1x4096 (all models)")
+  parser.add_argument("--caches", default=",".join(CACHES))
+  parser.add_argument("--out", default=None, help="results folder")
+  parser.add_argument("--budget-s", type=float, default=540.0,
+                      help="stop starting new points after this many seconds")
+  args = parser.parse_args(argv)
+  out_dir = pathlib.Path(args.out or common.RESULTS_DIR)
+  platform = jax.devices()[0].platform
+  path = out_dir / f"decode_e2e_{platform}.json"
+  # Resume from the committed results when writing elsewhere (a device run's $OUT).
+  results = load(path) or load(common.RESULTS_DIR / f"decode_e2e_{platform}.json")
+  results.pop("environment", None)
+  results.pop("benchmark", None)
+  results.setdefault("models", {})
+  results["settings"] = {"steps_per_call": STEPS, "calls_timed": REPEATS,
+                         "weights": "random, bf16", "cache_dtype": "bf16 (exact parts too)",
+                         "bf16_attention": "cuDNN fused attention (BNTH, padding mask)",
+                         "tq_attention": "Pallas kernel (pallas_kernels.decode_attention)"}
+  start = time.perf_counter()
+  if "correctness" not in results:
+    results["correctness"] = check_correctness()
+  if "read_ceiling_bytes_per_s" not in results:
+    from benchmarks.decode_attention import read_ceiling
+    results["read_ceiling_bytes_per_s"] = read_ceiling()
+  ceiling = results["read_ceiling_bytes_per_s"]
+  log(f"read ceiling {ceiling / 1e12:.2f} TB/s")
+  if "prefill_append" not in results:
+    cfg = MODELS["llama3_8b"]()
+    rows = []
+    for name in CACHES:
+      for batch, chunk in ((1, 4096), (8, 4096), (8, 512)):
+        rows.append(time_prefill_append(cfg, name, batch, chunk, 32768, jax.random.PRNGKey(1),
+                                        ceiling))
+        log("prefill append", rows[-1])
+    results["prefill_append"] = rows
+  common.write_result("decode_e2e", results, out_dir)
+
+  cache_names = args.caches.split(",")
+  jobs = []
+  for m in args.models.split(","):
+    pts = POINTS[m] if args.points is None else [
+        tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    for b, t in pts:
+      for name in cache_names:
+        done = results["models"].get(m, {}).get("points", {}).get(f"{b}x{t}", {}).get(name)
+        if not done:
+          jobs.append((m, b, t, name))
+  progress = common.Progress(len(jobs))
+  stats = jax.devices()[0].memory_stats() or {}
+  mem_limit = stats.get("bytes_limit", 16 * 2**30)  # CPU runs (smoke tests) report none
+  model, model_name = None, None
+  for m, b, t, name in jobs:
+    if time.perf_counter() - start > args.budget_s:
+      log(f"budget spent; {len(jobs) - progress.done} points left for the next call")
+      break
+    cfg = MODELS[m]()
+    mres = results["models"].setdefault(m, {"config": cfg.__dict__, "points": {}})
+    if model_name != m:
+      model = None
+      model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+      model_name = m
+      weights = tree_bytes(nnx.state(model))
+      mres["weights_bytes"] = weights
+      mres["capacity"] = capacity(cfg, weights, mem_limit, (4096, 32768, 131072))
+    point = mres["points"].setdefault(f"{b}x{t}", {})
+    if not fits(cfg, CACHES[name], b, t, weights, mem_limit):
+      point[name] = {"status": "does not fit"}
+    else:
+      try:
+        point[name] = run_point(model, cfg, name, b, t, jax.random.PRNGKey(b * 7 + t))
+      except Exception as e:  # noqa: BLE001 - a point that fails is recorded and skipped
+        traceback.print_exc()
+        point[name] = {"status": "error", "error": repr(e)[:400]}
+    log("point", m, b, t, name, json.dumps(point[name]))
+    progress.step(f"{m} B={b} T={t} {name}")
+    common.write_result("decode_e2e", results, out_dir)
+
+  results["table"] = summarize(results)
+  common.write_result("decode_e2e", results, out_dir)
+  plot(results, out_dir / f"decode_e2e_{platform}.png")
+  for m, mres in results["models"].items():
+    cap = mres.get("capacity", {}).get("caches", {})
+    for name, c in cap.items():
+      log(f"capacity {m} {name}: max batch {c['max_batch']}, "
+          f"x bf16 {({k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()})}")
+  common.print_table(results["table"], ["model", "B", "T", "cache", "tok_s", "x_bf16",
+                                        "step_ms", "attn_ms", "append_ms", "rest_ms"])
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
