@@ -38,3 +38,25 @@ def test_write_result_records_the_device_and_versions(tmp_path):
   data = json.loads(path.read_text())
   assert data["x"] == 1 and data["benchmark"] == "unit"
   assert data["environment"]["device"] and "jax" in data["environment"]["versions"]
+
+
+def test_decode_e2e_capacity_counts_every_buffer():
+  """The largest-batch figures come from the caches' shapes: check them against the
+  caches' own memory reports on a small config."""
+  import jax.numpy as jnp
+  from benchmarks import decode_e2e
+  from models.config import DecoderConfig
+  cfg = DecoderConfig(vocab_size=64, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=64, ffn_dim=128)
+  for name, make in decode_e2e.CACHES.items():
+    per_token, per_sequence, per_model = decode_e2e.cache_cost(cfg, make, probe_len=256)
+    caches = [make(3, 512, 2, 64, jnp.bfloat16, layer=i) for i in range(3)]
+    total = sum(c.memory_report()["total"] for c in caches)
+    assert 3 * (per_token * 512 + per_sequence) + per_model == total, name
+    assert decode_e2e.max_batch(total, (per_token, per_sequence, per_model), 512) == 3
+  dense_per_token = decode_e2e.cache_cost(cfg, decode_e2e.CACHES["bf16"])[0]
+  assert dense_per_token == 3 * 2 * 2 * 64 * 2  # layers × (K, V) × heads × D × bf16
+  cap = decode_e2e.capacity(cfg, weights_bytes=0, memory_bytes=decode_e2e.RESERVE_BYTES + 2**30,
+                            contexts=(4096,))
+  ratio = cap["caches"]["tq3.5"]["batch_x_context_vs_bf16"]["4096"]
+  assert 3.0 < ratio < 3.8  # d = 64: two fp16 norms per vector cost more than at d = 128
