@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight host devices for the sharding tests (meshes of 4 and 8); the other tests run on
+# the first one, as with a single device.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,6 +17,11 @@ and a running merge, so memory stays O(queries · block_size) whatever the datab
 On a GPU the per-block scoring and top-k run in one Pallas kernel
 (`pallas_kernels.index_scoring`); elsewhere in jnp.
 
+Several devices: `TurboQuantIndex(..., devices=jax.devices())` (or a `Mesh`) places the
+blocks round-robin, so the database's rows are split evenly across them. A search runs
+one scan per device over its own blocks, all dispatched before any is waited on, and
+merges the per-device top-k (k rows per query per device travel, never a block).
+
 Metrics: "ip" (inner product, larger is better), "cosine" (vectors and queries
 normalized), "l2" (squared Euclidean distance to the reconstruction, smaller is better,
 as FAISS reports it).
@@ -42,7 +47,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +149,13 @@ def _scan_blocks(quantizer, q: Array, blocks, offsets: Array, *, k: int, metric:
   return best_s, best_i
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_top_k(scores: list[Array], rows: list[Array], *, k: int) -> tuple[Array, Array]:
+  """The k best of several devices' [Q, k] top-k lists (global row numbers)."""
+  s, pick = jax.lax.top_k(jnp.concatenate(scores, axis=1), k)
+  return s, jnp.take_along_axis(jnp.concatenate(rows, axis=1), pick, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("metric",))
 def _exact_scores(queries: Array, vectors: Array, metric: str) -> Array:
   """[Q, R] exact scores of each query against its R candidate vectors ([Q, R, d])."""
@@ -191,11 +203,20 @@ class TurboQuantIndex:
 
   def __init__(self, dim: int, bits: int, metric: str = "ip", quantizer: str = "mse", *,
                rotation: str = "haar", seed: int = 0, block_size: int = 16384,
-               keep_vectors: bool = False):
+               keep_vectors: bool = False,
+               devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None):
+    """See `IndexConfig` for the settings. devices: where the blocks live, round-robin
+    (a list of devices or a Mesh, all its devices); default: JAX's default device."""
     self.config = IndexConfig(dim=dim, bits=bits, metric=metric, quantizer=quantizer,
                               rotation=rotation, seed=seed, block_size=block_size,
                               keep_vectors=keep_vectors)
+    if isinstance(devices, jax.sharding.Mesh):
+      devices = list(devices.devices.flat)
+    self.devices: tuple[Any, ...] = tuple(devices) if devices else (None,)
+    if len(set(self.devices)) != len(self.devices):
+      raise ValueError("devices must be distinct")
     self.quantizer = self.config.make_quantizer()
+    self._quantizer_copies: dict[Any, Any] = {}
     self._blocks: list[dict[str, Any]] = []  # codes, sq_norms, vectors: device arrays
     self._valid: list[np.ndarray] = []       # [block_size] bool per block (host)
     self._ids: list[np.ndarray] = []         # [block_size] int64 per block (host)
@@ -203,6 +224,22 @@ class TurboQuantIndex:
     self._next_id = 0
     self._where: dict[int, int] = {}         # id -> row
     self._device_valid: list[Array] | None = None  # device copy of _valid, per search
+
+  # -- placement ---------------------------------------------------------------------------
+
+  def _device_of(self, b: int):
+    """The device of block b (None: the default one)."""
+    return self.devices[b % len(self.devices)]
+
+  def _on(self, device, x):
+    return x if device is None else jax.device_put(x, device)
+
+  def _quantizer_on(self, device):
+    if device is None:
+      return self.quantizer
+    if device not in self._quantizer_copies:
+      self._quantizer_copies[device] = jax.device_put(self.quantizer, device)
+    return self._quantizer_copies[device]
 
   # -- properties --------------------------------------------------------------------------
 
@@ -267,7 +304,7 @@ class TurboQuantIndex:
              "sq_norms": jnp.zeros(sq.shape, sq.dtype)}
     if self.config.keep_vectors:
       block["vectors"] = jnp.zeros((bs, d), jnp.float32)
-    self._blocks.append(block)
+    self._blocks.append(self._on(self._device_of(len(self._blocks)), block))
     self._valid.append(np.zeros(bs, bool))
     self._ids.append(np.full(bs, -1, np.int64))
 
@@ -278,14 +315,15 @@ class TurboQuantIndex:
     pad = max(16, 1 << (n - 1).bit_length())
     xp = np.zeros((pad, self.dim), np.float32)
     xp[:n] = x
-    codes, sq = _encode(self.quantizer, jnp.asarray(xp),
+    device = self._device_of(b)
+    codes, sq = _encode(self._quantizer_on(device), self._on(device, jnp.asarray(xp)),
                         with_sq_norms=self.config.metric == "l2")
     block = self._blocks[b]
     put = lambda buf, new: buf.at[row:row + n].set(new[:n])  # noqa: E731
     block["codes"] = jax.tree.map(put, block["codes"], codes)
     block["sq_norms"] = put(block["sq_norms"], sq)
     if "vectors" in block:
-      block["vectors"] = put(block["vectors"], jnp.asarray(x))
+      block["vectors"] = put(block["vectors"], self._on(device, jnp.asarray(x)))
     self._valid[b][row:row + n] = True
     self._device_valid = None
     self._ids[b][row:row + n] = ids
@@ -362,14 +400,26 @@ class TurboQuantIndex:
       raise ValueError(f"the scoring kernel needs block_size % 128 == 0 and k <= 128, got "
                        f"block_size {bs}, k {k}")
     if self._device_valid is None:
-      self._device_valid = [jnp.asarray(v) for v in self._valid]
+      self._device_valid = [self._on(self._device_of(b), jnp.asarray(v))
+                            for b, v in enumerate(self._valid)]
     live = [b for b, v in enumerate(self._valid) if v.any()]
-    return _scan_blocks(self.quantizer, jnp.asarray(q),
-                        [(self._blocks[b]["codes"], self._blocks[b]["sq_norms"],
-                          self._device_valid[b]) for b in live],
-                        jnp.asarray([b * bs for b in live], jnp.int32), k=k,
-                        metric=self.config.metric, use_kernel=use_kernel,
-                        interpret=jax.default_backend() != "gpu")
+    results = []
+    # One scan per device over its own blocks; all are queued before any result is read.
+    for device in self.devices:
+      mine = [b for b in live if self._device_of(b) == device]
+      if not mine:
+        continue
+      results.append(_scan_blocks(
+          self._quantizer_on(device), self._on(device, q),
+          [(self._blocks[b]["codes"], self._blocks[b]["sq_norms"], self._device_valid[b])
+           for b in mine],
+          self._on(device, jnp.asarray([b * bs for b in mine], jnp.int32)), k=k,
+          metric=self.config.metric, use_kernel=use_kernel,
+          interpret=jax.default_backend() != "gpu"))
+    if len(results) == 1:
+      return results[0]
+    return _merge_top_k([jax.device_put(s, self.devices[0]) for s, _ in results],
+                        [jax.device_put(i, self.devices[0]) for _, i in results], k=k)
 
   def _rerank(self, q: Array, rows: Array, k: int) -> tuple[Array, Array]:
     bs = self.config.block_size
@@ -378,7 +428,8 @@ class TurboQuantIndex:
     for b, block in enumerate(self._blocks):
       local = rows - b * bs
       inside = (local >= 0) & (local < bs)
-      candidates = jnp.where(inside[..., None], block["vectors"][jnp.clip(local, 0, bs - 1)],
+      picked = block["vectors"][self._on(self._device_of(b), jnp.clip(local, 0, bs - 1))]
+      candidates = jnp.where(inside[..., None], jax.device_put(picked, candidates.device),
                              candidates)
     exact = _exact_scores(q, candidates, self.config.metric)
     s, pick = jax.lax.top_k(exact, k)
@@ -397,7 +448,7 @@ class TurboQuantIndex:
     for b in np.unique(block):
       here = block == b
       codes = jax.tree.map(lambda x: x[row[here]], self._blocks[b]["codes"])
-      out[here] = np.asarray(self.quantizer.dequantize(codes))
+      out[here] = np.asarray(self._quantizer_on(self._device_of(b)).dequantize(codes))
     return out
 
   # -- persistence -------------------------------------------------------------------------
@@ -443,8 +494,11 @@ class TurboQuantIndex:
       raise
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "TurboQuantIndex":
-    """Reads an index saved by `save`; raises ValueError on a damaged or foreign file."""
+  def load(cls, path: str | os.PathLike,
+           devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None
+           ) -> "TurboQuantIndex":
+    """Reads an index saved by `save` (onto `devices`, as in the constructor); raises
+    ValueError on a damaged or foreign file."""
     data = pathlib.Path(path).read_bytes()
     if not data.startswith(MAGIC):
       raise ValueError(f"{path} is not a TurboQuantIndex file (bad magic)")
@@ -468,15 +522,16 @@ class TurboQuantIndex:
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
       raise ValueError(f"{path} fails its checksum: the file was altered or damaged")
     arrays = dict(np.load(io.BytesIO(payload), allow_pickle=False))
-    index = cls(**header["config"])
+    index = cls(**header["config"], devices=devices)
     treedef = jax.tree.structure(index.quantizer)
     leaves = [jnp.asarray(arrays[f"quantizer/{j}"]) for j in range(treedef.num_leaves)]
     index.quantizer = jax.tree.unflatten(treedef, leaves)
+    index._quantizer_copies = {}
     for b in range(header["blocks"]):
       index._open_block()
       treedef = jax.tree.structure(index._blocks[b])
-      index._blocks[b] = jax.tree.unflatten(treedef, [
-          jnp.asarray(arrays[f"block{b}/{j}"]) for j in range(treedef.num_leaves)])
+      index._blocks[b] = index._on(index._device_of(b), jax.tree.unflatten(treedef, [
+          jnp.asarray(arrays[f"block{b}/{j}"]) for j in range(treedef.num_leaves)]))
       index._valid[b] = arrays[f"block{b}/valid"].copy()
       index._ids[b] = arrays[f"block{b}/ids"].copy()
     index._device_valid = None
