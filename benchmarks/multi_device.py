@@ -5,7 +5,8 @@ token, batch 8 at 32K and 128K tokens; the compressed cache (3 and 3.5 bits) and
 cache (cuDNN), on one GPU, then as a `ShardedKVCache` with the kv heads split over n GPUs
 (each attends over its own heads: the Pallas kernel under `shard_map`, no cache traffic).
 Index search: 2^22 vectors of d = 128 at 4 bits, 64 queries, k = 10, on one GPU, then with
-the rows split over n GPUs (per-device top-k and a merge).
+the rows split over n GPUs (per-device top-k and a merge), with the default block size
+(16,384 rows: 256 blocks, many small launches) and with blocks of 262,144 rows.
 
 Decode steps: the Llama-3-8B-like model (random bf16 weights), batch 8 at 32K, on one GPU
 and tensor-parallel over n (`models.sharding.shard_decoder` with sharded caches).
@@ -80,12 +81,12 @@ def attention_scaling(mesh, batch, tokens, key) -> list[dict]:
   return rows
 
 
-def index_scaling(devices, n_rows, key, k=10, num_q=64, bits=4) -> dict:
+def index_scaling(devices, n_rows, key, block_size, k=10, num_q=64, bits=4) -> dict:
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((num_q, D)), jnp.float32)
   times, ids = {}, {}
   for label, devs in (("one", devices[:1]), ("all", devices)):
-    index = TurboQuantIndex(D, bits, "ip", devices=devs)
+    index = TurboQuantIndex(D, bits, "ip", devices=devs, block_size=block_size)
     chunk = 1 << 20
     for start in range(0, n_rows, chunk):
       index.add(np.asarray(jax.random.normal(jax.random.fold_in(key, start), (chunk, D))))
@@ -94,9 +95,9 @@ def index_scaling(devices, n_rows, key, k=10, num_q=64, bits=4) -> dict:
     ids[label] = index.search(np.asarray(q), k)[1]
     index = None  # frees the device memory before the next placement
   n = len(devices)
-  row = {"what": "index_search", "rows": n_rows, "bits": bits, "queries": num_q, "k": k,
-         "devices": n, "t1_ms": times["one"] * 1e3, "tn_ms": times["all"] * 1e3,
-         "speedup": times["one"] / times["all"],
+  row = {"what": "index_search", "rows": n_rows, "block_size": block_size, "bits": bits,
+         "queries": num_q, "k": k, "devices": n, "t1_ms": times["one"] * 1e3,
+         "tn_ms": times["all"] * 1e3, "speedup": times["one"] / times["all"],
          "efficiency": times["one"] / (n * times["all"]),
          "same_ids_as_one_device": bool(np.array_equal(ids["one"], ids["all"]))}
   log(row)
@@ -142,8 +143,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", default=None)
   parser.add_argument("--index-rows", type=int, default=1 << 22)
-  parser.add_argument("--no-decode", action="store_true",
-                      help="skip the tensor-parallel Llama-3-8B-like decode steps")
+  parser.add_argument("--parts", default="attention,index,decode",
+                      help="what to measure; the rows of the others are kept from the "
+                           "committed results")
   args = parser.parse_args(argv)
   devices = jax.devices()
   if len(devices) < 2:
@@ -151,14 +153,24 @@ def main(argv=None):
   mesh = jax.make_mesh((1, len(devices)), ("data", "model"),
                        axis_types=(AxisType.Auto,) * 2)
   key = jax.random.PRNGKey(0)
+  parts = set(args.parts.split(","))
+  kept = common.RESULTS_DIR / f"multi_device_{jax.devices()[0].platform}.json"
   rows = []
+  if kept.exists():
+    import json
+    rows = [r for r in json.loads(kept.read_text())["rows"]
+            if {"decode_attention": "attention", "index_search": "index",
+                "decode_step": "decode"}[r["what"]] not in parts]
   start = time.time()
-  for tokens in (32768, 131072):
-    rows += attention_scaling(mesh, 8, tokens, jax.random.fold_in(key, tokens))
-    common.write_result("multi_device", {"rows": rows}, args.out)
-  rows.append(index_scaling(devices, args.index_rows, key))
-  common.write_result("multi_device", {"rows": rows}, args.out)
-  if not args.no_decode:
+  if "attention" in parts:
+    for tokens in (32768, 131072):
+      rows += attention_scaling(mesh, 8, tokens, jax.random.fold_in(key, tokens))
+      common.write_result("multi_device", {"rows": rows}, args.out)
+  if "index" in parts:
+    for block_size in (16384, 262144):
+      rows.append(index_scaling(devices, args.index_rows, key, block_size))
+      common.write_result("multi_device", {"rows": rows}, args.out)
+  if "decode" in parts:
     rows += decode_scaling(mesh)
   path = common.write_result("multi_device", {
       "rows": rows, "timing": "median of 21 samples of 10 queued calls, one block",
@@ -166,7 +178,8 @@ def main(argv=None):
       "mesh": "kv heads over the model axis (attention); index blocks round-robin"},
       args.out)
   log(f"[{time.time() - start:.0f}s]")
-  common.print_table(rows, ["what", "cache", "batch", "tokens", "rows", "devices", "t1_ms",
+  common.print_table(rows, ["what", "cache", "batch", "tokens", "rows", "block_size",
+                            "devices", "t1_ms",
                             "tn_ms", "speedup", "efficiency"])
   print(f"wrote {path}")
 

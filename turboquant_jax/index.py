@@ -19,8 +19,8 @@ On a GPU the per-block scoring and top-k run in one Pallas kernel
 
 Several devices: `TurboQuantIndex(..., devices=jax.devices())` (or a `Mesh`) places the
 blocks round-robin, so the database's rows are split evenly across them. A search runs
-one scan per device over its own blocks, all dispatched before any is waited on, and
-merges the per-device top-k (k rows per query per device travel, never a block).
+one scan per device over its own blocks, each launched from its own thread so that the
+devices work at once, and merges the per-device top-k (k rows per query per device travel, never a block).
 
 Metrics: "ip" (inner product, larger is better), "cosine" (vectors and queries
 normalized), "l2" (squared Euclidean distance to the reconstruction, smaller is better,
@@ -39,6 +39,7 @@ intact; loading checks the magic, version, length and checksum and refuses anyth
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -403,21 +404,27 @@ class TurboQuantIndex:
       self._device_valid = [self._on(self._device_of(b), jnp.asarray(v))
                             for b, v in enumerate(self._valid)]
     live = [b for b, v in enumerate(self._valid) if v.any()]
-    results = []
-    # One scan per device over its own blocks; all are queued before any result is read.
-    for device in self.devices:
-      mine = [b for b in live if self._device_of(b) == device]
-      if not mine:
-        continue
-      results.append(_scan_blocks(
+    groups = [(device, [b for b in live if self._device_of(b) == device])
+              for device in self.devices]
+    groups = [(device, mine) for device, mine in groups if mine]
+
+    def scan(group):
+      device, mine = group
+      return _scan_blocks(
           self._quantizer_on(device), self._on(device, q),
           [(self._blocks[b]["codes"], self._blocks[b]["sq_norms"], self._device_valid[b])
            for b in mine],
           self._on(device, jnp.asarray([b * bs for b in mine], jnp.int32)), k=k,
           metric=self.config.metric, use_kernel=use_kernel,
-          interpret=jax.default_backend() != "gpu"))
-    if len(results) == 1:
-      return results[0]
+          interpret=jax.default_backend() != "gpu")
+
+    if len(groups) == 1:
+      return scan(groups[0])
+    # One scan per device over its own blocks, each launched from its own thread: a scan
+    # of many blocks is many kernel launches, and launching them one device after the
+    # other from one thread would serialize the devices.
+    with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+      results = list(pool.map(scan, groups))
     return _merge_top_k([jax.device_put(s, self.devices[0]) for s, _ in results],
                         [jax.device_put(i, self.devices[0]) for _, i in results], k=k)
 
