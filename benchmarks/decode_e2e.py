@@ -336,7 +336,14 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="results folder")
   parser.add_argument("--budget-s", type=float, default=540.0,
                       help="stop starting new points after this many seconds")
+  parser.add_argument("--report-only", action="store_true",
+                      help="no measuring: the table and plot of the results file")
   args = parser.parse_args(argv)
+  if args.report_only:
+    platform = "gpu"
+    results = load(pathlib.Path(args.out or common.RESULTS_DIR) / f"decode_e2e_{platform}.json")
+    report(results, pathlib.Path(args.out or common.RESULTS_DIR), platform)
+    return
   out_dir = pathlib.Path(args.out or common.RESULTS_DIR)
   platform = jax.devices()[0].platform
   path = out_dir / f"decode_e2e_{platform}.json"
@@ -410,15 +417,18 @@ def main(argv=None):
 
   results["table"] = summarize(results)
   common.write_result("decode_e2e", results, out_dir)
+  report(results, out_dir, platform)
+
+
+def report(results, out_dir: pathlib.Path, platform: str) -> None:
   plot(results, out_dir / f"decode_e2e_{platform}.png")
   for m, mres in results["models"].items():
     cap = mres.get("capacity", {}).get("caches", {})
     for name, c in cap.items():
       log(f"capacity {m} {name}: max batch {c['max_batch']}, "
           f"x bf16 {({k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()})}")
-  common.print_table(results["table"], ["model", "B", "T", "cache", "tok_s", "x_bf16",
-                                        "step_ms", "attn_ms", "append_ms", "rest_ms"])
-  print(f"wrote {path}")
+  common.print_table(summarize(results), ["model", "B", "T", "cache", "tok_s", "x_bf16",
+                                          "step_ms", "attn_ms", "append_ms", "rest_ms"])
 
 
 if __name__ == "__main__":
