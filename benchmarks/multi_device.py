@@ -20,7 +20,6 @@ Device time: calls queued, one block (`common.device_time`).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
@@ -30,19 +29,11 @@ import numpy as np
 from jax.sharding import AxisType
 
 from benchmarks import common
+from benchmarks.decode_e2e import CACHES
 from turboquant_jax.index import TurboQuantIndex
-from turboquant_jax.kv_cache import DenseKVCache
 from turboquant_jax.sharding import sharded
-from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 HQ, HKV, D = 32, 8, 128
-CACHES = {
-    "bf16": DenseKVCache.create,
-    "tq3": functools.partial(TurboQuantKVCache.create,
-                             config=TurboQuantConfig(key_bits=3, value_bits=3)),
-    "tq3.5": functools.partial(TurboQuantKVCache.create,
-                               config=TurboQuantConfig(key_bits=3.5, value_bits=3.5)),
-}
 
 
 def log(*args):
@@ -122,10 +113,10 @@ def decode_scaling(mesh, batch=8, tokens=32768) -> list[dict]:
                  "devices": 1, "tokens_per_s": one["tokens_per_s"], "step_ms": one["step_ms"]})
     log(rows[-1])
   model = shard_decoder(model, mesh)
-  saved = dict(decode_e2e.CACHES)
+  saved = dict(CACHES)
   try:
     for name in ("bf16", "tq3.5"):
-      decode_e2e.CACHES[name] = sharded(saved[name], mesh)
+      CACHES[name] = sharded(saved[name], mesh)  # the dict run_point reads
       many = decode_e2e.run_point(model, cfg, name, batch, tokens, jax.random.PRNGKey(1))
       one = next(r for r in rows if r["cache"] == name)
       rows.append({"what": "decode_step", "cache": name, "batch": batch, "tokens": tokens,
@@ -135,7 +126,7 @@ def decode_scaling(mesh, batch=8, tokens=32768) -> list[dict]:
                    "efficiency": one["step_ms"] / (mesh.size * many["step_ms"])})
       log(rows[-1])
   finally:
-    decode_e2e.CACHES.update(saved)
+    CACHES.update(saved)
   return rows
 
 
