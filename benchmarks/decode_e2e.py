@@ -316,7 +316,7 @@ def plot(results, path: pathlib.Path) -> None:
           if b == batch and "tokens_per_s" in r:
             xs.append(t)
             ys.append(r["tokens_per_s"])
-        if len(xs) > 1:
+        if xs:
           ax.plot(xs, ys, style, label=f"{name} B={batch}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
