@@ -186,9 +186,9 @@ def run_point(model, cfg, cache_name, batch, context, key) -> dict:
                    for w in windows)
   tokens = jnp.zeros((batch,), jnp.int32)
   t0 = time.perf_counter()
-  # Two untimed calls: on a mesh, the first call's output shardings can be spelled
-  # differently from its inputs' (P('data') on an axis of size 1 comes back as P()), and
-  # the second call compiles once more for them; from then on every call hits the cache.
+  # Two untimed calls: the first call's inputs (fresh tokens; on a mesh, fresh arrays)
+  # can be placed differently from the outputs that the next calls take, and the second
+  # call may compile once more for them; from then on every call hits the cache.
   for _ in range(2):
     out, caches = decode_steps(model, tokens, caches, STEPS)
     tokens = out[:, -1]

@@ -73,3 +73,21 @@ def test_partition_specs_and_errors():
                               num_kv_heads=2, head_dim=16, ffn_dim=64), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_heads = 6 does not split"):
     shard_decoder(odd, mesh())
+
+
+def test_decode_loop_compiles_once_on_a_mesh_with_an_axis_of_one():
+  """A jitted step returns its caches with the shardings it took (XLA drops an axis of
+  one device from its specs; so do the caches), so call after call hits the cache."""
+  from jax.sharding import NamedSharding
+  m = jax.make_mesh((1, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2,
+                    devices=jax.devices()[:4])
+  model = shard_decoder(Decoder(CFG, rngs=nnx.Rngs(0)), m)
+  make = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(window=8))
+  caches = model.init_caches(B, 32, sharded(make, m))
+  assert caches[0].cache.lengths.sharding.spec == P()
+  token = jax.device_put(jnp.zeros((B,), jnp.int32), NamedSharding(m, P()))
+  before = _decode_steps._cache_size()
+  for _ in range(3):
+    out, caches = decode_steps(model, token, caches, 2)
+    token = out[:, -1]
+  assert _decode_steps._cache_size() == before + 1

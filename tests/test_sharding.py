@@ -67,7 +67,7 @@ def test_sharded_cache_equals_one_device(name, shape, rng):
     np.testing.assert_allclose(many.attend(q, sliding_window=window),
                                one.attend(q, sliding_window=window), rtol=2e-5, atol=2e-6)
   # Every leaf lies as its spec says: a device holds 1/n of each [B, H, ...] buffer.
-  specs = cache_partition_specs(many.cache)
+  specs = cache_partition_specs(many.cache, many.data_axis, many.model_axis)
   for leaf, spec in zip(jax.tree.leaves(many.cache), jax.tree.leaves(specs)):
     assert leaf.sharding.spec[:len(spec)] == tuple(spec)
     split = np.prod([m.shape[a] for a in spec if a is not None])

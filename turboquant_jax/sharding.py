@@ -41,6 +41,14 @@ def _axis_size(mesh: Mesh, axis: str | None) -> int:
   return 1 if axis is None else mesh.shape[axis]
 
 
+def _spec(*axes: str | None) -> P:
+  """A PartitionSpec without trailing Nones: the spelling of the shardings XLA returns."""
+  axes = list(axes)
+  while axes and axes[-1] is None:
+    axes.pop()
+  return P(*axes)
+
+
 def cache_partition_specs(cache: Any, data_axis: str | None = "data",
                           model_axis: str | None = "model") -> Any:
   """A pytree like `cache` with the `PartitionSpec` of each leaf (see the module docstring).
@@ -50,10 +58,10 @@ def cache_partition_specs(cache: Any, data_axis: str | None = "data",
   """
   def spec(name):
     if name in REPLICATED_FIELDS:
-      return P()
+      return _spec()
     if name in BATCH_FIELDS:
-      return P(data_axis)
-    return P(data_axis, model_axis)
+      return _spec(data_axis)
+    return _spec(data_axis, model_axis)
   updates = {}
   for field in dataclasses.fields(cache):
     if not field.metadata.get("pytree_node", True):
@@ -105,6 +113,11 @@ class ShardedKVCache:
       if axis is not None and axis not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis!r}")
     n_data, n_model = _axis_size(mesh, data_axis), _axis_size(mesh, model_axis)
+    # An axis of one device splits nothing: drop it from the specs, as XLA does in the
+    # shardings it returns, so that a jitted step's outputs carry the same shardings as
+    # its inputs and the next call hits the compilation cache.
+    data_axis = data_axis if n_data > 1 else None
+    model_axis = model_axis if n_model > 1 else None
     if batch % n_data:
       raise ValueError(f"batch {batch} does not split over the {n_data} devices of "
                        f"axis {data_axis!r}")
