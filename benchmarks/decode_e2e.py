@@ -112,11 +112,6 @@ def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
   return out
 
 
-def fits(cfg, make_cache, batch, context, weights_bytes, memory_bytes) -> bool:
-  free = memory_bytes - weights_bytes - RESERVE_BYTES
-  return batch <= max_batch(free, cache_cost(cfg, make_cache), context)
-
-
 # -- one point ------------------------------------------------------------------------------
 
 def fill_caches(cfg, caches, key, length: int):
@@ -166,9 +161,10 @@ def time_attention(cache, cfg, key, layer: int) -> float:
   return common.device_time(attend, cache, q)
 
 
-def run_point(model, cfg, cache_name, batch, context, key) -> dict:
-  make = CACHES[cache_name]
-  caches = model.init_caches(batch, context, make, jnp.bfloat16)
+def run_point(model, cfg, make_cache, batch, context, key) -> dict:
+  """One (cache, batch, context): fill, time appends and attention, then decode steps.
+  make_cache: a `make_cache` (`CACHES[name]`, or `sharded(...)` of one on a mesh)."""
+  caches = model.init_caches(batch, context, make_cache, jnp.bfloat16)
   prefix = context - (2 * APPENDS - 2) - STEPS * (2 + REPEATS)
   t0 = time.perf_counter()
   caches = fill_caches(cfg, caches, key, prefix)
@@ -401,13 +397,17 @@ def main(argv=None):
       model_name = m
       weights = tree_bytes(nnx.state(model))
       mres["weights_bytes"] = weights
-      mres["capacity"] = capacity(cfg, weights, mem_limit, (4096, 32768, 131072))
+      cap = mres["capacity"] = capacity(cfg, weights, mem_limit, (4096, 32768, 131072))
+      memory_free = mem_limit - weights - RESERVE_BYTES
+      costs = {n: (c["bytes_per_token_all_layers"], c["bytes_per_sequence"],
+                   c["bytes_per_model"]) for n, c in cap["caches"].items()}
     point = mres["points"].setdefault(f"{b}x{t}", {})
-    if not fits(cfg, CACHES[name], b, t, weights, mem_limit):
+    if b > max_batch(memory_free, costs[name], t):
       point[name] = {"status": "does not fit"}
     else:
       try:
-        point[name] = run_point(model, cfg, name, b, t, jax.random.PRNGKey(b * 7 + t))
+        point[name] = run_point(model, cfg, CACHES[name], b, t,
+                                jax.random.PRNGKey(b * 7 + t))
       except Exception as e:  # noqa: BLE001 - a point that fails is recorded and skipped
         traceback.print_exc()
         point[name] = {"status": "error", "error": repr(e)[:400]}

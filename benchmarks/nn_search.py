@@ -113,6 +113,16 @@ def pq_sizes(d: int, target_bytes: int) -> list[int]:
   return [below]
 
 
+def _faiss_add_and_search(index, db, queries):
+  """(seconds to add db, seconds to search the top 64, found ids) of a FAISS index."""
+  start = time.perf_counter()
+  index.add(db)
+  add_s = time.perf_counter() - start
+  start = time.perf_counter()
+  _, found = index.search(queries, 64)
+  return add_s, time.perf_counter() - start, found
+
+
 def run_faiss_pq(faiss, db, queries, truth, m):
   d = db.shape[1]
   index = faiss.IndexPQ(d, m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -122,12 +132,7 @@ def run_faiss_pq(faiss, db, queries, truth, m):
   start = time.perf_counter()
   index.train(db)
   train_s = time.perf_counter() - start
-  start = time.perf_counter()
-  index.add(db)
-  add_s = time.perf_counter() - start
-  start = time.perf_counter()
-  _, found = index.search(queries, 64)
-  search_s = time.perf_counter() - start
+  add_s, search_s, found = _faiss_add_and_search(index, db, queries)
   return {"method": "faiss IndexPQ", "M": m, "bytes_per_vector": m,
           "train_seconds": train_s, "index_seconds": train_s + add_s,
           "queries_per_s": len(queries) / search_s, **recalls(found, truth)}
@@ -135,12 +140,7 @@ def run_faiss_pq(faiss, db, queries, truth, m):
 
 def run_faiss_flat(faiss, db, queries, truth):
   index = faiss.IndexFlatIP(db.shape[1])
-  start = time.perf_counter()
-  index.add(db)
-  add_s = time.perf_counter() - start
-  start = time.perf_counter()
-  _, found = index.search(queries, 64)
-  search_s = time.perf_counter() - start
+  add_s, search_s, found = _faiss_add_and_search(index, db, queries)
   return {"method": "faiss IndexFlatIP", "bytes_per_vector": 4 * db.shape[1],
           "train_seconds": 0.0, "index_seconds": add_s,
           "queries_per_s": len(queries) / search_s, **recalls(found, truth)}

@@ -189,20 +189,3 @@ def block_scores_reference(quantizer, q_t, codes, sq_norms, valid, *, metric) ->
   if metric == "l2":
     scores = 2.0 * scores - sq_norms[None, :]
   return jnp.where(valid[None, :], scores, _MASKED)
-
-
-def search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offset, *, k,
-                 metric, interpret=False, **kernel_kwargs):
-  """The index's streaming step on the kernel: a block's top k merged into the running
-  (best_s, best_i) [Q, k] (global rows: block rows + offset)."""
-  s, i = block_top_k(quantizer, q_t, codes, sq_norms, valid, k=k, metric=metric,
-                     interpret=interpret, **kernel_kwargs)
-  return _merge(best_s, best_i, s, i + offset, k)
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge(best_s, best_i, s, i, k):
-  all_s = jnp.concatenate([best_s, s], axis=1)
-  all_i = jnp.concatenate([best_i, i.astype(jnp.int32)], axis=1)
-  top, pick = jax.lax.top_k(all_s, k)
-  return top, jnp.take_along_axis(all_i, pick, axis=1)

@@ -115,19 +115,21 @@ def _block_scores(quantizer, q_t: tuple[Array, ...], codes) -> Array:
   return quantizer.inner_products_rotated(*q_t, codes)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric"))
-def _search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offset, *, k,
-                  metric):
-  """Scores one block, keeps its top k, and merges them into the running top k."""
+def _block_top_k(quantizer, q_t, codes, sq_norms, valid, *, k, metric):
+  """jnp: one block's k best rows per query ([Q, k] scores, rows within the block)."""
   scores = _block_scores(quantizer, q_t, codes)
   if metric == "l2":
     scores = 2.0 * scores - sq_norms[None, :]  # = ‖q‖² - ‖q - x̂‖², ‖q‖² added later
   scores = jnp.where(valid[None, :], scores, -jnp.inf)
   s, i = jax.lax.top_k(scores, min(k, scores.shape[1]))
-  all_s = jnp.concatenate([best_s, s], axis=1)
-  all_i = jnp.concatenate([best_i, i.astype(jnp.int32) + offset], axis=1)
-  top_s, pick = jax.lax.top_k(all_s, k)
-  return top_s, jnp.take_along_axis(all_i, pick, axis=1)
+  return s, i.astype(jnp.int32)
+
+
+def _merge_top_k(scores: list[Array], rows: list[Array], k: int) -> tuple[Array, Array]:
+  """The k best of several [Q, ·] top lists (global row numbers): a block's into the
+  running list, or the devices' lists into one."""
+  s, pick = jax.lax.top_k(jnp.concatenate(scores, axis=1), k)
+  return s, jnp.take_along_axis(jnp.concatenate(rows, axis=1), pick, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "use_kernel", "interpret"))
@@ -141,20 +143,15 @@ def _scan_blocks(quantizer, q: Array, blocks, offsets: Array, *, k: int, metric:
   for b, (codes, sq_norms, valid) in enumerate(blocks):
     if use_kernel:
       from pallas_kernels import index_scoring  # the kernel package depends on this one
-      best_s, best_i = index_scoring.search_block(
-          quantizer, q_t, codes, sq_norms, valid, best_s, best_i, offsets[b], k=k,
-          metric=metric, interpret=interpret)
+      s, i = index_scoring.block_top_k(quantizer, q_t, codes, sq_norms, valid, k=k,
+                                       metric=metric, interpret=interpret)
     else:
-      best_s, best_i = _search_block(quantizer, q_t, codes, sq_norms, valid, best_s, best_i,
-                                     offsets[b], k=k, metric=metric)
+      s, i = _block_top_k(quantizer, q_t, codes, sq_norms, valid, k=k, metric=metric)
+    best_s, best_i = _merge_top_k([best_s, s], [best_i, i + offsets[b]], k)
   return best_s, best_i
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge_top_k(scores: list[Array], rows: list[Array], *, k: int) -> tuple[Array, Array]:
-  """The k best of several devices' [Q, k] top-k lists (global row numbers)."""
-  s, pick = jax.lax.top_k(jnp.concatenate(scores, axis=1), k)
-  return s, jnp.take_along_axis(jnp.concatenate(rows, axis=1), pick, axis=1)
+_merge_device_lists = jax.jit(_merge_top_k, static_argnames=("k",))
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
@@ -425,8 +422,8 @@ class TurboQuantIndex:
     # other from one thread would serialize the devices.
     with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
       results = list(pool.map(scan, groups))
-    return _merge_top_k([jax.device_put(s, self.devices[0]) for s, _ in results],
-                        [jax.device_put(i, self.devices[0]) for _, i in results], k=k)
+    return _merge_device_lists([jax.device_put(s, self.devices[0]) for s, _ in results],
+                               [jax.device_put(i, self.devices[0]) for _, i in results], k=k)
 
   def _rerank(self, q: Array, rows: Array, k: int) -> tuple[Array, Array]:
     bs = self.config.block_size

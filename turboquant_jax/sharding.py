@@ -159,6 +159,14 @@ class ShardedKVCache:
   def _specs(self) -> Any:
     return cache_partition_specs(self.cache, self.data_axis, self.model_axis)
 
+  def _per_device(self, fn, out_specs, *args):
+    """fn(local cache, *local args) on every device under `shard_map`. args: (array or
+    None, spec) pairs; each array is laid out as its spec says before the call."""
+    in_specs = (self._specs(),) + tuple(P() if x is None else spec for x, spec in args)
+    values = tuple(_place(self.mesh, spec, x) for x, spec in args)
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(self.cache, *values)
+
   def update(self, k: Array, v: Array, positions: Array | None = None,
              num_tokens: Array | None = None) -> "ShardedKVCache":
     """Appends k, v ([B, T, Hkv, D]); each device writes its own sequences and heads."""
@@ -168,20 +176,10 @@ class ShardedKVCache:
     kv_cache.plan_update(c.lengths, c.max_len, k.shape[1], positions, num_tokens)
     row = lambda x: None if x is None else jnp.broadcast_to(  # noqa: E731
         jnp.asarray(x, jnp.int32), (c.batch,))
-    positions, num_tokens = row(positions), row(num_tokens)
-    specs = self._specs()
-    kv = _kv_spec(self.data_axis, self.model_axis)
-    rows = P(self.data_axis)
-
-    def local(cache, k, v, positions, num_tokens):
-      return cache.update(k, v, positions=positions, num_tokens=num_tokens)
-
-    args = (_place(self.mesh, kv, k), _place(self.mesh, kv, v),
-            _place(self.mesh, rows, positions), _place(self.mesh, rows, num_tokens))
-    new = jax.shard_map(local, mesh=self.mesh,
-                        in_specs=(specs, kv, kv, P() if positions is None else rows,
-                                  P() if num_tokens is None else rows),
-                        out_specs=specs, check_vma=False)(c, *args)
+    kv, rows = _kv_spec(self.data_axis, self.model_axis), P(self.data_axis)
+    new = self._per_device(
+        lambda cache, k, v, p, n: cache.update(k, v, positions=p, num_tokens=n),
+        self._specs(), (k, kv), (v, kv), (row(positions), rows), (row(num_tokens), rows))
     return self.replace(cache=new)
 
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
@@ -194,17 +192,11 @@ class ShardedKVCache:
     if q.shape[2] % _axis_size(self.mesh, self.model_axis):
       raise ValueError(f"{q.shape[2]} q heads do not split over axis {self.model_axis!r}")
     spec = _kv_spec(self.data_axis, self.model_axis)
-
-    def local(cache, q, q_positions):
-      return cache.attend(q, q_positions=q_positions, scale=scale,
-                          sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)
-
-    return jax.shard_map(local, mesh=self.mesh,
-                         in_specs=(self._specs(), spec,
-                                   P() if q_positions is None else P(self.data_axis, None)),
-                         out_specs=spec, check_vma=False)(
-                             c, _place(self.mesh, spec, q),
-                             _place(self.mesh, P(self.data_axis, None), q_positions))
+    return self._per_device(
+        lambda cache, q, qp: cache.attend(q, q_positions=qp, scale=scale,
+                                          sliding_window=sliding_window, soft_cap=soft_cap,
+                                          **kwargs),
+        spec, (q, spec), (q_positions, P(self.data_axis, None)))
 
   def memory_report(self) -> dict[str, Any]:
     """The wrapped cache's report (global bytes, all devices together), plus per device."""
