@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.generate import greedy_scan
 from turboquant_jax.kv_cache import DenseKVCache
 
 Array = jax.Array
@@ -176,16 +177,8 @@ def prompt_kv(model, prompt: Array, *, chunk: int = 256) -> list[tuple[Array, Ar
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"))
 def _greedy(graphdef, state, caches, token, *, num_tokens):
-  model = nnx.merge(graphdef, state)
-
-  def step(carry, _):
-    token, caches = carry
-    logits, caches = model(token[:, None], caches=caches)
-    new = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-    return (new, caches), new
-
-  _, out = jax.lax.scan(step, (token, caches), None, length=num_tokens)
-  return out.T
+  # Not donated (unlike decode_steps): the prompt's caches are shared by every variant.
+  return greedy_scan(nnx.merge(graphdef, state), token, caches, num_tokens)[0]
 
 
 def answer_from_kv(model, kv: Sequence[tuple[Array, Array]], last_token: Array,

@@ -140,11 +140,10 @@ def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens
   return (out, count, caches) if return_caches else (out, count)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"),
-                   donate_argnames=("caches",))
-def _decode_steps(graphdef, state, tokens, caches, *, num_steps):
-  model = nnx.merge(graphdef, state)
-
+def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int
+                ) -> tuple[Array, list[Any]]:
+  """The greedy decode loop as a `lax.scan` (call it under jit): tokens [B] -> (generated
+  [B, num_steps], caches)."""
   def body(carry, _):
     token, caches = carry
     logits, caches = model(token[:, None], caches=caches)
@@ -153,6 +152,12 @@ def _decode_steps(graphdef, state, tokens, caches, *, num_steps):
 
   (_, caches), out = jax.lax.scan(body, (tokens, caches), None, length=num_steps)
   return out.T, caches
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"),
+                   donate_argnames=("caches",))
+def _decode_steps(graphdef, state, tokens, caches, *, num_steps):
+  return greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps)
 
 
 def decode_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int
