@@ -64,6 +64,28 @@ def device_time(fn: Callable[..., Any], *args, calls: int = 10, repeats: int = 2
   return statistics.median(samples)
 
 
+def device_time_chained(fn: Callable[..., Any], args: Sequence[Any], small_arg: int,
+                        iters: int = 16, **kwargs) -> float:
+  """Median seconds of one `fn(*args)` when `iters` calls run back to back on the device.
+
+  For kernels shorter than a host dispatch (tens of µs): one jitted call runs `iters`
+  calls unrolled, each made to depend on the previous one through args[small_arg] (a
+  small floating array, perturbed by 0·out so no call can be hoisted or merged), so the
+  device never waits for the host. The perturbation is one tiny fusion per call, counted.
+  """
+  def chained(*a):
+    a = list(a)
+    out = None
+    for _ in range(iters):
+      if out is not None:
+        first = jax.tree.leaves(out)[0]
+        dep = (first.ravel()[0] * 0).astype(a[small_arg].dtype)
+        a[small_arg] = a[small_arg] + dep
+      out = fn(*a)
+    return out
+  return device_time(jax.jit(chained), *args, **kwargs) / iters
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
   """Prints rows as an aligned text table with the given column order."""
   def fmt(v):

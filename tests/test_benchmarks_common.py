@@ -60,3 +60,20 @@ def test_decode_e2e_capacity_counts_every_buffer():
                             contexts=(4096,))
   ratio = cap["caches"]["tq3.5"]["batch_x_context_vs_bf16"]["4096"]
   assert 3.0 < ratio < 3.8  # d = 64: two fp16 norms per vector cost more than at d = 128
+
+
+def test_chained_timing_makes_every_call():
+  """The chain traces `iters` calls into one jitted function and returns a time per call."""
+  import jax
+  import jax.numpy as jnp
+
+  traced = []
+
+  def f(q, big):
+    traced.append(1)
+    return jnp.tanh(q) * big.sum()
+
+  q, big = jnp.ones((8,)), jnp.arange(16.0)
+  sec = common.device_time_chained(f, (q, big), small_arg=0, iters=5, calls=2, repeats=3,
+                                   warmup=1)
+  assert sec > 0 and len(traced) == 5
