@@ -64,6 +64,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if key_quantizer == "prod":
     name += " prod keys"
   family = "turboquant" if bits_v == bits_k and key_quantizer == "mse" else name
+  if kw.get("levels", "lloyd_max") != "lloyd_max":
+    name += f" {kw['levels']} levels"
+    family = f"turboquant {kw['levels']} levels"
   make = lambda seed: functools.partial(  # noqa: E731
       TurboQuantKVCache.create, config=TurboQuantConfig(
           key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
@@ -103,6 +106,8 @@ def methods() -> list[Method]:
       *[tq(b) for b in (2, 2.5, 3, 3.5, 4)],
       tq(4, 3), tq(4, 2.5),
       tq(3, key_quantizer="prod"), tq(4, key_quantizer="prod"),
+      # The levels the Mosaic GPU kernel decodes exactly (a·u + c·u³ of the code).
+      *[tq(b, levels="cubic") for b in (2.5, 3, 3.5, 4)],
   ]
 
 

@@ -34,7 +34,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from turboquant_jax import attention
-from turboquant_jax import codebook
 from turboquant_jax import packing
 from turboquant_jax.quantizers import MSEQuantizer, ProdCodes
 
@@ -71,7 +70,7 @@ def group_specs(split_quantizer) -> tuple[GroupSpec, ...]:
     mse: MSEQuantizer = g if isinstance(g, MSEQuantizer) else g.mse
     half = (1 << mse.bits) // 2
     # Static floats baked into the kernel: they come from the cached numpy codebook.
-    mags = tuple(float(x) for x in codebook.lloyd_max_codebook(mse.dim, mse.bits).centroids[
+    mags = tuple(float(x) for x in mse.static_codebook().centroids[
         half:]) if mse.bits else ()
     specs.append(GroupSpec(dim=mse.dim, bits=mse.bits, magnitudes=mags,
                            qjl_dim=0 if g is mse else g.sketch_dim,

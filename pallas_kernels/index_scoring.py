@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention import GroupSpec, code_scores, magnitude_polynomial
-from turboquant_jax import codebook
 from turboquant_jax.quantizers import MSECodes, MSEQuantizer, ProdCodes, ProdQuantizer
 
 Array = jax.Array
@@ -38,7 +37,7 @@ def spec_of(quantizer: MSEQuantizer | ProdQuantizer) -> GroupSpec:
   """The static description of a quantizer's codes that the kernel is compiled for."""
   mse = quantizer if isinstance(quantizer, MSEQuantizer) else quantizer.mse
   half = (1 << mse.bits) // 2
-  mags = tuple(float(x) for x in codebook.lloyd_max_codebook(mse.dim, mse.bits).centroids[
+  mags = tuple(float(x) for x in mse.static_codebook().centroids[
       half:]) if mse.bits else ()
   qjl_dim = quantizer.sketch_dim if isinstance(quantizer, ProdQuantizer) else 0
   return GroupSpec(dim=mse.dim, bits=mse.bits, magnitudes=mags, qjl_dim=qjl_dim,

@@ -25,7 +25,8 @@ def rel_err(a, b):
 
 CASES = [
     # (d, hkv, hq, config, ragged lengths)
-    (64, 2, 8, TurboQuantConfig(key_bits=3, value_bits=3, window=16, num_sinks=2), [120, 57]),
+    (64, 2, 8, TurboQuantConfig(key_bits=3, value_bits=3, window=16, num_sinks=2,
+                                levels="cubic"), [120, 57]),
     (64, 1, 4, TurboQuantConfig(key_bits=2.5, value_bits=3.5, window=8), [128, 90]),
     (64, 2, 2, TurboQuantConfig(key_bits=2, value_bits=4, key_quantizer="prod", window=0,
                                 num_sinks=0, center_keys=False), [100, 128]),

@@ -238,6 +238,8 @@ def test_bad_config_and_inputs(rng):
     TurboQuantConfig(key_quantizer="qjl")
   with pytest.raises(ValueError, match="window"):
     TurboQuantConfig(window=-1)
+  with pytest.raises(ValueError, match="levels"):
+    TurboQuantConfig(levels="uniform")
   cache = TurboQuantKVCache.create(B, L, HKV, D)
   with pytest.raises(ValueError, match="^k must"):
     cache.update(rand(rng, B, 1, HKV, D - 1), rand(rng, B, 1, HKV, D))

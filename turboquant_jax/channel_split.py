@@ -56,13 +56,16 @@ class SplitQuantizer:
 
   @classmethod
   def create(cls, key: Array, d: int, bits: float, kind: str = "mse", *,
-             rotation: str = "haar", norm_dtype=jnp.float16) -> "SplitQuantizer":
-    """Quantizers for d-vectors at `bits` in (2, 2.5, 3, 3.5, 4) bits per coordinate."""
+             rotation: str = "haar", norm_dtype=jnp.float16,
+             levels: str = "lloyd_max") -> "SplitQuantizer":
+    """Quantizers for d-vectors at `bits` in (2, 2.5, 3, 3.5, 4) bits per coordinate;
+    `levels` as for `MSEQuantizer.create`."""
     if kind not in ("mse", "prod"):
       raise ValueError(f"quantizer kind must be 'mse' or 'prod', got {kind!r}")
     make = MSEQuantizer.create if kind == "mse" else ProdQuantizer.create
     groups = tuple(
-        make(jax.random.fold_in(key, g), size, b, rotation=rotation, norm_dtype=norm_dtype)
+        make(jax.random.fold_in(key, g), size, b, rotation=rotation, norm_dtype=norm_dtype,
+             levels=levels)
         for g, (size, b) in enumerate(group_layout(d, bits)))
     return cls(groups=groups, bits=bits, kind=kind)
 

@@ -114,6 +114,17 @@ def level_of_code(bits: int) -> np.ndarray:
   return np.where(codes >= half, codes, half - 1 - codes)
 
 
+LEVELS = ("lloyd_max", "cubic")
+
+
+def _codebook(d: int, bits: int, density, levels: str):
+  if levels not in LEVELS:
+    raise ValueError(f"levels must be one of {LEVELS}, got {levels!r}")
+  if levels == "cubic" and bits >= 1:
+    return codebook_lib.cubic_codebook(d, bits, density)
+  return codebook_lib.lloyd_max_codebook(d, bits, density)
+
+
 def _validate_config(d: int, bits: int, allowed: tuple[int, ...], name: str) -> None:
   if not isinstance(d, (int, np.integer)) or d < MIN_DIM:
     raise ValueError(f"{name} needs d >= {MIN_DIM}, got {d!r}")
@@ -147,6 +158,8 @@ class MSEQuantizer:
   code_values: Array
   bits: int = flax.struct.field(pytree_node=False)
   norm_dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+  levels: str = flax.struct.field(pytree_node=False, default="lloyd_max")
+  density: str = flax.struct.field(pytree_node=False, default="sphere")
 
   @classmethod
   def create(
@@ -158,6 +171,7 @@ class MSEQuantizer:
       rotation: str = "haar",
       density: codebook_lib.Density = "sphere",
       norm_dtype=jnp.float32,
+      levels: str = "lloyd_max",
   ) -> "MSEQuantizer":
     """A quantizer for d-vectors at `bits` bits per coordinate (1..4).
 
@@ -168,13 +182,18 @@ class MSEQuantizer:
       rotation: "haar" (dense, any d) or "hadamard" (O(d log d), power-of-two d).
       density: codebook density, "sphere" (exact) or "gaussian" (large-d limit).
       norm_dtype: storage dtype of the norms (float32, float16 or bfloat16).
+      levels: "lloyd_max" (the optimal levels) or "cubic" (the best levels a·u + c·u³ of
+        the centred code u, what the Mosaic GPU kernel decodes exactly;
+        `codebook.cubic_codebook`).
     """
     _validate_config(d, bits, MSE_BITS, "MSEQuantizer")
-    return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype)
+    return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype,
+                       levels=levels)
 
   @classmethod
-  def _create(cls, key, d, bits, *, rotation, density, norm_dtype) -> "MSEQuantizer":
-    cb = codebook_lib.lloyd_max_codebook(d, bits, density)
+  def _create(cls, key, d, bits, *, rotation, density, norm_dtype,
+              levels="lloyd_max") -> "MSEQuantizer":
+    cb = _codebook(d, bits, density, levels)
     return cls(
         rotation=rotation_lib.make_rotation(key, d, rotation),
         centroids=jnp.asarray(cb.centroids, jnp.float32),
@@ -182,11 +201,17 @@ class MSEQuantizer:
         code_values=jnp.asarray(cb.centroids[level_of_code(bits)], jnp.float32),
         bits=bits,
         norm_dtype=norm_dtype,
+        levels=levels,
+        density=density,
     )
 
   @property
   def dim(self) -> int:
     return self.rotation.dim
+
+  def static_codebook(self):
+    """The numpy codebook of `centroids`, for kernels that bake the levels in."""
+    return _codebook(self.dim, self.bits, self.density, self.levels)
 
   def bytes_per_vector(self) -> int:
     """Stored bytes per vector: packed codes plus one norm."""
@@ -266,6 +291,7 @@ class ProdQuantizer:
       rotation: str = "haar",
       density: codebook_lib.Density = "sphere",
       norm_dtype=jnp.float32,
+      levels: str = "lloyd_max",
   ) -> "ProdQuantizer":
     """A quantizer for d-vectors at `bits` bits per coordinate (1..4).
 
@@ -274,7 +300,7 @@ class ProdQuantizer:
       d: vector dimension (>= 16, divisible by 8).
       bits: total bits per coordinate: bits-1 for the MSE codes, 1 for the QJL signs.
       sketch_dim: m, rows of the sketch (default d; a multiple of 8).
-      rotation, density, norm_dtype: as for `MSEQuantizer.create`.
+      rotation, density, norm_dtype, levels: as for `MSEQuantizer.create`.
     """
     _validate_config(d, bits, PROD_BITS, "ProdQuantizer")
     m = d if sketch_dim is None else sketch_dim
@@ -282,7 +308,7 @@ class ProdQuantizer:
       raise ValueError(f"sketch_dim must be a positive multiple of 8, got {m}")
     rot_key, sketch_key = jax.random.split(key)
     mse = MSEQuantizer._create(rot_key, d, bits - 1, rotation=rotation, density=density,
-                               norm_dtype=norm_dtype)
+                               norm_dtype=norm_dtype, levels=levels)
     return cls(mse=mse, sketch=qjl.gaussian_sketch(sketch_key, d, m), bits=bits)
 
   @property

@@ -43,7 +43,7 @@ from turboquant_jax import attention
 from turboquant_jax import channel_split
 from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
-from turboquant_jax.quantizers import ProdCodes
+from turboquant_jax.quantizers import LEVELS, ProdCodes
 
 Array = jax.Array
 
@@ -62,6 +62,8 @@ class TurboQuantConfig:
     rotation: "haar" or "hadamard".
     norm_dtype: storage dtype of the per-vector norms.
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
+    levels: "lloyd_max" or "cubic" reconstruction levels (`MSEQuantizer.create`); cubic
+      levels are what the Mosaic GPU kernel decodes without a table.
   """
 
   key_bits: float = 3.5
@@ -73,12 +75,15 @@ class TurboQuantConfig:
   rotation: str = "haar"
   norm_dtype: Any = jnp.float16
   seed: int = 0
+  levels: str = "lloyd_max"
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
       if getattr(self, name) not in channel_split.CACHE_BITS:
         raise ValueError(f"{name} must be one of {channel_split.CACHE_BITS}, "
                          f"got {getattr(self, name)!r}")
+    if self.levels not in LEVELS:
+      raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
@@ -149,7 +154,8 @@ class TurboQuantKVCache:
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
     k_key, v_key = jax.random.split(key)
     make = lambda k, bits, kind: channel_split.SplitQuantizer.create(  # noqa: E731
-        k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=config.norm_dtype)
+        k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=config.norm_dtype,
+        levels=config.levels)
     kq = make(k_key, config.key_bits, config.key_quantizer)
     vq = make(v_key, config.value_bits, "mse")
     lead = (batch, num_kv_heads, max_len)
