@@ -171,31 +171,35 @@ def _bit_sources(spec: TileSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   src_row = np.full((WORD_ROWS, c, 32), -1, np.int64)
   src_col = np.zeros((WORD_ROWS, c, 32), np.int64)
   src_bit = np.zeros((WORD_ROWS, c, 32), np.int64)
-  ops = program(spec)
+  low_bits = 2 if spec.bits == 3 else spec.bits
+  for word_row, p, op, out_row, out_col in _fragment_pairs(spec):
+    for h in range(2):
+      # Bits of the A word: code bit i sits at P + i after the shift.
+      for i in range(low_bits):
+        pos = op.position + i + 16 * h - op.a_shift
+        _claim(src_row, src_col, src_bit, word_row, _word_col(op.a_word, p), pos,
+               out_row, out_col + h, i)
+      if spec.bits == 3:
+        pos = op.position + 2 + 16 * h - op.b_shift
+        _claim(src_row, src_col, src_bit, word_row, _word_col(op.b_word, p), pos,
+               out_row, out_col + h, 2)
+  if np.any(src_row < 0):
+    raise AssertionError(f"{spec}: the program leaves word bits unused")
+  return src_row.reshape(-1), src_col.reshape(-1), src_bit.reshape(-1)
+
+
+def _fragment_pairs(spec: TileSpec):
+  """Every output register of a warpgroup: (word row, l % 4, its PairOp, output row,
+  first output column), thread by thread as the WGMMA layout assigns them."""
   half_cols = spec.cols // 8
   for warp in range(4):
     for lane in range(32):
       r8, p = divmod(lane, 4)
       for rh in range(2):
-        word_row = 16 * warp + 8 * rh + r8
-        for g, op in enumerate(ops):
+        for g, op in enumerate(program(spec)):
           mt, ct = divmod(g, half_cols)
-          for h in range(2):
-            out_row = 64 * mt + 16 * warp + 8 * rh + r8
-            out_col = 8 * ct + 2 * p + h
-            low_bits = 2 if spec.bits == 3 else spec.bits
-            # Bits of the A word: code bit i sits at P + i after the shift.
-            for i in range(low_bits):
-              pos = op.position + i + 16 * h - op.a_shift
-              _claim(src_row, src_col, src_bit, word_row, _word_col(op.a_word, p), pos,
-                     out_row, out_col, i)
-            if spec.bits == 3:
-              pos = op.position + 2 + 16 * h - op.b_shift
-              _claim(src_row, src_col, src_bit, word_row, _word_col(op.b_word, p), pos,
-                     out_row, out_col, 2)
-  if np.any(src_row < 0):
-    raise AssertionError(f"{spec}: the program leaves word bits unused")
-  return src_row.reshape(-1), src_col.reshape(-1), src_bit.reshape(-1)
+          yield (16 * warp + 8 * rh + r8, p, op, 64 * mt + 16 * warp + 8 * rh + r8,
+                 8 * ct + 2 * p)
 
 
 def _word_col(k: int, p: int) -> int:
@@ -246,23 +250,14 @@ def decode_words(words: np.ndarray, spec: TileSpec) -> np.ndarray:
   """
   w = np.asarray(words).view(np.uint32)
   out = np.full((spec.rows, spec.cols), np.nan, np.float32)
-  half_cols = spec.cols // 8
-  for warp in range(4):
-    for lane in range(32):
-      r8, p = divmod(lane, 4)
-      for rh in range(2):
-        word_row = 16 * warp + 8 * rh + r8
-        for g, op in enumerate(program(spec)):
-          a = _shift(w[word_row, _word_col(op.a_word, p)], op.a_shift)
-          t = (a & np.uint32(op.a_mask)) | np.uint32(op.const)
-          if op.b_word >= 0:
-            bw = _shift(w[word_row, _word_col(op.b_word, p)], op.b_shift)
-            t |= bw & np.uint32(op.b_mask)
-          halves = np.array([t & 0xFFFF, t >> 16], np.uint16).view(np.float16)
-          scale, bias = fma_constants(spec, op)
-          u = (halves.astype(np.float32) * np.float32(scale) + np.float32(bias))
-          u = u.astype(np.float16)  # one rounding, as fma.rn.f16x2 (exact here)
-          mt, ct = divmod(g, half_cols)
-          out_row = 64 * mt + 16 * warp + 8 * rh + r8
-          out[out_row, 8 * ct + 2 * p:8 * ct + 2 * p + 2] = u
+  for word_row, p, op, out_row, out_col in _fragment_pairs(spec):
+    a = _shift(w[word_row, _word_col(op.a_word, p)], op.a_shift)
+    t = (a & np.uint32(op.a_mask)) | np.uint32(op.const)
+    if op.b_word >= 0:
+      bw = _shift(w[word_row, _word_col(op.b_word, p)], op.b_shift)
+      t |= bw & np.uint32(op.b_mask)
+    halves = np.array([t & 0xFFFF, t >> 16], np.uint16).view(np.float16)
+    scale, bias = fma_constants(spec, op)
+    u = (halves.astype(np.float32) * np.float32(scale) + np.float32(bias))
+    out[out_row, out_col:out_col + 2] = u.astype(np.float16)  # one rounding, as fma.rn.f16x2
   return out

@@ -89,6 +89,15 @@ def _validate(d: int, bits: int, density: str) -> None:
     raise ValueError(f"density must be 'sphere' or 'gaussian', got {density!r}")
 
 
+def _nearest_level_mse(levels: np.ndarray, d: int, density: Density):
+  """(boundaries, D_mse of a unit vector) of nearest-level quantization to `levels`."""
+  lo, hi = _support(d, density)
+  boundaries = 0.5 * (levels[1:] + levels[:-1])
+  mass, first, second = _cell_moments(np.concatenate([[lo], boundaries, [hi]]), d, density)
+  # E[(t - c)²] per cell = ∫t²f - 2c∫tf + c²∫f.
+  return boundaries, float(d * np.sum(second - 2 * levels * first + levels**2 * mass))
+
+
 @functools.lru_cache(maxsize=None)
 def _solve(d: int, bits: int, density: Density, tol: float, max_iter: int) -> LloydMaxCodebook:
   lo, hi = _support(d, density)
@@ -109,11 +118,7 @@ def _solve(d: int, bits: int, density: Density, tol: float, max_iter: int) -> Ll
       break
   else:
     raise RuntimeError(f"Lloyd-Max did not converge for d={d}, bits={bits}, {density}")
-  boundaries = 0.5 * (centroids[1:] + centroids[:-1])
-  edges = np.concatenate([[lo], boundaries, [hi]])
-  mass, first, second = _cell_moments(edges, d, density)
-  # E[(t - c)²] per cell = ∫t²f - 2c∫tf + c²∫f.
-  mse = float(d * np.sum(second - 2 * centroids * first + centroids**2 * mass))
+  boundaries, mse = _nearest_level_mse(centroids, d, density)
   centroids.setflags(write=False)
   boundaries.setflags(write=False)
   return LloydMaxCodebook(centroids, boundaries, mse)
@@ -185,10 +190,7 @@ def _solve_cubic(d: int, bits: int, density: Density, tol: float,
   else:
     raise RuntimeError(f"the cubic codebook did not converge for d={d}, bits={bits}")
   levels = basis @ coef
-  boundaries = 0.5 * (levels[1:] + levels[:-1])
-  edges = np.concatenate([[lo], boundaries, [hi]])
-  mass, first, second = _cell_moments(edges, d, density)
-  mse = float(d * np.sum(second - 2 * levels * first + levels**2 * mass))
+  boundaries, mse = _nearest_level_mse(levels, d, density)
   levels.setflags(write=False)
   boundaries.setflags(write=False)
   return CubicCodebook(levels, boundaries, mse, float(coef[0]), float(coef[1]))
