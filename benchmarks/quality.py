@@ -67,6 +67,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if kw.get("levels", "lloyd_max") != "lloyd_max":
     name += f" {kw['levels']} levels"
     family = f"turboquant {kw['levels']} levels"
+  if kw.get("center_keys", True) == "rope":
+    name += " rope-centred"
+    family = "turboquant rope-centred"
   make = lambda seed: functools.partial(  # noqa: E731
       TurboQuantKVCache.create, config=TurboQuantConfig(
           key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
@@ -108,11 +111,24 @@ def methods() -> list[Method]:
       tq(3, key_quantizer="prod"), tq(4, key_quantizer="prod"),
       # The levels the Mosaic GPU kernel decodes exactly (a·u + c·u³ of the code).
       *[tq(b, levels="cubic") for b in (2.5, 3, 3.5, 4)],
+      # Keys centred before RoPE (the mean of R(t)ᵀ·k, turned to each key's position).
+      *[tq(b, center_keys="rope") for b in (2, 2.5, 3, 3.5, 4)],
   ]
 
 
-def load_text(path: pathlib.Path) -> str:
-  return path.read_text(encoding="utf-8", errors="replace")
+def load_text(path: pathlib.Path, lines: str | None = None) -> str:
+  """A text file (gzip too), or lines "a:b" of it (e.g. a chapter of a long manual:
+  /usr/share/debian-reference/debian-reference.en.txt.gz from Debian's
+  debian-reference-en)."""
+  data = path.read_bytes()
+  if path.suffix == ".gz":
+    import gzip
+    data = gzip.decompress(data)
+  text = data.decode("utf-8", errors="replace")
+  if lines:
+    a, b = (int(x) for x in lines.split(":"))
+    text = "\n".join(text.splitlines()[a:b])
+  return text
 
 
 def bits_per_coordinate(model, make, dtype) -> tuple[float, float]:
@@ -129,17 +145,19 @@ def run_model(name: str, args, out: dict, save) -> None:
   tok = tokenizer_from_gguf(gguf_file)
   encode = lambda text: tok.encode(text, add_bos=False)  # noqa: E731
   bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
-  ids = encode(load_text(args.text))
+  ids = encode(load_text(args.text, args.text_lines))
   if len(ids) < args.tokens:
     raise SystemExit(f"{args.text} has {len(ids)} tokens, fewer than --tokens {args.tokens}")
   tokens = jnp.asarray([bos + ids[:args.tokens - len(bos)]], jnp.int32)
   result = out.setdefault("models", {}).setdefault(name, {
       "config": dataclasses.asdict(model.cfg), "perplexity": {}, "needle": {},
       "fidelity": {}})
-  result.update(text=str(args.text), tokens=args.tokens, seeds=args.seeds)
+  result.update(text=str(args.text) + (f" lines {args.text_lines}" if args.text_lines else ""),
+                tokens=args.tokens, seeds=args.seeds)
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   chosen = [m for m in methods() + [m for m in extra if m is not None]
-            if not args.only or any(s in m.name for s in args.only)]
+            if not (args.only or args.exact) or any(s in m.name for s in args.only or ())
+            or m.name in (args.exact or ())]
 
   # 1. Perplexity through the decode path.
   for m in chosen:
@@ -264,7 +282,9 @@ def main(argv=None):
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--text", type=pathlib.Path, default=PERPLEXITY_TEXT)
+  parser.add_argument("--text-lines", help="a:b, only these lines of --text")
   parser.add_argument("--only", action="append", help="run methods whose name contains this")
+  parser.add_argument("--exact", action="append", help="run the method of this exact name")
   parser.add_argument("--needle-lengths", type=lambda s: [int(x) for x in s.split(",") if x],
                       default=[2048, 4096, 8192])
   parser.add_argument("--needle-depths", type=lambda s: [float(x) for x in s.split(",")],

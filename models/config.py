@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from turboquant_jax.rope import RopeSpec
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -68,6 +70,10 @@ class DecoderConfig:
     if self.is_local(layer) and self.rope_base_local is not None:
       return self.rope_base_local
     return self.rope_base
+
+  def layer_rope(self, layer: int) -> RopeSpec:
+    """The RoPE of a layer's queries and keys (Gemma's local layers have their own base)."""
+    return RopeSpec(self.layer_rope_base(layer), self.rope_interleaved)
 
   @property
   def scale(self) -> float:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from models.config import DecoderConfig
 from turboquant_jax import attention
+from turboquant_jax import rope
 
 Array = jax.Array
 
@@ -44,18 +45,7 @@ class RMSNorm(nnx.Module):
 
 def apply_rope(x: Array, positions: Array, base: float, interleaved: bool) -> Array:
   """Rotary embedding. x: [B, T, H, D], positions: [B, T]."""
-  d = x.shape[-1]
-  freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)           # [D/2]
-  angles = positions.astype(jnp.float32)[..., None] * freqs               # [B, T, D/2]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  if interleaved:
-    x1, x2 = x32[..., 0::2], x32[..., 1::2]
-    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
-  else:
-    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return rope.rotate(x, positions[:, :, None], rope.RopeSpec(base, interleaved))
 
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Linear:
@@ -87,9 +77,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    base = cfg.layer_rope_base(self.layer)
-    q = apply_rope(q, positions, base, cfg.rope_interleaved)
-    k = apply_rope(k, positions, base, cfg.rope_interleaved)
+    spec = cfg.layer_rope(self.layer)
+    q = rope.rotate(q, positions[:, :, None], spec)
+    k = rope.rotate(k, positions[:, :, None], spec)
     return q, k, v
 
   def __call__(self, x: Array, positions: Array, cache: Any, num_tokens: Array | None,
@@ -170,9 +160,11 @@ class Decoder(nnx.Module):
 
   def init_caches(self, batch: int, max_len: int, make_cache: Callable[..., Any],
                   dtype=jnp.float32) -> list[Any]:
-    """One cache per layer: make_cache(batch, max_len, kv_heads, head_dim, dtype, layer=i)."""
+    """One cache per layer: make_cache(batch, max_len, kv_heads, head_dim, dtype, layer=i,
+    rope=the layer's `RopeSpec`), so a cache can centre keys before RoPE."""
     cfg = self.cfg
-    return [make_cache(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, layer=i)
+    return [make_cache(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, layer=i,
+                       rope=cfg.layer_rope(i))
             for i in range(cfg.num_layers)]
 
   def __call__(self, tokens: Array, positions: Array | None = None,

@@ -235,7 +235,8 @@ def layer_fidelity(model, qkv: Sequence[tuple[Array, Array, Array]], make_cache:
   report = []
   for layer, (q, k, v) in enumerate(qkv):
     b, t, hkv, d = k.shape
-    cache = make_cache(b, t, hkv, d, jnp.float32, layer=layer).update(k, v)
+    cache = make_cache(b, t, hkv, d, jnp.float32, layer=layer,
+                       rope=cfg.layer_rope(layer)).update(k, v)
     dense = DenseKVCache.create(b, t, hkv, d).update(k, v)
     entry = {}
     if hasattr(cache, "reconstruct"):

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from turboquant_jax import attention
 from turboquant_jax import packing
+from turboquant_jax import rope as rope_lib
 from turboquant_jax.quantizers import MSEQuantizer, ProdCodes
 
 Array = jax.Array
@@ -149,11 +150,15 @@ def code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec: GroupS
 
 
 def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, soft_cap,
-                   sliding_window, compute_dtype, num_aliased, decode):
+                   sliding_window, compute_dtype, num_aliased, decode, rope):
   refs = list(refs)
   lo_ref, hi_ref = refs.pop(0), refs.pop(0)   # [] compressed range [lo, hi) of this row
   qpos_ref = refs.pop(0)                       # [M] query positions (-1: padding row)
   qoff_ref = refs.pop(0)                       # [M] q·μ, added to every compressed score
+  if rope:  # keys centred before RoPE: q·R(t)·μ per token (`rope_offset_inputs`)
+    coef_a_ref, coef_b_ref = refs.pop(0), refs.pop(0)        # [M, K] each
+    freq_ref, sub_ref = refs.pop(0), refs.pop(0)             # [K] each
+    cos_ref, sin_ref = refs.pop(0), refs.pop(0)              # [K, block_k] each
   keys = []
   for spec in key_specs:
     q_ref = refs.pop(0)                        # [M, dim] rotated query
@@ -177,6 +182,10 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
   qpos = qpos_ref[...]
   qoff = qoff_ref[...]
   rows_q = qpos.shape[0]
+  if rope:
+    coef_a, coef_b = coef_a_ref[...], coef_b_ref[...]
+    freq, sub = freq_ref[...], sub_ref[...]
+    cos_t, sin_t = cos_ref[...], sin_ref[...]
   queries = [(q_ref[...].astype(compute_dtype),
               None if qs_ref is None else qs_ref[...].astype(compute_dtype))
              for _, q_ref, qs_ref, *_ in keys]
@@ -188,6 +197,15 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
     for (spec, _, _, planes, norm_ref, sign_ref, rnorm_ref), (q, qs) in zip(keys, queries):
       scores += code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec,
                             decode, compute_dtype)
+    if rope:
+      # One sine and cosine per 16-token sub-block (angle at its start), the rest from
+      # the tables: q·R(h)·R(l)·μ as (A·cθ + B·sθ)·cos φ_l + (B·cθ - A·sθ)·sin φ_l.
+      angle = freq * (base + i * block_k + sub).astype(jnp.float32)
+      c, s_ = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
+      scores += jnp.dot(coef_a * c + coef_b * s_, cos_t, preferred_element_type=jnp.float32,
+                        precision=_HIGHEST)
+      scores += jnp.dot(coef_b * c - coef_a * s_, sin_t, preferred_element_type=jnp.float32,
+                        precision=_HIGHEST)
     scores = (scores + qoff[:, None]) * scale
     if soft_cap is not None:
       scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -244,7 +262,7 @@ def _flatten_inputs(key_specs, value_specs, q_parts, key_codes, value_codes):
 
 def _unbatched(lo, hi, qpos, qoff, *operands, key_specs, value_specs, has_token_axis,
                num_splits, block_k, scale, soft_cap, sliding_window, compute_dtype,
-               num_warps, num_stages, interpret, poison, decode):
+               num_warps, num_stages, interpret, poison, decode, rope):
   """One (sequence, kv head): operands with a token axis are [L, ...]."""
   rows_q = qpos.shape[0]
   length = next(x.shape[0] for x, t in zip(operands, has_token_axis) if t)
@@ -275,7 +293,7 @@ def _unbatched(lo, hi, qpos, qoff, *operands, key_specs, value_specs, has_token_
   kernel = functools.partial(
       _decode_kernel, key_specs=key_specs, value_specs=value_specs, split_len=split_len,
       block_k=block_k, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
-      compute_dtype=compute_dtype, num_aliased=len(aliases), decode=decode)
+      compute_dtype=compute_dtype, num_aliased=len(aliases), decode=decode, rope=rope)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -321,9 +339,39 @@ def query_parts(cache, qf: Array) -> tuple[list[tuple[Array, Array | None]], Arr
   for t in kq.transform_queries(_permute(qf, cache.key_perm)):
     parts.append(t if isinstance(t, tuple) else (t, None))
   qoff = jnp.zeros(qf.shape[:3], jnp.float32)
-  if cache.key_mean is not None:
-    qoff = jnp.einsum("bhqd,bhd->bhq", qf, cache.key_mean, precision=_HIGHEST)
+  if cache.key_mean is not None and cache.rope is None:
+    qoff = cache.query_offsets(qf)[..., 0]
   return parts, qoff
+
+
+def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
+  """The kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`):
+
+  per pair p, q·R(θ)·μ = A_p cos θ + B_p sin θ with A = q_a μ_a + q_b μ_b and
+  B = q_b μ_a - q_a μ_b; the angle at token h + l (h a multiple of 16) is θ_h + φ_l. For
+  the m = block_k / 16 sub-blocks of a block side by side (K = m·D/2 columns): A and B
+  [B, H, M, K], ω and the sub-block starts 16·s [K], and block-diagonal tables cos φ_l,
+  sin φ_l [K, block_k] (broadcast to [B, H, ...]; the kernel maps every operand).
+  """
+  spec, mu = cache.rope, cache.key_mean
+  q_a, q_b = spec.pairs(qf)
+  m_a, m_b = spec.pairs(mu[:, :, None, :])
+  a = q_a * m_a + q_b * m_b                                   # [B, H, M, D/2]
+  b = q_b * m_a - q_a * m_b
+  m = block_k // rope_lib.SPLIT
+  half = qf.shape[-1] // 2
+  freq = spec.frequencies(qf.shape[-1])
+  angles = jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[:, None] * freq   # [16, D/2]
+  eye = jnp.eye(m, dtype=jnp.float32)
+  # [m, D/2, m, 16] -> [K, block_k]: sub-block s's pairs feed only its 16 tokens.
+  table = lambda f: (eye[:, None, :, None] * f(angles).T[None, :, None, :]).reshape(  # noqa: E731
+      m * half, block_k)
+  lead = qf.shape[:2]
+  shared = [jnp.tile(freq, m),
+            jnp.repeat(jnp.arange(m, dtype=jnp.int32) * rope_lib.SPLIT, half),
+            table(jnp.cos), table(jnp.sin)]
+  return ([jnp.tile(a, (1, 1, 1, m)), jnp.tile(b, (1, 1, 1, m))]
+          + [jnp.broadcast_to(x, (*lead, *x.shape)) for x in shared])
 
 
 def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -352,7 +400,12 @@ def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
   q_parts, qoff = query_parts(cache, qf)
   q_parts = [(a.astype(compute_dtype), None if s is None else s.astype(compute_dtype))
              for a, s in q_parts]
-  ops = _flatten_inputs(key_specs, value_specs, q_parts, cache.key_codes, cache.value_codes)
+  rope = cache.key_mean is not None and cache.rope is not None
+  if rope and block_k % rope_lib.SPLIT:
+    raise ValueError(f"keys centred before RoPE need block_k divisible by "
+                     f"{rope_lib.SPLIT}, got {block_k}")
+  ops = [(x, False) for x in (rope_offset_inputs(cache, qf, block_k) if rope else [])]
+  ops += _flatten_inputs(key_specs, value_specs, q_parts, cache.key_codes, cache.value_codes)
   lo = jnp.full((b, h), cache.config.num_sinks, jnp.int32)
   hi = jnp.broadcast_to(cache.exact_window_start()[:, None], (b, h))
   qpos = jnp.broadcast_to(q_positions[:, None, :], (b, h, rows_pad)).astype(jnp.int32)
@@ -361,7 +414,7 @@ def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
       has_token_axis=tuple(t for _, t in ops), num_splits=num_splits, block_k=block_k,
       scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
       compute_dtype=compute_dtype, num_warps=num_warps, num_stages=num_stages,
-      interpret=interpret, poison=poison, decode=decode)
+      interpret=interpret, poison=poison, decode=decode, rope=rope)
   outs = jax.vmap(jax.vmap(fn))(lo, hi, qpos, qoff, *(x for x, _ in ops))
   *o, l, m = outs
   return tuple(x[:, :, :, :rows] for x in o), l[..., :rows], m[..., :rows]
@@ -375,10 +428,12 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
   del unused
   b, h, rows, _ = qf.shape
   length = cache.max_len
-  q_parts, qoff = query_parts(cache, qf)
+  q_parts, _ = query_parts(cache, qf)
   kq, vq = cache.key_quantizer, cache.value_quantizer
   scores = kq.scores([p if s is None else (p, s) for p, s in q_parts], cache.key_codes)
-  scores = attention.scale_and_cap(scores + qoff[..., None], scale, soft_cap)
+  if cache.key_mean is not None:
+    scores = scores + cache.query_offsets(qf)
+  scores = attention.scale_and_cap(scores, scale, soft_cap)
   pos = jnp.arange(length, dtype=jnp.int32)
   lo, hi = cache.config.num_sinks, cache.exact_window_start()
   mask = (pos >= lo)[None, :] & (pos[None, :] < hi[:, None])  # [B, L]

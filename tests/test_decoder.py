@@ -139,3 +139,15 @@ def test_wrong_number_of_caches():
   model, tokens = model_and_tokens("llama")
   with pytest.raises(ValueError, match="one cache per layer"):
     model(tokens, caches=[None])
+
+
+def test_caches_get_each_layers_rope():
+  """init_caches hands every cache its layer's RoPE (Gemma: local and global bases)."""
+  model, _ = model_and_tokens("gemma")
+  make = functools.partial(TurboQuantKVCache.create,
+                           config=TurboQuantConfig(center_keys="rope"))
+  caches = model.init_caches(1, MAX_LEN, make)
+  cfg = model.cfg
+  for layer, cache in enumerate(caches):
+    assert cache.rope == cfg.layer_rope(layer)
+  assert len({c.rope.base for c in caches}) == (2 if cfg.rope_base_local else 1)

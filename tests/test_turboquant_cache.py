@@ -309,3 +309,81 @@ def test_reconstruct_is_what_attention_reads(rng):
   dense = DenseKVCache(keys=keys, values=values, lengths=cache.lengths,
                        overflowed=cache.overflowed)
   np.testing.assert_allclose(cache.attend(q), dense.attend(q), rtol=2e-4, atol=2e-5)
+
+
+def rope_keys(rng, b, t, spec, offset=3.0):
+  """Keys with a fixed mean before RoPE (what a real model's keys have), after RoPE."""
+  from turboquant_jax.rope import rotate
+  pre = rng.standard_normal((b, t, HKV, D)) + offset * rng.standard_normal((1, 1, HKV, D))
+  pos = jnp.arange(t)[None, :, None]
+  return rotate(jnp.asarray(pre, jnp.float32), pos, spec), jnp.asarray(pre, jnp.float32)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_centering_offsets_mean_and_gain(interleaved, rng):
+  """Centred before RoPE: μ is the mean of the keys turned back to position 0; the offset
+  added to every compressed score is q·R(t)·μ at each position (the reference and the
+  interpret-mode kernel); the reconstruction beats centering after RoPE."""
+  from turboquant_jax.rope import RopeSpec, rotate
+  from pallas_kernels import decode_attention
+  spec = RopeSpec(1000.0, interleaved)
+  config = TurboQuantConfig(window=8, num_sinks=2, key_bits=2.5, value_bits=3,
+                            center_keys="rope")
+  k, pre = rope_keys(rng, B, 60, spec)
+  v = rand(rng, B, 60, HKV, D)
+  cache = TurboQuantKVCache.create(B, L, HKV, D, config=config, rope=spec).update(k, v)
+  np.testing.assert_allclose(cache.key_mean, np.asarray(pre[:, 2:60]).mean(1), atol=1e-4)
+  qf = rand(rng, B, HKV, 3, D)
+  direct = jnp.einsum("bhqd,bhld->bhql", qf, rotate(
+      jnp.broadcast_to(cache.key_mean[:, :, None], (B, HKV, L, D)),
+      jnp.arange(L)[None, None], spec))
+  np.testing.assert_allclose(cache.query_offsets(qf), direct, rtol=1e-4, atol=1e-3)
+  pos = jnp.array([[59, 50, -1], [59, 20, 10]])
+  kw = dict(scale=0.3, soft_cap=5.0, num_splits=2)
+  got = decode_attention.compressed_partials(cache, qf, pos, block_k=32, interpret=True,
+                                             compute_dtype=jnp.float32, poison=True, **kw)
+  want = decode_attention.compressed_partials_reference(cache, qf, pos, **kw)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  plain = TurboQuantKVCache.create(B, L, HKV, D, config=TurboQuantConfig(
+      **{**config.__dict__, "center_keys": "plain"}), rope=spec).update(k, v)
+  assert plain.rope is None
+  exact = kv_head_major(k)[:, :, 2:52]
+  err = lambda c: float(np.linalg.norm(c.reconstruct()[0][:, :, 2:52] - exact))  # noqa: E731
+  assert err(cache) < 0.6 * err(plain)
+
+
+def test_rope_centering_is_causal_and_prefill_equals_decode(rng):
+  from turboquant_jax.rope import RopeSpec
+  spec = RopeSpec(100.0)
+  w, s = 16, 2
+  config = TurboQuantConfig(window=w, num_sinks=s, key_bits=3, value_bits=3,
+                            center_keys="rope")
+  k, pre = rope_keys(rng, 1, 40, spec)
+  v = rand(rng, 1, 40, HKV, D)
+  step = TurboQuantKVCache.create(1, L, HKV, D, config=config, rope=spec)
+  for t in range(40):
+    step = step.update(k[:, t:t + 1], v[:, t:t + 1])
+    if t == w - 1:
+      mu = np.asarray(step.key_mean)
+      np.testing.assert_allclose(mu[0], np.asarray(pre[0, s:w]).mean(0), atol=1e-4)
+  np.testing.assert_array_equal(step.key_mean, mu)
+  prefill = TurboQuantKVCache.create(1, L, HKV, D, config=config, rope=spec).update(
+      k[:, :w], v[:, :w]).update(k[:, w:], v[:, w:])
+  np.testing.assert_allclose(prefill.key_mean, mu, atol=1e-6)
+  q = rand(rng, 1, 1, HQ, D)
+  np.testing.assert_allclose(prefill.attend(q), step.attend(q), rtol=1e-4, atol=1e-5)
+
+
+def test_rope_centering_with_everything_exact_is_dense(rng):
+  from turboquant_jax.rope import RopeSpec
+  spec = RopeSpec(100.0, interleaved=True)
+  config = TurboQuantConfig(window=L, center_keys="rope")
+  k, _ = rope_keys(rng, B, 50, spec)
+  v = rand(rng, B, 50, HKV, D)
+  tq = fill(TurboQuantKVCache, k, v, chunks=(20, 1, 29), config=config, rope=spec)
+  dense = fill(DenseKVCache, k, v, chunks=(20, 1, 29))
+  q = rand(rng, B, 2, HQ, D)
+  np.testing.assert_allclose(tq.attend(q), dense.attend(q), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="center_keys"):
+    TurboQuantConfig(center_keys="post")

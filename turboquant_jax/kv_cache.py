@@ -177,10 +177,10 @@ class DenseKVCache:
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32, *, layer: int = 0) -> "DenseKVCache":
-    """An empty cache. `layer` is accepted, and unused, so that both caches are created
-    the same way."""
-    del layer
+             dtype=jnp.float32, *, layer: int = 0, rope: Any = None) -> "DenseKVCache":
+    """An empty cache. `layer` and `rope` are accepted, and unused, so that every cache is
+    created the same way (`Decoder.init_caches`)."""
+    del layer, rope
     _check_dims(batch, max_len, num_kv_heads, head_dim)
     shape = (batch, num_kv_heads, max_len, head_dim)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),

@@ -37,10 +37,11 @@ def per_layer(default: MakeCache, *, overrides: Mapping[int, MakeCache] | None =
     raise ValueError(f"layers {sorted(full & set(overrides))} are both full precision and "
                      "overridden")
 
-  def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0):
+  def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
+           rope=None):
     maker = DenseKVCache.create if layer in full else overrides.get(layer, default)
     args = (batch, max_len, num_kv_heads, head_dim) + (() if dtype is None else (dtype,))
-    return maker(*args, layer=layer)
+    return maker(*args, layer=layer, rope=rope)
 
   return make
 

@@ -107,7 +107,7 @@ class ShardedKVCache:
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32, *, mesh: Mesh, make_cache: Callable[..., Any],
              data_axis: str | None = "data", model_axis: str | None = "model",
-             layer: int = 0) -> "ShardedKVCache":
+             layer: int = 0, rope: Any = None) -> "ShardedKVCache":
     """An empty cache; each device allocates only its own shard."""
     for axis in (data_axis, model_axis):
       if axis is not None and axis not in mesh.shape:
@@ -125,7 +125,7 @@ class ShardedKVCache:
       raise ValueError(f"{num_kv_heads} kv heads do not split over the {n_model} devices of "
                        f"axis {model_axis!r}")
     make = functools.partial(make_cache, batch, max_len, num_kv_heads, head_dim, dtype,
-                             layer=layer)
+                             layer=layer, rope=rope)
     shardings = cache_shardings(jax.eval_shape(make), mesh, data_axis, model_axis)
     return cls(cache=jax.jit(make, out_shardings=shardings)(), mesh=mesh,
                data_axis=data_axis, model_axis=model_axis)

@@ -13,9 +13,12 @@ Storage (head-major, preallocated for max_len, every code packed):
   row holds when it first holds a window's worth of tokens (a long prefill, or the first
   `window` decoded tokens; sinks left out). Causal: until then every token is exact in
   the window and no code is read; at that moment the window is re-coded with μ, and μ
-  never changes again. Keys are coded as k - μ and
-  q·μ is added back to every compressed score, so compressed and exact keys share one
-  softmax on the same footing.
+  never changes again. "plain": keys are coded as k - μ and q·μ is added back to every
+  compressed score. "rope" (given the decoder's `RopeSpec`): μ is the mean of the keys
+  turned back by their positions, R(t)ᵀ·k, a mean from before RoPE, fixed while the mean
+  after RoPE turns with the position; the key at t is coded as k - R(t)·μ and q·R(t)·μ
+  is added back. Either way compressed and exact keys share one softmax on the same
+  footing.
 - Fractional bits: the channels are ordered outliers first by a per-(sequence, kv head)
   permutation chosen at the same moment (`channel_split.outlier_permutation`).
 
@@ -43,6 +46,7 @@ from turboquant_jax import attention
 from turboquant_jax import channel_split
 from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
+from turboquant_jax import rope as rope_lib
 from turboquant_jax.quantizers import LEVELS, ProdCodes
 
 Array = jax.Array
@@ -58,7 +62,9 @@ class TurboQuantConfig:
       values always use "mse".
     window: recent tokens kept exact (0 for none).
     num_sinks: first tokens kept exact (0 for none).
-    center_keys: subtract a per-head channel mean from keys before quantizing.
+    center_keys: subtract a per-head channel mean from keys before quantizing: "rope" (the
+      mean before RoPE, turned to each key's position; needs the decoder's `RopeSpec`,
+      without one it centres as "plain"), "plain" or True (the mean after RoPE), False.
     rotation: "haar" or "hadamard".
     norm_dtype: storage dtype of the per-vector norms.
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
@@ -71,7 +77,7 @@ class TurboQuantConfig:
   key_quantizer: str = "mse"
   window: int = 128
   num_sinks: int = 4
-  center_keys: bool = True
+  center_keys: bool | str = True
   rotation: str = "haar"
   norm_dtype: Any = jnp.float16
   seed: int = 0
@@ -82,6 +88,9 @@ class TurboQuantConfig:
       if getattr(self, name) not in channel_split.CACHE_BITS:
         raise ValueError(f"{name} must be one of {channel_split.CACHE_BITS}, "
                          f"got {getattr(self, name)!r}")
+    if self.center_keys not in (True, False, "plain", "rope"):
+      raise ValueError(f"center_keys must be 'rope', 'plain', True or False, "
+                       f"got {self.center_keys!r}")
     if self.levels not in LEVELS:
       raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
     if self.key_quantizer not in ("mse", "prod"):
@@ -126,6 +135,7 @@ class TurboQuantKVCache:
     calibrated: [B] bool, whether the row's mean and permutations are set.
     lengths: [B] int32. overflowed: [B] bool (see `kv_cache`).
     config: the `TurboQuantConfig` (static).
+    rope: the decoder's `RopeSpec` when keys are centred before RoPE, else None (static).
   """
 
   key_quantizer: channel_split.SplitQuantizer
@@ -144,12 +154,14 @@ class TurboQuantKVCache:
   lengths: Array
   overflowed: Array
   config: TurboQuantConfig = flax.struct.field(pytree_node=False)
+  rope: rope_lib.RopeSpec | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32, *, config: TurboQuantConfig = TurboQuantConfig(),
-             layer: int = 0) -> "TurboQuantKVCache":
-    """An empty cache. `dtype` is that of the exact parts (window, sinks): fp32 or bf16."""
+             layer: int = 0, rope: rope_lib.RopeSpec | None = None) -> "TurboQuantKVCache":
+    """An empty cache. `dtype` is that of the exact parts (window, sinks): fp32 or bf16.
+    `rope` is the layer's RoPE (decoders pass it), used by center_keys="rope"."""
     kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
     k_key, v_key = jax.random.split(key)
@@ -181,6 +193,7 @@ class TurboQuantKVCache:
         lengths=jnp.zeros((batch,), jnp.int32),
         overflowed=jnp.zeros((batch,), bool),
         config=config,
+        rope=rope if config.center_keys == "rope" else None,
     )
 
   @property
@@ -198,6 +211,14 @@ class TurboQuantKVCache:
   @property
   def max_len(self) -> int:
     return jax.tree.leaves(self.key_codes)[0].shape[2]
+
+  def key_offsets(self, key_mean: Array, positions: Array) -> Array:
+    """What centering took from the key at each position: [B, H, T, D] float32 for
+    positions [B, T] (μ everywhere, or R(t)·μ when centred before RoPE)."""
+    mean = key_mean[:, :, None, :]
+    if self.rope is None:
+      return jnp.broadcast_to(mean, (*mean.shape[:2], positions.shape[1], mean.shape[3]))
+    return rope_lib.rotate_split(mean, positions[:, None, :], self.rope)
 
   # -- writing ---------------------------------------------------------------------------
 
@@ -232,7 +253,8 @@ class TurboQuantKVCache:
 
     kc = kh.astype(jnp.float32)
     if key_mean is not None:
-      kc = kc - key_mean[:, :, None, :]
+      new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+      kc = kc - self.key_offsets(key_mean, new_pos)
     write = lambda buf, new: kv_cache.scatter_tokens(buf, new, plan.indices)  # noqa: E731
     key_codes = jax.tree.map(write, key_codes,
                              self.key_quantizer.quantize(_permute(kc, key_perm)))
@@ -275,10 +297,13 @@ class TurboQuantKVCache:
 
     key_mean = self.key_mean
     if key_mean is not None:
+      pos = jnp.concatenate([wp, new_pos], axis=1)                     # [B, W+T]
       c = counted[:, None, :, None].astype(jnp.float32)
-      mean = jnp.sum(tokens_k * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
+      before_rope = (tokens_k if self.rope is None else
+                     rope_lib.unrotate_split(tokens_k, pos[:, None, :], self.rope))
+      mean = jnp.sum(before_rope * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
       key_mean = jnp.where(first[:, None, None], mean, key_mean)
-      tokens_k = tokens_k - key_mean[:, :, None, :]
+      tokens_k = tokens_k - self.key_offsets(key_mean, pos)
 
     def choose(perm, quantizer, x):
       if perm is None:
@@ -301,6 +326,18 @@ class TurboQuantKVCache:
 
   # -- reading ---------------------------------------------------------------------------
 
+  def _all_positions(self) -> Array:
+    return jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (self.batch, self.max_len))
+
+  def query_offsets(self, qf: Array) -> Array:
+    """q·(what centering took from each key): [B, H, M, 1] ("plain": one q·μ per row) or
+    [B, H, M, max_len] (before RoPE: q·R(t)·μ per position). qf: [B, H, M, D]."""
+    hi = jax.lax.Precision.HIGHEST
+    if self.rope is None:
+      return jnp.einsum("bhqd,bhd->bhq", qf, self.key_mean, precision=hi)[..., None]
+    offsets = self.key_offsets(self.key_mean, self._all_positions())
+    return jnp.einsum("bhqd,bhld->bhql", qf, offsets, precision=hi)
+
   def exact_window_start(self) -> Array:
     """[B]: positions [start, length) are held exactly by the window (a trailing run)."""
     return exact_tokens.window_start(self.window_positions, self.lengths, self.config.window)
@@ -320,7 +357,7 @@ class TurboQuantKVCache:
     """
     keys = _unpermute(self.key_quantizer.dequantize(self.key_codes), self.key_perm)
     if self.key_mean is not None:
-      keys = keys + self.key_mean[:, :, None, :]
+      keys = keys + self.key_offsets(self.key_mean, self._all_positions())
     values = _unpermute(self.value_quantizer.dequantize(self.value_codes), self.value_perm)
     parts = self.exact_parts()
     keys = exact_tokens.overlay(keys, [(k, p, vis) for k, _, p, vis in parts])
@@ -385,8 +422,7 @@ class TurboQuantKVCache:
     kq = self.key_quantizer
     scores_c = kq.scores(kq.transform_queries(_permute(qf, self.key_perm)), self.key_codes)
     if self.key_mean is not None:
-      scores_c = scores_c + jnp.einsum("bhqd,bhd->bhq", qf, self.key_mean,
-                                       precision=jax.lax.Precision.HIGHEST)[..., None]
+      scores_c = scores_c + self.query_offsets(qf)
     scores_c = scores_c.reshape(b, h, g, tq, self.max_len)
     pos_c = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (b, self.max_len))
     blocks = [(attention.scale_and_cap(scores_c, scale, soft_cap),

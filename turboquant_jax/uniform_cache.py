@@ -213,13 +213,13 @@ class UniformKVCache:
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32, *, config: UniformConfig = UniformConfig(),
-             layer: int = 0) -> "UniformKVCache":
+             layer: int = 0, rope: Any = None) -> "UniformKVCache":
     """An empty cache; `dtype` is that of the exact parts and the staging buffer.
 
     With channel-grouped keys the capacity is max_len rounded up to a whole number of
     key groups.
     """
-    del layer
+    del layer, rope
     kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
     g = config.group_size
     channel = config.key_axis == "channel"
