@@ -1,4 +1,4 @@
-"""Fused decode attention over a `TurboQuantKVCache`: a Pallas kernel (Triton lowering).
+"""Fused decode attention over TurboQuant codes: a Pallas kernel (Triton lowering).
 
 One program handles one (sequence, kv head, split of the sequence): FlashDecoding split-K,
 so one long sequence still fills the GPU. All q heads of the kv head (times the query
@@ -10,16 +10,15 @@ tokens) are the rows of one tile, so each block of codes is read once (GQA). Per
    `turboquant_jax.packing`), decodes the sign-magnitude codes with a ladder over the
    2^(b-1) Lloyd-Max magnitudes and one sign flip,
 2. scores the tile against the rotated query (plus the QJL term against the sketched
-   query for "prod" keys, plus q·μ for centered keys), times the norms,
+   query for "prod" keys), times the norms, plus the key-centering offset: q·μ, or
+   q·R(t)·μ for keys centred before RoPE (one sine and cosine per 16-token sub-block),
 3. keeps an online softmax in float32 and accumulates the values' decoded tiles, weighted
    by probability × norm, in each group's rotated domain.
 
-The partial results (o, l, m) of the splits are merged in plain jnp together with the
-exact window and sinks (one more partial of the same softmax), then each group's output
-is rotated back once. `compressed_partials_reference` computes the same partials in jnp.
-
-The maths is backend-neutral (integer shifts, compares, selects, dots): a Mosaic GPU
-version can reuse `_decode_tile` and the loop body.
+`decode_partials` takes arrays and static specs and returns the splits' partial results
+(o, l, m); `turboquant_jax.kernel_attention` prepares them from a cache, merges them with
+the exact window and sinks (one more partial of the same softmax) and rotates each
+group's output back once, and holds the jnp reference of the same partials.
 """
 
 from __future__ import annotations
@@ -33,9 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from turboquant_jax import attention
 from turboquant_jax import packing
-from turboquant_jax import rope as rope_lib
 from turboquant_jax.quantizers import MSEQuantizer, ProdCodes
 
 Array = jax.Array
@@ -331,172 +328,47 @@ def choose_blocks(max_len: int, batch_heads: int, block_k: int | None = None,
   return block_k, num_splits
 
 
-def query_parts(cache, qf: Array) -> tuple[list[tuple[Array, Array | None]], Array]:
-  """Per key group (Π·q, S·Π·q or None) and the centering offset q·μ. qf: [B, H, M, D]."""
-  from turboquant_jax.turboquant_cache import _permute
-  kq = cache.key_quantizer
-  parts = []
-  for t in kq.transform_queries(_permute(qf, cache.key_perm)):
-    parts.append(t if isinstance(t, tuple) else (t, None))
-  qoff = jnp.zeros(qf.shape[:3], jnp.float32)
-  if cache.key_mean is not None and cache.rope is None:
-    qoff = cache.query_offsets(qf)[..., 0]
-  return parts, qoff
-
-
-def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
-  """The kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`):
-
-  per pair p, q·R(θ)·μ = A_p cos θ + B_p sin θ with A = q_a μ_a + q_b μ_b and
-  B = q_b μ_a - q_a μ_b; the angle at token h + l (h a multiple of 16) is θ_h + φ_l. For
-  the m = block_k / 16 sub-blocks of a block side by side (K = m·D/2 columns): A and B
-  [B, H, M, K], ω and the sub-block starts 16·s [K], and block-diagonal tables cos φ_l,
-  sin φ_l [K, block_k] (broadcast to [B, H, ...]; the kernel maps every operand).
-  """
-  spec, mu = cache.rope, cache.key_mean
-  q_a, q_b = spec.pairs(qf)
-  m_a, m_b = spec.pairs(mu[:, :, None, :])
-  a = q_a * m_a + q_b * m_b                                   # [B, H, M, D/2]
-  b = q_b * m_a - q_a * m_b
-  m = block_k // rope_lib.SPLIT
-  half = qf.shape[-1] // 2
-  freq = spec.frequencies(qf.shape[-1])
-  angles = jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[:, None] * freq   # [16, D/2]
-  eye = jnp.eye(m, dtype=jnp.float32)
-  # [m, D/2, m, 16] -> [K, block_k]: sub-block s's pairs feed only its 16 tokens.
-  table = lambda f: (eye[:, None, :, None] * f(angles).T[None, :, None, :]).reshape(  # noqa: E731
-      m * half, block_k)
-  lead = qf.shape[:2]
-  shared = [jnp.tile(freq, m),
-            jnp.repeat(jnp.arange(m, dtype=jnp.int32) * rope_lib.SPLIT, half),
-            table(jnp.cos), table(jnp.sin)]
-  return ([jnp.tile(a, (1, 1, 1, m)), jnp.tile(b, (1, 1, 1, m))]
-          + [jnp.broadcast_to(x, (*lead, *x.shape)) for x in shared])
-
-
-def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
-                        soft_cap: float | None = None, sliding_window: int | None = None,
-                        block_k: int | None = None, num_splits: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2,
-                        compute_dtype=jnp.bfloat16, interpret: bool = False,
-                        poison: bool = False, decode: str = "auto"):
+def decode_partials(lo: Array, hi: Array, q_positions: Array, qoff: Array, q_parts,
+                    key_codes, value_codes, *, key_specs, value_specs, rope_inputs=(),
+                    scale: float, soft_cap: float | None = None,
+                    sliding_window: int | None = None, block_k: int, num_splits: int,
+                    num_warps: int = 4, num_stages: int = 2, compute_dtype=jnp.bfloat16,
+                    interpret: bool = False, poison: bool = False, decode: str = "auto"):
   """Split-K partial softmax results over the compressed tokens, from the kernel.
 
   Args:
-    cache: a `TurboQuantKVCache`.
-    qf: [B, H, M, D] query rows of each kv head (q heads × query tokens), float32.
-    q_positions: [B, M] position of each row (-1 for a row that sees nothing).
+    lo, hi: [B, H] int32, the compressed range [lo, hi) of each (sequence, kv head).
+    q_positions: [B, H, M] position of each query row (-1: a row that sees nothing).
+    qoff: [B, H, M] float32, added to every compressed score (plain key centering).
+    q_parts: per key group (rotated queries [B, H, M, d_g], sketched queries or None).
+    key_codes, value_codes: per channel group, the codes with leaves [B, H, L, ...].
+    key_specs, value_specs: `group_specs` of the quantizers (static).
+    rope_inputs: the five arrays of `kernel_attention.rope_offset_inputs` when keys are
+      centred before RoPE, else ().
+    block_k, num_splits: tokens per block and splits of L (`choose_blocks`).
 
   Returns:
     (o, l, m): o a tuple with one [B, H, splits, M, d_g] per value group (rotated,
     unnormalised), l and m [B, H, splits, M].
   """
-  b, h, rows, _ = qf.shape
+  b, h, rows = q_positions.shape
   rows_pad = max(16, 1 << (rows - 1).bit_length())
-  qf = _pad_rows(qf, rows_pad, 0.0)
-  q_positions = jnp.pad(q_positions, ((0, 0), (0, rows_pad - rows)), constant_values=-1)
-  block_k, num_splits = choose_blocks(cache.max_len, b * h, block_k, num_splits)
-  key_specs, value_specs = group_specs(cache.key_quantizer), group_specs(cache.value_quantizer)
-  q_parts, qoff = query_parts(cache, qf)
-  q_parts = [(a.astype(compute_dtype), None if s is None else s.astype(compute_dtype))
-             for a, s in q_parts]
-  rope = cache.key_mean is not None and cache.rope is not None
-  if rope and block_k % rope_lib.SPLIT:
-    raise ValueError(f"keys centred before RoPE need block_k divisible by "
-                     f"{rope_lib.SPLIT}, got {block_k}")
-  ops = [(x, False) for x in (rope_offset_inputs(cache, qf, block_k) if rope else [])]
-  ops += _flatten_inputs(key_specs, value_specs, q_parts, cache.key_codes, cache.value_codes)
-  lo = jnp.full((b, h), cache.config.num_sinks, jnp.int32)
-  hi = jnp.broadcast_to(cache.exact_window_start()[:, None], (b, h))
-  qpos = jnp.broadcast_to(q_positions[:, None, :], (b, h, rows_pad)).astype(jnp.int32)
+  pad = lambda x, v: _pad_rows(x, rows_pad, v)  # noqa: E731
+  q_parts = [(pad(a, 0.0).astype(compute_dtype),
+              None if s is None else pad(s, 0.0).astype(compute_dtype)) for a, s in q_parts]
+  rope = bool(rope_inputs)
+  if rope and block_k % 16:
+    raise ValueError(f"keys centred before RoPE need block_k divisible by 16, got {block_k}")
+  ops = [(pad(x, 0.0) if i < 2 else x, False) for i, x in enumerate(rope_inputs)]
+  ops += _flatten_inputs(key_specs, value_specs, q_parts, key_codes, value_codes)
   fn = functools.partial(
       _unbatched, key_specs=key_specs, value_specs=value_specs,
       has_token_axis=tuple(t for _, t in ops), num_splits=num_splits, block_k=block_k,
       scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
       compute_dtype=compute_dtype, num_warps=num_warps, num_stages=num_stages,
       interpret=interpret, poison=poison, decode=decode, rope=rope)
-  outs = jax.vmap(jax.vmap(fn))(lo, hi, qpos, qoff, *(x for x, _ in ops))
+  qpos = jnp.pad(q_positions, ((0, 0), (0, 0), (0, rows_pad - rows)), constant_values=-1)
+  outs = jax.vmap(jax.vmap(fn))(lo, hi, qpos.astype(jnp.int32), pad(qoff, 0.0),
+                                *(x for x, _ in ops))
   *o, l, m = outs
   return tuple(x[:, :, :, :rows] for x in o), l[..., :rows], m[..., :rows]
-
-
-def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale: float,
-                                  soft_cap: float | None = None,
-                                  sliding_window: int | None = None, num_splits: int = 1,
-                                  **unused):
-  """The same partials as `compressed_partials`, in plain jnp and float32."""
-  del unused
-  b, h, rows, _ = qf.shape
-  length = cache.max_len
-  q_parts, _ = query_parts(cache, qf)
-  kq, vq = cache.key_quantizer, cache.value_quantizer
-  scores = kq.scores([p if s is None else (p, s) for p, s in q_parts], cache.key_codes)
-  if cache.key_mean is not None:
-    scores = scores + cache.query_offsets(qf)
-  scores = attention.scale_and_cap(scores, scale, soft_cap)
-  pos = jnp.arange(length, dtype=jnp.int32)
-  lo, hi = cache.config.num_sinks, cache.exact_window_start()
-  mask = (pos >= lo)[None, :] & (pos[None, :] < hi[:, None])  # [B, L]
-  mask = mask[:, None, None, :] & (pos[None, None, :] <= q_positions[:, :, None])[:, None]
-  if sliding_window is not None:
-    mask &= (q_positions[:, :, None] - pos[None, None, :] < sliding_window)[:, None]
-  scores = jnp.where(mask, scores, _NEG).reshape(b, h, rows, num_splits, length // num_splits)
-  mask = mask.reshape(b, 1, rows, num_splits, length // num_splits)
-  m = scores.max(axis=-1)
-  p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
-  l = p.sum(axis=-1)
-  o = []
-  for group, codes in zip(vq.groups, cache.value_codes):
-    vals = group.rotated_values(codes).reshape(b, h, num_splits, length // num_splits, -1)
-    o.append(jnp.einsum("bhqsk,bhskd->bhsqd", p, vals, precision=_HIGHEST))
-  return tuple(o), jnp.moveaxis(l, 3, 2), jnp.moveaxis(m, 3, 2)
-
-
-def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
-           sliding_window: int | None = None, soft_cap: float | None = None,
-           use_kernel: bool = True, **kernel_kwargs) -> Array:
-  """`TurboQuantKVCache.attend` through the fused kernel: [B, Tq, Hq, D] -> same.
-
-  The exact window and sinks are one more partial of the same softmax, merged with the
-  kernel's split partials; each value group's sum is rotated back once.
-  """
-  from turboquant_jax.turboquant_cache import _unpermute
-  b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
-  scale = d**-0.5 if scale is None else scale
-  if q_positions is None:
-    q_positions = attention.default_query_positions(cache.lengths, q.shape[1])
-  qg = attention.group_queries(q, h)                       # [B, H, G, Tq, D]
-  g, tq = qg.shape[2], qg.shape[3]
-  qf = qg.reshape(b, h, g * tq, d)
-  row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
-  partials = compressed_partials if use_kernel else compressed_partials_reference
-  o_c, l_c, m_c = partials(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
-                           sliding_window=sliding_window, **kernel_kwargs)
-  m_all = m_c.max(axis=2)                                  # [B, H, M]
-  exact_scores, exact_values = [], []
-  for keys, values, pos, visible in cache.exact_parts():
-    s = attention.scale_and_cap(
-        jnp.einsum("bhqd,bhkd->bhqk", qf, keys.astype(jnp.float32), precision=_HIGHEST),
-        scale, soft_cap)
-    mask = attention.key_mask(row_pos, pos, visible, sliding_window)[:, :, 0]
-    s = jnp.where(mask, s, _NEG)
-    exact_scores.append((s, mask))
-    exact_values.append(values)
-    m_all = jnp.maximum(m_all, s.max(axis=-1))
-  weight = jnp.exp(m_c - m_all[:, :, None])                # [B, H, S, M]
-  l_total = jnp.sum(l_c * weight, axis=2)
-  rotated = tuple(jnp.sum(o * weight[..., None], axis=2) for o in o_c)
-  out = _unpermute(cache.value_quantizer.unrotate(rotated), cache.value_perm)
-  for (s, mask), values in zip(exact_scores, exact_values):
-    p = jnp.where(mask, jnp.exp(s - m_all[..., None]), 0.0)
-    l_total = l_total + p.sum(axis=-1)
-    out = out + jnp.einsum("bhqk,bhkd->bhqd", p, values.astype(jnp.float32),
-                           precision=_HIGHEST)
-  out = out / jnp.where(l_total > 0, l_total, 1.0)[..., None]
-  out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
-  return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
-
-
-attend_jit = jax.jit(attend, static_argnames=(
-    "scale", "sliding_window", "soft_cap", "use_kernel", "block_k", "num_splits", "num_warps",
-    "num_stages", "compute_dtype", "interpret", "poison", "decode"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention
+from turboquant_jax import kernel_attention
 from turboquant_jax import codebook
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
@@ -55,9 +56,9 @@ def test_kernel_partials_match_jnp_partials(rng):
   qf = jnp.asarray(rng.standard_normal((2, hkv, 5, d)), jnp.float32)
   pos = jnp.array([[127, 127, 100, 80, -1], [89, 89, 40, 0, 12]])
   kw = dict(scale=0.2, soft_cap=4.0, sliding_window=50, num_splits=4)
-  o, l, m = decode_attention.compressed_partials(cache, qf, pos, block_k=16, interpret=True,
+  o, l, m = kernel_attention.compressed_partials(cache, qf, pos, block_k=16, interpret=True,
                                                  compute_dtype=jnp.float32, poison=True, **kw)
-  o_r, l_r, m_r = decode_attention.compressed_partials_reference(cache, qf, pos, **kw)
+  o_r, l_r, m_r = kernel_attention.compressed_partials_reference(cache, qf, pos, **kw)
   np.testing.assert_allclose(m, m_r, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(l, l_r, rtol=1e-4, atol=1e-6)
   for a, b in zip(o, o_r):
@@ -125,6 +126,6 @@ def test_lowers_for_cuda(d, config, decode):
   cache = jax.eval_shape(lambda: TurboQuantKVCache.create(2, 1024, 2, d, jnp.bfloat16,
                                                           config=config))
   q = jax.ShapeDtypeStruct((2, 1, 8, d), jnp.bfloat16)
-  f = lambda c, q: decode_attention.attend(c, q, interpret=False, decode=decode)  # noqa: E731
+  f = lambda c, q: kernel_attention.attend(c, q, interpret=False, decode=decode)  # noqa: E731
   lowered = jax.jit(f).trace(cache, q).lower(lowering_platforms=("cuda",))
   assert "turboquant_decode" in lowered.as_text()

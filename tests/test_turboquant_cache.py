@@ -325,7 +325,7 @@ def test_rope_centering_offsets_mean_and_gain(interleaved, rng):
   added to every compressed score is q·R(t)·μ at each position (the reference and the
   interpret-mode kernel); the reconstruction beats centering after RoPE."""
   from turboquant_jax.rope import RopeSpec, rotate
-  from pallas_kernels import decode_attention
+  from turboquant_jax import kernel_attention
   spec = RopeSpec(1000.0, interleaved)
   config = TurboQuantConfig(window=8, num_sinks=2, key_bits=2.5, value_bits=3,
                             center_keys="rope")
@@ -340,9 +340,9 @@ def test_rope_centering_offsets_mean_and_gain(interleaved, rng):
   np.testing.assert_allclose(cache.query_offsets(qf), direct, rtol=1e-4, atol=1e-3)
   pos = jnp.array([[59, 50, -1], [59, 20, 10]])
   kw = dict(scale=0.3, soft_cap=5.0, num_splits=2)
-  got = decode_attention.compressed_partials(cache, qf, pos, block_k=32, interpret=True,
+  got = kernel_attention.compressed_partials(cache, qf, pos, block_k=32, interpret=True,
                                              compute_dtype=jnp.float32, poison=True, **kw)
-  want = decode_attention.compressed_partials_reference(cache, qf, pos, **kw)
+  want = kernel_attention.compressed_partials_reference(cache, qf, pos, **kw)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
   plain = TurboQuantKVCache.create(B, L, HKV, D, config=TurboQuantConfig(

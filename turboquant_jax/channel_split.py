@@ -146,3 +146,17 @@ def outlier_permutation(x: Array, valid: Array, num_outliers: int) -> Array:
   # Sort by (not outlier, channel index): a deterministic, index-ordered split.
   order_key = jnp.where(is_outlier, 0, d) + jnp.arange(d)
   return jnp.argsort(order_key, axis=-1).astype(jnp.int32)
+
+
+def permute_channels(x: Array, perm: Array | None) -> Array:
+  """x: [B, H, T, D], perm: [B, H, D] (or None: identity) -> x[..., perm]."""
+  if perm is None:
+    return x
+  return jnp.take_along_axis(x, perm[:, :, None, :], axis=-1)
+
+
+def unpermute_channels(x: Array, perm: Array | None) -> Array:
+  """The inverse of `permute_channels`."""
+  if perm is None:
+    return x
+  return permute_channels(x, jnp.argsort(perm, axis=-1))

@@ -107,17 +107,8 @@ def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...])
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _permute(x: Array, perm: Array | None) -> Array:
-  """x: [B, H, T, D], perm: [B, H, D] -> x[..., perm]."""
-  if perm is None:
-    return x
-  return jnp.take_along_axis(x, perm[:, :, None, :], axis=-1)
-
-
-def _unpermute(x: Array, perm: Array | None) -> Array:
-  if perm is None:
-    return x
-  return _permute(x, jnp.argsort(perm, axis=-1))
+_permute = channel_split.permute_channels
+_unpermute = channel_split.unpermute_channels
 
 
 @flax.struct.dataclass
@@ -376,7 +367,8 @@ class TurboQuantKVCache:
       sliding_window: a query at p sees keys in (p - sliding_window, p].
       soft_cap: scores become soft_cap·tanh(scores / soft_cap).
       implementation: "reference" (pure jnp, the ground truth), "pallas" (the fused
-        kernel of `pallas_kernels.decode_attention`; in interpret mode off the GPU), or
+        kernel of `pallas_kernels.decode_attention` through `kernel_attention`; in interpret
+        mode off the GPU), or
         None: the kernel on GPU, the reference elsewhere.
       **kernel_kwargs: block_k, num_splits, num_warps, num_stages, compute_dtype for the
         kernel.
@@ -394,11 +386,11 @@ class TurboQuantKVCache:
     if not self.kernel_supported():
       raise ValueError("the Pallas kernel needs a power-of-two head_dim >= 32 and max_len "
                        f"divisible by 16; got head_dim {self.head_dim}, max_len {self.max_len}")
-    from pallas_kernels import decode_attention  # the kernel package depends on this one
+    from turboquant_jax import kernel_attention  # it imports the kernels
     kernel_kwargs.setdefault("interpret", not on_gpu)
     if kernel_kwargs["interpret"]:
       kernel_kwargs.setdefault("compute_dtype", jnp.float32)
-    return decode_attention.attend_jit(self, q, q_positions, scale=scale,
+    return kernel_attention.attend_jit(self, q, q_positions, scale=scale,
                                        sliding_window=sliding_window, soft_cap=soft_cap,
                                        **kernel_kwargs)
 
