@@ -23,9 +23,12 @@ def tile_specs():
 
 
 SPECS = tile_specs()
+# Packing runs through jnp (one compilation per shape): the tiles up to 16K codes cover
+# every program shape (each width, 1-4 row tiles, 64-256 columns).
+SMALL_SPECS = [s for s in SPECS if s.rows * s.cols <= 128 * 128]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", SMALL_SPECS, ids=str)
 def test_pack_unpack_round_trip(spec, rng):
   codes = rng.integers(0, 1 << spec.bits, (3, spec.rows, spec.cols))
   words = rc.pack_tile(jnp.asarray(codes), spec)
