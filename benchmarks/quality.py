@@ -59,7 +59,10 @@ class Method:
 
 
 def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
+  """A TurboQuant method; keys centred after RoPE ("plain", as every result without a
+  "rope-centred" suffix was measured) unless center_keys says otherwise."""
   bits_v = bits_k if bits_v is None else bits_v
+  kw.setdefault("center_keys", "plain")
   name = f"turboquant K{bits_k}/V{bits_v}" if bits_v != bits_k else f"turboquant {bits_k}"
   if key_quantizer == "prod":
     name += " prod keys"
@@ -89,7 +92,7 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
   if len(layers) == cfg.num_layers:
     return None
   make = lambda seed: turboquant_per_layer(  # noqa: E731
-      TurboQuantConfig(key_bits=bits, value_bits=bits, seed=seed),
+      TurboQuantConfig(key_bits=bits, value_bits=bits, seed=seed, center_keys="plain"),
       layer_bits={i: (wide, wide) for i in layers})
   share = len(layers) / cfg.num_layers
   return Method(f"turboquant {bits}, global layers {wide}", "per-layer", make, seeded=True,

@@ -103,10 +103,9 @@ def test_decode_steps_continues_generate_compiles_once_and_donates(model, make):
   from models import decode_steps
   from models.generate import _decode_steps
   prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
-  out, _, caches = generate(model, prompts, None, 1, make, return_caches=True)
+  out, _ = generate(model, prompts, None, 1, make)
   # generate sizes its caches for one token; give decode_steps room for 2 × 3 more.
-  caches = [make(2, 32, c.num_kv_heads, c.head_dim, jnp.float32, layer=i)
-            for i, c in enumerate(caches)]
+  caches = model.init_caches(2, 32, make)
   _, caches = model(prompts, caches=caches, prefill=True)
   want, _ = generate(model, prompts, None, 7, make)
   before = _decode_steps._cache_size()
