@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from turboquant_jax.rope import RopeSpec
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 HQ, HKV, D = 32, 8, 128
@@ -92,11 +93,14 @@ def check_correctness(results):
                  (128, TurboQuantConfig(window=16)),
                  (64, TurboQuantConfig(key_bits=2.5, value_bits=2, key_quantizer="prod",
                                        window=32)),
-                 (256, TurboQuantConfig(key_bits=4, value_bits=3.5, window=8))]:
+                 (256, TurboQuantConfig(key_bits=4, value_bits=3.5, window=8)),
+                 (128, TurboQuantConfig(key_bits=3.5, window=16, center_keys="rope"))]:
     b, t, hq = 3, 2048, 16
-    k = jnp.asarray(rng.standard_normal((b, t, HKV, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, HKV, d)) + 2.0, jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, t, HKV, d)), jnp.float32)
-    cache = TurboQuantKVCache.create(b, t, HKV, d, config=cfg).update(
+    # Keys centred before RoPE: the cache is given a RoPE (here an interleaved one).
+    spec = RopeSpec(10000.0, interleaved=True) if cfg.center_keys == "rope" else None
+    cache = TurboQuantKVCache.create(b, t, HKV, d, config=cfg, rope=spec).update(
         k, v, num_tokens=jnp.array([t, 1500, 700]))
     q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.float32)
     ref = cache.attend(q, implementation="reference")
@@ -104,7 +108,8 @@ def check_correctness(results):
       got = cache.attend(q, implementation="pallas", compute_dtype=dtype, poison=True)
       err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
       rows.append({"d": d, "key_bits": cfg.key_bits, "value_bits": cfg.value_bits,
-                   "key_quantizer": cfg.key_quantizer, "compute_dtype": jnp.dtype(dtype).name,
+                   "key_quantizer": cfg.key_quantizer, "center_keys": str(cfg.center_keys),
+                   "compute_dtype": jnp.dtype(dtype).name,
                    "rel_err": err, "nan": bool(jnp.any(jnp.isnan(got)))})
       log("check", rows[-1])
   results["correctness"] = rows
@@ -209,6 +214,8 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="a small grid")
   parser.add_argument("--out", default=None, help="results folder")
   parser.add_argument("--no-sweep", action="store_true")
+  parser.add_argument("--check-only", action="store_true",
+                      help="only the GPU correctness check (decode_attention_check_<platform>.json)")
   args = parser.parse_args(argv)
   key = jax.random.PRNGKey(0)
   results = {"shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "q_len": 1},
@@ -216,6 +223,12 @@ def main(argv=None):
              "points": []}
   start = time.time()
   check_correctness(results)
+  if args.check_only:
+    path = common.write_result("decode_attention_check", results, args.out)
+    common.print_table(results["correctness"], ["d", "key_bits", "value_bits", "key_quantizer",
+                                                "center_keys", "compute_dtype", "rel_err", "nan"])
+    print(f"wrote {path}")
+    return
   results["read_ceiling_bytes_per_s"] = read_ceiling()
   log("read ceiling TB/s", results["read_ceiling_bytes_per_s"] / 1e12)
   kernel_kwargs = {} if args.no_sweep else sweep(key, results)

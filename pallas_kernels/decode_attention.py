@@ -153,9 +153,10 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
   qpos_ref = refs.pop(0)                       # [M] query positions (-1: padding row)
   qoff_ref = refs.pop(0)                       # [M] q·μ, added to every compressed score
   if rope:  # keys centred before RoPE: q·R(t)·μ per token (`rope_offset_inputs`)
-    coef_a_ref, coef_b_ref = refs.pop(0), refs.pop(0)        # [M, K] each
-    freq_ref, sub_ref = refs.pop(0), refs.pop(0)             # [K] each
-    cos_ref, sin_ref = refs.pop(0), refs.pop(0)              # [K, block_k] each
+    coef_a_ref, coef_b_ref = refs.pop(0), refs.pop(0)        # [M, D/2] each
+    freq_ref = refs.pop(0)                                   # [D/2]
+    cos_ref, sin_ref = refs.pop(0), refs.pop(0)              # [D/2, 16] each
+    place_ref = refs.pop(0)                                  # [block_k / 16, 16, block_k]
   keys = []
   for spec in key_specs:
     q_ref = refs.pop(0)                        # [M, dim] rotated query
@@ -181,8 +182,7 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
   rows_q = qpos.shape[0]
   if rope:
     coef_a, coef_b = coef_a_ref[...], coef_b_ref[...]
-    freq, sub = freq_ref[...], sub_ref[...]
-    cos_t, sin_t = cos_ref[...], sin_ref[...]
+    freq, cos_t, sin_t = freq_ref[...], cos_ref[...], sin_ref[...]
   queries = [(q_ref[...].astype(compute_dtype),
               None if qs_ref is None else qs_ref[...].astype(compute_dtype))
              for _, q_ref, qs_ref, *_ in keys]
@@ -195,14 +195,18 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
       scores += code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec,
                             decode, compute_dtype)
     if rope:
-      # One sine and cosine per 16-token sub-block (angle at its start), the rest from
-      # the tables: q·R(h)·R(l)·μ as (A·cθ + B·sθ)·cos φ_l + (B·cθ - A·sθ)·sin φ_l.
-      angle = freq * (base + i * block_k + sub).astype(jnp.float32)
-      c, s_ = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
-      scores += jnp.dot(coef_a * c + coef_b * s_, cos_t, preferred_element_type=jnp.float32,
-                        precision=_HIGHEST)
-      scores += jnp.dot(coef_b * c - coef_a * s_, sin_t, preferred_element_type=jnp.float32,
-                        precision=_HIGHEST)
+      # Per 16-token sub-block h..h+15, one sine and cosine of the angle at h and the
+      # tables at l < 16: q·R(h)·R(l)·μ = (A·cθ + B·sθ)·cos φ_l + (B·cθ - A·sθ)·sin φ_l,
+      # [M, 16], placed at its columns by a 0/1 matrix (values cannot be sliced here).
+      for sb in range(block_k // 16):
+        angle = freq * (base + i * block_k + 16 * sb).astype(jnp.float32)
+        c, s_ = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
+        off = (jnp.dot(coef_a * c + coef_b * s_, cos_t, preferred_element_type=jnp.float32,
+                       precision=_HIGHEST)
+               + jnp.dot(coef_b * c - coef_a * s_, sin_t, preferred_element_type=jnp.float32,
+                         precision=_HIGHEST))
+        scores += jnp.dot(off, place_ref[sb], preferred_element_type=jnp.float32,
+                          precision=_HIGHEST)
     scores = (scores + qoff[:, None]) * scale
     if soft_cap is not None:
       scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -343,7 +347,7 @@ def decode_partials(lo: Array, hi: Array, q_positions: Array, qoff: Array, q_par
     q_parts: per key group (rotated queries [B, H, M, d_g], sketched queries or None).
     key_codes, value_codes: per channel group, the codes with leaves [B, H, L, ...].
     key_specs, value_specs: `group_specs` of the quantizers (static).
-    rope_inputs: the five arrays of `kernel_attention.rope_offset_inputs` when keys are
+    rope_inputs: the six arrays of `kernel_attention.rope_offset_inputs` when keys are
       centred before RoPE, else ().
     block_k, num_splits: tokens per block and splits of L (`choose_blocks`).
 

@@ -129,3 +129,16 @@ def test_lowers_for_cuda(d, config, decode):
   f = lambda c, q: kernel_attention.attend(c, q, interpret=False, decode=decode)  # noqa: E731
   lowered = jax.jit(f).trace(cache, q).lower(lowering_platforms=("cuda",))
   assert "turboquant_decode" in lowered.as_text()
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_lowers_for_cuda_with_keys_centred_before_rope(interleaved):
+  from turboquant_jax.rope import RopeSpec
+  spec = RopeSpec(10000.0, interleaved)
+  cache = jax.eval_shape(lambda: TurboQuantKVCache.create(
+      2, 1024, 2, 128, jnp.bfloat16, config=TurboQuantConfig(key_bits=3.5), rope=spec))
+  assert cache.rope == spec
+  q = jax.ShapeDtypeStruct((2, 1, 8, 128), jnp.bfloat16)
+  f = lambda c, q: kernel_attention.attend(c, q, interpret=False)  # noqa: E731
+  lowered = jax.jit(f).trace(cache, q).lower(lowering_platforms=("cuda",))
+  assert "turboquant_decode" in lowered.as_text()

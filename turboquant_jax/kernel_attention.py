@@ -36,32 +36,24 @@ def query_parts(cache, qf: Array) -> tuple[list[tuple[Array, Array | None]], Arr
 
 
 def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
-  """The kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`):
+  """The kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`).
 
-  per pair p, q·R(θ)·μ = A_p cos θ + B_p sin θ with A = q_a μ_a + q_b μ_b and
-  B = q_b μ_a - q_a μ_b; the angle at token h + l (h a multiple of 16) is θ_h + φ_l. For
-  the m = block_k / 16 sub-blocks of a block side by side (K = m·D/2 columns): A and B
-  [B, H, M, K], ω and the sub-block starts 16·s [B, H, K], and block-diagonal tables
-  cos φ_l, sin φ_l [B, H, K, block_k] (the same for every row; the kernel maps them).
+  Per pair p, q·R(θ)·μ = A_p cos θ + B_p sin θ with A = q_a μ_a + q_b μ_b and
+  B = q_b μ_a - q_a μ_b, and the angle at token h + l (h a multiple of 16) is θ_h + φ_l:
+  A and B [B, H, M, D/2], ω [D/2], the tables cos φ_l and sin φ_l [D/2, 16], and the 0/1
+  matrices that place sub-block s's 16 columns in a block [block_k/16, 16, block_k]; all
+  but A and B are the same for every row (broadcast: the kernel maps every operand).
   """
   spec, mu = cache.rope, cache.key_mean
   q_a, q_b = spec.pairs(qf)
   m_a, m_b = spec.pairs(mu[:, :, None, :])
-  a = q_a * m_a + q_b * m_b                                   # [B, H, M, D/2]
-  b = q_b * m_a - q_a * m_b
-  m = block_k // rope_lib.SPLIT
-  half = qf.shape[-1] // 2
   freq = spec.frequencies(qf.shape[-1])
-  angles = jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[:, None] * freq   # [16, D/2]
-  eye = jnp.eye(m, dtype=jnp.float32)
-
-  def table(f):  # [m, D/2, m, 16] -> [K, block_k]: sub-block s's pairs feed its tokens
-    return (eye[:, None, :, None] * f(angles).T[None, :, None, :]).reshape(m * half, block_k)
-  shared = [jnp.tile(freq, m),
-            jnp.repeat(jnp.arange(m, dtype=jnp.int32) * rope_lib.SPLIT, half),
-            table(jnp.cos), table(jnp.sin)]
+  angles = freq[:, None] * jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[None, :]  # [D/2, 16]
+  place = jnp.eye(block_k, dtype=jnp.float32).reshape(block_k // rope_lib.SPLIT,
+                                                      rope_lib.SPLIT, block_k)
   lead = qf.shape[:2]
-  return ([jnp.tile(a, (1, 1, 1, m)), jnp.tile(b, (1, 1, 1, m))]
+  shared = [freq, jnp.cos(angles), jnp.sin(angles), place]
+  return ([q_a * m_a + q_b * m_b, q_b * m_a - q_a * m_b]
           + [jnp.broadcast_to(x, (*lead, *x.shape)) for x in shared])
 
 
