@@ -18,7 +18,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
 from pallas_kernels import decode_attention_mgpu as dm

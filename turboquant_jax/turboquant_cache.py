@@ -49,6 +49,7 @@ from turboquant_jax import channel_split
 from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
 from turboquant_jax import rope as rope_lib
+from turboquant_jax.channel_split import permute_channels, unpermute_channels
 from turboquant_jax.quantizers import LEVELS, ProdCodes
 
 Array = jax.Array
@@ -107,10 +108,6 @@ def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...])
   shapes = jax.eval_shape(quantizer.quantize,
                           jax.ShapeDtypeStruct((*lead, quantizer.dim), jnp.float32))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-_permute = channel_split.permute_channels
-_unpermute = channel_split.unpermute_channels
 
 
 @flax.struct.dataclass
@@ -250,10 +247,10 @@ class TurboQuantKVCache:
       kc = kc - self.key_offsets(key_mean, new_pos)
     write = lambda buf, new: kv_cache.scatter_tokens(buf, new, plan.indices)  # noqa: E731
     key_codes = jax.tree.map(write, key_codes,
-                             self.key_quantizer.quantize(_permute(kc, key_perm)))
+                             self.key_quantizer.quantize(permute_channels(kc, key_perm)))
     value_codes = jax.tree.map(
         write, value_codes,
-        self.value_quantizer.quantize(_permute(vh.astype(jnp.float32), value_perm)))
+        self.value_quantizer.quantize(permute_channels(vh.astype(jnp.float32), value_perm)))
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
@@ -312,9 +309,9 @@ class TurboQuantKVCache:
       idx = jnp.where(first[:, None] & held, wp, self.max_len)
       write = lambda buf, new: kv_cache.scatter_tokens(buf, new, idx)  # noqa: E731
       key_codes = jax.tree.map(write, key_codes, self.key_quantizer.quantize(
-          _permute(tokens_k[:, :, :w], key_perm)))
+          permute_channels(tokens_k[:, :, :w], key_perm)))
       value_codes = jax.tree.map(write, value_codes, self.value_quantizer.quantize(
-          _permute(tokens_v[:, :, :w], value_perm)))
+          permute_channels(tokens_v[:, :, :w], value_perm)))
     return key_mean, key_perm, value_perm, key_codes, value_codes
 
   # -- reading ---------------------------------------------------------------------------
@@ -348,10 +345,10 @@ class TurboQuantKVCache:
     Positions at or past a row's length hold garbage. For analysis and tests; attention
     never materializes this.
     """
-    keys = _unpermute(self.key_quantizer.dequantize(self.key_codes), self.key_perm)
+    keys = unpermute_channels(self.key_quantizer.dequantize(self.key_codes), self.key_perm)
     if self.key_mean is not None:
       keys = keys + self.key_offsets(self.key_mean, self._all_positions())
-    values = _unpermute(self.value_quantizer.dequantize(self.value_codes), self.value_perm)
+    values = unpermute_channels(self.value_quantizer.dequantize(self.value_codes), self.value_perm)
     parts = self.exact_parts()
     keys = exact_tokens.overlay(keys, [(k, p, vis) for k, _, p, vis in parts])
     values = exact_tokens.overlay(values, [(v, p, vis) for _, v, p, vis in parts])
@@ -414,7 +411,7 @@ class TurboQuantKVCache:
 
     # Compressed keys: scores from the rotated (and permuted) query and the codes.
     kq = self.key_quantizer
-    scores_c = kq.scores(kq.transform_queries(_permute(qf, self.key_perm)), self.key_codes)
+    scores_c = kq.scores(kq.transform_queries(permute_channels(qf, self.key_perm)), self.key_codes)
     if self.key_mean is not None:
       scores_c = scores_c + self.query_offsets(qf)
     scores_c = scores_c.reshape(b, h, g, tq, self.max_len)
@@ -434,7 +431,7 @@ class TurboQuantKVCache:
     vq = self.value_quantizer
     p_c = probs[0].reshape(b, h, g * tq, self.max_len)
     out = vq.unrotate(vq.weighted_sums_rotated(p_c, self.value_codes))
-    out = _unpermute(out, self.value_perm).reshape(b, h, g, tq, d)
+    out = unpermute_channels(out, self.value_perm).reshape(b, h, g, tq, d)
     for p, (_, values, _, _) in zip(probs[1:], exact):
       out = out + attention.grouped_values(p, values)
     out = jnp.where(self.overflowed[:, None, None, None, None], jnp.nan, out)
