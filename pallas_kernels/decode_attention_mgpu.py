@@ -9,9 +9,10 @@ with a few bit operations per pair of codes and no shuffles:
 - values: out^T [D, heads] = V^T·p^T, the decoded value tile [D, tokens] as A and the
   tile's probabilities (times the value norms), stored transposed in shared memory, as B.
 
-Levels are an odd cubic of the centred code u (`codebook.cubic_codebook`): the kernel
-decodes u and u³ and folds the two coefficients into the query operands (keys) and into
-two accumulators combined after the kernel (values), so no level table is read.
+Levels are an odd cubic of the centred code u (`codebook.cubic_codebook`),
+a·u + c·u³ = c·u·(u² + a/c): the kernel decodes u·(u² + a/c) in fp16 (one FMA and one
+multiply per pair of codes after the decode) and folds c into the scores (keys) or the
+output (values), so no level table is read and each tile takes one wgmma.
 
 `decode_partials` returns FlashDecoding split-K partials (o, l, m) per kv head and split,
 merged with the exact tokens outside; `decode_partials_reference` computes the same in
@@ -40,16 +41,35 @@ def _f16x2_bits(x: float) -> int:
   return h | (h << 16)
 
 
-def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: int = 1):
+def level_form(levels: tuple[float, float]) -> tuple[float | None, float]:
+  """(k, factor) such that the level a·u + c·u³ = factor · u·(u² + k), or factor · u when
+  c = 0 (k None): the kernel decodes u·(u² + k) in fp16 and folds the factor into the
+  scores (keys) or the output (values)."""
+  a, c = float(levels[0]), float(levels[1])
+  if c == 0.0:
+    return None, a
+  return a / c, c
+
+
+def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: int = 1,
+                 cubic_k: float | None = None):
   """Returns f(words) -> decoded tiles, to call inside a Mosaic GPU kernel.
 
   words: int32 [count·64, C] in `plgpu.Layout.WGMMA` (`count` code tiles stacked, loaded
   as stored); the result stacks the decoded tiles along rows, [count·rows, cols].
   variant:
     "affine": u = n - (2^b - 1)/2, fp16 [rows, cols] in the WGMMA layout (wgmma's A);
+    "levels": u·(u² + cubic_k) (two more fp16x2 ops per pair), the odd cubic a·u + c·u³
+      over c with cubic_k = a/c (`level_form`); u alone when cubic_k is None;
     "cubic": (u, u³), two such tiles, for levels a·u + c·u³;
     "raw": the words reinterpreted as fp16 pairs, no decode (a speed probe only).
   """
+  if variant == "levels" and cubic_k is None:
+    variant = "affine"
+  if variant == "levels":
+    top = 2.0 ** (spec.bits - 1) - 0.5
+    if top * (top * top + abs(cubic_k)) > 3e4:
+      raise ValueError(f"levels with a/c = {cubic_k} overflow fp16 at {spec.bits} bits")
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
@@ -100,17 +120,20 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
         scale, bias = register_codes.fma_constants(spec, op)
         consts = [c(op.a_mask), c(op.const), c(_f16x2_bits(scale)), c(_f16x2_bits(bias))]
         if op.b_word >= 0:
-          u = llvm.inline_asm(
-              i32, [source(op.a_word, op.a_shift), source(op.b_word, op.b_shift),
-                    c(op.b_mask), *consts],
-              "{ .reg .b32 t0, t1; lop3.b32 t0, $1, $4, $5, 0xEA;"
-              " lop3.b32 t1, $2, $3, t0, 0xEA; fma.rn.f16x2 $0, t1, $6, $7; }",
-              "=r,r,r,r,r,r,r,r")
+          srcs = [source(op.a_word, op.a_shift), source(op.b_word, op.b_shift),
+                  c(op.b_mask), *consts]
+          asm = ("lop3.b32 t0, $1, $4, $5, 0xEA; lop3.b32 t1, $2, $3, t0, 0xEA;"
+                 " fma.rn.f16x2 u, t1, $6, $7;")
         else:
-          u = llvm.inline_asm(
-              i32, [source(op.a_word, op.a_shift), *consts],
-              "{ .reg .b32 t0; lop3.b32 t0, $1, $2, $3, 0xEA; fma.rn.f16x2 $0, t0, $4, $5; }",
-              "=r,r,r,r,r,r")
+          srcs = [source(op.a_word, op.a_shift), *consts]
+          asm = "lop3.b32 t1, $1, $2, $3, 0xEA; fma.rn.f16x2 u, t1, $4, $5;"
+        if variant == "levels":
+          asm += f" fma.rn.f16x2 t0, u, u, ${len(srcs) + 1}; mul.rn.f16x2 $0, t0, u;"
+          srcs.append(c(_f16x2_bits(cubic_k)))
+        else:
+          asm += " mov.b32 $0, u;"
+        u = llvm.inline_asm(i32, srcs, "{ .reg .b32 t0, t1, u; " + asm + " }",
+                            ",".join(["=r"] + ["r"] * len(srcs)))
         u = mgpu_utils.bitcast(u, f16x2)
         outs[0][idx] = u
         if variant == "cubic":
@@ -142,92 +165,108 @@ def _check(name, x, shape, dtype):
 
 
 def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Array,
-                    q_lin: Array, q_cub: Array, bounds: Array, qoff: Array, *,
-                    key_spec, value_spec, num_splits: int, scale: float,
-                    soft_cap: float | None = None, max_concurrent_steps: int = 2):
+                    q: Array, bounds: Array, qoff: Array, *, key_spec, value_spec,
+                    key_levels: tuple[float, float], value_levels: tuple[float, float],
+                    num_splits: int, scale: float, soft_cap: float | None = None,
+                    max_concurrent_steps: int = 2, overlap_values: bool = True,
+                    tokens_per_step: int = 128):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
-  [bounds[i, 0], bounds[i, 1]) that fall in the split, with key levels a·u + c·u³ folded
-  into two query operands and value levels likewise folded into two accumulators:
+  [bounds[i, 0], bounds[i, 1]) that fall in the split, with the odd-cubic levels
+  L(u) = a·u + c·u³ of the centred codes u (`key_levels`, `value_levels` = (a, c)):
 
-    s_t = scale·(‖k_t‖·(q_lin·u_t + q_cub·u_t³) + qoff)   (soft-capped if asked)
-    m = max_t s_t,  l = Σ_t e^(s_t - m),  o_lin/o_cub = Σ_t e^(s_t - m)·‖v_t‖·(u_t, u_t³)
+    s_t = scale·(‖k_t‖·(q·L(u_t)) + qoff)   (soft-capped if asked)
+    m = max_t s_t,  l = Σ_t e^(s_t - m),  o = Σ_t e^(s_t - m)·‖v_t‖·L(u_t)
 
   Args:
     k_words: int32 [R, tiles·64, Ck], key tiles [tokens, D] by `register_codes.pack_tile`.
     k_norms: float16 [R, T]. v_words: int32 [R, tiles·64, Cv], value tiles [D, tokens].
     v_norms: float16 [R, T].
-    q_lin, q_cub: float16 [R, 8, D], the rotated queries of each kv head (q heads beyond
-      the real ones zero) times the key levels' linear and cubic coefficients.
+    q: float16 [R, 8, D], the rotated queries of each kv head (q heads beyond the real
+      ones zero).
     bounds: int32 [R, 2], the compressed range [lo, hi) of each row.
     qoff: float32 [R, 8], added to every score before the scale (the key-centering term).
+    overlap_values: decode the value tile while the key wgmma runs (else after softmax).
+    tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
+      fewer barriers and copies per token).
   Returns:
-    (o_lin, o_cub) float32 [R, splits, D, 8] (transposed: channel rows, head columns),
-    l, m float32 [R, splits, 8]. Rows of a split with no token: l = 0, m = -1e30, o = 0.
+    o float32 [R, splits, D, 8] (transposed: channel rows, head columns), l, m float32
+    [R, splits, 8]. Rows of a split with no token: l = 0, m = -1e30, o = 0.
   """
   d = key_spec.cols
   tt = key_spec.rows                              # tokens per tile
   if value_spec.cols != tt or value_spec.rows != d:
     raise ValueError(f"value tiles {value_spec} must be [{d}, {tt}] to match {key_spec}")
   r, t_len = k_norms.shape
-  if t_len % (tt * num_splits):
-    raise ValueError(f"{t_len} tokens do not split into {num_splits} x {tt}-token tiles")
+  per_step = max(tokens_per_step // tt, 1)
+  st = per_step * tt                              # tokens per step
+  if t_len % (st * num_splits):
+    raise ValueError(f"{t_len} tokens do not split into {num_splits} x {st}-token steps "
+                     f"of {per_step} tile(s)")
   words = t_len // tt * register_codes.WORD_ROWS
   _check("k_words", k_words, (r, words, key_spec.words_per_row), jnp.int32)
   _check("v_words", v_words, (r, words, value_spec.words_per_row), jnp.int32)
   _check("k_norms", k_norms, (r, t_len), jnp.float16)
   _check("v_norms", v_norms, (r, t_len), jnp.float16)
-  _check("q_lin", q_lin, (r, HEADS, d), jnp.float16)
-  _check("q_cub", q_cub, (r, HEADS, d), jnp.float16)
+  _check("q", q, (r, HEADS, d), jnp.float16)
   _check("bounds", bounds, (r, 2), jnp.int32)
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   ck = key_spec.words_per_row
-  split_tiles = t_len // tt // num_splits
+  split_steps = t_len // st // num_splits
   cv = value_spec.words_per_row
-  decode_k = tile_decoder(key_spec, "cubic")
-  decode_v = tile_decoder(value_spec, "cubic")
+  k_k, k_factor = level_form(key_levels)
+  k_v, v_factor = level_form(value_levels)
+  decode_k = tile_decoder(key_spec, "levels", count=per_step, cubic_k=k_k)
+  decode_v = tile_decoder(value_spec, "levels", cubic_k=k_v)
   wr = register_codes.WORD_ROWS
   neg = -1e30
+  log2e = float(np.log2(np.e))
+  # Scores in base 2 (exp2 is one instruction): s2 = s·log2(e).
+  dot_scale = float(k_factor * scale) * (1.0 if soft_cap is not None else log2e)
+  off_scale = float(scale) * (1.0 if soft_cap is not None else log2e)
 
-  def kernel(kw_gmem, kn_gmem, vw_gmem, vn_gmem, ql_gmem, qc_gmem, bounds_gmem, qoff_gmem,
-             ol_gmem, oc_gmem, l_gmem, m_gmem,
-             ql_smem, qc_smem, p_smem, o_smem, lm_smem, barriers):
+  def kernel(kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, bounds_gmem, qoff_gmem,
+             o_gmem, l_gmem, m_gmem, q_smem, p_smem, o_smem, lm_smem, barrier):
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
-    plgpu.copy_gmem_to_smem(ql_gmem.at[i], ql_smem, barriers.at[0])
-    plgpu.copy_gmem_to_smem(qc_gmem.at[i], qc_smem, barriers.at[1])
+    plgpu.copy_gmem_to_smem(q_gmem.at[i], q_smem, barrier)
     lo, hi = bounds_gmem[i, 0], bounds_gmem[i, 1]
-    # The tiles of this split that hold tokens of [lo, hi).
-    split_start = j * split_tiles
-    first = jnp.clip(lo // tt, split_start, split_start + split_tiles)
-    last = jnp.clip((hi + tt - 1) // tt, first, split_start + split_tiles)
+    # The steps of this split that hold tokens of [lo, hi).
+    split_start = j * split_steps
+    first = jnp.clip(lo // st, split_start, split_start + split_steps)
+    last = jnp.clip((hi + st - 1) // st, first, split_start + split_steps)
     qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                        optimized=False)
-    for b in range(2):
-      plgpu.barrier_wait(barriers.at[b])
+                        optimized=False) * off_scale
+    plgpu.barrier_wait(barrier)
 
     def body(idx, kw_smem, kn_smem, vw_smem, vn_smem, carry):
-      o_lin, o_cub, l_prev, m_prev = carry
-      start = (first + idx[0]) * tt
-      uk, uk3 = decode_k(_load_words(kw_smem, key_spec))
+      o, l_rows, m_prev = carry
+      start = (first + idx[0]) * st
+      uk = decode_k(_load_words(kw_smem, key_spec))
+
+      def decode_values():
+        return [decode_v(_load_words(vw_smem.at[pl.ds(k * wr, wr)], value_spec))
+                for k in range(per_step)]
 
       def scores(acc_ref):
-        plgpu.wgmma(acc_ref, uk, plgpu.transpose_ref(ql_smem, (1, 0)))
-        plgpu.wgmma(acc_ref, uk3, plgpu.transpose_ref(qc_smem, (1, 0)))
-        return acc_ref[...]
-      s = pl.run_scoped(scores, plgpu.ACC((tt, HEADS), jnp.float32))
+        plgpu.wgmma(acc_ref, uk, plgpu.transpose_ref(q_smem, (1, 0)))
+        # The value tiles do not depend on the scores: decode them while the wgmma runs.
+        uv = decode_values() if overlap_values else None
+        return acc_ref[...], uv
+      s, uv = pl.run_scoped(scores, plgpu.ACC((st, HEADS), jnp.float32))
       kn = plgpu.load(kn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      s = s * jax.lax.broadcast_in_dim(kn, s.shape, [0])
-      s = (s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])) * scale
+      s = s * jax.lax.broadcast_in_dim(kn * dot_scale, s.shape, [0])
+      s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
       if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
+        s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
       pos = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
       valid = (pos >= lo) & (pos < hi)
       s = jnp.where(valid, s, neg)
       m_next = jnp.maximum(m_prev, s.max(axis=0))
-      alpha = jnp.exp(m_prev - m_next)
-      p = jnp.where(valid, jnp.exp(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
-      l_next = alpha * l_prev + p.sum(axis=0)
+      alpha = jnp.exp2(m_prev - m_next)
+      p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
+      # l is kept per row and summed over the tile's rows once, after the loop.
+      l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
       vn = plgpu.load(vn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
       pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
       # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
@@ -235,38 +274,36 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
       plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(
           pv, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
-      uv, uv3 = decode_v(_load_words(vw_smem, value_spec))
-      a = jax.lax.broadcast_in_dim(alpha, o_lin.shape, [1])
+      if uv is None:
+        uv = decode_values()
+      a = jax.lax.broadcast_in_dim(alpha, o.shape, [1])
 
-      def values(refs):
-        lin_ref, cub_ref = refs
-        plgpu.wgmma(lin_ref, uv, plgpu.transpose_ref(p_smem, (1, 0)))
-        plgpu.wgmma(cub_ref, uv3, plgpu.transpose_ref(p_smem, (1, 0)))
-      o_lin, o_cub = pl.run_state(values)((plgpu.ACC.init(o_lin * a),
-                                           plgpu.ACC.init(o_cub * a)))
-      return o_lin, o_cub, l_next, m_next
+      def values(acc_ref):
+        for k in range(per_step):
+          plgpu.wgmma(acc_ref, uv[k],
+                      plgpu.transpose_ref(p_smem, (1, 0)).at[pl.ds(k * tt, tt)])
+      o = pl.run_state(values)(plgpu.ACC.init(o * a))
+      return o, l_rows, m_next
 
-    zeros = lambda shape, layout: plgpu.layout_cast(  # noqa: E731
-        jnp.zeros(shape, jnp.float32), layout)
-    init = (zeros((d, HEADS), plgpu.Layout.WGMMA), zeros((d, HEADS), plgpu.Layout.WGMMA),
-            zeros((HEADS,), plgpu.Layout.WGMMA.reduce(0)),
+    zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
+        jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+    init = (zeros((d, HEADS)), zeros((st, HEADS)),
             plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(0)))
     pipeline = plgpu.emit_pipeline(
         body, grid=(last - first,),
-        in_specs=[plgpu.BlockSpec((wr, ck), lambda t: (first + t, 0)),
-                  plgpu.BlockSpec((tt,), lambda t: (first + t,)),
-                  plgpu.BlockSpec((wr, cv), lambda t: (first + t, 0)),
-                  plgpu.BlockSpec((tt,), lambda t: (first + t,))],
+        in_specs=[plgpu.BlockSpec((per_step * wr, ck), lambda t: (first + t, 0)),
+                  plgpu.BlockSpec((st,), lambda t: (first + t,)),
+                  plgpu.BlockSpec((per_step * wr, cv), lambda t: (first + t, 0)),
+                  plgpu.BlockSpec((st,), lambda t: (first + t,))],
         max_concurrent_steps=max_concurrent_steps, init_carry=init)
-    o_lin, o_cub, l, m = pipeline(kw_gmem.at[i], kn_gmem.at[i], vw_gmem.at[i], vn_gmem.at[i])
-    o_smem.at[0][...] = o_lin
-    o_smem.at[1][...] = o_cub
-    lm_smem.at[0][...] = l
-    lm_smem.at[1][...] = m
+    o, l_rows, m = pipeline(kw_gmem.at[i], kn_gmem.at[i], vw_gmem.at[i], vn_gmem.at[i])
+    o_smem[...] = o * v_factor
+    lm_smem.at[0][...] = l_rows.sum(axis=0)
+    # Back to natural-log units; rows with no token keep the sentinel.
+    lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[0], ol_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(o_smem.at[1], oc_gmem.at[i, j])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
     plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
     plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
     plgpu.wait_smem_to_gmem(0)
@@ -275,30 +312,31 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((r, num_splits, d, HEADS), f32),
-                jax.ShapeDtypeStruct((r, num_splits, d, HEADS), f32),
                 jax.ShapeDtypeStruct((r, num_splits, HEADS), f32),
                 jax.ShapeDtypeStruct((r, num_splits, HEADS), f32)),
       grid=(r, num_splits), grid_names=("row", "split"),
       scratch_types=[plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
-                     plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
-                     plgpu.SMEM((HEADS, tt), jnp.float16, transforms=q_transforms()),
-                     plgpu.SMEM((2, d, HEADS), f32),
+                     plgpu.SMEM((HEADS, st), jnp.float16, transforms=q_transforms()),
+                     plgpu.SMEM((d, HEADS), f32),
                      plgpu.SMEM((2, HEADS), f32),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=2)],
-  )(k_words, k_norms, v_words, v_norms, q_lin, q_cub, bounds, qoff)
+                     plgpu.Barrier(num_arrivals=1)],
+  )(k_words, k_norms, v_words, v_norms, q, bounds, qoff)
 
 
 def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
-                              v_norms: Array, q_lin: Array, q_cub: Array, bounds: Array,
-                              qoff: Array, *, bits_k: int, bits_v: int, num_splits: int,
+                              v_norms: Array, q: Array, bounds: Array, qoff: Array, *,
+                              bits_k: int, bits_v: int, key_levels: tuple[float, float],
+                              value_levels: tuple[float, float], num_splits: int,
                               scale: float, soft_cap: float | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D]."""
-  uk = k_codes.astype(jnp.float32) - ((1 << bits_k) - 1) / 2
-  uv = v_codes.astype(jnp.float32) - ((1 << bits_v) - 1) / 2
+  def levels(codes, bits, ac):
+    u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
+    return ac[0] * u + ac[1] * u**3
+  lk = levels(k_codes, bits_k, key_levels)
+  lv = levels(v_codes, bits_v, value_levels)
   hi_ = jax.lax.Precision.HIGHEST
   f = lambda x: x.astype(jnp.float32)  # noqa: E731
-  dots = (jnp.einsum("rtd,rhd->rth", uk, f(q_lin), precision=hi_)
-          + jnp.einsum("rtd,rhd->rth", uk**3, f(q_cub), precision=hi_))
+  dots = jnp.einsum("rtd,rhd->rth", lk, f(q), precision=hi_)
   s = (dots * f(k_norms)[..., None] + qoff[:, None, :]) * scale
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
@@ -311,7 +349,6 @@ def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
   p = jnp.where(valid, jnp.exp(s - m[:, :, None]), 0.0)
   l = p.sum(axis=2)
   pv = p * f(v_norms).reshape(r, num_splits, t // num_splits, 1)
-  uv = uv.reshape(r, num_splits, t // num_splits, -1)
-  o_lin = jnp.einsum("rstd,rsth->rsdh", uv, pv, precision=hi_)
-  o_cub = jnp.einsum("rstd,rsth->rsdh", uv**3, pv, precision=hi_)
-  return o_lin, o_cub, l, m
+  lv = lv.reshape(r, num_splits, t // num_splits, -1)
+  o = jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_)
+  return o, l, m
