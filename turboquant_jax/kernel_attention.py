@@ -1,19 +1,24 @@
-"""`TurboQuantKVCache.attend` through the fused decode kernel.
+"""`TurboQuantKVCache.attend` through the fused decode kernels.
 
-The cache side of the kernel: what the kernel needs from a cache (rotated and sketched
+The cache side of the kernels: what a kernel needs from a cache (rotated and sketched
 queries per channel group, the key-centering offsets, the compressed range of each row),
 the kernel's split-K partials or their jnp reference, and the merge of those partials
 with the exact window and sinks in one softmax, each value group rotated back once. The
-kernel itself (`pallas_kernels.decode_attention`) takes arrays and static specs only.
+kernels themselves take arrays and static specs only: `pallas_kernels.decode_attention`
+(Triton, bit-plane codes) and `pallas_kernels.decode_attention_mgpu` (Mosaic GPU, Hopper,
+the tiles layout of `tile_codes`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import decode_attention as kernel
+from pallas_kernels import decode_attention_mgpu as mosaic
 from turboquant_jax import attention
+from turboquant_jax import tile_codes
 from turboquant_jax import rope as rope_lib
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
 
@@ -95,6 +100,89 @@ def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
       num_splits=num_splits, **kernel_kwargs)
 
 
+def cubic_levels(quantizer) -> tuple[float, float] | None:
+  """(a, c) with the quantizer's levels = a·u + c·u³ at the centred indices u, or None
+  when they are not an odd cubic (Lloyd-Max levels above 2 bits)."""
+  centroids = np.asarray(quantizer.static_codebook().centroids, np.float64)
+  u = np.arange(centroids.size) - (centroids.size - 1) / 2
+  basis = np.stack([u, u**3], axis=1)
+  (a, c), *_ = np.linalg.lstsq(basis, centroids, rcond=None)
+  if np.max(np.abs(basis @ [a, c] - centroids)) > 1e-6 * np.max(np.abs(centroids)):
+    return None
+  return float(a), float(c)
+
+
+def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
+  """Why the Mosaic GPU kernel cannot serve this cache, `rows` query rows per kv head
+  (q heads x query tokens) and `query_tokens` (None: it can)."""
+  if cache.config.layout != "tiles":
+    return "it reads the tiles layout (TurboQuantConfig(layout='tiles'))"
+  if len(cache.key_codes) != 1 or len(cache.value_codes) != 1:
+    return "fractional widths are not supported yet"
+  if cache.key_mean is not None and cache.rope is not None:
+    return "keys centred before RoPE are not supported yet (center_keys='plain' or False)"
+  if query_tokens != 1:
+    return f"it takes one query token per call (decode), got {query_tokens}"
+  if rows > mosaic.HEADS:
+    return f"it takes at most {mosaic.HEADS} query rows (q heads x tokens) per kv head"
+  for q in (cache.key_quantizer.groups[0], cache.value_quantizer.groups[0]):
+    if cubic_levels(q) is None:
+      return f"{q.bits}-bit Lloyd-Max levels are not an odd cubic (levels='cubic')"
+  return None
+
+
+def _mosaic_splits(steps: int, rows: int) -> int:
+  """Splits of `steps` 128-token steps: a divisor giving about two waves of CTAs."""
+  best = 1
+  for s in range(1, steps + 1):
+    if steps % s == 0 and rows * s <= 2048:
+      best = s
+  return best
+
+
+def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
+                               soft_cap: float | None = None,
+                               sliding_window: int | None = None,
+                               num_splits: int | None = None, **kernel_kwargs):
+  """`compressed_partials` from the Mosaic GPU kernel, for one query token: every row of
+  a batch entry has the position q_positions[:, 0] (`attend` checks it).
+
+  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step.
+  """
+  b, h, rows, d = qf.shape
+  why = mosaic_unsupported(cache, rows)
+  if why is not None:
+    raise ValueError(f"the Mosaic GPU kernel cannot attend over this cache: {why}")
+  kc, vc = cache.key_codes[0], cache.value_codes[0]
+  tt = kc.layout.tokens
+  steps = cache.max_len // tt
+  if num_splits is None:
+    num_splits = _mosaic_splits(steps, b * h)
+  q_parts, qoff = query_parts(cache, qf)
+  extra = mosaic.HEADS - rows                     # zero rows up to wgmma's N = 8
+  q = jnp.pad(q_parts[0][0].reshape(b * h, rows, d), ((0, 0), (0, extra), (0, 0)))
+  q = q.astype(jnp.float16)
+  qoff = jnp.pad(qoff.reshape(b * h, rows), ((0, 0), (0, extra)))
+  # One position per row (decode): the compressed range, causal and windowed.
+  pos = q_positions[:, 0]
+  lo, hi = _compressed_range(cache)
+  hi = jnp.minimum(hi, pos[:, None] + 1)
+  if sliding_window is not None:
+    lo = jnp.maximum(lo, pos[:, None] - sliding_window + 1)
+  bounds = jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1).reshape(b * h, 2).astype(jnp.int32)
+  flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
+  o, l, m = mosaic.decode_partials(
+      flat(kc.words), flat(kc.norms).astype(jnp.float16), flat(vc.words),
+      flat(vc.norms).astype(jnp.float16), q, bounds, qoff.astype(jnp.float32),
+      key_spec=kc.layout.spec, value_spec=vc.layout.spec,
+      key_levels=cubic_levels(cache.key_quantizer.groups[0]),
+      value_levels=cubic_levels(cache.value_quantizer.groups[0]),
+      num_splits=num_splits, scale=scale, soft_cap=soft_cap, **kernel_kwargs)
+  o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, num_splits, rows, d)
+  unpad = lambda x: x[..., :rows].reshape(b, h, num_splits, rows)  # noqa: E731
+  return (o,), unpad(l), unpad(m)
+
+
 def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale: float,
                                   soft_cap: float | None = None,
                                   sliding_window: int | None = None, num_splits: int = 1,
@@ -105,7 +193,8 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
   length = cache.max_len
   q_parts, _ = query_parts(cache, qf)
   kq, vq = cache.key_quantizer, cache.value_quantizer
-  scores = kq.scores([p if s is None else (p, s) for p, s in q_parts], cache.key_codes)
+  key_codes, value_codes = cache.code_planes()
+  scores = kq.scores([p if s is None else (p, s) for p, s in q_parts], key_codes)
   if cache.key_mean is not None:
     scores = scores + cache.query_offsets(qf)
   scores = attention.scale_and_cap(scores, scale, soft_cap)
@@ -121,7 +210,7 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
   p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
   l = p.sum(axis=-1)
   o = []
-  for group, codes in zip(vq.groups, cache.value_codes):
+  for group, codes in zip(vq.groups, value_codes):
     vals = group.rotated_values(codes).reshape(b, h, num_splits, length // num_splits, -1)
     o.append(jnp.einsum("bhqsk,bhskd->bhsqd", p, vals, precision=_HIGHEST))
   return tuple(o), jnp.moveaxis(l, 3, 2), jnp.moveaxis(m, 3, 2)
@@ -129,8 +218,11 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
 
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
-           use_kernel: bool = True, **kernel_kwargs) -> Array:
-  """`TurboQuantKVCache.attend` through the fused kernel: [B, Tq, Hq, D] -> same.
+           use_kernel: bool = True, mosaic: bool = False, **kernel_kwargs) -> Array:
+  """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
+
+  mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
+  the kernel's jnp reference partials (tests the merge).
 
   The exact window and sinks are one more partial of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -141,9 +233,12 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
     q_positions = attention.default_query_positions(cache.lengths, q.shape[1])
   qg = attention.group_queries(q, h)                       # [B, H, G, Tq, D]
   g, tq = qg.shape[2], qg.shape[3]
+  if mosaic and use_kernel and tq != 1:
+    raise ValueError(f"the Mosaic GPU kernel takes one query token per call, got {tq}")
   qf = qg.reshape(b, h, g * tq, d)
   row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
-  partials = compressed_partials if use_kernel else compressed_partials_reference
+  partials = (compressed_partials_reference if not use_kernel else
+              compressed_partials_mosaic if mosaic else compressed_partials)
   o_c, l_c, m_c = partials(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
                            sliding_window=sliding_window, **kernel_kwargs)
   m_all = m_c.max(axis=2)                                  # [B, H, M]
@@ -172,5 +267,6 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
 
 
 attend_jit = jax.jit(attend, static_argnames=(
-    "scale", "sliding_window", "soft_cap", "use_kernel", "block_k", "num_splits", "num_warps",
-    "num_stages", "compute_dtype", "interpret", "poison", "decode"))
+    "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
+    "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
+    "max_concurrent_steps", "overlap_values", "tokens_per_step"))

@@ -222,12 +222,23 @@ class MSEQuantizer:
     level = jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
     return code_of_level(level, self.bits).astype(jnp.uint8)
 
-  def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
-    """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
+  def _rotated_unit(self, x: Array) -> tuple[Array, Array]:
     x32 = x.astype(jnp.float32)
     norms = _norms_with_nan(x32)
     safe = jnp.where(norms > 0, norms, 1.0)[..., None]
-    y = self.rotation.rotate(x32 / safe)
+    return self.rotation.rotate(x32 / safe), norms
+
+  def quantize_levels(self, x: Array) -> tuple[Array, Array]:
+    """(uint8 [..., d] indices of the nearest levels, 0 = the smallest; the stored norms
+    [...]): what the tiles layout (`tile_codes`) packs. x: [..., d]."""
+    x = _check_input(x, self.dim)
+    y, norms = self._rotated_unit(x)
+    level = jnp.sum(y[..., None] > self.boundaries, axis=-1)
+    return level.astype(jnp.uint8), norms.astype(self.norm_dtype)
+
+  def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
+    """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
+    y, norms = self._rotated_unit(x)
     idx = self.encode_rotated(y)
     stored = norms.astype(self.norm_dtype)
     codes = MSECodes(planes=packing.pack_codes(idx, self.bits), norms=stored)

@@ -21,6 +21,8 @@ Storage (head-major, preallocated for max_len, every code packed):
   footing.
 - Fractional bits: the channels are ordered outliers first by a per-(sequence, kv head)
   permutation chosen at the same moment (`channel_split.outlier_permutation`).
+- layout="tiles" (integer widths, MSE keys): codes stored instead in the order the Mosaic
+  GPU kernel loads them, tiles of 128 tokens (`tile_codes`); norms as above.
 
 Which tokens attention reads where: positions [0, S) from the sinks, the trailing run of
 positions the window holds exactly, and everything else from the codes, all in one
@@ -49,6 +51,7 @@ from turboquant_jax import channel_split
 from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
 from turboquant_jax import rope as rope_lib
+from turboquant_jax import tile_codes
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
 from turboquant_jax.quantizers import LEVELS, ProdCodes
 
@@ -73,6 +76,9 @@ class TurboQuantConfig:
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
     levels: "lloyd_max" or "cubic" reconstruction levels (`MSEQuantizer.create`); cubic
       levels are what the Mosaic GPU kernel decodes without a table.
+    layout: "planes" (bit-planes per token, read by the Triton kernel and the reference)
+      or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; integer widths and MSE
+      keys; the reference reads it too).
   """
 
   key_bits: float = 3.5
@@ -85,6 +91,7 @@ class TurboQuantConfig:
   norm_dtype: Any = jnp.float16
   seed: int = 0
   levels: str = "lloyd_max"
+  layout: str = "planes"
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -96,6 +103,13 @@ class TurboQuantConfig:
                        f"got {self.center_keys!r}")
     if self.levels not in LEVELS:
       raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
+    if self.layout not in ("planes", "tiles"):
+      raise ValueError(f"layout must be 'planes' or 'tiles', got {self.layout!r}")
+    if self.layout == "tiles" and (
+        self.key_quantizer != "mse" or not float(self.key_bits).is_integer()
+        or not float(self.value_bits).is_integer()):
+      raise ValueError("layout='tiles' needs MSE keys and integer key and value bits, got "
+                       f"{self.key_quantizer!r} keys at {self.key_bits}/{self.value_bits}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
@@ -103,11 +117,31 @@ class TurboQuantConfig:
         raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
 
 
-def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...]) -> Any:
-  """Zeroed code buffers of the right shapes, without quantizing anything."""
+def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...],
+                 tiles: int | None = None, values: bool = False) -> Any:
+  """Zeroed code buffers of the right shapes, without quantizing anything; `tiles`:
+  tokens per tile of the tiles layout (None: bit-planes)."""
+  if tiles is not None:
+    return tuple(tile_codes.empty(lead, tile_codes.TileLayout(g.bits, g.dim, tiles, values),
+                                  g.norm_dtype) for g in quantizer.groups)
   shapes = jax.eval_shape(quantizer.quantize,
                           jax.ShapeDtypeStruct((*lead, quantizer.dim), jnp.float32))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _write_codes(quantizer: channel_split.SplitQuantizer, codes: tuple[Any, ...], x: Array,
+                 indices: Array, start: Array, count: Array) -> tuple[Any, ...]:
+  """Codes of x [B, H, T, d] (channels in the quantizer's order) written at `indices`
+  [B, T] (bit-planes; out of range: dropped) or, for tiles, as the run of `count` [B]
+  tokens from `start` [B] (the same positions)."""
+  if codes and isinstance(codes[0], tile_codes.TileCodes):
+    out = []
+    for g, c, part in zip(quantizer.groups, codes, quantizer._split(x)):
+      levels, norms = g.quantize_levels(part)
+      out.append(tile_codes.write_run(c, levels, norms, start, count))
+    return tuple(out)
+  write = lambda buf, new: kv_cache.scatter_tokens(buf, new, indices)  # noqa: E731
+  return jax.tree.map(write, codes, quantizer.quantize(x))
 
 
 @flax.struct.dataclass
@@ -116,7 +150,8 @@ class TurboQuantKVCache:
 
   Attributes:
     key_quantizer, value_quantizer: `SplitQuantizer`s (rotations, sketches, codebooks).
-    key_codes, value_codes: one codes pytree per channel group, leaves [B, H, L, ...].
+    key_codes, value_codes: one codes pytree per channel group, leaves [B, H, L, ...]
+      (`tile_codes.TileCodes` in the tiles layout).
     window_keys, window_values: [B, H, W, D], the most recent tokens, exact.
     window_positions: [B, W] int32, the position each ring slot holds (-1: empty).
     sink_keys, sink_values: [B, H, S, D], the first tokens, exact.
@@ -161,6 +196,9 @@ class TurboQuantKVCache:
     kq = make(k_key, config.key_bits, config.key_quantizer)
     vq = make(v_key, config.value_bits, "mse")
     lead = (batch, num_kv_heads, max_len)
+    tiles = None
+    if config.layout == "tiles":
+      tiles = tile_codes.tile_tokens(head_dim, (int(config.key_bits), int(config.value_bits)))
     # A ring longer than the cache, or sinks past its end, would only cost memory.
     config = dataclasses.replace(config, window=min(config.window, max_len),
                                  num_sinks=min(config.num_sinks, max_len))
@@ -171,7 +209,8 @@ class TurboQuantKVCache:
                                 (batch, num_kv_heads, 1))
     return cls(
         key_quantizer=kq, value_quantizer=vq,
-        key_codes=_empty_codes(kq, lead), value_codes=_empty_codes(vq, lead),
+        key_codes=_empty_codes(kq, lead, tiles),
+        value_codes=_empty_codes(vq, lead, tiles, values=True),
         window_keys=exact(w), window_values=exact(w),
         window_positions=jnp.full((batch, w), -1, jnp.int32),
         sink_keys=exact(s), sink_values=exact(s),
@@ -200,7 +239,15 @@ class TurboQuantKVCache:
 
   @property
   def max_len(self) -> int:
-    return jax.tree.leaves(self.key_codes)[0].shape[2]
+    c = self.key_codes[0]
+    return (c.norms if isinstance(c, tile_codes.TileCodes) else jax.tree.leaves(c)[0]).shape[2]
+
+  def code_planes(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(key codes, value codes) as bit-plane codes whatever the layout: what the jnp
+    reference paths read (the tiles layout is unpacked, a copy)."""
+    planes = lambda codes: tuple(  # noqa: E731
+        tile_codes.to_planes(c) if isinstance(c, tile_codes.TileCodes) else c for c in codes)
+    return planes(self.key_codes), planes(self.value_codes)
 
   def key_offsets(self, key_mean: Array, positions: Array) -> Array:
     """What centering took from the key at each position: [B, H, T, D] float32 for
@@ -245,12 +292,12 @@ class TurboQuantKVCache:
     if key_mean is not None:
       new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
       kc = kc - self.key_offsets(key_mean, new_pos)
-    write = lambda buf, new: kv_cache.scatter_tokens(buf, new, plan.indices)  # noqa: E731
-    key_codes = jax.tree.map(write, key_codes,
-                             self.key_quantizer.quantize(permute_channels(kc, key_perm)))
-    value_codes = jax.tree.map(
-        write, value_codes,
-        self.value_quantizer.quantize(permute_channels(vh.astype(jnp.float32), value_perm)))
+    count = jnp.where(plan.ok, plan.num_tokens, 0)
+    key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
+                             plan.indices, plan.positions, count)
+    value_codes = _write_codes(self.value_quantizer, value_codes,
+                               permute_channels(vh.astype(jnp.float32), value_perm),
+                               plan.indices, plan.positions, count)
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
@@ -306,12 +353,19 @@ class TurboQuantKVCache:
     # Re-code the tokens the window held before this update (the new ones follow).
     key_codes, value_codes = self.key_codes, self.value_codes
     if w:
-      idx = jnp.where(first[:, None] & held, wp, self.max_len)
-      write = lambda buf, new: kv_cache.scatter_tokens(buf, new, idx)  # noqa: E731
-      key_codes = jax.tree.map(write, key_codes, self.key_quantizer.quantize(
-          permute_channels(tokens_k[:, :, :w], key_perm)))
-      value_codes = jax.tree.map(write, value_codes, self.value_quantizer.quantize(
-          permute_channels(tokens_v[:, :, :w], value_perm)))
+      rewrite = first[:, None] & held
+      # Ring slots in position order: the held positions are one run (for the tiles).
+      order = jnp.argsort(jnp.where(rewrite, wp, self.max_len), axis=1)
+      idx = jnp.take_along_axis(jnp.where(rewrite, wp, self.max_len), order, axis=1)
+      take = lambda x: jnp.take_along_axis(x, order[:, None, :, None], axis=2)  # noqa: E731
+      count = jnp.sum(rewrite, axis=1).astype(jnp.int32)
+      start = jnp.where(count > 0, idx[:, 0], 0)
+      key_codes = _write_codes(self.key_quantizer, key_codes,
+                               permute_channels(take(tokens_k[:, :, :w]), key_perm),
+                               idx, start, count)
+      value_codes = _write_codes(self.value_quantizer, value_codes,
+                                 permute_channels(take(tokens_v[:, :, :w]), value_perm),
+                                 idx, start, count)
     return key_mean, key_perm, value_perm, key_codes, value_codes
 
   # -- reading ---------------------------------------------------------------------------
@@ -345,10 +399,11 @@ class TurboQuantKVCache:
     Positions at or past a row's length hold garbage. For analysis and tests; attention
     never materializes this.
     """
-    keys = unpermute_channels(self.key_quantizer.dequantize(self.key_codes), self.key_perm)
+    key_codes, value_codes = self.code_planes()
+    keys = unpermute_channels(self.key_quantizer.dequantize(key_codes), self.key_perm)
     if self.key_mean is not None:
       keys = keys + self.key_offsets(self.key_mean, self._all_positions())
-    values = unpermute_channels(self.value_quantizer.dequantize(self.value_codes), self.value_perm)
+    values = unpermute_channels(self.value_quantizer.dequantize(value_codes), self.value_perm)
     parts = self.exact_parts()
     keys = exact_tokens.overlay(keys, [(k, p, vis) for k, _, p, vis in parts])
     values = exact_tokens.overlay(values, [(v, p, vis) for _, v, p, vis in parts])
@@ -365,27 +420,46 @@ class TurboQuantKVCache:
       scale: score scale, 1/√D by default.
       sliding_window: a query at p sees keys in (p - sliding_window, p].
       soft_cap: scores become soft_cap·tanh(scores / soft_cap).
-      implementation: "reference" (pure jnp, the ground truth), "pallas" (the fused
-        kernel of `pallas_kernels.decode_attention` through `kernel_attention`; in interpret
-        mode off the GPU), or
-        None: the kernel on GPU, the reference elsewhere.
-      **kernel_kwargs: block_k, num_splits, num_warps, num_stages, compute_dtype for the
-        kernel.
+      implementation: "reference" (pure jnp, the ground truth); "triton" (or "pallas"):
+        the fused kernel of `pallas_kernels.decode_attention` (bit-plane layout; interpret
+        mode off the GPU); "mosaic": the Mosaic GPU kernel of
+        `pallas_kernels.decode_attention_mgpu` (Hopper GPUs, layout="tiles", one query
+        token); None: Mosaic on a Hopper GPU where it applies, else Triton on a GPU where
+        it applies, else the reference.
+      **kernel_kwargs: for Triton block_k, num_splits, num_warps, num_stages,
+        compute_dtype; for Mosaic num_splits, max_concurrent_steps, overlap_values.
     """
     kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
     on_gpu = jax.default_backend() == "gpu"
+    from turboquant_jax import kernel_attention  # it imports the kernels
+    rows, tq = q.shape[1] * (q.shape[2] // self.num_kv_heads), q.shape[1]
     if implementation is None:
-      implementation = "pallas" if on_gpu and self.kernel_supported() else "reference"
+      if (on_gpu and _is_hopper()
+          and kernel_attention.mosaic_unsupported(self, rows, tq) is None):
+        implementation = "mosaic"
+      elif on_gpu and self.kernel_supported():
+        implementation = "triton"
+      else:
+        implementation = "reference"
     if implementation == "reference":
       return _attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
                      soft_cap=soft_cap)
-    if implementation != "pallas":
-      raise ValueError(f"implementation must be 'reference', 'pallas' or None, "
+    if implementation == "mosaic":
+      why = kernel_attention.mosaic_unsupported(self, rows, tq)
+      if why is None and not (on_gpu and _is_hopper()):
+        why = "it runs on Hopper GPUs only (no interpret mode: its decode is inline PTX)"
+      if why is not None:
+        raise ValueError(f"implementation='mosaic' cannot serve this call: {why}")
+      return kernel_attention.attend_jit(self, q, q_positions, scale=scale,
+                                         sliding_window=sliding_window, soft_cap=soft_cap,
+                                         mosaic=True, **kernel_kwargs)
+    if implementation not in ("triton", "pallas"):
+      raise ValueError(f"implementation must be 'reference', 'triton', 'mosaic' or None, "
                        f"got {implementation!r}")
     if not self.kernel_supported():
-      raise ValueError("the Pallas kernel needs a power-of-two head_dim >= 32 and max_len "
-                       f"divisible by 16; got head_dim {self.head_dim}, max_len {self.max_len}")
-    from turboquant_jax import kernel_attention  # it imports the kernels
+      raise ValueError("the Triton kernel needs the planes layout, a power-of-two head_dim "
+                       f">= 32 and max_len divisible by 16; got layout {self.config.layout!r}, "
+                       f"head_dim {self.head_dim}, max_len {self.max_len}")
     kernel_kwargs.setdefault("interpret", not on_gpu)
     if kernel_kwargs["interpret"]:
       kernel_kwargs.setdefault("compute_dtype", jnp.float32)
@@ -394,8 +468,10 @@ class TurboQuantKVCache:
                                        **kernel_kwargs)
 
   def kernel_supported(self) -> bool:
+    """Whether the Triton kernel can read this cache."""
     d = self.head_dim
-    return d >= 32 and d & (d - 1) == 0 and self.max_len % 16 == 0
+    return (self.config.layout == "planes" and d >= 32 and d & (d - 1) == 0
+            and self.max_len % 16 == 0)
 
   def _attend(self, q: Array, q_positions: Array | None, scale: float | None,
               sliding_window: int | None, soft_cap: float | None) -> Array:
@@ -411,7 +487,8 @@ class TurboQuantKVCache:
 
     # Compressed keys: scores from the rotated (and permuted) query and the codes.
     kq = self.key_quantizer
-    scores_c = kq.scores(kq.transform_queries(permute_channels(qf, self.key_perm)), self.key_codes)
+    key_codes, value_codes = self.code_planes()
+    scores_c = kq.scores(kq.transform_queries(permute_channels(qf, self.key_perm)), key_codes)
     if self.key_mean is not None:
       scores_c = scores_c + self.query_offsets(qf)
     scores_c = scores_c.reshape(b, h, g, tq, self.max_len)
@@ -430,7 +507,7 @@ class TurboQuantKVCache:
     # Compressed values: weighted sums in the rotated domain, one inverse rotation.
     vq = self.value_quantizer
     p_c = probs[0].reshape(b, h, g * tq, self.max_len)
-    out = vq.unrotate(vq.weighted_sums_rotated(p_c, self.value_codes))
+    out = vq.unrotate(vq.weighted_sums_rotated(p_c, value_codes))
     out = unpermute_channels(out, self.value_perm).reshape(b, h, g, tq, d)
     for p, (_, values, _, _) in zip(probs[1:], exact):
       out = out + attention.grouped_values(p, values)
@@ -446,6 +523,10 @@ class TurboQuantKVCache:
       parts = {"codes": 0, "norms": 0, "qjl_signs": 0, "residual_norms": 0}
       for c in codes:
         mse = c
+        if isinstance(c, tile_codes.TileCodes):
+          parts["codes"] += int(c.words.nbytes)
+          parts["norms"] += int(c.norms.nbytes)
+          continue
         if isinstance(c, ProdCodes):
           parts["qjl_signs"] += int(c.signs.nbytes)
           parts["residual_norms"] += int(c.residual_norms.nbytes)
@@ -464,6 +545,12 @@ class TurboQuantKVCache:
     report["bookkeeping"] = kv_cache.leaf_bytes(
         (self.window_positions, self.calibrated, self.lengths, self.overflowed))
     return kv_cache.finish_report(report, self, compressed)
+
+
+def _is_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+  device = jax.devices()[0]
+  return str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 # The bodies run jitted even when called eagerly: one compilation per shape instead of one

@@ -1,0 +1,133 @@
+"""`TurboQuantKVCache.attend` through the Mosaic GPU kernel: GPU check and speed.
+
+The cache in the tiles layout (`TurboQuantConfig(layout="tiles", levels="cubic")`), the
+whole attention as a user calls it (query transforms, the kernel, the merge with the
+exact window and sinks, the inverse rotation), against:
+- the jnp reference on the same cache (fresh random inputs, ragged lengths, GQA 1/4/8,
+  soft-cap, sliding window, centred and uncentred keys, each output NaN-poisoned first);
+- cuDNN bf16 attention and the Triton kernel (bit-plane layout) on the same shapes, timed
+  in the same run (device time of back-to-back calls), with the HBM read ceiling.
+
+    python -m benchmarks.mosaic_attend [--check-only] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.decode_attention import make_cache
+from benchmarks.mgpu_decode import read_ceiling, time_cudnn
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+
+HQ, HKV, D = 32, 8, 128
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+def tiles_config(bits_k, bits_v, **kw):
+  kw.setdefault("center_keys", "plain")
+  return TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, levels="cubic",
+                          layout="tiles", **kw)
+
+
+def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, **cfg):
+  rng = np.random.default_rng(seed)
+  b, t = 3, 2048
+  k = jnp.asarray(rng.standard_normal((b, t, HKV, D)) + 1.5, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, HKV, D)), jnp.float32)
+  cache = TurboQuantKVCache.create(b, t, HKV, D, jnp.bfloat16,
+                                   config=tiles_config(bits_k, bits_v, **cfg))
+  cache = cache.update(k, v, num_tokens=jnp.array([t, 1500, 700]))
+  q = jnp.asarray(rng.standard_normal((b, 1, hq, D)), jnp.float32)
+  kw = dict(soft_cap=soft_cap, sliding_window=sliding_window)
+  ref = cache.attend(q, implementation="reference", **kw)
+  # Freed NaN buffers of the output's size just before the call: where the allocator is
+  # likely to put the kernel's results.
+  jax.block_until_ready(jnp.full((4, *ref.shape), jnp.nan, ref.dtype))
+  got = cache.attend(q, implementation="mosaic", **kw)
+  auto = cache.attend(q, **kw)
+  err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+  return dict(bits_k=bits_k, bits_v=bits_v, q_heads=hq, soft_cap=soft_cap,
+              sliding_window=sliding_window, center_keys=str(cache.config.center_keys),
+              rel_err=err, nan=bool(jnp.any(jnp.isnan(got))),
+              default_is_mosaic=bool(jnp.array_equal(auto, got)),
+              ok=err <= 3e-3 and not bool(jnp.any(jnp.isnan(got))))
+
+
+def time_attend(cache, q, **kw):
+  f = lambda q, c: c.attend(q, **kw)  # noqa: E731
+  return common.device_time_chained(f, (q, cache), 0, iters=8)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--check-only", action="store_true")
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args(argv)
+  checks, rows = [], []
+  ceiling = None
+
+  def save():
+    return common.write_result("mosaic_attend", dict(
+        shape=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, query_tokens=1),
+        read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
+
+  for i, (bk, bv, hq, kw) in enumerate([
+      (3, 3, 32, {}), (4, 4, 32, dict(soft_cap=20.0)), (2, 2, 64, {}),
+      (4, 2, 8, dict(center_keys=False, sliding_window=600)),
+      (2, 4, 32, dict(window=0, num_sinks=0)), (3, 4, 16, dict(soft_cap=5.0, window=32))]):
+    try:
+      checks.append(check(i, bk, bv, hq, **kw))
+    except Exception as e:  # noqa: BLE001 - report every case
+      traceback.print_exc()
+      checks.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
+    log("check", checks[-1])
+    save()
+  if not args.check_only:
+    ceiling = read_ceiling()
+    log(f"read ceiling {ceiling / 1e12:.2f} TB/s")
+    points = [(8, 32768), (8, 4096), (1, 4096)]
+    key = jax.random.PRNGKey(0)
+    for b, t in points:
+      key, sub = jax.random.split(key)
+      base, base_bytes = time_cudnn(sub, b, t)
+      rows.append(dict(batch=b, tokens=t, kernel="cudnn bf16", ms=base * 1e3, speedup=1.0,
+                       ceiling_frac=base_bytes / base / ceiling))
+      log(rows[-1])
+      q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
+      widths = [3] if args.quick or (b, t) != points[0] else [3, 4, 2]
+      cases = [(f"mosaic attend K{w}/V{w}", tiles_config(w, w), "mosaic") for w in widths]
+      if (b, t) == points[0] and not args.quick:
+        cases.append(("triton attend 3.5 (default config)", TurboQuantConfig(), "triton"))
+        cases.append(("triton attend K3/V3", TurboQuantConfig(key_bits=3, value_bits=3),
+                      "triton"))
+      for label, cfg, impl in cases:
+        try:
+          cache = make_cache(sub, b, t, cfg)
+          sec = time_attend(cache, q, implementation=impl)
+          nbytes = cache.memory_report()["bytes_per_token_per_head"] * b * HKV * t
+          rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
+                           ceiling_frac=nbytes / sec / ceiling))
+          del cache
+        except Exception as e:  # noqa: BLE001
+          traceback.print_exc()
+          rows.append(dict(batch=b, tokens=t, kernel=label, error=repr(e)[:300]))
+        log(rows[-1])
+        save()
+  log(f"wrote {save()}")
+  common.print_table(checks, ["bits_k", "bits_v", "q_heads", "soft_cap", "sliding_window",
+                              "center_keys", "rel_err", "nan", "default_is_mosaic", "ok"])
+  common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

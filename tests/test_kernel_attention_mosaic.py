@@ -1,0 +1,94 @@
+"""The cache side of the Mosaic GPU kernel on the CPU: the tiles layout's glue
+(`kernel_attention.compressed_partials_mosaic`: queries, bounds, splits, the merge)
+with the kernel replaced by its jnp twin, against the cache's reference attention; the
+whole attention lowered for CUDA on the CPU host; and the dispatch's errors. The kernel
+itself runs against its reference on the GPU (`benchmarks.mosaic_attend`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention_mgpu as dm
+from pallas_kernels import register_codes as rc
+from turboquant_jax import kernel_attention as ka
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+
+B, L, H, D = 2, 512, 2, 128
+
+
+def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), **kw):
+  kw.setdefault("center_keys", "plain")
+  cfg = TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, levels="cubic", layout="tiles",
+                         window=kw.pop("window", 32), **kw)
+  cache = TurboQuantKVCache.create(B, L, H, D, config=cfg)
+  k = jnp.asarray(rng.standard_normal((B, L, H, D)) + 1.0, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
+  return cache.update(k, v, num_tokens=jnp.asarray(lengths))
+
+
+def _unpack(words, spec, transposed):
+  r = words.shape[0]
+  tiles = rc.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]), spec)
+  if transposed:
+    tiles = jnp.swapaxes(tiles, -1, -2)
+  return tiles.reshape(r, -1, tiles.shape[-1])
+
+
+def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
+                value_spec, **kw):
+  """decode_partials computed by decode_partials_reference on the unpacked tiles."""
+  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step"):
+    kw.pop(unused, None)
+  o, l, m = dm.decode_partials_reference(
+      _unpack(k_words, key_spec, False), k_norms, _unpack(v_words, value_spec, True),
+      v_norms, q.astype(jnp.float32), bounds, qoff, bits_k=key_spec.bits,
+      bits_v=value_spec.bits, **kw)
+  return o, l, m
+
+
+@pytest.mark.parametrize("bits_k, bits_v, hq, kw", [
+    (3, 4, 8, dict(soft_cap=None, sliding_window=None)),
+    (2, 2, 16, dict(soft_cap=7.0, sliding_window=None)),
+    (4, 3, 2, dict(soft_cap=None, sliding_window=200)),
+])
+def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, kw):
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys="plain" if hq != 2 else False)
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
+  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
+  ref = cache.attend(q, implementation="reference", **kw)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_mosaic_attend_lowers_for_cuda(rng):
+  cache = tiles_cache(rng)
+  q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
+  text = ka.attend_jit.trace(cache, q, mosaic=True, soft_cap=10.0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_mosaic_reasons_and_errors(rng):
+  cache = tiles_cache(rng)
+  assert ka.mosaic_unsupported(cache, 4) is None
+  assert "query token" in ka.mosaic_unsupported(cache, 8, query_tokens=2)
+  assert "at most 8" in ka.mosaic_unsupported(cache, 16)
+  planes = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(key_bits=3))
+  assert "tiles" in ka.mosaic_unsupported(planes, 4)
+  rope_cfg = TurboQuantConfig(key_bits=3, value_bits=3, levels="cubic", layout="tiles")
+  from turboquant_jax.rope import RopeSpec
+  roped = TurboQuantKVCache.create(B, L, H, D, config=rope_cfg, rope=RopeSpec(10000.0))
+  assert "RoPE" in ka.mosaic_unsupported(roped, 4)
+  lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3, value_bits=2, layout="tiles", center_keys=False))
+  assert "Lloyd-Max" in ka.mosaic_unsupported(lm, 4)
+  lm2 = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=2, value_bits=2, layout="tiles", center_keys=False))
+  assert ka.mosaic_unsupported(lm2, 4) is None      # 2-bit Lloyd-Max levels are a cubic
+  with pytest.raises(ValueError, match="mosaic"):
+    cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
+  with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):
+    cache.attend(jnp.ones((B, 1, 8, D)), implementation="triton")
+  with pytest.raises(ValueError, match="implementation must be"):
+    cache.attend(jnp.ones((B, 1, 8, D)), implementation="cuda")

@@ -1,0 +1,72 @@
+"""The tiles layout: runs written into tiles read back exactly (rewrites too), and a
+cache in the tiles layout holds and attends exactly as one in bit-planes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from turboquant_jax import tile_codes
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+
+
+@pytest.mark.parametrize("bits, d, transposed", [(2, 128, False), (3, 128, True),
+                                                 (4, 64, True), (3, 256, False)])
+def test_runs_read_back(rng, bits, d, transposed):
+  tt = tile_codes.tile_tokens(d, (bits,))
+  layout = tile_codes.TileLayout(bits, d, tt, transposed)
+  b, h, length = 2, 3, 4 * tt
+  codes = tile_codes.empty((b, h, length), layout, jnp.float16)
+  expect = np.zeros((b, h, length, d), np.uint8)
+  expect_norms = np.zeros((b, h, length), np.float16)
+  # Runs that start mid-tile, cross tiles, rewrite earlier positions, write nothing, and
+  # end at the cache's last position.
+  for start, t, count in [((0, 5), tt + 7, (tt + 7, tt)), ((tt + 3, 2 * tt), 1, (1, 0)),
+                          ((2, 2), 40, (40, 39)), ((length - 9, 3 * tt), 9, (9, 9))]:
+    lv = rng.integers(0, 1 << bits, (b, h, t, d)).astype(np.uint8)
+    nm = rng.uniform(0.5, 2, (b, h, t)).astype(np.float16)
+    codes = tile_codes.write_run(codes, jnp.asarray(lv), jnp.asarray(nm),
+                                 jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32))
+    for i in range(b):
+      expect[i, :, start[i]:start[i] + count[i]] = lv[i, :, :count[i]]
+      expect_norms[i, :, start[i]:start[i] + count[i]] = nm[i, :, :count[i]]
+  np.testing.assert_array_equal(np.asarray(tile_codes.read_levels(codes)), expect)
+  np.testing.assert_array_equal(np.asarray(codes.norms), expect_norms)
+
+
+def test_tile_lengths_and_errors():
+  assert tile_codes.tile_tokens(128, (2, 3, 4)) == 128
+  assert tile_codes.tile_tokens(64, (3,)) == 256
+  with pytest.raises(ValueError, match="divisible by 128"):
+    tile_codes.empty((1, 1, 200), tile_codes.TileLayout(4, 128, 128, False), jnp.float16)
+  with pytest.raises(ValueError, match="integer key and value bits"):
+    TurboQuantConfig(key_bits=3.5, layout="tiles")
+  with pytest.raises(ValueError, match="MSE keys"):
+    TurboQuantConfig(key_bits=3, value_bits=3, key_quantizer="prod", layout="tiles")
+  with pytest.raises(ValueError, match="layout must be"):
+    TurboQuantConfig(layout="rows")
+
+
+@pytest.mark.parametrize("kw", [dict(key_bits=3, value_bits=4, levels="cubic"),
+                                dict(key_bits=2, value_bits=3, center_keys=False, window=16,
+                                     num_sinks=0)])
+def test_tiles_cache_equals_planes_cache(rng, kw):
+  """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
+  codes, so the same reconstruction and attention; memory counted the same."""
+  b, length, h, d = 2, 512, 2, 128
+  caches = [TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout=lay, **kw))
+            for lay in ("planes", "tiles")]
+  k = jnp.asarray(rng.standard_normal((b, 300, h, d)) + 0.5, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, 300, h, d)), jnp.float32)
+  caches = [c.update(k, v, num_tokens=jnp.array([300, 170])) for c in caches]
+  for i in range(3):
+    k1 = jnp.asarray(rng.standard_normal((b, 1, h, d)), jnp.float32)
+    caches = [c.update(k1, -k1) for c in caches]
+  planes, tiles = caches
+  for x, y in zip(planes.reconstruct(), tiles.reconstruct()):
+    np.testing.assert_array_equal(np.asarray(x[:, :, :303]), np.asarray(y[:, :, :303]))
+  q = jnp.asarray(rng.standard_normal((b, 1, 8, d)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(planes.attend(q)), np.asarray(tiles.attend(q)))
+  rp, rt = planes.memory_report(), tiles.memory_report()
+  assert rp["bytes_per_token_per_head"] == rt["bytes_per_token_per_head"]
+  assert rp["key_codes"] == rt["key_codes"] > 0

@@ -1,0 +1,166 @@
+"""Codes stored in the order the Mosaic GPU decode kernel loads them ("tiles" layout).
+
+The cache's default layout keeps each token's codes as bit-planes (`packing`); the tiles
+layout keeps them as `pallas_kernels.register_codes` tiles of `tokens` tokens, so the
+kernel (`pallas_kernels.decode_attention_mgpu`) copies a tile and decodes it straight
+into the tensor cores' registers:
+
+- keys: tiles [tokens, d] (a 32-bit word holds codes of one token);
+- values: tiles [d, tokens] (a word holds codes of several tokens).
+
+A write therefore packs whole tiles: the tiles a run of new tokens touches are read,
+the new tokens' bits replace theirs (a mask clears them first, so rewriting a position
+is exact) and the tiles are written back. Each row's tokens are a contiguous run, as
+the cache's appends and calibration re-codes are. Level indices (0 = the smallest
+level), not the planes' sign-magnitude codes, are what the tiles hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import register_codes
+from turboquant_jax import packing, quantizers
+
+Array = jax.Array
+
+TILE_TOKENS = 128  # the kernel steps 128 tokens at a time
+
+
+def tile_tokens(d: int, bits: tuple[int, ...]) -> int:
+  """Tokens per tile for head size d and every width in `bits` (keys and values share
+  one tile length): the smallest multiple of 128 that every width packs into."""
+  tt = TILE_TOKENS
+  while True:
+    try:
+      for b in bits:
+        register_codes.TileSpec(b, tt, d)
+        register_codes.TileSpec(b, d, tt)
+      return tt
+    except ValueError:
+      tt += TILE_TOKENS
+      if tt > 1024:
+        raise ValueError(f"no tile length for d={d} and widths {bits}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+  """Static description of one side's tiles: width, head size, tokens per tile, and
+  whether tiles are [d, tokens] (values) or [tokens, d] (keys)."""
+  bits: int
+  dim: int
+  tokens: int
+  transposed: bool
+
+  @property
+  def spec(self) -> register_codes.TileSpec:
+    if self.transposed:
+      return register_codes.TileSpec(self.bits, self.dim, self.tokens)
+    return register_codes.TileSpec(self.bits, self.tokens, self.dim)
+
+
+@flax.struct.dataclass
+class TileCodes:
+  """Codes of one channel group in the tiles layout.
+
+  Attributes:
+    words: int32 [B, H, (L / tokens)·64, C], `register_codes.pack_tile` tiles in order.
+    norms: [B, H, L] ‖x‖ in the quantizer's norm dtype.
+    layout: the `TileLayout` (static).
+  """
+
+  words: Array
+  norms: Array
+  layout: TileLayout = flax.struct.field(pytree_node=False)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.words.nbytes) + int(self.norms.nbytes)
+
+
+def empty(lead: tuple[int, int, int], layout: TileLayout, norm_dtype) -> TileCodes:
+  """Zeroed tiles for [B, H, L] tokens; L must be a multiple of layout.tokens."""
+  b, h, length = lead
+  if length % layout.tokens:
+    raise ValueError(f"the tiles layout needs max_len divisible by {layout.tokens}, "
+                     f"got {length}")
+  rows = length // layout.tokens * register_codes.WORD_ROWS
+  return TileCodes(words=jnp.zeros((b, h, rows, layout.spec.words_per_row), jnp.int32),
+                   norms=jnp.zeros((b, h, length), norm_dtype), layout=layout)
+
+
+def _to_tiles(x: Array, layout: TileLayout) -> Array:
+  """[..., n·tokens, d] -> [..., n, rows, cols] in the tile's orientation."""
+  *lead, t, d = x.shape
+  x = x.reshape(*lead, t // layout.tokens, layout.tokens, d)
+  return jnp.swapaxes(x, -1, -2) if layout.transposed else x
+
+
+def _from_tiles(x: Array, layout: TileLayout) -> Array:
+  if layout.transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  *lead, n, tt, d = x.shape
+  return x.reshape(*lead, n * tt, d)
+
+
+def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
+              count: Array) -> TileCodes:
+  """Writes token j of the run to position start + j, for j < count (per row).
+
+  Args:
+    codes: the `TileCodes` to update.
+    levels: uint8 [B, H, T, d] level indices. norms: [B, H, T].
+    start: int32 [B] first position of each row's run; count: int32 [B] tokens written
+      (0 writes nothing). Positions past the cache are dropped (callers check overflow).
+  """
+  layout = codes.layout
+  spec = layout.spec
+  tt, wr = layout.tokens, register_codes.WORD_ROWS
+  t = levels.shape[2]
+  n_tiles = codes.norms.shape[-1] // tt
+  touched = min((t + tt - 2) // tt + 1, n_tiles)        # tiles a run of t tokens can touch
+  ones = (1 << layout.bits) - 1
+
+  def one_row(words, lv, start, count):
+    first = jnp.clip(start // tt, 0, n_tiles - touched)
+    slots = start - first * tt + jnp.arange(t)
+    slots = jnp.where(jnp.arange(t) < count, slots, touched * tt)   # dropped
+    h, d = lv.shape[0], lv.shape[-1]
+    window = jnp.zeros((h, touched * tt, d), jnp.uint8).at[:, slots].set(lv, mode="drop")
+    mask = jnp.zeros((h, touched * tt, d), jnp.uint8).at[:, slots].set(
+        jnp.uint8(ones), mode="drop")
+    new = register_codes.pack_tile(_to_tiles(window, layout), spec)
+    clear = register_codes.pack_tile(_to_tiles(mask, layout), spec)
+    new = new.reshape(h, touched * wr, -1)
+    clear = clear.reshape(h, touched * wr, -1)
+    old = jax.lax.dynamic_slice_in_dim(words, first * wr, touched * wr, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(words, (old & ~clear) | new, first * wr,
+                                               axis=1)
+
+  words = jax.vmap(one_row)(codes.words, levels, start, count)
+  idx = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  idx = jnp.where(jnp.arange(t)[None, :] < count[:, None], idx, codes.norms.shape[-1])
+  new_norms = jax.vmap(lambda buf, upd, i: buf.at[:, i].set(upd.astype(buf.dtype),
+                                                            mode="drop"))(
+      codes.norms, norms, idx)
+  return codes.replace(words=words, norms=new_norms)
+
+
+def read_levels(codes: TileCodes) -> Array:
+  """uint8 [B, H, L, d] level indices of every position."""
+  b, h = codes.words.shape[:2]
+  tiles = codes.words.reshape(b, h, -1, register_codes.WORD_ROWS, codes.words.shape[-1])
+  return _from_tiles(register_codes.unpack_tile(tiles, codes.layout.spec), codes.layout)
+
+
+def to_planes(codes: TileCodes) -> Any:
+  """The same codes as `quantizers.MSECodes` (bit-planes), for the jnp reference paths."""
+  bits = codes.layout.bits
+  sign_magnitude = quantizers.code_of_level(read_levels(codes).astype(jnp.int32), bits)
+  return quantizers.MSECodes(planes=packing.pack_codes(sign_magnitude.astype(jnp.uint8), bits),
+                             norms=codes.norms)
