@@ -53,6 +53,10 @@ CACHES = {
                              config=TurboQuantConfig(key_bits=3, value_bits=3)),
     "tq3.5": functools.partial(TurboQuantKVCache.create,
                                config=TurboQuantConfig(key_bits=3.5, value_bits=3.5)),
+    # The Mosaic GPU kernel's cache (Hopper): tiles layout, cubic levels, keys centred
+    # after RoPE (the kernel has no per-position offset yet).
+    "tq3-tiles": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="plain")),
 }
 # (batch, context) per model; a point a cache cannot hold is recorded as not fitting.
 POINTS = {
@@ -332,6 +336,9 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="results folder")
   parser.add_argument("--budget-s", type=float, default=540.0,
                       help="stop starting new points after this many seconds")
+  parser.add_argument("--fresh", action="store_true",
+                      help="start from no results (no resume) and skip the correctness "
+                           "check and prefill appends: a side-by-side run of a few points")
   parser.add_argument("--report-only", action="store_true",
                       help="no measuring: the table and plot of the results file")
   args = parser.parse_args(argv)
@@ -344,14 +351,18 @@ def main(argv=None):
   platform = jax.devices()[0].platform
   path = out_dir / f"decode_e2e_{platform}.json"
   # Resume from the committed results when writing elsewhere (a device run's $OUT).
-  results = load(path) or load(common.RESULTS_DIR / f"decode_e2e_{platform}.json")
+  results = {} if args.fresh else (
+      load(path) or load(common.RESULTS_DIR / f"decode_e2e_{platform}.json"))
+  if args.fresh:
+    results.update(correctness="skipped (--fresh)", prefill_append="skipped (--fresh)")
   results.pop("environment", None)
   results.pop("benchmark", None)
   results.setdefault("models", {})
   results["settings"] = {"steps_per_call": STEPS, "calls_timed": REPEATS,
                          "weights": "random, bf16", "cache_dtype": "bf16 (exact parts too)",
                          "bf16_attention": "cuDNN fused attention (BNTH, padding mask)",
-                         "tq_attention": "Pallas kernel (pallas_kernels.decode_attention)"}
+                         "tq_attention": "Triton kernel (pallas_kernels.decode_attention); "
+                                         "tq3-tiles: Mosaic GPU (decode_attention_mgpu)"}
   start = time.perf_counter()
   if "correctness" not in results:
     results["correctness"] = check_correctness()
