@@ -164,7 +164,7 @@ def _shift(word: np.ndarray, s: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _bit_sources(spec: TileSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bit_sources(spec: TileSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """For every bit of the word array, flattened [64·C·32]: the (row, col) of the decoded
   tile whose code it holds, and which code bit (-1 row: an unused bit)."""
   c = spec.words_per_row
@@ -218,7 +218,7 @@ def pack_tile(codes: Array, spec: TileSpec) -> Array:
   """Level indices [..., rows, cols] (integers < 2^bits) -> int32 words [..., 64, C]."""
   if codes.shape[-2:] != (spec.rows, spec.cols):
     raise ValueError(f"expected [..., {spec.rows}, {spec.cols}] codes, got {codes.shape}")
-  src_row, src_col, src_bit = _bit_sources(spec)
+  src_row, src_col, src_bit = bit_sources(spec)
   flat = codes.reshape(*codes.shape[:-2], spec.rows * spec.cols).astype(jnp.uint32)
   bits = (flat[..., src_row * spec.cols + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
   bits = bits.reshape(*codes.shape[:-2], WORD_ROWS, spec.words_per_row, 32)
@@ -230,7 +230,7 @@ def unpack_tile(words: Array, spec: TileSpec) -> Array:
   """Inverse of `pack_tile`: int32 [..., 64, C] -> uint8 level indices [..., rows, cols]."""
   if words.shape[-2:] != (WORD_ROWS, spec.words_per_row):
     raise ValueError(f"expected [..., 64, {spec.words_per_row}] words, got {words.shape}")
-  src_row, src_col, src_bit = _bit_sources(spec)
+  src_row, src_col, src_bit = bit_sources(spec)
   u = jax.lax.bitcast_convert_type(words, jnp.uint32)
   bits = (u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
   bits = bits.reshape(*words.shape[:-2], -1)

@@ -48,7 +48,7 @@ def test_decode_program_gives_centred_codes(spec, rng):
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_every_word_bit_holds_exactly_one_code_bit(spec):
-  rows, cols, bits = rc._bit_sources(spec)
+  rows, cols, bits = rc.bit_sources(spec)
   triples = set(zip(rows.tolist(), cols.tolist(), bits.tolist()))
   assert len(triples) == rows.size == spec.rows * spec.cols * spec.bits
 
@@ -57,7 +57,7 @@ def test_every_word_bit_holds_exactly_one_code_bit(spec):
 def test_key_words_hold_one_token_each(bits):
   """With tokens as rows, appending a token writes whole words (no read-modify-write)."""
   spec = rc.TileSpec(bits, rc.tile_rows(bits, 128), 128)
-  rows = rc._bit_sources(spec)[0].reshape(rc.WORD_ROWS, spec.words_per_row, 32)
+  rows = rc.bit_sources(spec)[0].reshape(rc.WORD_ROWS, spec.words_per_row, 32)
   assert np.all(rows == rows[:, :, :1])
 
 
