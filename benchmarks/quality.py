@@ -73,6 +73,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if kw.get("center_keys", True) == "rope":
     name += " rope-centred"
     family = "turboquant rope-centred"
+  if "window" in kw:
+    name += f" window {kw['window']}"
+    family += " window sweep"
   make = lambda seed: functools.partial(  # noqa: E731
       TurboQuantKVCache.create, config=TurboQuantConfig(
           key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
@@ -116,6 +119,8 @@ def methods() -> list[Method]:
       *[tq(b, levels="cubic") for b in (2.5, 3, 3.5, 4)],
       # Keys centred before RoPE (the mean of R(t)ᵀ·k, turned to each key's position).
       *[tq(b, center_keys="rope") for b in (2, 2.5, 3, 3.5, 4)],
+      # The exact window's size (default 128), at the default width and centering.
+      *[tq(3.5, center_keys="rope", window=w) for w in (32, 64, 256)],
   ]
 
 
