@@ -76,6 +76,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if "window" in kw:
     name += f" window {kw['window']}"
     family += " window sweep"
+  if kw.get("center_values"):
+    name += " centred values"
+    family += " centred values"
   make = lambda seed: functools.partial(  # noqa: E731
       TurboQuantKVCache.create, config=TurboQuantConfig(
           key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
@@ -121,6 +124,8 @@ def methods() -> list[Method]:
       *[tq(b, center_keys="rope") for b in (2, 2.5, 3, 3.5, 4)],
       # The exact window's size (default 128), at the default width and centering.
       *[tq(3.5, center_keys="rope", window=w) for w in (32, 64, 256)],
+      # Values centred too (their per-head mean, chosen with the keys').
+      *[tq(b, center_keys="rope", center_values=True) for b in (2.5, 3.5)],
   ]
 
 

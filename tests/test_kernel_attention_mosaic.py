@@ -53,7 +53,8 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     (4, 3, 2, dict(soft_cap=None, sliding_window=200)),
 ])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, kw):
-  cache = tiles_cache(rng, bits_k, bits_v, center_keys="plain" if hq != 2 else False)
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys="plain" if hq != 2 else False,
+                      center_values=hq == 16)
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
   monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
   got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)

@@ -256,6 +256,8 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   l_total = jnp.sum(l_c * weight, axis=2)
   rotated = tuple(jnp.sum(o * weight[..., None], axis=2) for o in o_c)
   out = unpermute_channels(cache.value_quantizer.unrotate(rotated), cache.value_perm)
+  if cache.value_mean is not None:   # the compressed tokens' share of the mean
+    out = out + l_total[..., None] * cache.value_mean[:, :, None, :]
   for (s, mask), values in zip(exact_scores, exact_values):
     p = jnp.where(mask, jnp.exp(s - m_all[..., None]), 0.0)
     l_total = l_total + p.sum(axis=-1)

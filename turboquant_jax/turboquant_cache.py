@@ -76,6 +76,8 @@ class TurboQuantConfig:
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
     levels: "lloyd_max" or "cubic" reconstruction levels (`MSEQuantizer.create`); cubic
       levels are what the Mosaic GPU kernel decodes without a table.
+    center_values: subtract a per-head channel mean from values before quantizing (chosen
+      with the key mean) and add it back to the compressed tokens' share of the output.
     layout: "planes" (bit-planes per token, read by the Triton kernel and the reference)
       or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; integer widths and MSE
       keys; the reference reads it too).
@@ -92,6 +94,7 @@ class TurboQuantConfig:
   seed: int = 0
   levels: str = "lloyd_max"
   layout: str = "planes"
+  center_values: bool = False
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -156,6 +159,7 @@ class TurboQuantKVCache:
     window_positions: [B, W] int32, the position each ring slot holds (-1: empty).
     sink_keys, sink_values: [B, H, S, D], the first tokens, exact.
     key_mean: [B, H, D] float32 centering mean, or None.
+    value_mean: [B, H, D] float32 value centering mean, or None.
     key_perm, value_perm: [B, H, D] int32 outliers-first channel orders, or None.
     calibrated: [B] bool, whether the row's mean and permutations are set.
     lengths: [B] int32. overflowed: [B] bool (see `kv_cache`).
@@ -173,6 +177,7 @@ class TurboQuantKVCache:
   sink_keys: Array
   sink_values: Array
   key_mean: Array | None
+  value_mean: Array | None
   key_perm: Array | None
   value_perm: Array | None
   calibrated: Array
@@ -216,6 +221,8 @@ class TurboQuantKVCache:
         sink_keys=exact(s), sink_values=exact(s),
         key_mean=(jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
                   if config.center_keys else None),
+        value_mean=(jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
+                    if config.center_values else None),
         key_perm=identity() if kq.is_split else None,
         value_perm=identity() if vq.is_split else None,
         calibrated=jnp.zeros((batch,), bool),
@@ -280,13 +287,13 @@ class TurboQuantKVCache:
     # are exact in the window, so no code of it is read yet; calibration re-codes them.
     first = (~self.calibrated & plan.ok & jnp.any(valid, axis=1)
              & (plan.new_lengths >= self.calibration_length))
-    calibration = (self.key_mean, self.key_perm, self.value_perm, self.key_codes,
-                   self.value_codes)
-    if any(x is not None for x in calibration[:3]):
+    calibration = (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
+                   self.key_codes, self.value_codes)
+    if any(x is not None for x in calibration[:4]):
       calibration = jax.lax.cond(jnp.any(first),
                                  lambda: self._calibrate(kh, vh, valid, plan, first),
                                  lambda: calibration)
-    key_mean, key_perm, value_perm, key_codes, value_codes = calibration
+    key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = calibration
 
     kc = kh.astype(jnp.float32)
     if key_mean is not None:
@@ -295,8 +302,11 @@ class TurboQuantKVCache:
     count = jnp.where(plan.ok, plan.num_tokens, 0)
     key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
                              plan.indices, plan.positions, count)
+    vc = vh.astype(jnp.float32)
+    if value_mean is not None:
+      vc = vc - value_mean[:, :, None, :]
     value_codes = _write_codes(self.value_quantizer, value_codes,
-                               permute_channels(vh.astype(jnp.float32), value_perm),
+                               permute_channels(vc, value_perm),
                                plan.indices, plan.positions, count)
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
@@ -308,7 +318,7 @@ class TurboQuantKVCache:
         window_keys=window_keys, window_values=window_values,
         window_positions=window_positions,
         sink_keys=sink_keys, sink_values=sink_values,
-        key_mean=key_mean, key_perm=key_perm, value_perm=value_perm,
+        key_mean=key_mean, value_mean=value_mean, key_perm=key_perm, value_perm=value_perm,
         calibrated=self.calibrated | first,
         lengths=jnp.where(plan.ok, plan.new_lengths, self.lengths),
         overflowed=self.overflowed | ~plan.ok,
@@ -316,7 +326,7 @@ class TurboQuantKVCache:
 
   def _calibrate(self, kh: Array, vh: Array, valid: Array, plan: kv_cache.UpdatePlan,
                  first: Array):
-    """Key mean and channel orders of the rows in `first`, from every token they hold
+    """Key and value means and channel orders of the rows in `first`, from every token they hold
     (the window before this update, then the new tokens), sinks left out since they are
     never read from codes; the window's tokens are re-coded with them."""
     s, w = self.config.num_sinks, self.config.window
@@ -341,6 +351,12 @@ class TurboQuantKVCache:
       mean = jnp.sum(before_rope * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
       key_mean = jnp.where(first[:, None, None], mean, key_mean)
       tokens_k = tokens_k - self.key_offsets(key_mean, pos)
+    value_mean = self.value_mean
+    if value_mean is not None:
+      c = counted[:, None, :, None].astype(jnp.float32)
+      mean = jnp.sum(tokens_v * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
+      value_mean = jnp.where(first[:, None, None], mean, value_mean)
+      tokens_v = tokens_v - value_mean[:, :, None, :]
 
     def choose(perm, quantizer, x):
       if perm is None:
@@ -366,7 +382,7 @@ class TurboQuantKVCache:
       value_codes = _write_codes(self.value_quantizer, value_codes,
                                  permute_channels(take(tokens_v[:, :, :w]), value_perm),
                                  idx, start, count)
-    return key_mean, key_perm, value_perm, key_codes, value_codes
+    return key_mean, value_mean, key_perm, value_perm, key_codes, value_codes
 
   # -- reading ---------------------------------------------------------------------------
 
@@ -404,6 +420,8 @@ class TurboQuantKVCache:
     if self.key_mean is not None:
       keys = keys + self.key_offsets(self.key_mean, self._all_positions())
     values = unpermute_channels(self.value_quantizer.dequantize(value_codes), self.value_perm)
+    if self.value_mean is not None:
+      values = values + self.value_mean[:, :, None, :]
     parts = self.exact_parts()
     keys = exact_tokens.overlay(keys, [(k, p, vis) for k, _, p, vis in parts])
     values = exact_tokens.overlay(values, [(v, p, vis) for _, v, p, vis in parts])
@@ -508,7 +526,10 @@ class TurboQuantKVCache:
     vq = self.value_quantizer
     p_c = probs[0].reshape(b, h, g * tq, self.max_len)
     out = vq.unrotate(vq.weighted_sums_rotated(p_c, value_codes))
-    out = unpermute_channels(out, self.value_perm).reshape(b, h, g, tq, d)
+    out = unpermute_channels(out, self.value_perm)
+    if self.value_mean is not None:   # the compressed tokens' share of the mean
+      out = out + p_c.sum(axis=-1, keepdims=True) * self.value_mean[:, :, None, :]
+    out = out.reshape(b, h, g, tq, d)
     for p, (_, values, _, _) in zip(probs[1:], exact):
       out = out + attention.grouped_values(p, values)
     out = jnp.where(self.overflowed[:, None, None, None, None], jnp.nan, out)
@@ -539,6 +560,7 @@ class TurboQuantKVCache:
     report["window"] = int(self.window_keys.nbytes + self.window_values.nbytes)
     report["sinks"] = int(self.sink_keys.nbytes + self.sink_values.nbytes)
     report["key_mean"] = kv_cache.leaf_bytes(self.key_mean)
+    report["value_mean"] = kv_cache.leaf_bytes(self.value_mean)
     report["channel_perms"] = kv_cache.leaf_bytes((self.key_perm, self.value_perm))
     report["rotations_and_sketches"] = kv_cache.leaf_bytes(
         (self.key_quantizer, self.value_quantizer))
