@@ -136,7 +136,7 @@ def time_cudnn(key, b, t):
   return common.device_time_chained(f, (q, k, v), 0, iters=8), k.nbytes + v.nbytes
 
 
-def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128, old=None):
+def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128):
   ks, vs = specs(bits_k, bits_v)
   r = b * HKV
   kk, kv, kn, kq = jax.random.split(key, 4)
@@ -145,20 +145,14 @@ def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128,
       k, (r, t // ks.rows * rc.WORD_ROWS, c), -2**31, 2**31 - 1, jnp.int32)
   kw, vw = rnd(kk, ks.words_per_row), rnd(kv, vs.words_per_row)
   norms = jax.random.uniform(kn, (2, r, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
-  q = (jax.random.normal(kq, (2, r, dm.HEADS, D)) * 0.05).astype(jnp.float16)
+  q = (jax.random.normal(kq, (1, r, dm.HEADS, D)) * 0.05).astype(jnp.float16)
   bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
   qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
-  if old is not None:  # the previous kernel (two query operands), side by side
-    f = lambda ql, kw, kn, vw, vn, qc, bounds, qoff: old.decode_partials(  # noqa: E731
-        kw, kn, vw, vn, ql, qc, bounds, qoff, key_spec=ks, value_spec=vs,
-        num_splits=splits, scale=D**-0.5, max_concurrent_steps=stages)
-    args = (q[0], kw, norms[0], vw, norms[1], q[1], bounds, qoff)
-  else:
-    f = lambda q, kw, kn, vw, vn, bounds, qoff: dm.decode_partials(  # noqa: E731
-        kw, kn, vw, vn, q, bounds, qoff, key_spec=ks, value_spec=vs, num_splits=splits,
-        scale=D**-0.5, key_levels=levels(bits_k), value_levels=levels(bits_v),
-        max_concurrent_steps=stages, overlap_values=overlap, tokens_per_step=step)
-    args = (q[0], kw, norms[0], vw, norms[1], bounds, qoff)
+  f = lambda q, kw, kn, vw, vn, bounds, qoff: dm.decode_partials(  # noqa: E731
+      kw, kn, vw, vn, q, bounds, qoff, key_spec=ks, value_spec=vs, num_splits=splits,
+      scale=D**-0.5, key_levels=levels(bits_k), value_levels=levels(bits_v),
+      max_concurrent_steps=stages, overlap_values=overlap, tokens_per_step=step)
+  args = (q[0], kw, norms[0], vw, norms[1], bounds, qoff)
   nbytes = kw.nbytes + vw.nbytes + norms.nbytes
   return common.device_time_chained(f, args, 0, iters=8), nbytes
 
@@ -212,10 +206,6 @@ def main(argv=None):
         shape=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, query_tokens=1),
         read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
   save()
-  try:  # the previous kernel, when its copy is in the tree (a before/after run)
-    from benchmarks import _mgpu_old as old
-  except ImportError:
-    old = None
 
   def run(label, base, **kw):
     nonlocal key
@@ -253,9 +243,6 @@ def main(argv=None):
           run(dict(batch=b, tokens=t, kernel=f"mosaic K{bk}/V{bv}", splits=splits,
                    stages=stages, overlap=overlap, step=step), base, bits_k=bk, bits_v=bv,
               splits=splits, stages=stages, overlap=overlap, step=step)
-        if old is not None and args.sweep and (b, t) == points[0]:
-          run(dict(batch=b, tokens=t, kernel=f"previous K{bk}/V{bv}", splits=splits,
-                   stages=2), base, bits_k=bk, bits_v=bv, splits=splits, stages=2, old=old)
   log(f"wrote {save()}")
   common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "overlap", "step", "rel_err",
                               "m_err", "l_err", "ok"])
