@@ -87,6 +87,9 @@ def test_mosaic_reasons_and_errors(rng):
   lm2 = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=2, value_bits=2, layout="tiles", center_keys=False))
   assert ka.mosaic_unsupported(lm2, 4) is None      # 2-bit Lloyd-Max levels are a cubic
+  f32 = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=2, value_bits=2, layout="tiles", center_keys=False, norm_dtype=jnp.float32))
+  assert "float16 norms" in ka.mosaic_unsupported(f32, 4)
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

@@ -126,6 +126,8 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   if rows > mosaic.HEADS:
     return f"it takes at most {mosaic.HEADS} query rows (q heads x tokens) per kv head"
   for q in (cache.key_quantizer.groups[0], cache.value_quantizer.groups[0]):
+    if jnp.dtype(q.norm_dtype) != jnp.float16:
+      return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
     if cubic_levels(q) is None:
       return f"{q.bits}-bit Lloyd-Max levels are not an odd cubic (levels='cubic')"
   return None
@@ -172,8 +174,8 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
   bounds = jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1).reshape(b * h, 2).astype(jnp.int32)
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
   o, l, m = mosaic.decode_partials(
-      flat(kc.words), flat(kc.norms).astype(jnp.float16), flat(vc.words),
-      flat(vc.norms).astype(jnp.float16), q, bounds, qoff.astype(jnp.float32),
+      flat(kc.words), flat(kc.norms), flat(vc.words), flat(vc.norms), q, bounds,
+      qoff.astype(jnp.float32),
       key_spec=kc.layout.spec, value_spec=vc.layout.spec,
       key_levels=cubic_levels(cache.key_quantizer.groups[0]),
       value_levels=cubic_levels(cache.value_quantizer.groups[0]),
