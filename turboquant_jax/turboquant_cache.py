@@ -77,7 +77,8 @@ class TurboQuantConfig:
     levels: "lloyd_max" or "cubic" reconstruction levels (`MSEQuantizer.create`); cubic
       levels are what the Mosaic GPU kernel decodes without a table.
     center_values: subtract a per-head channel mean from values before quantizing (chosen
-      with the key mean) and add it back to the compressed tokens' share of the output.
+      with the key mean) and add it back to the compressed tokens' share of the output
+      (off: at 3.5 bits it helped SmolLM2 and hurt Gemma 3 on the Debian manual, README).
     layout: "planes" (bit-planes per token, read by the Triton kernel and the reference)
       or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; integer widths and MSE
       keys; the reference reads it too).
