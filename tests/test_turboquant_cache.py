@@ -176,12 +176,16 @@ def test_jit_vmap_and_donation(rng):
 
 
 @pytest.mark.parametrize("chunk", [1, 8], ids=["decode_token", "prefill_chunk"])
-def test_append_path_in_place_and_compiled_once_per_shape(chunk, rng):
+@pytest.mark.parametrize("layout", ["planes", "tiles"])
+def test_append_path_in_place_and_compiled_once_per_shape(chunk, layout, rng):
   """The decode loop's append: jitted with the cache donated, every buffer is written in
   place (aliased, none copied) and one compilation serves every append of that shape,
   through calibration and past the window."""
-  config = TurboQuantConfig(key_bits=3.5, value_bits=3, window=8, num_sinks=2)
-  cache = TurboQuantKVCache.create(B, L, HKV, D, jnp.bfloat16, config=config)
+  bits = (3.5, 3) if layout == "planes" else (4, 3)
+  config = TurboQuantConfig(key_bits=bits[0], value_bits=bits[1], window=8, num_sinks=2,
+                            layout=layout)
+  length = L if layout == "planes" else 256      # tiles of 128 tokens
+  cache = TurboQuantKVCache.create(B, length, HKV, D, jnp.bfloat16, config=config)
   append = jax.jit(lambda c, kk, vv: c.update(kk, vv), donate_argnums=0)
   compiled = append.lower(cache, *[jnp.zeros((B, chunk, HKV, D), jnp.bfloat16)] * 2
                           ).compile().as_text()
@@ -189,7 +193,7 @@ def test_append_path_in_place_and_compiled_once_per_shape(chunk, rng):
   assert compiled.count("may-alias") + compiled.count("must-alias") >= len(
       jax.tree.leaves(cache))
   import warnings
-  eager = TurboQuantKVCache.create(B, L, HKV, D, jnp.bfloat16, config=config)
+  eager = TurboQuantKVCache.create(B, length, HKV, D, jnp.bfloat16, config=config)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # "donated buffers were not usable" would raise
     for i in range(0, 40, chunk):
