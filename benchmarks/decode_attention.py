@@ -3,7 +3,10 @@
 One query token, 32 q heads, 8 kv heads, d = 128 (the issue's shape), random data (speed
 does not depend on the values). Device time: many calls queued, one block. For each
 (T, batch): fp32 and bf16 jnp attention, cuDNN bf16, JAX's Pallas bf16 decode kernel on a
-head-major cache, and ours; plus a large read that measures the HBM ceiling in the run.
+head-major cache, and ours: the Triton kernel on the default bit-plane layout and, for
+integer widths on Hopper, the Mosaic GPU kernel on the tiles layout (`benchmarks/
+mosaic_attend.py` times it with back-to-back calls, right for short calls); plus a large
+read that measures the HBM ceiling in the run.
 
     python -m benchmarks.decode_attention [--quick] [--out DIR]
 """
@@ -115,7 +118,8 @@ def check_correctness(results):
   results["correctness"] = rows
 
 
-def bench_point(key, batch, t, bits_list, results, kernel_kwargs, baselines=True):
+def bench_point(key, batch, t, bits_list, results, kernel_kwargs, baselines=True,
+                mosaic=True):
   row = {"batch": batch, "tokens": t}
   kq, kk, kv = jax.random.split(key, 3)
   q = jax.random.normal(kq, (batch, HQ, D), jnp.bfloat16)
@@ -155,6 +159,18 @@ def bench_point(key, batch, t, bits_list, results, kernel_kwargs, baselines=True
     except Exception as e:  # noqa: BLE001
       row[f"ours_{bits}_error"] = repr(e)[:300]
       traceback.print_exc()
+  # The Mosaic GPU kernel (Hopper) on the tiles layout, integer widths, beside them.
+  for bits in [b for b in bits_list if float(b).is_integer()] if mosaic else []:
+    config = TurboQuantConfig(key_bits=bits, value_bits=bits, levels="cubic",
+                              layout="tiles", center_keys="plain")
+    try:
+      cache = make_cache(kk, batch, t, config)
+      f = jax.jit(lambda c, q: c.attend(q, implementation="mosaic"))  # noqa: E731
+      row[f"mosaic_{bits}"] = common.device_time(f, cache, q[:, None])
+      row[f"mosaic_{bits}_bytes"] = compressed_bytes(cache)
+      del cache
+    except Exception as e:  # noqa: BLE001
+      row[f"mosaic_{bits}_error"] = repr(e)[:300]
   log("point", json.dumps(row))
   results["points"].append(row)
   return row
@@ -192,15 +208,16 @@ def summarize(results):
   ceiling = results["read_ceiling_bytes_per_s"]
   table = []
   for r in results["points"]:
-    for bits in results["bits"]:
-      if f"ours_{bits}" not in r:
+    for kernel, bits in [(k, b) for b in results["bits"] for k in ("ours", "mosaic")]:
+      if f"{kernel}_{bits}" not in r:
         continue
-      ours = r[f"ours_{bits}"]
-      row = {"B": r["batch"], "T": r["tokens"], "bits": bits, "ours_ms": ours * 1e3}
+      ours = r[f"{kernel}_{bits}"]
+      row = {"B": r["batch"], "T": r["tokens"], "bits": bits,
+             "kernel": "triton" if kernel == "ours" else "mosaic", "ours_ms": ours * 1e3}
       for base in ("cudnn_bf16", "pallas_bf16", "bf16_jnp", "fp32_jnp"):
         if base in r:
           row[f"x_{base}"] = r[base] / ours
-      row["ceiling_frac"] = r[f"ours_{bits}_bytes"] / ours / ceiling
+      row["ceiling_frac"] = r[f"{kernel}_{bits}_bytes"] / ours / ceiling
       if "cudnn_bf16" in r:
         row["cudnn_ms"] = r["cudnn_bf16"] * 1e3
         row["cudnn_ceiling_frac"] = r["bf16_bytes"] / r["cudnn_bf16"] / ceiling
@@ -247,7 +264,7 @@ def main(argv=None):
     log(f"[{time.time() - start:.0f}s] wrote {path}")
   table = summarize(results)
   path = common.write_result("decode_attention", results, args.out)
-  common.print_table(table, ["B", "T", "bits", "ours_ms", "cudnn_ms", "x_cudnn_bf16",
+  common.print_table(table, ["B", "T", "bits", "kernel", "ours_ms", "cudnn_ms", "x_cudnn_bf16",
                              "x_pallas_bf16", "x_bf16_jnp", "x_fp32_jnp", "ceiling_frac",
                              "cudnn_ceiling_frac"])
   print(f"wrote {path}")
