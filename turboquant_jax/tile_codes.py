@@ -8,31 +8,29 @@ into the tensor cores' registers:
 - keys: tiles [tokens, d] (a 32-bit word holds codes of one token);
 - values: tiles [d, tokens] (a word holds codes of several tokens).
 
-A write reads the tiles a run of new tokens touches, clears the new tokens' bits (so
-rewriting a position is exact), adds each new code bit at its word and bit, and writes
-the tiles back. Each row's tokens are a contiguous run, as
-the cache's appends and calibration re-codes are. Level indices (0 = the smallest
-level), not the planes' sign-magnitude codes, are what the tiles hold.
+A write packs the tiles a run of new tokens touches, clears the new tokens' bits in the
+stored tiles (so rewriting a position is exact), OR-s the new bits in and writes the
+tiles back. Each row's tokens are a contiguous run, as the cache's appends and
+calibration re-codes are. (Scattering one token's bits instead made a layer's append
+faster alone but the whole decode step slower on the H200: README.) Level indices
+(0 = the smallest level), not the planes' sign-magnitude codes, are what the tiles hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import register_codes
 from turboquant_jax import packing, quantizers
 
 Array = jax.Array
 
-TILE_TOKENS = 128    # the kernel steps 128 tokens at a time
-SCATTER_TOKENS = 16  # runs up to this long are written bit by bit, longer ones tile by tile
+TILE_TOKENS = 128  # the kernel steps 128 tokens at a time
 
 
 def tile_tokens(d: int, bits: tuple[int, ...]) -> int:
@@ -111,29 +109,12 @@ def _from_tiles(x: Array, layout: TileLayout) -> Array:
   return x.reshape(*lead, n * tt, d)
 
 
-@functools.lru_cache(maxsize=None)
-def _bit_targets(layout: TileLayout) -> tuple[np.ndarray, np.ndarray]:
-  """For token slot s of a tile, channel c and code bit k: the flat word index in the
-  tile ([tokens, d, bits] int32, row·C + col) and the bit in that word (uint32)."""
-  spec = layout.spec
-  src_row, src_col, src_bit = register_codes.bit_sources(spec)
-  words = np.arange(src_row.size) // 32
-  bit = np.arange(src_row.size) % 32
-  slot, chan = (src_col, src_row) if layout.transposed else (src_row, src_col)
-  word_at = np.zeros((layout.tokens, layout.dim, layout.bits), np.int32)
-  bit_at = np.zeros((layout.tokens, layout.dim, layout.bits), np.uint32)
-  word_at[slot, chan, src_bit] = words
-  bit_at[slot, chan, src_bit] = bit
-  return word_at, bit_at
-
-
 def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
               count: Array) -> TileCodes:
   """Writes token j of the run to position start + j, for j < count (per row).
 
-  Short runs: each new code bit is added at its (word, bit) of the tiles the run touches
-  (the bits are disjoint, so the sum is their OR) after those bits are cleared, T·d·bits
-  updates per head. Long runs: the touched tiles are packed whole, with a mask.
+  The tiles the run touches are packed from the new tokens and from a mask of their slots;
+  the mask's bits are cleared in the stored tiles and the new bits OR-ed in.
 
   Args:
     codes: the `TileCodes` to update.
@@ -143,36 +124,12 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
   """
   layout = codes.layout
   tt, wr = layout.tokens, register_codes.WORD_ROWS
-  c_words = layout.spec.words_per_row
   t = levels.shape[2]
   n_tiles = codes.norms.shape[-1] // tt
   touched = min((t + tt - 2) // tt + 1, n_tiles)        # tiles a run of t tokens can touch
-  size = touched * wr * c_words
-  word_at, bit_at = (jnp.asarray(x) for x in _bit_targets(layout))
-  shifts = jnp.arange(layout.bits, dtype=jnp.uint32)
   spec, ones = layout.spec, (1 << layout.bits) - 1
 
-  def scattered_row(words, lv, start, count):
-    first = jnp.clip(start // tt, 0, n_tiles - touched)
-    slots = start - first * tt + jnp.arange(t)                        # [T] in the window
-    tile, slot = slots // tt, slots % tt
-    index = tile[:, None, None] * (wr * c_words) + word_at[slot]        # [T, d, bits]
-    index = jnp.where((jnp.arange(t) < count)[:, None, None], index, size)  # dropped
-    one = jnp.uint32(1) << bit_at[slot]                                  # [T, d, bits]
-    bits = ((lv.astype(jnp.uint32)[..., None] >> shifts) & 1) * one      # [H, T, d, bits]
-    h = lv.shape[0]
-    new = jnp.zeros((h, size), jnp.uint32).at[:, index.reshape(-1)].add(
-        bits.reshape(h, -1), mode="drop")
-    clear = jnp.zeros((size,), jnp.uint32).at[index.reshape(-1)].add(
-        one.reshape(-1), mode="drop")
-    old = jax.lax.bitcast_convert_type(
-        jax.lax.dynamic_slice_in_dim(words, first * wr, touched * wr, axis=1), jnp.uint32)
-    old = old.reshape(h, size)
-    out = jax.lax.bitcast_convert_type((old & ~clear) | new, jnp.int32)
-    return jax.lax.dynamic_update_slice_in_dim(
-        words, out.reshape(h, touched * wr, c_words), first * wr, axis=1)
-
-  def packed_row(words, lv, start, count):
+  def one_row(words, lv, start, count):
     first = jnp.clip(start // tt, 0, n_tiles - touched)
     slots = start - first * tt + jnp.arange(t)
     slots = jnp.where(jnp.arange(t) < count, slots, touched * tt)   # dropped
@@ -188,9 +145,6 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
     return jax.lax.dynamic_update_slice_in_dim(words, (old & ~clear) | new, first * wr,
                                                axis=1)
 
-  # Few tokens (decode): scatter their bits. Many (prefill): pack the touched tiles whole
-  # (on the CPU, 13x faster for one token and 2.5x slower for 1024 the scatter way).
-  one_row = scattered_row if t <= SCATTER_TOKENS else packed_row
   words = jax.vmap(one_row)(codes.words, levels, start, count)
   idx = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   idx = jnp.where(jnp.arange(t)[None, :] < count[:, None], idx, codes.norms.shape[-1])

@@ -451,10 +451,14 @@ class TurboQuantKVCache:
     kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
     on_gpu = jax.default_backend() == "gpu"
     from turboquant_jax import kernel_attention  # it imports the kernels
-    rows, tq = q.shape[1] * (q.shape[2] // self.num_kv_heads), q.shape[1]
+    # Why the Mosaic kernel cannot serve this call, asked only where it could be chosen.
+    hopper = on_gpu and _is_hopper()
+    why = "it runs on Hopper GPUs only (no interpret mode: its decode is inline PTX)"
+    if implementation == "mosaic" or (implementation is None and hopper):
+      rows, tq = q.shape[1] * (q.shape[2] // self.num_kv_heads), q.shape[1]
+      why = kernel_attention.mosaic_unsupported(self, rows, tq) or (None if hopper else why)
     if implementation is None:
-      if (on_gpu and _is_hopper()
-          and kernel_attention.mosaic_unsupported(self, rows, tq) is None):
+      if why is None:
         implementation = "mosaic"
       elif on_gpu and self.kernel_supported():
         implementation = "triton"
@@ -464,9 +468,6 @@ class TurboQuantKVCache:
       return _attend(self, q, q_positions, scale=scale, sliding_window=sliding_window,
                      soft_cap=soft_cap)
     if implementation == "mosaic":
-      why = kernel_attention.mosaic_unsupported(self, rows, tq)
-      if why is None and not (on_gpu and _is_hopper()):
-        why = "it runs on Hopper GPUs only (no interpret mode: its decode is inline PTX)"
       if why is not None:
         raise ValueError(f"implementation='mosaic' cannot serve this call: {why}")
       return kernel_attention.attend_jit(self, q, q_positions, scale=scale,
