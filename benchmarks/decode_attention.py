@@ -66,8 +66,9 @@ def pallas_bf16_attention(q, k, v):
   return jax.vmap(jax_decode.mqa, in_axes=(1, 1, 1), out_axes=1)(qg, k, v).reshape(b, HQ, d)
 
 
-def make_cache(key, batch, t, config, chunk=8192):
-  cache = TurboQuantKVCache.create(batch, t, HKV, D, jnp.bfloat16, config=config)
+def make_cache(key, batch, t, config, chunk=8192, rope=None):
+  """A cache of random keys and values; `rope` (a `RopeSpec`) for center_keys="rope"."""
+  cache = TurboQuantKVCache.create(batch, t, HKV, D, jnp.bfloat16, config=config, rope=rope)
   update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
   for start in range(0, t, chunk):
     n = min(chunk, t - start)

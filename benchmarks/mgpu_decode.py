@@ -90,7 +90,15 @@ def merged(o, l, m):
   return jnp.swapaxes(o / jnp.where(l_t > 0, l_t, 1.0)[:, None, :], 1, 2)
 
 
-def check(key, bits_k, bits_v, soft_cap=None, splits=4, overlap=True, step=128):
+def rope_operands(key, r, t, size=1.0):
+  """Random q·R(t)·μ operands (Llama 3's RoPE frequencies), offsets of about `size`."""
+  freq = 500000.0 ** (-jnp.arange(D // 2, dtype=jnp.float32) * 2 / D)
+  ca, cb = jax.random.normal(key, (2, r, dm.HEADS, D // 2)) * size / 8
+  ca, cb = (x.at[:, G:].set(0.0) for x in (ca, cb))
+  return dm.rope_offsets(ca, cb, freq, t)
+
+
+def check(key, bits_k, bits_v, soft_cap=None, splits=4, overlap=True, step=128, rope=False):
   ks, vs = specs(bits_k, bits_v)
   r, t = 6, 8 * 128 * splits // 4 * 2
   lengths = [(4, t - 128), (0, 37), (5, 5), (130, t), (ks.rows + 3, t - ks.rows - 1),
@@ -98,7 +106,8 @@ def check(key, bits_k, bits_v, soft_cap=None, splits=4, overlap=True, step=128):
   kc, vc, kn, vn, q, qoff, bounds = inputs(key, r, t, bits_k, bits_v, lengths)
   args = (pack_keys(kc, ks), kn, pack_values(vc, vs), vn, q, bounds, qoff)
   kw = dict(num_splits=splits, scale=0.3, soft_cap=soft_cap, key_levels=levels(bits_k),
-            value_levels=levels(bits_v))
+            value_levels=levels(bits_v),
+            rope=rope_operands(jax.random.fold_in(key, 1), r, t, 3.0) if rope else None)
   # Outputs poisoned first: NaN buffers of the output shapes, freed just before the call,
   # are where the allocator is likely to put the kernel's results, so an element the
   # kernel does not write is likely to show up as NaN.
@@ -117,7 +126,7 @@ def check(key, bits_k, bits_v, soft_cap=None, splits=4, overlap=True, step=128):
   empty_ok = bool(jnp.all((got[2] > -1e29) == (ref[2] > -1e29)))
   l_err = float(jnp.max(jnp.abs(got[1] - ref[1])) / jnp.max(ref[1]))
   return dict(bits_k=bits_k, bits_v=bits_v, soft_cap=soft_cap, overlap=overlap, step=step,
-              rel_err=err, m_err=m_err, l_err=l_err, finite=finite,
+              rope=rope, rel_err=err, m_err=m_err, l_err=l_err, finite=finite,
               ok=finite and empty_ok and err <= 3e-3 and l_err <= 3e-3 and m_err <= 3e-3)
 
 
@@ -136,7 +145,8 @@ def time_cudnn(key, b, t):
   return common.device_time_chained(f, (q, k, v), 0, iters=8), k.nbytes + v.nbytes
 
 
-def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128):
+def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128,
+              rope=False):
   ks, vs = specs(bits_k, bits_v)
   r = b * HKV
   kk, kv, kn, kq = jax.random.split(key, 4)
@@ -148,16 +158,18 @@ def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128)
   q = (jax.random.normal(kq, (1, r, dm.HEADS, D)) * 0.05).astype(jnp.float16)
   bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
   qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
-  f = lambda q, kw, kn, vw, vn, bounds, qoff: dm.decode_partials(  # noqa: E731
+  offsets = rope_operands(kq, r, t) if rope else None
+  f = lambda q, kw, kn, vw, vn, bounds, qoff, offsets: dm.decode_partials(  # noqa: E731
       kw, kn, vw, vn, q, bounds, qoff, key_spec=ks, value_spec=vs, num_splits=splits,
       scale=D**-0.5, key_levels=levels(bits_k), value_levels=levels(bits_v),
-      max_concurrent_steps=stages, overlap_values=overlap, tokens_per_step=step)
-  args = (q[0], kw, norms[0], vw, norms[1], bounds, qoff)
+      max_concurrent_steps=stages, overlap_values=overlap, tokens_per_step=step,
+      rope=offsets)
+  args = (q[0], kw, norms[0], vw, norms[1], bounds, qoff, offsets)
   nbytes = kw.nbytes + vw.nbytes + norms.nbytes
   return common.device_time_chained(f, args, 0, iters=8), nbytes
 
 
-def profile(bits_k, bits_v, b=8, t=32768, splits=16, stages=2, calls=3):
+def profile(bits_k, bits_v, b=8, t=32768, splits=16, stages=2, calls=3, rope=False):
   """A few plain calls of one configuration, for `ncu -k regex:mosaic`."""
   ks, vs = specs(bits_k, bits_v)
   r = b * HKV
@@ -171,7 +183,8 @@ def profile(bits_k, bits_v, b=8, t=32768, splits=16, stages=2, calls=3):
   bounds = jnp.tile(jnp.array([[0, t]], jnp.int32), (r, 1))
   f = jax.jit(lambda *a: dm.decode_partials(
       *a, key_spec=ks, value_spec=vs, key_levels=levels(bits_k), value_levels=levels(bits_v),
-      num_splits=splits, scale=D**-0.5, max_concurrent_steps=stages))
+      num_splits=splits, scale=D**-0.5, max_concurrent_steps=stages,
+      rope=rope_operands(key, r, t) if rope else None))
   for _ in range(calls):
     jax.block_until_ready(f(kw, n, vw, n, q, bounds, jnp.zeros((r, dm.HEADS), jnp.float32)))
 
@@ -182,18 +195,22 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true")
   p.add_argument("--sweep", action="store_true", help="pipeline depth and decode order")
   p.add_argument("--profile", nargs=2, type=int, metavar=("BK", "BV"))
+  p.add_argument("--rope", action="store_true", help="--profile with RoPE offsets")
+  p.add_argument("--skip-checks", action="store_true", help="timings only")
   args = p.parse_args(argv)
   if args.profile:
-    return profile(*args.profile)
+    return profile(*args.profile, rope=args.rope)
   key = jax.random.PRNGKey(0)
   checks = []
-  for bk, bv, cap, overlap, step in [
+  for bk, bv, cap, overlap, step, *rope in [
       (4, 4, None, True, 128), (3, 3, None, True, 128), (2, 2, None, True, 128),
       (4, 4, None, False, 64), (4, 3, None, False, 128), (3, 4, 30.0, True, 128),
-      (2, 4, None, True, 128), (4, 2, 5.0, True, 64)]:
+      (2, 4, None, True, 128), (4, 2, 5.0, True, 64), (3, 3, None, True, 128, True),
+      (4, 4, 30.0, True, 128, True), (2, 3, None, False, 128, True)][
+          :0 if args.skip_checks else None]:
     key, sub = jax.random.split(key)
     try:
-      checks.append(check(sub, bk, bv, cap, overlap=overlap, step=step))
+      checks.append(check(sub, bk, bv, cap, overlap=overlap, step=step, rope=bool(rope)))
     except Exception as e:  # noqa: BLE001 - report every case
       traceback.print_exc()
       checks.append(dict(bits_k=bk, bits_v=bv, soft_cap=cap, error=repr(e)[:300], ok=False))
@@ -243,9 +260,14 @@ def main(argv=None):
           run(dict(batch=b, tokens=t, kernel=f"mosaic K{bk}/V{bv}", splits=splits,
                    stages=stages, overlap=overlap, step=step), base, bits_k=bk, bits_v=bv,
               splits=splits, stages=stages, overlap=overlap, step=step)
+        if bk in (3, 4):   # keys centred before RoPE: one more wgmma per step
+          run(dict(batch=b, tokens=t, kernel=f"mosaic K{bk}/V{bv} rope", splits=splits,
+                   stages=2, overlap=True, step=128), base, bits_k=bk, bits_v=bv,
+              splits=splits, stages=2, rope=True)
   log(f"wrote {save()}")
-  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "overlap", "step", "rel_err",
-                              "m_err", "l_err", "ok"])
+  if checks:
+    common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "overlap", "step", "rope",
+                                "rel_err", "m_err", "l_err", "ok"])
   common.print_table(rows, ["batch", "tokens", "kernel", "splits", "stages", "overlap", "step",
                             "ms", "speedup", "tb_per_s", "ceiling_frac"])
 

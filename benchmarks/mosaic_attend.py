@@ -4,7 +4,8 @@ The cache in the tiles layout (`TurboQuantConfig(layout="tiles", levels="cubic")
 whole attention as a user calls it (query transforms, the kernel, the merge with the
 exact window and sinks, the inverse rotation), against:
 - the jnp reference on the same cache (fresh random inputs, ragged lengths, GQA 1/4/8,
-  soft-cap, sliding window, centred and uncentred keys, each output NaN-poisoned first);
+  soft-cap, sliding window, keys uncentred, centred, or centred before RoPE (Llama 3's
+  RoPE), each output NaN-poisoned first);
 - cuDNN bf16 attention and the Triton kernel (bit-plane layout) on the same shapes, timed
   in the same run (device time of back-to-back calls), with the HBM read ceiling.
 
@@ -24,9 +25,11 @@ import numpy as np
 from benchmarks import common
 from benchmarks.decode_attention import make_cache
 from benchmarks.mgpu_decode import read_ceiling, time_cudnn
+from turboquant_jax import rope as rope_lib
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 HQ, HKV, D = 32, 8, 128
+LLAMA3_ROPE = rope_lib.RopeSpec(500000.0)
 
 
 def log(*args):
@@ -44,7 +47,10 @@ def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, **cfg
   b, t = 3, 2048
   k = jnp.asarray(rng.standard_normal((b, t, HKV, D)) + 1.5, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, t, HKV, D)), jnp.float32)
-  cache = TurboQuantKVCache.create(b, t, HKV, D, jnp.bfloat16,
+  rope = LLAMA3_ROPE if cfg.get("center_keys") == "rope" else None
+  if rope is not None:   # keys after RoPE, with a mean before it
+    k = rope_lib.rotate(k, jnp.arange(t)[None, :, None], rope)
+  cache = TurboQuantKVCache.create(b, t, HKV, D, jnp.bfloat16, rope=rope,
                                    config=tiles_config(bits_k, bits_v, **cfg))
   cache = cache.update(k, v, num_tokens=jnp.array([t, 1500, 700]))
   q = jnp.asarray(rng.standard_normal((b, 1, hq, D)), jnp.float32)
@@ -84,7 +90,10 @@ def main(argv=None):
   for i, (bk, bv, hq, kw) in enumerate([
       (3, 3, 32, {}), (4, 4, 32, dict(soft_cap=20.0)), (2, 2, 64, {}),
       (4, 2, 8, dict(center_keys=False, sliding_window=600)),
-      (2, 4, 32, dict(window=0, num_sinks=0)), (3, 4, 16, dict(soft_cap=5.0, window=32))]):
+      (2, 4, 32, dict(window=0, num_sinks=0)), (3, 4, 16, dict(soft_cap=5.0, window=32)),
+      (3, 3, 32, dict(center_keys="rope")),
+      (4, 2, 8, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
+      (2, 3, 64, dict(center_keys="rope", window=0, num_sinks=0))]):
     try:
       checks.append(check(i, bk, bv, hq, **kw))
     except Exception as e:  # noqa: BLE001 - report every case
@@ -106,13 +115,17 @@ def main(argv=None):
       q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
       widths = [3] if args.quick or (b, t) != points[0] else [3, 4, 2]
       cases = [(f"mosaic attend K{w}/V{w}", tiles_config(w, w), "mosaic") for w in widths]
+      cases += [(f"mosaic attend K{w}/V{w} rope-centred",
+                 tiles_config(w, w, center_keys="rope"), "mosaic") for w in (3, 4)]
       if (b, t) == points[0] and not args.quick:
-        cases.append(("triton attend 3.5 (default config)", TurboQuantConfig(), "triton"))
-        cases.append(("triton attend K3/V3", TurboQuantConfig(key_bits=3, value_bits=3),
+        cases.append(("triton attend 3.5 rope-centred (default config)", TurboQuantConfig(),
                       "triton"))
+        cases.append(("triton attend K3/V3 rope-centred",
+                      TurboQuantConfig(key_bits=3, value_bits=3), "triton"))
       for label, cfg, impl in cases:
         try:
-          cache = make_cache(sub, b, t, cfg)
+          rope = LLAMA3_ROPE if cfg.center_keys == "rope" else None
+          cache = make_cache(sub, b, t, cfg, rope=rope)
           sec = time_attend(cache, q, implementation=impl)
           nbytes = cache.memory_report()["bytes_per_token_per_head"] * b * HKV * t
           rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,

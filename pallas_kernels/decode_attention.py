@@ -11,7 +11,7 @@ tokens) are the rows of one tile, so each block of codes is read once (GQA). Per
    2^(b-1) Lloyd-Max magnitudes and one sign flip,
 2. scores the tile against the rotated query (plus the QJL term against the sketched
    query for "prod" keys), times the norms, plus the key-centering offset: q·μ, or
-   q·R(t)·μ for keys centred before RoPE (one sine and cosine per 16-token sub-block),
+   q·R(t)·μ for keys centred before RoPE (one sine and cosine per block),
 3. keeps an online softmax in float32 and accumulates the values' decoded tiles, weighted
    by probability × norm, in each group's rotated domain.
 
@@ -155,8 +155,7 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
   if rope:  # keys centred before RoPE: q·R(t)·μ per token (`rope_offset_inputs`)
     coef_a_ref, coef_b_ref = refs.pop(0), refs.pop(0)        # [M, D/2] each
     freq_ref = refs.pop(0)                                   # [D/2]
-    cos_ref, sin_ref = refs.pop(0), refs.pop(0)              # [D/2, 16] each
-    place_ref = refs.pop(0)                                  # [block_k / 16, 16, block_k]
+    cos_ref, sin_ref = refs.pop(0), refs.pop(0)              # [D/2, split] each
   keys = []
   for spec in key_specs:
     q_ref = refs.pop(0)                        # [M, dim] rotated query
@@ -182,7 +181,8 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
   rows_q = qpos.shape[0]
   if rope:
     coef_a, coef_b = coef_a_ref[...], coef_b_ref[...]
-    freq, cos_t, sin_t = freq_ref[...], cos_ref[...], sin_ref[...]
+    freq = freq_ref[...]
+    split = cos_ref.shape[-1]
   queries = [(q_ref[...].astype(compute_dtype),
               None if qs_ref is None else qs_ref[...].astype(compute_dtype))
              for _, q_ref, qs_ref, *_ in keys]
@@ -195,18 +195,16 @@ def _decode_kernel(*refs, key_specs, value_specs, split_len, block_k, scale, sof
       scores += code_scores(q, qs, planes, norm_ref, sign_ref, rnorm_ref, rows, spec,
                             decode, compute_dtype)
     if rope:
-      # Per 16-token sub-block h..h+15, one sine and cosine of the angle at h and the
-      # tables at l < 16: q·R(h)·R(l)·μ = (A·cθ + B·sθ)·cos φ_l + (B·cθ - A·sθ)·sin φ_l,
-      # [M, 16], placed at its columns by a 0/1 matrix (values cannot be sliced here).
-      for sb in range(block_k // 16):
-        angle = freq * (base + i * block_k + 16 * sb).astype(jnp.float32)
-        c, s_ = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
-        off = (jnp.dot(coef_a * c + coef_b * s_, cos_t, preferred_element_type=jnp.float32,
-                       precision=_HIGHEST)
-               + jnp.dot(coef_b * c - coef_a * s_, sin_t, preferred_element_type=jnp.float32,
-                         precision=_HIGHEST))
-        scores += jnp.dot(off, place_ref[sb], preferred_element_type=jnp.float32,
-                          precision=_HIGHEST)
+      # The block lies in one run h..h+split-1: one sine and cosine of the angle at h and
+      # the tables at l < split: q·R(h)·R(l)·μ = (A·cθ + B·sθ)·cos φ_l + (B·cθ - A·sθ)·sin φ_l.
+      start = base + i * block_k
+      angle = freq * (start - start % split).astype(jnp.float32)
+      c, s_ = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
+      cols = (slice(None), pl.ds(start % split, block_k))
+      scores += (jnp.dot(coef_a * c + coef_b * s_, cos_ref[cols],
+                         preferred_element_type=jnp.float32, precision=_HIGHEST)
+                 + jnp.dot(coef_b * c - coef_a * s_, sin_ref[cols],
+                           preferred_element_type=jnp.float32, precision=_HIGHEST))
     scores = (scores + qoff[:, None]) * scale
     if soft_cap is not None:
       scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -347,7 +345,7 @@ def decode_partials(lo: Array, hi: Array, q_positions: Array, qoff: Array, q_par
     q_parts: per key group (rotated queries [B, H, M, d_g], sketched queries or None).
     key_codes, value_codes: per channel group, the codes with leaves [B, H, L, ...].
     key_specs, value_specs: `group_specs` of the quantizers (static).
-    rope_inputs: the six arrays of `kernel_attention.rope_offset_inputs` when keys are
+    rope_inputs: the five arrays of `kernel_attention.rope_offset_inputs` when keys are
       centred before RoPE, else ().
     block_k, num_splits: tokens per block and splits of L (`choose_blocks`).
 
@@ -361,8 +359,9 @@ def decode_partials(lo: Array, hi: Array, q_positions: Array, qoff: Array, q_par
   q_parts = [(pad(a, 0.0).astype(compute_dtype),
               None if s is None else pad(s, 0.0).astype(compute_dtype)) for a, s in q_parts]
   rope = bool(rope_inputs)
-  if rope and block_k % 16:
-    raise ValueError(f"keys centred before RoPE need block_k divisible by 16, got {block_k}")
+  if rope and rope_inputs[3].shape[-1] % block_k:
+    raise ValueError(f"keys centred before RoPE need block_k dividing the tables' "
+                     f"{rope_inputs[3].shape[-1]} offsets, got {block_k}")
   ops = [(pad(x, 0.0) if i < 2 else x, False) for i, x in enumerate(rope_inputs)]
   ops += _flatten_inputs(key_specs, value_specs, q_parts, key_codes, value_codes)
   fn = functools.partial(

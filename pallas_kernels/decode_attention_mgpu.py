@@ -14,6 +14,13 @@ a·u + c·u³ = c·u·(u² + a/c): the kernel decodes u·(u² + a/c) in fp16 (on
 multiply per pair of codes after the decode) and folds c into the scores (keys) or the
 output (values), so no level table is read and each tile takes one wgmma.
 
+Keys centred before RoPE (the cache subtracted R(t)·μ from the key at position t) need
+q·R(t)·μ added to every score. Per RoPE pair p it is A_p cos θ + B_p sin θ (A, B from q and
+μ); with t = h + l, h a multiple of 128, the angle adds: per 128-token step one small
+[D, heads] matrix W (A, B turned by the angles at h) and a fixed [128, D] table of
+cos φ_l | sin φ_l give the offsets of the whole step as one more wgmma, table · W
+(`RopeOffsets`, `rope_offsets`).
+
 `decode_partials` returns FlashDecoding split-K partials (o, l, m) per kv head and split,
 merged with the exact tokens outside; `decode_partials_reference` computes the same in
 jnp. Kernels here take arrays and static specs only.
@@ -22,6 +29,7 @@ jnp. Kernels here take arrays and static specs only.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +42,7 @@ from pallas_kernels import register_codes
 Array = jax.Array
 
 HEADS = 8  # wgmma's smallest N: the q heads of one kv head, padded
+ROPE_BLOCK = 128  # tokens per RoPE angle: positions split as h + l, h a multiple of this
 
 
 def _f16x2_bits(x: float) -> int:
@@ -158,6 +167,53 @@ def q_transforms():
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+class RopeOffsets(NamedTuple):
+  """The operands of q·R(t)·μ for keys centred before RoPE (built by `rope_offsets`).
+
+  coef: float32 [R, 2, D, 8], per row the columns of [A | B] and [B | -A] (pairs on the
+    first D/2 and second D/2 rows, query rows as columns) over `scale`;
+  scale: float32 [R, 8], the largest |A|, |B| of each query row (keeps W in fp16 range);
+  trig: float32 [T/128, 2, D], [cos θ_h | cos θ_h] and [sin θ_h | sin θ_h] at the first
+    position h of each 128-token block (θ_h = h·ω, rounded in float32 as `rope.rotate`);
+  table: float16 [128, D], cos φ_l | sin φ_l at the offsets l < 128 (φ_l = l·ω).
+  """
+
+  coef: Array
+  scale: Array
+  trig: Array
+  table: Array
+
+
+def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int) -> RopeOffsets:
+  """`RopeOffsets` from coef_a, coef_b [R, 8, D/2] float32 (q·R(θ)·μ = Σ_p A_p cos θ_p +
+  B_p sin θ_p) and the RoPE frequencies ω [D/2], for T = t_len cache slots (position =
+  slot)."""
+  if t_len % ROPE_BLOCK:
+    raise ValueError(f"{t_len} cache slots are not a multiple of {ROPE_BLOCK}")
+  scale = jnp.maximum(jnp.max(jnp.abs(coef_a), -1), jnp.max(jnp.abs(coef_b), -1))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  a, b = coef_a / scale[..., None], coef_b / scale[..., None]
+  coef = jnp.stack([jnp.concatenate([a, b], -1), jnp.concatenate([b, -a], -1)], 1)
+  starts = jnp.arange(0, t_len, ROPE_BLOCK, dtype=jnp.float32)[:, None] * freq[None, :]
+  cos, sin = jnp.cos(starts), jnp.sin(starts)
+  trig = jnp.stack([jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)], 1)
+  offsets = jnp.arange(ROPE_BLOCK, dtype=jnp.float32)[:, None] * freq[None, :]
+  table = jnp.concatenate([jnp.cos(offsets), jnp.sin(offsets)], -1).astype(jnp.float16)
+  return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
+                     scale.astype(jnp.float32), trig, table)
+
+
+def rope_offsets_dense(rope: RopeOffsets) -> Array:
+  """q·R(t)·μ [R, T, 8] float32 from the kernel's operands, as the kernel sums them (W in
+  float32, where the kernel rounds it to fp16; the fp16 table as given)."""
+  hi_ = jax.lax.Precision.HIGHEST
+  w = (rope.coef[:, None, 0] * rope.trig[None, :, 0, :, None]
+       + rope.coef[:, None, 1] * rope.trig[None, :, 1, :, None])      # [R, blocks, D, 8]
+  off = jnp.einsum("ld,rbdh->rblh", rope.table.astype(jnp.float32), w, precision=hi_)
+  r, blocks = off.shape[:2]
+  return off.reshape(r, blocks * ROPE_BLOCK, HEADS) * rope.scale[:, None, :]
+
+
 def _check(name, x, shape, dtype):
   if tuple(x.shape) != shape or x.dtype != dtype:
     raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {list(shape)}, "
@@ -169,14 +225,14 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
                     key_levels: tuple[float, float], value_levels: tuple[float, float],
                     num_splits: int, scale: float, soft_cap: float | None = None,
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
-                    tokens_per_step: int = 128):
+                    tokens_per_step: int = 128, rope: RopeOffsets | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
   [bounds[i, 0], bounds[i, 1]) that fall in the split, with the odd-cubic levels
   L(u) = a·u + c·u³ of the centred codes u (`key_levels`, `value_levels` = (a, c)):
 
-    s_t = scale·(‖k_t‖·(q·L(u_t)) + qoff)   (soft-capped if asked)
+    s_t = scale·(‖k_t‖·(q·L(u_t)) + qoff + q·R(t)·μ)   (soft-capped if asked)
     m = max_t s_t,  l = Σ_t e^(s_t - m),  o = Σ_t e^(s_t - m)·‖v_t‖·L(u_t)
 
   Args:
@@ -190,6 +246,8 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
     overlap_values: decode the value tile while the key wgmma runs (else after softmax).
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
+    rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
+      needs 128-token steps.
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns), l, m float32
     [R, splits, 8]. Rows of a split with no token: l = 0, m = -1e30, o = 0.
@@ -212,6 +270,13 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
   _check("q", q, (r, HEADS, d), jnp.float16)
   _check("bounds", bounds, (r, 2), jnp.int32)
   _check("qoff", qoff, (r, HEADS), jnp.float32)
+  if rope is not None:
+    if st != ROPE_BLOCK:
+      raise ValueError(f"RoPE offsets need {ROPE_BLOCK}-token steps, got {st}")
+    _check("rope.coef", rope.coef, (r, 2, d, HEADS), jnp.float32)
+    _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
+    _check("rope.trig", rope.trig, (t_len // ROPE_BLOCK, 2, d), jnp.float32)
+    _check("rope.table", rope.table, (ROPE_BLOCK, d), jnp.float16)
   ck = key_spec.words_per_row
   split_steps = t_len // st // num_splits
   cv = value_spec.words_per_row
@@ -226,10 +291,24 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
   dot_scale = float(k_factor * scale) * (1.0 if soft_cap is not None else log2e)
   off_scale = float(scale) * (1.0 if soft_cap is not None else log2e)
 
-  def kernel(kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, bounds_gmem, qoff_gmem,
-             o_gmem, l_gmem, m_gmem, q_smem, p_smem, o_smem, lm_smem, barrier):
+  def kernel(*refs):
+    refs = list(refs)
+    kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, bounds_gmem, qoff_gmem = refs[:7]
+    del refs[:7]
+    if rope is not None:
+      coef_gmem, rscale_gmem, trig_gmem, table_gmem = refs[:4]
+      del refs[:4]
+    o_gmem, l_gmem, m_gmem, q_smem, p_smem, o_smem, lm_smem, barrier = refs[:8]
+    del refs[:8]
+    if rope is not None:
+      table_smem, coef_smem, w_smem, rope_barrier = refs
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
     plgpu.copy_gmem_to_smem(q_gmem.at[i], q_smem, barrier)
+    if rope is not None:
+      plgpu.copy_gmem_to_smem(table_gmem, table_smem, rope_barrier.at[0])
+      plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
+      rscale_v = plgpu.load(rscale_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                            optimized=False) * off_scale
     lo, hi = bounds_gmem[i, 0], bounds_gmem[i, 1]
     # The steps of this split that hold tokens of [lo, hi).
     split_start = j * split_steps
@@ -238,24 +317,51 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
     qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                         optimized=False) * off_scale
     plgpu.barrier_wait(barrier)
+    if rope is not None:
+      plgpu.barrier_wait(rope_barrier.at[0])
+      plgpu.barrier_wait(rope_barrier.at[1])
 
-    def body(idx, kw_smem, kn_smem, vw_smem, vn_smem, carry):
+    def rope_operand(trig_smem):
+      # W = [A | B]·cos θ_h + [B | -A]·sin θ_h, [D, heads], stored transposed for wgmma's B.
+      bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
+      vec = plgpu.Layout.WGMMA.reduce(1)
+      cos = plgpu.load(trig_smem.at[0, 0], (), layout=vec, optimized=False)
+      sin = plgpu.load(trig_smem.at[0, 1], (), layout=vec, optimized=False)
+      ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
+      ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
+      w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
+      plgpu.transpose_ref(w_smem, (1, 0))[...] = plgpu.layout_cast(
+          w, plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+
+    def body(idx, kw_smem, kn_smem, vw_smem, vn_smem, *rest):
+      *trig, carry = rest
       o, l_rows, m_prev = carry
       start = (first + idx[0]) * st
+      if rope is not None:
+        rope_operand(trig[0])
       uk = decode_k(_load_words(kw_smem, key_spec))
 
       def decode_values():
         return [decode_v(_load_words(vw_smem.at[pl.ds(k * wr, wr)], value_spec))
                 for k in range(per_step)]
 
-      def scores(acc_ref):
+      def scores(acc_ref, *off_ref):
+        if rope is not None:   # q·R(t)·μ of the step's tokens: table [128, D] · W
+          plgpu.wgmma(off_ref[0], table_smem, plgpu.transpose_ref(w_smem, (1, 0)))
         plgpu.wgmma(acc_ref, uk, plgpu.transpose_ref(q_smem, (1, 0)))
         # The value tiles do not depend on the scores: decode them while the wgmma runs.
         uv = decode_values() if overlap_values else None
-        return acc_ref[...], uv
-      s, uv = pl.run_scoped(scores, plgpu.ACC((st, HEADS), jnp.float32))
+        return acc_ref[...], (off_ref[0][...] if off_ref else None), uv
+      # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
+      # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
+      # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
+      accs = [plgpu.ACC((st, HEADS), jnp.float32)] * (2 if rope is not None else 1)
+      s, off, uv = pl.run_scoped(scores, *accs)
       kn = plgpu.load(kn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
       s = s * jax.lax.broadcast_in_dim(kn * dot_scale, s.shape, [0])
+      if off is not None:
+        s = s + off * jax.lax.broadcast_in_dim(rscale_v, s.shape, [1])
       s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
       if soft_cap is not None:
         s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
@@ -295,9 +401,12 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
         in_specs=[plgpu.BlockSpec((per_step * wr, ck), lambda t: (first + t, 0)),
                   plgpu.BlockSpec((st,), lambda t: (first + t,)),
                   plgpu.BlockSpec((per_step * wr, cv), lambda t: (first + t, 0)),
-                  plgpu.BlockSpec((st,), lambda t: (first + t,))],
+                  plgpu.BlockSpec((st,), lambda t: (first + t,))]
+        + ([plgpu.BlockSpec((1, 2, d), lambda t: (first + t, 0, 0))]
+           if rope is not None else []),
         max_concurrent_steps=max_concurrent_steps, init_carry=init)
-    o, l_rows, m = pipeline(kw_gmem.at[i], kn_gmem.at[i], vw_gmem.at[i], vn_gmem.at[i])
+    o, l_rows, m = pipeline(kw_gmem.at[i], kn_gmem.at[i], vw_gmem.at[i], vn_gmem.at[i],
+                            *([trig_gmem] if rope is not None else []))
     o_smem[...] = o * v_factor
     lm_smem.at[0][...] = l_rows.sum(axis=0)
     # Back to natural-log units; rows with no token keep the sentinel.
@@ -319,15 +428,21 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
                      plgpu.SMEM((HEADS, st), jnp.float16, transforms=q_transforms()),
                      plgpu.SMEM((d, HEADS), f32),
                      plgpu.SMEM((2, HEADS), f32),
-                     plgpu.Barrier(num_arrivals=1)],
-  )(k_words, k_norms, v_words, v_norms, q, bounds, qoff)
+                     plgpu.Barrier(num_arrivals=1)]
+      + ([plgpu.SMEM((ROPE_BLOCK, d), jnp.float16, transforms=q_transforms()),
+          plgpu.SMEM((2, d, HEADS), f32),
+          plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
+          plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else []),
+  )(k_words, k_norms, v_words, v_norms, q, bounds, qoff,
+    *(tuple(rope) if rope is not None else ()))
 
 
 def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
                               v_norms: Array, q: Array, bounds: Array, qoff: Array, *,
                               bits_k: int, bits_v: int, key_levels: tuple[float, float],
                               value_levels: tuple[float, float], num_splits: int,
-                              scale: float, soft_cap: float | None = None):
+                              scale: float, soft_cap: float | None = None,
+                              rope: RopeOffsets | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D]."""
   def levels(codes, bits, ac):
     u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
@@ -337,7 +452,10 @@ def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
   hi_ = jax.lax.Precision.HIGHEST
   f = lambda x: x.astype(jnp.float32)  # noqa: E731
   dots = jnp.einsum("rtd,rhd->rth", lk, f(q), precision=hi_)
-  s = (dots * f(k_norms)[..., None] + qoff[:, None, :]) * scale
+  s = dots * f(k_norms)[..., None] + qoff[:, None, :]
+  if rope is not None:
+    s = s + rope_offsets_dense(rope)
+  s = s * scale
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
   r, t, _ = s.shape

@@ -60,7 +60,36 @@ def test_reference_partials_merge_to_softmax_attention(rng, soft_cap):
     np.testing.assert_allclose(out[i], expect, rtol=2e-4, atol=1e-6)
 
 
-def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2):
+@pytest.mark.parametrize("t", [128, 384])
+def test_rope_offsets_match_rotated_mean(rng, t):
+  """The kernel's q·R(t)·μ operands (W per 128-token block, the offset table) give
+  q·R(t)·μ, R(t) turning each pair by t·ω: in float32, and with the kernel's fp16."""
+  r, pairs = 2, D // 2
+  freq = 10000.0 ** (-np.arange(pairs) * 2.0 / D)
+  qa, qb, ma, mb = (rng.standard_normal((r, dm.HEADS, pairs)) for _ in range(4))
+  coef_a, coef_b = qa * ma + qb * mb, qb * ma - qa * mb
+  ang = np.arange(t)[:, None] * freq[None, :]                       # [T, D/2]
+  # R(t)·μ pair-wise, dotted with q.
+  rot_a = ma[:, :, None] * np.cos(ang) - mb[:, :, None] * np.sin(ang)
+  rot_b = mb[:, :, None] * np.cos(ang) + ma[:, :, None] * np.sin(ang)
+  expect = np.einsum("rhp,rhtp->rth", qa, rot_a) + np.einsum("rhp,rhtp->rth", qb, rot_b)
+  args = [jnp.asarray(x, jnp.float32) for x in (coef_a, coef_b, freq)]
+  ops = dm.rope_offsets(*args, t)
+  scale = np.abs(expect).max()
+  # The table is fp16 (wgmma's operand): ~2^-12 absolute per entry.
+  np.testing.assert_allclose(dm.rope_offsets_dense(ops), expect, atol=1e-3 * scale)
+  # What the kernel computes, in numpy: per block W = coef·trig in fp16, then table · W.
+  coef, sc, trig = (np.asarray(x, np.float64) for x in ops[:3])
+  table = np.asarray(ops.table, np.float64)
+  got = np.zeros((r, t, dm.HEADS))
+  for blk in range(t // dm.ROPE_BLOCK):
+    w = coef[:, 0] * trig[blk, 0][None, :, None] + coef[:, 1] * trig[blk, 1][None, :, None]
+    w = w.astype(np.float16).astype(np.float64)                     # [R, D, 8]
+    got[:, blk * 128:(blk + 1) * 128] = np.einsum("ld,rdh->rlh", table, w) * sc[:, None]
+  np.testing.assert_allclose(got, expect, atol=2e-3 * scale)
+
+
+def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2, rope=False):
   ks, vs = specs(bits_k, bits_v)
   s = jax.ShapeDtypeStruct
   args = (s((r, t // ks.rows * rc.WORD_ROWS, ks.words_per_row), jnp.int32),
@@ -68,16 +97,29 @@ def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2):
           s((r, t // vs.cols * rc.WORD_ROWS, vs.words_per_row), jnp.int32),
           s((r, t), jnp.float16), s((r, dm.HEADS, D), jnp.float16),
           s((r, 2), jnp.int32), s((r, dm.HEADS), jnp.float32))
-  fn = jax.jit(lambda *a: dm.decode_partials(
-      *a, key_spec=ks, value_spec=vs, key_levels=(0.04, 0.001), value_levels=(0.02, 0.0),
-      num_splits=splits, scale=0.1, soft_cap=soft_cap))
-  return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  if rope:
+    args += (s((r, dm.HEADS, D // 2), jnp.float32),) * 2
+  def call(*a):
+    offsets = None
+    if rope:
+      *a, ca, cb = a
+      freq = 10000.0 ** (-jnp.arange(D // 2) * 2.0 / D)
+      offsets = dm.rope_offsets(ca, cb, freq, t)
+    return dm.decode_partials(
+        *a, key_spec=ks, value_spec=vs, key_levels=(0.04, 0.001), value_levels=(0.02, 0.0),
+        num_splits=splits, scale=0.1, soft_cap=soft_cap, rope=offsets)
+  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (3, 2), (2, 3)])
 def test_kernel_lowers_for_cuda(bits):
   text = lowered(*bits, soft_cap=5.0 if bits == (3, 2) else None)
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3)])
+def test_kernel_with_rope_offsets_lowers_for_cuda(bits):
+  assert "mosaic_gpu" in lowered(*bits, rope=True)
 
 
 def _call_with(ks, vs, t=1024, splits=1, q_heads=dm.HEADS, norm_dtype=jnp.float16,

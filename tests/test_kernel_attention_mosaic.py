@@ -12,6 +12,8 @@ import pytest
 from pallas_kernels import decode_attention_mgpu as dm
 from pallas_kernels import register_codes as rc
 from turboquant_jax import kernel_attention as ka
+from turboquant_jax import rope as rope_lib
+from turboquant_jax.rope import RopeSpec
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 B, L, H, D = 2, 512, 2, 128
@@ -19,10 +21,13 @@ B, L, H, D = 2, 512, 2, 128
 
 def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), **kw):
   kw.setdefault("center_keys", "plain")
+  rope = RopeSpec(10000.0, interleaved=True) if kw["center_keys"] == "rope" else None
   cfg = TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, levels="cubic", layout="tiles",
                          window=kw.pop("window", 32), **kw)
-  cache = TurboQuantKVCache.create(B, L, H, D, config=cfg)
+  cache = TurboQuantKVCache.create(B, L, H, D, config=cfg, rope=rope)
   k = jnp.asarray(rng.standard_normal((B, L, H, D)) + 1.0, jnp.float32)
+  if rope is not None:   # a mean before RoPE, so that centering has something to take
+    k = rope_lib.rotate(k + 2.0, jnp.arange(L)[None, :, None], rope)
   v = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
   return cache.update(k, v, num_tokens=jnp.asarray(lengths))
 
@@ -51,10 +56,15 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     (3, 4, 8, dict(soft_cap=None, sliding_window=None)),
     (2, 2, 16, dict(soft_cap=7.0, sliding_window=None)),
     (4, 3, 2, dict(soft_cap=None, sliding_window=200)),
+    (3, 3, 4, dict(soft_cap=None, sliding_window=None)),
+    (4, 2, 8, dict(soft_cap=5.0, sliding_window=300)),
 ])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, kw):
-  cache = tiles_cache(rng, bits_k, bits_v, center_keys="plain" if hq != 2 else False,
-                      center_values=hq == 16)
+  centering = {8: "plain", 16: "plain", 2: False, 4: "rope"}[hq]
+  if kw["soft_cap"] == 5.0:
+    centering = "rope"
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16)
+  assert (cache.rope is not None) == (centering == "rope")
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
   monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
   got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
@@ -78,9 +88,10 @@ def test_mosaic_reasons_and_errors(rng):
   planes = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(key_bits=3))
   assert "tiles" in ka.mosaic_unsupported(planes, 4)
   rope_cfg = TurboQuantConfig(key_bits=3, value_bits=3, levels="cubic", layout="tiles")
-  from turboquant_jax.rope import RopeSpec
   roped = TurboQuantKVCache.create(B, L, H, D, config=rope_cfg, rope=RopeSpec(10000.0))
-  assert "RoPE" in ka.mosaic_unsupported(roped, 4)
+  assert ka.mosaic_unsupported(roped, 4) is None
+  roped64 = TurboQuantKVCache.create(B, L, H, 64, config=rope_cfg, rope=RopeSpec(10000.0))
+  assert "RoPE" in ka.mosaic_unsupported(roped64, 4)   # 3-bit d=64 tiles are 256 tokens
   lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3, value_bits=2, layout="tiles", center_keys=False))
   assert "Lloyd-Max" in ka.mosaic_unsupported(lm, 4)

@@ -24,6 +24,8 @@ from turboquant_jax.channel_split import permute_channels, unpermute_channels
 
 Array = jax.Array
 
+# The cache turns its centering mean by R(h)·R(l) at the kernel's 128-token blocks.
+assert rope_lib.SPLIT == mosaic.ROPE_BLOCK
 _NEG = -1e30
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -40,25 +42,31 @@ def query_parts(cache, qf: Array) -> tuple[list[tuple[Array, Array | None]], Arr
   return parts, qoff
 
 
-def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
-  """The kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`).
-
-  Per pair p, q·R(θ)·μ = A_p cos θ + B_p sin θ with A = q_a μ_a + q_b μ_b and
-  B = q_b μ_a - q_a μ_b, and the angle at token h + l (h a multiple of 16) is θ_h + φ_l:
-  A and B [B, H, M, D/2], ω [D/2], the tables cos φ_l and sin φ_l [D/2, 16], and the 0/1
-  matrices that place sub-block s's 16 columns in a block [block_k/16, 16, block_k]; all
-  but A and B are the same for every row (broadcast: the kernel maps every operand).
-  """
+def rope_coefficients(cache, qf: Array) -> tuple[Array, Array]:
+  """(A, B) [B, H, M, D/2]: per RoPE pair p, q·R(θ)·μ = Σ_p A_p cos θ_p + B_p sin θ_p with
+  A = q_a μ_a + q_b μ_b and B = q_b μ_a - q_a μ_b (keys centred before RoPE)."""
   spec, mu = cache.rope, cache.key_mean
   q_a, q_b = spec.pairs(qf)
   m_a, m_b = spec.pairs(mu[:, :, None, :])
-  freq = spec.frequencies(qf.shape[-1])
-  angles = freq[:, None] * jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[None, :]  # [D/2, 16]
-  place = jnp.eye(block_k, dtype=jnp.float32).reshape(block_k // rope_lib.SPLIT,
-                                                      rope_lib.SPLIT, block_k)
+  return q_a * m_a + q_b * m_b, q_b * m_a - q_a * m_b
+
+
+def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
+  """The Triton kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`).
+
+  The angle at token h + l (h a multiple of `rope.SPLIT`, l below it) is θ_h + φ_l: A and
+  B [B, H, M, D/2] (`rope_coefficients`), ω [D/2], and the tables cos φ_l and sin φ_l
+  [D/2, SPLIT]; all but A and B are the same for every row (broadcast: the kernel maps
+  every operand). A block of block_k tokens (dividing SPLIT) shares one angle h.
+  """
+  if rope_lib.SPLIT % block_k:
+    raise ValueError(f"keys centred before RoPE need block_k dividing {rope_lib.SPLIT}, "
+                     f"got {block_k}")
+  freq = cache.rope.frequencies(qf.shape[-1])
+  angles = freq[:, None] * jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[None, :]
   lead = qf.shape[:2]
-  shared = [freq, jnp.cos(angles), jnp.sin(angles), place]
-  return ([q_a * m_a + q_b * m_b, q_b * m_a - q_a * m_b]
+  shared = [freq, jnp.cos(angles), jnp.sin(angles)]
+  return (list(rope_coefficients(cache, qf))
           + [jnp.broadcast_to(x, (*lead, *x.shape)) for x in shared])
 
 
@@ -119,8 +127,10 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
     return "it reads the tiles layout (TurboQuantConfig(layout='tiles'))"
   if len(cache.key_codes) != 1 or len(cache.value_codes) != 1:
     return "fractional widths are not supported yet"
-  if cache.key_mean is not None and cache.rope is not None:
-    return "keys centred before RoPE are not supported yet (center_keys='plain' or False)"
+  if (cache.key_mean is not None and cache.rope is not None
+      and cache.key_codes[0].layout.tokens > mosaic.ROPE_BLOCK):
+    return (f"keys centred before RoPE need tiles of <= {mosaic.ROPE_BLOCK} tokens, got "
+            f"{cache.key_codes[0].layout.tokens} (center_keys='plain' serves)")
   if query_tokens != 1:
     return f"it takes one query token per call (decode), got {query_tokens}"
   if rows > mosaic.HEADS:
@@ -173,13 +183,19 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
     lo = jnp.maximum(lo, pos[:, None] - sliding_window + 1)
   bounds = jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1).reshape(b * h, 2).astype(jnp.int32)
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
+  rope = None
+  if cache.key_mean is not None and cache.rope is not None:
+    pad_rows = lambda x: jnp.pad(flat(x), ((0, 0), (0, extra), (0, 0)))  # noqa: E731
+    coef_a, coef_b = rope_coefficients(cache, qf)
+    rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
+                               cache.rope.frequencies(d), cache.max_len)
   o, l, m = mosaic.decode_partials(
       flat(kc.words), flat(kc.norms), flat(vc.words), flat(vc.norms), q, bounds,
       qoff.astype(jnp.float32),
       key_spec=kc.layout.spec, value_spec=vc.layout.spec,
       key_levels=cubic_levels(cache.key_quantizer.groups[0]),
       value_levels=cubic_levels(cache.value_quantizer.groups[0]),
-      num_splits=num_splits, scale=scale, soft_cap=soft_cap, **kernel_kwargs)
+      num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, **kernel_kwargs)
   o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, num_splits, rows, d)
   unpad = lambda x: x[..., :rows].reshape(b, h, num_splits, rows)  # noqa: E731
   return (o,), unpad(l), unpad(m)

@@ -5,10 +5,11 @@ Keys reach the cache after RoPE: pair p of a key at position t is turned by the 
 center_keys="rope")`) needs the same rotation to move a fixed mean μ to R(t)·μ.
 
 `rotate` is the decoders' own embedding. `rotate_split` is the rotation the cache uses for
-its centering offsets: R(t) = R(h)·R(l) with h = t - t mod 16 and l = t mod 16, each angle
-rounded to float32 on its own. Mathematically the same; in float32 it lets a kernel get
-R(t)·μ for every token of a block from one sine and cosine per block (angles at h) and a
-table at l < 16, with no trigonometry per key, and still agree with the cache to rounding.
+its centering offsets: R(t) = R(h)·R(l) with h = t - t mod 128 and l = t mod 128, each
+angle rounded to float32 on its own. Mathematically the same; in float32 it lets a kernel
+get R(t)·μ for every token of a block from one sine and cosine per 128 tokens (angles at h)
+and a table at l < 128, with no trigonometry per key, and still agree with the cache to
+rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-SPLIT = 16  # the period at which `rotate_split` splits positions; kernels' blocks divide it
+SPLIT = 128  # the period at which `rotate_split` splits positions; kernels' blocks divide it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def rotate(x: Array, positions: Array, spec: RopeSpec) -> Array:
 
 
 def rotate_split(x: Array, positions: Array, spec: RopeSpec) -> Array:
-  """R(h)·R(l)·x with h = t - t mod 16, l = t mod 16 (see the module docstring)."""
+  """R(h)·R(l)·x with h = t - t mod SPLIT, l = t mod SPLIT (see the module docstring)."""
   positions = jnp.asarray(positions, jnp.int32)
   low = positions % SPLIT
   return rotate(rotate(x, low, spec), positions - low, spec)
