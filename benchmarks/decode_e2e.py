@@ -40,6 +40,7 @@ from models import config as model_config
 from models.decoder import Decoder
 from models.generate import decode_steps
 from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 MODELS = {
@@ -54,9 +55,13 @@ CACHES = {
     "tq3.5": functools.partial(TurboQuantKVCache.create,
                                config=TurboQuantConfig(key_bits=3.5, value_bits=3.5)),
     # The Mosaic GPU kernel's cache (Hopper): tiles layout, cubic levels, keys centred
-    # after RoPE (the kernel has no per-position offset yet).
+    # after RoPE, or before it (the kernel adds q·R(t)·μ per 128-token step).
     "tq3-tiles": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="plain")),
+    "tq3-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="rope")),
+    "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
 }
 # (batch, context) per model; a point a cache cannot hold is recorded as not fitting.
 POINTS = {
@@ -79,10 +84,18 @@ def tree_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def layer_caches(cfg, make_cache):
+  """The maker a model uses: layers with a sliding window (Gemma 3's local layers) keep a
+  ring of their window (`RingKVCache`, exact) with every cache, the others `make_cache`."""
+  return window_rings(make_cache, cfg.layer_window)
+
+
 def cache_cost(cfg, make_cache, probe_len: int = 4096) -> tuple[float, float, float]:
   """(bytes per token, bytes per sequence, bytes per model) over all layers, from shapes
   alone: a cache of B sequences of L tokens takes B·(L·per_token + per_sequence) +
   per_model (rotations and codebooks are shared by the batch)."""
+  make_cache = layer_caches(cfg, make_cache)
+
   def total(batch, length):
     shapes = jax.eval_shape(lambda: [make_cache(batch, length, cfg.num_kv_heads,
                                                 cfg.head_dim, jnp.bfloat16, layer=i)
@@ -168,7 +181,7 @@ def time_attention(cache, cfg, key, layer: int) -> float:
 def run_point(model, cfg, make_cache, batch, context, key) -> dict:
   """One (cache, batch, context): fill, time appends and attention, then decode steps.
   make_cache: a `make_cache` (`CACHES[name]`, or `sharded(...)` of one on a mesh)."""
-  caches = model.init_caches(batch, context, make_cache, jnp.bfloat16)
+  caches = model.init_caches(batch, context, layer_caches(cfg, make_cache), jnp.bfloat16)
   prefix = context - (2 * APPENDS - 2) - STEPS * (2 + REPEATS)
   t0 = time.perf_counter()
   caches = fill_caches(cfg, caches, key, prefix)
@@ -361,6 +374,8 @@ def main(argv=None):
   results["settings"] = {"steps_per_call": STEPS, "calls_timed": REPEATS,
                          "weights": "random, bf16", "cache_dtype": "bf16 (exact parts too)",
                          "bf16_attention": "cuDNN fused attention (BNTH, padding mask)",
+                         "local_layers": "sliding-window layers: an exact RingKVCache of the "
+                                         "window with every cache (window_rings)",
                          "tq_attention": "Triton kernel (pallas_kernels.decode_attention); "
                                          "tq3-tiles: Mosaic GPU (decode_attention_mgpu)"}
   start = time.perf_counter()

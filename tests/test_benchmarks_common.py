@@ -62,6 +62,26 @@ def test_decode_e2e_capacity_counts_every_buffer():
   assert 3.0 < ratio < 3.8  # d = 64: two fp16 norms per vector cost more than at d = 128
 
 
+def test_decode_e2e_local_layers_keep_a_ring():
+  """With sliding-window layers, only the global layers grow with the context; the
+  rings' fixed size is counted per sequence (checked against the memory reports)."""
+  import jax.numpy as jnp
+  from benchmarks import decode_e2e
+  from models.config import DecoderConfig
+  cfg = DecoderConfig(vocab_size=64, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=64, ffn_dim=128, sliding_window=32, global_every=3)
+  assert [cfg.layer_window(i) for i in range(3)] == [32, 32, None]
+  for name, make in decode_e2e.CACHES.items():
+    per_token, per_sequence, per_model = decode_e2e.cache_cost(cfg, make, probe_len=256)
+    layered = decode_e2e.layer_caches(cfg, make)
+    caches = [layered(3, 512, 2, 64, jnp.bfloat16, layer=i) for i in range(3)]
+    assert [type(c).__name__ for c in caches][:2] == ["RingKVCache"] * 2
+    total = sum(c.memory_report()["total"] for c in caches)
+    assert 3 * (per_token * 512 + per_sequence) + per_model == total, name
+  dense_per_token = decode_e2e.cache_cost(cfg, decode_e2e.CACHES["bf16"])[0]
+  assert dense_per_token == 1 * 2 * 2 * 64 * 2  # the global layer only
+
+
 def test_chained_timing_makes_every_call():
   """The chain traces `iters` calls into one jitted function and returns a time per call."""
   import jax

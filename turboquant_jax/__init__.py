@@ -18,11 +18,12 @@ from turboquant_jax.rotation import (
 __version__ = "0.1.0"
 from turboquant_jax.channel_split import SplitQuantizer, outlier_permutation
 from turboquant_jax.kv_cache import DenseKVCache, KVCache
+from turboquant_jax.ring_cache import RingKVCache
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 from turboquant_jax.flax_attention import (
     TurboQuantMultiHeadAttention,
     TurboQuantMultiHeadDotProductAttention,
 )
 from turboquant_jax.uniform_cache import UniformConfig, UniformKVCache
-from turboquant_jax.layer_policy import per_layer, turboquant_per_layer
+from turboquant_jax.layer_policy import per_layer, turboquant_per_layer, window_rings
 from turboquant_jax.index import IndexConfig, TurboQuantIndex

@@ -1,4 +1,4 @@
-"""Per-layer cache choices: full-precision layers, per-layer bit widths.
+"""Per-layer cache choices: full-precision layers, per-layer bit widths, window rings.
 
 A decoder makes its caches with `make_cache(batch, max_len, kv_heads, head_dim, dtype,
 layer=i)` (`Decoder.init_caches`). `per_layer` builds such a function that picks a
@@ -10,6 +10,11 @@ and its others at 3 bits:
                      overrides={5: functools.partial(TurboQuantKVCache.create,
                                                      config=TurboQuantConfig(key_bits=4))})
     caches = model.init_caches(batch, max_len, make)
+
+`window_rings` gives the layers that attend over a sliding window a `RingKVCache` of
+their window instead (exact, and fixed in size whatever the context):
+
+    make = window_rings(make, model.cfg.layer_window)
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import functools
 from typing import Any, Callable, Iterable, Mapping
 
 from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.ring_cache import RingKVCache
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 MakeCache = Callable[..., Any]
@@ -55,3 +61,20 @@ def turboquant_per_layer(config: TurboQuantConfig = TurboQuantConfig(), *,
                for layer, (kb, vb) in (layer_bits or {}).items()}
   return per_layer(make(config), overrides=overrides,
                    full_precision_layers=full_precision_layers)
+
+
+def window_rings(default: MakeCache, layer_window: Callable[[int], int | None], *,
+                 max_query: int = 1) -> MakeCache:
+  """A cache maker that gives each layer with a sliding window (`layer_window(layer)` not
+  None, e.g. `DecoderConfig.layer_window`) a `RingKVCache` of that window, serving up to
+  `max_query` query tokens per `attend`, and `default` to the others."""
+  def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
+           rope=None):
+    window = layer_window(layer)
+    args = (batch, max_len, num_kv_heads, head_dim) + (() if dtype is None else (dtype,))
+    if window is None:
+      return default(*args, layer=layer, rope=rope)
+    return RingKVCache.create(*args, window=window, max_query=max_query, layer=layer,
+                              rope=rope)
+
+  return make

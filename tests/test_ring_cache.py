@@ -1,0 +1,110 @@
+"""The sliding-window ring against the dense cache of the whole context."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Decoder
+from tests.test_decoder import TINY, decode_step
+from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
+from turboquant_jax.layer_policy import per_layer, window_rings
+from turboquant_jax.ring_cache import RingKVCache
+
+B, H, D, HQ = 2, 2, 16, 4
+
+
+def kv(rng, t):
+  return (jnp.asarray(rng.standard_normal((B, t, H, D)), jnp.float32),
+          jnp.asarray(rng.standard_normal((B, t, H, D)), jnp.float32))
+
+
+@pytest.mark.parametrize("window, max_query, chunks", [
+    (8, 1, [5] + [1] * 20),            # decode past the ring several times
+    (8, 4, [30, 4, 3, 4, 1, 4]),       # a prefill longer than the ring, then chunks
+    (6, 3, [2, 3, 3, 3, 3, 3, 3, 1]),
+])
+def test_ring_attends_as_the_dense_cache_within_the_window(rng, window, max_query, chunks):
+  max_len = 64
+  ring = RingKVCache.create(B, max_len, H, D, window=window, max_query=max_query)
+  dense = DenseKVCache.create(B, max_len, H, D)
+  assert ring.capacity == window + max_query - 1
+  for i, t in enumerate(chunks):
+    k, v = kv(rng, t)
+    n = jnp.array([t, max(t - 1, 0)]) if i else None   # row 1 ragged after the prompt
+    ring, dense = ring.update(k, v, num_tokens=n), dense.update(k, v, num_tokens=n)
+    np.testing.assert_array_equal(ring.lengths, dense.lengths)
+    tq = min(t, max_query)
+    q = jnp.asarray(rng.standard_normal((B, tq, HQ, D)), jnp.float32)
+    got = ring.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
+    want = dense.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rewrite_within_the_ring_equals_dense(rng):
+  ring = RingKVCache.create(B, 40, H, D, window=4, max_query=3)
+  dense = DenseKVCache.create(B, 40, H, D)
+  k, v = kv(rng, 20)
+  ring, dense = ring.update(k, v), dense.update(k, v)
+  k, v = kv(rng, 2)
+  pos = jnp.array([19, 20])             # rewind one token in row 0, append in row 1
+  ring, dense = ring.update(k, v, positions=pos), dense.update(k, v, positions=pos)
+  q = jnp.asarray(rng.standard_normal((B, 2, HQ, D)), jnp.float32)
+  np.testing.assert_allclose(ring.attend(q, sliding_window=4),
+                             dense.attend(q, sliding_window=4), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no longer holds"):
+    ring.update(k, v, positions=jnp.array([10, 10]))
+
+
+def test_ring_refuses_what_it_cannot_serve(rng):
+  ring = RingKVCache.create(B, 16, H, D, window=4)
+  k, v = kv(rng, 3)
+  ring = ring.update(k, v)
+  with pytest.raises(ValueError, match="need a ring"):
+    ring.attend(jnp.ones((B, 2, HQ, D)), sliding_window=4)
+  with pytest.raises(ValueError, match="sliding window of 4"):
+    ring.attend(jnp.ones((B, 1, HQ, D)), sliding_window=8)
+  with pytest.raises(ValueError, match="cache full"):
+    ring.update(*kv(rng, 14))
+  with pytest.raises(ValueError, match="window must be"):
+    RingKVCache.create(B, 16, H, D, window=0)
+  # Under jit nothing raises: the row is flagged and its outputs are NaN.
+  full = jax.jit(lambda c, k, v: c.update(k, v))(ring, *kv(rng, 14))
+  assert bool(jnp.all(full.overflowed)) and int(full.lengths[0]) == 3
+  assert bool(jnp.all(jnp.isnan(full.attend(jnp.ones((B, 1, HQ, D))))))
+  back = jax.jit(lambda c, k, v: c.update(k, v, positions=jnp.array([0, 13])))(
+      ring.update(*kv(rng, 10)), *kv(rng, 1))
+  np.testing.assert_array_equal(back.overflowed, [True, False])
+
+
+def test_memory_is_the_window_not_the_context():
+  ring = RingKVCache.create(1, 32768, 1, 256, jnp.bfloat16, window=512)
+  rep = ring.memory_report()
+  assert rep["capacity"] == 512 and rep["keys_values"] == 512 * 256 * 2 * 2
+  assert rep["compression_vs_bf16"] > 60
+
+
+def test_decoder_with_rings_on_local_layers_equals_full_caches():
+  """Gemma-style decoder (local layers with a 5-token window): rings on the local layers,
+  dense or TurboQuant on the global one, the same logits as exact full caches on the local
+  layers, step by step past the window."""
+  cfg = TINY["gemma"]
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
+  tq = lambda *a, **kw: TurboQuantKVCache.create(  # noqa: E731
+      *a, config=TurboQuantConfig(key_bits=3, value_bits=3, window=4), **kw)
+  local = [i for i in range(cfg.num_layers) if cfg.layer_window(i) is not None]
+  for default in (DenseKVCache.create, tq):
+    # The rings are exact: compare with exact full caches on the local layers.
+    full = model.init_caches(2, 32, per_layer(default, full_precision_layers=local))
+    rings = model.init_caches(2, 32, window_rings(default, cfg.layer_window))
+    kinds = [type(c).__name__ for c in rings]
+    assert kinds.count("RingKVCache") == sum(cfg.layer_window(i) is not None
+                                             for i in range(cfg.num_layers)) >= 1
+    _, full = model(tokens[:, :10], caches=full, prefill=True)
+    _, rings = model(tokens[:, :10], caches=rings, prefill=True)
+    for i in range(10, 24):
+      a, full = decode_step(model, tokens[:, i:i + 1], full)
+      b, rings = decode_step(model, tokens[:, i:i + 1], rings)
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,183 @@
+"""A full-precision ring of the most recent tokens, for sliding-window attention layers.
+
+A layer that attends over a sliding window of `window` tokens (Gemma 3's local layers:
+512) never reads a key older than that, so its cache need not grow with the context: a
+ring of `capacity` slots holds the latest tokens, token t in slot t mod capacity, and the
+position each slot holds. Memory and attention time stay fixed at any context length, in
+the bf16 baseline and beside compressed global layers alike.
+
+The decoders attend after writing (`update`, then `attend`), so the queries of an update
+of q_len tokens need keys back to (first query - window + 1): a ring must hold
+window + q_len - 1 tokens for them (`capacity = window + max_query - 1`). `attend` refuses
+more query tokens than the ring can serve; `update` accepts any number of tokens (a prefill
+that attends on its own, as `models.decoder` does, keeps only the last `capacity`).
+
+The protocol is `kv_cache`'s: `update(k, v, positions=None, num_tokens=None)` appends at
+the current length or rewrites from an earlier position; a write past `max_len`, or a
+rewrite from a position whose window the ring no longer holds, raises eagerly and under
+jit sets `overflowed` (NaN outputs), never a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax import attention
+from turboquant_jax import kv_cache
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RingKVCache:
+  """The last `capacity` tokens of each sequence, head-major, for a sliding-window layer.
+
+  Attributes:
+    keys, values: [B, Hkv, capacity, D] in fp32 or bf16, token t in slot t mod capacity.
+    slot_positions: [B, capacity] int32, the position each slot holds (-1: empty).
+    lengths: [B] int32 tokens written per sequence (all positions, not only those held).
+    overflowed: [B] bool, set when an update under jit could not be applied.
+    window: the sliding window the ring serves (static).
+    max_len: the longest sequence accepted, as for the other caches (static).
+  """
+
+  keys: Array
+  values: Array
+  slot_positions: Array
+  lengths: Array
+  overflowed: Array
+  window: int = flax.struct.field(pytree_node=False, default=1)
+  max_len: int = flax.struct.field(pytree_node=False, default=1)
+
+  @classmethod
+  def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32, *, window: int, max_query: int = 1, layer: int = 0,
+             rope: Any = None) -> "RingKVCache":
+    """An empty ring for a layer with a sliding window of `window` tokens, serving
+    `attend` calls of up to `max_query` query tokens (1: decode). `layer` and `rope` are
+    accepted, and unused, so that every cache is created the same way."""
+    del layer, rope
+    kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
+    for name, value in (("window", window), ("max_query", max_query)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    capacity = min(window + max_query - 1, max_len)
+    shape = (batch, num_kv_heads, capacity, head_dim)
+    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+               slot_positions=jnp.full((batch, capacity), -1, jnp.int32),
+               lengths=jnp.zeros((batch,), jnp.int32), overflowed=jnp.zeros((batch,), bool),
+               window=window, max_len=max_len)
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.keys.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    return self.keys.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.keys.shape[3]
+
+  @property
+  def max_query(self) -> int:
+    """The most query tokens one `attend` can serve with the full window."""
+    return self.capacity - self.window + 1 if self.capacity < self.max_len else self.max_len
+
+  def update(self, k: Array, v: Array, positions: Array | None = None,
+             num_tokens: Array | None = None) -> "RingKVCache":
+    """Writes k, v ([B, T, Hkv, D]) at `positions` (default: the current lengths)."""
+    kv_cache.check_update(k, v, self.batch, self.num_kv_heads, self.head_dim)
+    plan = kv_cache.plan_update(self.lengths, self.max_len, k.shape[1], positions,
+                                num_tokens)
+    # A rewrite needs the window before its first token still in the ring.
+    if kv_cache.is_concrete(self.lengths, positions):
+      needed = np.maximum(np.asarray(plan.positions) - self.window + 1, 0)
+      if np.any(needed < np.asarray(self.lengths) - self.capacity):
+        raise ValueError(
+            f"cannot rewrite from positions {np.asarray(plan.positions)}: the ring of "
+            f"{self.capacity} slots no longer holds the {self.window}-token window before "
+            f"them (lengths {np.asarray(self.lengths)})")
+    return _ring_update(self, k, v, plan)
+
+  def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
+             sliding_window: int | None = None, soft_cap: float | None = None,
+             implementation: str | None = None) -> Array:
+    """Causal attention of q ([B, Tq, Hq, D]) over the window, in float32 jnp.
+
+    sliding_window: None or the ring's window (the layer's); q_positions default to the
+    last Tq positions of each sequence, and must be among the written ones.
+    """
+    kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
+    if implementation not in (None, "reference"):
+      raise ValueError(f"implementation must be 'reference' or None, got {implementation!r}")
+    if sliding_window not in (None, self.window):
+      raise ValueError(f"this ring serves a sliding window of {self.window} tokens, "
+                       f"got sliding_window={sliding_window}")
+    if q.shape[1] > self.max_query:
+      raise ValueError(f"{q.shape[1]} query tokens need a ring of {self.window} + "
+                       f"{q.shape[1]} - 1 slots, this one has {self.capacity} "
+                       f"(RingKVCache.create(max_query=...))")
+    return _ring_attend(self, q, q_positions, scale=scale, soft_cap=soft_cap)
+
+  def memory_report(self) -> dict[str, Any]:
+    kv = int(self.keys.nbytes + self.values.nbytes)
+    total = kv_cache.leaf_bytes(self)
+    tokens = self.batch * self.num_kv_heads * self.capacity
+    # Against a bf16 cache of the whole context (max_len), which is what the ring replaces.
+    bf16 = self.batch * self.num_kv_heads * self.max_len * self.head_dim * 2 * 2
+    return {"keys_values": kv, "bookkeeping": total - kv, "total": total,
+            "capacity": self.capacity, "bytes_per_token_per_head": kv / tokens,
+            "bf16_total": bf16, "compression_vs_bf16": bf16 / total}
+
+
+@jax.jit
+def _ring_update(cache: RingKVCache, k: Array, v: Array, plan: kv_cache.UpdatePlan
+                 ) -> RingKVCache:
+  c = cache.capacity
+  # A rewrite whose window left the ring cannot be served: refuse it (flag, as overflow).
+  ok = plan.ok & (jnp.maximum(plan.positions - cache.window + 1, 0) >= cache.lengths - c)
+  written = (plan.indices < cache.max_len) & ok[:, None]
+  # Of the tokens written, only the last `capacity` land (earlier ones would be
+  # overwritten in the same scatter, in an unspecified order).
+  last = plan.positions + plan.num_tokens
+  written &= plan.indices >= (last - c)[:, None]
+  slots = jnp.where(written, plan.indices % c, c)                     # c: dropped
+  pos = jnp.where(written, plan.indices, -1)
+  # Slots holding positions at or after the rewrite point are stale once it lands.
+  stale = cache.slot_positions >= jnp.where(ok, plan.positions, jnp.iinfo(jnp.int32).max
+                                            )[:, None]
+  slot_positions = jnp.where(stale, -1, cache.slot_positions)
+  slot_positions = jax.vmap(lambda s, i, p: s.at[i].set(p, mode="drop"))(
+      slot_positions, slots, pos)
+  return cache.replace(
+      keys=kv_cache.scatter_tokens(cache.keys, kv_cache.to_head_major(k), slots),
+      values=kv_cache.scatter_tokens(cache.values, kv_cache.to_head_major(v), slots),
+      slot_positions=slot_positions,
+      lengths=jnp.where(ok, plan.new_lengths, cache.lengths),
+      overflowed=cache.overflowed | ~ok,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap"))
+def _ring_attend(cache: RingKVCache, q: Array, q_positions: Array | None, *, scale,
+                 soft_cap) -> Array:
+  if q_positions is None:
+    q_positions = attention.default_query_positions(cache.lengths, q.shape[1])
+  k_pos = cache.slot_positions
+  valid = (k_pos >= 0) & (k_pos < cache.lengths[:, None])
+  mask = attention.key_mask(q_positions, k_pos, valid, cache.window)
+  out = attention.dense_attention(q, cache.keys, cache.values, mask, scale=scale,
+                                  soft_cap=soft_cap)
+  return jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
