@@ -38,6 +38,7 @@ from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
+from turboquant_jax.budget import budget_layer_bits, mean_stored_bits
 
 LICENSES = pathlib.Path("/usr/share/common-licenses")
 PERPLEXITY_TEXT = LICENSES / "GPL-3"
@@ -105,6 +106,16 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
                 bits=bits + share * (wide - bits))
 
 
+def budgeted(cfg, budget: float) -> Method:
+  """TurboQuant with a stored-bits budget spread over the layers (`budget_layer_bits`)."""
+  layer_bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim,
+                                 layer_window=cfg.layer_window)
+  make = lambda seed: turboquant_per_layer(  # noqa: E731
+      TurboQuantConfig(seed=seed), layer_bits=layer_bits)
+  return Method(f"turboquant budget {budget}", "budget", make, seeded=True,
+                bits=mean_stored_bits(layer_bits, cfg.head_dim))
+
+
 def methods() -> list[Method]:
   dense = lambda seed: DenseKVCache.create  # noqa: E731
   return [
@@ -170,6 +181,7 @@ def run_model(name: str, args, out: dict, save) -> None:
   result.update(text=str(args.text) + (f" lines {args.text_lines}" if args.text_lines else ""),
                 tokens=args.tokens, seeds=args.seeds)
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
+  extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
   chosen = [m for m in methods() + [m for m in extra if m is not None]
             if not (args.only or args.exact) or any(s in m.name for s in args.only or ())
             or m.name in (args.exact or ())]
