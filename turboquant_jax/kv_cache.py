@@ -160,8 +160,24 @@ def finish_report(report: dict[str, Any], cache: Any, per_token_bytes: int) -> d
   return report
 
 
+class HeadMajorShape:
+  """batch, num_kv_heads and head_dim of a cache whose `keys` are [B, Hkv, slots, D]."""
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.keys.shape[1]
+
+  @property
+  def head_dim(self) -> int:
+    return self.keys.shape[3]
+
+
 @flax.struct.dataclass
-class DenseKVCache:
+class DenseKVCache(HeadMajorShape):
   """Full-precision KV cache, head-major, preallocated for max_len tokens.
 
   Attributes:
@@ -187,20 +203,8 @@ class DenseKVCache:
                lengths=jnp.zeros((batch,), jnp.int32), overflowed=jnp.zeros((batch,), bool))
 
   @property
-  def batch(self) -> int:
-    return self.keys.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.keys.shape[1]
-
-  @property
   def max_len(self) -> int:
     return self.keys.shape[2]
-
-  @property
-  def head_dim(self) -> int:
-    return self.keys.shape[3]
 
   def update(self, k: Array, v: Array, positions: Array | None = None,
              num_tokens: Array | None = None) -> "DenseKVCache":

@@ -35,7 +35,7 @@ Array = jax.Array
 
 
 @flax.struct.dataclass
-class RingKVCache:
+class RingKVCache(kv_cache.HeadMajorShape):
   """The last `capacity` tokens of each sequence, head-major, for a sliding-window layer.
 
   Attributes:
@@ -75,20 +75,8 @@ class RingKVCache:
                window=window, max_len=max_len)
 
   @property
-  def batch(self) -> int:
-    return self.keys.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.keys.shape[1]
-
-  @property
   def capacity(self) -> int:
     return self.keys.shape[2]
-
-  @property
-  def head_dim(self) -> int:
-    return self.keys.shape[3]
 
   @property
   def max_query(self) -> int:
