@@ -216,10 +216,11 @@ def run_model(name: str, args, out: dict, save) -> None:
     for length in args.needle_lengths:
       for depth in args.needle_depths:
         key = f"{length}@{depth}"
+        # Drawn before the skip, so a resumed run asks the prompts a full run asks.
+        passkey = str(rng.integers(10000, 99999))
         if key in result["needle"] and all(m.name in result["needle"][key]["scores"]
                                            for m in needle_methods):
           continue
-        passkey = str(rng.integers(10000, 99999))
         prompt = evaluation.needle_prompt(encode, filler, length, depth, passkey, bos=bos)
         start = time.perf_counter()
         kv = evaluation.prompt_kv(model, jnp.asarray([prompt[:-1]], jnp.int32),
