@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.decode_attention import make_cache
+from benchmarks.decode_attention import compressed_bytes, make_cache
 from benchmarks.mgpu_decode import read_ceiling, time_cudnn
 from turboquant_jax import rope as rope_lib
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
@@ -127,7 +127,7 @@ def main(argv=None):
           rope = LLAMA3_ROPE if cfg.center_keys == "rope" else None
           cache = make_cache(sub, b, t, cfg, rope=rope)
           sec = time_attend(cache, q, implementation=impl)
-          nbytes = cache.memory_report()["bytes_per_token_per_head"] * b * HKV * t
+          nbytes = compressed_bytes(cache)
           rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
                            ceiling_frac=nbytes / sec / ceiling))
           del cache

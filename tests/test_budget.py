@@ -1,7 +1,5 @@
 """The bit budget spread over layers."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -69,4 +67,5 @@ def test_decoder_caches_record_the_choice_and_cost_what_was_budgeted():
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, cfg.vocab_size)
   logits, _ = model(tokens, caches=caches)
   assert bool(jnp.all(jnp.isfinite(logits)))
-  assert dataclasses.replace(base, key_bits=bits[0][0]).key_bits == bits[0][0]
+  # The global layer (index 2) is at least as wide as the local ones, on both sides.
+  assert all(bits[2][s] >= bits[i][s] for i in (0, 1) for s in (0, 1))

@@ -52,17 +52,14 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
   return o, l, m
 
 
-@pytest.mark.parametrize("bits_k, bits_v, hq, kw", [
-    (3, 4, 8, dict(soft_cap=None, sliding_window=None)),
-    (2, 2, 16, dict(soft_cap=7.0, sliding_window=None)),
-    (4, 3, 2, dict(soft_cap=None, sliding_window=200)),
-    (3, 3, 4, dict(soft_cap=None, sliding_window=None)),
-    (4, 2, 8, dict(soft_cap=5.0, sliding_window=300)),
+@pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
+    (3, 4, 8, "plain", dict(soft_cap=None, sliding_window=None)),
+    (2, 2, 16, "plain", dict(soft_cap=7.0, sliding_window=None)),
+    (4, 3, 2, False, dict(soft_cap=None, sliding_window=200)),
+    (3, 3, 4, "rope", dict(soft_cap=None, sliding_window=None)),
+    (4, 2, 8, "rope", dict(soft_cap=5.0, sliding_window=300)),
 ])
-def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, kw):
-  centering = {8: "plain", 16: "plain", 2: False, 4: "rope"}[hq]
-  if kw["soft_cap"] == 5.0:
-    centering = "rope"
+def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw):
   cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16)
   assert (cache.rope is not None) == (centering == "rope")
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)

@@ -55,21 +55,19 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-  cost = {b: stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b), head_dim)
-          for b in CACHE_BITS}
-  side_cost = lambda b, side: cost[b][side]  # noqa: E731
-  uniform = [b for b in CACHE_BITS if sum(cost[b]) / 2 <= budget + 1e-9]
-  if not uniform:
+  # cost[i][side]: stored bits of width CACHE_BITS[i] on keys (0) or values (1).
+  cost = [stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b), head_dim)
+          for b in CACHE_BITS]
+  fits = [i for i, c in enumerate(cost) if sum(c) / 2 <= budget + 1e-9]
+  if not fits:
     raise ValueError(f"a budget of {budget} bits is below the narrowest width "
-                     f"({sum(cost[CACHE_BITS[0]]) / 2:.3f} stored bits at {CACHE_BITS[0]})")
-  start = CACHE_BITS.index(max(uniform))
-  widths = {(layer, side): start for layer in range(num_layers) for side in (0, 1)}
-  total = lambda: sum(side_cost(CACHE_BITS[i], s) for (_, s), i in widths.items())  # noqa: E731
+                     f"({sum(cost[0]) / 2:.3f} stored bits at {CACHE_BITS[0]})")
+  widths = {(layer, side): fits[-1] for layer in range(num_layers) for side in (0, 1)}
+  spent = sum(cost[fits[-1]]) * num_layers
   limit = budget * 2 * num_layers + 1e-9
   is_global = [layer_window is None or layer_window(i) is None for i in range(num_layers)]
   classes = [[(layer, side) for layer in range(num_layers) if is_global[layer] == glob]
              for glob in (True, False) for side in (0, 1)]
-  spent = total()
   for members in classes:
     changed = True
     while changed:       # rounds: one step per layer of the class
@@ -78,7 +76,7 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
         i = widths[item]
         if i + 1 == len(CACHE_BITS):
           continue
-        step = side_cost(CACHE_BITS[i + 1], item[1]) - side_cost(CACHE_BITS[i], item[1])
+        step = cost[i + 1][item[1]] - cost[i][item[1]]
         if spent + step <= limit:
           widths[item], spent, changed = i + 1, spent + step, True
   return {layer: (CACHE_BITS[widths[layer, 0]], CACHE_BITS[widths[layer, 1]])
@@ -88,7 +86,7 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
 def mean_stored_bits(layer_bits: dict[int, tuple[float, float]], head_dim: int,
                      config: TurboQuantConfig = TurboQuantConfig()) -> float:
   """The model's mean stored bits per cached coordinate under `layer_bits`."""
-  bits = [stored_bits(dataclasses.replace(config, key_bits=kb, value_bits=kb), head_dim)[0]
-          + stored_bits(dataclasses.replace(config, key_bits=vb, value_bits=vb), head_dim)[1]
+  bits = [stored_bits(dataclasses.replace(config, key_bits=kb, value_bits=vb), head_dim)
           for kb, vb in layer_bits.values()]
+  bits = [k + v for k, v in bits]
   return sum(bits) / (2 * len(bits))

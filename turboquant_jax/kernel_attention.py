@@ -51,17 +51,14 @@ def rope_coefficients(cache, qf: Array) -> tuple[Array, Array]:
   return q_a * m_a + q_b * m_b, q_b * m_a - q_a * m_b
 
 
-def rope_offset_inputs(cache, qf: Array, block_k: int) -> list[Array]:
+def rope_offset_inputs(cache, qf: Array) -> list[Array]:
   """The Triton kernel's inputs for q·R(t)·μ when keys are centred before RoPE (`rope.py`).
 
   The angle at token h + l (h a multiple of `rope.SPLIT`, l below it) is θ_h + φ_l: A and
   B [B, H, M, D/2] (`rope_coefficients`), ω [D/2], and the tables cos φ_l and sin φ_l
   [D/2, SPLIT]; all but A and B are the same for every row (broadcast: the kernel maps
-  every operand). A block of block_k tokens (dividing SPLIT) shares one angle h.
+  every operand). The kernel's blocks divide SPLIT (it checks), so a block shares one h.
   """
-  if rope_lib.SPLIT % block_k:
-    raise ValueError(f"keys centred before RoPE need block_k dividing {rope_lib.SPLIT}, "
-                     f"got {block_k}")
   freq = cache.rope.frequencies(qf.shape[-1])
   angles = freq[:, None] * jnp.arange(rope_lib.SPLIT, dtype=jnp.float32)[None, :]
   lead = qf.shape[:2]
@@ -103,7 +100,7 @@ def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
       cache.key_codes, cache.value_codes,
       key_specs=kernel.group_specs(cache.key_quantizer),
       value_specs=kernel.group_specs(cache.value_quantizer),
-      rope_inputs=rope_offset_inputs(cache, qf, block_k) if rope else (),
+      rope_inputs=rope_offset_inputs(cache, qf) if rope else (),
       scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, block_k=block_k,
       num_splits=num_splits, **kernel_kwargs)
 

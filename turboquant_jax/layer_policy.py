@@ -30,6 +30,12 @@ from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 MakeCache = Callable[..., Any]
 
 
+def _call(maker: MakeCache, batch, max_len, num_kv_heads, head_dim, dtype, layer, rope,
+          **kwargs):
+  args = (batch, max_len, num_kv_heads, head_dim) + (() if dtype is None else (dtype,))
+  return maker(*args, layer=layer, rope=rope, **kwargs)
+
+
 def per_layer(default: MakeCache, *, overrides: Mapping[int, MakeCache] | None = None,
               full_precision_layers: Iterable[int] = ()) -> MakeCache:
   """A cache maker that uses `overrides[layer]`, a `DenseKVCache` for the layers in
@@ -46,8 +52,7 @@ def per_layer(default: MakeCache, *, overrides: Mapping[int, MakeCache] | None =
   def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
            rope=None):
     maker = DenseKVCache.create if layer in full else overrides.get(layer, default)
-    args = (batch, max_len, num_kv_heads, head_dim) + (() if dtype is None else (dtype,))
-    return maker(*args, layer=layer, rope=rope)
+    return _call(maker, batch, max_len, num_kv_heads, head_dim, dtype, layer, rope)
 
   return make
 
@@ -71,10 +76,9 @@ def window_rings(default: MakeCache, layer_window: Callable[[int], int | None], 
   def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
            rope=None):
     window = layer_window(layer)
-    args = (batch, max_len, num_kv_heads, head_dim) + (() if dtype is None else (dtype,))
+    shape = (batch, max_len, num_kv_heads, head_dim, dtype, layer, rope)
     if window is None:
-      return default(*args, layer=layer, rope=rope)
-    return RingKVCache.create(*args, window=window, max_query=max_query, layer=layer,
-                              rope=rope)
+      return _call(default, *shape)
+    return _call(RingKVCache.create, *shape, window=window, max_query=max_query)
 
   return make

@@ -79,10 +79,6 @@ class TileCodes:
   norms: Array
   layout: TileLayout = flax.struct.field(pytree_node=False)
 
-  @property
-  def nbytes(self) -> int:
-    return int(self.words.nbytes) + int(self.norms.nbytes)
-
 
 def empty(lead: tuple[int, int, int], layout: TileLayout, norm_dtype) -> TileCodes:
   """Zeroed tiles for [B, H, L] tokens; L must be a multiple of layout.tokens."""
