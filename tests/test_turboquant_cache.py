@@ -428,3 +428,72 @@ def test_value_centering_is_causal_and_lowers_error_on_offset_values(rng):
   for a, b in zip(jax.tree.leaves(stepwise.value_codes), jax.tree.leaves(prefill.value_codes)):
     np.testing.assert_allclose(np.asarray(a, np.float32)[:, :, :w + 8],
                                np.asarray(b, np.float32)[:, :, :w + 8], atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["planes", "tiles"])
+def test_appends_code_whole_blocks_from_the_window(layout, rng):
+  """A window of a block or more: single-token appends leave their codes to the append
+  that completes a block, which codes it from the window. Attention is what an eagerly
+  coded cache gives, completed blocks hold the same codes, a rewrite codes its token, and
+  any longer update codes every pending token."""
+  if layout == "planes":
+    config, n, start = TurboQuantConfig(key_bits=3.5, value_bits=3), 128, np.array([150, 131])
+  else:   # 3-bit codes of 64 channels come in tiles of 256 tokens
+    config, n, start = TurboQuantConfig(key_bits=3, value_bits=4, levels="cubic", window=256,
+                                        layout="tiles"), 256, np.array([300, 270])
+  k, v = outlier_kv(rng, B, 600, HKV, D)
+  q = rand(rng, B, 1, HQ, D)
+  make = lambda: TurboQuantKVCache.create(B, 1024, HKV, D, config=config)  # noqa: E731
+  cache = make().update(k[:, :start[0]], v[:, :start[0]], num_tokens=start)
+  assert cache.defers_codes and cache.code_block == n and bool(jnp.all(cache.calibrated))
+  append = jax.jit(lambda c, kk, vv: c.update(kk, vv), donate_argnums=0)
+  rows = np.arange(B)
+  for i in range(230):
+    cache = append(cache, k[rows, start + i][:, None], v[rows, start + i][:, None])
+  assert append._cache_size() == 1
+  ends = start + 230
+  coded = ends - ends % n           # blocks completed by the appends
+  eager = make().update(k[:, :start[0]], v[:, :start[0]], num_tokens=start)
+  eager = eager.update(*(jnp.stack([x[b, start[b]:start[b] + 230] for b in rows])
+                         for x in (k, v)))
+  np.testing.assert_array_equal(cache.lengths, ends)
+
+  def codes(c):
+    return [np.asarray(x) for x in jax.tree.leaves(c.code_planes())]
+  for got, want in zip(codes(cache), codes(eager)):
+    for b in rows:
+      np.testing.assert_array_equal(got[b, :, :coded[b]], want[b, :, :coded[b]])
+  for got, want in zip(cache.key_codes + cache.value_codes, eager.key_codes + eager.value_codes):
+    for b in rows:     # appended since the prefill, past the last block: no codes yet
+      pending = max(coded[b], start[b])
+      assert not np.any(got.norms[b, :, pending:]) and np.all(want.norms[b, :, :ends[b]])
+      assert pending < ends[b]
+  np.testing.assert_allclose(cache.attend(q), eager.attend(q), rtol=1e-5, atol=1e-6)
+
+  # A rewrite of an earlier position codes that token at once (the rest stay pending).
+  x = rand(rng, B, 1, HKV, D)
+  rewound = cache.update(x, x, positions=jnp.asarray(ends - 5))
+  reference = eager.update(x, x, positions=jnp.asarray(ends - 5))
+  np.testing.assert_array_equal(rewound.lengths, ends - 4)
+  np.testing.assert_allclose(rewound.attend(q), reference.attend(q), rtol=1e-5, atol=1e-6)
+  for got, want in zip(codes(rewound), codes(reference)):
+    for b in rows:
+      np.testing.assert_array_equal(got[b, :, ends[b] - 5], want[b, :, ends[b] - 5])
+
+  # A longer update codes every pending token and its own: the same codes everywhere.
+  y = rand(rng, B, 2, HKV, D)
+  cache, eager = (c.update(y, y) for c in (cache, eager))
+  for got, want in zip(codes(cache), codes(eager)):
+    for b in rows:
+      np.testing.assert_array_equal(got[b, :, :ends[b] + 2], want[b, :, :ends[b] + 2])
+  np.testing.assert_allclose(cache.attend(q), eager.attend(q), rtol=1e-5, atol=1e-6)
+
+
+def test_windows_shorter_than_a_block_code_every_append(rng):
+  cache = TurboQuantKVCache.create(1, 256, HKV, D, config=TurboQuantConfig(window=64))
+  assert not cache.defers_codes
+  k, v = rand(rng, 1, 70, HKV, D), rand(rng, 1, 70, HKV, D)
+  for t in range(70):
+    cache = cache.update(k[:, t:t + 1], v[:, t:t + 1])
+  norms = np.asarray(cache.code_planes()[0][0].norms)
+  assert np.all(norms[:, :, :70] > 0) and not np.any(norms[:, :, 70:])

@@ -40,12 +40,25 @@ def update_window(keys: Array, values: Array, positions: Array, kh: Array, vh: A
   return pick(kh, keys), pick(vh, values), jnp.where(take, target, positions)
 
 
-def update_sinks(keys: Array, values: Array, kh: Array, vh: Array,
-                 plan: kv_cache.UpdatePlan) -> tuple[Array, Array]:
+def write_sinks(keys: Array, values: Array, kh: Array, vh: Array,
+                plan: kv_cache.UpdatePlan) -> tuple[Array, Array]:
   """Writes the new tokens that fall in positions [0, S) into the sinks [B, H, S, D]."""
   s = keys.shape[2]
+  if s == 0:
+    return keys, values
   idx = jnp.where(plan.indices < s, plan.indices, s)
-  return (kv_cache.scatter_tokens(keys, kh, idx), kv_cache.scatter_tokens(values, vh, idx))
+  return kv_cache.scatter_tokens(keys, kh, idx), kv_cache.scatter_tokens(values, vh, idx)
+
+
+def update_sinks(keys: Array, values: Array, kh: Array, vh: Array,
+                 plan: kv_cache.UpdatePlan) -> tuple[Array, Array]:
+  """`write_sinks` under a conditional: past the first tokens (every decode step) it writes
+  nothing, and skipping it skips its kernels."""
+  if keys.shape[2] == 0:
+    return keys, values
+  return jax.lax.cond(jnp.any(plan.indices < keys.shape[2]),
+                      lambda: write_sinks(keys, values, kh, vh, plan),
+                      lambda: (keys, values))
 
 
 def window_start(positions: Array, lengths: Array, window: int) -> Array:

@@ -5,9 +5,16 @@ Storage (head-major, preallocated for max_len, every code packed):
   group, bit-planes [B, H, max_len, d_g·w/8] uint8, a norm per vector [B, H, max_len]
   (float16 by default) and, for QJL keys, sign planes and residual norms.
 - An exact window: the last `window` tokens in full precision, a ring [B, H, W, D] whose
-  slots record the position they hold ([B, W]). Quantizing at append time needs no block
-  to fill (every vector is coded on its own), so the window is always exactly the last W
-  tokens and no decode step ever pays for a flush.
+  slots record the position they hold ([B, W]). The window is always exactly the last W
+  tokens (every vector is coded on its own, no block has to fill before it is coded).
+- When codes are written: attention reads a token's codes only once it has left the
+  window, so when the window holds at least a block (`code_block`: 128 tokens, or the
+  tiles' length) a single-token append writes no codes; the step that completes a block
+  codes it from the window at once, aligned (one step in 128 quantizes 128 tokens instead
+  of every step quantizing one: on a GPU the per-step quantize, pack and scatter were a
+  few dozen small kernels per layer). Other updates (prefill chunks, rewrites of earlier
+  positions) code the pending tokens and their own at once, so after them every position
+  has its codes. Codes of the pending tokens come from the window's copy (its dtype).
 - Attention sinks: the first `num_sinks` tokens in full precision, [B, H, S, D].
 - Key centering: a per-(sequence, kv head) channel mean μ, kept in float32, of the keys a
   row holds when it first holds a window's worth of tokens (a long prefill, or the first
@@ -275,6 +282,18 @@ class TurboQuantKVCache:
     return _update(self, k, v, plan)
 
   @property
+  def code_block(self) -> int:
+    """Tokens a decode step codes together: the tiles' length, or 128 for bit-planes."""
+    c = self.key_codes[0]
+    return c.layout.tokens if isinstance(c, tile_codes.TileCodes) else tile_codes.TILE_TOKENS
+
+  @property
+  def defers_codes(self) -> bool:
+    """Whether single-token appends leave their codes to the step that completes a block
+    (the window must hold a whole block)."""
+    return self.config.window >= self.code_block
+
+  @property
   def calibration_length(self) -> int:
     """Tokens a row holds when it chooses its key mean and channel orders."""
     return max(self.config.window, 1)
@@ -288,32 +307,74 @@ class TurboQuantKVCache:
     # are exact in the window, so no code of it is read yet; calibration re-codes them.
     first = (~self.calibrated & plan.ok & jnp.any(valid, axis=1)
              & (plan.new_lengths >= self.calibration_length))
-    calibration = (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
-                   self.key_codes, self.value_codes)
-    if any(x is not None for x in calibration[:4]):
-      calibration = jax.lax.cond(jnp.any(first),
-                                 lambda: self._calibrate(kh, vh, valid, plan, first),
-                                 lambda: calibration)
-    key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = calibration
+    calibrates = any(x is not None for x in (self.key_mean, self.value_mean, self.key_perm,
+                                             self.value_perm))
 
-    kc = kh.astype(jnp.float32)
-    if key_mean is not None:
-      new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-      kc = kc - self.key_offsets(key_mean, new_pos)
-    count = jnp.where(plan.ok, plan.num_tokens, 0)
-    key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
-                             plan.indices, plan.positions, count)
-    vc = vh.astype(jnp.float32)
-    if value_mean is not None:
-      vc = vc - value_mean[:, :, None, :]
-    value_codes = _write_codes(self.value_quantizer, value_codes,
-                               permute_channels(vc, value_perm),
-                               plan.indices, plan.positions, count)
+    def calibrate():
+      if not calibrates:
+        return (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
+                self.key_codes, self.value_codes)
+      return self._calibrate(kh, vh, valid, plan, first)
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
-    sink_keys, sink_values = exact_tokens.update_sinks(self.sink_keys, self.sink_values,
-                                                       kh, vh, plan)
+    lengths = jnp.where(plan.ok, plan.new_lengths, self.lengths)
+    n = self.code_block
+    if self.defers_codes and t == 1:
+      # Appends write no codes (the token waits in the window); the append that completes
+      # a block codes it, a rewrite of an earlier position codes that token. Calibration,
+      # sinks and those codes share one conditional: a decode step needs none of them.
+      appended = plan.ok & (plan.num_tokens > 0)
+      due = appended & ((lengths % n == 0) | (plan.positions < self.lengths))
+      to_sinks = plan.indices[:, 0] < self.config.num_sinks
+
+      def rare():
+        key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = calibrate()
+        held_from = exact_tokens.window_start(window_positions, lengths, self.config.window)
+        start = jnp.where(lengths % n == 0, jnp.maximum(lengths - n, held_from),
+                          plan.positions)
+        key_codes, value_codes = self._code_from_window(
+            key_codes, value_codes, window_keys, window_values, start,
+            jnp.where(due, lengths - start, 0), key_mean, value_mean, key_perm, value_perm)
+        sinks = exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan)
+        return (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes) + sinks
+
+      (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes, sink_keys,
+       sink_values) = jax.lax.cond(
+           jnp.any(first | due | to_sinks), rare,
+           lambda: (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
+                    self.key_codes, self.value_codes, self.sink_keys, self.sink_values))
+    else:
+      key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = (
+          jax.lax.cond(jnp.any(first), calibrate,
+                       lambda: (self.key_mean, self.value_mean, self.key_perm,
+                                self.value_perm, self.key_codes, self.value_codes))
+          if calibrates else calibrate())
+      centring = (key_mean, value_mean, key_perm, value_perm)
+      if self.defers_codes:
+        # Tokens earlier appends left uncoded: [block start, length), all in the window.
+        start = jnp.maximum(self.lengths - self.lengths % n, self.exact_window_start())
+        count = jnp.where(plan.ok, jnp.maximum(jnp.minimum(self.lengths, plan.positions)
+                                               - start, 0), 0)
+        key_codes, value_codes = self._code_from_window(
+            key_codes, value_codes, self.window_keys, self.window_values, start, count,
+            *centring)
+      kc = kh.astype(jnp.float32)
+      if key_mean is not None:
+        new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        kc = kc - self.key_offsets(key_mean, new_pos)
+      count = jnp.where(plan.ok, plan.num_tokens, 0)
+      key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
+                               plan.indices, plan.positions, count)
+      vc = vh.astype(jnp.float32)
+      if value_mean is not None:
+        vc = vc - value_mean[:, :, None, :]
+      value_codes = _write_codes(self.value_quantizer, value_codes,
+                                 permute_channels(vc, value_perm),
+                                 plan.indices, plan.positions, count)
+      sink_keys, sink_values = exact_tokens.update_sinks(self.sink_keys, self.sink_values,
+                                                         kh, vh, plan)
+
     return self.replace(
         key_codes=key_codes, value_codes=value_codes,
         window_keys=window_keys, window_values=window_values,
@@ -321,9 +382,31 @@ class TurboQuantKVCache:
         sink_keys=sink_keys, sink_values=sink_values,
         key_mean=key_mean, value_mean=value_mean, key_perm=key_perm, value_perm=value_perm,
         calibrated=self.calibrated | first,
-        lengths=jnp.where(plan.ok, plan.new_lengths, self.lengths),
+        lengths=lengths,
         overflowed=self.overflowed | ~plan.ok,
     )
+
+  def _code_from_window(self, key_codes, value_codes, ring_keys: Array, ring_values: Array,
+                        start: Array, count: Array, key_mean, value_mean, key_perm,
+                        value_perm) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Codes of the ring's tokens at positions start + j, j < count ([B], at most one
+    block; the ring must hold them), written into key_codes and value_codes."""
+    n, w = self.code_block, ring_keys.shape[2]
+    j = jnp.arange(n, dtype=jnp.int32)[None, :]
+    pos = start[:, None] + j                                              # [B, n]
+    take = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, jnp.mod(pos, w)[:, None, :, None], axis=2).astype(jnp.float32)
+    kc, vc = take(ring_keys), take(ring_values)
+    if key_mean is not None:
+      kc = kc - self.key_offsets(key_mean, pos)
+    if value_mean is not None:
+      vc = vc - value_mean[:, :, None, :]
+    indices = jnp.where(j < count[:, None], pos, self.max_len)
+    key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
+                             indices, start, count)
+    value_codes = _write_codes(self.value_quantizer, value_codes,
+                               permute_channels(vc, value_perm), indices, start, count)
+    return key_codes, value_codes
 
   def _calibrate(self, kh: Array, vh: Array, valid: Array, plan: kv_cache.UpdatePlan,
                  first: Array):
