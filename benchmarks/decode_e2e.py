@@ -70,7 +70,9 @@ POINTS = {
     "gemma3_270m": [(8, 32768), (1, 4096), (64, 4096), (32, 32768), (8, 131072)],
     "smollm2_135m": [(8, 32768), (1, 4096), (64, 4096), (32, 32768), (8, 131072)],
 }
-STEPS, REPEATS, APPENDS = 16, 3, 34
+# 128 timed appends and 128 timed steps: a compressed cache codes a block of 128 tokens
+# once every 128 single-token appends, so each timing holds exactly one such step.
+STEPS, REPEATS, APPENDS = 16, 8, 130
 RESERVE_BYTES = 4 * 2**30  # activations, logits, partials and the allocator's slack
 
 
@@ -153,16 +155,18 @@ def fill_caches(cfg, caches, key, length: int):
   return out
 
 
+@functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
+def appends(c, kk, m):
+  """m single-token appends of kk to the cache c, in one call (one compilation serves every
+  layer of a model: same shapes, rotations are arrays)."""
+  return jax.lax.fori_loop(0, m, lambda i, c: c.update(kk * (1.0 + i), kk), c)
+
+
 def time_append(cache, key, n: int) -> tuple[float, object]:
   """Seconds per single-token append to one layer: n appends looped inside one jitted call
   (cache donated), so the device time is counted, not n dispatches."""
   b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
   k = jax.random.normal(key, (b, 1, h, d), jnp.bfloat16)
-
-  @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
-  def appends(c, kk, m):
-    return jax.lax.fori_loop(0, m, lambda i, c: c.update(kk * (1.0 + i), kk), c)
-
   cache = jax.block_until_ready(appends(cache, k, 2))   # compiles the first shape
   cache = jax.block_until_ready(appends(cache, k, n - 2))
   start = time.perf_counter()

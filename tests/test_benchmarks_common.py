@@ -97,3 +97,14 @@ def test_chained_timing_makes_every_call():
   sec = common.device_time_chained(f, (q, big), small_arg=0, iters=5, calls=2, repeats=3,
                                    warmup=1)
   assert sec > 0 and len(traced) == 5
+
+
+def test_step_profile_groups_kernels_by_family():
+  from benchmarks import step_profile
+  assert step_profile.kernel_group("loop_select_fusion_12") == "loop_select_fusion"
+  assert step_profile.kernel_group("gemm_fusion_dot_3_1") == "gemm_fusion_dot"
+  assert step_profile.kernel_group("void cudnn::fusion::k<int, 4>(float*)") == "void cudnn::fusion::k"
+  got = step_profile.summarize([("a_fusion_1", 2.0), ("b", 5.0), ("a_fusion_2", 1.5)])
+  assert got["kernels"] == 3 and got["total_us"] == 8.5
+  assert got["groups"] == [{"kernel": "b", "launches": 1, "us": 5.0},
+                           {"kernel": "a_fusion", "launches": 2, "us": 3.5}]
