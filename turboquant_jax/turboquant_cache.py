@@ -1,12 +1,11 @@
 """`TurboQuantKVCache`: the compressed twin of `DenseKVCache`.
 
 Storage (head-major, preallocated for max_len, every code packed):
-- Key and value codes for every token, quantized when the token is appended: per channel
+- Key and value codes for every token (when they are written: below): per channel
   group, bit-planes [B, H, max_len, d_g·w/8] uint8, a norm per vector [B, H, max_len]
   (float16 by default) and, for QJL keys, sign planes and residual norms.
 - An exact window: the last `window` tokens in full precision, a ring [B, H, W, D] whose
-  slots record the position they hold ([B, W]). The window is always exactly the last W
-  tokens (every vector is coded on its own, no block has to fill before it is coded).
+  slots record the position they hold ([B, W]): after appends exactly the last W tokens.
 - When codes are written: attention reads a token's codes only once it has left the
   window, so when the window holds at least a block (`code_block`: 128 tokens, or the
   tiles' length) a single-token append writes no codes; the step that completes a block
