@@ -197,6 +197,9 @@ def main(argv=None):
   p.add_argument("--profile", nargs=2, type=int, metavar=("BK", "BV"))
   p.add_argument("--rope", action="store_true", help="--profile with RoPE offsets")
   p.add_argument("--skip-checks", action="store_true", help="timings only")
+  p.add_argument("--rope-sweep", action="store_true",
+                 help="8 x 32K only: RoPE offsets with values decoded before or after the "
+                      "softmax, 2 or 3 steps in flight (implies --skip-checks)")
   args = p.parse_args(argv)
   if args.profile:
     return profile(*args.profile, rope=args.rope)
@@ -207,7 +210,7 @@ def main(argv=None):
       (4, 4, None, False, 64), (4, 3, None, False, 128), (3, 4, 30.0, True, 128),
       (2, 4, None, True, 128), (4, 2, 5.0, True, 64), (3, 3, None, True, 128, True),
       (4, 4, 30.0, True, 128, True), (2, 3, None, False, 128, True)][
-          :0 if args.skip_checks else None]:
+          :0 if args.skip_checks or args.rope_sweep else None]:
     key, sub = jax.random.split(key)
     try:
       checks.append(check(sub, bk, bv, cap, overlap=overlap, step=step, rope=bool(rope)))
@@ -241,6 +244,8 @@ def main(argv=None):
     ceiling = read_ceiling()
     log(f"read ceiling {ceiling / 1e12:.2f} TB/s")
     points = [(8, 32768), (8, 4096), (1, 4096)] if not args.quick else [(8, 32768), (1, 4096)]
+    if args.rope_sweep:
+      points = [(8, 32768)]
     for b, t in points:
       key, sub = jax.random.split(key)
       base, base_bytes = time_cudnn(sub, b, t)
@@ -251,6 +256,17 @@ def main(argv=None):
       save()
       splits = 16 if b * HKV * 16 >= 512 else t // 128
       for bk, bv in [(4, 4), (3, 3), (2, 2)]:
+        if args.rope_sweep:
+          if bk == 2:
+            continue
+          run(dict(batch=b, tokens=t, kernel=f"mosaic K{bk}/V{bv}", splits=splits, stages=2,
+                   overlap=True, step=128), base, bits_k=bk, bits_v=bv, splits=splits,
+              stages=2)
+          for stages, overlap in ((2, True), (2, False), (3, False)):
+            run(dict(batch=b, tokens=t, kernel=f"mosaic K{bk}/V{bv} rope", splits=splits,
+                     stages=stages, overlap=overlap, step=128), base, bits_k=bk, bits_v=bv,
+                splits=splits, stages=stages, overlap=overlap, rope=True)
+          continue
         configs = [(2, True, 128)]
         if args.sweep and (b, t) == points[0]:
           configs = [(2, True, 128), (2, False, 128), (3, True, 128)]
