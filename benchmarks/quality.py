@@ -106,14 +106,20 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
                 bits=bits + share * (wide - bits))
 
 
-def budgeted(cfg, budget: float) -> Method:
-  """TurboQuant with a stored-bits budget spread over the layers (`budget_layer_bits`)."""
+def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
+             suffix: str = "") -> Method:
+  """TurboQuant with a stored-bits budget spread over the layers (`budget_layer_bits`);
+  config: everything but the widths (layout="tiles": integer widths only)."""
   layer_bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim,
-                                 layer_window=cfg.layer_window)
+                                 layer_window=cfg.layer_window, config=config)
   make = lambda seed: turboquant_per_layer(  # noqa: E731
-      TurboQuantConfig(seed=seed), layer_bits=layer_bits)
-  return Method(f"turboquant budget {budget}", "budget", make, seeded=True,
-                bits=mean_stored_bits(layer_bits, cfg.head_dim))
+      dataclasses.replace(config, seed=seed), layer_bits=layer_bits)
+  return Method(f"turboquant budget {budget}{suffix}", "budget" + suffix, make, seeded=True,
+                bits=mean_stored_bits(layer_bits, cfg.head_dim, config))
+
+
+# What the Mosaic GPU kernel serves: integer widths, cubic levels, codes in tiles.
+MOSAIC_CONFIG = TurboQuantConfig(key_bits=3, value_bits=3, levels="cubic", layout="tiles")
 
 
 def methods() -> list[Method]:
@@ -182,6 +188,7 @@ def run_model(name: str, args, out: dict, save) -> None:
                 tokens=args.tokens, seeds=args.seeds)
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
+  extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   chosen = [m for m in methods() + [m for m in extra if m is not None]
             if not (args.only or args.exact) or any(s in m.name for s in args.only or ())
             or m.name in (args.exact or ())]

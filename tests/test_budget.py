@@ -69,3 +69,22 @@ def test_decoder_caches_record_the_choice_and_cost_what_was_budgeted():
   assert bool(jnp.all(jnp.isfinite(logits)))
   # The global layer (index 2) is at least as wide as the local ones, on both sides.
   assert all(bits[2][s] >= bits[i][s] for i in (0, 1) for s in (0, 1))
+
+
+def test_tiles_budgets_use_integer_widths_and_other_subsets_are_honoured():
+  tiles = TurboQuantConfig(key_bits=3, value_bits=3, levels="cubic", layout="tiles")
+  window = lambda i: None if i % 3 == 2 else 512  # noqa: E731
+  for budget in (2.6, 3.0, 3.5, 3.9):
+    bits = budget_layer_bits(budget, 9, 128, layer_window=window, config=tiles)
+    assert {b for kv in bits.values() for b in kv} <= {2, 3, 4}
+    assert mean_stored_bits(bits, 128, tiles) <= budget + 1e-9
+  # 3.5 stored bits at d = 128: uniform 3 bits fit, and the global layers' keys rise first.
+  bits = budget_layer_bits(3.5, 9, 128, layer_window=window, config=tiles)
+  assert all(bits[i][0] == 4 for i in (2, 5, 8)) and min(min(b) for b in bits.values()) == 3
+  assert mean_stored_bits(bits, 128, tiles) > 3.125      # more than uniform 3 bits
+  planes = budget_layer_bits(3.3, 4, 64, widths=(2, 3))
+  assert set(planes.values()) == {(3, 3)}
+  with pytest.raises(ValueError, match="subset"):
+    budget_layer_bits(3.0, 4, 64, widths=(3, 3.25))
+  with pytest.raises(ValueError, match="subset"):
+    budget_layer_bits(3.0, 4, 64, widths=())

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 from turboquant_jax.channel_split import CACHE_BITS
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
@@ -45,24 +45,32 @@ def stored_bits(config: TurboQuantConfig, head_dim: int) -> tuple[float, float]:
 
 def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
                       layer_window: Callable[[int], int | None] | None = None,
-                      config: TurboQuantConfig = TurboQuantConfig()
+                      config: TurboQuantConfig = TurboQuantConfig(),
+                      widths: Sequence[float] | None = None
                       ) -> dict[int, tuple[float, float]]:
   """{layer: (key_bits, value_bits)} for every layer, the model's mean stored bits per
   cached coordinate at most `budget` (see the module docstring for the order).
 
   layer_window: a layer's sliding window or None (e.g. `DecoderConfig.layer_window`);
   layers with None count as global. config: everything but the widths.
+  widths: the widths to choose from (a subset of `CACHE_BITS`); by default all of them,
+  or the integer ones for layout="tiles" (what the Mosaic GPU kernel serves).
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-  # cost[i][side]: stored bits of width CACHE_BITS[i] on keys (0) or values (1).
+  if widths is None:
+    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
+  if not widths or any(b not in CACHE_BITS for b in widths):
+    raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
+  widths = sorted(set(widths))
+  # cost[i][side]: stored bits of width widths[i] on keys (0) or values (1).
   cost = [stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b), head_dim)
-          for b in CACHE_BITS]
+          for b in widths]
   fits = [i for i, c in enumerate(cost) if sum(c) / 2 <= budget + 1e-9]
   if not fits:
     raise ValueError(f"a budget of {budget} bits is below the narrowest width "
-                     f"({sum(cost[0]) / 2:.3f} stored bits at {CACHE_BITS[0]})")
-  widths = {(layer, side): fits[-1] for layer in range(num_layers) for side in (0, 1)}
+                     f"({sum(cost[0]) / 2:.3f} stored bits at {widths[0]})")
+  chosen = {(layer, side): fits[-1] for layer in range(num_layers) for side in (0, 1)}
   spent = sum(cost[fits[-1]]) * num_layers
   limit = budget * 2 * num_layers + 1e-9
   is_global = [layer_window is None or layer_window(i) is None for i in range(num_layers)]
@@ -73,13 +81,13 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
     while changed:       # rounds: one step per layer of the class
       changed = False
       for item in members:
-        i = widths[item]
-        if i + 1 == len(CACHE_BITS):
+        i = chosen[item]
+        if i + 1 == len(widths):
           continue
         step = cost[i + 1][item[1]] - cost[i][item[1]]
         if spent + step <= limit:
-          widths[item], spent, changed = i + 1, spent + step, True
-  return {layer: (CACHE_BITS[widths[layer, 0]], CACHE_BITS[widths[layer, 1]])
+          chosen[item], spent, changed = i + 1, spent + step, True
+  return {layer: (widths[chosen[layer, 0]], widths[chosen[layer, 1]])
           for layer in range(num_layers)}
 
 
