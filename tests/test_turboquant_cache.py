@@ -437,24 +437,24 @@ def test_appends_code_whole_blocks_from_the_window(layout, rng):
   coded cache gives, completed blocks hold the same codes, a rewrite codes its token, and
   any longer update codes every pending token."""
   if layout == "planes":
-    config, n, start = TurboQuantConfig(key_bits=3.5, value_bits=3), 128, np.array([150, 131])
+    config, n, start = TurboQuantConfig(key_bits=3.5, value_bits=3), 128, np.array([200, 260])
   else:   # 3-bit codes of 64 channels come in tiles of 256 tokens
     config, n, start = TurboQuantConfig(key_bits=3, value_bits=4, levels="cubic", window=256,
-                                        layout="tiles"), 256, np.array([300, 270])
+                                        layout="tiles"), 256, np.array([470, 520])
   k, v = outlier_kv(rng, B, 600, HKV, D)
   q = rand(rng, B, 1, HQ, D)
   make = lambda: TurboQuantKVCache.create(B, 1024, HKV, D, config=config)  # noqa: E731
-  cache = make().update(k[:, :start[0]], v[:, :start[0]], num_tokens=start)
+  cache = make().update(k[:, :start.max()], v[:, :start.max()], num_tokens=start)
   assert cache.defers_codes and cache.code_block == n and bool(jnp.all(cache.calibrated))
   append = jax.jit(lambda c, kk, vv: c.update(kk, vv), donate_argnums=0)
-  rows = np.arange(B)
-  for i in range(230):
+  rows, steps = np.arange(B), 60      # row 0 completes a block, row 1 does not
+  for i in range(steps):
     cache = append(cache, k[rows, start + i][:, None], v[rows, start + i][:, None])
   assert append._cache_size() == 1
-  ends = start + 230
-  coded = ends - ends % n           # blocks completed by the appends
-  eager = make().update(k[:, :start[0]], v[:, :start[0]], num_tokens=start)
-  eager = eager.update(*(jnp.stack([x[b, start[b]:start[b] + 230] for b in rows])
+  ends = start + steps
+  coded = ends - ends % n           # blocks completed (by the prefill or the appends)
+  eager = make().update(k[:, :start.max()], v[:, :start.max()], num_tokens=start)
+  eager = eager.update(*(jnp.stack([x[b, start[b]:start[b] + steps] for b in rows])
                          for x in (k, v)))
   np.testing.assert_array_equal(cache.lengths, ends)
 
