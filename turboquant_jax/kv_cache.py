@@ -161,19 +161,22 @@ def finish_report(report: dict[str, Any], cache: Any, per_token_bytes: int) -> d
 
 
 class HeadMajorShape:
-  """batch, num_kv_heads and head_dim of a cache whose `keys` are [B, Hkv, slots, D]."""
+  """batch, num_kv_heads and head_dim of a cache from one of its head-major buffers
+  [B, Hkv, slots, D]: the field named by `_shape_buffer` (`keys` unless a cache says)."""
+
+  _shape_buffer = "keys"
 
   @property
   def batch(self) -> int:
-    return self.keys.shape[0]
+    return getattr(self, self._shape_buffer).shape[0]
 
   @property
   def num_kv_heads(self) -> int:
-    return self.keys.shape[1]
+    return getattr(self, self._shape_buffer).shape[1]
 
   @property
   def head_dim(self) -> int:
-    return self.keys.shape[3]
+    return getattr(self, self._shape_buffer).shape[3]
 
 
 @flax.struct.dataclass

@@ -155,7 +155,7 @@ def _write_codes(quantizer: channel_split.SplitQuantizer, codes: tuple[Any, ...]
 
 
 @flax.struct.dataclass
-class TurboQuantKVCache:
+class TurboQuantKVCache(kv_cache.HeadMajorShape):
   """Compressed KV cache; see the module docstring for the layout.
 
   Attributes:
@@ -192,6 +192,8 @@ class TurboQuantKVCache:
   overflowed: Array
   config: TurboQuantConfig = flax.struct.field(pytree_node=False)
   rope: rope_lib.RopeSpec | None = flax.struct.field(pytree_node=False, default=None)
+
+  _shape_buffer = "window_keys"   # [B, H, W, D], present even when W = 0
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -238,18 +240,6 @@ class TurboQuantKVCache:
         config=config,
         rope=rope if config.center_keys == "rope" else None,
     )
-
-  @property
-  def batch(self) -> int:
-    return self.lengths.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.window_keys.shape[1]
-
-  @property
-  def head_dim(self) -> int:
-    return self.window_keys.shape[3]
 
   @property
   def max_len(self) -> int:
@@ -308,12 +298,11 @@ class TurboQuantKVCache:
              & (plan.new_lengths >= self.calibration_length))
     calibrates = any(x is not None for x in (self.key_mean, self.value_mean, self.key_perm,
                                              self.value_perm))
+    stored = (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
+              self.key_codes, self.value_codes)
 
     def calibrate():
-      if not calibrates:
-        return (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
-                self.key_codes, self.value_codes)
-      return self._calibrate(kh, vh, valid, plan, first)
+      return self._calibrate(kh, vh, valid, plan, first) if calibrates else stored
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
@@ -324,31 +313,26 @@ class TurboQuantKVCache:
       # a block codes it, a rewrite of an earlier position codes that token. Calibration,
       # sinks and those codes share one conditional: a decode step needs none of them.
       appended = plan.ok & (plan.num_tokens > 0)
-      due = appended & ((lengths % n == 0) | (plan.positions < self.lengths))
+      completes = lengths % n == 0
+      due = appended & (completes | (plan.positions < self.lengths))
       to_sinks = plan.indices[:, 0] < self.config.num_sinks
 
       def rare():
-        key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = calibrate()
+        *centring, key_codes, value_codes = calibrate()
         held_from = exact_tokens.window_start(window_positions, lengths, self.config.window)
-        start = jnp.where(lengths % n == 0, jnp.maximum(lengths - n, held_from),
-                          plan.positions)
+        start = jnp.where(completes, jnp.maximum(lengths - n, held_from), plan.positions)
         key_codes, value_codes = self._code_from_window(
             key_codes, value_codes, window_keys, window_values, start,
-            jnp.where(due, lengths - start, 0), key_mean, value_mean, key_perm, value_perm)
+            jnp.where(due, lengths - start, 0), centring)
         sinks = exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan)
-        return (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes) + sinks
+        return (*centring, key_codes, value_codes, *sinks)
 
       (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes, sink_keys,
-       sink_values) = jax.lax.cond(
-           jnp.any(first | due | to_sinks), rare,
-           lambda: (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
-                    self.key_codes, self.value_codes, self.sink_keys, self.sink_values))
+       sink_values) = jax.lax.cond(jnp.any(first | due | to_sinks), rare,
+                                   lambda: (*stored, self.sink_keys, self.sink_values))
     else:
       key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = (
-          jax.lax.cond(jnp.any(first), calibrate,
-                       lambda: (self.key_mean, self.value_mean, self.key_perm,
-                                self.value_perm, self.key_codes, self.value_codes))
-          if calibrates else calibrate())
+          jax.lax.cond(jnp.any(first), calibrate, lambda: stored) if calibrates else stored)
       centring = (key_mean, value_mean, key_perm, value_perm)
       if self.defers_codes:
         # Tokens earlier appends left uncoded: [block start, length), all in the window.
@@ -357,20 +341,11 @@ class TurboQuantKVCache:
                                                - start, 0), 0)
         key_codes, value_codes = self._code_from_window(
             key_codes, value_codes, self.window_keys, self.window_values, start, count,
-            *centring)
-      kc = kh.astype(jnp.float32)
-      if key_mean is not None:
-        new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        kc = kc - self.key_offsets(key_mean, new_pos)
-      count = jnp.where(plan.ok, plan.num_tokens, 0)
-      key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
-                               plan.indices, plan.positions, count)
-      vc = vh.astype(jnp.float32)
-      if value_mean is not None:
-        vc = vc - value_mean[:, :, None, :]
-      value_codes = _write_codes(self.value_quantizer, value_codes,
-                                 permute_channels(vc, value_perm),
-                                 plan.indices, plan.positions, count)
+            centring)
+      new_pos = plan.positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+      key_codes, value_codes = self._code_tokens(
+          key_codes, value_codes, kh, vh, new_pos, jnp.where(plan.ok, plan.num_tokens, 0),
+          centring)
       sink_keys, sink_values = exact_tokens.update_sinks(self.sink_keys, self.sink_values,
                                                          kh, vh, plan)
 
@@ -385,27 +360,37 @@ class TurboQuantKVCache:
         overflowed=self.overflowed | ~plan.ok,
     )
 
-  def _code_from_window(self, key_codes, value_codes, ring_keys: Array, ring_values: Array,
-                        start: Array, count: Array, key_mean, value_mean, key_perm,
-                        value_perm) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """Codes of the ring's tokens at positions start + j, j < count ([B], at most one
-    block; the ring must hold them), written into key_codes and value_codes."""
-    n, w = self.code_block, ring_keys.shape[2]
-    j = jnp.arange(n, dtype=jnp.int32)[None, :]
-    pos = start[:, None] + j                                              # [B, n]
-    take = lambda x: jnp.take_along_axis(  # noqa: E731
-        x, jnp.mod(pos, w)[:, None, :, None], axis=2).astype(jnp.float32)
-    kc, vc = take(ring_keys), take(ring_values)
+  def _code_tokens(self, key_codes, value_codes, keys: Array, values: Array,
+                   positions: Array, count: Array, centring
+                   ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Codes of keys, values [B, H, T, D] at positions [B, T] (a run per row), centred and
+    channel-ordered by centring = (key_mean, value_mean, key_perm, value_perm); the first
+    count [B] tokens of each row are written into key_codes and value_codes."""
+    key_mean, value_mean, key_perm, value_perm = centring
+    kc, vc = keys.astype(jnp.float32), values.astype(jnp.float32)
     if key_mean is not None:
-      kc = kc - self.key_offsets(key_mean, pos)
+      kc = kc - self.key_offsets(key_mean, positions)
     if value_mean is not None:
       vc = vc - value_mean[:, :, None, :]
-    indices = jnp.where(j < count[:, None], pos, self.max_len)
+    j = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
+    indices = jnp.where(j < count[:, None], positions, self.max_len)
+    start = positions[:, 0]
     key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
                              indices, start, count)
     value_codes = _write_codes(self.value_quantizer, value_codes,
                                permute_channels(vc, value_perm), indices, start, count)
     return key_codes, value_codes
+
+  def _code_from_window(self, key_codes, value_codes, ring_keys: Array, ring_values: Array,
+                        start: Array, count: Array, centring
+                        ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """`_code_tokens` of the ring's tokens at positions start + j, j < count ([B], at most
+    one block; the ring must hold them)."""
+    pos = start[:, None] + jnp.arange(self.code_block, dtype=jnp.int32)[None, :]   # [B, n]
+    take = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, jnp.mod(pos, x.shape[2])[:, None, :, None], axis=2)
+    return self._code_tokens(key_codes, value_codes, take(ring_keys), take(ring_values),
+                             pos, count, centring)
 
   def _calibrate(self, kh: Array, vh: Array, valid: Array, plan: kv_cache.UpdatePlan,
                  first: Array):

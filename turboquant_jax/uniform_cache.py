@@ -185,7 +185,7 @@ def _empty_token_codes(lead: tuple[int, ...], d: int, bits: int, symmetric: bool
 
 
 @flax.struct.dataclass
-class UniformKVCache:
+class UniformKVCache(kv_cache.HeadMajorShape):
   """Integer-quantized KV cache; see the module docstring.
 
   Attributes:
@@ -209,6 +209,8 @@ class UniformKVCache:
   lengths: Array
   overflowed: Array
   config: UniformConfig = flax.struct.field(pytree_node=False)
+
+  _shape_buffer = "window_keys"   # [B, H, W, D], present even when W = 0
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -253,18 +255,6 @@ class UniformKVCache:
                sink_keys=exact(config.num_sinks), sink_values=exact(config.num_sinks),
                lengths=jnp.zeros((batch,), jnp.int32), overflowed=jnp.zeros((batch,), bool),
                config=config)
-
-  @property
-  def batch(self) -> int:
-    return self.lengths.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.window_keys.shape[1]
-
-  @property
-  def head_dim(self) -> int:
-    return self.window_keys.shape[3]
 
   @property
   def max_len(self) -> int:
