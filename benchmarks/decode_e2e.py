@@ -261,15 +261,18 @@ def time_prefill_append(cfg, cache_name, batch, chunk, max_len, key, ceiling) ->
 
 def check_correctness() -> list[dict]:
   """cuDNN dense attention vs the jnp reference, and the Pallas path vs the reference,
-  on fresh random caches with ragged lengths (decode, windowed decode, a 4-token chunk)."""
+  on fresh random caches with ragged lengths (decode, windowed decode, a 4-token chunk):
+  a ragged prefill, then 150 single-token appends (every row completes a 128-token block
+  on the way, so the codes a decode step defers to the window are written and read)."""
   rng = np.random.default_rng(0)
   rows = []
   b, t, h, hq, d = 3, 1024, 4, 16, 128
   k = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
-  lengths = jnp.array([t, 700, 33])
+  lengths = jnp.array([800, 700, 33])
   for name, make in CACHES.items():
     cache = make(b, t, h, d, jnp.bfloat16).update(k, v, num_tokens=lengths)
+    cache = appends(cache, k[:, :1], 150)
     for tq, window in ((1, None), (1, 100), (4, None)):
       q = jnp.asarray(rng.standard_normal((b, tq, hq, d)), jnp.bfloat16)
       ref = cache.attend(q, sliding_window=window, implementation="reference")
