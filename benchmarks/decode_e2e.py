@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,21 @@ CACHES = {
     "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
 }
+
+
+@flax.struct.dataclass
+class MergeKernelCache(TurboQuantKVCache):
+  """A TurboQuant cache whose Mosaic path ends in `pallas_kernels.merge_exact` instead of
+  jnp (`kernel_attention.attend(fused_merge=True)`), timed side by side."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, fused_merge=True, **kwargs)
+
+
+# Variants timed only when named in --caches.
+CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
+    MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
+DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq4-tiles-rope")
 # (batch, context) per model; a point a cache cannot hold is recorded as not fitting.
 POINTS = {
     "llama3_8b": [(8, 32768), (1, 4096), (8, 4096), (64, 4096), (1, 32768), (32, 32768),
@@ -352,13 +368,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--points", default=None, help="e.g. 8x32768,1x4096 (all models)")
-  parser.add_argument("--caches", default=",".join(CACHES))
+  parser.add_argument("--caches", default=",".join(DEFAULT_CACHES))
   parser.add_argument("--out", default=None, help="results folder")
   parser.add_argument("--budget-s", type=float, default=540.0,
                       help="stop starting new points after this many seconds")
   parser.add_argument("--fresh", action="store_true",
                       help="start from no results (no resume) and skip the correctness "
                            "check and prefill appends: a side-by-side run of a few points")
+  parser.add_argument("--check-only", action="store_true",
+                      help="only the correctness check, written to decode_e2e_check_<platform>"
+                           ".json")
   parser.add_argument("--report-only", action="store_true",
                       help="no measuring: the table and plot of the results file")
   args = parser.parse_args(argv)
@@ -369,6 +388,13 @@ def main(argv=None):
     return
   out_dir = pathlib.Path(args.out or common.RESULTS_DIR)
   platform = jax.devices()[0].platform
+  if args.check_only:
+    rows = check_correctness()
+    common.write_result("decode_e2e_check", {"correctness": rows}, out_dir)
+    worst = max(rows, key=lambda r: r["rel_err"])
+    log(f"{len(rows)} checks, all finite: {all(r['finite'] for r in rows)}, worst "
+        f"rel_err {worst['rel_err']:.2e} ({worst['cache']})")
+    return
   path = out_dir / f"decode_e2e_{platform}.json"
   # Resume from the committed results when writing elsewhere (a device run's $OUT).
   results = {} if args.fresh else (

@@ -74,13 +74,85 @@ def time_attend(cache, q, **kw):
   return common.device_time_chained(f, (q, cache), 0, iters=8)
 
 
+def time_merge(key, b, t, splits) -> list[dict]:
+  """`merge_exact` alone on a decode step's shapes (Llama 3 8B: 8 kv heads, 4 q heads
+  each, padded to the Mosaic kernel's 8 rows; a 128-token window and 4 sinks), against
+  its jnp reference compiled by XLA (what the jnp merge costs, fused as XLA fuses it)."""
+  from pallas_kernels import merge_exact as me
+  r, rows, ks = b * HKV, 8, jax.random.split(key, 8)
+  q = jax.random.normal(ks[0], (r, rows, D), jnp.float32)
+  o = jax.random.normal(ks[1], (r, splits, D, rows), jnp.float32)
+  l = jax.random.uniform(ks[2], (r, splits, rows), jnp.float32)
+  m = jax.random.normal(ks[3], (r, splits, rows), jnp.float32)
+  qpos = jnp.full((b, rows), t - 1, jnp.int32)
+  rot = jnp.linalg.qr(jax.random.normal(ks[4], (D, D)))[0]
+  exact = tuple((jax.random.normal(ks[5], (r, n, D), jnp.bfloat16),
+                 jax.random.normal(ks[6], (r, n, D), jnp.bfloat16),
+                 jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) + off, (b, n)))
+                for n, off in ((128, t - 128), (4, 0)))
+  args = (q, o, l, m, qpos, rot, exact)
+  ref = jax.jit(lambda *a: me.merge_exact_reference(*a, heads=HKV, scale=D**-0.5))
+  want = ref(*args)
+  out = []
+  cases = [("jnp (XLA)", ref)] + [
+      (f"kernel, {w} warps",
+       jax.jit(lambda *a, w=w: me.merge_exact(*a, heads=HKV, scale=D**-0.5, num_warps=w)))
+      for w in (4, 8)]
+  for label, fn in cases:
+    try:
+      got = fn(*args)
+      err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+      sec = common.device_time_chained(fn, args, 0, iters=16)
+      out.append(dict(batch=b, tokens=t, kernel=f"merge {label}", splits=splits,
+                      ms=sec * 1e3, rel_err=err))
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      out.append(dict(batch=b, tokens=t, kernel=f"merge {label}", error=repr(e)[:300]))
+    log(out[-1])
+  return out
+
+
+def sweep_splits(ceiling) -> list[dict]:
+  """The whole attention (K3/V3, keys centred before RoPE) per number of splits, ending in
+  `merge_exact` or in jnp, beside cuDNN: how many splits a short context wants."""
+  rows = []
+  key = jax.random.PRNGKey(1)
+  for b, t in ((8, 4096), (1, 4096), (8, 32768)):
+    key, sub = jax.random.split(key)
+    base, base_bytes = time_cudnn(sub, b, t)
+    rows.append(dict(batch=b, tokens=t, kernel="cudnn bf16", ms=base * 1e3, speedup=1.0))
+    log(rows[-1])
+    cache = make_cache(sub, b, t, tiles_config(3, 3, center_keys="rope"), rope=LLAMA3_ROPE)
+    q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
+    for splits in (4, 8, 16, 32):
+      rows += time_merge(sub, b, t, splits) if (b, t) == (8, 4096) else []
+      for fused in (True, False):
+        label = f"mosaic attend K3/V3 rope-centred, {splits} splits, " + (
+            "merge_exact" if fused else "jnp merge")
+        sec = time_attend(cache, q, implementation="mosaic", num_splits=splits,
+                          fused_merge=fused)
+        rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
+                         ceiling_frac=compressed_bytes(cache) / sec / ceiling))
+        log(rows[-1])
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--check-only", action="store_true")
+  p.add_argument("--sweep-splits", action="store_true",
+                 help="only the splits sweep (written as mosaic_attend_splits_<platform>)")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
+  if args.sweep_splits:
+    ceiling = read_ceiling()
+    rows = sweep_splits(ceiling)
+    common.write_result("mosaic_attend_splits", dict(read_ceiling_bytes_per_s=ceiling,
+                                                     timings=rows))
+    common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "rel_err"])
+    return
 
   def save():
     return common.write_result("mosaic_attend", dict(
@@ -114,9 +186,13 @@ def main(argv=None):
       log(rows[-1])
       q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
       widths = [3] if args.quick or (b, t) != points[0] else [3, 4, 2]
+      rows += time_merge(sub, b, t, 32)
       cases = [(f"mosaic attend K{w}/V{w}", tiles_config(w, w), "mosaic") for w in widths]
       cases += [(f"mosaic attend K{w}/V{w} rope-centred",
                  tiles_config(w, w, center_keys="rope"), "mosaic") for w in (3, 4)]
+      # The same attention ending in merge_exact instead of jnp (side by side).
+      cases += [(label + ", merge_exact", cfg, impl)
+                for label, cfg, impl in (cases[0], cases[-2])]
       if (b, t) == points[0] and not args.quick:
         cases.append(("triton attend 3.5 rope-centred (default config)", TurboQuantConfig(),
                       "triton"))
@@ -126,7 +202,8 @@ def main(argv=None):
         try:
           rope = LLAMA3_ROPE if cfg.center_keys == "rope" else None
           cache = make_cache(sub, b, t, cfg, rope=rope)
-          sec = time_attend(cache, q, implementation=impl)
+          kw = dict(fused_merge=True) if label.endswith("merge_exact") else {}
+          sec = time_attend(cache, q, implementation=impl, **kw)
           nbytes = compressed_bytes(cache)
           rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
                            ceiling_frac=nbytes / sec / ceiling))
@@ -139,7 +216,8 @@ def main(argv=None):
   log(f"wrote {save()}")
   common.print_table(checks, ["bits_k", "bits_v", "q_heads", "soft_cap", "sliding_window",
                               "center_keys", "rel_err", "nan", "default_is_mosaic", "ok"])
-  common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
+  common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac",
+                            "rel_err"])
 
 
 if __name__ == "__main__":

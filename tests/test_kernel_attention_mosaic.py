@@ -59,12 +59,15 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     (3, 3, 4, "rope", dict(soft_cap=None, sliding_window=None)),
     (4, 2, 8, "rope", dict(soft_cap=5.0, sliding_window=300)),
 ])
-def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw):
+@pytest.mark.parametrize("fused_merge", [True, False])
+def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
+                                       fused_merge):
   cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16)
   assert (cache.rope is not None) == (centering == "rope")
+  assert ka.merge_unsupported(cache, hq // H) is None
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
   monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
-  got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge, **kw)
   ref = cache.attend(q, implementation="reference", **kw)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 

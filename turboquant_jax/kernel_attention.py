@@ -17,6 +17,7 @@ import numpy as np
 
 from pallas_kernels import decode_attention as kernel
 from pallas_kernels import decode_attention_mgpu as mosaic
+from pallas_kernels import merge_exact
 from turboquant_jax import attention
 from turboquant_jax import tile_codes
 from turboquant_jax import rope as rope_lib
@@ -141,23 +142,25 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
 
 
 def _mosaic_splits(steps: int, rows: int) -> int:
-  """Splits of `steps` 128-token steps: a divisor giving about two waves of CTAs."""
+  """Splits of `steps` 128-token steps: the largest divisor with at most 512 CTAs.
+
+  Measured (`mosaic_attend_splits_gpu.json`, H200, K3/V3 keys centred before RoPE, the
+  whole attention): 8 x 4K 0.061-0.065 ms with 4-8 splits against 0.084-0.088 with 32
+  (the 2,048-CTA rule before); 8 x 32K 0.196 with 4, 0.209 with 32; 1 x 4K flat. Each
+  split costs a pipeline prologue and a partial to merge."""
   best = 1
   for s in range(1, steps + 1):
-    if steps % s == 0 and rows * s <= 2048:
+    if steps % s == 0 and rows * s <= 512:
       best = s
   return best
 
 
-def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
-                               soft_cap: float | None = None,
-                               sliding_window: int | None = None,
-                               num_splits: int | None = None, **kernel_kwargs):
-  """`compressed_partials` from the Mosaic GPU kernel, for one query token: every row of
-  a batch entry has the position q_positions[:, 0] (`attend` checks it).
-
-  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step.
-  """
+def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
+                            soft_cap: float | None = None,
+                            sliding_window: int | None = None,
+                            num_splits: int | None = None, **kernel_kwargs):
+  """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
+  R = B x kv heads and the query rows padded to the kernel's 8 columns."""
   b, h, rows, d = qf.shape
   why = mosaic_unsupported(cache, rows)
   if why is not None:
@@ -186,15 +189,31 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
     coef_a, coef_b = rope_coefficients(cache, qf)
     rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
                                cache.rope.frequencies(d), cache.max_len)
-  o, l, m = mosaic.decode_partials(
+  return mosaic.decode_partials(
       flat(kc.words), flat(kc.norms), flat(vc.words), flat(vc.norms), q, bounds,
       qoff.astype(jnp.float32),
       key_spec=kc.layout.spec, value_spec=vc.layout.spec,
       key_levels=cubic_levels(cache.key_quantizer.groups[0]),
       value_levels=cubic_levels(cache.value_quantizer.groups[0]),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, **kernel_kwargs)
-  o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, num_splits, rows, d)
-  unpad = lambda x: x[..., :rows].reshape(b, h, num_splits, rows)  # noqa: E731
+
+
+def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
+                               soft_cap: float | None = None,
+                               sliding_window: int | None = None,
+                               num_splits: int | None = None, **kernel_kwargs):
+  """`compressed_partials` from the Mosaic GPU kernel, for one query token: every row of
+  a batch entry has the position q_positions[:, 0] (`attend` checks it).
+
+  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step.
+  """
+  b, h, rows, d = qf.shape
+  o, l, m = _mosaic_partials_padded(
+      cache, qf, q_positions, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, num_splits=num_splits, **kernel_kwargs)
+  splits = o.shape[1]
+  o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, splits, rows, d)
+  unpad = lambda x: x[..., :rows].reshape(b, h, splits, rows)  # noqa: E731
   return (o,), unpad(l), unpad(m)
 
 
@@ -231,13 +250,64 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
   return tuple(o), jnp.moveaxis(l, 3, 2), jnp.moveaxis(m, 3, 2)
 
 
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def merge_unsupported(cache, rows: int) -> str | None:
+  """Why `merge_exact` cannot finish a Mosaic call with `rows` query rows per kv head
+  over this cache (None: it can)."""
+  if cache.value_perm is not None:
+    return "values are split into channel groups"
+  sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2]) if n)
+  return merge_exact.unsupported(_pow2_at_least(rows), cache.head_dim, sizes)
+
+
+def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
+                         soft_cap: float | None, sliding_window: int | None,
+                         use_kernel: bool, merge_interpret: bool | None,
+                         **kernel_kwargs) -> Array:
+  """[B, H, M, D] float32: the Mosaic kernel's partials finished by `merge_exact` (the
+  exact window and sinks, the merge, the inverse rotation and the value mean in one
+  kernel). use_kernel=False takes the partials from their jnp reference instead."""
+  b, h, rows, d = qf.shape
+  common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  if use_kernel:
+    o, l, m = _mosaic_partials_padded(cache, qf, row_pos, **common, **kernel_kwargs)
+    cols = o.shape[-1]                              # the kernel's 8 padded rows
+  else:
+    (o,), l, m = compressed_partials_reference(cache, qf, row_pos, **common, **kernel_kwargs)
+    splits, cols = o.shape[2], _pow2_at_least(rows)
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - rows)])  # noqa: E731
+    o = pad(jnp.swapaxes(o, -1, -2).reshape(b * h, splits, d, rows))
+    l, m = (pad(x.reshape(b * h, splits, rows)) for x in (l, m))
+  q = jnp.pad(qf, ((0, 0), (0, 0), (0, cols - rows), (0, 0))).reshape(b * h, cols, d)
+  qpos = jnp.pad(row_pos, ((0, 0), (0, cols - rows)), mode="edge")
+  exact = tuple((k.reshape(b * h, -1, d), v.reshape(b * h, -1, d),
+                 jnp.where(visible, pos, merge_exact.HIDDEN))
+                for k, v, pos, visible in cache.exact_parts())
+  mean = None if cache.value_mean is None else cache.value_mean.reshape(b * h, d)
+  if merge_interpret is None:
+    merge_interpret = jax.default_backend() != "gpu"
+  out = merge_exact.merge_exact(
+      q, o, l, m, qpos, cache.value_quantizer.groups[0].rotation.as_matrix(), exact,
+      heads=h, value_mean=mean, interpret=merge_interpret, **common)
+  return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
+
+
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
-           use_kernel: bool = True, mosaic: bool = False, **kernel_kwargs) -> Array:
+           use_kernel: bool = True, mosaic: bool = False, fused_merge: bool = False,
+           merge_interpret: bool | None = None, **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
   the kernel's jnp reference partials (tests the merge).
+  fused_merge: with mosaic, finish in `pallas_kernels.merge_exact` where it applies
+  (`merge_unsupported`), else in jnp; merge_interpret: its interpret mode (default: off
+  the GPU). Off by default: on the H200 it ties with the jnp merge (whole attention
+  within +-5% either way, `mosaic_attend_splits_gpu.json`; the kernel alone 23-25 us, its
+  float32 products' latency, where XLA's jnp merge takes 35-44 us in more launches).
 
   The exact window and sinks are one more partial of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -252,6 +322,12 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
     raise ValueError(f"the Mosaic GPU kernel takes one query token per call, got {tq}")
   qf = qg.reshape(b, h, g * tq, d)
   row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
+  if mosaic and fused_merge and merge_unsupported(cache, g * tq) is None:
+    out = _attend_mosaic_fused(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, use_kernel=use_kernel,
+                               merge_interpret=merge_interpret, **kernel_kwargs)
+    out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
+    return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
   partials = (compressed_partials_reference if not use_kernel else
               compressed_partials_mosaic if mosaic else compressed_partials)
   o_c, l_c, m_c = partials(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
@@ -286,4 +362,5 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
 attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
-    "max_concurrent_steps", "overlap_values", "tokens_per_step"))
+    "max_concurrent_steps", "overlap_values", "tokens_per_step", "fused_merge",
+    "merge_interpret"))

@@ -513,7 +513,8 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
         token); None: Mosaic on a Hopper GPU where it applies, else Triton on a GPU where
         it applies, else the reference.
       **kernel_kwargs: for Triton block_k, num_splits, num_warps, num_stages,
-        compute_dtype; for Mosaic num_splits, max_concurrent_steps, overlap_values.
+        compute_dtype; for Mosaic num_splits, max_concurrent_steps, overlap_values,
+        fused_merge (`kernel_attention.attend`).
     """
     kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
     on_gpu = jax.default_backend() == "gpu"

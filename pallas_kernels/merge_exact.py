@@ -1,0 +1,233 @@
+"""A decode step's epilogue in one kernel: exact tokens, split merge, inverse rotation.
+
+After the split-K kernel over the compressed tokens (`decode_attention_mgpu`) a decode step
+still attends over the tokens the cache keeps exact (the window ring and the sinks),
+merges them with the splits' partial softmax results in one softmax, rotates the
+compressed share back from the value quantizer's domain, adds the value mean's share and
+normalises. In jnp that is about twenty small XLA kernels per layer, five of them f32
+matmuls, which at short contexts cost more device time and launches than the attention
+kernel; here it is one Pallas (Triton) program per kv-head row.
+
+The partials arrive as the Mosaic kernel writes them, transposed (channel rows, query-row
+columns), so every product here is oriented [*, M] and nothing is transposed in HBM.
+Products run in float32 (IEEE): the exact tokens stay exact, as in the jnp merge.
+(bfloat16 products ran 2.5x faster on the H200 but were wrong there, 0.46 relative
+error against 2e-3 in interpret mode: Triton's tensor-core path with 8-column operands is
+not to be trusted here; see `mosaic_attend_splits_gpu.json`.)
+
+Measured (H200, 8 kv-head rows x 8, 32 splits, `benchmarks/mosaic_attend.py`): 23-25 us,
+against 35-44 us for the jnp merge compiled by XLA; inside the whole attention the two tie
+(+-5%), so `kernel_attention.attend` keeps the jnp merge unless asked (fused_merge=True).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+_NEG = -1e30            # finite "minus infinity": exp(_NEG - x) is 0 with no inf arithmetic
+HIDDEN = 2**30          # an exact slot's position when no query may see it
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NN = (((1,), (0,)), ((), ()))     # [a, k] x [k, b]
+_TN = (((0,), (0,)), ((), ()))     # [k, a] x [k, b] -> [a, b]
+_NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
+
+
+def _pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str | None:
+  """Why the kernel cannot merge this call (None: it can). Triton tensors have
+  power-of-two sizes: the query rows (padded up by the caller), head_dim and every exact
+  part's slot count."""
+  if not _pow2(head_dim):
+    return f"head_dim {head_dim} is not a power of two"
+  for n in exact_sizes:
+    if not _pow2(n):
+      return f"an exact part of {n} slots (window or sinks) is not a power of two"
+  if rows > 128:
+    return f"{rows} query rows per kv head is more than 128"
+  return None
+
+
+def _split_chunk(splits: int) -> int:
+  """Splits reduced per vector load: the largest power of two dividing `splits`, <= 8
+  (one load of many splits keeps many in flight; a loop of single splits waits on each)."""
+  c = 1
+  while c < 8 and splits % (2 * c) == 0:
+    c *= 2
+  return c
+
+
+def _unrolled(n, body, init):
+  for i in range(n):
+    init = body(i, init)
+  return init
+
+
+def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_mean,
+            ):
+  q_ref, o_ref, l_ref, m_ref, qpos_ref, rot_ref = refs[:6]
+  parts = [refs[6 + 3 * i: 9 + 3 * i] for i in range(num_parts)]
+  rest = refs[6 + 3 * num_parts:]
+  mean_ref = rest[0] if has_mean else None
+  out_ref = rest[-1]
+  d = o_ref.shape[1]
+
+  def dot(a, b, dims):
+    return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
+                               precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+  q = q_ref[...]
+  qpos = qpos_ref[...]
+  rows = q.shape[0]
+  chunk = _split_chunk(num_splits)
+  steps = num_splits // chunk
+  split_rows = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
+  # A few chunks unroll (straight-line loads the compiler can issue together); many loop.
+  loop = (lambda n, body, init: _unrolled(n, body, init)) if steps <= 8 else (
+      lambda n, body, init: jax.lax.fori_loop(0, n, body, init))
+  m_all = loop(steps, lambda i, m: jnp.maximum(m, m_ref[split_rows(i), :].max(axis=0)),
+               jnp.full((rows,), _NEG, jnp.float32))
+
+  # Scores of the exact parts, transposed: [n, M].
+  scored = []
+  for k_ref, v_ref, pos_ref in parts:
+    s = dot(k_ref[...], q, _NT) * scale
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    kpos = pos_ref[...][:, None]
+    mask = kpos <= qpos[None, :]
+    if sliding_window is not None:
+      mask &= qpos[None, :] - kpos < sliding_window
+    s = jnp.where(mask, s, _NEG)
+    m_all = jnp.maximum(m_all, s.max(axis=0))
+    scored.append((s, mask, v_ref))
+
+  # The splits' partials at the common maximum: acc [D, M] in the rotated domain.
+  def add_chunk(i, carry):
+    acc, l_c = carry
+    w = jnp.exp(m_ref[split_rows(i), :] - m_all[None, :])          # [chunk, M]
+    return (acc + (o_ref[split_rows(i), :, :] * w[:, None, :]).sum(axis=0),
+            l_c + (l_ref[split_rows(i), :] * w).sum(axis=0))
+
+  acc, l_total = loop(steps, add_chunk,
+                      (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32)))
+  out = dot(rot_ref[...], acc, _TN)           # rotated back (and into channel order)
+  if has_mean:
+    out += mean_ref[...][:, None] * l_total[None, :]
+  for s, mask, v_ref in scored:
+    p = jnp.where(mask, jnp.exp(s - m_all[None, :]), 0.0)
+    l_total += p.sum(axis=0)
+    out += dot(v_ref[...], p, _TN)
+  out_ref[...] = out / jnp.where(l_total > 0, l_total, 1.0)[None, :]
+
+
+def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
+                unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
+                heads: int, scale: float, soft_cap: float | None = None,
+                sliding_window: int | None = None, value_mean: Array | None = None,
+                interpret: bool = False, num_warps: int = 8) -> Array:
+  """Attention output of each kv-head row: its split partials and its exact tokens merged.
+
+  R = batch x `heads` kv-head rows, M query rows each (a power of two), S splits, D
+  channels.
+
+  Args:
+    q: float32 [R, M, D], the query rows, unrotated (the exact tokens' channel order).
+    o: float32 [R, S, D, M], the splits' unnormalised sums of p·values in the value
+      quantizer's rotated domain, transposed; l, m float32 [R, S, M] their sums of p and
+      maxima (`decode_attention_mgpu`'s outputs; an empty split has l = 0, o = 0).
+    q_positions: int32 [B, M], each row's position.
+    unrotation: float32 [D, D]: a rotated-domain row vector x maps to x @ unrotation in
+      the output's channel order.
+    exact: per exact part (window, sinks), keys and values [R, n, D] (any float dtype) and
+      int32 positions [B, n] (HIDDEN for a slot no query may see: a slot is seen by a row
+      at position p when its position is <= p and, with a sliding window, > p - window).
+    value_mean: float32 [R, D], added to the compressed tokens' values (value centering).
+
+  Returns:
+    float32 [R, D, M]: softmax(scores) · values over all tokens, transposed; 0 for a row
+    that sees no token.
+  """
+  r, rows, d = q.shape
+  s_splits = o.shape[1]
+  b = q_positions.shape[0]
+  if (r != b * heads or o.shape != (r, s_splits, d, rows) or l.shape != (r, s_splits, rows)
+      or m.shape != l.shape or q_positions.shape != (b, rows)):
+    raise ValueError(f"q {q.shape}, o {o.shape}, q_positions {q_positions.shape} and "
+                     f"heads={heads} do not fit together")
+  why = unsupported(rows, d, tuple(k.shape[1] for k, _, _ in exact))
+  if why is not None:
+    raise ValueError(f"merge_exact cannot take this call: {why}")
+  row = lambda i: (i, 0, 0)  # noqa: E731
+  batch = lambda i: (i // heads, 0)  # noqa: E731
+  in_specs = [pl.BlockSpec((None, rows, d), row),
+              pl.BlockSpec((None, s_splits, d, rows), lambda i: (i, 0, 0, 0)),
+              pl.BlockSpec((None, s_splits, rows), row),
+              pl.BlockSpec((None, s_splits, rows), row),
+              pl.BlockSpec((None, rows), batch),
+              pl.BlockSpec((d, d), lambda i: (0, 0))]
+  args = [q, o, l, m, q_positions.astype(jnp.int32), unrotation.astype(jnp.float32)]
+  for keys, values, pos in exact:
+    n = keys.shape[1]
+    if keys.shape != (r, n, d) or values.shape != (r, n, d) or pos.shape != (b, n):
+      raise ValueError(f"exact keys {keys.shape}, values {values.shape}, positions "
+                       f"{pos.shape} do not fit q {q.shape}")
+    in_specs += [pl.BlockSpec((None, n, d), row)] * 2 + [pl.BlockSpec((None, n), batch)]
+    args += [keys, values, pos.astype(jnp.int32)]
+  if value_mean is not None:
+    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
+    args.append(value_mean.astype(jnp.float32))
+  kernel = functools.partial(
+      _kernel, num_parts=len(exact), num_splits=s_splits, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, has_mean=value_mean is not None)
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      kernel, grid=(r,), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, d, rows), row),
+      out_shape=jax.ShapeDtypeStruct((r, d, rows), jnp.float32),
+      compiler_params=compiler_params, interpret=interpret, name="turboquant_merge_exact",
+  )(*args)
+
+
+def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, scale,
+                          soft_cap=None, sliding_window=None, value_mean=None, **unused):
+  """`merge_exact` in plain jnp (float32, HIGHEST): the ground truth of the tests."""
+  del unused
+  r, rows, d = q.shape
+  qpos = jnp.repeat(q_positions, heads, axis=0)                     # [R, M]
+  m_all = m.max(axis=1)
+  scores = []
+  for keys, values, pos in exact:
+    s = jnp.einsum("rmd,rnd->rmn", q, keys.astype(jnp.float32), precision=_HIGHEST) * scale
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    kpos = jnp.repeat(pos, heads, axis=0)[:, None, :]
+    mask = kpos <= qpos[:, :, None]
+    if sliding_window is not None:
+      mask &= qpos[:, :, None] - kpos < sliding_window
+    s = jnp.where(mask, s, _NEG)
+    m_all = jnp.maximum(m_all, s.max(axis=-1))
+    scores.append((s, mask, values))
+  w = jnp.exp(m - m_all[:, None])                                   # [R, S, M]
+  l_total = (l * w).sum(axis=1)
+  acc = (o * w[:, :, None, :]).sum(axis=1)                          # [R, D, M]
+  out = jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST)
+  if value_mean is not None:
+    out += l_total[..., None] * value_mean[:, None, :]
+  for s, mask, values in scores:
+    p = jnp.where(mask, jnp.exp(s - m_all[..., None]), 0.0)
+    l_total += p.sum(axis=-1)
+    out += jnp.einsum("rmn,rnd->rmd", p, values.astype(jnp.float32), precision=_HIGHEST)
+  out = out / jnp.where(l_total > 0, l_total, 1.0)[..., None]
+  return jnp.swapaxes(out, 1, 2)

@@ -1,0 +1,105 @@
+"""`pallas_kernels.merge_exact` in interpret mode against its jnp reference, on fresh
+random partials and exact parts (hidden slots, empty splits, a row that sees nothing)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import merge_exact as me
+
+B, H, D = 2, 3, 64
+
+
+def inputs(rng, rows=4, splits=5, sizes=(16, 4)):
+  r, cols = B * H, rows
+  f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+  m = f32(r, splits, cols)
+  l = jnp.asarray(rng.uniform(0.5, 3.0, (r, splits, cols)), jnp.float32)
+  # An empty split as the kernel writes it: l = 0, m = -1e30, o = 0.
+  o = f32(r, splits, D, cols).at[1, 2].set(0.0)
+  l, m = l.at[1, 2].set(0.0), m.at[1, 2].set(-1e30)
+  qpos = jnp.asarray(rng.integers(20, 120, (B, 1)) + np.zeros((1, rows), int), jnp.int32)
+  exact = []
+  for n in sizes:
+    pos = rng.integers(0, 140, (B, n))
+    pos = np.where(rng.uniform(size=(B, n)) < 0.2, me.HIDDEN, pos)
+    exact.append((jnp.asarray(rng.standard_normal((r, n, D)), jnp.bfloat16),
+                  jnp.asarray(rng.standard_normal((r, n, D)), jnp.bfloat16),
+                  jnp.asarray(pos, jnp.int32)))
+  rot = jnp.asarray(np.linalg.qr(rng.standard_normal((D, D)))[0], jnp.float32)
+  return f32(r, rows, D), o, l, m, qpos, rot, tuple(exact)
+
+
+@pytest.mark.parametrize("rows, splits, sizes, kw", [
+    (4, 5, (16, 4), dict()),
+    (8, 12, (32,), dict(soft_cap=3.0, sliding_window=25)),
+    (2, 32, (16, 1), dict(mean=True)),
+])
+def test_merge_matches_reference(rng, rows, splits, sizes, kw):
+  q, o, l, m, qpos, rot, exact = inputs(rng, rows=rows, splits=splits, sizes=sizes)
+  if kw.pop("mean", False):
+    kw["value_mean"] = jnp.asarray(rng.standard_normal((B * H, D)), jnp.float32)
+  got = me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, interpret=True,
+                       **kw)
+  ref = me.merge_exact_reference(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, **kw)
+  assert got.shape == (B * H, D, rows)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_one_softmax(rng):
+  """The reference against a softmax written out over every token: the partials'
+  tokens (decoded values given explicitly) and the exact ones."""
+  r, n_c, rows = B * H, 24, 2
+  q = jnp.asarray(rng.standard_normal((r, rows, D)), jnp.float32)
+  s_c = jnp.asarray(rng.standard_normal((r, rows, n_c)), jnp.float32)
+  v_c = jnp.asarray(rng.standard_normal((r, n_c, D)), jnp.float32)   # rotated domain
+  rot = jnp.asarray(np.linalg.qr(rng.standard_normal((D, D)))[0], jnp.float32)
+  k_e = jnp.asarray(rng.standard_normal((r, 8, D)), jnp.float32)
+  v_e = jnp.asarray(rng.standard_normal((r, 8, D)), jnp.float32)
+  pos_e = jnp.asarray(np.r_[[[0, 1, 2, 3, 4, me.HIDDEN, 6, 7]] * B], jnp.int32)
+  qpos = jnp.full((B, rows), 5, jnp.int32)
+  # Partials over two splits of the compressed tokens.
+  halves = np.split(np.arange(n_c), 2)
+  m = jnp.stack([s_c[..., i].max(-1) for i in halves], 1)             # [R, 2, M]
+  p = [jnp.exp(s_c[..., i] - m[:, j, :, None]) for j, i in enumerate(halves)]
+  l = jnp.stack([x.sum(-1) for x in p], 1)
+  o = jnp.stack([jnp.einsum("rmn,rnd->rdm", x, v_c[:, i]) for x, i in zip(p, halves)], 1)
+  got = me.merge_exact_reference(q, o, l, m, qpos, rot, ((k_e, v_e, pos_e),), heads=H,
+                                 scale=1.0)
+  s_e = jnp.einsum("rmd,rnd->rmn", q, k_e)
+  s_e = jnp.where((pos_e <= 5)[0][None, None], s_e, -jnp.inf)
+  w = jax_softmax(jnp.concatenate([s_c, s_e], -1))
+  want = (jnp.einsum("rmn,rnd->rmd", w[..., :n_c], v_c @ rot)
+          + jnp.einsum("rmn,rnd->rmd", w[..., n_c:], v_e))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.swapaxes(want, 1, 2)),
+                             rtol=1e-4, atol=1e-5)
+
+
+def jax_softmax(x):
+  e = jnp.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_row_that_sees_nothing_is_zero(rng):
+  q, o, l, m, qpos, rot, exact = inputs(rng, sizes=(16,))
+  l, m, o = jnp.zeros_like(l), jnp.full_like(m, -1e30), jnp.zeros_like(o)
+  qpos = jnp.full_like(qpos, -1)
+  got = me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, interpret=True)
+  assert np.all(np.asarray(got) == 0)
+
+
+def test_errors(rng):
+  q, o, l, m, qpos, rot, exact = inputs(rng)
+  with pytest.raises(ValueError, match="do not fit together"):
+    me.merge_exact(q, o, l, m, qpos, rot, exact, heads=2, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="do not fit together"):   # o with other columns
+    me.merge_exact(q, jnp.pad(o, [(0, 0)] * 3 + [(0, 4)]), l, m, qpos, rot, exact,
+                   heads=H, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    bad = ((exact[0][0][:, :12], exact[0][1][:, :12], exact[0][2][:, :12]),)
+    me.merge_exact(q, o, l, m, qpos, rot, bad, heads=H, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="do not fit q"):
+    bad = ((exact[0][0], exact[0][1][:, :8], exact[0][2]),)
+    me.merge_exact(q, o, l, m, qpos, rot, bad, heads=H, scale=1.0, interpret=True)
+  assert "head_dim" in me.unsupported(4, 96, (16,))
+  assert me.unsupported(4, 128, (128, 4)) is None
