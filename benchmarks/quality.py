@@ -107,11 +107,13 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
 
 
 def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
-             suffix: str = "") -> Method:
+             suffix: str = "", widths=None) -> Method:
   """TurboQuant with a stored-bits budget spread over the layers (`budget_layer_bits`);
-  config: everything but the widths (layout="tiles": integer widths only)."""
+  config: everything but the widths (layout="tiles": integer widths only); widths: the
+  widths to choose from (default: all, or the integer ones for tiles)."""
   layer_bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim,
-                                 layer_window=cfg.layer_window, config=config)
+                                 layer_window=cfg.layer_window, config=config,
+                                 widths=widths)
   make = lambda seed: turboquant_per_layer(  # noqa: E731
       dataclasses.replace(config, seed=seed), layer_bits=layer_bits)
   return Method(f"turboquant budget {budget}{suffix}", "budget" + suffix, make, seeded=True,
@@ -189,6 +191,9 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
+  # Integer widths with the default levels: fractional widths cost a second norm, and by
+  # the codebooks' D_mse a mix of integer widths across layers dominates them.
+  extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
   chosen = [m for m in methods() + [m for m in extra if m is not None]
             if not (args.only or args.exact) or any(s in m.name for s in args.only or ())
             or m.name in (args.exact or ())]
