@@ -101,6 +101,9 @@ def test_mosaic_reasons_and_errors(rng):
   f32 = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=2, value_bits=2, layout="tiles", center_keys=False, norm_dtype=jnp.float32))
   assert "float16 norms" in ka.mosaic_unsupported(f32, 4)
+  frac = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3.5, value_bits=3, levels="cubic", layout="tiles", center_keys=False))
+  assert "fractional" in ka.mosaic_unsupported(frac, 4)   # stored in tiles, not read yet
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

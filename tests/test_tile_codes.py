@@ -13,7 +13,7 @@ from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 @pytest.mark.parametrize("bits, d, transposed", [(2, 128, False), (3, 128, True),
                                                  (4, 64, True), (3, 256, False)])
 def test_runs_read_back(rng, bits, d, transposed):
-  tt = tile_codes.tile_tokens(d, (bits,))
+  tt = tile_codes.tile_tokens(((d, bits),))
   layout = tile_codes.TileLayout(bits, d, tt, transposed)
   b, h, length = 2, 3, 4 * tt
   codes = tile_codes.empty((b, h, length), layout, jnp.float16)
@@ -35,12 +35,11 @@ def test_runs_read_back(rng, bits, d, transposed):
 
 
 def test_tile_lengths_and_errors():
-  assert tile_codes.tile_tokens(128, (2, 3, 4)) == 128
-  assert tile_codes.tile_tokens(64, (3,)) == 256
+  assert tile_codes.tile_tokens(((128, 2), (128, 3), (128, 4))) == 128
+  assert tile_codes.tile_tokens(((64, 3),)) == 256
+  assert tile_codes.tile_tokens(((64, 4), (64, 3), (128, 4))) == 256   # 3.5 bits at d = 128
   with pytest.raises(ValueError, match="divisible by 128"):
     tile_codes.empty((1, 1, 200), tile_codes.TileLayout(4, 128, 128, False), jnp.float16)
-  with pytest.raises(ValueError, match="integer key and value bits"):
-    TurboQuantConfig(key_bits=3.5, layout="tiles")
   with pytest.raises(ValueError, match="MSE keys"):
     TurboQuantConfig(key_bits=3, value_bits=3, key_quantizer="prod", layout="tiles")
   with pytest.raises(ValueError, match="layout must be"):
@@ -49,7 +48,9 @@ def test_tile_lengths_and_errors():
 
 @pytest.mark.parametrize("kw", [dict(key_bits=3, value_bits=4, levels="cubic"),
                                 dict(key_bits=2, value_bits=3, center_keys=False, window=16,
-                                     num_sinks=0)])
+                                     num_sinks=0),
+                                # Fractional: two channel groups of 64, 256-token tiles.
+                                dict(key_bits=3.5, value_bits=2.5)])
 def test_tiles_cache_equals_planes_cache(rng, kw):
   """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
   codes, so the same reconstruction and attention; memory counted the same."""

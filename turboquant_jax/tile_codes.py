@@ -33,20 +33,21 @@ Array = jax.Array
 TILE_TOKENS = 128  # the kernel steps 128 tokens at a time
 
 
-def tile_tokens(d: int, bits: tuple[int, ...]) -> int:
-  """Tokens per tile for head size d and every width in `bits` (keys and values share
-  one tile length): the smallest multiple of 128 that every width packs into."""
+def tile_tokens(groups: tuple[tuple[int, int], ...]) -> int:
+  """Tokens per tile for every (channels, bits) group of keys and values (all share one
+  tile length, so a block of tokens is one tile in each): the smallest multiple of 128
+  that every group packs into."""
   tt = TILE_TOKENS
   while True:
     try:
-      for b in bits:
+      for d, b in groups:
         register_codes.TileSpec(b, tt, d)
         register_codes.TileSpec(b, d, tt)
       return tt
     except ValueError:
       tt += TILE_TOKENS
       if tt > 1024:
-        raise ValueError(f"no tile length for d={d} and widths {bits}") from None
+        raise ValueError(f"no tile length for the (channels, bits) groups {groups}") from None
 
 
 @dataclasses.dataclass(frozen=True)

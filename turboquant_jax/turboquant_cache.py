@@ -27,8 +27,10 @@ Storage (head-major, preallocated for max_len, every code packed):
   footing.
 - Fractional bits: the channels are ordered outliers first by a per-(sequence, kv head)
   permutation chosen at the same moment (`channel_split.outlier_permutation`).
-- layout="tiles" (integer widths, MSE keys): codes stored instead in the order the Mosaic
-  GPU kernel loads them, tiles of 128 tokens (`tile_codes`); norms as above.
+- layout="tiles" (MSE keys): codes stored instead in the order the Mosaic GPU kernel loads
+  them, tiles of 128 tokens or more (`tile_codes`; one tile buffer per channel group, so
+  fractional widths too, though the kernel reads integer widths only so far); norms as
+  above.
 
 Which tokens attention reads where: positions [0, S) from the sinks, the trailing run of
 positions the window holds exactly, and everything else from the codes, all in one
@@ -86,8 +88,8 @@ class TurboQuantConfig:
       with the key mean) and add it back to the compressed tokens' share of the output
       (off: at 3.5 bits it helped SmolLM2 and hurt Gemma 3 on the Debian manual, README).
     layout: "planes" (bit-planes per token, read by the Triton kernel and the reference)
-      or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; integer widths and MSE
-      keys; the reference reads it too).
+      or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; MSE keys; the reference
+      reads it too; the kernel serves integer widths).
   """
 
   key_bits: float = 3.5
@@ -115,11 +117,8 @@ class TurboQuantConfig:
       raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
     if self.layout not in ("planes", "tiles"):
       raise ValueError(f"layout must be 'planes' or 'tiles', got {self.layout!r}")
-    if self.layout == "tiles" and (
-        self.key_quantizer != "mse" or not float(self.key_bits).is_integer()
-        or not float(self.value_bits).is_integer()):
-      raise ValueError("layout='tiles' needs MSE keys and integer key and value bits, got "
-                       f"{self.key_quantizer!r} keys at {self.key_bits}/{self.value_bits}")
+    if self.layout == "tiles" and self.key_quantizer != "mse":
+      raise ValueError(f"layout='tiles' needs MSE keys, got {self.key_quantizer!r}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
@@ -212,7 +211,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     lead = (batch, num_kv_heads, max_len)
     tiles = None
     if config.layout == "tiles":
-      tiles = tile_codes.tile_tokens(head_dim, (int(config.key_bits), int(config.value_bits)))
+      tiles = tile_codes.tile_tokens(tuple((g.dim, g.bits) for g in kq.groups + vq.groups))
     # A ring longer than the cache, or sinks past its end, would only cost memory.
     config = dataclasses.replace(config, window=min(config.window, max_len),
                                  num_sinks=min(config.num_sinks, max_len))
