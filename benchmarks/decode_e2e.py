@@ -13,7 +13,12 @@ caches' shapes). Prefill-sized appends (quantize-on-append of a whole chunk) are
 against the HBM read ceiling measured in the same run.
 
     python -m benchmarks.decode_e2e [--models llama3_8b,gemma3_270m,smollm2_135m]
-        [--points 8x32768,...] [--out DIR] [--quick]
+        [--points 8x32768,...] [--caches bf16,tq3,...] [--out DIR] [--fresh]
+    python -m benchmarks.decode_e2e --paired --points 8x32768 --caches bf16,tq3-tiles-rope
+
+`--paired` times only decode steps, the caches of a point held at once and timed in
+alternating rounds (`paired_steps`): the ratio between caches as a median over rounds,
+which separate runs (drift of several percent between them) cannot give.
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
@@ -249,6 +254,52 @@ def run_point(model, cfg, make_cache, batch, context, key) -> dict:
   return row
 
 
+def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int = 8,
+                 steps: int = STEPS) -> dict:
+  """Decode steps of several caches timed in alternation, for ratios that drift between
+  separate runs cannot move (one run per cache put the same code at 0.97x and 1.08x).
+
+  Every cache of `names` is filled to the same prefix and compiled first, all held at
+  once; then each round times one call of `steps` greedy tokens per cache, in an order
+  that reverses every round. Per cache: the median step over rounds; per cache against
+  the first name: the median (and range) of the per-round tokens/s ratios.
+  """
+  prefix = context - steps * (2 + rounds) - 1
+  if prefix < 1:
+    raise ValueError(f"context {context} is too short for {rounds} rounds of {steps} steps")
+  states = {}
+  for i, name in enumerate(names):
+    caches = model.init_caches(batch, context, layer_caches(cfg, CACHES[name]), jnp.bfloat16)
+    caches = fill_caches(cfg, caches, jax.random.fold_in(key, i), prefix)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    for _ in range(2):                 # compile, and settle buffer placements
+      out, caches = decode_steps(model, tokens, caches, steps)
+      tokens = out[:, -1]
+    states[name] = jax.block_until_ready((tokens, caches))
+  samples = {name: [] for name in names}
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      tokens, caches = states[name]
+      start = time.perf_counter()
+      out, caches = decode_steps(model, tokens, caches, steps)
+      tokens = jax.block_until_ready(out[:, -1])
+      samples[name].append((time.perf_counter() - start) / steps)
+      states[name] = (tokens, caches)
+  ok = {name: not bool(jnp.any(jnp.stack([c.overflowed for c in states[name][1]])))
+        for name in names}
+  del states
+  base = samples[names[0]]
+  out = {}
+  for name in names:
+    ratios = sorted(b / x for b, x in zip(base, samples[name]))
+    step = float(np.median(samples[name]))
+    out[name] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
+                 "step_ms_samples": [x * 1e3 for x in samples[name]],
+                 f"x_{names[0]}_median": float(np.median(ratios)),
+                 f"x_{names[0]}_range": [ratios[0], ratios[-1]], "no_overflow": ok[name]}
+  return out
+
+
 def time_prefill_append(cfg, cache_name, batch, chunk, max_len, key, ceiling) -> dict:
   """One layer, appends of `chunk` tokens per row: ms, and bytes moved against the ceiling."""
   cache = CACHES[cache_name](batch, max_len, cfg.num_kv_heads, cfg.head_dim, jnp.bfloat16)
@@ -375,6 +426,10 @@ def main(argv=None):
   parser.add_argument("--fresh", action="store_true",
                       help="start from no results (no resume) and skip the correctness "
                            "check and prefill appends: a side-by-side run of a few points")
+  parser.add_argument("--paired", action="store_true",
+                      help="only decode steps, the caches timed in alternation at each point "
+                           "(paired_steps), written to decode_e2e_paired_<platform>.json")
+  parser.add_argument("--rounds", type=int, default=8, help="rounds of --paired")
   parser.add_argument("--check-only", action="store_true",
                       help="only the correctness check, written to decode_e2e_check_<platform>"
                            ".json")
@@ -388,6 +443,26 @@ def main(argv=None):
     return
   out_dir = pathlib.Path(args.out or common.RESULTS_DIR)
   platform = jax.devices()[0].platform
+  if args.paired:
+    names = args.caches.split(",")
+    rows, results = [], {"caches": names, "rounds": args.rounds, "steps_per_call": STEPS,
+                         "weights": "random, bf16", "points": {}}
+    for m in args.models.split(","):
+      cfg = MODELS[m]()
+      model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+      pts = POINTS[m] if args.points is None else [
+          tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+      for b, t in pts:
+        point = paired_steps(model, cfg, names, b, t, jax.random.PRNGKey(b * 7 + t),
+                             rounds=args.rounds)
+        results["points"][f"{m} {b}x{t}"] = point
+        common.write_result("decode_e2e_paired", results, out_dir)
+        for name, r in point.items():
+          rows.append({"model": m, "B": b, "T": t, "cache": name, "tok_s": r["tokens_per_s"],
+                       "step_ms": r["step_ms"], f"x_{names[0]}": r[f"x_{names[0]}_median"],
+                       "range": "%.3f-%.3f" % tuple(r[f"x_{names[0]}_range"])})
+    common.print_table(rows, list(rows[0]))
+    return
   if args.check_only:
     rows = check_correctness()
     common.write_result("decode_e2e_check", {"correctness": rows}, out_dir)

@@ -108,3 +108,25 @@ def test_step_profile_groups_kernels_by_family():
   assert got["kernels"] == 3 and got["total_us"] == 8.5
   assert got["groups"] == [{"kernel": "b", "launches": 1, "us": 5.0},
                            {"kernel": "a_fusion", "launches": 2, "us": 3.5}]
+
+
+def test_paired_steps_times_every_cache_in_each_round():
+  """The alternating A/B of decode steps: every cache decodes every round, the ratios are
+  against the first cache (1 for itself), and the caches are not overflowed."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from benchmarks import decode_e2e
+  from models.config import DecoderConfig
+  from models.decoder import Decoder
+  cfg = DecoderConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=64, ffn_dim=128)
+  model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  out = decode_e2e.paired_steps(model, cfg, ["bf16", "tq3"], 2, 256, jax.random.PRNGKey(0),
+                                rounds=3, steps=4)
+  assert list(out) == ["bf16", "tq3"]
+  for r in out.values():
+    assert len(r["step_ms_samples"]) == 3 and r["no_overflow"] and r["tokens_per_s"] > 0
+  assert out["bf16"]["x_bf16_median"] == 1.0
+  lo, hi = out["tq3"]["x_bf16_range"]
+  assert lo <= out["tq3"]["x_bf16_median"] <= hi
