@@ -165,7 +165,11 @@ def main(argv=None):
       (2, 4, 32, dict(window=0, num_sinks=0)), (3, 4, 16, dict(soft_cap=5.0, window=32)),
       (3, 3, 32, dict(center_keys="rope")),
       (4, 2, 8, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
-      (2, 3, 64, dict(center_keys="rope", window=0, num_sinks=0))]):
+      (2, 3, 64, dict(center_keys="rope", window=0, num_sinks=0)),
+      # Fractional widths (two channel groups, 256-token tiles; implementation="mosaic"
+      # asks for them until these checks have passed on a GPU).
+      (3.5, 3.5, 32, {}), (3.5, 2.5, 32, dict(soft_cap=20.0)),
+      (2.5, 3, 8, dict(sliding_window=600))]):
     try:
       checks.append(check(i, bk, bv, hq, **kw))
     except Exception as e:  # noqa: BLE001 - report every case
@@ -190,9 +194,11 @@ def main(argv=None):
       cases = [(f"mosaic attend K{w}/V{w}", tiles_config(w, w), "mosaic") for w in widths]
       cases += [(f"mosaic attend K{w}/V{w} rope-centred",
                  tiles_config(w, w, center_keys="rope"), "mosaic") for w in (3, 4)]
+      cases += [("mosaic attend K3.5/V3.5 (channel groups)", tiles_config(3.5, 3.5),
+                 "mosaic")]
       # The same attention ending in merge_exact instead of jnp (side by side).
       cases += [(label + ", merge_exact", cfg, impl)
-                for label, cfg, impl in (cases[0], cases[-2])]
+                for label, cfg, impl in (cases[0], cases[-3])]
       if (b, t) == points[0] and not args.quick:
         cases.append(("triton attend 3.5 rope-centred (default config)", TurboQuantConfig(),
                       "triton"))

@@ -21,6 +21,12 @@ q·R(t)·μ added to every score. Per RoPE pair p it is A_p cos θ + B_p sin θ 
 cos φ_l | sin φ_l give the offsets of the whole step as one more wgmma, table · W
 (`RopeOffsets`, `rope_offsets`).
 
+Fractional widths come as channel groups (`channel_split`: halves of the channels at two
+widths, each with its own rotation, norm and levels): each key group takes its own wgmma
+into its own accumulator, scaled by its norms before the groups are summed; each value
+group its own probabilities × norms in shared memory and its own output rows. With one
+group the kernel is the one it was before groups (its lowered module is identical).
+
 `decode_partials` returns FlashDecoding split-K partials (o, l, m) per kv head and split,
 merged with the exact tokens outside; `decode_partials_reference` computes the same in
 jnp. Kernels here take arrays and static specs only.
@@ -220,9 +226,18 @@ def _check(name, x, shape, dtype):
                      f"got {x.dtype} {list(x.shape)}")
 
 
-def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Array,
-                    q: Array, bounds: Array, qoff: Array, *, key_spec, value_spec,
-                    key_levels: tuple[float, float], value_levels: tuple[float, float],
+def _groups(x) -> tuple:
+  """One channel group's operand, or a tuple of them, as a tuple."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _level_groups(levels) -> tuple:
+  """(a, c), or one (a, c) per group, as a tuple of pairs."""
+  return (tuple(levels),) if np.ndim(levels[0]) == 0 else tuple(tuple(x) for x in levels)
+
+
+def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: Array, *,
+                    key_spec, value_spec, key_levels, value_levels,
                     num_splits: int, scale: float, soft_cap: float | None = None,
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None):
@@ -235,6 +250,11 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
     s_t = scale·(‖k_t‖·(q·L(u_t)) + qoff + q·R(t)·μ)   (soft-capped if asked)
     m = max_t s_t,  l = Σ_t e^(s_t - m),  o = Σ_t e^(s_t - m)·‖v_t‖·L(u_t)
 
+  Channel groups (fractional widths: `channel_split`): keys and values may each come as
+  a tuple of groups, each with its own tiles, norms, levels (and, for keys, its own query
+  part): the score sums the groups' ‖k_g‖·(q_g·L_g(u)), each value group adds its own
+  rows to o. One group: the arrays themselves (or 1-tuples).
+
   Args:
     k_words: int32 [R, tiles·64, Ck], key tiles [tokens, D] by `register_codes.pack_tile`.
     k_norms: float16 [R, T]. v_words: int32 [R, tiles·64, Cv], value tiles [D, tokens].
@@ -243,31 +263,49 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
       ones zero).
     bounds: int32 [R, 2], the compressed range [lo, hi) of each row.
     qoff: float32 [R, 8], added to every score before the scale (the key-centering term).
+    key_spec, value_spec: the `register_codes.TileSpec` of the tiles (a tuple per group).
+    key_levels, value_levels: (a, c) (a tuple of them per group).
     overlap_values: decode the value tile while the key wgmma runs (else after softmax).
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
       needs 128-token steps.
   Returns:
-    o float32 [R, splits, D, 8] (transposed: channel rows, head columns), l, m float32
-    [R, splits, 8]. Rows of a split with no token: l = 0, m = -1e30, o = 0.
+    o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
+    rows in order), l, m float32 [R, splits, 8]. Rows of a split with no token: l = 0,
+    m = -1e30, o = 0.
   """
-  d = key_spec.cols
-  tt = key_spec.rows                              # tokens per tile
-  if value_spec.cols != tt or value_spec.rows != d:
-    raise ValueError(f"value tiles {value_spec} must be [{d}, {tt}] to match {key_spec}")
-  r, t_len = k_norms.shape
+  k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
+  v_words, v_norms = _groups(v_words), _groups(v_norms)
+  key_specs, value_specs = _groups(key_spec), _groups(value_spec)
+  key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
+  gk, gv = len(key_specs), len(value_specs)
+  if not (len(k_words) == len(k_norms) == len(q) == len(key_levels) == gk
+          and len(v_words) == len(v_norms) == len(value_levels) == gv):
+    raise ValueError(f"{gk} key and {gv} value groups need as many words, norms, levels "
+                     "(and query parts for keys)")
+  d = sum(s.cols for s in key_specs)
+  tt = key_specs[0].rows                          # tokens per tile
+  if any(s.rows != tt for s in key_specs) or any(s.cols != tt for s in value_specs):
+    raise ValueError(f"key tiles {key_specs} and value tiles {value_specs} must all hold "
+                     f"{tt} tokens")
+  if sum(s.rows for s in value_specs) != d:
+    raise ValueError(f"value tiles {value_specs} must be [{d}, {tt}] to match {key_specs}")
+  r, t_len = k_norms[0].shape
   per_step = max(tokens_per_step // tt, 1)
   st = per_step * tt                              # tokens per step
   if t_len % (st * num_splits):
     raise ValueError(f"{t_len} tokens do not split into {num_splits} x {st}-token steps "
                      f"of {per_step} tile(s)")
   words = t_len // tt * register_codes.WORD_ROWS
-  _check("k_words", k_words, (r, words, key_spec.words_per_row), jnp.int32)
-  _check("v_words", v_words, (r, words, value_spec.words_per_row), jnp.int32)
-  _check("k_norms", k_norms, (r, t_len), jnp.float16)
-  _check("v_norms", v_norms, (r, t_len), jnp.float16)
-  _check("q", q, (r, HEADS, d), jnp.float16)
+  name = lambda base, g, n: base if n == 1 else f"{base}[{g}]"  # noqa: E731
+  for g, spec in enumerate(key_specs):
+    _check(name("k_words", g, gk), k_words[g], (r, words, spec.words_per_row), jnp.int32)
+    _check(name("k_norms", g, gk), k_norms[g], (r, t_len), jnp.float16)
+    _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
+  for g, spec in enumerate(value_specs):
+    _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
+    _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
   _check("bounds", bounds, (r, 2), jnp.int32)
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   if rope is not None:
@@ -277,33 +315,51 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
     _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
     _check("rope.trig", rope.trig, (t_len // ROPE_BLOCK, 2, d), jnp.float32)
     _check("rope.table", rope.table, (ROPE_BLOCK, d), jnp.float16)
-  ck = key_spec.words_per_row
   split_steps = t_len // st // num_splits
-  cv = value_spec.words_per_row
-  k_k, k_factor = level_form(key_levels)
-  k_v, v_factor = level_form(value_levels)
-  decode_k = tile_decoder(key_spec, "levels", count=per_step, cubic_k=k_k)
-  decode_v = tile_decoder(value_spec, "levels", cubic_k=k_v)
+  key_forms = [level_form(lv) for lv in key_levels]
+  value_forms = [level_form(lv) for lv in value_levels]
+  decode_k = [tile_decoder(s, "levels", count=per_step, cubic_k=f[0])
+              for s, f in zip(key_specs, key_forms)]
+  decode_v = [tile_decoder(s, "levels", cubic_k=f[0]) for s, f in zip(value_specs, value_forms)]
   wr = register_codes.WORD_ROWS
   neg = -1e30
   log2e = float(np.log2(np.e))
   # Scores in base 2 (exp2 is one instruction): s2 = s·log2(e).
-  dot_scale = float(k_factor * scale) * (1.0 if soft_cap is not None else log2e)
+  dot_scales = [float(f[1] * scale) * (1.0 if soft_cap is not None else log2e)
+                for f in key_forms]
   off_scale = float(scale) * (1.0 if soft_cap is not None else log2e)
+  value_rows = [s.rows for s in value_specs]
+  value_starts = list(np.cumsum([0] + value_rows[:-1]))
 
   def kernel(*refs):
     refs = list(refs)
-    kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, bounds_gmem, qoff_gmem = refs[:7]
-    del refs[:7]
+    kw_gmem, kn_gmem = refs[:gk], refs[gk:2 * gk]
+    del refs[:2 * gk]
+    vw_gmem, vn_gmem = refs[:gv], refs[gv:2 * gv]
+    del refs[:2 * gv]
+    q_gmem = refs[:gk]
+    del refs[:gk]
+    bounds_gmem, qoff_gmem = refs[:2]
+    del refs[:2]
     if rope is not None:
       coef_gmem, rscale_gmem, trig_gmem, table_gmem = refs[:4]
       del refs[:4]
-    o_gmem, l_gmem, m_gmem, q_smem, p_smem, o_smem, lm_smem, barrier = refs[:8]
-    del refs[:8]
+    o_gmem, l_gmem, m_gmem = refs[:3]
+    del refs[:3]
+    q_smem = refs[:gk]
+    del refs[:gk]
+    p_smem = refs[:gv]
+    del refs[:gv]
+    o_smem, lm_smem, barrier = refs[:3]
+    del refs[:3]
     if rope is not None:
-      table_smem, coef_smem, w_smem, rope_barrier = refs
+      table_smem, coef_smem, w_smem, rope_barrier = refs[:4]
+      del refs[:4]
+    group_barrier = refs[0] if gk > 1 else None     # the later query parts' copies
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
-    plgpu.copy_gmem_to_smem(q_gmem.at[i], q_smem, barrier)
+    plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
+    for g in range(1, gk):
+      plgpu.copy_gmem_to_smem(q_gmem[g].at[i], q_smem[g], group_barrier.at[g - 1])
     if rope is not None:
       plgpu.copy_gmem_to_smem(table_gmem, table_smem, rope_barrier.at[0])
       plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
@@ -317,6 +373,8 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
     qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                         optimized=False) * off_scale
     plgpu.barrier_wait(barrier)
+    for g in range(1, gk):
+      plgpu.barrier_wait(group_barrier.at[g - 1])
     if rope is not None:
       plgpu.barrier_wait(rope_barrier.at[0])
       plgpu.barrier_wait(rope_barrier.at[1])
@@ -334,32 +392,42 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
           w, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
 
-    def body(idx, kw_smem, kn_smem, vw_smem, vn_smem, *rest):
-      *trig, carry = rest
+    def body(idx, *refs):
+      refs = list(refs)
+      kw_smem, kn_smem = refs[:gk], refs[gk:2 * gk]
+      del refs[:2 * gk]
+      vw_smem, vn_smem = refs[:gv], refs[gv:2 * gv]
+      del refs[:2 * gv]
+      *trig, carry = refs
       o, l_rows, m_prev = carry
       start = (first + idx[0]) * st
       if rope is not None:
         rope_operand(trig[0])
-      uk = decode_k(_load_words(kw_smem, key_spec))
+      uk = [dec(_load_words(w, s)) for dec, w, s in zip(decode_k, kw_smem, key_specs)]
 
       def decode_values():
-        return [decode_v(_load_words(vw_smem.at[pl.ds(k * wr, wr)], value_spec))
-                for k in range(per_step)]
+        return [[dec(_load_words(w.at[pl.ds(k * wr, wr)], s)) for k in range(per_step)]
+                for dec, w, s in zip(decode_v, vw_smem, value_specs)]
 
-      def scores(acc_ref, *off_ref):
+      def scores(*acc_refs):
+        key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
         if rope is not None:   # q·R(t)·μ of the step's tokens: table [128, D] · W
           plgpu.wgmma(off_ref[0], table_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-        plgpu.wgmma(acc_ref, uk, plgpu.transpose_ref(q_smem, (1, 0)))
+        for acc_ref, u, q_ref in zip(key_accs, uk, q_smem):
+          plgpu.wgmma(acc_ref, u, plgpu.transpose_ref(q_ref, (1, 0)))
         # The value tiles do not depend on the scores: decode them while the wgmma runs.
         uv = decode_values() if overlap_values else None
-        return acc_ref[...], (off_ref[0][...] if off_ref else None), uv
+        return ([a[...] for a in key_accs], (off_ref[0][...] if off_ref else None), uv)
       # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
       # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
       # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
-      accs = [plgpu.ACC((st, HEADS), jnp.float32)] * (2 if rope is not None else 1)
-      s, off, uv = pl.run_scoped(scores, *accs)
-      kn = plgpu.load(kn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      s = s * jax.lax.broadcast_in_dim(kn * dot_scale, s.shape, [0])
+      accs = [plgpu.ACC((st, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
+      parts, off, uv = pl.run_scoped(scores, *accs)
+      s = None
+      for part, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
+        kn = plgpu.load(kn_ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        part = part * jax.lax.broadcast_in_dim(kn * dot_scale, part.shape, [0])
+        s = part if s is None else s + part
       if off is not None:
         s = s + off * jax.lax.broadcast_in_dim(rscale_v, s.shape, [1])
       s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
@@ -373,41 +441,51 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
       p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
       # l is kept per row and summed over the tile's rows once, after the loop.
       l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-      vn = plgpu.load(vn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
-      # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
-      # (one shuffle per register into the transposed layout) and read transposed.
-      plgpu.transpose_ref(p_smem, (1, 0))[...] = plgpu.layout_cast(
-          pv, plgpu.Layout.WGMMA_TRANSPOSED)
+      for vn_ref, p_ref in zip(vn_smem, p_smem):
+        vn = plgpu.load(vn_ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
+        # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
+        # (one shuffle per register into the transposed layout) and read transposed.
+        plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
+            pv, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       if uv is None:
         uv = decode_values()
-      a = jax.lax.broadcast_in_dim(alpha, o.shape, [1])
+      new_o = []
+      for o_g, uv_g, p_ref in zip(o, uv, p_smem):
+        a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
 
-      def values(acc_ref):
-        for k in range(per_step):
-          plgpu.wgmma(acc_ref, uv[k],
-                      plgpu.transpose_ref(p_smem, (1, 0)).at[pl.ds(k * tt, tt)])
-      o = pl.run_state(values)(plgpu.ACC.init(o * a))
-      return o, l_rows, m_next
+        def values(acc_ref, uv_g=uv_g, p_ref=p_ref):
+          for k in range(per_step):
+            plgpu.wgmma(acc_ref, uv_g[k],
+                        plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tt, tt)])
+        new_o.append(pl.run_state(values)(plgpu.ACC.init(o_g * a)))
+      return tuple(new_o), l_rows, m_next
 
     zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
         jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-    init = (zeros((d, HEADS)), zeros((st, HEADS)),
+    init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((st, HEADS)),
             plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(0)))
     pipeline = plgpu.emit_pipeline(
         body, grid=(last - first,),
-        in_specs=[plgpu.BlockSpec((per_step * wr, ck), lambda t: (first + t, 0)),
-                  plgpu.BlockSpec((st,), lambda t: (first + t,)),
-                  plgpu.BlockSpec((per_step * wr, cv), lambda t: (first + t, 0)),
-                  plgpu.BlockSpec((st,), lambda t: (first + t,))]
+        in_specs=[plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
+                  for s in key_specs]
+        + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gk
+        + [plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
+           for s in value_specs]
+        + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gv
         + ([plgpu.BlockSpec((1, 2, d), lambda t: (first + t, 0, 0))]
            if rope is not None else []),
         max_concurrent_steps=max_concurrent_steps, init_carry=init)
-    o, l_rows, m = pipeline(kw_gmem.at[i], kn_gmem.at[i], vw_gmem.at[i], vn_gmem.at[i],
+    o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
+                            *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
                             *([trig_gmem] if rope is not None else []))
-    o_smem[...] = o * v_factor
+    if gv == 1:
+      o_smem[...] = o[0] * value_forms[0][1]
+    else:
+      for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
+        o_smem.at[pl.ds(int(at), rows)][...] = o_g * form[1]
     lm_smem.at[0][...] = l_rows.sum(axis=0)
     # Back to natural-log units; rows with no token keep the sentinel.
     lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
@@ -424,35 +502,41 @@ def decode_partials(k_words: Array, k_norms: Array, v_words: Array, v_norms: Arr
                 jax.ShapeDtypeStruct((r, num_splits, HEADS), f32),
                 jax.ShapeDtypeStruct((r, num_splits, HEADS), f32)),
       grid=(r, num_splits), grid_names=("row", "split"),
-      scratch_types=[plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
-                     plgpu.SMEM((HEADS, st), jnp.float16, transforms=q_transforms()),
-                     plgpu.SMEM((d, HEADS), f32),
-                     plgpu.SMEM((2, HEADS), f32),
-                     plgpu.Barrier(num_arrivals=1)]
+      scratch_types=[plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
+                     for s in key_specs]
+      + [plgpu.SMEM((HEADS, st), jnp.float16, transforms=q_transforms())] * gv
+      + [plgpu.SMEM((d, HEADS), f32),
+         plgpu.SMEM((2, HEADS), f32),
+         plgpu.Barrier(num_arrivals=1)]
       + ([plgpu.SMEM((ROPE_BLOCK, d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), f32),
           plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
-          plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else []),
-  )(k_words, k_norms, v_words, v_norms, q, bounds, qoff,
+          plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
+      + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 else []),
+  )(*k_words, *k_norms, *v_words, *v_norms, *q, bounds, qoff,
     *(tuple(rope) if rope is not None else ()))
 
 
-def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
-                              v_norms: Array, q: Array, bounds: Array, qoff: Array, *,
-                              bits_k: int, bits_v: int, key_levels: tuple[float, float],
-                              value_levels: tuple[float, float], num_splits: int,
-                              scale: float, soft_cap: float | None = None,
+def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Array,
+                              qoff: Array, *, bits_k, bits_v, key_levels, value_levels,
+                              num_splits: int, scale: float, soft_cap: float | None = None,
                               rope: RopeOffsets | None = None):
-  """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D]."""
+  """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D_g]
+  (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group)."""
+  k_codes, k_norms, q = _groups(k_codes), _groups(k_norms), _groups(q)
+  v_codes, v_norms = _groups(v_codes), _groups(v_norms)
+  bits_k, bits_v = _groups(bits_k), _groups(bits_v)
+  key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
+
   def levels(codes, bits, ac):
     u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
     return ac[0] * u + ac[1] * u**3
-  lk = levels(k_codes, bits_k, key_levels)
-  lv = levels(v_codes, bits_v, value_levels)
   hi_ = jax.lax.Precision.HIGHEST
   f = lambda x: x.astype(jnp.float32)  # noqa: E731
-  dots = jnp.einsum("rtd,rhd->rth", lk, f(q), precision=hi_)
-  s = dots * f(k_norms)[..., None] + qoff[:, None, :]
+  s = qoff[:, None, :]
+  for codes, norms, q_g, bits, ac in zip(k_codes, k_norms, q, bits_k, key_levels):
+    dots = jnp.einsum("rtd,rhd->rth", levels(codes, bits, ac), f(q_g), precision=hi_)
+    s = s + dots * f(norms)[..., None]
   if rope is not None:
     s = s + rope_offsets_dense(rope)
   s = s * scale
@@ -466,7 +550,9 @@ def decode_partials_reference(k_codes: Array, k_norms: Array, v_codes: Array,
   m = s.max(axis=2)
   p = jnp.where(valid, jnp.exp(s - m[:, :, None]), 0.0)
   l = p.sum(axis=2)
-  pv = p * f(v_norms).reshape(r, num_splits, t // num_splits, 1)
-  lv = lv.reshape(r, num_splits, t // num_splits, -1)
-  o = jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_)
-  return o, l, m
+  o = []
+  for codes, norms, bits, ac in zip(v_codes, v_norms, bits_v, value_levels):
+    pv = p * f(norms).reshape(r, num_splits, t // num_splits, 1)
+    lv = levels(codes, bits, ac).reshape(r, num_splits, t // num_splits, -1)
+    o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
+  return jnp.concatenate(o, axis=2), l, m

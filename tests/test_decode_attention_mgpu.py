@@ -122,6 +122,62 @@ def test_kernel_with_rope_offsets_lowers_for_cuda(bits):
   assert "mosaic_gpu" in lowered(*bits, rope=True)
 
 
+def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=False, **kw):
+  """decode_partials lowered with channel groups: (bits, channels) per group and side."""
+  s = jax.ShapeDtypeStruct
+  ks = tuple(rc.TileSpec(b, tt, c) for b, c in key_groups)
+  vs = tuple(rc.TileSpec(b, c, tt) for b, c in value_groups)
+  d = sum(c for _, c in key_groups)
+  words = t // tt * rc.WORD_ROWS
+  args = (tuple(s((r, words, x.words_per_row), jnp.int32) for x in ks),
+          tuple(s((r, t), jnp.float16) for _ in ks),
+          tuple(s((r, words, x.words_per_row), jnp.int32) for x in vs),
+          tuple(s((r, t), jnp.float16) for _ in vs),
+          tuple(s((r, dm.HEADS, x.cols), jnp.float16) for x in ks),
+          s((r, 2), jnp.int32), s((r, dm.HEADS), jnp.float32),
+          s((r, dm.HEADS, d // 2), jnp.float32), s((r, dm.HEADS, d // 2), jnp.float32))
+
+  def call(*a):
+    *a, ca, cb = a
+    freq = 10000.0 ** (-jnp.arange(d // 2) * 2.0 / d)
+    return dm.decode_partials(
+        *a, key_spec=ks, value_spec=vs, key_levels=((0.04, 0.001),) * len(ks),
+        value_levels=((0.02, 0.0),) * len(vs), num_splits=splits, scale=0.1,
+        rope=dm.rope_offsets(ca, cb, freq, t) if rope else None, **kw)
+  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("groups", [
+    # 3.5 / 3.5 bits at d = 128: groups of 64 channels at 4 and 3 bits, 256-token tiles.
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256),
+    # 3.5-bit keys, 3-bit values, soft-cap.
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((3, 128),), tt=256, soft_cap=4.0),
+    # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles, so RoPE offsets too.
+    dict(key_groups=((3, 128), (2, 128)), value_groups=((3, 128), (2, 128)), tt=128,
+         t=2048, rope=True),
+])
+def test_kernel_with_channel_groups_lowers_for_cuda(groups):
+  assert "mosaic_gpu" in lowered_groups(**groups)
+
+
+def test_groups_must_fit_together():
+  ks = (rc.TileSpec(4, 256, 64), rc.TileSpec(3, 256, 64))
+  vs = (rc.TileSpec(3, 128, 256),)
+  z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)  # noqa: E731
+  r, t = 2, 512
+  args = ((z(r, 128, ks[0].words_per_row), z(r, 128, ks[1].words_per_row)),
+          (z(r, t, dt=jnp.float16),) * 2, (z(r, 128, vs[0].words_per_row),),
+          (z(r, t, dt=jnp.float16),), (z(r, 8, 64, dt=jnp.float16),) * 2, z(r, 2),
+          z(r, 8, dt=jnp.float32))
+  common = dict(key_spec=ks, value_spec=vs, num_splits=1, scale=1.0)
+  with pytest.raises(ValueError, match="as many"):       # one key level pair for two groups
+    dm.decode_partials(*args, key_levels=(1.0, 0.1), value_levels=(1.0, 0.0), **common)
+  bad_q = args[:4] + ((z(r, 8, 64, dt=jnp.float16), z(r, 8, 32, dt=jnp.float16)),) + args[5:]
+  with pytest.raises(ValueError, match=r"q\[1\]"):
+    dm.decode_partials(*bad_q, key_levels=((1.0, 0.1),) * 2, value_levels=(1.0, 0.0),
+                       **common)
+
+
 def _call_with(ks, vs, t=1024, splits=1, q_heads=dm.HEADS, norm_dtype=jnp.float16,
                levels=(1.0, 0.1)):
   """decode_partials on zero inputs of the shapes the specs ask for (checks come first)."""

@@ -45,10 +45,12 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
   """decode_partials computed by decode_partials_reference on the unpacked tiles."""
   for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step"):
     kw.pop(unused, None)
+  ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   o, l, m = dm.decode_partials_reference(
-      _unpack(k_words, key_spec, False), k_norms, _unpack(v_words, value_spec, True),
-      v_norms, q.astype(jnp.float32), bounds, qoff, bits_k=key_spec.bits,
-      bits_v=value_spec.bits, **kw)
+      tuple(_unpack(w, s, False) for w, s in zip(dm._groups(k_words), ks)), k_norms,
+      tuple(_unpack(w, s, True) for w, s in zip(dm._groups(v_words), vs)), v_norms,
+      tuple(x.astype(jnp.float32) for x in dm._groups(q)), bounds, qoff,
+      bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs), **kw)
   return o, l, m
 
 
@@ -58,13 +60,17 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     (4, 3, 2, False, dict(soft_cap=None, sliding_window=200)),
     (3, 3, 4, "rope", dict(soft_cap=None, sliding_window=None)),
     (4, 2, 8, "rope", dict(soft_cap=5.0, sliding_window=300)),
+    # Fractional widths: two channel groups per side, 256-token tiles.
+    (3.5, 2.5, 8, "plain", dict(soft_cap=None, sliding_window=None)),
+    (2.5, 3, 4, False, dict(soft_cap=6.0, sliding_window=None)),
 ])
 @pytest.mark.parametrize("fused_merge", [True, False])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
                                        fused_merge):
   cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16)
   assert (cache.rope is not None) == (centering == "rope")
-  assert ka.merge_unsupported(cache, hq // H) is None
+  # merge_exact takes one value group; split values end in jnp whatever fused_merge says.
+  assert (ka.merge_unsupported(cache, hq // H) is None) == float(bits_v).is_integer()
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
   monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
   got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge, **kw)
@@ -72,8 +78,9 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
-def test_mosaic_attend_lowers_for_cuda(rng):
-  cache = tiles_cache(rng)
+@pytest.mark.parametrize("bits", [(3, 4), (3.5, 2.5)])
+def test_mosaic_attend_lowers_for_cuda(rng, bits):
+  cache = tiles_cache(rng, *bits)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True, soft_cap=10.0).lower(
       lowering_platforms=("cuda",)).as_text()
@@ -103,7 +110,15 @@ def test_mosaic_reasons_and_errors(rng):
   assert "float16 norms" in ka.mosaic_unsupported(f32, 4)
   frac = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3.5, value_bits=3, levels="cubic", layout="tiles", center_keys=False))
-  assert "fractional" in ka.mosaic_unsupported(frac, 4)   # stored in tiles, not read yet
+  # Two key groups, 256-token tiles: served when asked for, not yet by default.
+  assert "not yet checked on a GPU" in ka.mosaic_unsupported(frac, 4)
+  assert ka.mosaic_unsupported(frac, 4, unchecked=True) is None
+  frac_rope = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3.5, value_bits=3, levels="cubic", layout="tiles"), rope=RopeSpec(10000.0))
+  assert "RoPE" in ka.mosaic_unsupported(frac_rope, 4, unchecked=True)
+  frac_lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3, value_bits=2.5, layout="tiles", center_keys=False, levels="lloyd_max"))
+  assert "Lloyd-Max" in ka.mosaic_unsupported(frac_lm, 4, unchecked=True)  # values' 3 bits
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

@@ -118,13 +118,21 @@ def cubic_levels(quantizer) -> tuple[float, float] | None:
   return float(a), float(c)
 
 
-def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
+def mosaic_unsupported(cache, rows: int, query_tokens: int = 1, *,
+                       unchecked: bool = False) -> str | None:
   """Why the Mosaic GPU kernel cannot serve this cache, `rows` query rows per kv head
-  (q heads x query tokens) and `query_tokens` (None: it can)."""
+  (q heads x query tokens) and `query_tokens` (None: it can).
+
+  unchecked: also serve what lowers and matches the reference through the kernel's jnp
+  twin on the CPU but has not yet run against the reference on a GPU: channel groups
+  (fractional widths). `implementation="mosaic"` asks for it; the default dispatch does
+  not, until `benchmarks.mosaic_attend` has checked them on the GPU.
+  """
   if cache.config.layout != "tiles":
     return "it reads the tiles layout (TurboQuantConfig(layout='tiles'))"
-  if len(cache.key_codes) != 1 or len(cache.value_codes) != 1:
-    return "fractional widths are not supported yet"
+  if not unchecked and (len(cache.key_codes) > 1 or len(cache.value_codes) > 1):
+    return ("fractional widths (channel groups) are not yet checked on a GPU; "
+            "implementation='mosaic' runs them")
   if (cache.key_mean is not None and cache.rope is not None
       and cache.key_codes[0].layout.tokens > mosaic.ROPE_BLOCK):
     return (f"keys centred before RoPE need tiles of <= {mosaic.ROPE_BLOCK} tokens, got "
@@ -133,7 +141,7 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
     return f"it takes one query token per call (decode), got {query_tokens}"
   if rows > mosaic.HEADS:
     return f"it takes at most {mosaic.HEADS} query rows (q heads x tokens) per kv head"
-  for q in (cache.key_quantizer.groups[0], cache.value_quantizer.groups[0]):
+  for q in cache.key_quantizer.groups + cache.value_quantizer.groups:
     if jnp.dtype(q.norm_dtype) != jnp.float16:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
     if cubic_levels(q) is None:
@@ -162,18 +170,18 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns."""
   b, h, rows, d = qf.shape
-  why = mosaic_unsupported(cache, rows)
+  why = mosaic_unsupported(cache, rows, unchecked=True)   # the dispatch chose it
   if why is not None:
     raise ValueError(f"the Mosaic GPU kernel cannot attend over this cache: {why}")
-  kc, vc = cache.key_codes[0], cache.value_codes[0]
-  tt = kc.layout.tokens
+  kcs, vcs = cache.key_codes, cache.value_codes  # a TileCodes per channel group
+  tt = kcs[0].layout.tokens
   steps = cache.max_len // tt
   if num_splits is None:
     num_splits = _mosaic_splits(steps, b * h)
   q_parts, qoff = query_parts(cache, qf)
   extra = mosaic.HEADS - rows                     # zero rows up to wgmma's N = 8
-  q = jnp.pad(q_parts[0][0].reshape(b * h, rows, d), ((0, 0), (0, extra), (0, 0)))
-  q = q.astype(jnp.float16)
+  q = tuple(jnp.pad(p.reshape(b * h, rows, p.shape[-1]), ((0, 0), (0, extra), (0, 0))
+                    ).astype(jnp.float16) for p, _ in q_parts)
   qoff = jnp.pad(qoff.reshape(b * h, rows), ((0, 0), (0, extra)))
   # One position per row (decode): the compressed range, causal and windowed.
   pos = q_positions[:, 0]
@@ -190,11 +198,13 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
                                cache.rope.frequencies(d), cache.max_len)
   return mosaic.decode_partials(
-      flat(kc.words), flat(kc.norms), flat(vc.words), flat(vc.norms), q, bounds,
+      tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
+      tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,
       qoff.astype(jnp.float32),
-      key_spec=kc.layout.spec, value_spec=vc.layout.spec,
-      key_levels=cubic_levels(cache.key_quantizer.groups[0]),
-      value_levels=cubic_levels(cache.value_quantizer.groups[0]),
+      key_spec=tuple(c.layout.spec for c in kcs),
+      value_spec=tuple(c.layout.spec for c in vcs),
+      key_levels=tuple(cubic_levels(g) for g in cache.key_quantizer.groups),
+      value_levels=tuple(cubic_levels(g) for g in cache.value_quantizer.groups),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, **kernel_kwargs)
 
 
@@ -213,8 +223,10 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
       sliding_window=sliding_window, num_splits=num_splits, **kernel_kwargs)
   splits = o.shape[1]
   o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, splits, rows, d)
+  # The value groups' channels, in order (each in its own rotated domain).
+  bounds = np.cumsum([0] + [g.dim for g in cache.value_quantizer.groups])
   unpad = lambda x: x[..., :rows].reshape(b, h, splits, rows)  # noqa: E731
-  return (o,), unpad(l), unpad(m)
+  return (tuple(o[..., a:z] for a, z in zip(bounds[:-1], bounds[1:])), unpad(l), unpad(m))
 
 
 def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale: float,
