@@ -169,7 +169,9 @@ def main(argv=None):
       # Fractional widths (two channel groups, 256-token tiles; implementation="mosaic"
       # asks for them until these checks have passed on a GPU).
       (3.5, 3.5, 32, {}), (3.5, 2.5, 32, dict(soft_cap=20.0)),
-      (2.5, 3, 8, dict(sliding_window=600))]):
+      (2.5, 3, 8, dict(sliding_window=600)),
+      (3.5, 3.5, 32, dict(center_keys="rope")),      # RoPE offsets in 256-token steps
+      (3, 3.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900))]):
     try:
       checks.append(check(i, bk, bv, hq, **kw))
     except Exception as e:  # noqa: BLE001 - report every case
@@ -195,10 +197,12 @@ def main(argv=None):
       cases += [(f"mosaic attend K{w}/V{w} rope-centred",
                  tiles_config(w, w, center_keys="rope"), "mosaic") for w in (3, 4)]
       cases += [("mosaic attend K3.5/V3.5 (channel groups)", tiles_config(3.5, 3.5),
-                 "mosaic")]
+                 "mosaic"),
+                ("mosaic attend K3.5/V3.5 rope-centred (channel groups)",
+                 tiles_config(3.5, 3.5, center_keys="rope"), "mosaic")]
       # The same attention ending in merge_exact instead of jnp (side by side).
       cases += [(label + ", merge_exact", cfg, impl)
-                for label, cfg, impl in (cases[0], cases[-3])]
+                for label, cfg, impl in (cases[0], cases[-4])]
       if (b, t) == points[0] and not args.quick:
         cases.append(("triton attend 3.5 rope-centred (default config)", TurboQuantConfig(),
                       "triton"))

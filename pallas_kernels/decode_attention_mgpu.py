@@ -48,7 +48,7 @@ from pallas_kernels import register_codes
 Array = jax.Array
 
 HEADS = 8  # wgmma's smallest N: the q heads of one kv head, padded
-ROPE_BLOCK = 128  # tokens per RoPE angle: positions split as h + l, h a multiple of this
+ROPE_BLOCK = 128  # default tokens per RoPE angle: positions split as h + l, h a multiple
 
 
 def _f16x2_bits(x: float) -> int:
@@ -179,9 +179,11 @@ class RopeOffsets(NamedTuple):
   coef: float32 [R, 2, D, 8], per row the columns of [A | B] and [B | -A] (pairs on the
     first D/2 and second D/2 rows, query rows as columns) over `scale`;
   scale: float32 [R, 8], the largest |A|, |B| of each query row (keeps W in fp16 range);
-  trig: float32 [T/128, 2, D], [cos θ_h | cos θ_h] and [sin θ_h | sin θ_h] at the first
-    position h of each 128-token block (θ_h = h·ω, rounded in float32 as `rope.rotate`);
-  table: float16 [128, D], cos φ_l | sin φ_l at the offsets l < 128 (φ_l = l·ω).
+  trig: float32 [T/n, 2, D], [cos θ_h | cos θ_h] and [sin θ_h | sin θ_h] at the first
+    position h of each n-token block (θ_h = h·ω, rounded in float32 as `rope.rotate`);
+  table: float16 [n, D], cos φ_l | sin φ_l at the offsets l < n (φ_l = l·ω).
+  The block n (128, or the tiles' 256 tokens) is the kernel's step and the cache's
+  `rope.rotate_split` period, so both split every angle the same way.
   """
 
   coef: Array
@@ -190,20 +192,21 @@ class RopeOffsets(NamedTuple):
   table: Array
 
 
-def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int) -> RopeOffsets:
+def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
+                 block: int = ROPE_BLOCK) -> RopeOffsets:
   """`RopeOffsets` from coef_a, coef_b [R, 8, D/2] float32 (q·R(θ)·μ = Σ_p A_p cos θ_p +
   B_p sin θ_p) and the RoPE frequencies ω [D/2], for T = t_len cache slots (position =
-  slot)."""
-  if t_len % ROPE_BLOCK:
-    raise ValueError(f"{t_len} cache slots are not a multiple of {ROPE_BLOCK}")
+  slot), angles split at multiples of `block`."""
+  if t_len % block:
+    raise ValueError(f"{t_len} cache slots are not a multiple of {block}")
   scale = jnp.maximum(jnp.max(jnp.abs(coef_a), -1), jnp.max(jnp.abs(coef_b), -1))
   scale = jnp.where(scale > 0, scale, 1.0)
   a, b = coef_a / scale[..., None], coef_b / scale[..., None]
   coef = jnp.stack([jnp.concatenate([a, b], -1), jnp.concatenate([b, -a], -1)], 1)
-  starts = jnp.arange(0, t_len, ROPE_BLOCK, dtype=jnp.float32)[:, None] * freq[None, :]
+  starts = jnp.arange(0, t_len, block, dtype=jnp.float32)[:, None] * freq[None, :]
   cos, sin = jnp.cos(starts), jnp.sin(starts)
   trig = jnp.stack([jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)], 1)
-  offsets = jnp.arange(ROPE_BLOCK, dtype=jnp.float32)[:, None] * freq[None, :]
+  offsets = jnp.arange(block, dtype=jnp.float32)[:, None] * freq[None, :]
   table = jnp.concatenate([jnp.cos(offsets), jnp.sin(offsets)], -1).astype(jnp.float16)
   return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
                      scale.astype(jnp.float32), trig, table)
@@ -217,7 +220,7 @@ def rope_offsets_dense(rope: RopeOffsets) -> Array:
        + rope.coef[:, None, 1] * rope.trig[None, :, 1, :, None])      # [R, blocks, D, 8]
   off = jnp.einsum("ld,rbdh->rblh", rope.table.astype(jnp.float32), w, precision=hi_)
   r, blocks = off.shape[:2]
-  return off.reshape(r, blocks * ROPE_BLOCK, HEADS) * rope.scale[:, None, :]
+  return off.reshape(r, blocks * rope.table.shape[0], HEADS) * rope.scale[:, None, :]
 
 
 def _check(name, x, shape, dtype):
@@ -269,7 +272,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
-      needs 128-token steps.
+      its block (the table's rows) must be the step's tokens.
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]. Rows of a split with no token: l = 0,
@@ -309,12 +312,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   _check("bounds", bounds, (r, 2), jnp.int32)
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   if rope is not None:
-    if st != ROPE_BLOCK:
-      raise ValueError(f"RoPE offsets need {ROPE_BLOCK}-token steps, got {st}")
+    if st != rope.table.shape[0]:
+      raise ValueError(f"RoPE offsets in {rope.table.shape[0]}-token blocks need steps of "
+                       f"as many tokens, got {st}")
     _check("rope.coef", rope.coef, (r, 2, d, HEADS), jnp.float32)
     _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
-    _check("rope.trig", rope.trig, (t_len // ROPE_BLOCK, 2, d), jnp.float32)
-    _check("rope.table", rope.table, (ROPE_BLOCK, d), jnp.float16)
+    _check("rope.trig", rope.trig, (t_len // st, 2, d), jnp.float32)
+    _check("rope.table", rope.table, (st, d), jnp.float16)
   split_steps = t_len // st // num_splits
   key_forms = [level_form(lv) for lv in key_levels]
   value_forms = [level_form(lv) for lv in value_levels]
@@ -411,7 +415,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
       def scores(*acc_refs):
         key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
-        if rope is not None:   # q·R(t)·μ of the step's tokens: table [128, D] · W
+        if rope is not None:   # q·R(t)·μ of the step's tokens: table [st, D] · W
           plgpu.wgmma(off_ref[0], table_smem, plgpu.transpose_ref(w_smem, (1, 0)))
         for acc_ref, u, q_ref in zip(key_accs, uk, q_smem):
           plgpu.wgmma(acc_ref, u, plgpu.transpose_ref(q_ref, (1, 0)))
@@ -508,7 +512,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       + [plgpu.SMEM((d, HEADS), f32),
          plgpu.SMEM((2, HEADS), f32),
          plgpu.Barrier(num_arrivals=1)]
-      + ([plgpu.SMEM((ROPE_BLOCK, d), jnp.float16, transforms=q_transforms()),
+      + ([plgpu.SMEM((st, d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), f32),
           plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
           plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])

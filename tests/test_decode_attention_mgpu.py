@@ -143,7 +143,7 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     return dm.decode_partials(
         *a, key_spec=ks, value_spec=vs, key_levels=((0.04, 0.001),) * len(ks),
         value_levels=((0.02, 0.0),) * len(vs), num_splits=splits, scale=0.1,
-        rope=dm.rope_offsets(ca, cb, freq, t) if rope else None, **kw)
+        rope=dm.rope_offsets(ca, cb, freq, t, block=tt) if rope else None, **kw)
   return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -152,7 +152,9 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256),
     # 3.5-bit keys, 3-bit values, soft-cap.
     dict(key_groups=((4, 64), (3, 64)), value_groups=((3, 128),), tt=256, soft_cap=4.0),
-    # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles, so RoPE offsets too.
+    # 3.5 bits at d = 128 with RoPE offsets: one angle per 256-token step.
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True),
+    # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles.
     dict(key_groups=((3, 128), (2, 128)), value_groups=((3, 128), (2, 128)), tt=128,
          t=2048, rope=True),
 ])

@@ -63,6 +63,7 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     # Fractional widths: two channel groups per side, 256-token tiles.
     (3.5, 2.5, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2.5, 3, 4, False, dict(soft_cap=6.0, sliding_window=None)),
+    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None)),   # 256-token RoPE steps
 ])
 @pytest.mark.parametrize("fused_merge", [True, False])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
@@ -98,7 +99,8 @@ def test_mosaic_reasons_and_errors(rng):
   roped = TurboQuantKVCache.create(B, L, H, D, config=rope_cfg, rope=RopeSpec(10000.0))
   assert ka.mosaic_unsupported(roped, 4) is None
   roped64 = TurboQuantKVCache.create(B, L, H, 64, config=rope_cfg, rope=RopeSpec(10000.0))
-  assert "RoPE" in ka.mosaic_unsupported(roped64, 4)   # 3-bit d=64 tiles are 256 tokens
+  assert ka.mosaic_unsupported(roped64, 4) is None     # 256-token tiles: one angle per step
+  assert roped64.rope_split == roped64.code_block == 256 and roped.rope_split == 128
   lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3, value_bits=2, layout="tiles", center_keys=False))
   assert "Lloyd-Max" in ka.mosaic_unsupported(lm, 4)
@@ -115,7 +117,7 @@ def test_mosaic_reasons_and_errors(rng):
   assert ka.mosaic_unsupported(frac, 4, unchecked=True) is None
   frac_rope = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3.5, value_bits=3, levels="cubic", layout="tiles"), rope=RopeSpec(10000.0))
-  assert "RoPE" in ka.mosaic_unsupported(frac_rope, 4, unchecked=True)
+  assert ka.mosaic_unsupported(frac_rope, 4, unchecked=True) is None
   frac_lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3, value_bits=2.5, layout="tiles", center_keys=False, levels="lloyd_max"))
   assert "Lloyd-Max" in ka.mosaic_unsupported(frac_lm, 4, unchecked=True)  # values' 3 bits

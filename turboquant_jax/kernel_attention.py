@@ -25,8 +25,6 @@ from turboquant_jax.channel_split import permute_channels, unpermute_channels
 
 Array = jax.Array
 
-# The cache turns its centering mean by R(h)·R(l) at the kernel's 128-token blocks.
-assert rope_lib.SPLIT == mosaic.ROPE_BLOCK
 _NEG = -1e30
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -133,10 +131,6 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1, *,
   if not unchecked and (len(cache.key_codes) > 1 or len(cache.value_codes) > 1):
     return ("fractional widths (channel groups) are not yet checked on a GPU; "
             "implementation='mosaic' runs them")
-  if (cache.key_mean is not None and cache.rope is not None
-      and cache.key_codes[0].layout.tokens > mosaic.ROPE_BLOCK):
-    return (f"keys centred before RoPE need tiles of <= {mosaic.ROPE_BLOCK} tokens, got "
-            f"{cache.key_codes[0].layout.tokens} (center_keys='plain' serves)")
   if query_tokens != 1:
     return f"it takes one query token per call (decode), got {query_tokens}"
   if rows > mosaic.HEADS:
@@ -195,8 +189,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   if cache.key_mean is not None and cache.rope is not None:
     pad_rows = lambda x: jnp.pad(flat(x), ((0, 0), (0, extra), (0, 0)))  # noqa: E731
     coef_a, coef_b = rope_coefficients(cache, qf)
+    # One angle per kernel step: the cache split its centering offsets the same way.
     rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
-                               cache.rope.frequencies(d), cache.max_len)
+                               cache.rope.frequencies(d), cache.max_len, cache.rope_split)
   return mosaic.decode_partials(
       tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
       tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,

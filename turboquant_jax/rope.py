@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-SPLIT = 128  # the period at which `rotate_split` splits positions; kernels' blocks divide it
+SPLIT = 128  # the default period of `rotate_split`; a kernel's blocks divide the period
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +69,15 @@ def rotate(x: Array, positions: Array, spec: RopeSpec) -> Array:
   return spec.unpairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin).astype(x.dtype)
 
 
-def rotate_split(x: Array, positions: Array, spec: RopeSpec) -> Array:
-  """R(h)·R(l)·x with h = t - t mod SPLIT, l = t mod SPLIT (see the module docstring)."""
+def rotate_split(x: Array, positions: Array, spec: RopeSpec, split: int = SPLIT) -> Array:
+  """R(h)·R(l)·x with h = t - t mod split, l = t mod split (see the module docstring)."""
   positions = jnp.asarray(positions, jnp.int32)
-  low = positions % SPLIT
+  low = positions % split
   return rotate(rotate(x, low, spec), positions - low, spec)
 
 
-def unrotate_split(x: Array, positions: Array, spec: RopeSpec) -> Array:
+def unrotate_split(x: Array, positions: Array, spec: RopeSpec, split: int = SPLIT) -> Array:
   """The inverse of `rotate_split`: R(-l)·R(-h)·x."""
   positions = jnp.asarray(positions, jnp.int32)
-  low = positions % SPLIT
+  low = positions % split
   return rotate(rotate(x, low - positions, spec), -low, spec)

@@ -258,7 +258,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     mean = key_mean[:, :, None, :]
     if self.rope is None:
       return jnp.broadcast_to(mean, (*mean.shape[:2], positions.shape[1], mean.shape[3]))
-    return rope_lib.rotate_split(mean, positions[:, None, :], self.rope)
+    return rope_lib.rotate_split(mean, positions[:, None, :], self.rope, self.rope_split)
 
   # -- writing ---------------------------------------------------------------------------
 
@@ -274,6 +274,14 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     """Tokens a decode step codes together: the tiles' length, or 128 for bit-planes."""
     c = self.key_codes[0]
     return c.layout.tokens if isinstance(c, tile_codes.TileCodes) else tile_codes.TILE_TOKENS
+
+  @property
+  def rope_split(self) -> int:
+    """The period at which centering before RoPE splits positions (`rope.rotate_split`):
+    the tiles' length (the Mosaic kernel's step: one angle per step), else `rope.SPLIT`
+    (the Triton kernel's blocks divide it)."""
+    c = self.key_codes[0]
+    return c.layout.tokens if isinstance(c, tile_codes.TileCodes) else rope_lib.SPLIT
 
   @property
   def defers_codes(self) -> bool:
@@ -414,7 +422,8 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       pos = jnp.concatenate([wp, new_pos], axis=1)                     # [B, W+T]
       c = counted[:, None, :, None].astype(jnp.float32)
       before_rope = (tokens_k if self.rope is None else
-                     rope_lib.unrotate_split(tokens_k, pos[:, None, :], self.rope))
+                     rope_lib.unrotate_split(tokens_k, pos[:, None, :], self.rope,
+                                             self.rope_split))
       mean = jnp.sum(before_rope * c, axis=2) / jnp.maximum(jnp.sum(c, axis=2), 1.0)
       key_mean = jnp.where(first[:, None, None], mean, key_mean)
       tokens_k = tokens_k - self.key_offsets(key_mean, pos)
