@@ -140,7 +140,7 @@ def methods() -> list[Method]:
       # The levels the Mosaic GPU kernel decodes exactly (a·u + c·u³ of the code).
       *[tq(b, levels="cubic") for b in (2.5, 3, 3.5, 4)],
       # ... with keys centred before RoPE (what the Mosaic kernel serves with rope offsets).
-      *[tq(b, levels="cubic", center_keys="rope") for b in (3, 4)],
+      *[tq(b, levels="cubic", center_keys="rope") for b in (3, 3.5, 4)],
       # Keys centred before RoPE (the mean of R(t)ᵀ·k, turned to each key's position).
       *[tq(b, center_keys="rope") for b in (2, 2.5, 3, 3.5, 4)],
       # The exact window's size (default 128), at the default width and centering.
