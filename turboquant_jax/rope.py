@@ -5,11 +5,11 @@ Keys reach the cache after RoPE: pair p of a key at position t is turned by the 
 center_keys="rope")`) needs the same rotation to move a fixed mean μ to R(t)·μ.
 
 `rotate` is the decoders' own embedding. `rotate_split` is the rotation the cache uses for
-its centering offsets: R(t) = R(h)·R(l) with h = t - t mod 128 and l = t mod 128, each
-angle rounded to float32 on its own. Mathematically the same; in float32 it lets a kernel
-get R(t)·μ for every token of a block from one sine and cosine per 128 tokens (angles at h)
-and a table at l < 128, with no trigonometry per key, and still agree with the cache to
-rounding.
+its centering offsets: R(t) = R(h)·R(l) with h = t - t mod n and l = t mod n (n = 128, or
+the tiles' 256 tokens: `TurboQuantKVCache.rope_split`), each angle rounded to float32 on
+its own. Mathematically the same; in float32 it lets a kernel get R(t)·μ for every token
+of a block from one sine and cosine per n tokens (angles at h) and a table at l < n, with
+no trigonometry per key, and still agree with the cache to rounding.
 """
 
 from __future__ import annotations
