@@ -40,6 +40,9 @@ def test_tile_lengths_and_errors():
   assert tile_codes.tile_tokens(((64, 4), (64, 3), (128, 4))) == 256   # 3.5 bits at d = 128
   with pytest.raises(ValueError, match="divisible by 128"):
     tile_codes.empty((1, 1, 200), tile_codes.TileLayout(4, 128, 128, False), jnp.float16)
+  with pytest.raises(ValueError, match="no tile length"):   # d=64 halves: 32-channel groups
+    TurboQuantKVCache.create(1, 512, 1, 64, config=TurboQuantConfig(key_bits=3.5,
+                                                                    layout="tiles"))
   with pytest.raises(ValueError, match="MSE keys"):
     TurboQuantConfig(key_bits=3, value_bits=3, key_quantizer="prod", layout="tiles")
   with pytest.raises(ValueError, match="layout must be"):
