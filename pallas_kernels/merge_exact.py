@@ -91,7 +91,7 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
   steps = num_splits // chunk
   split_rows = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
   # A few chunks unroll (straight-line loads the compiler can issue together); many loop.
-  loop = (lambda n, body, init: _unrolled(n, body, init)) if steps <= 8 else (
+  loop = _unrolled if steps <= 8 else (
       lambda n, body, init: jax.lax.fori_loop(0, n, body, init))
   m_all = loop(steps, lambda i, m: jnp.maximum(m, m_ref[split_rows(i), :].max(axis=0)),
                jnp.full((rows,), _NEG, jnp.float32))

@@ -218,10 +218,9 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
       sliding_window=sliding_window, num_splits=num_splits, **kernel_kwargs)
   splits = o.shape[1]
   o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, splits, rows, d)
-  # The value groups' channels, in order (each in its own rotated domain).
-  bounds = np.cumsum([0] + [g.dim for g in cache.value_quantizer.groups])
   unpad = lambda x: x[..., :rows].reshape(b, h, splits, rows)  # noqa: E731
-  return (tuple(o[..., a:z] for a, z in zip(bounds[:-1], bounds[1:])), unpad(l), unpad(m))
+  # The value groups' channels, in order (each in its own rotated domain).
+  return tuple(cache.value_quantizer._split(o)), unpad(l), unpad(m)
 
 
 def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale: float,

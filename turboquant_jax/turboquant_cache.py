@@ -280,8 +280,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     """The period at which centering before RoPE splits positions (`rope.rotate_split`):
     the tiles' length (the Mosaic kernel's step: one angle per step), else `rope.SPLIT`
     (the Triton kernel's blocks divide it)."""
-    c = self.key_codes[0]
-    return c.layout.tokens if isinstance(c, tile_codes.TileCodes) else rope_lib.SPLIT
+    return self.code_block if self.config.layout == "tiles" else rope_lib.SPLIT
 
   @property
   def defers_codes(self) -> bool:
