@@ -66,6 +66,8 @@ CACHES = {
         key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="plain")),
     "tq3-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="rope")),
+    "tq3.5-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3.5, value_bits=3.5, levels="cubic", layout="tiles", center_keys="rope")),
     "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
 }
@@ -83,7 +85,8 @@ class MergeKernelCache(TurboQuantKVCache):
 # Variants timed only when named in --caches.
 CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
-DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq4-tiles-rope")
+DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-tiles-rope",
+                  "tq4-tiles-rope")
 # (batch, context) per model; a point a cache cannot hold is recorded as not fitting.
 POINTS = {
     "llama3_8b": [(8, 32768), (1, 4096), (8, 4096), (64, 4096), (1, 32768), (32, 32768),

@@ -166,8 +166,7 @@ def main(argv=None):
       (3, 3, 32, dict(center_keys="rope")),
       (4, 2, 8, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
       (2, 3, 64, dict(center_keys="rope", window=0, num_sinks=0)),
-      # Fractional widths (two channel groups, 256-token tiles; implementation="mosaic"
-      # asks for them until these checks have passed on a GPU).
+      # Fractional widths (two channel groups, 256-token tiles).
       (3.5, 3.5, 32, {}), (3.5, 2.5, 32, dict(soft_cap=20.0)),
       (2.5, 3, 8, dict(sliding_window=600)),
       (3.5, 3.5, 32, dict(center_keys="rope")),      # RoPE offsets in 256-token steps

@@ -112,15 +112,13 @@ def test_mosaic_reasons_and_errors(rng):
   assert "float16 norms" in ka.mosaic_unsupported(f32, 4)
   frac = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3.5, value_bits=3, levels="cubic", layout="tiles", center_keys=False))
-  # Two key groups, 256-token tiles: served when asked for, not yet by default.
-  assert "not yet checked on a GPU" in ka.mosaic_unsupported(frac, 4)
-  assert ka.mosaic_unsupported(frac, 4, unchecked=True) is None
+  assert ka.mosaic_unsupported(frac, 4) is None    # two key groups, 256-token tiles
   frac_rope = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3.5, value_bits=3, levels="cubic", layout="tiles"), rope=RopeSpec(10000.0))
-  assert ka.mosaic_unsupported(frac_rope, 4, unchecked=True) is None
+  assert ka.mosaic_unsupported(frac_rope, 4) is None
   frac_lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3, value_bits=2.5, layout="tiles", center_keys=False, levels="lloyd_max"))
-  assert "Lloyd-Max" in ka.mosaic_unsupported(frac_lm, 4, unchecked=True)  # values' 3 bits
+  assert "Lloyd-Max" in ka.mosaic_unsupported(frac_lm, 4)  # values' 3 bits
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

@@ -116,21 +116,11 @@ def cubic_levels(quantizer) -> tuple[float, float] | None:
   return float(a), float(c)
 
 
-def mosaic_unsupported(cache, rows: int, query_tokens: int = 1, *,
-                       unchecked: bool = False) -> str | None:
+def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   """Why the Mosaic GPU kernel cannot serve this cache, `rows` query rows per kv head
-  (q heads x query tokens) and `query_tokens` (None: it can).
-
-  unchecked: also serve what lowers and matches the reference through the kernel's jnp
-  twin on the CPU but has not yet run against the reference on a GPU: channel groups
-  (fractional widths). `implementation="mosaic"` asks for it; the default dispatch does
-  not, until `benchmarks.mosaic_attend` has checked them on the GPU.
-  """
+  (q heads x query tokens) and `query_tokens` (None: it can)."""
   if cache.config.layout != "tiles":
     return "it reads the tiles layout (TurboQuantConfig(layout='tiles'))"
-  if not unchecked and (len(cache.key_codes) > 1 or len(cache.value_codes) > 1):
-    return ("fractional widths (channel groups) are not yet checked on a GPU; "
-            "implementation='mosaic' runs them")
   if query_tokens != 1:
     return f"it takes one query token per call (decode), got {query_tokens}"
   if rows > mosaic.HEADS:
@@ -164,7 +154,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns."""
   b, h, rows, d = qf.shape
-  why = mosaic_unsupported(cache, rows, unchecked=True)   # the dispatch chose it
+  why = mosaic_unsupported(cache, rows)
   if why is not None:
     raise ValueError(f"the Mosaic GPU kernel cannot attend over this cache: {why}")
   kcs, vcs = cache.key_codes, cache.value_codes  # a TileCodes per channel group

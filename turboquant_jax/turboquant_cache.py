@@ -531,8 +531,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     why = "it runs on Hopper GPUs only (no interpret mode: its decode is inline PTX)"
     if implementation == "mosaic" or (implementation is None and hopper):
       rows, tq = q.shape[1] * (q.shape[2] // self.num_kv_heads), q.shape[1]
-      why = kernel_attention.mosaic_unsupported(
-          self, rows, tq, unchecked=implementation == "mosaic") or (None if hopper else why)
+      why = kernel_attention.mosaic_unsupported(self, rows, tq) or (None if hopper else why)
     if implementation is None:
       if why is None:
         implementation = "mosaic"
