@@ -10,6 +10,7 @@ exact window and sinks, the inverse rotation), against:
   in the same run (device time of back-to-back calls), with the HBM read ceiling.
 
     python -m benchmarks.mosaic_attend [--check-only] [--quick]
+    python -m benchmarks.mosaic_attend --levels   # quintic against cubic levels
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def log(*args):
 
 def tiles_config(bits_k, bits_v, **kw):
   kw.setdefault("center_keys", "plain")
-  return TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, levels="cubic",
-                          layout="tiles", **kw)
+  kw.setdefault("levels", "cubic")
+  return TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, layout="tiles", **kw)
 
 
 def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, **cfg):
@@ -62,7 +63,8 @@ def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, **cfg
   got = cache.attend(q, implementation="mosaic", **kw)
   auto = cache.attend(q, **kw)
   err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-  return dict(bits_k=bits_k, bits_v=bits_v, q_heads=hq, soft_cap=soft_cap,
+  return dict(bits_k=bits_k, bits_v=bits_v, q_heads=hq, levels=cache.config.levels,
+              soft_cap=soft_cap,
               sliding_window=sliding_window, center_keys=str(cache.config.center_keys),
               rel_err=err, nan=bool(jnp.any(jnp.isnan(got))),
               default_is_mosaic=bool(jnp.array_equal(auto, got)),
@@ -72,6 +74,15 @@ def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, **cfg
 def time_attend(cache, q, **kw):
   f = lambda q, c: c.attend(q, **kw)  # noqa: E731
   return common.device_time_chained(f, (q, cache), 0, iters=8)
+
+
+def cudnn_row(rows: list, key, b, t, ceiling) -> float:
+  """Times cuDNN bf16 attention at (b, t), appends its row; returns its seconds."""
+  base, base_bytes = time_cudnn(key, b, t)
+  rows.append(dict(batch=b, tokens=t, kernel="cudnn bf16", ms=base * 1e3, speedup=1.0,
+                   ceiling_frac=base_bytes / base / ceiling))
+  log(rows[-1])
+  return base
 
 
 def time_merge(key, b, t, splits) -> list[dict]:
@@ -137,15 +148,71 @@ def sweep_splits(ceiling) -> list[dict]:
   return rows
 
 
+def levels_run(ceiling) -> tuple[list[dict], list[dict]]:
+  """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
+  against cubic ones (two): the GPU check, then the whole attention side by side, keys
+  centred before RoPE; at 3.5 bits (channel groups) with and without serial groups and
+  the value decode's overlap."""
+  checks = []
+  for i, (bk, bv, hq, kw) in enumerate([
+      (3, 3, 32, dict(center_keys="rope")), (4, 2, 8, dict(soft_cap=20.0)),
+      (3.5, 3.5, 32, dict(center_keys="rope")),
+      (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
+      (3.5, 3, 32, dict(center_keys="rope", levels="cubic"))]):   # the cubic path still
+    try:
+      checks.append(check(100 + i, bk, bv, hq, **{"levels": "quintic", **kw}))
+    except Exception as e:  # noqa: BLE001 - report every case
+      traceback.print_exc()
+      checks.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
+    log("check", checks[-1])
+  rows = []
+  key = jax.random.PRNGKey(1)
+  for b, t in [(8, 32768), (8, 4096)]:
+    key, sub = jax.random.split(key)
+    base = cudnn_row(rows, sub, b, t, ceiling)
+    q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
+    for w, levels, center, kw in [
+        (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
+        (3.5, "quintic", "rope", {}),                    # serial groups (the default)
+        (3.5, "quintic", "rope", dict(serial_groups=False)),
+        (3.5, "quintic", "plain", {})]:
+      label = f"mosaic attend K{w}/V{w} {levels}" + (
+          " rope-centred" if center == "rope" else "") + "".join(
+          f", {k}={v}" for k, v in kw.items())
+      try:
+        cache = make_cache(sub, b, t, tiles_config(w, w, center_keys=center, levels=levels),
+                           rope=LLAMA3_ROPE if center == "rope" else None)
+        sec = time_attend(cache, q, implementation="mosaic", **kw)
+        rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
+                         ceiling_frac=compressed_bytes(cache) / sec / ceiling))
+        del cache
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        rows.append(dict(batch=b, tokens=t, kernel=label, error=repr(e)[:300]))
+      log(rows[-1])
+  return checks, rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--check-only", action="store_true")
   p.add_argument("--sweep-splits", action="store_true",
                  help="only the splits sweep (written as mosaic_attend_splits_<platform>)")
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--levels", action="store_true",
+                 help="only quintic vs cubic levels (written as mosaic_attend_levels_<platform>)")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
+  if args.levels:
+    ceiling = read_ceiling()
+    checks, rows = levels_run(ceiling)
+    common.write_result("mosaic_attend_levels", dict(read_ceiling_bytes_per_s=ceiling,
+                                                     checks=checks, timings=rows))
+    common.print_table(checks, ["bits_k", "bits_v", "q_heads", "levels", "soft_cap",
+                                "sliding_window", "center_keys", "rel_err", "ok"])
+    common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
+    return
   if args.sweep_splits:
     ceiling = read_ceiling()
     rows = sweep_splits(ceiling)
@@ -185,10 +252,7 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     for b, t in points:
       key, sub = jax.random.split(key)
-      base, base_bytes = time_cudnn(sub, b, t)
-      rows.append(dict(batch=b, tokens=t, kernel="cudnn bf16", ms=base * 1e3, speedup=1.0,
-                       ceiling_frac=base_bytes / base / ceiling))
-      log(rows[-1])
+      base = cudnn_row(rows, sub, b, t, ceiling)
       q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
       widths = [3] if args.quick or (b, t) != points[0] else [3, 4, 2]
       rows += time_merge(sub, b, t, 32)

@@ -9,17 +9,21 @@ with a few bit operations per pair of codes and no shuffles:
 - values: out^T [D, heads] = V^T·p^T, the decoded value tile [D, tokens] as A and the
   tile's probabilities (times the value norms), stored transposed in shared memory, as B.
 
-Levels are an odd cubic of the centred code u (`codebook.cubic_codebook`),
-a·u + c·u³ = c·u·(u² + a/c): the kernel decodes u·(u² + a/c) in fp16 (one FMA and one
-multiply per pair of codes after the decode) and folds c into the scores (keys) or the
-output (values), so no level table is read and each tile takes one wgmma.
+Levels are an odd polynomial of the centred code u, so no level table is read and each
+tile takes one wgmma: a cubic (`codebook.cubic_codebook`), a·u + c·u³ = c·u·(u² + a/c),
+decoded as u·(u² + a/c) in fp16 (one FMA and one multiply per pair of codes after the
+bit decode), or a quintic (`codebook.polynomial_codebook`, Lloyd-Max's D_mse within
+0.002% at 3 bits and 0.16% at 4), v·((v² + α)² + β) with v = u/2^s (three ops); the
+leading coefficient is folded into the scores (keys) or the output (values).
 
 Keys centred before RoPE (the cache subtracted R(t)·μ from the key at position t) need
 q·R(t)·μ added to every score. Per RoPE pair p it is A_p cos θ + B_p sin θ (A, B from q and
-μ); with t = h + l, h a multiple of 128, the angle adds: per 128-token step one small
-[D, heads] matrix W (A, B turned by the angles at h) and a fixed [128, D] table of
-cos φ_l | sin φ_l give the offsets of the whole step as one more wgmma, table · W
-(`RopeOffsets`, `rope_offsets`).
+μ); with t = h + l, h a multiple of the step (128 tokens, or the 256 of fractional
+widths' tiles), the angle adds: per step one small [D, heads] matrix W (A, B turned by
+the angles at h) and a fixed [step, D] table of cos φ_l | sin φ_l give the offsets of the
+whole step as one more wgmma, table · W (`RopeOffsets`, `rope_offsets`). (Two 128-row
+blocks per 256-token step, two W and two wgmmas into the accumulator's halves, measured
+4-7% slower on the H200: `mosaic_attend_levels_gpu.json` notes.)
 
 Fractional widths come as channel groups (`channel_split`: halves of the channels at two
 widths, each with its own rotation, norm and levels): each key group takes its own wgmma
@@ -56,35 +60,88 @@ def _f16x2_bits(x: float) -> int:
   return h | (h << 16)
 
 
-def level_form(levels: tuple[float, float]) -> tuple[float | None, float]:
-  """(k, factor) such that the level a·u + c·u³ = factor · u·(u² + k), or factor · u when
-  c = 0 (k None): the kernel decodes u·(u² + k) in fp16 and folds the factor into the
-  scores (keys) or the output (values)."""
-  a, c = float(levels[0]), float(levels[1])
-  if c == 0.0:
-    return None, a
-  return a / c, c
+class LevelForm(NamedTuple):
+  """How the kernel decodes a group's levels: level(u) = factor · P(v), v = u·2^-shift
+  (exact: the decode's fp16 constants are halved), in fp16 after the bit decode:
+
+  "linear": P = v (no op); "cubic": P = v·(v² + k₀) (2 ops per pair of codes);
+  "quintic": P = v·((v² + k₀)² + k₁) (3 ops), a·v + b·v³ + c·v⁵ with the square completed.
+  The factor is folded into the scores (keys) or the output (values).
+  """
+
+  kind: str
+  k: tuple[float, ...]
+  factor: float
+  shift: int = 0
+
+
+def level_form(levels, bits: int) -> LevelForm:
+  """The `LevelForm` of the odd polynomial L(u) = c₁·u + c₃·u³ [+ c₅·u⁵] of the centred
+  code u = n - (2^bits - 1)/2, from levels = (c₁, c₃[, c₅]) (trailing zeros dropped).
+
+  Raises ValueError where fp16 would overflow or lose the levels."""
+  c = [float(x) for x in levels]
+  if not 1 <= len(c) <= 3:
+    raise ValueError(f"levels must be 1 to 3 odd coefficients (u, u³, u⁵), got {levels!r}")
+  while len(c) > 1 and c[-1] == 0.0:
+    c.pop()
+  if len(c) == 1:
+    form = LevelForm("linear", (), c[0])
+  elif len(c) == 2:
+    form = LevelForm("cubic", (c[0] / c[1],), c[1])
+  else:
+    # v = u·2^-shift under 2 keeps the quartic's terms in fp16's range at any width.
+    shift = max(0, int(np.floor(np.log2(2.0 ** (bits - 1) - 0.5))))
+    s = 2.0 ** shift
+    c1, c3, c5 = c[0] * s, c[1] * s**3, c[2] * s**5
+    alpha = c3 / (2 * c5)
+    form = LevelForm("quintic", (alpha, c1 / c5 - alpha * alpha), c5, shift)
+  exact = _levels(np.arange(1 << bits), bits, c)
+  got = form_levels_fp16(form, bits)
+  spacing = np.min(np.diff(np.sort(exact))) if bits > 0 else 1.0
+  if not (np.all(np.isfinite(got)) and np.max(np.abs(got / form.factor)) <= 3e4
+          and np.max(np.abs(got - exact)) <= 0.02 * spacing):
+    raise ValueError(f"levels {tuple(c)} overflow fp16 at {bits} bits (or lose precision)")
+  return form
+
+
+def _levels(codes, bits: int, coefficients) -> np.ndarray:
+  u = np.asarray(codes, np.float64) - ((1 << bits) - 1) / 2
+  return sum(ck * u ** (2 * i + 1) for i, ck in enumerate(coefficients))
+
+
+def form_levels_fp16(form: LevelForm, bits: int) -> np.ndarray:
+  """The levels of codes 0..2^bits - 1 as the kernel computes them: one fp16 rounding
+  per op (fma rounds once), times the factor in float64."""
+  with np.errstate(over="ignore", invalid="ignore"):
+    h = lambda x: np.asarray(x, np.float64).astype(np.float16).astype(np.float64)  # noqa: E731
+    v = h((np.arange(1 << bits) - ((1 << bits) - 1) / 2) * 2.0 ** -form.shift)
+    k = [h(x) for x in form.k]
+    if form.kind == "linear":
+      p = v
+    elif form.kind == "cubic":
+      p = h(h(v * v + k[0]) * v)
+    else:
+      t = h(v * v + k[0])
+      p = h(h(t * t + k[1]) * v)
+    return p * form.factor
 
 
 def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: int = 1,
-                 cubic_k: float | None = None):
+                 form: LevelForm | None = None):
   """Returns f(words) -> decoded tiles, to call inside a Mosaic GPU kernel.
 
   words: int32 [count·64, C] in `plgpu.Layout.WGMMA` (`count` code tiles stacked, loaded
   as stored); the result stacks the decoded tiles along rows, [count·rows, cols].
   variant:
     "affine": u = n - (2^b - 1)/2, fp16 [rows, cols] in the WGMMA layout (wgmma's A);
-    "levels": u·(u² + cubic_k) (two more fp16x2 ops per pair), the odd cubic a·u + c·u³
-      over c with cubic_k = a/c (`level_form`); u alone when cubic_k is None;
+    "levels": the level polynomial P(v) of `form` (`LevelForm`) over its factor; u alone
+      when form is None;
     "cubic": (u, u³), two such tiles, for levels a·u + c·u³;
     "raw": the words reinterpreted as fp16 pairs, no decode (a speed probe only).
   """
-  if variant == "levels" and cubic_k is None:
+  if variant == "levels" and (form is None or form.kind == "linear"):
     variant = "affine"
-  if variant == "levels":
-    top = 2.0 ** (spec.bits - 1) - 0.5
-    if top * (top * top + abs(cubic_k)) > 3e4:
-      raise ValueError(f"levels with a/c = {cubic_k} overflow fp16 at {spec.bits} bits")
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
@@ -133,6 +190,8 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
         # One LOP3 per source ((a & mask) | c, 0xEA) and one HFMA2, written out: left to
         # itself ptxas splits the and/or into two LOP3s.
         scale, bias = register_codes.fma_constants(spec, op)
+        if variant == "levels" and form.shift:   # v = u·2^-shift, still exact
+          scale, bias = scale * 2.0 ** -form.shift, bias * 2.0 ** -form.shift
         consts = [c(op.a_mask), c(op.const), c(_f16x2_bits(scale)), c(_f16x2_bits(bias))]
         if op.b_word >= 0:
           srcs = [source(op.a_word, op.a_shift), source(op.b_word, op.b_shift),
@@ -142,9 +201,14 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
         else:
           srcs = [source(op.a_word, op.a_shift), *consts]
           asm = "lop3.b32 t1, $1, $2, $3, 0xEA; fma.rn.f16x2 u, t1, $4, $5;"
-        if variant == "levels":
+        if variant == "levels" and form.kind == "cubic":
           asm += f" fma.rn.f16x2 t0, u, u, ${len(srcs) + 1}; mul.rn.f16x2 $0, t0, u;"
-          srcs.append(c(_f16x2_bits(cubic_k)))
+          srcs.append(c(_f16x2_bits(form.k[0])))
+        elif variant == "levels":     # quintic: v·((v² + k₀)² + k₁)
+          n = len(srcs)
+          asm += (f" fma.rn.f16x2 t0, u, u, ${n + 1}; fma.rn.f16x2 t0, t0, t0, ${n + 2};"
+                  " mul.rn.f16x2 $0, t0, u;")
+          srcs += [c(_f16x2_bits(form.k[0])), c(_f16x2_bits(form.k[1]))]
         else:
           asm += " mov.b32 $0, u;"
         u = llvm.inline_asm(i32, srcs, "{ .reg .b32 t0, t1, u; " + asm + " }",
@@ -243,12 +307,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     key_spec, value_spec, key_levels, value_levels,
                     num_splits: int, scale: float, soft_cap: float | None = None,
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
+                    serial_groups: bool | None = None,
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
-  [bounds[i, 0], bounds[i, 1]) that fall in the split, with the odd-cubic levels
-  L(u) = a·u + c·u³ of the centred codes u (`key_levels`, `value_levels` = (a, c)):
+  [bounds[i, 0], bounds[i, 1]) that fall in the split, with the odd polynomial levels
+  L(u) = c₁·u + c₃·u³ [+ c₅·u⁵] of the centred codes u (`key_levels`, `value_levels`):
 
     s_t = scale·(‖k_t‖·(q·L(u_t)) + qoff + q·R(t)·μ)   (soft-capped if asked)
     m = max_t s_t,  l = Σ_t e^(s_t - m),  o = Σ_t e^(s_t - m)·‖v_t‖·L(u_t)
@@ -267,8 +332,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     bounds: int32 [R, 2], the compressed range [lo, hi) of each row.
     qoff: float32 [R, 8], added to every score before the scale (the key-centering term).
     key_spec, value_spec: the `register_codes.TileSpec` of the tiles (a tuple per group).
-    key_levels, value_levels: (a, c) (a tuple of them per group).
+    key_levels, value_levels: (c₁, c₃[, c₅]) (a tuple of them per group; `level_form`).
     overlap_values: decode the value tile while the key wgmma runs (else after softmax).
+    serial_groups: with channel groups, decode each group's tile after the previous
+      group's wgmma is done (one decoded tile live at a time); None: with two or more
+      key groups and the RoPE offsets (where holding them all spills registers).
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
@@ -320,16 +388,19 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check("rope.trig", rope.trig, (t_len // st, 2, d), jnp.float32)
     _check("rope.table", rope.table, (st, d), jnp.float16)
   split_steps = t_len // st // num_splits
-  key_forms = [level_form(lv) for lv in key_levels]
-  value_forms = [level_form(lv) for lv in value_levels]
-  decode_k = [tile_decoder(s, "levels", count=per_step, cubic_k=f[0])
+  if serial_groups is None:
+    serial_groups = gk > 1 and rope is not None
+  serial_groups = bool(serial_groups) and max(gk, gv) > 1
+  key_forms = [level_form(lv, s.bits) for lv, s in zip(key_levels, key_specs)]
+  value_forms = [level_form(lv, s.bits) for lv, s in zip(value_levels, value_specs)]
+  decode_k = [tile_decoder(s, "levels", count=per_step, form=f)
               for s, f in zip(key_specs, key_forms)]
-  decode_v = [tile_decoder(s, "levels", cubic_k=f[0]) for s, f in zip(value_specs, value_forms)]
+  decode_v = [tile_decoder(s, "levels", form=f) for s, f in zip(value_specs, value_forms)]
   wr = register_codes.WORD_ROWS
   neg = -1e30
   log2e = float(np.log2(np.e))
   # Scores in base 2 (exp2 is one instruction): s2 = s·log2(e).
-  dot_scales = [float(f[1] * scale) * (1.0 if soft_cap is not None else log2e)
+  dot_scales = [float(f.factor * scale) * (1.0 if soft_cap is not None else log2e)
                 for f in key_forms]
   off_scale = float(scale) * (1.0 if soft_cap is not None else log2e)
   value_rows = [s.rows for s in value_specs]
@@ -407,20 +478,32 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       start = (first + idx[0]) * st
       if rope is not None:
         rope_operand(trig[0])
-      uk = [dec(_load_words(w, s)) for dec, w, s in zip(decode_k, kw_smem, key_specs)]
+      def decode_key(g):
+        return decode_k[g](_load_words(kw_smem[g], key_specs[g]))
 
-      def decode_values():
-        return [[dec(_load_words(w.at[pl.ds(k * wr, wr)], s)) for k in range(per_step)]
-                for dec, w, s in zip(decode_v, vw_smem, value_specs)]
+      def decode_value(g):
+        return [decode_v[g](_load_words(vw_smem[g].at[pl.ds(k * wr, wr)], value_specs[g]))
+                for k in range(per_step)]
+
+      # Serial groups: one decoded key (and value) tile in registers at a time, the next
+      # decoded once the previous one's wgmma is done; two groups' 256-token tiles at once
+      # spill (255 registers with the RoPE offsets' accumulator).
+      first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
 
       def scores(*acc_refs):
         key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
         if rope is not None:   # q·R(t)·μ of the step's tokens: table [st, D] · W
           plgpu.wgmma(off_ref[0], table_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-        for acc_ref, u, q_ref in zip(key_accs, uk, q_smem):
+        for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
+          if g < len(first_keys):
+            u = first_keys[g]
+          else:
+            plgpu.wgmma_wait(0)
+            u = decode_key(g)
           plgpu.wgmma(acc_ref, u, plgpu.transpose_ref(q_ref, (1, 0)))
         # The value tiles do not depend on the scores: decode them while the wgmma runs.
-        uv = decode_values() if overlap_values else None
+        uv = ([decode_value(g) for g in range(1 if serial_groups else gv)]
+              if overlap_values else [])
         return ([a[...] for a in key_accs], (off_ref[0][...] if off_ref else None), uv)
       # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
       # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
@@ -453,11 +536,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
             pv, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
-      if uv is None:
-        uv = decode_values()
+      if not uv and not serial_groups:
+        uv = [decode_value(g) for g in range(gv)]
       new_o = []
-      for o_g, uv_g, p_ref in zip(o, uv, p_smem):
+      for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
         a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
+        uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
 
         def values(acc_ref, uv_g=uv_g, p_ref=p_ref):
           for k in range(per_step):
@@ -486,10 +570,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                             *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
                             *([trig_gmem] if rope is not None else []))
     if gv == 1:
-      o_smem[...] = o[0] * value_forms[0][1]
+      o_smem[...] = o[0] * value_forms[0].factor
     else:
       for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
-        o_smem.at[pl.ds(int(at), rows)][...] = o_g * form[1]
+        o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
     lm_smem.at[0][...] = l_rows.sum(axis=0)
     # Back to natural-log units; rows with no token keep the sentinel.
     lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
@@ -534,7 +618,7 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
 
   def levels(codes, bits, ac):
     u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
-    return ac[0] * u + ac[1] * u**3
+    return sum(ck * u ** (2 * i + 1) for i, ck in enumerate(ac))
   hi_ = jax.lax.Precision.HIGHEST
   f = lambda x: x.astype(jnp.float32)  # noqa: E731
   s = qoff[:, None, :]

@@ -89,7 +89,8 @@ def test_rope_offsets_match_rotated_mean(rng, t):
   np.testing.assert_allclose(got, expect, atol=2e-3 * scale)
 
 
-def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2, rope=False):
+def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2, rope=False,
+            key_levels=(0.04, 0.001), value_levels=(0.02, 0.0)):
   ks, vs = specs(bits_k, bits_v)
   s = jax.ShapeDtypeStruct
   args = (s((r, t // ks.rows * rc.WORD_ROWS, ks.words_per_row), jnp.int32),
@@ -106,7 +107,7 @@ def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2, rope=False):
       freq = 10000.0 ** (-jnp.arange(D // 2) * 2.0 / D)
       offsets = dm.rope_offsets(ca, cb, freq, t)
     return dm.decode_partials(
-        *a, key_spec=ks, value_spec=vs, key_levels=(0.04, 0.001), value_levels=(0.02, 0.0),
+        *a, key_spec=ks, value_spec=vs, key_levels=key_levels, value_levels=value_levels,
         num_splits=splits, scale=0.1, soft_cap=soft_cap, rope=offsets)
   return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -115,6 +116,12 @@ def lowered(bits_k, bits_v, soft_cap=None, r=4, t=1024, splits=2, rope=False):
 def test_kernel_lowers_for_cuda(bits):
   text = lowered(*bits, soft_cap=5.0 if bits == (3, 2) else None)
   assert "mosaic_gpu" in text
+
+
+def test_kernel_with_quintic_levels_lowers_for_cuda():
+  from turboquant_jax import codebook
+  k4, v3 = (codebook.polynomial_codebook(D, b, degree=5).coefficients for b in (4, 3))
+  assert "mosaic_gpu" in lowered(4, 3, key_levels=k4, value_levels=v3, rope=True)
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3)])
@@ -152,8 +159,11 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256),
     # 3.5-bit keys, 3-bit values, soft-cap.
     dict(key_groups=((4, 64), (3, 64)), value_groups=((3, 128),), tt=256, soft_cap=4.0),
-    # 3.5 bits at d = 128 with RoPE offsets: one angle per 256-token step.
+    # 3.5 bits at d = 128 with RoPE offsets: one angle per 256-token step; groups decoded
+    # one after the other (the default with RoPE) or together.
     dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True),
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((3, 128),), tt=256, rope=True,
+         serial_groups=False, overlap_values=False),
     # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles.
     dict(key_groups=((3, 128), (2, 128)), value_groups=((3, 128), (2, 128)), tt=128,
          t=2048, rope=True),
@@ -208,16 +218,31 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_fp16_level_decode_matches_cubic_codebook(bits):
-  """The kernel's level arithmetic, c·fp16(fp16(u·u + a/c)·u) with one rounding per fp16
-  op, gives the cubic codebook's levels to fp16 precision."""
+@pytest.mark.parametrize("degree", [3, 5])
+def test_fp16_level_decode_matches_polynomial_codebook(bits, degree):
+  """The kernel's level arithmetic (`form_levels_fp16`: u·(u² + k₀), or v·((v² + k₀)² +
+  k₁) with v = u/2^s, one fp16 rounding per op) gives the codebook's levels to fp16
+  precision, from v's that the bit decode gives exactly."""
   from turboquant_jax import codebook
-  book = codebook.cubic_codebook(D, bits)
-  k, factor = dm.level_form((book.linear, book.cubic))
+  book = codebook.polynomial_codebook(D, bits, degree=degree)
+  form = dm.level_form(book.coefficients, bits)
+  assert form.kind == {3: "cubic", 5: "quintic"}[degree]
   u = np.arange(1 << bits) - ((1 << bits) - 1) / 2
-  u16 = u.astype(np.float16)
-  assert np.array_equal(u16.astype(np.float64), u)       # the decode's u is exact
-  y = (u16.astype(np.float64) ** 2 + float(np.float16(k))).astype(np.float16)
-  lev = (y.astype(np.float64) * u).astype(np.float16).astype(np.float64) * factor
-  np.testing.assert_allclose(lev, book.centroids, rtol=1.5e-3)
-  assert dm.level_form((0.3, 0.0)) == (None, 0.3)
+  v = u * 2.0 ** -form.shift
+  assert np.array_equal(v.astype(np.float16).astype(np.float64), v)
+  assert degree == 3 or np.max(np.abs(v)) < 2         # quintic: v under 2, in range
+  lev = dm.form_levels_fp16(form, bits)
+  np.testing.assert_allclose(lev, book.centroids, rtol=1.5e-3, atol=1e-4 * book.centroids[-1])
+  # Written out once for 3 bits, against the polynomial itself.
+  if bits == 3 and degree == 5:
+    c1, c3, c5 = book.coefficients
+    np.testing.assert_allclose(lev, c1 * u + c3 * u**3 + c5 * u**5, rtol=1.5e-3)
+
+
+def test_level_form_kinds_and_errors():
+  assert dm.level_form((0.3, 0.0), 3) == dm.LevelForm("linear", (), 0.3)
+  assert dm.level_form((0.3, 0.01, 0.0), 3).kind == "cubic"
+  with pytest.raises(ValueError, match="overflow fp16"):
+    dm.level_form((1.0, 1e-6), 4)
+  with pytest.raises(ValueError, match="odd coefficients"):
+    dm.level_form((1.0, 0.1, 0.01, 0.001), 3)

@@ -22,7 +22,8 @@ B, L, H, D = 2, 512, 2, 128
 def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), **kw):
   kw.setdefault("center_keys", "plain")
   rope = RopeSpec(10000.0, interleaved=True) if kw["center_keys"] == "rope" else None
-  cfg = TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, levels="cubic", layout="tiles",
+  kw.setdefault("levels", "cubic")
+  cfg = TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, layout="tiles",
                          window=kw.pop("window", 32), **kw)
   cache = TurboQuantKVCache.create(B, L, H, D, config=cfg, rope=rope)
   k = jnp.asarray(rng.standard_normal((B, L, H, D)) + 1.0, jnp.float32)
@@ -43,7 +44,7 @@ def _unpack(words, spec, transposed):
 def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
                 value_spec, **kw):
   """decode_partials computed by decode_partials_reference on the unpacked tiles."""
-  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step"):
+  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups"):
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   o, l, m = dm.decode_partials_reference(
@@ -58,17 +59,20 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     (3, 4, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2, 2, 16, "plain", dict(soft_cap=7.0, sliding_window=None)),
     (4, 3, 2, False, dict(soft_cap=None, sliding_window=200)),
-    (3, 3, 4, "rope", dict(soft_cap=None, sliding_window=None)),
+    (3, 3, 4, "rope", dict(soft_cap=None, sliding_window=None, levels="quintic")),
     (4, 2, 8, "rope", dict(soft_cap=5.0, sliding_window=300)),
     # Fractional widths: two channel groups per side, 256-token tiles.
     (3.5, 2.5, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2.5, 3, 4, False, dict(soft_cap=6.0, sliding_window=None)),
-    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None)),   # 256-token RoPE steps
+    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None,    # 256-token RoPE steps
+                             levels="quintic")),
 ])
 @pytest.mark.parametrize("fused_merge", [True, False])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
                                        fused_merge):
-  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16)
+  kw = dict(kw)
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, center_values=hq == 16,
+                      levels=kw.pop("levels", "cubic"))
   assert (cache.rope is not None) == (centering == "rope")
   # merge_exact takes one value group; split values end in jnp whatever fused_merge says.
   assert (ka.merge_unsupported(cache, hq // H) is None) == float(bits_v).is_integer()
@@ -79,9 +83,9 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("bits", [(3, 4), (3.5, 2.5)])
-def test_mosaic_attend_lowers_for_cuda(rng, bits):
-  cache = tiles_cache(rng, *bits)
+@pytest.mark.parametrize("bits, levels", [((3, 4), "cubic"), ((3.5, 2.5), "quintic")])
+def test_mosaic_attend_lowers_for_cuda(rng, bits, levels):
+  cache = tiles_cache(rng, *bits, levels=levels)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True, soft_cap=10.0).lower(
       lowering_platforms=("cuda",)).as_text()
@@ -119,6 +123,9 @@ def test_mosaic_reasons_and_errors(rng):
   frac_lm = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3, value_bits=2.5, layout="tiles", center_keys=False, levels="lloyd_max"))
   assert "Lloyd-Max" in ka.mosaic_unsupported(frac_lm, 4)  # values' 3 bits
+  quintic = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3.5, value_bits=3.5, layout="tiles", levels="quintic"), rope=RopeSpec(1e4))
+  assert ka.mosaic_unsupported(quintic, 4) is None    # the defaults but the levels
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

@@ -104,16 +104,18 @@ def compressed_partials(cache, qf: Array, q_positions: Array, *, scale: float,
       num_splits=num_splits, **kernel_kwargs)
 
 
-def cubic_levels(quantizer) -> tuple[float, float] | None:
-  """(a, c) with the quantizer's levels = a·u + c·u³ at the centred indices u, or None
-  when they are not an odd cubic (Lloyd-Max levels above 2 bits)."""
+def odd_levels(quantizer) -> tuple[float, ...] | None:
+  """The odd coefficients (c₁, c₃[, c₅]) of the quantizer's levels as a polynomial of the
+  centred index u (the fewest that fit exactly), or None where no quintic fits them
+  (Lloyd-Max levels above 2 bits)."""
   centroids = np.asarray(quantizer.static_codebook().centroids, np.float64)
   u = np.arange(centroids.size) - (centroids.size - 1) / 2
-  basis = np.stack([u, u**3], axis=1)
-  (a, c), *_ = np.linalg.lstsq(basis, centroids, rcond=None)
-  if np.max(np.abs(basis @ [a, c] - centroids)) > 1e-6 * np.max(np.abs(centroids)):
-    return None
-  return float(a), float(c)
+  for terms in (2, 3):
+    basis = np.stack([u ** (2 * i + 1) for i in range(terms)], axis=1)
+    coef, *_ = np.linalg.lstsq(basis, centroids, rcond=None)
+    if np.max(np.abs(basis @ coef - centroids)) <= 1e-6 * np.max(np.abs(centroids)):
+      return tuple(float(x) for x in coef)
+  return None
 
 
 def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
@@ -128,8 +130,9 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   for q in cache.key_quantizer.groups + cache.value_quantizer.groups:
     if jnp.dtype(q.norm_dtype) != jnp.float16:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
-    if cubic_levels(q) is None:
-      return f"{q.bits}-bit Lloyd-Max levels are not an odd cubic (levels='cubic')"
+    if odd_levels(q) is None:
+      return (f"{q.bits}-bit Lloyd-Max levels are not an odd polynomial of degree <= 5 "
+              "(levels='quintic' or 'cubic')")
   return None
 
 
@@ -188,8 +191,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       qoff.astype(jnp.float32),
       key_spec=tuple(c.layout.spec for c in kcs),
       value_spec=tuple(c.layout.spec for c in vcs),
-      key_levels=tuple(cubic_levels(g) for g in cache.key_quantizer.groups),
-      value_levels=tuple(cubic_levels(g) for g in cache.value_quantizer.groups),
+      key_levels=tuple(odd_levels(g) for g in cache.key_quantizer.groups),
+      value_levels=tuple(odd_levels(g) for g in cache.value_quantizer.groups),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, **kernel_kwargs)
 
 
@@ -200,7 +203,7 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
   """`compressed_partials` from the Mosaic GPU kernel, for one query token: every row of
   a batch entry has the position q_positions[:, 0] (`attend` checks it).
 
-  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step.
+  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step, serial_groups.
   """
   b, h, rows, d = qf.shape
   o, l, m = _mosaic_partials_padded(
@@ -358,5 +361,5 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
 attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
-    "max_concurrent_steps", "overlap_values", "tokens_per_step", "fused_merge",
-    "merge_interpret"))
+    "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
+    "fused_merge", "merge_interpret"))
