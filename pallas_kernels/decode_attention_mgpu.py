@@ -128,11 +128,14 @@ def form_levels_fp16(form: LevelForm, bits: int) -> np.ndarray:
 
 
 def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: int = 1,
-                 form: LevelForm | None = None):
+                 form: LevelForm | None = None, rows: tuple[int, int] | None = None,
+                 cols: tuple[int, int] | None = None):
   """Returns f(words) -> decoded tiles, to call inside a Mosaic GPU kernel.
 
   words: int32 [count·64, C] in `plgpu.Layout.WGMMA` (`count` code tiles stacked, loaded
   as stored); the result stacks the decoded tiles along rows, [count·rows, cols].
+  rows, cols: (start, size) to decode only that part of each tile (multiples of 64 rows,
+  of 8 columns); the result is then [count·size, cols] or [rows, size].
   variant:
     "affine": u = n - (2^b - 1)/2, fp16 [rows, cols] in the WGMMA layout (wgmma's A);
     "levels": the level polynomial P(v) of `form` (`LevelForm`) over its factor; u alone
@@ -149,8 +152,12 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
 
   ops = register_codes.program(spec)
   per_half = register_codes.words_per_half(spec)
-  out_shape = (count * spec.rows, spec.cols)
-  tile_mts = spec.rows // 64
+  r0, nr = rows if rows is not None else (0, spec.rows)
+  c0, nc = cols if cols is not None else (0, spec.cols)
+  if r0 % 64 or nr % 64 or c0 % 8 or nc % 8 or r0 + nr > spec.rows or c0 + nc > spec.cols:
+    raise ValueError(f"part rows {rows}, cols {cols} do not cut {spec} at whole fragments")
+  out_shape = (count * nr, nc)
+  tile_mts = nr // 64
   half_cols = spec.cols // 8
   out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.float16, layout=plgpu.Layout.WGMMA)
   n_out = 2 if variant == "cubic" else 1
@@ -183,6 +190,9 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
 
       for g, op in enumerate(ops):
         mt, ct = divmod(g, half_cols)
+        mt, ct = mt - r0 // 64, ct - c0 // 8
+        if not (0 <= mt < tile_mts and 0 <= ct < nc // 8):
+          continue
         idx = (tile * tile_mts + mt, ct, 0, 0, rh, 0, 0, 0, 0)
         if variant == "raw":
           outs[0][idx] = mgpu_utils.bitcast(thread_words[g % per_half], f16x2)
@@ -307,7 +317,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     key_spec, value_spec, key_levels, value_levels,
                     num_splits: int, scale: float, soft_cap: float | None = None,
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
-                    serial_groups: bool | None = None,
+                    serial_groups: bool | None = None, sub_steps: int = 1,
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
@@ -337,6 +347,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     serial_groups: with channel groups, decode each group's tile after the previous
       group's wgmma is done (one decoded tile live at a time); None: with two or more
       key groups and the RoPE offsets (where holding them all spills registers).
+    sub_steps: passes per pipeline step (one tile): each decodes, scores and accumulates
+      1/sub_steps of the tile's tokens (keys: rows, values: columns), so a 256-token tile
+      takes the registers of a 128-token one. Not yet measured on a GPU.
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
@@ -389,13 +402,24 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check("rope.table", rope.table, (st, d), jnp.float16)
   split_steps = t_len // st // num_splits
   if serial_groups is None:
-    serial_groups = gk > 1 and rope is not None
+    serial_groups = gk > 1 and rope is not None and sub_steps == 1
   serial_groups = bool(serial_groups) and max(gk, gv) > 1
   key_forms = [level_form(lv, s.bits) for lv, s in zip(key_levels, key_specs)]
   value_forms = [level_form(lv, s.bits) for lv, s in zip(value_levels, value_specs)]
-  decode_k = [tile_decoder(s, "levels", count=per_step, form=f)
-              for s, f in zip(key_specs, key_forms)]
-  decode_v = [tile_decoder(s, "levels", form=f) for s, f in zip(value_specs, value_forms)]
+  if sub_steps < 1 or st % (64 * sub_steps) or (sub_steps > 1 and per_step > 1):
+    raise ValueError(f"sub_steps={sub_steps} must cut one tile of {st} tokens into parts "
+                     "of a multiple of 64")
+  sub = st // sub_steps                          # tokens per pass
+  tv = tt // sub_steps                           # tokens per decoded value tile
+  if sub_steps == 1:
+    decode_k = [[tile_decoder(s, "levels", count=per_step, form=f)
+                 for s, f in zip(key_specs, key_forms)]]
+    decode_v = [[tile_decoder(s, "levels", form=f) for s, f in zip(value_specs, value_forms)]]
+  else:
+    decode_k = [[tile_decoder(s, "levels", form=f, rows=(h * sub, sub))
+                 for s, f in zip(key_specs, key_forms)] for h in range(sub_steps)]
+    decode_v = [[tile_decoder(s, "levels", form=f, cols=(h * sub, sub))
+                 for s, f in zip(value_specs, value_forms)] for h in range(sub_steps)]
   wr = register_codes.WORD_ROWS
   neg = -1e30
   log2e = float(np.log2(np.e))
@@ -478,11 +502,22 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       start = (first + idx[0]) * st
       if rope is not None:
         rope_operand(trig[0])
+      carry = (o, l_rows, m_prev)
+      for h in range(sub_steps):
+        carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
+                          vn_smem, carry)
+      return carry
+
+    def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, carry):
+      """Tokens [h·sub, (h + 1)·sub) of the step: decode, scores, softmax, values."""
+      o, l_rows, m_prev = carry
+      part = (lambda ref: ref) if sub_steps == 1 else (  # noqa: E731
+          lambda ref: ref.at[pl.ds(h * sub, sub)])
       def decode_key(g):
-        return decode_k[g](_load_words(kw_smem[g], key_specs[g]))
+        return decode_k[h][g](_load_words(kw_smem[g], key_specs[g]))
 
       def decode_value(g):
-        return [decode_v[g](_load_words(vw_smem[g].at[pl.ds(k * wr, wr)], value_specs[g]))
+        return [decode_v[h][g](_load_words(vw_smem[g].at[pl.ds(k * wr, wr)], value_specs[g]))
                 for k in range(per_step)]
 
       # Serial groups: one decoded key (and value) tile in registers at a time, the next
@@ -492,8 +527,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
       def scores(*acc_refs):
         key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
-        if rope is not None:   # q·R(t)·μ of the step's tokens: table [st, D] · W
-          plgpu.wgmma(off_ref[0], table_smem, plgpu.transpose_ref(w_smem, (1, 0)))
+        if rope is not None:   # q·R(t)·μ of the pass's tokens: table [sub, D] · W
+          plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
         for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
           if g < len(first_keys):
             u = first_keys[g]
@@ -508,13 +543,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
       # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
       # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
-      accs = [plgpu.ACC((st, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
+      accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
       parts, off, uv = pl.run_scoped(scores, *accs)
       s = None
-      for part, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
-        kn = plgpu.load(kn_ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-        part = part * jax.lax.broadcast_in_dim(kn * dot_scale, part.shape, [0])
-        s = part if s is None else s + part
+      for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
+        kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
+                        ).astype(jnp.float32)
+        dots = dots * jax.lax.broadcast_in_dim(kn * dot_scale, dots.shape, [0])
+        s = dots if s is None else s + dots
       if off is not None:
         s = s + off * jax.lax.broadcast_in_dim(rscale_v, s.shape, [1])
       s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
@@ -529,7 +565,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       # l is kept per row and summed over the tile's rows once, after the loop.
       l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
       for vn_ref, p_ref in zip(vn_smem, p_smem):
-        vn = plgpu.load(vn_ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        vn = plgpu.load(part(vn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
+                        ).astype(jnp.float32)
         pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
         # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
         # (one shuffle per register into the transposed layout) and read transposed.
@@ -546,13 +583,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         def values(acc_ref, uv_g=uv_g, p_ref=p_ref):
           for k in range(per_step):
             plgpu.wgmma(acc_ref, uv_g[k],
-                        plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tt, tt)])
+                        plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tv, tv)])
         new_o.append(pl.run_state(values)(plgpu.ACC.init(o_g * a)))
       return tuple(new_o), l_rows, m_next
 
     zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
         jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-    init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((st, HEADS)),
+    init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((sub, HEADS)),
             plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(0)))
     pipeline = plgpu.emit_pipeline(
@@ -592,7 +629,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       grid=(r, num_splits), grid_names=("row", "split"),
       scratch_types=[plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
                      for s in key_specs]
-      + [plgpu.SMEM((HEADS, st), jnp.float16, transforms=q_transforms())] * gv
+      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv
       + [plgpu.SMEM((d, HEADS), f32),
          plgpu.SMEM((2, HEADS), f32),
          plgpu.Barrier(num_arrivals=1)]

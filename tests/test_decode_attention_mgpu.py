@@ -164,12 +164,22 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True),
     dict(key_groups=((4, 64), (3, 64)), value_groups=((3, 128),), tt=256, rope=True,
          serial_groups=False, overlap_values=False),
+    # ... in two 128-token passes per 256-token tile (half the decoded registers).
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True,
+         sub_steps=2),
     # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles.
     dict(key_groups=((3, 128), (2, 128)), value_groups=((3, 128), (2, 128)), tt=128,
          t=2048, rope=True),
 ])
 def test_kernel_with_channel_groups_lowers_for_cuda(groups):
   assert "mosaic_gpu" in lowered_groups(**groups)
+
+
+def test_sub_steps_must_cut_whole_fragments():
+  with pytest.raises(ValueError, match="sub_steps"):
+    lowered_groups(((4, 64), (3, 64)), ((4, 64), (3, 64)), 256, sub_steps=3)
+  with pytest.raises(ValueError, match="whole fragments"):
+    dm.tile_decoder(rc.TileSpec(3, 256, 64), "affine", rows=(32, 64))
 
 
 def test_groups_must_fit_together():

@@ -44,7 +44,8 @@ def _unpack(words, spec, transposed):
 def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
                 value_spec, **kw):
   """decode_partials computed by decode_partials_reference on the unpacked tiles."""
-  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups"):
+  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
+                 "sub_steps"):
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   o, l, m = dm.decode_partials_reference(

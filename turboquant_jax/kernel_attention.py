@@ -203,7 +203,8 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
   """`compressed_partials` from the Mosaic GPU kernel, for one query token: every row of
   a batch entry has the position q_positions[:, 0] (`attend` checks it).
 
-  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step, serial_groups.
+  kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step, serial_groups,
+    sub_steps (`decode_attention_mgpu.decode_partials`).
   """
   b, h, rows, d = qf.shape
   o, l, m = _mosaic_partials_padded(
@@ -362,4 +363,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-    "fused_merge", "merge_interpret"))
+    "sub_steps", "fused_merge", "merge_interpret"))
