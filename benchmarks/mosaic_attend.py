@@ -150,20 +150,29 @@ def sweep_splits(ceiling) -> list[dict]:
   return rows
 
 
-def levels_run(ceiling) -> tuple[list[dict], list[dict]]:
+# 256-token tiles (fractional widths) in two 128-token passes (the default) or one.
+SUB_STEP_CHECKS = [
+    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(sub_steps=2))),
+    (3.5, 2.5, 8, dict(soft_cap=20.0, sliding_window=700, kernel=dict(sub_steps=2)))]
+SUB_STEP_CASES = [(3.5, "quintic", "rope", dict(sub_steps=1)),
+                  (3.5, "quintic", "rope", dict(sub_steps=2)),
+                  (3.5, "quintic", "plain", dict(sub_steps=1)),
+                  (3.5, "quintic", "plain", dict(sub_steps=2))]
+
+
+def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
+               ) -> tuple[list[dict], list[dict]]:
   """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
   against cubic ones (two): the GPU check, then the whole attention side by side, keys
   centred before RoPE; at 3.5 bits (channel groups) with and without serial groups and
   the value decode's overlap."""
   checks = []
-  for i, (bk, bv, hq, kw) in enumerate([
+  for i, (bk, bv, hq, kw) in enumerate(checks_only or [
       (3, 3, 32, dict(center_keys="rope")), (4, 2, 8, dict(soft_cap=20.0)),
       (3.5, 3.5, 32, dict(center_keys="rope")),
       (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
       (3.5, 3, 32, dict(center_keys="rope", levels="cubic")),     # the cubic path still
-      # Two 128-token passes per 256-token tile (not yet the default).
-      (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(sub_steps=2))),
-      (3.5, 2.5, 8, dict(soft_cap=20.0, sliding_window=700, kernel=dict(sub_steps=2)))]):
+      *SUB_STEP_CHECKS]):
     try:
       checks.append(check(100 + i, bk, bv, hq, **{"levels": "quintic", **kw}))
     except Exception as e:  # noqa: BLE001 - report every case
@@ -172,16 +181,15 @@ def levels_run(ceiling) -> tuple[list[dict], list[dict]]:
     log("check", checks[-1])
   rows = []
   key = jax.random.PRNGKey(1)
-  for b, t in [(8, 32768), (8, 4096)]:
+  for b, t in points:
     key, sub = jax.random.split(key)
     base = cudnn_row(rows, sub, b, t, ceiling)
     q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
-    for w, levels, center, kw in [
+    for w, levels, center, kw in cases or [
         (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
-        (3.5, "quintic", "rope", {}),                    # serial groups (the default)
-        (3.5, "quintic", "rope", dict(sub_steps=2)),
-        (3.5, "quintic", "rope", dict(sub_steps=2, serial_groups=True)),
-        (3.5, "quintic", "plain", {}), (3.5, "quintic", "plain", dict(sub_steps=2))]:
+        (3.5, "quintic", "rope", {}),                    # two 128-token passes per tile
+        (3.5, "quintic", "rope", dict(sub_steps=1)),     # one pass, serial groups
+        (3.5, "quintic", "plain", {})]:
       label = f"mosaic attend K{w}/V{w} {levels}" + (
           " rope-centred" if center == "rope" else "") + "".join(
           f", {k}={v}" for k, v in kw.items())
@@ -207,14 +215,19 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true")
   p.add_argument("--levels", action="store_true",
                  help="only quintic vs cubic levels (written as mosaic_attend_levels_<platform>)")
+  p.add_argument("--sub-steps", action="store_true",
+                 help="only two passes per 256-token tile, 8 x 32K (mosaic_attend_sub_steps_*)")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
-  if args.levels:
+  if args.levels or args.sub_steps:
     ceiling = read_ceiling()
-    checks, rows = levels_run(ceiling)
-    common.write_result("mosaic_attend_levels", dict(read_ceiling_bytes_per_s=ceiling,
-                                                     checks=checks, timings=rows))
+    if args.sub_steps:
+      checks, rows = levels_run(ceiling, SUB_STEP_CHECKS, SUB_STEP_CASES, [(8, 32768)])
+    else:
+      checks, rows = levels_run(ceiling)
+    common.write_result("mosaic_attend_sub_steps" if args.sub_steps else "mosaic_attend_levels",
+                        dict(read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
     common.print_table(checks, ["bits_k", "bits_v", "q_heads", "levels", "soft_cap",
                                 "sliding_window", "center_keys", "rel_err", "ok"])
     common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])

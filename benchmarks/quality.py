@@ -143,6 +143,8 @@ def methods() -> list[Method]:
       *[tq(b, levels="cubic", center_keys="rope") for b in (3, 3.5, 4)],
       # The quintic levels the kernel also decodes (Lloyd-Max's D_mse within 0.16%).
       *[tq(b, levels="quintic", center_keys="rope") for b in (3, 3.5)],
+      # 3.5 bits in integer widths per side (128-token tiles: the Mosaic kernel's fast path).
+      tq(4, 3, levels="quintic", center_keys="rope"),
       # Keys centred before RoPE (the mean of R(t)ᵀ·k, turned to each key's position).
       *[tq(b, center_keys="rope") for b in (2, 2.5, 3, 3.5, 4)],
       # The exact window's size (default 128), at the default width and centering.
