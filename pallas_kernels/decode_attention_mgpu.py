@@ -21,9 +21,10 @@ q·R(t)·μ added to every score. Per RoPE pair p it is A_p cos θ + B_p sin θ 
 μ); with t = h + l, h a multiple of the step (128 tokens, or the 256 of fractional
 widths' tiles), the angle adds: per step one small [D, heads] matrix W (A, B turned by
 the angles at h) and a fixed [step, D] table of cos φ_l | sin φ_l give the offsets of the
-whole step as one more wgmma, table · W (`RopeOffsets`, `rope_offsets`). (Two 128-row
-blocks per 256-token step, two W and two wgmmas into the accumulator's halves, measured
-4-7% slower on the H200: `mosaic_attend_levels_gpu.json` notes.)
+whole step as one more wgmma, table · W (`RopeOffsets`, `rope_offsets`). The table may be
+shorter than the step (`rope_offsets(table_rows=)`: one W and one wgmma per table block,
+angles composed R(θ_h)·R(φ_b)): a 256-row table is 64 KB of shared memory, which leaves
+one CTA per SM at 3.5 bits; 64 rows fit two.
 
 Fractional widths come as channel groups (`channel_split`: halves of the channels at two
 widths, each with its own rotation, norm and levels): each key group takes its own wgmma
@@ -253,11 +254,13 @@ class RopeOffsets(NamedTuple):
   coef: float32 [R, 2, D, 8], per row the columns of [A | B] and [B | -A] (pairs on the
     first D/2 and second D/2 rows, query rows as columns) over `scale`;
   scale: float32 [R, 8], the largest |A|, |B| of each query row (keeps W in fp16 range);
-  trig: float32 [T/n, 2, D], [cos θ_h | cos θ_h] and [sin θ_h | sin θ_h] at the first
-    position h of each n-token block (θ_h = h·ω, rounded in float32 as `rope.rotate`);
-  table: float16 [n, D], cos φ_l | sin φ_l at the offsets l < n (φ_l = l·ω).
-  The block n (128, or the tiles' 256 tokens) is the kernel's step and the cache's
-  `rope.rotate_split` period, so both split every angle the same way.
+  trig: float32 [T/m, 2, D], [cos θ | cos θ] and [sin θ | sin θ] at the first position
+    of each m-token table block: θ_h = h·ω at the split block's start h (rounded in float32
+    as `rope.rotate`), composed with φ_b = b·ω for a table block b tokens into it;
+  table: float16 [m, D], cos φ_l | sin φ_l at the offsets l < m (φ_l = l·ω).
+  The split block n (128, or the tiles' 256 tokens) is the kernel's step and the cache's
+  `rope.rotate_split` period, so both split every angle the same way; the table may be
+  shorter (m = n/k rows, k W operands per step: less shared memory).
   """
 
   coef: Array
@@ -267,20 +270,29 @@ class RopeOffsets(NamedTuple):
 
 
 def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
-                 block: int = ROPE_BLOCK) -> RopeOffsets:
+                 block: int = ROPE_BLOCK, table_rows: int | None = None) -> RopeOffsets:
   """`RopeOffsets` from coef_a, coef_b [R, 8, D/2] float32 (q·R(θ)·μ = Σ_p A_p cos θ_p +
   B_p sin θ_p) and the RoPE frequencies ω [D/2], for T = t_len cache slots (position =
-  slot), angles split at multiples of `block`."""
-  if t_len % block:
-    raise ValueError(f"{t_len} cache slots are not a multiple of {block}")
+  slot), angles split at multiples of `block`; the table `table_rows` long (a divisor of
+  block, default block), the angle of a table block composed as R(θ_h)·R(φ_b) in float32,
+  within ~1e-7 of the cache's θ_h + φ_(b+l) for the small φ."""
+  table_rows = block if table_rows is None else table_rows
+  if t_len % block or block % table_rows or table_rows % 64:
+    raise ValueError(f"{t_len} cache slots must split into {block}-token blocks of "
+                     f"{table_rows}-row tables (a multiple of 64)")
   scale = jnp.maximum(jnp.max(jnp.abs(coef_a), -1), jnp.max(jnp.abs(coef_b), -1))
   scale = jnp.where(scale > 0, scale, 1.0)
   a, b = coef_a / scale[..., None], coef_b / scale[..., None]
   coef = jnp.stack([jnp.concatenate([a, b], -1), jnp.concatenate([b, -a], -1)], 1)
   starts = jnp.arange(0, t_len, block, dtype=jnp.float32)[:, None] * freq[None, :]
   cos, sin = jnp.cos(starts), jnp.sin(starts)
+  if table_rows < block:   # [T/block, 1, D/2] x [1, block/m, D/2]: every table block
+    into = jnp.arange(0, block, table_rows, dtype=jnp.float32)[:, None] * freq[None, :]
+    cb, sb = jnp.cos(into)[None], jnp.sin(into)[None]
+    cos, sin = (cos[:, None] * cb - sin[:, None] * sb, sin[:, None] * cb + cos[:, None] * sb)
+    cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
   trig = jnp.stack([jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)], 1)
-  offsets = jnp.arange(block, dtype=jnp.float32)[:, None] * freq[None, :]
+  offsets = jnp.arange(table_rows, dtype=jnp.float32)[:, None] * freq[None, :]
   table = jnp.concatenate([jnp.cos(offsets), jnp.sin(offsets)], -1).astype(jnp.float16)
   return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
                      scale.astype(jnp.float32), trig, table)
@@ -395,13 +407,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   _check("bounds", bounds, (r, 2), jnp.int32)
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   if rope is not None:
-    if st != rope.table.shape[0]:
-      raise ValueError(f"RoPE offsets in {rope.table.shape[0]}-token blocks need steps of "
+    rb = rope.table.shape[0]                   # tokens per table block (and W)
+    if st % rb:
+      raise ValueError(f"RoPE offsets in {rb}-token blocks need steps of a multiple of "
                        f"as many tokens, got {st}")
     _check("rope.coef", rope.coef, (r, 2, d, HEADS), jnp.float32)
     _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
-    _check("rope.trig", rope.trig, (t_len // st, 2, d), jnp.float32)
-    _check("rope.table", rope.table, (st, d), jnp.float16)
+    _check("rope.trig", rope.trig, (t_len // rb, 2, d), jnp.float32)
+    _check("rope.table", rope.table, (rb, d), jnp.float16)
   split_steps = t_len // st // num_splits
   if sub_steps is None:
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
@@ -415,6 +428,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                      "of a multiple of 64")
   sub = st // sub_steps                          # tokens per pass
   tv = tt // sub_steps                           # tokens per decoded value tile
+  # RoPE: table blocks per step, and per pass (each with its own W).
+  rope_blocks = st // rope.table.shape[0] if rope is not None else 1
+  if rope_blocks > 1 and (sub % rope.table.shape[0]):
+    raise ValueError(f"a pass of {sub} tokens must hold whole {rope.table.shape[0]}-row "
+                     "RoPE table blocks")
+  pass_blocks = rope_blocks // sub_steps if rope_blocks > 1 else 1
   if sub_steps == 1:
     decode_k = [[tile_decoder(s, "levels", count=per_step, form=f)
                  for s, f in zip(key_specs, key_forms)]]
@@ -456,8 +475,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     o_smem, lm_smem, barrier = refs[:3]
     del refs[:3]
     if rope is not None:
-      table_smem, coef_smem, w_smem, rope_barrier = refs[:4]
-      del refs[:4]
+      table_smem, coef_smem = refs[:2]
+      w_smem, rope_barrier = refs[2:2 + pass_blocks], refs[2 + pass_blocks]
+      if rope_blocks == 1:
+        w_smem = w_smem[0]
+      del refs[:3 + pass_blocks]
     group_barrier = refs[0] if gk > 1 else None     # the later query parts' copies
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
     plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
@@ -482,17 +504,20 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       plgpu.barrier_wait(rope_barrier.at[0])
       plgpu.barrier_wait(rope_barrier.at[1])
 
-    def rope_operand(trig_smem):
-      # W = [A | B]·cos θ_h + [B | -A]·sin θ_h, [D, heads], stored transposed for wgmma's B.
+    def rope_operand(trig_smem, blocks=(0,), w_refs=None):
+      # W = [A | B]·cos θ_h + [B | -A]·sin θ_h, [D, heads], stored transposed for wgmma's B;
+      # one per table block of `blocks` (the step's trig rows) into w_refs.
       bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
       vec = plgpu.Layout.WGMMA.reduce(1)
-      cos = plgpu.load(trig_smem.at[0, 0], (), layout=vec, optimized=False)
-      sin = plgpu.load(trig_smem.at[0, 1], (), layout=vec, optimized=False)
-      ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
-      ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
-      w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
-      plgpu.transpose_ref(w_smem, (1, 0))[...] = plgpu.layout_cast(
-          w, plgpu.Layout.WGMMA_TRANSPOSED)
+      for n, (k, w_ref) in enumerate(zip(blocks, w_refs or [w_smem])):
+        cos = plgpu.load(trig_smem.at[k, 0], (), layout=vec, optimized=False)
+        sin = plgpu.load(trig_smem.at[k, 1], (), layout=vec, optimized=False)
+        if n == 0:
+          ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
+          ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
+        w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
+        plgpu.transpose_ref(w_ref, (1, 0))[...] = plgpu.layout_cast(
+            w, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
 
     def body(idx, *refs):
@@ -504,19 +529,22 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       *trig, carry = refs
       o, l_rows, m_prev = carry
       start = (first + idx[0]) * st
-      if rope is not None:
+      if rope is not None and rope_blocks == 1:
         rope_operand(trig[0])
       carry = (o, l_rows, m_prev)
       for h in range(sub_steps):
         carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
-                          vn_smem, carry)
+                          vn_smem, trig, carry)
       return carry
 
-    def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, carry):
+    def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, trig, carry):
       """Tokens [h·sub, (h + 1)·sub) of the step: decode, scores, softmax, values."""
       o, l_rows, m_prev = carry
       part = (lambda ref: ref) if sub_steps == 1 else (  # noqa: E731
           lambda ref: ref.at[pl.ds(h * sub, sub)])
+      if rope is not None and rope_blocks > 1:   # this pass's W (the last pass is done)
+        rope_operand(trig[0], range(h * pass_blocks, (h + 1) * pass_blocks),
+                     w_smem)
       def decode_key(g):
         return decode_k[h][g](_load_words(kw_smem[g], key_specs[g]))
 
@@ -531,8 +559,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
       def scores(*acc_refs):
         key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
-        if rope is not None:   # q·R(t)·μ of the pass's tokens: table [sub, D] · W
+        if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
           plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
+        elif rope is not None:                      # one table block per W
+          rb = rope.table.shape[0]
+          for k, w_ref in enumerate(w_smem):
+            plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
+                        plgpu.transpose_ref(w_ref, (1, 0)))
         for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
           if g < len(first_keys):
             u = first_keys[g]
@@ -604,7 +637,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         + [plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
            for s in value_specs]
         + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gv
-        + ([plgpu.BlockSpec((1, 2, d), lambda t: (first + t, 0, 0))]
+        + ([plgpu.BlockSpec((rope_blocks, 2, d), lambda t: (first + t, 0, 0))]
            if rope is not None else []),
         max_concurrent_steps=max_concurrent_steps, init_carry=init)
     o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
@@ -637,10 +670,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       + [plgpu.SMEM((d, HEADS), f32),
          plgpu.SMEM((2, HEADS), f32),
          plgpu.Barrier(num_arrivals=1)]
-      + ([plgpu.SMEM((st, d), jnp.float16, transforms=q_transforms()),
-          plgpu.SMEM((2, d, HEADS), f32),
-          plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms()),
-          plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
+      + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
+          plgpu.SMEM((2, d, HEADS), f32)]
+         + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
+         + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 else []),
   )(*k_words, *k_norms, *v_words, *v_norms, *q, bounds, qoff,
     *(tuple(rope) if rope is not None else ()))

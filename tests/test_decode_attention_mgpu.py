@@ -60,10 +60,12 @@ def test_reference_partials_merge_to_softmax_attention(rng, soft_cap):
     np.testing.assert_allclose(out[i], expect, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", [128, 384])
-def test_rope_offsets_match_rotated_mean(rng, t):
-  """The kernel's q·R(t)·μ operands (W per 128-token block, the offset table) give
-  q·R(t)·μ, R(t) turning each pair by t·ω: in float32, and with the kernel's fp16."""
+@pytest.mark.parametrize("t, block, rows", [(128, 128, None), (384, 128, None),
+                                             (768, 256, 64), (512, 256, 128)])
+def test_rope_offsets_match_rotated_mean(rng, t, block, rows):
+  """The kernel's q·R(t)·μ operands (W per table block, the offset table) give q·R(t)·μ,
+  R(t) turning each pair by t·ω: in float32, and with the kernel's fp16; with a table
+  shorter than the split block too (angles composed R(θ_h)·R(φ_b))."""
   r, pairs = 2, D // 2
   freq = 10000.0 ** (-np.arange(pairs) * 2.0 / D)
   qa, qb, ma, mb = (rng.standard_normal((r, dm.HEADS, pairs)) for _ in range(4))
@@ -74,7 +76,9 @@ def test_rope_offsets_match_rotated_mean(rng, t):
   rot_b = mb[:, :, None] * np.cos(ang) + ma[:, :, None] * np.sin(ang)
   expect = np.einsum("rhp,rhtp->rth", qa, rot_a) + np.einsum("rhp,rhtp->rth", qb, rot_b)
   args = [jnp.asarray(x, jnp.float32) for x in (coef_a, coef_b, freq)]
-  ops = dm.rope_offsets(*args, t)
+  ops = dm.rope_offsets(*args, t, block=block, table_rows=rows)
+  n = rows or block
+  assert ops.table.shape[0] == n and ops.trig.shape[0] == t // n
   scale = np.abs(expect).max()
   # The table is fp16 (wgmma's operand): ~2^-12 absolute per entry.
   np.testing.assert_allclose(dm.rope_offsets_dense(ops), expect, atol=1e-3 * scale)
@@ -82,10 +86,10 @@ def test_rope_offsets_match_rotated_mean(rng, t):
   coef, sc, trig = (np.asarray(x, np.float64) for x in ops[:3])
   table = np.asarray(ops.table, np.float64)
   got = np.zeros((r, t, dm.HEADS))
-  for blk in range(t // dm.ROPE_BLOCK):
+  for blk in range(t // n):
     w = coef[:, 0] * trig[blk, 0][None, :, None] + coef[:, 1] * trig[blk, 1][None, :, None]
     w = w.astype(np.float16).astype(np.float64)                     # [R, D, 8]
-    got[:, blk * 128:(blk + 1) * 128] = np.einsum("ld,rdh->rlh", table, w) * sc[:, None]
+    got[:, blk * n:(blk + 1) * n] = np.einsum("ld,rdh->rlh", table, w) * sc[:, None]
   np.testing.assert_allclose(got, expect, atol=2e-3 * scale)
 
 
@@ -129,7 +133,8 @@ def test_kernel_with_rope_offsets_lowers_for_cuda(bits):
   assert "mosaic_gpu" in lowered(*bits, rope=True)
 
 
-def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=False, **kw):
+def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=False,
+                   table_rows=None, **kw):
   """decode_partials lowered with channel groups: (bits, channels) per group and side."""
   s = jax.ShapeDtypeStruct
   ks = tuple(rc.TileSpec(b, tt, c) for b, c in key_groups)
@@ -150,7 +155,8 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     return dm.decode_partials(
         *a, key_spec=ks, value_spec=vs, key_levels=((0.04, 0.001),) * len(ks),
         value_levels=((0.02, 0.0),) * len(vs), num_splits=splits, scale=0.1,
-        rope=dm.rope_offsets(ca, cb, freq, t, block=tt) if rope else None, **kw)
+        rope=dm.rope_offsets(ca, cb, freq, t, block=tt, table_rows=table_rows) if rope
+        else None, **kw)
   return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -167,6 +173,10 @@ def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=Fal
     # ... in one 256-token pass per tile instead of the default two 128-token passes.
     dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True,
          sub_steps=1),
+    # ... with a 64-row RoPE table, two W per pass (111,616 bytes of shared memory: two
+    # CTAs per SM; the 256-row table takes 152,576).
+    dict(key_groups=((4, 64), (3, 64)), value_groups=((4, 64), (3, 64)), tt=256, rope=True,
+         table_rows=64),
     # d = 256 (Gemma 3): groups of 128 channels keep 128-token tiles.
     dict(key_groups=((3, 128), (2, 128)), value_groups=((3, 128), (2, 128)), tt=128,
          t=2048, rope=True),

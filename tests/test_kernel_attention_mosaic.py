@@ -65,8 +65,9 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     # Fractional widths: two channel groups per side, 256-token tiles.
     (3.5, 2.5, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2.5, 3, 4, False, dict(soft_cap=6.0, sliding_window=None)),
-    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None,    # 256-token RoPE steps
-                             levels="quintic")),
+    # 256-token RoPE steps, their offsets from a 64-row table (angles composed per block).
+    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None, levels="quintic",
+                             kernel=dict(rope_table_rows=64))),
 ])
 @pytest.mark.parametrize("fused_merge", [True, False])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
@@ -79,7 +80,8 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   assert (ka.merge_unsupported(cache, hq // H) is None) == float(bits_v).is_integer()
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
   monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
-  got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge, **kw)
+  kernel = kw.pop("kernel", {})
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge, **kw, **kernel)
   ref = cache.attend(q, implementation="reference", **kw)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 

@@ -153,9 +153,12 @@ def _mosaic_splits(steps: int, rows: int) -> int:
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
                             soft_cap: float | None = None,
                             sliding_window: int | None = None,
-                            num_splits: int | None = None, **kernel_kwargs):
+                            num_splits: int | None = None,
+                            rope_table_rows: int | None = None, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
-  R = B x kv heads and the query rows padded to the kernel's 8 columns."""
+  R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
+  the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
+  cache's split, 128 or 256)."""
   b, h, rows, d = qf.shape
   why = mosaic_unsupported(cache, rows)
   if why is not None:
@@ -184,7 +187,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     coef_a, coef_b = rope_coefficients(cache, qf)
     # One angle per kernel step: the cache split its centering offsets the same way.
     rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
-                               cache.rope.frequencies(d), cache.max_len, cache.rope_split)
+                               cache.rope.frequencies(d), cache.max_len, cache.rope_split,
+                               table_rows=rope_table_rows)
   return mosaic.decode_partials(
       tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
       tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,
@@ -204,7 +208,7 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
   a batch entry has the position q_positions[:, 0] (`attend` checks it).
 
   kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step, serial_groups,
-    sub_steps (`decode_attention_mgpu.decode_partials`).
+    sub_steps (`decode_attention_mgpu.decode_partials`), rope_table_rows.
   """
   b, h, rows, d = qf.shape
   o, l, m = _mosaic_partials_padded(
@@ -363,4 +367,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-    "sub_steps", "fused_merge", "merge_interpret"))
+    "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret"))
