@@ -129,6 +129,9 @@ def test_mosaic_reasons_and_errors(rng):
   quintic = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
       key_bits=3.5, value_bits=3.5, layout="tiles", levels="quintic"), rope=RopeSpec(1e4))
   assert ka.mosaic_unsupported(quintic, 4) is None    # the defaults but the levels
+  with pytest.MonkeyPatch.context() as mp:            # levels fp16 cannot hold
+    mp.setattr(ka, "odd_levels", lambda q: (1.0, 1e-6))
+    assert "overflow fp16" in ka.mosaic_unsupported(quintic, 4)
   with pytest.raises(ValueError, match="mosaic"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="mosaic")   # no Hopper here
   with pytest.raises(ValueError, match="Triton kernel needs the planes layout"):

@@ -130,9 +130,14 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   for q in cache.key_quantizer.groups + cache.value_quantizer.groups:
     if jnp.dtype(q.norm_dtype) != jnp.float16:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
-    if odd_levels(q) is None:
+    coefficients = odd_levels(q)
+    if coefficients is None:
       return (f"{q.bits}-bit Lloyd-Max levels are not an odd polynomial of degree <= 5 "
               "(levels='quintic' or 'cubic')")
+    try:
+      mosaic.level_form(coefficients, q.bits)
+    except ValueError as e:   # fp16 range or precision
+      return str(e)
   return None
 
 
