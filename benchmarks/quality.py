@@ -39,6 +39,7 @@ from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
 from turboquant_jax.budget import budget_layer_bits, mean_stored_bits
+from turboquant_jax.layer_policy import window_rings
 
 LICENSES = pathlib.Path("/usr/share/common-licenses")
 PERPLEXITY_TEXT = LICENSES / "GPL-3"
@@ -104,6 +105,21 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
   share = len(layers) / cfg.num_layers
   return Method(f"turboquant {bits}, global layers {wide}", "per-layer", make, seeded=True,
                 bits=bits + share * (wide - bits))
+
+
+def local_rings(cfg, bits: float) -> Method | None:
+  """TurboQuant at `bits` (keys centred before RoPE) on the global layers, and on layers
+  with a sliding window an exact ring of that window (`layer_policy.window_rings`, what
+  decode_e2e runs); None for a model with no local layers. Its stored bits count the
+  rings at this text's length (they do not grow with the context)."""
+  if all(cfg.layer_window(i) is None for i in range(cfg.num_layers)):
+    return None
+  config = lambda seed: TurboQuantConfig(  # noqa: E731
+      key_bits=bits, value_bits=bits, center_keys="rope", seed=seed)
+  make = lambda seed: window_rings(  # noqa: E731
+      functools.partial(TurboQuantKVCache.create, config=config(seed)), cfg.layer_window)
+  return Method(f"turboquant {bits} rope-centred, local rings", "local rings", make,
+                seeded=True, bits=bits)
 
 
 def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
@@ -194,6 +210,7 @@ def run_model(name: str, args, out: dict, save) -> None:
                 tokens=args.tokens, seeds=args.seeds)
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
+  extra += [local_rings(model.cfg, b) for b in (2.5, 3.5)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
