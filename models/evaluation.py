@@ -27,6 +27,7 @@ from flax import nnx
 
 from models.generate import greedy_scan
 from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.ring_cache import RingKVCache
 
 Array = jax.Array
 MakeCache = Callable[..., Any]
@@ -107,9 +108,10 @@ def perplexity(nll: Array) -> float:
 
 def bytes_per_token(caches: Sequence[Any]) -> float:
   """K+V bytes each further token costs, over all layers and kv heads (codes, norms,
-  scales; not the per-sequence constants such as the window)."""
+  scales; not the per-sequence constants such as the window, nor a sliding-window
+  layer's ring, whose size does not grow with the context)."""
   return float(sum(c.memory_report()["bytes_per_token_per_head"] * c.num_kv_heads
-                   for c in caches))
+                   for c in caches if not isinstance(c, RingKVCache)))
 
 
 # -- needle in a haystack ------------------------------------------------------------------

@@ -64,6 +64,16 @@ def test_variants_equal_separate_runs():
   assert not np.allclose(both[0], both[1])
 
 
+def test_bytes_per_token_leaves_out_rings():
+  """A sliding-window layer's ring is a per-sequence constant, not a per-token cost."""
+  from turboquant_jax.ring_cache import RingKVCache
+  dense = DenseKVCache.create(1, 256, 2, 16, jnp.bfloat16)
+  ring = RingKVCache.create(1, 256, 2, 16, jnp.bfloat16, window=32)
+  per_dense = evaluation.bytes_per_token([dense])
+  assert per_dense == 2 * 2 * 16 * 2                       # K and V, 2 heads, bf16
+  assert evaluation.bytes_per_token([dense, ring]) == per_dense
+
+
 def test_needle_prompt_and_score():
   encode = lambda s: [ord(c) for c in s]  # noqa: E731
   filler = list(range(1000, 1500))
