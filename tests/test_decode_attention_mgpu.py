@@ -133,31 +133,10 @@ def test_kernel_with_rope_offsets_lowers_for_cuda(bits):
   assert "mosaic_gpu" in lowered(*bits, rope=True)
 
 
-def lowered_groups(key_groups, value_groups, tt, r=4, t=1024, splits=2, rope=False,
-                   table_rows=None, **kw):
+def lowered_groups(key_groups, value_groups, tt, **kw):
   """decode_partials lowered with channel groups: (bits, channels) per group and side."""
-  s = jax.ShapeDtypeStruct
-  ks = tuple(rc.TileSpec(b, tt, c) for b, c in key_groups)
-  vs = tuple(rc.TileSpec(b, c, tt) for b, c in value_groups)
-  d = sum(c for _, c in key_groups)
-  words = t // tt * rc.WORD_ROWS
-  args = (tuple(s((r, words, x.words_per_row), jnp.int32) for x in ks),
-          tuple(s((r, t), jnp.float16) for _ in ks),
-          tuple(s((r, words, x.words_per_row), jnp.int32) for x in vs),
-          tuple(s((r, t), jnp.float16) for _ in vs),
-          tuple(s((r, dm.HEADS, x.cols), jnp.float16) for x in ks),
-          s((r, 2), jnp.int32), s((r, dm.HEADS), jnp.float32),
-          s((r, dm.HEADS, d // 2), jnp.float32), s((r, dm.HEADS, d // 2), jnp.float32))
-
-  def call(*a):
-    *a, ca, cb = a
-    freq = 10000.0 ** (-jnp.arange(d // 2) * 2.0 / d)
-    return dm.decode_partials(
-        *a, key_spec=ks, value_spec=vs, key_levels=((0.04, 0.001),) * len(ks),
-        value_levels=((0.02, 0.0),) * len(vs), num_splits=splits, scale=0.1,
-        rope=dm.rope_offsets(ca, cb, freq, t, block=tt, table_rows=table_rows) if rope
-        else None, **kw)
-  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  from benchmarks import mosaic_lowering
+  return mosaic_lowering.lower(key_groups, value_groups, tt, **kw)
 
 
 @pytest.mark.parametrize("groups", [
@@ -185,41 +164,18 @@ def test_kernel_with_channel_groups_lowers_for_cuda(groups):
   assert "mosaic_gpu" in lowered_groups(**groups)
 
 
-def smem_bytes(lowered_text: str) -> int:
-  """Shared memory the lowered Mosaic GPU module asks per CTA (its scratch view)."""
-  import re
-  from jax._src.interpreters import mlir as jax_mlir
-  from jax._src.lib.mlir import ir
-  raw = re.search(r'module = "((?:[^"\\]|\\.)*)"', lowered_text).group(1)
-  data, i = bytearray(), 0
-  while i < len(raw):          # MLIR's string escapes: \\, \", \XX
-    if raw[i] == "\\" and raw[i + 1] in "\\\"":
-      data.append(ord(raw[i + 1]))
-      i += 2
-    elif raw[i] == "\\":
-      data.append(int(raw[i + 1:i + 3], 16))
-      i += 3
-    else:
-      data.append(ord(raw[i]))
-      i += 1
-  ctx = jax_mlir.make_ir_context()
-  ctx.allow_unregistered_dialects = True
-  with ctx:
-    asm = ir.Module.parse(bytes(data)).operation.get_asm(enable_debug_info=False)
-  return max(int(n) for n in re.findall(r"memref<(\d+)xi8, #gpu.address_space<workgroup>>", asm))
-
-
 def test_short_rope_table_fits_two_ctas_per_sm():
   """3.5 bits centred before RoPE: a 256-row table leaves room for one CTA per SM (228 KB,
   1 KB reserved per CTA), the measured bound on the H200; a 64-row table fits two."""
+  from benchmarks import mosaic_lowering as ml
   groups = (((4, 64), (3, 64)), ((4, 64), (3, 64)), 256)
   try:
-    full = smem_bytes(lowered_groups(*groups, rope=True))
-    short = smem_bytes(lowered_groups(*groups, rope=True, table_rows=64))
+    full, short = (ml.smem_bytes(ml.module_asm(lowered_groups(*groups, rope=True, **kw)))
+                   for kw in ({}, dict(table_rows=64)))
   except (AttributeError, ImportError, ValueError) as e:   # JAX internals moved
     pytest.skip(f"cannot read the Mosaic module here: {e}")
-  per_sm = 228 * 1024
-  assert 2 * (full + 1024) > per_sm >= 2 * (short + 1024)
+  per_cta = lambda smem: smem + ml.RESERVED_PER_CTA  # noqa: E731
+  assert 2 * per_cta(full) > ml.SMEM_PER_SM >= 2 * per_cta(short)
   assert full - short >= 32 * 1024   # the table's 64 KB became 16 (more trig and W rows)
 
 
