@@ -367,7 +367,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     tokens_per_step: tokens per pipeline step, a multiple of the tile's (fewer steps:
       fewer barriers and copies per token).
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
-      its block (the table's rows) must be the step's tokens.
+      its table's rows must divide the step's tokens (each pass holding whole table
+      blocks: one W operand and one offsets wgmma per block).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]. Rows of a split with no token: l = 0,
