@@ -150,16 +150,17 @@ def sweep_splits(ceiling) -> list[dict]:
   return rows
 
 
-# 256-token tiles (fractional widths) in two 128-token passes (the default) or one.
+# 256-token tiles (fractional widths) in two 128-token passes (the default) or one; keys
+# centred before RoPE take their offsets from a 64-row table (the default: 111,616 bytes of
+# shared memory, two CTAs per SM) or a longer one (one CTA per SM).
 SUB_STEP_CHECKS = [
-    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(sub_steps=2))),
-    (3.5, 3, 16, dict(center_keys="rope", soft_cap=20.0, kernel=dict(rope_table_rows=64))),
+    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(sub_steps=2, rope_table_rows=256))),
+    (3.5, 3, 16, dict(center_keys="rope", soft_cap=20.0)),
     (3.5, 2.5, 8, dict(soft_cap=20.0, sliding_window=700, kernel=dict(sub_steps=2)))]
 SUB_STEP_CASES = [(3.5, "quintic", "rope", dict(sub_steps=1)),
                   (3.5, "quintic", "rope", dict(sub_steps=2)),
-                  # A 64-row RoPE table: 111,616 bytes of shared memory, two CTAs per SM.
-                  (3.5, "quintic", "rope", dict(rope_table_rows=64)),
                   (3.5, "quintic", "rope", dict(rope_table_rows=128)),
+                  (3.5, "quintic", "rope", dict(rope_table_rows=256)),
                   (3.5, "quintic", "plain", dict(sub_steps=1)),
                   (3.5, "quintic", "plain", dict(sub_steps=2))]
 
@@ -193,7 +194,7 @@ def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 40
         (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
         (3.5, "quintic", "rope", {}),                    # two 128-token passes per tile
         (3.5, "quintic", "rope", dict(sub_steps=1)),     # one pass, serial groups
-        (3.5, "quintic", "rope", dict(rope_table_rows=64)),
+        (3.5, "quintic", "rope", dict(rope_table_rows=256)),
         (3.5, "quintic", "plain", {})]:
       label = f"mosaic attend K{w}/V{w} {levels}" + (
           " rope-centred" if center == "rope" else "") + "".join(

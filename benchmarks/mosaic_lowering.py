@@ -89,9 +89,10 @@ CONFIGS = {
     "K3/V3 rope": lambda: lower(((3, 128),), ((3, 128),), 128, rope=True),
     "K4/V4 rope": lambda: lower(((4, 128),), ((4, 128),), 128, rope=True),
     "3.5/3.5": lambda: lower(*G35),
-    "3.5/3.5 rope": lambda: lower(*G35, rope=True),
-    "3.5/3.5 rope, 64-row table": lambda: lower(*G35, rope=True, table_rows=64),
-    "3.5/3.5 rope, one pass": lambda: lower(*G35, rope=True, sub_steps=1),
+    # kernel_attention's default for 256-token steps: a 64-row RoPE table.
+    "3.5/3.5 rope": lambda: lower(*G35, rope=True, table_rows=64),
+    "3.5/3.5 rope, 256-row table": lambda: lower(*G35, rope=True),
+    "3.5/3.5 rope, one pass": lambda: lower(*G35, rope=True, table_rows=64, sub_steps=1),
 }
 
 

@@ -65,9 +65,9 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     # Fractional widths: two channel groups per side, 256-token tiles.
     (3.5, 2.5, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2.5, 3, 4, False, dict(soft_cap=6.0, sliding_window=None)),
-    # 256-token RoPE steps, their offsets from a 64-row table (angles composed per block).
-    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None, levels="quintic",
-                             kernel=dict(rope_table_rows=64))),
+    # 256-token RoPE steps, their offsets by default from a 64-row table (angles composed
+    # per block: test_mosaic_rope_table_rows).
+    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None, levels="quintic")),
 ])
 @pytest.mark.parametrize("fused_merge", [True, False])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
@@ -83,6 +83,26 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   kernel = kw.pop("kernel", {})
   got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge, **kw, **kernel)
   ref = cache.attend(q, implementation="reference", **kw)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits, kernel, rows", [
+    ((3, 3), {}, 128),                          # 128-token tiles: the split's own table
+    ((3.5, 3), {}, 64),                         # 256: 64 rows, two CTAs per SM
+    ((3.5, 3), dict(rope_table_rows=256), 256)])
+def test_mosaic_rope_table_rows(rng, monkeypatch, bits, kernel, rows):
+  cache = tiles_cache(rng, *bits, center_keys="rope", levels="quintic")
+  seen = []
+
+  def twin(*args, rope, **kw):
+    seen.append(rope.table.shape[0])
+    return kernel_twin(*args, rope=rope, **kw)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.float32)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, **kernel)
+  ref = cache.attend(q, implementation="reference")
+  assert seen == [rows]
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
