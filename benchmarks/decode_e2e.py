@@ -73,6 +73,12 @@ CACHES = {
         key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="rope")),
     "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
+    # 3.5-bit tiles hold 256 tokens, so the default window is 256 (decode steps defer their
+    # codes); with 128 every step re-packs a tile.
+    "tq3.5-quintic-rope-w128": functools.partial(
+        TurboQuantKVCache.create, config=TurboQuantConfig(
+            key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles",
+            center_keys="rope", window=128)),
 }
 
 

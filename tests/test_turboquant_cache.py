@@ -242,6 +242,8 @@ def test_bad_config_and_inputs(rng):
     TurboQuantConfig(key_quantizer="qjl")
   with pytest.raises(ValueError, match="window"):
     TurboQuantConfig(window=-1)
+  with pytest.raises(ValueError, match="window"):
+    TurboQuantConfig(window=True)
   with pytest.raises(ValueError, match="levels"):
     TurboQuantConfig(levels="uniform")
   cache = TurboQuantKVCache.create(B, L, HKV, D)
@@ -487,6 +489,19 @@ def test_appends_code_whole_blocks_from_the_window(layout, rng):
     for b in rows:
       np.testing.assert_array_equal(got[b, :, :ends[b] + 2], want[b, :, :ends[b] + 2])
   np.testing.assert_allclose(cache.attend(q), eager.attend(q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, layout, window, expected", [
+    (3.5, "planes", None, 128), (3, "tiles", None, 128),
+    (3.5, "tiles", None, 256),      # 256-token tiles: a window of one tile, so codes defer
+    (3.5, "tiles", 128, 128), (3, "tiles", 300, 300)])
+def test_default_window_holds_a_block(bits, layout, window, expected):
+  cfg = TurboQuantConfig(key_bits=bits, value_bits=bits, layout=layout, window=window)
+  cache = TurboQuantKVCache.create(1, 1024, HKV, 128, config=cfg)   # 3-bit tiles: 128 tokens
+  assert cache.config.window == expected == cache.window_keys.shape[2]
+  assert cache.defers_codes == (expected >= cache.code_block)
+  short = TurboQuantKVCache.create(1, 256, HKV, 128, config=cfg)   # never past the cache
+  assert short.config.window == min(expected, 256)
 
 
 def test_windows_shorter_than_a_block_code_every_append(rng):
