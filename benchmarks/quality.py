@@ -38,13 +38,14 @@ from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
-from turboquant_jax.budget import budget_layer_bits, mean_stored_bits
+from turboquant_jax.budget import budget_layer_bits, mean_stored_bits, measured_layer_bits
 from turboquant_jax.layer_policy import window_rings
 
 LICENSES = pathlib.Path("/usr/share/common-licenses")
 PERPLEXITY_TEXT = LICENSES / "GPL-3"
 HAYSTACK_TEXTS = [LICENSES / n for n in ("Apache-2.0", "GFDL-1.3", "MPL-2.0", "LGPL-2.1",
                                          "Artistic", "GPL-2")]
+MEASURED_PROMPT = 256   # tokens the measured budget looks at
 MODELS = {"smollm2": gguf_loader.smollm2_path, "gemma3": gguf_loader.gemma3_270m_path}
 
 
@@ -136,6 +137,33 @@ def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
                 bits=mean_stored_bits(layer_bits, cfg.head_dim, config))
 
 
+def measured(model, prompt, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
+             suffix: str = "") -> Method:
+  """TurboQuant with a stored-bits budget spread over the layers by what the sequence's
+  own first tokens show (`budget.measured_layer_bits` on `prompt`, [1, T] token ids: the
+  first tokens of the evaluated text, as a cache would see its prompt). The errors depend
+  on the rotations, and the choices of different seeds differ in a few layers; the seeds
+  share the choice made with seed 0's rotations (the harness runs the seeds as one stacked
+  model, which needs one cache structure), so their spread is that of the rotations."""
+  cfg = model.cfg
+  qkv = functools.cache(lambda: evaluation.layer_qkv(model, prompt))
+
+  @functools.cache
+  def layer_bits(seed):
+    bits, _ = measured_layer_bits(
+        budget, qkv(), config=dataclasses.replace(config, seed=seed),
+        layer_window=cfg.layer_window, layer_rope=cfg.layer_rope, scale=cfg.scale,
+        soft_cap=cfg.attn_soft_cap)
+    print(f"measured budget {budget} seed {seed}: "
+          + " ".join(f"{k}/{v}" for k, v in bits.values()), flush=True)
+    return bits
+
+  make = lambda seed: turboquant_per_layer(  # noqa: E731
+      dataclasses.replace(config, seed=seed), layer_bits=layer_bits(0))
+  return Method(f"turboquant measured budget {budget}{suffix}", "measured budget" + suffix,
+                make, seeded=True, bits=budget)
+
+
 # What the Mosaic GPU kernel serves: integer widths, cubic levels, codes in tiles.
 MOSAIC_CONFIG = TurboQuantConfig(key_bits=3, value_bits=3, levels="cubic", layout="tiles")
 
@@ -215,6 +243,8 @@ def run_model(name: str, args, out: dict, save) -> None:
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
+  # Widths per layer from the text's first tokens (what the cache sees of its prompt).
+  extra += [measured(model, tokens[:, :MEASURED_PROMPT], b) for b in (2.5, 3.0, 3.5)]
   chosen = [m for m in methods() + [m for m in extra if m is not None]
             if not (args.only or args.exact) or any(s in m.name for s in args.only or ())
             or m.name in (args.exact or ())]

@@ -2,13 +2,15 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from models import Decoder
+from models import Decoder, evaluation
 from tests.test_decoder import TINY
 from turboquant_jax import TurboQuantConfig, turboquant_per_layer
-from turboquant_jax.budget import budget_layer_bits, mean_stored_bits, stored_bits
+from turboquant_jax.budget import (allocate_bits, budget_layer_bits, mean_stored_bits,
+                                   measured_layer_bits, stored_bits, width_errors)
 from turboquant_jax.channel_split import CACHE_BITS
 
 
@@ -88,3 +90,96 @@ def test_tiles_budgets_use_integer_widths_and_other_subsets_are_honoured():
     budget_layer_bits(3.0, 4, 64, widths=(3, 3.25))
   with pytest.raises(ValueError, match="subset"):
     budget_layer_bits(3.0, 4, 64, widths=())
+
+
+def _upgrade_fits(bits, errors, costs, widths, budget):
+  """Whether some side of some layer could still move to a wider width that removes error
+  and stays within the budget."""
+  spent = sum(costs[widths.index(b), side] for kv in bits.values()
+              for side, b in enumerate(kv))
+  for layer, kv in bits.items():
+    for side, b in enumerate(kv):
+      i = widths.index(b)
+      for j in range(i + 1, len(widths)):
+        fits = spent + costs[j, side] - costs[i, side] <= budget * 2 * len(bits) + 1e-9
+        if fits and errors[layer][side][j] < errors[layer][side][i]:
+          return True
+  return False
+
+
+def test_allocate_bits_spends_where_the_errors_fall():
+  widths = [2, 3, 4]
+  costs = np.array([[2.25, 2.25], [3.25, 3.25], [4.25, 4.25]])
+  curve = np.array([0.1, 0.05, 0.025])
+  errors = {layer: np.stack([curve, curve]) for layer in range(4)}
+  errors[2] = errors[2] * 10                     # layer 2 loses 10x more on both sides
+  errors[1] = np.stack([4 * curve, curve])       # layer 1's keys 4x
+  bits = allocate_bits(errors, costs, 3.25, widths)   # the cost of uniform 3 bits
+  assert bits[2] == (4, 4) and bits[1][0] == 4
+  assert bits[3] == (2, 2)                       # the cheapest layers pay for them
+  spent = sum(costs[widths.index(b), 0] for kv in bits.values() for b in kv) / 8
+  assert spent <= 3.25 + 1e-9
+  assert not _upgrade_fits(bits, errors, costs, widths, 3.25)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_allocate_bits_leaves_no_useful_step_that_fits(seed):
+  rng = np.random.default_rng(seed)
+  widths = [2, 2.5, 3, 3.5, 4]
+  costs = np.array([stored_bits(TurboQuantConfig(key_bits=b, value_bits=b), 64) for b in widths])
+  errors = {layer: np.sort(rng.exponential(size=(2, 5)), axis=1)[:, ::-1] for layer in range(6)}
+  errors[0][0, 2] = errors[0][0, 1] * 1.5        # not monotone: a wider width may be worse
+  for budget in (2.5, 3.0, 3.5, 4.0):
+    bits = allocate_bits(errors, costs, budget, widths)
+    assert mean_stored_bits(bits, 64) <= budget + 1e-9
+    assert not _upgrade_fits(bits, errors, costs, widths, budget)
+
+
+def test_allocate_bits_rejects_bad_input():
+  widths, costs = [2, 3], np.array([[2.25, 2.25], [3.25, 3.25]])
+  good = {0: np.ones((2, 2))}
+  with pytest.raises(ValueError, match="narrowest"):
+    allocate_bits(good, costs, 2.0, widths)
+  with pytest.raises(ValueError, match="finite"):
+    allocate_bits({0: np.array([[1.0, np.nan], [1.0, 0.5]])}, costs, 3.0, widths)
+  with pytest.raises(ValueError, match="finite"):
+    allocate_bits({0: np.ones((2, 3))}, costs, 3.0, widths)
+  with pytest.raises(ValueError, match="costs"):
+    allocate_bits(good, costs[:1], 3.0, widths)
+  with pytest.raises(ValueError, match="at least one"):
+    allocate_bits({}, costs, 3.0, widths)
+
+
+def test_width_errors_fall_with_width_and_keep_the_sides_apart():
+  rng = np.random.default_rng(0)
+  b, t, hq, hkv, d = 1, 64, 4, 2, 32
+  q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) * 2, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+  cfg = TurboQuantConfig()
+  e = width_errors(q, k, v, config=cfg, widths=(2, 3, 4))
+  assert e.shape == (2, 3) and np.all(e > 0)
+  assert np.all(e[:, 2] < e[:, 0] / 4)                 # 4 bits lose far less than 2
+  # Every token the same value: the keys cannot change the output, only the values can.
+  same = jnp.broadcast_to(v[:, :1], v.shape)
+  e = width_errors(q, k, same, config=cfg, widths=(2, 4))
+  assert np.all(e[0] < 1e-10) and np.all(e[1] > 1e-6)
+
+
+def test_measured_budget_on_a_decoder():
+  cfg = TINY["gemma"]
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 32), 0, cfg.vocab_size)
+  qkv = evaluation.layer_qkv(model, tokens)
+  base = TurboQuantConfig(window=4)
+  bits, errors = measured_layer_bits(
+      3.4, qkv, config=base, widths=(4, 2, 3), layer_window=cfg.layer_window,
+      layer_rope=cfg.layer_rope, scale=cfg.scale, soft_cap=cfg.attn_soft_cap)
+  assert mean_stored_bits(bits, cfg.head_dim, base) <= 3.4 + 1e-9
+  assert set(errors) == {0, 1, 2} and {b for kv in bits.values() for b in kv} <= {2, 3, 4}
+  # Local layers (5-token windows, 4 of them exact) weigh a fifth of their error.
+  raw = width_errors(*qkv[0], config=base, widths=[2, 3, 4], rope=cfg.layer_rope(0),
+                     scale=cfg.scale, sliding_window=5, soft_cap=cfg.attn_soft_cap)
+  np.testing.assert_allclose(errors[0], raw * 0.2, rtol=1e-6)
+  caches = model.init_caches(1, 64, turboquant_per_layer(base, layer_bits=bits))
+  assert [(c.config.key_bits, c.config.value_bits) for c in caches] == list(bits.values())

@@ -26,10 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from turboquant_jax.channel_split import CACHE_BITS
-from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.turboquant_cache import WINDOW, TurboQuantConfig, TurboQuantKVCache
+
+Array = jax.Array
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,3 +105,125 @@ def mean_stored_bits(layer_bits: dict[int, tuple[float, float]], head_dim: int,
           for kb, vb in layer_bits.values()]
   bits = [k + v for k, v in bits]
   return sum(bits) / (2 * len(bits))
+
+
+# -- widths from what the first window shows ----------------------------------------------
+
+def width_errors(q: Array, k: Array, v: Array, *, config: TurboQuantConfig,
+                 widths: Sequence[float], rope=None, scale: float | None = None,
+                 sliding_window: int | None = None, soft_cap: float | None = None,
+                 num_queries: int | None = None) -> np.ndarray:
+  """Attention-output error of one layer per side and width, from its own tokens.
+
+  q [B, T, Hq, D], k, v [B, T, Hkv, D]: what entered the layer's attention on the first
+  tokens a sequence holds (its prompt). For each width, a cache of that width with no
+  exact window (sinks kept) reconstructs the keys and values; the error of the keys is the
+  relative squared error of the attention output of the last `num_queries` queries (default
+  half of T) with reconstructed keys and exact values, the values' the other way round.
+
+  Returns float64 [2, len(widths)]: row 0 keys, row 1 values.
+  """
+  b, t, hkv, d = k.shape
+  n = t // 2 if num_queries is None else min(num_queries, t)
+  qpos = jnp.broadcast_to(jnp.arange(t - n, t, dtype=jnp.int32), (b, n))
+  kw = dict(q_positions=qpos, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+  def attend(keys, values):   # keys, values head-major [B, H, T, D]
+    dense = DenseKVCache.create(b, t, hkv, d).update(
+        jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2))
+    return dense.attend(q[:, t - n:], **kw).astype(jnp.float32)
+
+  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+  exact_k, exact_v = jnp.swapaxes(k32, 1, 2), jnp.swapaxes(v32, 1, 2)
+  ref = attend(exact_k, exact_v)
+  denom = float(jnp.sum(ref**2))
+  out = np.zeros((2, len(widths)))
+  for i, w in enumerate(widths):
+    cfg = dataclasses.replace(config, key_bits=w, value_bits=w, window=0)
+    cache = TurboQuantKVCache.create(b, t, hkv, d, config=cfg, rope=rope).update(k32, v32)
+    keys, values = cache.reconstruct()
+    out[0, i] = float(jnp.sum((attend(keys, exact_v) - ref) ** 2)) / max(denom, 1e-30)
+    out[1, i] = float(jnp.sum((attend(exact_k, values) - ref) ** 2)) / max(denom, 1e-30)
+  return out
+
+
+def allocate_bits(errors: Mapping[int, np.ndarray], costs: np.ndarray, budget: float,
+                  widths: Sequence[float]) -> dict[int, tuple[float, float]]:
+  """{layer: (key_bits, value_bits)} that spend at most `budget` mean stored bits per
+  cached coordinate where the measured errors fall most.
+
+  errors: per layer float [2, W] (keys, values) error at each width (`width_errors`,
+  weighted as the caller sees fit); costs: float [W, 2] stored bits per coordinate of
+  each width on keys and values (`stored_bits`). Every side starts at the narrowest
+  width; then, greedily, the step (one side of one layer to any wider width) with the
+  largest error removed per stored bit that still fits is taken, until none that removes
+  error fits. Layers count equally (same head size and kv heads).
+  """
+  costs = np.asarray(costs, np.float64)
+  layers = sorted(errors)
+  if not layers:
+    raise ValueError("errors must hold at least one layer")
+  if costs.shape != (len(widths), 2):
+    raise ValueError(f"costs must be [{len(widths)}, 2], got {costs.shape}")
+  if costs[0].sum() / 2 > budget + 1e-9:
+    raise ValueError(f"a budget of {budget} bits is below the narrowest width "
+                     f"({costs[0].sum() / 2:.3f} stored bits at {widths[0]})")
+  for layer in layers:
+    e = np.asarray(errors[layer], np.float64)
+    if e.shape != (2, len(widths)) or not np.all(np.isfinite(e)):
+      raise ValueError(f"layer {layer}: errors must be finite [2, {len(widths)}], got "
+                       f"{e.shape}")
+  chosen = {(layer, side): 0 for layer in layers for side in (0, 1)}
+  limit = budget * 2 * len(layers) + 1e-9
+  spent = costs[0].sum() * len(layers)
+  while True:
+    best, best_rate = None, 0.0
+    for (layer, side), i in chosen.items():
+      e = errors[layer][side]
+      for j in range(i + 1, len(widths)):
+        step = costs[j, side] - costs[i, side]
+        gain = e[i] - e[j]
+        if spent + step <= limit and gain > 0 and gain / step > best_rate:
+          best, best_rate = ((layer, side), j, step), gain / step
+    if best is None:
+      break
+    item, j, step = best
+    chosen[item], spent = j, spent + step
+  return {layer: (widths[chosen[layer, 0]], widths[chosen[layer, 1]]) for layer in layers}
+
+
+def measured_layer_bits(budget: float, layer_qkv: Sequence[tuple[Array, Array, Array]], *,
+                        config: TurboQuantConfig = TurboQuantConfig(),
+                        widths: Sequence[float] | None = None,
+                        layer_window: Callable[[int], int | None] | None = None,
+                        layer_rope: Callable[[int], object] | None = None,
+                        scale: float | None = None, soft_cap: float | None = None,
+                        ) -> tuple[dict[int, tuple[float, float]], dict[int, np.ndarray]]:
+  """Widths per layer chosen from the sequence's own first tokens, within `budget`.
+
+  layer_qkv: per layer (q, k, v) of the prompt (`models.evaluation.layer_qkv`); the choice
+  uses nothing else (no calibration data, no offline pass) and is made once: the caches
+  are then created with it (their shapes are static). A sliding-window layer's errors are
+  weighted by the share of its window that is read from codes once the context is long,
+  (window - exact window) / window; a global layer's by 1.
+
+  Returns ({layer: (key_bits, value_bits)}, {layer: weighted errors [2, W]}).
+  """
+  if widths is None:
+    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
+  widths = sorted(set(widths))
+  if not widths or any(b not in CACHE_BITS for b in widths):
+    raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
+  head_dim = layer_qkv[0][1].shape[-1]
+  costs = np.array([stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b),
+                                head_dim) for b in widths])
+  exact = config.window if config.window is not None else WINDOW
+  errors = {}
+  for layer, (q, k, v) in enumerate(layer_qkv):
+    window = layer_window(layer) if layer_window is not None else None
+    rope = layer_rope(layer) if layer_rope is not None else None
+    e = width_errors(q, k, v, config=config, widths=widths, rope=rope, scale=scale,
+                     sliding_window=window, soft_cap=soft_cap)
+    weight = 1.0 if window is None else max(window - exact, 0) / window
+    errors[layer] = e * weight
+  return allocate_bits(errors, costs, budget, widths), errors
