@@ -13,7 +13,12 @@ no single step fits: the budget is never exceeded and nothing more fits in it. (
 270M, measured: its 3 global layers at 4 bits and the rest at 2.5 give +1.59% perplexity
 at 2.86 stored bits, uniform 3 bits +2.10% at 3.06.)
 
-The choice is static (made when the caches are created: buffer shapes are fixed under
+`measured_layer_bits` chooses from what the sequence's own prompt shows instead (no
+calibration data, no offline pass): per layer, side and width the attention-output error
+of the prompt's queries with that side read from a cache of that width (`width_errors`),
+then the steps that remove the most error per stored bit while they fit (`allocate_bits`).
+
+Either choice is static (made when the caches are created: buffer shapes are fixed under
 jit) and lives in each layer's `TurboQuantConfig`, so `cache.config.key_bits` and
 `memory_report` show it:
 
