@@ -58,8 +58,10 @@ def test_tiles_cache_equals_planes_cache(rng, kw):
   """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
   codes, so the same reconstruction and attention; memory counted the same."""
   b, length, h, d = 2, 512, 2, 128
-  caches = [TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout=lay, **kw))
-            for lay in ("planes", "tiles")]
+  tiles = TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout="tiles", **kw))
+  # The same window (by default the tiles' length where that is longer than 128 tokens).
+  kw = dict(kw, window=tiles.config.window)
+  caches = [TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(**kw)), tiles]
   k = jnp.asarray(rng.standard_normal((b, 300, h, d)) + 0.5, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, 300, h, d)), jnp.float32)
   caches = [c.update(k, v, num_tokens=jnp.array([300, 170])) for c in caches]
