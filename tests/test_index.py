@@ -181,8 +181,7 @@ def test_bad_input(rng):
     TurboQuantIndex(D, 1, quantizer="prod")
 
 
-@pytest.mark.parametrize("num_devices", [4, 8])
-@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("metric, num_devices", [("ip", 4), ("l2", 8)])
 def test_rows_split_over_devices_search_as_one(num_devices, metric, tmp_path):
   """Blocks round-robin over 4 or 8 host devices: the same scores, ids, re-ranking and
   reconstructions as on one device; a saved index loads onto other devices."""

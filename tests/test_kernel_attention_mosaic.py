@@ -88,8 +88,7 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
 
 @pytest.mark.parametrize("bits, kernel, rows", [
     ((3, 3), {}, 128),                          # 128-token tiles: the split's own table
-    ((3.5, 3), {}, 64),                         # 256: 64 rows, two CTAs per SM
-    ((3.5, 3), dict(rope_table_rows=256), 256)])
+    ((3.5, 3), {}, 64)])                        # 256: 64 rows, two CTAs per SM
 def test_mosaic_rope_table_rows(rng, monkeypatch, bits, kernel, rows):
   cache = tiles_cache(rng, *bits, center_keys="rope", levels="quintic")
   seen = []

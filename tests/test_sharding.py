@@ -50,7 +50,8 @@ def data(rng, t=40):
   return k, v, q
 
 
-@pytest.mark.parametrize("name,shape", [(n, (1, 4)) for n in sorted(CACHES)]
+# TurboQuant on (2, 4) only: that mesh splits heads as (1, 4) does, and batch rows too.
+@pytest.mark.parametrize("name,shape", [(n, (1, 4)) for n in sorted(CACHES) if n != "turboquant"]
                          + [("dense", (2, 4)), ("turboquant", (2, 4))])
 def test_sharded_cache_equals_one_device(name, shape, rng):
   make = CACHES[name]
