@@ -19,8 +19,6 @@ CACHES = {
     "dense": DenseKVCache.create,
     "turboquant": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3.5, value_bits=3, window=8, num_sinks=2)),
-    "turboquant_prod": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, key_quantizer="prod", window=0, num_sinks=0, center_keys=False)),
     "kivi": functools.partial(UniformKVCache.create, config=UniformConfig.kivi(4)),
 }
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
@@ -50,9 +48,11 @@ def data(rng, t=40):
   return k, v, q
 
 
-# TurboQuant on (2, 4) only: that mesh splits heads as (1, 4) does, and batch rows too.
-@pytest.mark.parametrize("name,shape", [(n, (1, 4)) for n in sorted(CACHES) if n != "turboquant"]
-                         + [("dense", (2, 4)), ("turboquant", (2, 4))])
+# Kept to what CI's 10 minutes allow: TurboQuant on (2, 4) only (that mesh splits heads as
+# (1, 4) does, and batch rows too); no QJL-keys case (their extra leaves are [B, H, L, ...]
+# arrays like the others, and such keys are not a default).
+@pytest.mark.parametrize("name,shape", [("dense", (1, 4)), ("kivi", (1, 4)), ("dense", (2, 4)),
+                                        ("turboquant", (2, 4))])
 def test_sharded_cache_equals_one_device(name, shape, rng):
   make = CACHES[name]
   m = mesh(shape)
