@@ -22,3 +22,16 @@ def rng():
 def unit_vectors(key, n, d):
   x = jax.random.normal(key, (n, d))
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# The longest files first: `--dist loadfile` hands files to the two CI workers in
+# collection order, and alphabetically the longest ones came last, so their final
+# minutes ran on one worker while the other idled.
+_LONG_FILES_FIRST = ("test_real_models.py", "test_turboquant_cache.py", "test_sharding.py",
+                     "test_models_sharding.py", "test_tile_codes.py",
+                     "test_kernel_attention_mosaic.py", "test_decode_attention.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files intact
