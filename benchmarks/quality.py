@@ -146,20 +146,19 @@ def measured(model, prompt, budget: float, config: TurboQuantConfig = TurboQuant
   share the choice made with seed 0's rotations (the harness runs the seeds as one stacked
   model, which needs one cache structure), so their spread is that of the rotations."""
   cfg = model.cfg
-  qkv = functools.cache(lambda: evaluation.layer_qkv(model, prompt))
 
-  @functools.cache
-  def layer_bits(seed):
+  @functools.cache   # measured once, when the method first runs
+  def layer_bits():
     bits, _ = measured_layer_bits(
-        budget, qkv(), config=dataclasses.replace(config, seed=seed),
+        budget, evaluation.layer_qkv(model, prompt), config=dataclasses.replace(config, seed=0),
         layer_window=cfg.layer_window, layer_rope=cfg.layer_rope, scale=cfg.scale,
         soft_cap=cfg.attn_soft_cap)
-    print(f"measured budget {budget} seed {seed}: "
-          + " ".join(f"{k}/{v}" for k, v in bits.values()), flush=True)
+    print(f"measured budget {budget}: " + " ".join(f"{k}/{v}" for k, v in bits.values()),
+          flush=True)
     return bits
 
   make = lambda seed: turboquant_per_layer(  # noqa: E731
-      dataclasses.replace(config, seed=seed), layer_bits=layer_bits(0))
+      dataclasses.replace(config, seed=seed), layer_bits=layer_bits())
   return Method(f"turboquant measured budget {budget}{suffix}", "measured budget" + suffix,
                 make, seeded=True, bits=budget)
 

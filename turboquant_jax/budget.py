@@ -44,6 +44,21 @@ from turboquant_jax.turboquant_cache import WINDOW, TurboQuantConfig, TurboQuant
 Array = jax.Array
 
 
+def _widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> list[float]:
+  """The widths to choose from, sorted: by default all, or the integer ones for tiles."""
+  if widths is None:
+    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
+  if not widths or any(b not in CACHE_BITS for b in widths):
+    raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
+  return sorted(set(widths))
+
+
+def _costs(config: TurboQuantConfig, widths: Sequence[float], head_dim: int) -> np.ndarray:
+  """float [W, 2]: stored bits of each width on keys (column 0) and values (1)."""
+  return np.array([stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b),
+                               head_dim) for b in widths])
+
+
 @functools.lru_cache(maxsize=None)
 def stored_bits(config: TurboQuantConfig, head_dim: int) -> tuple[float, float]:
   """(keys, values): bits stored per coordinate for each further token, from the buffers
@@ -70,14 +85,8 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-  if widths is None:
-    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
-  if not widths or any(b not in CACHE_BITS for b in widths):
-    raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
-  widths = sorted(set(widths))
-  # cost[i][side]: stored bits of width widths[i] on keys (0) or values (1).
-  cost = [stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b), head_dim)
-          for b in widths]
+  widths = _widths(config, widths)
+  cost = _costs(config, widths, head_dim)
   fits = [i for i, c in enumerate(cost) if sum(c) / 2 <= budget + 1e-9]
   if not fits:
     raise ValueError(f"a budget of {budget} bits is below the narrowest width "
@@ -173,8 +182,8 @@ def allocate_bits(errors: Mapping[int, np.ndarray], costs: np.ndarray, budget: f
   if costs[0].sum() / 2 > budget + 1e-9:
     raise ValueError(f"a budget of {budget} bits is below the narrowest width "
                      f"({costs[0].sum() / 2:.3f} stored bits at {widths[0]})")
-  for layer in layers:
-    e = np.asarray(errors[layer], np.float64)
+  errors = {layer: np.asarray(errors[layer], np.float64) for layer in layers}
+  for layer, e in errors.items():
     if e.shape != (2, len(widths)) or not np.all(np.isfinite(e)):
       raise ValueError(f"layer {layer}: errors must be finite [2, {len(widths)}], got "
                        f"{e.shape}")
@@ -214,14 +223,8 @@ def measured_layer_bits(budget: float, layer_qkv: Sequence[tuple[Array, Array, A
 
   Returns ({layer: (key_bits, value_bits)}, {layer: weighted errors [2, W]}).
   """
-  if widths is None:
-    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
-  widths = sorted(set(widths))
-  if not widths or any(b not in CACHE_BITS for b in widths):
-    raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
-  head_dim = layer_qkv[0][1].shape[-1]
-  costs = np.array([stored_bits(dataclasses.replace(config, key_bits=b, value_bits=b),
-                                head_dim) for b in widths])
+  widths = _widths(config, widths)
+  costs = _costs(config, widths, layer_qkv[0][1].shape[-1])
   exact = config.window if config.window is not None else WINDOW
   errors = {}
   for layer, (q, k, v) in enumerate(layer_qkv):
