@@ -192,6 +192,12 @@ def test_append_path_in_place_and_compiled_once_per_shape(chunk, layout, rng):
   # One alias per buffer of the cache (codes, norms, window, sinks, bookkeeping, ...).
   assert compiled.count("may-alias") + compiled.count("must-alias") >= len(
       jax.tree.leaves(cache))
+  # And no decode step copies the window ring around its in-place update (calibration
+  # once read the ring as it was before the write: two ring copies per step).
+  entry = compiled[compiled.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  ring = "bf16[" + ",".join(map(str, cache.window_keys.shape)) + "]"
+  assert chunk > 1 or not [x for x in entry.splitlines() if " copy(" in x and ring in x]
   import warnings
   eager = TurboQuantKVCache.create(B, length, HKV, D, jnp.bfloat16, config=config)
   with warnings.catch_warnings():

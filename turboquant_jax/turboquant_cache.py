@@ -323,11 +323,19 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     stored = (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
               self.key_codes, self.value_codes)
 
-    def calibrate():
-      return self._calibrate(kh, vh, valid, plan, first) if calibrates else stored
-
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
+
+    def calibrate():
+      if not calibrates:
+        return stored
+      if t == 1:
+        # From the updated window, so the old one need not outlive the in-place update
+        # (XLA copied both every decode step). The one slot written held no token
+        # before this position, or none calibration counts (it is not yet calibrated).
+        return self._calibrate(kh, vh, valid, plan, first,
+                               (window_keys, window_values, window_positions))
+      return self._calibrate(kh, vh, valid, plan, first)
     lengths = jnp.where(plan.ok, plan.new_lengths, self.lengths)
     n = self.code_block
     if self.defers_codes and t == 1:
@@ -415,17 +423,20 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
                              pos, count, centring)
 
   def _calibrate(self, kh: Array, vh: Array, valid: Array, plan: kv_cache.UpdatePlan,
-                 first: Array):
+                 first: Array, window: tuple[Array, Array, Array] | None = None):
     """Key and value means and channel orders of the rows in `first`, from every token they hold
     (the window before this update, then the new tokens), sinks left out since they are
-    never read from codes; the window's tokens are re-coded with them."""
+    never read from codes; the window's tokens are re-coded with them. window: (keys,
+    values, positions) to read instead of the cache's (a ring already holding the new
+    tokens: only its slots before plan.positions count)."""
     s, w = self.config.num_sinks, self.config.window
-    wp = self.window_positions
+    window_keys, window_values, wp = window or (self.window_keys, self.window_values,
+                                                self.window_positions)
     held = (wp >= 0) & (wp < plan.positions[:, None])                  # [B, W]
     new_pos = plan.positions[:, None] + jnp.arange(kh.shape[2], dtype=jnp.int32)[None, :]
-    tokens_k = jnp.concatenate([self.window_keys.astype(jnp.float32),
+    tokens_k = jnp.concatenate([window_keys.astype(jnp.float32),
                                 kh.astype(jnp.float32)], axis=2)       # [B, H, W+T, D]
-    tokens_v = jnp.concatenate([self.window_values.astype(jnp.float32),
+    tokens_v = jnp.concatenate([window_values.astype(jnp.float32),
                                 vh.astype(jnp.float32)], axis=2)
     counted = jnp.concatenate([held, valid], axis=1)
     past_sinks = counted & (jnp.concatenate([wp, new_pos], axis=1) >= s)
