@@ -284,6 +284,15 @@ def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
   scale = jnp.where(scale > 0, scale, 1.0)
   a, b = coef_a / scale[..., None], coef_b / scale[..., None]
   coef = jnp.stack([jnp.concatenate([a, b], -1), jnp.concatenate([b, -a], -1)], 1)
+  trig, table = _rope_tables(freq, t_len, block, table_rows)
+  return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
+                     scale.astype(jnp.float32), trig, table)
+
+
+@jax.ensure_compile_time_eval()
+def _rope_tables(freq: Array, t_len: int, block: int, table_rows: int) -> tuple[Array, Array]:
+  # Constants under jit when freq is (no sine or cosine kernels per call; XLA left the
+  # [T/64, D/2] tables of a 32K cache to run every call).
   starts = jnp.arange(0, t_len, block, dtype=jnp.float32)[:, None] * freq[None, :]
   cos, sin = jnp.cos(starts), jnp.sin(starts)
   if table_rows < block:   # [T/block, 1, D/2] x [1, block/m, D/2]: every table block
@@ -294,8 +303,7 @@ def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
   trig = jnp.stack([jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)], 1)
   offsets = jnp.arange(table_rows, dtype=jnp.float32)[:, None] * freq[None, :]
   table = jnp.concatenate([jnp.cos(offsets), jnp.sin(offsets)], -1).astype(jnp.float16)
-  return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
-                     scale.astype(jnp.float32), trig, table)
+  return trig, table
 
 
 def rope_offsets_dense(rope: RopeOffsets) -> Array:

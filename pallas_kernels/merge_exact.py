@@ -72,11 +72,12 @@ def _unrolled(n, body, init):
 
 
 def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_mean,
-            ):
+            has_perm):
   q_ref, o_ref, l_ref, m_ref, qpos_ref, rot_ref = refs[:6]
   parts = [refs[6 + 3 * i: 9 + 3 * i] for i in range(num_parts)]
-  rest = refs[6 + 3 * num_parts:]
-  mean_ref = rest[0] if has_mean else None
+  rest = list(refs[6 + 3 * num_parts:])
+  mean_ref = rest.pop(0) if has_mean else None
+  perm_ref = rest.pop(0) if has_perm else None
   out_ref = rest[-1]
   d = o_ref.shape[1]
 
@@ -119,7 +120,11 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
 
   acc, l_total = loop(steps, add_chunk,
                       (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32)))
-  out = dot(rot_ref[...], acc, _TN)           # rotated back (and into channel order)
+  out = dot(rot_ref[...], acc, _TN)           # rotated back
+  if has_perm:   # rotated channel i is output channel perm[i]: a one-hot product
+    perm = perm_ref[...]
+    onehot = (perm[:, None] == jax.lax.broadcasted_iota(jnp.int32, (d, d), 1))
+    out = dot(onehot.astype(jnp.float32), out, _TN)
   if has_mean:
     out += mean_ref[...][:, None] * l_total[None, :]
   for s, mask, v_ref in scored:
@@ -133,7 +138,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                 unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
                 heads: int, scale: float, soft_cap: float | None = None,
                 sliding_window: int | None = None, value_mean: Array | None = None,
-                interpret: bool = False, num_warps: int = 8) -> Array:
+                value_perm: Array | None = None, interpret: bool = False,
+                num_warps: int = 8) -> Array:
   """Attention output of each kv-head row: its split partials and its exact tokens merged.
 
   R = batch x `heads` kv-head rows, M query rows each (a power of two), S splits, D
@@ -146,11 +152,14 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
       maxima (`decode_attention_mgpu`'s outputs; an empty split has l = 0, o = 0).
     q_positions: int32 [B, M], each row's position.
     unrotation: float32 [D, D]: a rotated-domain row vector x maps to x @ unrotation in
-      the output's channel order.
+      the output's channel order (or value_perm's order; block-diagonal for channel
+      groups).
     exact: per exact part (window, sinks), keys and values [R, n, D] (any float dtype) and
       int32 positions [B, n] (HIDDEN for a slot no query may see: a slot is seen by a row
       at position p when its position is <= p and, with a sliding window, > p - window).
     value_mean: float32 [R, D], added to the compressed tokens' values (value centering).
+    value_perm: int32 [R, D]: per row, channel i of x @ unrotation is output channel
+      value_perm[i] (channel groups' outlier order, `channel_split`); None: identity.
 
   Returns:
     float32 [R, D, M]: softmax(scores) · values over all tokens, transposed; 0 for a row
@@ -182,12 +191,18 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                        f"{pos.shape} do not fit q {q.shape}")
     in_specs += [pl.BlockSpec((None, n, d), row)] * 2 + [pl.BlockSpec((None, n), batch)]
     args += [keys, values, pos.astype(jnp.int32)]
-  if value_mean is not None:
+  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
+                         ("value_perm", value_perm, jnp.int32)):
+    if x is None:
+      continue
+    if x.shape != (r, d):
+      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
     in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
-    args.append(value_mean.astype(jnp.float32))
+    args.append(x.astype(dtype))
   kernel = functools.partial(
       _kernel, num_parts=len(exact), num_splits=s_splits, scale=scale, soft_cap=soft_cap,
-      sliding_window=sliding_window, has_mean=value_mean is not None)
+      sliding_window=sliding_window, has_mean=value_mean is not None,
+      has_perm=value_perm is not None)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -201,7 +216,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
 
 
 def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, scale,
-                          soft_cap=None, sliding_window=None, value_mean=None, **unused):
+                          soft_cap=None, sliding_window=None, value_mean=None,
+                          value_perm=None, **unused):
   """`merge_exact` in plain jnp (float32, HIGHEST): the ground truth of the tests."""
   del unused
   r, rows, d = q.shape
@@ -223,6 +239,9 @@ def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, 
   l_total = (l * w).sum(axis=1)
   acc = (o * w[:, :, None, :]).sum(axis=1)                          # [R, D, M]
   out = jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST)
+  if value_perm is not None:
+    idx = jnp.broadcast_to(value_perm[:, None, :], out.shape)
+    out = jnp.put_along_axis(jnp.zeros_like(out), idx, out, axis=-1, inplace=False)
   if value_mean is not None:
     out += l_total[..., None] * value_mean[:, None, :]
   for s, mask, values in scores:

@@ -29,6 +29,24 @@ def test_split_quantizer_round_trip_and_scores(kind, bits, rng):
                              jnp.einsum("bqn,bnd->bqd", w, q.dequantize(codes)), atol=1e-5)
 
 
+@pytest.mark.parametrize("rotation", ["haar", "hadamard"])
+def test_group_rotations_as_one_block_diagonal_product(rotation, rng):
+  """Dense rotations go through one block-diagonal product (decode glue): the same
+  transforms as each group's own, and the unrotation matrix inverts them."""
+  q = channel_split.SplitQuantizer.create(jax.random.PRNGKey(3), 64, 3.5, rotation=rotation)
+  x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+  got = q.transform_queries(x)
+  for g, part, want in zip(q.groups, got, q._split(x)):
+    np.testing.assert_allclose(part, g.rotate_queries(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(q.unrotate(got), x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate(got, -1) @ q.unrotation_matrix(), x,
+                             rtol=1e-5, atol=1e-5)
+  perm = jnp.asarray(np.stack([rng.permutation(64) for _ in range(6)]).reshape(2, 3, 64))
+  y = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.float32)
+  back = channel_split.unpermute_channels(channel_split.permute_channels(y, perm), perm)
+  np.testing.assert_array_equal(back, y)
+
+
 def test_fractional_distortion_sits_between_integer_widths():
   x = jax.random.normal(jax.random.PRNGKey(1), (4000, 128))
   x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)

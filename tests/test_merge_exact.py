@@ -34,11 +34,15 @@ def inputs(rng, rows=4, splits=5, sizes=(16, 4)):
     (4, 5, (16, 4), dict()),
     (8, 12, (32,), dict(soft_cap=3.0, sliding_window=25)),
     (2, 32, (16, 1), dict(mean=True)),
+    (4, 3, (16, 4), dict(mean=True, perm=True)),    # channel groups' outlier order
 ])
 def test_merge_matches_reference(rng, rows, splits, sizes, kw):
   q, o, l, m, qpos, rot, exact = inputs(rng, rows=rows, splits=splits, sizes=sizes)
   if kw.pop("mean", False):
     kw["value_mean"] = jnp.asarray(rng.standard_normal((B * H, D)), jnp.float32)
+  if kw.pop("perm", False):
+    kw["value_perm"] = jnp.asarray(np.stack([rng.permutation(D) for _ in range(B * H)]),
+                                   jnp.int32)
   got = me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, interpret=True,
                        **kw)
   ref = me.merge_exact_reference(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, **kw)
@@ -101,5 +105,8 @@ def test_errors(rng):
   with pytest.raises(ValueError, match="do not fit q"):
     bad = ((exact[0][0], exact[0][1][:, :8], exact[0][2]),)
     me.merge_exact(q, o, l, m, qpos, rot, bad, heads=H, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="value_perm must be"):
+    me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=1.0, interpret=True,
+                   value_perm=jnp.zeros((B * H, D - 1), jnp.int32))
   assert "head_dim" in me.unsupported(4, 96, (16,))
   assert me.unsupported(4, 128, (128, 4)) is None

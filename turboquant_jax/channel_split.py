@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from turboquant_jax.quantizers import MSEQuantizer, ProdQuantizer
+from turboquant_jax.rotation import HaarRotation
 
 Array = jax.Array
 
@@ -98,8 +99,27 @@ class SplitQuantizer:
   def dequantize(self, codes: tuple[Any, ...], dtype=jnp.float32) -> Array:
     return jnp.concatenate([g.dequantize(c, dtype) for g, c in zip(self.groups, codes)], -1)
 
+  def _rotations(self) -> list[Any]:
+    return [g.rotation if self.kind == "mse" else g.mse.rotation for g in self.groups]
+
+  def unrotation_matrix(self) -> Array:
+    """[d, d] block-diagonal: a row vector of the groups' rotated parts side by side, times
+    this, is the vector in the groups' channel order (each group's Πᵀ applied)."""
+    return jax.scipy.linalg.block_diag(*(r.as_matrix() for r in self._rotations()))
+
+  def _dense_blocks(self) -> bool:
+    # Dense rotations of two or more groups: one product with the block-diagonal matrix
+    # costs one small matmul kernel where one per group cost several (decode glue).
+    return self.is_split and all(isinstance(r, HaarRotation) for r in self._rotations())
+
   def transform_queries(self, q: Array) -> tuple[Any, ...]:
     """Per group, the query transforms its estimator needs (Π·q, and S·Π·q for prod)."""
+    if self.kind == "mse" and self._dense_blocks():
+      if q.shape[-1] != self.dim:
+        raise ValueError(f"q must have last axis {self.dim}, got shape {q.shape}")
+      rotated = jnp.matmul(q.astype(jnp.float32), self.unrotation_matrix().T,
+                           precision=_HIGHEST)                   # Π_g·q_g side by side
+      return tuple(self._split(rotated))
     return tuple(g.rotate_queries(part) for g, part in zip(self.groups, self._split(q)))
 
   def scores(self, q_transformed: tuple[Any, ...], codes: tuple[Any, ...]) -> Array:
@@ -118,11 +138,11 @@ class SplitQuantizer:
 
   def unrotate(self, parts: tuple[Array, ...]) -> Array:
     """One inverse rotation per group, then the groups side by side: [..., d]."""
-    if self.kind == "mse":
-      rotations = [g.rotation for g in self.groups]
-    else:
-      rotations = [g.mse.rotation for g in self.groups]
-    return jnp.concatenate([r.unrotate(p) for r, p in zip(rotations, parts)], axis=-1)
+    if self._dense_blocks():
+      return jnp.matmul(jnp.concatenate(parts, axis=-1), self.unrotation_matrix(),
+                        precision=_HIGHEST)
+    return jnp.concatenate([r.unrotate(p) for r, p in zip(self._rotations(), parts)],
+                           axis=-1)
 
 
 def outlier_permutation(x: Array, valid: Array, num_outliers: int) -> Array:
@@ -159,4 +179,6 @@ def unpermute_channels(x: Array, perm: Array | None) -> Array:
   """The inverse of `permute_channels`."""
   if perm is None:
     return x
-  return permute_channels(x, jnp.argsort(perm, axis=-1))
+  # A scatter: the inverse order by argsort costs a sort kernel per call (decode glue).
+  idx = jnp.broadcast_to(perm[:, :, None, :], x.shape)
+  return jnp.put_along_axis(jnp.zeros_like(x), idx, x, axis=-1, inplace=False)

@@ -179,11 +179,12 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   steps = cache.max_len // tt
   if num_splits is None:
     num_splits = _mosaic_splits(steps, b * h)
+  # Zero query rows up to wgmma's N = 8, padded once here (their transforms are zeros).
+  qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
   q_parts, qoff = query_parts(cache, qf)
-  extra = mosaic.HEADS - rows                     # zero rows up to wgmma's N = 8
-  q = tuple(jnp.pad(p.reshape(b * h, rows, p.shape[-1]), ((0, 0), (0, extra), (0, 0))
-                    ).astype(jnp.float16) for p, _ in q_parts)
-  qoff = jnp.pad(qoff.reshape(b * h, rows), ((0, 0), (0, extra)))
+  q = tuple(p.reshape(b * h, mosaic.HEADS, p.shape[-1]).astype(jnp.float16)
+            for p, _ in q_parts)
+  qoff = qoff.reshape(b * h, mosaic.HEADS)
   # One position per row (decode): the compressed range, causal and windowed.
   pos = q_positions[:, 0]
   lo, hi = _compressed_range(cache)
@@ -194,14 +195,14 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
   rope = None
   if cache.key_mean is not None and cache.rope is not None:
-    pad_rows = lambda x: jnp.pad(flat(x), ((0, 0), (0, extra), (0, 0)))  # noqa: E731
     coef_a, coef_b = rope_coefficients(cache, qf)
     # One angle per kernel step: the cache split its centering offsets the same way.
     if rope_table_rows is None and cache.rope_split > 128:
       rope_table_rows = ROPE_TABLE_ROWS
-    rope = mosaic.rope_offsets(pad_rows(coef_a), pad_rows(coef_b),
-                               cache.rope.frequencies(d), cache.max_len, cache.rope_split,
-                               table_rows=rope_table_rows)
+    with jax.ensure_compile_time_eval():   # the angle tables become constants
+      freq = cache.rope.frequencies(d)
+    rope = mosaic.rope_offsets(flat(coef_a), flat(coef_b), freq, cache.max_len,
+                               cache.rope_split, table_rows=rope_table_rows)
   return mosaic.decode_partials(
       tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
       tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,
@@ -274,8 +275,6 @@ def _pow2_at_least(n: int) -> int:
 def merge_unsupported(cache, rows: int) -> str | None:
   """Why `merge_exact` cannot finish a Mosaic call with `rows` query rows per kv head
   over this cache (None: it can)."""
-  if cache.value_perm is not None:
-    return "values are split into channel groups"
   sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2]) if n)
   return merge_exact.unsupported(_pow2_at_least(rows), cache.head_dim, sizes)
 
@@ -306,9 +305,10 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
   mean = None if cache.value_mean is None else cache.value_mean.reshape(b * h, d)
   if merge_interpret is None:
     merge_interpret = jax.default_backend() != "gpu"
+  perm = None if cache.value_perm is None else cache.value_perm.reshape(b * h, d)
   out = merge_exact.merge_exact(
-      q, o, l, m, qpos, cache.value_quantizer.groups[0].rotation.as_matrix(), exact,
-      heads=h, value_mean=mean, interpret=merge_interpret, **common)
+      q, o, l, m, qpos, cache.value_quantizer.unrotation_matrix(), exact, heads=h,
+      value_mean=mean, value_perm=perm, interpret=merge_interpret, **common)
   return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
 
 
