@@ -104,6 +104,8 @@ class RopeTable256Cache(TurboQuantKVCache):
 # Variants timed only when named in --caches.
 CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
+CACHES["tq3.5-quintic-rope-merge-kernel"] = functools.partial(
+    MergeKernelCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 CACHES["tq3.5-quintic-rope-table256"] = functools.partial(
     RopeTable256Cache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-quintic-rope",
@@ -356,19 +358,20 @@ def time_prefill_append(cfg, cache_name, batch, chunk, max_len, key, ceiling) ->
 
 # -- checks ---------------------------------------------------------------------------------
 
-def check_correctness() -> list[dict]:
+def check_correctness(names=None) -> list[dict]:
   """cuDNN dense attention vs the jnp reference, and the Pallas path vs the reference,
   on fresh random caches with ragged lengths (decode, windowed decode, a 4-token chunk):
   a ragged prefill, then 150 single-token appends (every row completes a 128-token block
-  on the way, so the codes a decode step defers to the window are written and read)."""
+  on the way, so the codes a decode step defers to the window are written and read).
+  names: the caches to check (default every one in CACHES)."""
   rng = np.random.default_rng(0)
   rows = []
   b, t, h, hq, d = 3, 1024, 4, 16, 128
   k = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
   lengths = jnp.array([800, 700, 33])
-  for name, make in CACHES.items():
-    cache = make(b, t, h, d, jnp.bfloat16).update(k, v, num_tokens=lengths)
+  for name in names or CACHES:
+    cache = CACHES[name](b, t, h, d, jnp.bfloat16).update(k, v, num_tokens=lengths)
     cache = appends(cache, k[:, :1], 150)
     for tq, window in ((1, None), (1, 100), (4, None)):
       q = jnp.asarray(rng.standard_normal((b, tq, hq, d)), jnp.bfloat16)
@@ -460,6 +463,8 @@ def main(argv=None):
                       help="only decode steps, the caches timed in alternation at each point "
                            "(paired_steps), written to decode_e2e_paired_<platform>.json")
   parser.add_argument("--rounds", type=int, default=8, help="rounds of --paired")
+  parser.add_argument("--check-caches", action="store_true",
+                      help="--check-only checks the --caches list, not every cache")
   parser.add_argument("--check-only", action="store_true",
                       help="only the correctness check, written to decode_e2e_check_<platform>"
                            ".json")
@@ -494,7 +499,7 @@ def main(argv=None):
     common.print_table(rows, list(rows[0]))
     return
   if args.check_only:
-    rows = check_correctness()
+    rows = check_correctness(args.caches.split(",") if args.check_caches else None)
     common.write_result("decode_e2e_check", {"correctness": rows}, out_dir)
     worst = max(rows, key=lambda r: r["rel_err"])
     log(f"{len(rows)} checks, all finite: {all(r['finite'] for r in rows)}, worst "

@@ -165,6 +165,17 @@ SUB_STEP_CASES = [(3.5, "quintic", "rope", dict(sub_steps=1)),
                   (3.5, "quintic", "plain", dict(sub_steps=2))]
 
 
+# The epilogue kernel (`merge_exact`) on channel groups (block-diagonal unrotation and the
+# values' outlier order), against the jnp merge, the default 3.5-bit cache.
+MERGE_CHECKS = [
+    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(fused_merge=True))),
+    (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900,
+                        kernel=dict(fused_merge=True))),
+    (2.5, 3, 8, dict(center_values=True, kernel=dict(fused_merge=True)))]
+MERGE_CASES = [(3.5, "quintic", "rope", {}), (3.5, "quintic", "rope", dict(fused_merge=True)),
+               (3, "cubic", "rope", {}), (3, "cubic", "rope", dict(fused_merge=True))]
+
+
 def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
                ) -> tuple[list[dict], list[dict]]:
   """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
@@ -221,20 +232,29 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true")
   p.add_argument("--levels", action="store_true",
                  help="only quintic vs cubic levels (written as mosaic_attend_levels_<platform>)")
+  p.add_argument("--merge", action="store_true",
+                 help="only the merge kernel on channel groups vs the jnp merge "
+                      "(mosaic_attend_merge_groups_*)")
   p.add_argument("--sub-steps", action="store_true",
                  help="only 256-token tiles' passes and RoPE tables, 8 x 32K "
                       "(mosaic_attend_sub_steps_*)")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
-  if args.levels or args.sub_steps:
+  if args.levels or args.sub_steps or args.merge:
     ceiling = read_ceiling()
     if args.sub_steps:
       checks, rows = levels_run(ceiling, SUB_STEP_CHECKS, SUB_STEP_CASES, [(8, 32768)])
+      name = "mosaic_attend_sub_steps"
+    elif args.merge:
+      checks, rows = levels_run(ceiling, MERGE_CHECKS, MERGE_CASES,
+                                [(8, 32768), (8, 4096), (1, 4096)])
+      name = "mosaic_attend_merge_groups"
     else:
       checks, rows = levels_run(ceiling)
-    common.write_result("mosaic_attend_sub_steps" if args.sub_steps else "mosaic_attend_levels",
-                        dict(read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
+      name = "mosaic_attend_levels"
+    common.write_result(name, dict(read_ceiling_bytes_per_s=ceiling, checks=checks,
+                                   timings=rows))
     common.print_table(checks, ["bits_k", "bits_v", "q_heads", "levels", "soft_cap",
                                 "sliding_window", "center_keys", "rel_err", "ok"])
     common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
