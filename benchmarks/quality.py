@@ -82,6 +82,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if kw.get("center_values"):
     name += " centred values"
     family += " centred values"
+  if "num_sinks" in kw:
+    name += f" sinks {kw['num_sinks']}"
+    family += " sinks sweep"
   make = lambda seed: functools.partial(  # noqa: E731
       TurboQuantKVCache.create, config=TurboQuantConfig(
           key_bits=bits_k, value_bits=bits_v, key_quantizer=key_quantizer, seed=seed, **kw))
@@ -194,6 +197,8 @@ def methods() -> list[Method]:
       *[tq(3.5, center_keys="rope", window=w) for w in (32, 64, 256)],
       # Values centred too (their per-head mean, chosen with the keys').
       *[tq(b, center_keys="rope", center_values=True) for b in (2.5, 3.5)],
+      # No sinks (the decode glue's two exact-sink products gone), the kernel's levels.
+      tq(3.5, levels="quintic", center_keys="rope", num_sinks=0),
   ]
 
 

@@ -56,7 +56,7 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
   return o, l, m
 
 
-@pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
+GLUE_CASES = [
     (3, 4, 8, "plain", dict(soft_cap=None, sliding_window=None)),
     (2, 2, 16, "plain", dict(soft_cap=7.0, sliding_window=None)),
     (4, 3, 2, False, dict(soft_cap=None, sliding_window=200)),
@@ -68,8 +68,14 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     # 256-token RoPE steps, their offsets by default from a 64-row table (angles composed
     # per block: test_mosaic_rope_table_rows).
     (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None, levels="quintic")),
-])
-@pytest.mark.parametrize("fused_merge", [True, False])
+]
+
+
+# Every case with the jnp merge; merge_exact (interpret mode, slow on the CPU) on one case
+# per feature: soft-cap and a window with RoPE offsets, value groups, value centering.
+@pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw, fused_merge", [
+    *[(*case, False) for case in GLUE_CASES],
+    *[(*GLUE_CASES[i], True) for i in (4, 5, 1)]])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
                                        fused_merge):
   kw = dict(kw)
