@@ -452,7 +452,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--points", default=None, help="e.g. 8x32768,1x4096 (all models)")
-  parser.add_argument("--caches", default=",".join(DEFAULT_CACHES))
+  parser.add_argument("--caches", default=None,
+                      help=f"default {','.join(DEFAULT_CACHES)}; --check-only: every cache")
   parser.add_argument("--out", default=None, help="results folder")
   parser.add_argument("--budget-s", type=float, default=540.0,
                       help="stop starting new points after this many seconds")
@@ -463,8 +464,6 @@ def main(argv=None):
                       help="only decode steps, the caches timed in alternation at each point "
                            "(paired_steps), written to decode_e2e_paired_<platform>.json")
   parser.add_argument("--rounds", type=int, default=8, help="rounds of --paired")
-  parser.add_argument("--check-caches", action="store_true",
-                      help="--check-only checks the --caches list, not every cache")
   parser.add_argument("--check-only", action="store_true",
                       help="only the correctness check, written to decode_e2e_check_<platform>"
                            ".json")
@@ -479,7 +478,7 @@ def main(argv=None):
   out_dir = pathlib.Path(args.out or common.RESULTS_DIR)
   platform = jax.devices()[0].platform
   if args.paired:
-    names = args.caches.split(",")
+    names = (args.caches or ",".join(DEFAULT_CACHES)).split(",")
     rows, results = [], {"caches": names, "rounds": args.rounds, "steps_per_call": STEPS,
                          "weights": "random, bf16", "points": {}}
     for m in args.models.split(","):
@@ -499,7 +498,7 @@ def main(argv=None):
     common.print_table(rows, list(rows[0]))
     return
   if args.check_only:
-    rows = check_correctness(args.caches.split(",") if args.check_caches else None)
+    rows = check_correctness(args.caches.split(",") if args.caches else None)
     common.write_result("decode_e2e_check", {"correctness": rows}, out_dir)
     worst = max(rows, key=lambda r: r["rel_err"])
     log(f"{len(rows)} checks, all finite: {all(r['finite'] for r in rows)}, worst "
@@ -540,7 +539,7 @@ def main(argv=None):
     results["prefill_append"] = rows
   common.write_result("decode_e2e", results, out_dir)
 
-  cache_names = args.caches.split(",")
+  cache_names = (args.caches or ",".join(DEFAULT_CACHES)).split(",")
   jobs = []
   for m in args.models.split(","):
     pts = POINTS[m] if args.points is None else [

@@ -39,6 +39,8 @@ def test_group_rotations_as_one_block_diagonal_product(rotation, rng):
   for g, part, want in zip(q.groups, got, q._split(x)):
     np.testing.assert_allclose(part, g.rotate_queries(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(q.unrotate(got), x, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="NaN"):   # the groups' own input checks, kept
+    q.transform_queries(x.at[0, 0, 0].set(jnp.nan))
   np.testing.assert_allclose(jnp.concatenate(got, -1) @ q.unrotation_matrix(), x,
                              rtol=1e-5, atol=1e-5)
   perm = jnp.asarray(np.stack([rng.permutation(64) for _ in range(6)]).reshape(2, 3, 64))

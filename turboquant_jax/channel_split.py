@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from turboquant_jax.quantizers import MSEQuantizer, ProdQuantizer
+from turboquant_jax.quantizers import MSEQuantizer, ProdQuantizer, _check_input
 from turboquant_jax.rotation import HaarRotation
 
 Array = jax.Array
@@ -115,8 +115,8 @@ class SplitQuantizer:
   def transform_queries(self, q: Array) -> tuple[Any, ...]:
     """Per group, the query transforms its estimator needs (Π·q, and S·Π·q for prod)."""
     if self.kind == "mse" and self._dense_blocks():
-      if q.shape[-1] != self.dim:
-        raise ValueError(f"q must have last axis {self.dim}, got shape {q.shape}")
+      # The checks each group's rotate_queries makes (dtype, shape, NaN), on the whole q.
+      q = _check_input(q, self.dim, "q")
       rotated = jnp.matmul(q.astype(jnp.float32), self.unrotation_matrix().T,
                            precision=_HIGHEST)                   # Π_g·q_g side by side
       return tuple(self._split(rotated))

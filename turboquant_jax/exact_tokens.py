@@ -31,11 +31,11 @@ def update_window(keys: Array, values: Array, positions: Array, kh: Array, vh: A
   if t == 1:
     # A decode step writes one slot per row: a scatter, not a select over the whole ring.
     write = plan.ok & (plan.num_tokens > 0)
-    slot = jnp.where(write, jnp.mod(plan.positions, w), w)[:, None]    # w: dropped
-    new_pos = jax.vmap(lambda p, i, x: p.at[i].set(x, mode="drop"))(
-        positions, slot, plan.positions[:, None])
-    return (kv_cache.scatter_tokens(keys, kh, slot),
-            kv_cache.scatter_tokens(values, vh, slot), new_pos)
+    slot = jnp.where(write, jnp.mod(plan.positions, w), w)              # w: dropped
+    rows = jnp.arange(positions.shape[0])
+    return (kv_cache.scatter_tokens(keys, kh, slot[:, None]),
+            kv_cache.scatter_tokens(values, vh, slot[:, None]),
+            positions.at[rows, slot].set(plan.positions, mode="drop"))
   slots = jnp.arange(w, dtype=jnp.int32)
   end = plan.new_lengths[:, None] - 1
   target = end - jnp.mod(end - slots[None, :], w)  # [B, W]
