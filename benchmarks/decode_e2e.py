@@ -101,11 +101,23 @@ class RopeTable256Cache(TurboQuantKVCache):
     return super().attend(q, rope_table_rows=256, **kwargs)
 
 
+@flax.struct.dataclass
+class JnpExactCache(TurboQuantKVCache):
+  """A TurboQuant cache whose Mosaic path attends over the exact window and sinks in jnp
+  (the path before `ExactTokens`: float32 products after the kernel) instead of in the
+  kernel's last splits, timed side by side."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, exact_in_kernel=False, **kwargs)
+
+
 # Variants timed only when named in --caches.
 CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
 CACHES["tq3.5-quintic-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
+CACHES["tq3.5-quintic-rope-jnp-exact"] = functools.partial(
+    JnpExactCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 CACHES["tq3.5-quintic-rope-table256"] = functools.partial(
     RopeTable256Cache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-quintic-rope",

@@ -64,8 +64,11 @@ def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, kerne
   got = cache.attend(q, implementation="mosaic", **kw, **(kernel or {}))
   auto = cache.attend(q, **kw)
   err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+  from turboquant_jax import kernel_attention
+  exact_split = (kernel_attention.exact_unsupported(cache) is None
+                 and bool(cache.exact_parts()) and (kernel or {}).get("exact_in_kernel", True))
   return dict(bits_k=bits_k, bits_v=bits_v, q_heads=hq, levels=cache.config.levels,
-              kernel=kernel,
+              kernel=kernel, exact_split=exact_split,
               soft_cap=soft_cap,
               sliding_window=sliding_window, center_keys=str(cache.config.center_keys),
               rel_err=err, nan=bool(jnp.any(jnp.isnan(got))),
@@ -176,6 +179,21 @@ MERGE_CASES = [(3.5, "quintic", "rope", {}), (3.5, "quintic", "rope", dict(fused
                (3, "cubic", "rope", {}), (3, "cubic", "rope", dict(fused_merge=True))]
 
 
+# The exact window and sinks as the kernel's last split (the default on a bf16 cache)
+# against the jnp exact partial (exact_in_kernel=False), side by side.
+EXACT_CHECKS = [
+    (3.5, 3.5, 32, dict(center_keys="rope")),                   # window 256, 4 sinks
+    (3, 3, 32, dict(center_keys="rope", levels="cubic", soft_cap=20.0,
+                    sliding_window=900)),                       # window 128
+    (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=200)),
+    (4, 2, 8, dict(center_keys=False, levels="cubic", num_sinks=0, sliding_window=600)),
+    (2, 3, 64, dict(center_keys="rope", levels="cubic", window=0, num_sinks=8)),
+    (3, 4, 16, dict(levels="cubic", soft_cap=5.0, window=64, center_values=True))]
+EXACT_CASES = [(3.5, "quintic", "rope", {}),
+               (3.5, "quintic", "rope", dict(exact_in_kernel=False)),
+               (3, "cubic", "rope", {}), (3, "cubic", "rope", dict(exact_in_kernel=False))]
+
+
 def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
                ) -> tuple[list[dict], list[dict]]:
   """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
@@ -235,15 +253,21 @@ def main(argv=None):
   p.add_argument("--merge", action="store_true",
                  help="only the merge kernel on channel groups vs the jnp merge "
                       "(mosaic_attend_merge_groups_*)")
+  p.add_argument("--exact", action="store_true",
+                 help="only the exact tokens in the kernel vs in jnp (mosaic_attend_exact_*)")
   p.add_argument("--sub-steps", action="store_true",
                  help="only 256-token tiles' passes and RoPE tables, 8 x 32K "
                       "(mosaic_attend_sub_steps_*)")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
-  if args.levels or args.sub_steps or args.merge:
+  if args.levels or args.sub_steps or args.merge or args.exact:
     ceiling = read_ceiling()
-    if args.sub_steps:
+    if args.exact:
+      checks, rows = levels_run(ceiling, EXACT_CHECKS, EXACT_CASES,
+                                [(8, 4096), (1, 4096), (8, 32768)])
+      name = "mosaic_attend_exact"
+    elif args.sub_steps:
       checks, rows = levels_run(ceiling, SUB_STEP_CHECKS, SUB_STEP_CASES, [(8, 32768)])
       name = "mosaic_attend_sub_steps"
     elif args.merge:
@@ -256,7 +280,8 @@ def main(argv=None):
     common.write_result(name, dict(read_ceiling_bytes_per_s=ceiling, checks=checks,
                                    timings=rows))
     common.print_table(checks, ["bits_k", "bits_v", "q_heads", "levels", "soft_cap",
-                                "sliding_window", "center_keys", "rel_err", "ok"])
+                                "sliding_window", "center_keys", "exact_split", "rel_err",
+                                "ok"])
     common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
     return
   if args.sweep_splits:

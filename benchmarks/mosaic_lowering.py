@@ -55,9 +55,10 @@ def smem_bytes(asm: str) -> int:
 
 def lower(key_groups, value_groups, tt: int, *, rope: bool = False, table_rows=None,
           key_levels=(0.04, 0.001), value_levels=(0.02, 0.0), r: int = 4, t: int = 1024,
-          splits: int = 2, **kw) -> str:
+          splits: int = 2, exact: tuple[int, ...] = (), **kw) -> str:
   """`decode_partials` lowered for CUDA: (bits, channels) per group and side, `tt`-token
-  tiles; the text of the lowered computation."""
+  tiles, bf16 exact parts of the given slot counts (none: no exact split); the text of
+  the lowered computation."""
   s = jax.ShapeDtypeStruct
   ks = tuple(rc.TileSpec(b, tt, c) for b, c in key_groups)
   vs = tuple(rc.TileSpec(b, c, tt) for b, c in value_groups)
@@ -70,16 +71,24 @@ def lower(key_groups, value_groups, tt: int, *, rope: bool = False, table_rows=N
           tuple(s((r, dm.HEADS, x.cols), jnp.float16) for x in ks),
           s((r, 2), jnp.int32), s((r, dm.HEADS), jnp.float32),
           s((r, dm.HEADS, d // 2), jnp.float32), s((r, dm.HEADS, d // 2), jnp.float32))
+  bf16 = jnp.bfloat16
+  exact_args = None
+  if exact:
+    exact_args = dm.ExactTokens(
+        s((r, dm.HEADS, d), bf16), s((r,), jnp.int32),
+        tuple(s((r, n, d), bf16) for n in exact), tuple(s((r, n, d), bf16) for n in exact),
+        tuple(s((r, n), jnp.int32) for n in exact))
 
-  def call(*a):
+  def call(*a, exact=None):
     *a, ca, cb = a
     freq = 10000.0 ** (-jnp.arange(d // 2) * 2.0 / d)
     return dm.decode_partials(
         *a, key_spec=ks, value_spec=vs, key_levels=(key_levels,) * len(ks),
         value_levels=(value_levels,) * len(vs), num_splits=splits, scale=0.1,
         rope=dm.rope_offsets(ca, cb, freq, t, block=tt, table_rows=table_rows) if rope
-        else None, **kw)
-  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        else None, exact=exact, **kw)
+  return jax.jit(call).trace(*args, exact=exact_args).lower(
+      lowering_platforms=("cuda",)).as_text()
 
 
 G35 = (((4, 64), (3, 64)), ((4, 64), (3, 64)), 256)   # 3.5 / 3.5 bits at d = 128
@@ -93,6 +102,11 @@ CONFIGS = {
     "3.5/3.5 rope": lambda: lower(*G35, rope=True, table_rows=64),
     "3.5/3.5 rope, 256-row table": lambda: lower(*G35, rope=True),
     "3.5/3.5 rope, one pass": lambda: lower(*G35, rope=True, table_rows=64, sub_steps=1),
+    # The exact window (256 slots at 3.5 bits, 128 at 3) and 4 sinks padded to 64, as
+    # one more split (`ExactTokens`): kernel_attention's default on the GPU.
+    "K3/V3 rope exact": lambda: lower(((3, 128),), ((3, 128),), 128, rope=True,
+                                      exact=(128, 64)),
+    "3.5/3.5 rope exact": lambda: lower(*G35, rope=True, table_rows=64, exact=(256, 64)),
 }
 
 

@@ -32,13 +32,18 @@ into its own accumulator, scaled by its norms before the groups are summed; each
 group its own probabilities × norms in shared memory and its own output rows. With one
 group the kernel is the one it was before groups (its lowered module is identical).
 
-`decode_partials` returns FlashDecoding split-K partials (o, l, m) per kv head and split,
-merged with the exact tokens outside; `decode_partials_reference` computes the same in
-jnp. Kernels here take arrays and static specs only.
+`decode_partials` returns FlashDecoding split-K partials (o, l, m) per kv head and split;
+`decode_partials_reference` computes the same in jnp. The tokens a cache keeps exact (its
+window ring and sinks, bf16) may come too (`ExactTokens`): each 64-token block of them is
+one more split of the same launch, one TMA round trip and two small wgmmas against the
+unrotated query, so the merge after the kernel is a few elementwise XLA kernels and no
+exact-token matmul (H200, whole attention at 3.5 bits: 8 x 4K 84 -> 72 us, 1 x 4K 53 ->
+40, `mosaic_attend_exact_gpu.json`). Kernels here take arrays and static specs only.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -317,6 +322,133 @@ def rope_offsets_dense(rope: RopeOffsets) -> Array:
   return off.reshape(r, blocks * rope.table.shape[0], HEADS) * rope.scale[:, None, :]
 
 
+HIDDEN = 2**30        # an exact slot's position when no query may see it
+EXACT_BLOCK = 64      # exact tokens per wgmma: one A tile of keys, one B tile of p
+
+
+class ExactTokens(NamedTuple):
+  """The tokens a cache keeps exact (its window ring, its sinks), as more splits of
+  `decode_partials` (one per `EXACT_BLOCK` slots): bf16 (or fp16) keys and values read
+  by TMA, scored and summed by wgmma against the unrotated query in the same base-2
+  softmax, so the merge after the kernel has no exact-token products, masks or softmax
+  of its own.
+
+  q: [R, 8, D] the query rows of each kv head, unrotated (the tokens' channel order), in
+    the keys' dtype (bfloat16 or float16);
+  q_positions: int32 [R], the query token's position (decode: one per row);
+  keys, values: one [R, n, D] per part, n a multiple of `EXACT_BLOCK`;
+  positions: one int32 [R, n] per part, the slot's token position, or `HIDDEN` where no
+    query may see it (empty ring slots, padding, tokens a compressed split holds). A
+    query at p sees a slot at position t <= p (and, with a sliding window w, t > p - w).
+  """
+
+  q: Array
+  q_positions: Array
+  keys: tuple
+  values: tuple
+  positions: tuple
+
+
+def _exact_args(exact: ExactTokens) -> list[Array]:
+  args = [exact.q, exact.q_positions]
+  for k, v, p in zip(exact.keys, exact.values, exact.positions):
+    args += [k, v, p]
+  return args
+
+
+def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
+  dt = exact.q.dtype
+  if dt not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"exact tokens must be bfloat16 or float16, got {dt}")
+  _check("exact.q", exact.q, (r, HEADS, d), dt)
+  _check("exact.q_positions", exact.q_positions, (r,), jnp.int32)
+  if not (len(exact.keys) == len(exact.values) == len(exact.positions) >= 1):
+    raise ValueError("exact tokens need keys, values and positions for each part (>= 1)")
+  for k, (keys, values, pos) in enumerate(zip(exact.keys, exact.values, exact.positions)):
+    n = keys.shape[1] if keys.ndim == 3 else -1
+    if n <= 0 or n % EXACT_BLOCK:
+      raise ValueError(f"exact part {k} must hold a multiple of {EXACT_BLOCK} slots, got "
+                       f"keys {list(keys.shape)}")
+    _check(f"exact.keys[{k}]", keys, (r, n, d), dt)
+    _check(f"exact.values[{k}]", values, (r, n, d), dt)
+    _check(f"exact.positions[{k}]", pos, (r, n), jnp.int32)
+
+
+def exact_splits(exact: ExactTokens) -> int:
+  """Splits the exact tokens take: one per `EXACT_BLOCK` slots of each part."""
+  return sum(k.shape[1] // EXACT_BLOCK for k in exact.keys)
+
+
+def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: int,
+                 dot_scale: float, soft_cap: float | None, sliding_window: int | None):
+  """Split j >= first of row i: one `EXACT_BLOCK` of exact tokens (`ExactTokens`), in the
+  orientation of the compressed splits (scores^T = K·q^T, out^T = V^T·p^T).
+
+  One block per CTA: every copy is issued at once and waited on once, so a row's exact
+  tokens cost the latency of one block, not of a loop over the window (at batch 1 a
+  looping split was the launch's last CTA to finish)."""
+  qe_gmem, qpos_gmem = refs[:2]
+  d, dtype, n = qe_gmem.shape[-1], qe_gmem.dtype, EXACT_BLOCK
+  neg, log2e = -1e30, float(np.log2(np.e))
+  bcast = jax.lax.broadcast_in_dim
+
+  def block(k_gmem, v_gmem, p_gmem, c, qe_smem, k_smem, v_smem, pos_smem, pe_smem, barrier):
+    rows = pl.ds(c * n, n)
+    plgpu.copy_gmem_to_smem(qe_gmem.at[i], qe_smem, barrier)
+    plgpu.copy_gmem_to_smem(k_gmem.at[i, rows], k_smem, barrier)
+    plgpu.copy_gmem_to_smem(v_gmem.at[i, rows], v_smem, barrier)
+    plgpu.copy_gmem_to_smem(p_gmem.at[i, rows], pos_smem, barrier)
+    qpos = qpos_gmem[i]
+    plgpu.barrier_wait(barrier)
+
+    def scores(acc_ref):
+      plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(qe_smem, (1, 0)))
+      return acc_ref[...]
+    s = pl.run_scoped(scores, plgpu.ACC((n, HEADS), jnp.float32)) * dot_scale
+    if soft_cap is not None:
+      s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
+    kpos = bcast(plgpu.load(pos_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)), s.shape, [0])
+    valid = kpos <= qpos
+    if sliding_window is not None:
+      valid = valid & (kpos > qpos - sliding_window)
+    s = jnp.where(valid, s, neg)
+    m = s.max(axis=0)
+    p = jnp.where(valid, jnp.exp2(s - bcast(m, s.shape, [1])), 0.0)
+    plgpu.transpose_ref(pe_smem, (1, 0))[...] = plgpu.layout_cast(
+        p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+    plgpu.commit_smem()
+
+    def values(acc_ref):
+      plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem, (1, 0)),
+                  plgpu.transpose_ref(pe_smem, (1, 0)))
+      return acc_ref[...]
+    o = pl.run_scoped(values, plgpu.ACC((d, HEADS), jnp.float32))
+    o_smem[...] = o
+    lm_smem.at[0][...] = p.sum(axis=0)
+    lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
+    plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
+    plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((HEADS, d), dtype, transforms=q_transforms()),
+             plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
+             plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
+             plgpu.SMEM((n,), jnp.int32),
+             plgpu.SMEM((HEADS, n), dtype, transforms=q_transforms()),
+             plgpu.Barrier(num_arrivals=4)]
+  start = first
+  for k in range(len(refs[2:]) // 3):    # one branch per part, its block from j
+    k_gmem, v_gmem, p_gmem = refs[2 + 3 * k: 5 + 3 * k]
+    blocks = k_gmem.shape[1] // n
+
+    @pl.when((j >= start) & (j < start + blocks))
+    def _(k_gmem=k_gmem, v_gmem=v_gmem, p_gmem=p_gmem, start=start):
+      pl.run_scoped(functools.partial(block, k_gmem, v_gmem, p_gmem, j - start), *scratch)
+    start += blocks
+
+
 def _check(name, x, shape, dtype):
   if tuple(x.shape) != shape or x.dtype != dtype:
     raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {list(shape)}, "
@@ -338,7 +470,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     num_splits: int, scale: float, soft_cap: float | None = None,
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
                     serial_groups: bool | None = None, sub_steps: int | None = None,
-                    tokens_per_step: int = 128, rope: RopeOffsets | None = None):
+                    tokens_per_step: int = 128, rope: RopeOffsets | None = None,
+                    exact: ExactTokens | None = None, sliding_window: int | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -377,10 +510,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
       its table's rows must divide the step's tokens (each pass holding whole table
       blocks: one W operand and one offsets wgmma per block).
+    exact: the tokens kept exact (`ExactTokens`), attended by `exact_splits(exact)` more
+      splits per row (after the compressed ones, one block each), whose o is in the
+      tokens' own channel domain (not rotated); or None.
+    sliding_window: with `exact`, a query at p sees exact tokens at t > p - window (the
+      compressed range comes windowed in `bounds`).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
-    rows in order), l, m float32 [R, splits, 8]. Rows of a split with no token: l = 0,
-    m = -1e30, o = 0.
+    rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
+    Rows of a split with no token: l = 0, m = -1e30, o = 0.
   """
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
@@ -424,6 +562,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
     _check("rope.trig", rope.trig, (t_len // rb, 2, d), jnp.float32)
     _check("rope.table", rope.table, (rb, d), jnp.float16)
+  if exact is not None:
+    _check_exact(exact, r, d)
   split_steps = t_len // st // num_splits
   if sub_steps is None:
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
@@ -475,6 +615,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     if rope is not None:
       coef_gmem, rscale_gmem, trig_gmem, table_gmem = refs[:4]
       del refs[:4]
+    if exact is not None:
+      exact_refs = refs[:2 + 3 * len(exact.keys)]
+      del refs[:2 + 3 * len(exact.keys)]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
     q_smem = refs[:gk]
@@ -491,188 +634,202 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       del refs[:3 + pass_blocks]
     group_barrier = refs[0] if gk > 1 else None     # the later query parts' copies
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
-    plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
-    for g in range(1, gk):
-      plgpu.copy_gmem_to_smem(q_gmem[g].at[i], q_smem[g], group_barrier.at[g - 1])
-    if rope is not None:
-      plgpu.copy_gmem_to_smem(table_gmem, table_smem, rope_barrier.at[0])
-      plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
-      rscale_v = plgpu.load(rscale_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                            optimized=False) * off_scale
-    lo, hi = bounds_gmem[i, 0], bounds_gmem[i, 1]
-    # The steps of this split that hold tokens of [lo, hi).
-    split_start = j * split_steps
-    first = jnp.clip(lo // st, split_start, split_start + split_steps)
-    last = jnp.clip((hi + st - 1) // st, first, split_start + split_steps)
-    qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                        optimized=False) * off_scale
-    plgpu.barrier_wait(barrier)
-    for g in range(1, gk):
-      plgpu.barrier_wait(group_barrier.at[g - 1])
-    if rope is not None:
-      plgpu.barrier_wait(rope_barrier.at[0])
-      plgpu.barrier_wait(rope_barrier.at[1])
 
-    def rope_operand(trig_smem, blocks=(0,), w_refs=None):
-      # W = [A | B]·cos θ_h + [B | -A]·sin θ_h, [D, heads], stored transposed for wgmma's B;
-      # one per table block of `blocks` (the step's trig rows) into w_refs.
-      bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
-      vec = plgpu.Layout.WGMMA.reduce(1)
-      for n, (k, w_ref) in enumerate(zip(blocks, w_refs or [w_smem])):
-        cos = plgpu.load(trig_smem.at[k, 0], (), layout=vec, optimized=False)
-        sin = plgpu.load(trig_smem.at[k, 1], (), layout=vec, optimized=False)
-        if n == 0:
-          ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
-          ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
-        w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
-        plgpu.transpose_ref(w_ref, (1, 0))[...] = plgpu.layout_cast(
-            w, plgpu.Layout.WGMMA_TRANSPOSED)
+    def compressed():
+      """Split j of row i over the compressed tokens."""
+      plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
+      for g in range(1, gk):
+        plgpu.copy_gmem_to_smem(q_gmem[g].at[i], q_smem[g], group_barrier.at[g - 1])
+      if rope is not None:
+        plgpu.copy_gmem_to_smem(table_gmem, table_smem, rope_barrier.at[0])
+        plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
+        rscale_v = plgpu.load(rscale_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                              optimized=False) * off_scale
+      lo, hi = bounds_gmem[i, 0], bounds_gmem[i, 1]
+      # The steps of this split that hold tokens of [lo, hi).
+      split_start = j * split_steps
+      first = jnp.clip(lo // st, split_start, split_start + split_steps)
+      last = jnp.clip((hi + st - 1) // st, first, split_start + split_steps)
+      qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                          optimized=False) * off_scale
+      plgpu.barrier_wait(barrier)
+      for g in range(1, gk):
+        plgpu.barrier_wait(group_barrier.at[g - 1])
+      if rope is not None:
+        plgpu.barrier_wait(rope_barrier.at[0])
+        plgpu.barrier_wait(rope_barrier.at[1])
+
+      def rope_operand(trig_smem, blocks=(0,), w_refs=None):
+        # W = [A | B]·cos θ_h + [B | -A]·sin θ_h, [D, heads], stored transposed for wgmma's B;
+        # one per table block of `blocks` (the step's trig rows) into w_refs.
+        bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
+        vec = plgpu.Layout.WGMMA.reduce(1)
+        for n, (k, w_ref) in enumerate(zip(blocks, w_refs or [w_smem])):
+          cos = plgpu.load(trig_smem.at[k, 0], (), layout=vec, optimized=False)
+          sin = plgpu.load(trig_smem.at[k, 1], (), layout=vec, optimized=False)
+          if n == 0:
+            ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
+            ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
+          w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
+          plgpu.transpose_ref(w_ref, (1, 0))[...] = plgpu.layout_cast(
+              w, plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+
+      def body(idx, *refs):
+        refs = list(refs)
+        kw_smem, kn_smem = refs[:gk], refs[gk:2 * gk]
+        del refs[:2 * gk]
+        vw_smem, vn_smem = refs[:gv], refs[gv:2 * gv]
+        del refs[:2 * gv]
+        *trig, carry = refs
+        o, l_rows, m_prev = carry
+        start = (first + idx[0]) * st
+        if rope is not None and rope_blocks == 1:
+          rope_operand(trig[0])
+        carry = (o, l_rows, m_prev)
+        for h in range(sub_steps):
+          carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
+                            vn_smem, trig, carry)
+        return carry
+
+      def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, trig, carry):
+        """Tokens [h·sub, (h + 1)·sub) of the step: decode, scores, softmax, values."""
+        o, l_rows, m_prev = carry
+        part = (lambda ref: ref) if sub_steps == 1 else (  # noqa: E731
+            lambda ref: ref.at[pl.ds(h * sub, sub)])
+        if rope is not None and rope_blocks > 1:   # this pass's W (the last pass is done)
+          rope_operand(trig[0], range(h * pass_blocks, (h + 1) * pass_blocks),
+                       w_smem)
+        def decode_key(g):
+          return decode_k[h][g](_load_words(kw_smem[g], key_specs[g]))
+
+        def decode_value(g):
+          return [decode_v[h][g](_load_words(vw_smem[g].at[pl.ds(k * wr, wr)], value_specs[g]))
+                  for k in range(per_step)]
+
+        # Serial groups: one decoded key (and value) tile in registers at a time, the next
+        # decoded once the previous one's wgmma is done; two groups' 256-token tiles at once
+        # spill (255 registers with the RoPE offsets' accumulator).
+        first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
+
+        def scores(*acc_refs):
+          key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
+          if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
+            plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
+          elif rope is not None:                      # one table block per W
+            rb = rope.table.shape[0]
+            for k, w_ref in enumerate(w_smem):
+              plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
+                          plgpu.transpose_ref(w_ref, (1, 0)))
+          for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
+            if g < len(first_keys):
+              u = first_keys[g]
+            else:
+              plgpu.wgmma_wait(0)
+              u = decode_key(g)
+            plgpu.wgmma(acc_ref, u, plgpu.transpose_ref(q_ref, (1, 0)))
+          # The value tiles do not depend on the scores: decode them while the wgmma runs.
+          uv = ([decode_value(g) for g in range(1 if serial_groups else gv)]
+                if overlap_values else [])
+          return ([a[...] for a in key_accs], (off_ref[0][...] if off_ref else None), uv)
+        # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
+        # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
+        # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
+        accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
+        parts, off, uv = pl.run_scoped(scores, *accs)
+        s = None
+        for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
+          kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
+                          ).astype(jnp.float32)
+          dots = dots * jax.lax.broadcast_in_dim(kn * dot_scale, dots.shape, [0])
+          s = dots if s is None else s + dots
+        if off is not None:
+          s = s + off * jax.lax.broadcast_in_dim(rscale_v, s.shape, [1])
+        s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
+        if soft_cap is not None:
+          s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
+        pos = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        valid = (pos >= lo) & (pos < hi)
+        s = jnp.where(valid, s, neg)
+        m_next = jnp.maximum(m_prev, s.max(axis=0))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
+        # l is kept per row and summed over the tile's rows once, after the loop.
+        l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+        for vn_ref, p_ref in zip(vn_smem, p_smem):
+          vn = plgpu.load(part(vn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
+                          ).astype(jnp.float32)
+          pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
+          # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
+          # (one shuffle per register into the transposed layout) and read transposed.
+          plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
+              pv, plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        if not uv and not serial_groups:
+          uv = [decode_value(g) for g in range(gv)]
+        new_o = []
+        for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
+          a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
+          uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
+
+          def values(acc_ref, uv_g=uv_g, p_ref=p_ref):
+            for k in range(per_step):
+              plgpu.wgmma(acc_ref, uv_g[k],
+                          plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tv, tv)])
+          new_o.append(pl.run_state(values)(plgpu.ACC.init(o_g * a)))
+        return tuple(new_o), l_rows, m_next
+
+      zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
+          jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+      init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((sub, HEADS)),
+              plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(0)))
+      pipeline = plgpu.emit_pipeline(
+          body, grid=(last - first,),
+          in_specs=[plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
+                    for s in key_specs]
+          + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gk
+          + [plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
+             for s in value_specs]
+          + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gv
+          + ([plgpu.BlockSpec((rope_blocks, 2, d), lambda t: (first + t, 0, 0))]
+             if rope is not None else []),
+          max_concurrent_steps=max_concurrent_steps, init_carry=init)
+      o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
+                              *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
+                              *([trig_gmem] if rope is not None else []))
+      if gv == 1:
+        o_smem[...] = o[0] * value_forms[0].factor
+      else:
+        for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
+          o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
+      lm_smem.at[0][...] = l_rows.sum(axis=0)
+      # Back to natural-log units; rows with no token keep the sentinel.
+      lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
       plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
+      plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
+      plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
+      plgpu.wait_smem_to_gmem(0)
 
-    def body(idx, *refs):
-      refs = list(refs)
-      kw_smem, kn_smem = refs[:gk], refs[gk:2 * gk]
-      del refs[:2 * gk]
-      vw_smem, vn_smem = refs[:gv], refs[gv:2 * gv]
-      del refs[:2 * gv]
-      *trig, carry = refs
-      o, l_rows, m_prev = carry
-      start = (first + idx[0]) * st
-      if rope is not None and rope_blocks == 1:
-        rope_operand(trig[0])
-      carry = (o, l_rows, m_prev)
-      for h in range(sub_steps):
-        carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
-                          vn_smem, trig, carry)
-      return carry
+    if exact is None:
+      compressed()
+    else:   # more splits per row: the exact tokens, one block each
+      pl.when(j < num_splits)(compressed)
+      exact_split(i, j, exact_refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem)
 
-    def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, trig, carry):
-      """Tokens [h·sub, (h + 1)·sub) of the step: decode, scores, softmax, values."""
-      o, l_rows, m_prev = carry
-      part = (lambda ref: ref) if sub_steps == 1 else (  # noqa: E731
-          lambda ref: ref.at[pl.ds(h * sub, sub)])
-      if rope is not None and rope_blocks > 1:   # this pass's W (the last pass is done)
-        rope_operand(trig[0], range(h * pass_blocks, (h + 1) * pass_blocks),
-                     w_smem)
-      def decode_key(g):
-        return decode_k[h][g](_load_words(kw_smem[g], key_specs[g]))
-
-      def decode_value(g):
-        return [decode_v[h][g](_load_words(vw_smem[g].at[pl.ds(k * wr, wr)], value_specs[g]))
-                for k in range(per_step)]
-
-      # Serial groups: one decoded key (and value) tile in registers at a time, the next
-      # decoded once the previous one's wgmma is done; two groups' 256-token tiles at once
-      # spill (255 registers with the RoPE offsets' accumulator).
-      first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
-
-      def scores(*acc_refs):
-        key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
-        if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
-          plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
-        elif rope is not None:                      # one table block per W
-          rb = rope.table.shape[0]
-          for k, w_ref in enumerate(w_smem):
-            plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
-                        plgpu.transpose_ref(w_ref, (1, 0)))
-        for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
-          if g < len(first_keys):
-            u = first_keys[g]
-          else:
-            plgpu.wgmma_wait(0)
-            u = decode_key(g)
-          plgpu.wgmma(acc_ref, u, plgpu.transpose_ref(q_ref, (1, 0)))
-        # The value tiles do not depend on the scores: decode them while the wgmma runs.
-        uv = ([decode_value(g) for g in range(1 if serial_groups else gv)]
-              if overlap_values else [])
-        return ([a[...] for a in key_accs], (off_ref[0][...] if off_ref else None), uv)
-      # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
-      # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
-      # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
-      accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
-      parts, off, uv = pl.run_scoped(scores, *accs)
-      s = None
-      for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
-        kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
-                        ).astype(jnp.float32)
-        dots = dots * jax.lax.broadcast_in_dim(kn * dot_scale, dots.shape, [0])
-        s = dots if s is None else s + dots
-      if off is not None:
-        s = s + off * jax.lax.broadcast_in_dim(rscale_v, s.shape, [1])
-      s = s + jax.lax.broadcast_in_dim(qoff_v, s.shape, [1])
-      if soft_cap is not None:
-        s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
-      pos = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-      valid = (pos >= lo) & (pos < hi)
-      s = jnp.where(valid, s, neg)
-      m_next = jnp.maximum(m_prev, s.max(axis=0))
-      alpha = jnp.exp2(m_prev - m_next)
-      p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
-      # l is kept per row and summed over the tile's rows once, after the loop.
-      l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-      for vn_ref, p_ref in zip(vn_smem, p_smem):
-        vn = plgpu.load(part(vn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
-                        ).astype(jnp.float32)
-        pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
-        # wgmma's B needs a 128-byte swizzle, so p^T [tokens, 8] is stored as p [8, tokens]
-        # (one shuffle per register into the transposed layout) and read transposed.
-        plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
-            pv, plgpu.Layout.WGMMA_TRANSPOSED)
-      plgpu.commit_smem()
-      if not uv and not serial_groups:
-        uv = [decode_value(g) for g in range(gv)]
-      new_o = []
-      for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
-        a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
-        uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
-
-        def values(acc_ref, uv_g=uv_g, p_ref=p_ref):
-          for k in range(per_step):
-            plgpu.wgmma(acc_ref, uv_g[k],
-                        plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tv, tv)])
-        new_o.append(pl.run_state(values)(plgpu.ACC.init(o_g * a)))
-      return tuple(new_o), l_rows, m_next
-
-    zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
-        jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-    init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((sub, HEADS)),
-            plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
-                              plgpu.Layout.WGMMA.reduce(0)))
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(last - first,),
-        in_specs=[plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
-                  for s in key_specs]
-        + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gk
-        + [plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
-           for s in value_specs]
-        + [plgpu.BlockSpec((st,), lambda t: (first + t,))] * gv
-        + ([plgpu.BlockSpec((rope_blocks, 2, d), lambda t: (first + t, 0, 0))]
-           if rope is not None else []),
-        max_concurrent_steps=max_concurrent_steps, init_carry=init)
-    o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
-                            *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
-                            *([trig_gmem] if rope is not None else []))
-    if gv == 1:
-      o_smem[...] = o[0] * value_forms[0].factor
-    else:
-      for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
-        o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
-    lm_smem.at[0][...] = l_rows.sum(axis=0)
-    # Back to natural-log units; rows with no token keep the sentinel.
-    lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
-    plgpu.wait_smem_to_gmem(0)
-
+  if exact is not None:
+    exact_split = functools.partial(
+        _exact_split, first=num_splits, dot_scale=off_scale, soft_cap=soft_cap,
+        sliding_window=sliding_window)
   f32 = jnp.float32
+  splits_out = num_splits + (exact_splits(exact) if exact is not None else 0)
   return plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((r, num_splits, d, HEADS), f32),
-                jax.ShapeDtypeStruct((r, num_splits, HEADS), f32),
-                jax.ShapeDtypeStruct((r, num_splits, HEADS), f32)),
-      grid=(r, num_splits), grid_names=("row", "split"),
+      out_type=(jax.ShapeDtypeStruct((r, splits_out, d, HEADS), f32),
+                jax.ShapeDtypeStruct((r, splits_out, HEADS), f32),
+                jax.ShapeDtypeStruct((r, splits_out, HEADS), f32)),
+      grid=(r, splits_out), grid_names=("row", "split"),
       scratch_types=[plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
                      for s in key_specs]
       + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv
@@ -685,13 +842,16 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 else []),
   )(*k_words, *k_norms, *v_words, *v_norms, *q, bounds, qoff,
-    *(tuple(rope) if rope is not None else ()))
+    *(tuple(rope) if rope is not None else ()),
+    *(_exact_args(exact) if exact is not None else ()))
 
 
 def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Array,
                               qoff: Array, *, bits_k, bits_v, key_levels, value_levels,
                               num_splits: int, scale: float, soft_cap: float | None = None,
-                              rope: RopeOffsets | None = None):
+                              rope: RopeOffsets | None = None,
+                              exact: ExactTokens | None = None,
+                              sliding_window: int | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D_g]
   (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group)."""
   k_codes, k_norms, q = _groups(k_codes), _groups(k_norms), _groups(q)
@@ -726,4 +886,31 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
     pv = p * f(norms).reshape(r, num_splits, t // num_splits, 1)
     lv = levels(codes, bits, ac).reshape(r, num_splits, t // num_splits, -1)
     o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
-  return jnp.concatenate(o, axis=2), l, m
+  o = jnp.concatenate(o, axis=2)
+  if exact is not None:
+    o_e, l_e, m_e = _exact_reference(exact, scale, soft_cap, sliding_window)
+    o, l, m = (jnp.concatenate([x, y], 1) for x, y in ((o, o_e), (l, l_e), (m, m_e)))
+  return o, l, m
+
+
+def _exact_reference(exact: ExactTokens, scale: float, soft_cap: float | None,
+                     sliding_window: int | None) -> tuple[Array, Array, Array]:
+  """The exact splits' (o [R, E, D, 8], l, m [R, E, 8]) in float32, one per block."""
+  f = lambda x: x.astype(jnp.float32)  # noqa: E731
+  blocks = lambda xs: jnp.concatenate(  # noqa: E731  [R, N, ...] -> [R, E, 64, ...]
+      xs, 1).reshape(xs[0].shape[0], -1, EXACT_BLOCK, *xs[0].shape[2:])
+  keys, values = f(blocks(exact.keys)), f(blocks(exact.values))
+  pos = blocks(exact.positions)
+  s = jnp.einsum("rend,rhd->renh", keys, f(exact.q), precision=jax.lax.Precision.HIGHEST)
+  s = s * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  qp = exact.q_positions[:, None, None]
+  valid = pos <= qp
+  if sliding_window is not None:
+    valid &= pos > qp - sliding_window
+  s = jnp.where(valid[..., None], s, -1e30)
+  m = s.max(axis=2)
+  p = jnp.where(valid[..., None], jnp.exp(s - m[:, :, None]), 0.0)
+  o = jnp.einsum("rend,renh->redh", values, p, precision=jax.lax.Precision.HIGHEST)
+  return o, p.sum(axis=2), m

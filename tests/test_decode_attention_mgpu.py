@@ -179,6 +179,62 @@ def test_short_rope_table_fits_two_ctas_per_sm():
   assert full - short >= 32 * 1024   # the table's 64 KB became 16 (more trig and W rows)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 90])
+def test_reference_exact_split_is_one_more_partial(rng, sliding_window):
+  """With ExactTokens the reference's last split is the exact tokens' softmax partial:
+  merged with the compressed splits it is softmax attention over both token sets."""
+  r, t, splits, bk, bv = 2, 256, 2, 3, 3
+  kc, vc, kn, vn, q = random_inputs(rng, r, t, bk, bv)
+  levels = (0.9, 0.03)
+  bounds = np.array([[4, 200], [4, 120]])
+  qpos = np.array([260, 150])
+  n = (64, 64)
+  ek = [rng.standard_normal((r, m, D)).astype(np.float32) * 0.5 for m in n]
+  ev = [rng.standard_normal((r, m, D)).astype(np.float32) for m in n]
+  epos = [np.stack([np.r_[np.arange(200, 264)], np.r_[np.arange(120, 184)]]),
+          np.where(np.arange(64) < 4, np.arange(64), dm.HIDDEN)[None].repeat(r, 0)]
+  exact = dm.ExactTokens(jnp.asarray(q, jnp.float32), jnp.asarray(qpos, jnp.int32),
+                         tuple(map(jnp.asarray, ek)), tuple(map(jnp.asarray, ev)),
+                         tuple(jnp.asarray(p, jnp.int32) for p in epos))
+  scale = 0.3
+  o, l, m = dm.decode_partials_reference(
+      jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn),
+      jnp.asarray(q, jnp.float32), jnp.asarray(bounds), jnp.zeros((r, dm.HEADS)),
+      bits_k=bk, bits_v=bv, key_levels=levels, value_levels=levels, num_splits=splits,
+      scale=scale, exact=exact, sliding_window=sliding_window)
+  assert o.shape == (r, splits + 2, D, dm.HEADS) and l.shape == (r, splits + 2, dm.HEADS)
+  w = np.exp(m - m.max(axis=1, keepdims=True))
+  out = np.sum(np.asarray(o) * w[:, :, None, :], 1) / np.sum(np.asarray(l) * w, 1)[:, None]
+  uk, uv = kc - 3.5, vc - 3.5
+  keys = (0.9 * uk + 0.03 * uk**3) * kn[..., None].astype(np.float64)
+  vals = (0.9 * uv + 0.03 * uv**3) * vn[..., None].astype(np.float64)
+  for i, (lo, hi) in enumerate(bounds):
+    kpos = np.concatenate([np.arange(lo, hi), *[p[i] for p in epos]])
+    k_all = np.concatenate([keys[i, lo:hi], *[x[i] for x in ek]])
+    v_all = np.concatenate([vals[i, lo:hi], *[x[i] for x in ev]])
+    seen = kpos <= qpos[i]
+    if sliding_window is not None:   # (the compressed range comes windowed in bounds)
+      seen[hi - lo:] &= kpos[hi - lo:] > qpos[i] - sliding_window
+    s = np.where(seen[:, None], k_all @ q[i].T * scale, -np.inf)
+    p = np.exp(s - s.max(axis=0))
+    np.testing.assert_allclose(out[i], v_all.T @ p / p.sum(axis=0), rtol=2e-4, atol=1e-6)
+
+
+def test_exact_split_lowers_without_costing_ctas_per_sm():
+  """The exact split reuses the shared memory of the compressed splits' pipeline (its
+  own scope): every configuration keeps its CTAs per SM."""
+  from benchmarks import mosaic_lowering as ml
+  try:
+    pairs = [(ml.smem_bytes(ml.module_asm(ml.CONFIGS[base]())),
+              ml.smem_bytes(ml.module_asm(ml.CONFIGS[base + " exact"]())))
+             for base in ("K3/V3 rope", "3.5/3.5 rope")]
+  except (AttributeError, ImportError, ValueError) as e:   # JAX internals moved
+    pytest.skip(f"cannot read the Mosaic module here: {e}")
+  for base, exact in pairs:
+    ctas = lambda smem: ml.SMEM_PER_SM // (smem + ml.RESERVED_PER_CTA)  # noqa: E731
+    assert ctas(exact) == ctas(base) >= 2
+
+
 def test_sub_steps_must_cut_whole_fragments():
   with pytest.raises(ValueError, match="sub_steps"):
     lowered_groups(((4, 64), (3, 64)), ((4, 64), (3, 64)), 256, sub_steps=3)

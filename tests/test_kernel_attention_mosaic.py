@@ -19,13 +19,13 @@ from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 B, L, H, D = 2, 512, 2, 128
 
 
-def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), **kw):
+def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), dtype=jnp.float32, **kw):
   kw.setdefault("center_keys", "plain")
   rope = RopeSpec(10000.0, interleaved=True) if kw["center_keys"] == "rope" else None
   kw.setdefault("levels", "cubic")
   cfg = TurboQuantConfig(key_bits=bits_k, value_bits=bits_v, layout="tiles",
                          window=kw.pop("window", 32), **kw)
-  cache = TurboQuantKVCache.create(B, L, H, D, config=cfg, rope=rope)
+  cache = TurboQuantKVCache.create(B, L, H, D, dtype, config=cfg, rope=rope)
   k = jnp.asarray(rng.standard_normal((B, L, H, D)) + 1.0, jnp.float32)
   if rope is not None:   # a mean before RoPE, so that centering has something to take
     k = rope_lib.rotate(k + 2.0, jnp.arange(L)[None, :, None], rope)
@@ -92,6 +92,65 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
+# The exact window and sinks as the kernel's last split (bf16 caches, windows of whole
+# 64-token blocks, the 4 sinks padded to one): the twin's exact split is
+# `decode_attention_mgpu._exact_reference`.
+@pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
+    (3, 4, 8, "plain", dict(soft_cap=None, sliding_window=None, window=64)),
+    (4, 2, 8, "rope", dict(soft_cap=5.0, sliding_window=300, window=128)),
+    (3.5, 2.5, 4, "plain", dict(soft_cap=None, sliding_window=None, window=256)),
+    (3.5, 3, 8, "rope", dict(soft_cap=None, sliding_window=None, window=256,
+                             levels="quintic")),
+    (3, 3, 8, "plain", dict(soft_cap=None, sliding_window=None, window=64, num_sinks=0)),
+    (3, 3, 2, "plain", dict(soft_cap=None, sliding_window=40, window=0, num_sinks=6)),
+])
+def test_mosaic_exact_split_glue(rng, monkeypatch, bits_k, bits_v, hq, centering, kw):
+  kw = dict(kw)
+  cfg_kw = {k: kw.pop(k) for k in ("window", "num_sinks", "levels") if k in kw}
+  cache = tiles_cache(rng, bits_k, bits_v, dtype=jnp.bfloat16, center_keys=centering,
+                      **cfg_kw)
+  assert ka.exact_unsupported(cache) is None
+  seen = []
+
+  def twin(*args, exact=None, **k):
+    seen.append(exact)
+    return kernel_twin(*args, exact=exact, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  # bf16 queries (as a bf16 model's): the kernel's exact split reads them as bf16.
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.bfloat16).astype(jnp.float32)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
+  ref = cache.attend(q, implementation="reference", **kw)
+  exact = seen[0]
+  assert exact is not None and all(k.shape[1] % dm.EXACT_BLOCK == 0 for k in exact.keys)
+  assert exact.q.dtype == jnp.bfloat16 and len(exact.keys) == len(cache.exact_parts())
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  off = ka.attend(cache, q, mosaic=True, num_splits=2, exact_in_kernel=False, **kw)
+  assert seen[-1] is None       # the jnp exact partial instead
+  np.testing.assert_allclose(np.asarray(off), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_exact_split_reasons_and_errors(rng):
+  f32 = tiles_cache(rng, window=64)
+  assert "bfloat16" in ka.exact_unsupported(f32)
+  assert "multiple of 64" in ka.exact_unsupported(tiles_cache(rng, dtype=jnp.bfloat16))
+  with pytest.raises(ValueError, match="exact tokens"):
+    ka.attend(f32, jnp.ones((B, 1, 8, D)), mosaic=True, exact_in_kernel=True)
+  r, n = 2, 64
+  z = lambda *shape, dt=jnp.bfloat16: jnp.zeros(shape, dt)  # noqa: E731
+  good = dm.ExactTokens(z(r, 8, D), z(r, dt=jnp.int32), (z(r, n, D),), (z(r, n, D),),
+                        (z(r, n, dt=jnp.int32),))
+  dm._check_exact(good, r, D)
+  for bad, match in [
+      (good._replace(keys=(z(r, 32, D),)), "multiple of 64"),
+      (good._replace(q=z(r, 8, D, dt=jnp.float32)), "bfloat16 or float16"),
+      (good._replace(values=(z(r, n, D, dt=jnp.float16),)), r"exact.values\[0\]"),
+      (good._replace(positions=()), "each part"),
+      (good._replace(q_positions=z(r, 1, dt=jnp.int32)), "q_positions")]:
+    with pytest.raises(ValueError, match=match):
+      dm._check_exact(bad, r, D)
+
+
 @pytest.mark.parametrize("bits, kernel, rows", [
     ((3, 3), {}, 128),                          # 128-token tiles: the split's own table
     ((3.5, 3), {}, 64)])                        # 256: 64 rows, two CTAs per SM
@@ -111,9 +170,12 @@ def test_mosaic_rope_table_rows(rng, monkeypatch, bits, kernel, rows):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("bits, levels", [((3, 4), "cubic"), ((3.5, 2.5), "quintic")])
-def test_mosaic_attend_lowers_for_cuda(rng, bits, levels):
-  cache = tiles_cache(rng, *bits, levels=levels)
+@pytest.mark.parametrize("bits, levels, exact", [((3, 4), "cubic", False),
+                                                 ((3.5, 2.5), "quintic", True)])
+def test_mosaic_attend_lowers_for_cuda(rng, bits, levels, exact):
+  cache = tiles_cache(rng, *bits, levels=levels,
+                      **(dict(dtype=jnp.bfloat16, window=256) if exact else {}))
+  assert (ka.exact_unsupported(cache) is None) == exact
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True, soft_cap=10.0).lower(
       lowering_platforms=("cuda",)).as_text()

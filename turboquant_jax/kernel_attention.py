@@ -160,16 +160,58 @@ def _mosaic_splits(steps: int, rows: int) -> int:
 ROPE_TABLE_ROWS = 64
 
 
+def exact_unsupported(cache) -> str | None:
+  """Why the Mosaic kernel cannot attend over this cache's exact tokens (window ring and
+  sinks) as its last splits (None: it can; `decode_attention_mgpu.ExactTokens`)."""
+  dt = jnp.dtype(cache.window_keys.dtype)
+  if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"it reads bfloat16 or float16 exact tokens, the cache holds {dt.name}"
+  w, s = cache.window_keys.shape[2], cache.sink_keys.shape[2]
+  if w % mosaic.EXACT_BLOCK:
+    return f"the window ({w} slots) is not a multiple of {mosaic.EXACT_BLOCK} tokens"
+  if s > mosaic.EXACT_BLOCK:
+    return f"{s} sinks are more than {mosaic.EXACT_BLOCK}"
+  return None
+
+
+def _exact_tokens(cache, qf: Array, positions: Array) -> mosaic.ExactTokens | None:
+  """The kernel's `ExactTokens` from qf [B, H, 8, D] (rows padded) and each batch entry's
+  query position [B]; None for a cache with neither window nor sinks. The sinks are
+  padded to one 64-slot block (hidden); a slot's visibility folds into its position."""
+  b, h, rows, d = qf.shape
+  n_pad = mosaic.EXACT_BLOCK
+  keys, values, slots = [], [], []
+  for k, v, pos, visible in cache.exact_parts():
+    n = k.shape[2]
+    pad = -n % n_pad
+    pos = jnp.where(visible, pos, mosaic.HIDDEN).astype(jnp.int32)
+    if pad:
+      k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
+      pos = jnp.pad(pos, ((0, 0), (0, pad)), constant_values=mosaic.HIDDEN)
+    keys.append(k.reshape(b * h, n + pad, d))
+    values.append(v.reshape(b * h, n + pad, d))
+    slots.append(jnp.broadcast_to(pos[:, None], (b, h, n + pad)).reshape(b * h, n + pad))
+  if not keys:
+    return None
+  dt = keys[0].dtype
+  return mosaic.ExactTokens(
+      qf.reshape(b * h, rows, d).astype(dt), jnp.repeat(positions.astype(jnp.int32), h),
+      tuple(keys), tuple(values), tuple(slots))
+
+
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
                             soft_cap: float | None = None,
                             sliding_window: int | None = None,
                             num_splits: int | None = None,
-                            rope_table_rows: int | None = None, **kernel_kwargs):
+                            rope_table_rows: int | None = None,
+                            exact_in_kernel: bool = False, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
   cache's split if it is 128 tokens, else `ROPE_TABLE_ROWS`: two CTAs per SM instead of
-  one, 0.373 -> 0.253 ms at 8x32K, 3.5 bits, H200, `mosaic_attend_sub_steps_gpu.json`)."""
+  one, 0.373 -> 0.253 ms at 8x32K, 3.5 bits, H200, `mosaic_attend_sub_steps_gpu.json`).
+  exact_in_kernel: the exact tokens as more splits, the last of S, one per 64 slots (when
+  the cache has any; `exact_unsupported` must be None)."""
   b, h, rows, d = qf.shape
   why = mosaic_unsupported(cache, rows)
   if why is not None:
@@ -211,7 +253,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       value_spec=tuple(c.layout.spec for c in vcs),
       key_levels=tuple(odd_levels(g) for g in cache.key_quantizer.groups),
       value_levels=tuple(odd_levels(g) for g in cache.value_quantizer.groups),
-      num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, **kernel_kwargs)
+      num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope,
+      exact=_exact_tokens(cache, qf, pos) if exact_in_kernel else None,
+      sliding_window=sliding_window, **kernel_kwargs)
 
 
 def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -224,15 +268,65 @@ def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: f
   kernel_kwargs: max_concurrent_steps, overlap_values, tokens_per_step, serial_groups,
     sub_steps (`decode_attention_mgpu.decode_partials`), rope_table_rows.
   """
+  o, l, m, _ = mosaic_partials(cache, qf, q_positions, scale=scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, num_splits=num_splits,
+                               exact_in_kernel=False, **kernel_kwargs)
+  return o, l, m
+
+
+def mosaic_partials(cache, qf: Array, q_positions: Array, *, scale: float,
+                    soft_cap: float | None = None, sliding_window: int | None = None,
+                    num_splits: int | None = None, exact_in_kernel: bool = True,
+                    **kernel_kwargs):
+  """`compressed_partials_mosaic`, and the exact tokens' partial from the same launch.
+
+  Returns (o, l, m, exact): o, l, m as `compressed_partials`; exact the exact tokens'
+  partials (o [B, H, E, M, D] in the output's channel order, l, m [B, H, E, M]) when
+  exact_in_kernel and the cache has exact tokens, else None (the caller attends over
+  them itself).
+  """
   b, h, rows, d = qf.shape
+  exact_in_kernel = exact_in_kernel and bool(cache.exact_parts())
   o, l, m = _mosaic_partials_padded(
       cache, qf, q_positions, scale=scale, soft_cap=soft_cap,
-      sliding_window=sliding_window, num_splits=num_splits, **kernel_kwargs)
+      sliding_window=sliding_window, num_splits=num_splits,
+      exact_in_kernel=exact_in_kernel, **kernel_kwargs)
   splits = o.shape[1]
   o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, h, splits, rows, d)
   unpad = lambda x: x[..., :rows].reshape(b, h, splits, rows)  # noqa: E731
+  l, m = unpad(l), unpad(m)
+  exact = None
+  if exact_in_kernel:   # the last splits, already in the tokens' channel order
+    s = splits - sum(-(-k.shape[2] // mosaic.EXACT_BLOCK) for k, *_ in cache.exact_parts())
+    exact = o[:, :, s:], l[:, :, s:], m[:, :, s:]
+    o, l, m = o[:, :, :s], l[:, :, :s], m[:, :, :s]
   # The value groups' channels, in order (each in its own rotated domain).
-  return tuple(cache.value_quantizer._split(o)), unpad(l), unpad(m)
+  return tuple(cache.value_quantizer._split(o)), l, m, exact
+
+
+def exact_partial(cache, qf: Array, q_positions: Array, *, scale: float,
+                  soft_cap: float | None = None, sliding_window: int | None = None):
+  """The exact tokens' (window ring, sinks) partial softmax result in jnp, float32:
+  (o [B, H, 1, M, D] unnormalised, l, m [B, H, 1, M]), or None for a cache with neither."""
+  parts = cache.exact_parts()
+  if not parts:
+    return None
+  scored = []
+  m = None
+  for keys, values, pos, visible in parts:
+    s = attention.scale_and_cap(
+        jnp.einsum("bhqd,bhkd->bhqk", qf, keys.astype(jnp.float32), precision=_HIGHEST),
+        scale, soft_cap)
+    mask = attention.key_mask(q_positions, pos, visible, sliding_window)[:, :, 0]
+    s = jnp.where(mask, s, _NEG)
+    scored.append((s, mask, values))
+    m = s.max(axis=-1) if m is None else jnp.maximum(m, s.max(axis=-1))
+  o, l = 0.0, 0.0
+  for s, mask, values in scored:
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = l + p.sum(axis=-1)
+    o = o + jnp.einsum("bhqk,bhkd->bhqd", p, values.astype(jnp.float32), precision=_HIGHEST)
+  return o[:, :, None], l[:, :, None], m[:, :, None]
 
 
 def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -315,7 +409,8 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
            use_kernel: bool = True, mosaic: bool = False, fused_merge: bool = False,
-           merge_interpret: bool | None = None, **kernel_kwargs) -> Array:
+           merge_interpret: bool | None = None, exact_in_kernel: bool | None = None,
+           **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
@@ -325,6 +420,10 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   the GPU). Off by default: on the H200 it ties with the jnp merge (whole attention
   within +-5% either way, `mosaic_attend_splits_gpu.json`; the kernel alone 23-25 us, its
   float32 products' latency, where XLA's jnp merge takes 35-44 us in more launches).
+
+  exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
+  as one more split of its launch (bf16 or fp16 tokens by TMA, wgmma with the unrotated
+  query); None: where it can (`exact_unsupported`), else in jnp (float32 products).
 
   The exact window and sinks are one more partial of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -345,32 +444,34 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
                                merge_interpret=merge_interpret, **kernel_kwargs)
     out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
     return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
-  partials = (compressed_partials_reference if not use_kernel else
-              compressed_partials_mosaic if mosaic else compressed_partials)
-  o_c, l_c, m_c = partials(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
-                           sliding_window=sliding_window, **kernel_kwargs)
+  common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  if mosaic and use_kernel and exact_in_kernel is None:
+    exact_in_kernel = exact_unsupported(cache) is None
+  if mosaic and use_kernel and exact_in_kernel:
+    why = exact_unsupported(cache)
+    if why is not None:
+      raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
+    o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
+                                           **common, **kernel_kwargs)
+  else:
+    partials = (compressed_partials_reference if not use_kernel else
+                compressed_partials_mosaic if mosaic else compressed_partials)
+    o_c, l_c, m_c = partials(cache, qf, row_pos, **common, **kernel_kwargs)
+    exact = exact_partial(cache, qf, row_pos, **common)
   m_all = m_c.max(axis=2)                                  # [B, H, M]
-  exact_scores, exact_values = [], []
-  for keys, values, pos, visible in cache.exact_parts():
-    s = attention.scale_and_cap(
-        jnp.einsum("bhqd,bhkd->bhqk", qf, keys.astype(jnp.float32), precision=_HIGHEST),
-        scale, soft_cap)
-    mask = attention.key_mask(row_pos, pos, visible, sliding_window)[:, :, 0]
-    s = jnp.where(mask, s, _NEG)
-    exact_scores.append((s, mask))
-    exact_values.append(values)
-    m_all = jnp.maximum(m_all, s.max(axis=-1))
+  if exact is not None:
+    m_all = jnp.maximum(m_all, exact[2].max(axis=2))
   weight = jnp.exp(m_c - m_all[:, :, None])                # [B, H, S, M]
   l_total = jnp.sum(l_c * weight, axis=2)
   rotated = tuple(jnp.sum(o * weight[..., None], axis=2) for o in o_c)
   out = unpermute_channels(cache.value_quantizer.unrotate(rotated), cache.value_perm)
   if cache.value_mean is not None:   # the compressed tokens' share of the mean
     out = out + l_total[..., None] * cache.value_mean[:, :, None, :]
-  for (s, mask), values in zip(exact_scores, exact_values):
-    p = jnp.where(mask, jnp.exp(s - m_all[..., None]), 0.0)
-    l_total = l_total + p.sum(axis=-1)
-    out = out + jnp.einsum("bhqk,bhkd->bhqd", p, values.astype(jnp.float32),
-                           precision=_HIGHEST)
+  if exact is not None:
+    o_e, l_e, m_e = exact                                  # E partials each
+    w_e = jnp.exp(m_e - m_all[:, :, None])
+    out = out + jnp.sum(o_e * w_e[..., None], axis=2)
+    l_total = l_total + jnp.sum(l_e * w_e, axis=2)
   out = out / jnp.where(l_total > 0, l_total, 1.0)[..., None]
   out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
   return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
@@ -380,4 +481,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-    "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret"))
+    "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel"))
