@@ -422,10 +422,11 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   float32 products' latency, where XLA's jnp merge takes 35-44 us in more launches).
 
   exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
-  as one more split of its launch (bf16 or fp16 tokens by TMA, wgmma with the unrotated
-  query); None: where it can (`exact_unsupported`), else in jnp (float32 products).
+  as more splits of its launch, one per 64-token block (bf16 or fp16 tokens by TMA,
+  wgmma with the unrotated query rounded to their dtype, p rounded to it as cuDNN does);
+  None: where it can (`exact_unsupported`), else in jnp (float32 products).
 
-  The exact window and sinks are one more partial of the same softmax, merged with the
+  The exact window and sinks are more partials of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
   """
   b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
