@@ -374,6 +374,20 @@ def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
     _check(f"exact.positions[{k}]", pos, (r, n), jnp.int32)
 
 
+def _write_partial(l, m, o_smem, lm_smem, outs, i, j):
+  """Writes split j of row i: o (already in o_smem), l and m (base 2, back to natural-log
+  units; rows with no token keep the sentinel)."""
+  neg = -1e30
+  o_gmem, l_gmem, m_gmem = outs
+  lm_smem.at[0][...] = l
+  lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
+  plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
+  plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
+  plgpu.wait_smem_to_gmem(0)
+
+
 def exact_splits(exact: ExactTokens) -> int:
   """Splits the exact tokens take: one per `EXACT_BLOCK` slots of each part."""
   return sum(k.shape[1] // EXACT_BLOCK for k in exact.keys)
@@ -422,15 +436,8 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
       plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem, (1, 0)),
                   plgpu.transpose_ref(pe_smem, (1, 0)))
       return acc_ref[...]
-    o = pl.run_scoped(values, plgpu.ACC((d, HEADS), jnp.float32))
-    o_smem[...] = o
-    lm_smem.at[0][...] = p.sum(axis=0)
-    lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
-    plgpu.wait_smem_to_gmem(0)
+    o_smem[...] = pl.run_scoped(values, plgpu.ACC((d, HEADS), jnp.float32))
+    _write_partial(p.sum(axis=0), m, o_smem, lm_smem, (o_gmem, l_gmem, m_gmem), i, j)
 
   scratch = [plgpu.SMEM((HEADS, d), dtype, transforms=q_transforms()),
              plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
@@ -803,14 +810,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       else:
         for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
           o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
-      lm_smem.at[0][...] = l_rows.sum(axis=0)
-      # Back to natural-log units; rows with no token keep the sentinel.
-      lm_smem.at[1][...] = jnp.where(m > neg / 2, m * float(np.log(2.0)), neg)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
-      plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
-      plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
-      plgpu.wait_smem_to_gmem(0)
+      _write_partial(l_rows.sum(axis=0), m, o_smem, lm_smem, (o_gmem, l_gmem, m_gmem), i, j)
 
     if exact is None:
       compressed()
