@@ -19,7 +19,6 @@ from pallas_kernels import decode_attention as kernel
 from pallas_kernels import decode_attention_mgpu as mosaic
 from pallas_kernels import merge_exact
 from turboquant_jax import attention
-from turboquant_jax import tile_codes
 from turboquant_jax import rope as rope_lib
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
 
