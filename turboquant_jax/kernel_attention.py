@@ -210,7 +210,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   cache's split if it is 128 tokens, else `ROPE_TABLE_ROWS`: two CTAs per SM instead of
   one, 0.373 -> 0.253 ms at 8x32K, 3.5 bits, H200, `mosaic_attend_sub_steps_gpu.json`).
   exact_in_kernel: the exact tokens as more splits, the last of S, one per 64 slots (when
-  the cache has any; `exact_unsupported` must be None)."""
+  the cache has any; `exact_unsupported` must be None).
+
+  Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
   why = mosaic_unsupported(cache, rows)
   if why is not None:
@@ -244,7 +246,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       freq = cache.rope.frequencies(d)
     rope = mosaic.rope_offsets(flat(coef_a), flat(coef_b), freq, cache.max_len,
                                cache.rope_split, table_rows=rope_table_rows)
-  return mosaic.decode_partials(
+  exact = _exact_tokens(cache, qf, pos) if exact_in_kernel else None
+  o, l, m = mosaic.decode_partials(
       tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
       tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,
       qoff.astype(jnp.float32),
@@ -252,9 +255,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       value_spec=tuple(c.layout.spec for c in vcs),
       key_levels=tuple(odd_levels(g) for g in cache.key_quantizer.groups),
       value_levels=tuple(odd_levels(g) for g in cache.value_quantizer.groups),
-      num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope,
-      exact=_exact_tokens(cache, qf, pos) if exact_in_kernel else None,
+      num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
       sliding_window=sliding_window, **kernel_kwargs)
+  return o, l, m, (mosaic.exact_splits(exact) if exact is not None else 0)
 
 
 def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -285,8 +288,7 @@ def mosaic_partials(cache, qf: Array, q_positions: Array, *, scale: float,
   them itself).
   """
   b, h, rows, d = qf.shape
-  exact_in_kernel = exact_in_kernel and bool(cache.exact_parts())
-  o, l, m = _mosaic_partials_padded(
+  o, l, m, e = _mosaic_partials_padded(
       cache, qf, q_positions, scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, num_splits=num_splits,
       exact_in_kernel=exact_in_kernel, **kernel_kwargs)
@@ -295,8 +297,8 @@ def mosaic_partials(cache, qf: Array, q_positions: Array, *, scale: float,
   unpad = lambda x: x[..., :rows].reshape(b, h, splits, rows)  # noqa: E731
   l, m = unpad(l), unpad(m)
   exact = None
-  if exact_in_kernel:   # the last splits, already in the tokens' channel order
-    s = splits - sum(-(-k.shape[2] // mosaic.EXACT_BLOCK) for k, *_ in cache.exact_parts())
+  if e:   # the last splits, already in the tokens' channel order
+    s = splits - e
     exact = o[:, :, s:], l[:, :, s:], m[:, :, s:]
     o, l, m = o[:, :, :s], l[:, :, :s], m[:, :, :s]
   # The value groups' channels, in order (each in its own rotated domain).
@@ -382,7 +384,7 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
   b, h, rows, d = qf.shape
   common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
   if use_kernel:
-    o, l, m = _mosaic_partials_padded(cache, qf, row_pos, **common, **kernel_kwargs)
+    o, l, m, _ = _mosaic_partials_padded(cache, qf, row_pos, **common, **kernel_kwargs)
     cols = o.shape[-1]                              # the kernel's 8 padded rows
   else:
     (o,), l, m = compressed_partials_reference(cache, qf, row_pos, **common, **kernel_kwargs)
@@ -445,10 +447,10 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
     out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
     return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
   common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
-  if mosaic and use_kernel and exact_in_kernel is None:
-    exact_in_kernel = exact_unsupported(cache) is None
+  why = exact_unsupported(cache) if mosaic and use_kernel else "no Mosaic kernel"
+  if exact_in_kernel is None:
+    exact_in_kernel = why is None
   if mosaic and use_kernel and exact_in_kernel:
-    why = exact_unsupported(cache)
     if why is not None:
       raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
     o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
