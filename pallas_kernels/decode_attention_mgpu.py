@@ -38,7 +38,10 @@ window ring and sinks, bf16) may come too (`ExactTokens`): each 64-token block o
 one more split of the same launch, one TMA round trip and two small wgmmas against the
 unrotated query, so the merge after the kernel is a few elementwise XLA kernels and no
 exact-token matmul (H200, whole attention at 3.5 bits: 8 x 4K 84 -> 72 us, 1 x 4K 53 ->
-40, `mosaic_attend_exact_gpu.json`). Kernels here take arrays and static specs only.
+40, `mosaic_attend_exact_gpu.json`). The cache's arrays go in as they are: the ring with
+its positions per batch entry and the sinks unpadded (TMA fills a block's missing rows
+with zeros), each row finding its batch entry's limits as i // heads. Kernels here take
+arrays and static specs only.
 """
 
 from __future__ import annotations
@@ -322,37 +325,40 @@ def rope_offsets_dense(rope: RopeOffsets) -> Array:
   return off.reshape(r, blocks * rope.table.shape[0], HEADS) * rope.scale[:, None, :]
 
 
-HIDDEN = 2**30        # an exact slot's position when no query may see it
+HIDDEN = 2**30        # a position beyond any query: a slot no query may see
 EXACT_BLOCK = 64      # exact tokens per wgmma: one A tile of keys, one B tile of p
 
 
 class ExactTokens(NamedTuple):
   """The tokens a cache keeps exact (its window ring, its sinks), as more splits of
-  `decode_partials` (one per `EXACT_BLOCK` slots): bf16 (or fp16) keys and values read
-  by TMA, scored and summed by wgmma against the unrotated query in the same base-2
-  softmax, so the merge after the kernel has no exact-token products, masks or softmax
-  of its own.
+  `decode_partials` (one per block of a part's slots, `exact_blocks`): bf16 (or fp16) keys
+  and values read by TMA, scored and summed by wgmma against the unrotated query in the
+  same base-2 softmax, so the merge after the kernel has no exact-token products, masks
+  or softmax of its own.
 
   q: [R, 8, D] the query rows of each kv head, unrotated (the tokens' channel order), in
     the keys' dtype (bfloat16 or float16);
-  q_positions: int32 [R], the query token's position (decode: one per row);
-  keys, values: one [R, n, D] per part, n a multiple of `EXACT_BLOCK`;
-  positions: one int32 [R, n] per part, the slot's token position, or `HIDDEN` where no
-    query may see it (empty ring slots, padding, tokens a compressed split holds). A
-    query at p sees a slot at position t <= p (and, with a sliding window w, t > p - w).
+  limits: int32 [B, 1 + 2·P], per batch entry (R = B x kv heads, rows in batch-major
+    order): the query token's position p, then each part's visible range [lo, hi). A
+    query sees a slot of part k at position t when lo_k <= t < hi_k and t <= p (and, with
+    a sliding window w, t > p - w);
+  keys, values: one [R, n, D] per part (n below 8 or a multiple of 8: the last block's
+    slots past n are read as zeros, TMA's out-of-bounds fill, and never seen);
+  positions: one per part, int32 [B, n] (each batch entry's slot positions: a ring's), or
+    None: slot t holds position t (sinks).
   """
 
   q: Array
-  q_positions: Array
+  limits: Array
   keys: tuple
   values: tuple
   positions: tuple
 
 
 def _exact_args(exact: ExactTokens) -> list[Array]:
-  args = [exact.q, exact.q_positions]
+  args = [exact.q, exact.limits]
   for k, v, p in zip(exact.keys, exact.values, exact.positions):
-    args += [k, v, p]
+    args += [k, v] + ([] if p is None else [p])
   return args
 
 
@@ -361,17 +367,23 @@ def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
   if dt not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"exact tokens must be bfloat16 or float16, got {dt}")
   _check("exact.q", exact.q, (r, HEADS, d), dt)
-  _check("exact.q_positions", exact.q_positions, (r,), jnp.int32)
-  if not (len(exact.keys) == len(exact.values) == len(exact.positions) >= 1):
+  parts = len(exact.keys)
+  if not (len(exact.values) == len(exact.positions) == parts >= 1):
     raise ValueError("exact tokens need keys, values and positions for each part (>= 1)")
+  b = exact.limits.shape[0] if exact.limits.ndim == 2 else 0
+  if b < 1 or r % b:
+    raise ValueError(f"exact.limits must be int32 [B, {1 + 2 * parts}] with B dividing "
+                     f"the {r} rows, got {exact.limits.dtype} {list(exact.limits.shape)}")
+  _check("exact.limits", exact.limits, (b, 1 + 2 * parts), jnp.int32)
   for k, (keys, values, pos) in enumerate(zip(exact.keys, exact.values, exact.positions)):
     n = keys.shape[1] if keys.ndim == 3 else -1
-    if n <= 0 or n % EXACT_BLOCK:
-      raise ValueError(f"exact part {k} must hold a multiple of {EXACT_BLOCK} slots, got "
-                       f"keys {list(keys.shape)}")
+    if n <= 0 or (n > 8 and n % 8):   # Mosaic tiles the copied rows by 8 in HBM too
+      raise ValueError(f"exact part {k} must hold [R, n, D] keys with n below 8 or a "
+                       f"multiple of 8, got {list(keys.shape)}")
     _check(f"exact.keys[{k}]", keys, (r, n, d), dt)
     _check(f"exact.values[{k}]", values, (r, n, d), dt)
-    _check(f"exact.positions[{k}]", pos, (r, n), jnp.int32)
+    if pos is not None:
+      _check(f"exact.positions[{k}]", pos, (b, n), jnp.int32)
 
 
 def _write_partial(l, m, o_smem, lm_smem, outs, i, j):
@@ -388,31 +400,52 @@ def _write_partial(l, m, o_smem, lm_smem, outs, i, j):
   plgpu.wait_smem_to_gmem(0)
 
 
-def exact_splits(exact: ExactTokens) -> int:
-  """Splits the exact tokens take: one per `EXACT_BLOCK` slots of each part."""
-  return sum(k.shape[1] // EXACT_BLOCK for k in exact.keys)
+def _exact_block_sizes(exact: ExactTokens, exact_blocks) -> tuple[int, ...]:
+  """Tokens per exact split of each part: `exact_blocks` (one int for all, or one per
+  part), each a multiple of `EXACT_BLOCK`, at most 128."""
+  parts = len(exact.keys)
+  sizes = ((exact_blocks,) * parts if isinstance(exact_blocks, int) else tuple(exact_blocks))
+  if len(sizes) != parts or any(n % EXACT_BLOCK or not 0 < n <= 2 * EXACT_BLOCK
+                                for n in sizes):
+    raise ValueError(f"exact_blocks {exact_blocks!r} must give each of the {parts} parts "
+                     f"{EXACT_BLOCK} or {2 * EXACT_BLOCK} tokens per split")
+  return sizes
+
+
+def exact_splits(exact: ExactTokens, exact_blocks=EXACT_BLOCK) -> int:
+  """Splits the exact tokens take: one per block (`exact_blocks` tokens) of each part."""
+  return sum(-(-k.shape[1] // n)
+             for k, n in zip(exact.keys, _exact_block_sizes(exact, exact_blocks)))
 
 
 def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: int,
-                 dot_scale: float, soft_cap: float | None, sliding_window: int | None):
-  """Split j >= first of row i: one `EXACT_BLOCK` of exact tokens (`ExactTokens`), in the
+                 blocks: tuple[int, ...], has_positions: tuple[bool, ...], heads: int,
+                 dot_scale: float,
+                 soft_cap: float | None, sliding_window: int | None):
+  """Split j >= first of row i: one block of exact tokens (`ExactTokens`), in the
   orientation of the compressed splits (scores^T = K·q^T, out^T = V^T·p^T).
 
   One block per CTA: every copy is issued at once and waited on once, so a row's exact
   tokens cost the latency of one block, not of a loop over the window (at batch 1 a
   looping split was the launch's last CTA to finish)."""
-  qe_gmem, qpos_gmem = refs[:2]
-  d, dtype, n = qe_gmem.shape[-1], qe_gmem.dtype, EXACT_BLOCK
+  qe_gmem, lim_gmem = refs[:2]
+  d, dtype = qe_gmem.shape[-1], qe_gmem.dtype
   neg, log2e = -1e30, float(np.log2(np.e))
   bcast = jax.lax.broadcast_in_dim
+  b = i // heads if heads > 1 else i
 
-  def block(k_gmem, v_gmem, p_gmem, c, qe_smem, k_smem, v_smem, pos_smem, pe_smem, barrier):
+  def block(part, k_gmem, v_gmem, p_gmem, c, n, qe_smem, k_smem, v_smem, *rest):
+    *pos_smem, pe_smem, barrier = rest
+    slots = k_gmem.shape[1]
     rows = pl.ds(c * n, n)
     plgpu.copy_gmem_to_smem(qe_gmem.at[i], qe_smem, barrier)
+    # Past the part's last slot TMA fills zeros: finite scores, masked below.
     plgpu.copy_gmem_to_smem(k_gmem.at[i, rows], k_smem, barrier)
     plgpu.copy_gmem_to_smem(v_gmem.at[i, rows], v_smem, barrier)
-    plgpu.copy_gmem_to_smem(p_gmem.at[i, rows], pos_smem, barrier)
-    qpos = qpos_gmem[i]
+    if p_gmem is not None:
+      plgpu.copy_gmem_to_smem(p_gmem.at[b, rows], pos_smem[0], barrier)
+    qpos = lim_gmem[b, 0]
+    lo, hi = lim_gmem[b, 1 + 2 * part], lim_gmem[b, 2 + 2 * part]
     plgpu.barrier_wait(barrier)
 
     def scores(acc_ref):
@@ -421,8 +454,15 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
     s = pl.run_scoped(scores, plgpu.ACC((n, HEADS), jnp.float32)) * dot_scale
     if soft_cap is not None:
       s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
-    kpos = bcast(plgpu.load(pos_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)), s.shape, [0])
-    valid = kpos <= qpos
+    slot = c * n + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+    if p_gmem is None:
+      kpos = slot
+    else:
+      kpos = bcast(plgpu.load(pos_smem[0], (), layout=plgpu.Layout.WGMMA.reduce(1)),
+                   s.shape, [0])
+    valid = (kpos >= lo) & (kpos < hi) & (kpos <= qpos)
+    if slots % n:
+      valid = valid & (slot < slots)
     if sliding_window is not None:
       valid = valid & (kpos > qpos - sliding_window)
     s = jnp.where(valid, s, neg)
@@ -439,21 +479,25 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
     o_smem[...] = pl.run_scoped(values, plgpu.ACC((d, HEADS), jnp.float32))
     _write_partial(p.sum(axis=0), m, o_smem, lm_smem, (o_gmem, l_gmem, m_gmem), i, j)
 
-  scratch = [plgpu.SMEM((HEADS, d), dtype, transforms=q_transforms()),
-             plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
-             plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
-             plgpu.SMEM((n,), jnp.int32),
-             plgpu.SMEM((HEADS, n), dtype, transforms=q_transforms()),
-             plgpu.Barrier(num_arrivals=4)]
   start = first
-  for k in range(len(refs[2:]) // 3):    # one branch per part, its block from j
-    k_gmem, v_gmem, p_gmem = refs[2 + 3 * k: 5 + 3 * k]
-    blocks = k_gmem.shape[1] // n
+  refs = list(refs[2:])
+  for part, (n, has_pos) in enumerate(zip(blocks, has_positions)):  # a branch per part
+    k_gmem, v_gmem = refs.pop(0), refs.pop(0)
+    p_gmem = refs.pop(0) if has_pos else None
+    count = -(-k_gmem.shape[1] // n)
+    scratch = [plgpu.SMEM((HEADS, d), dtype, transforms=q_transforms()),
+               plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
+               plgpu.SMEM((n, d), dtype, transforms=q_transforms())]
+    scratch += [plgpu.SMEM((n,), jnp.int32)] if p_gmem is not None else []
+    scratch += [plgpu.SMEM((HEADS, n), dtype, transforms=q_transforms()),
+                plgpu.Barrier(num_arrivals=4 if p_gmem is not None else 3)]
 
-    @pl.when((j >= start) & (j < start + blocks))
-    def _(k_gmem=k_gmem, v_gmem=v_gmem, p_gmem=p_gmem, start=start):
-      pl.run_scoped(functools.partial(block, k_gmem, v_gmem, p_gmem, j - start), *scratch)
-    start += blocks
+    @pl.when((j >= start) & (j < start + count))
+    def _(part=part, k_gmem=k_gmem, v_gmem=v_gmem, p_gmem=p_gmem, start=start, n=n,
+          scratch=scratch):
+      pl.run_scoped(functools.partial(block, part, k_gmem, v_gmem, p_gmem, j - start, n),
+                    *scratch)
+    start += count
 
 
 def _check(name, x, shape, dtype):
@@ -478,7 +522,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     max_concurrent_steps: int = 2, overlap_values: bool = True,
                     serial_groups: bool | None = None, sub_steps: int | None = None,
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None,
-                    exact: ExactTokens | None = None, sliding_window: int | None = None):
+                    exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
+                    sliding_window: int | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -498,8 +543,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     k_norms: float16 [R, T]. v_words: int32 [R, tiles·64, Cv], value tiles [D, tokens].
     v_norms: float16 [R, T].
     q: float16 [R, 8, D], the rotated queries of each kv head (q heads beyond the real
-      ones zero).
-    bounds: int32 [R, 2], the compressed range [lo, hi) of each row.
+      ones zero); with key groups a tuple of one [R, 8, D_g] per group, or one array of
+      the groups' columns side by side.
+    bounds: int32 [R', 2], the compressed range [lo, hi) of each row, or of each batch
+      entry (R' = B dividing R: rows i·R/B to (i + 1)·R/B share entry i).
     qoff: float32 [R, 8], added to every score before the scale (the key-centering term).
     key_spec, value_spec: the `register_codes.TileSpec` of the tiles (a tuple per group).
     key_levels, value_levels: (c₁, c₃[, c₅]) (a tuple of them per group; `level_form`).
@@ -517,9 +564,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     rope: q·R(t)·μ for keys centred before RoPE (`rope_offsets`), or None (no such term);
       its table's rows must divide the step's tokens (each pass holding whole table
       blocks: one W operand and one offsets wgmma per block).
-    exact: the tokens kept exact (`ExactTokens`), attended by `exact_splits(exact)` more
-      splits per row (after the compressed ones, one block each), whose o is in the
-      tokens' own channel domain (not rotated); or None.
+    exact: the tokens kept exact (`ExactTokens`), attended by `exact_splits(exact,
+      exact_blocks)` more splits per row (after the compressed ones, one block each), whose
+      o is in the tokens' own channel domain (not rotated); or None.
+    exact_blocks: tokens per exact split, 64 or 128 (one for all parts, or one per part):
+      128 halves the splits and takes 2 x 16 KB more shared memory (at D = 128) in a scope
+      the compressed pipeline's buffers share.
     sliding_window: with `exact`, a query at p sees exact tokens at t > p - window (the
       compressed range comes windowed in `bounds`).
   Returns:
@@ -532,7 +582,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
   key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
   gk, gv = len(key_specs), len(value_specs)
-  if not (len(k_words) == len(k_norms) == len(q) == len(key_levels) == gk
+  nq = len(q)          # one query part per key group, or one [R, 8, D] for all of them
+  if not (len(k_words) == len(k_norms) == len(key_levels) == gk and nq in (1, gk)
           and len(v_words) == len(v_norms) == len(value_levels) == gv):
     raise ValueError(f"{gk} key and {gv} value groups need as many words, norms, levels "
                      "(and query parts for keys)")
@@ -554,11 +605,23 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   for g, spec in enumerate(key_specs):
     _check(name("k_words", g, gk), k_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("k_norms", g, gk), k_norms[g], (r, t_len), jnp.float16)
-    _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
+    if nq == gk:
+      _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
+  if nq != gk:
+    _check("q", q[0], (r, HEADS, d), jnp.float16)
+  key_starts = [int(x) for x in np.cumsum([0] + [sp.cols for sp in key_specs[:-1]])]
   for g, spec in enumerate(value_specs):
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
-  _check("bounds", bounds, (r, 2), jnp.int32)
+  bounds_entries = bounds.shape[0] if bounds.ndim == 2 else 0
+  if bounds_entries < 1 or r % bounds_entries:
+    raise ValueError(f"bounds must be int32 [R or B, 2] with B dividing the {r} rows, got "
+                     f"{bounds.dtype} {list(bounds.shape)}")
+  _check("bounds", bounds, (bounds_entries, 2), jnp.int32)
+  rows_per_entry = r // bounds_entries     # bound now: the names below are reused
+
+  def bounds_row(i):
+    return i if rows_per_entry == 1 else i // rows_per_entry
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   if rope is not None:
     rb = rope.table.shape[0]                   # tokens per table block (and W)
@@ -571,6 +634,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check("rope.table", rope.table, (rb, d), jnp.float16)
   if exact is not None:
     _check_exact(exact, r, d)
+    exact_sizes = _exact_block_sizes(exact, exact_blocks)
   split_steps = t_len // st // num_splits
   if sub_steps is None:
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
@@ -615,16 +679,20 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     del refs[:2 * gk]
     vw_gmem, vn_gmem = refs[:gv], refs[gv:2 * gv]
     del refs[:2 * gv]
-    q_gmem = refs[:gk]
-    del refs[:gk]
+    q_gmem = refs[:nq]
+    del refs[:nq]
+    if nq != gk:   # each group's columns of the one query array
+      q_gmem = [q_gmem[0].at[:, :, pl.ds(at, sp.cols)]
+                for at, sp in zip(key_starts, key_specs)]
     bounds_gmem, qoff_gmem = refs[:2]
     del refs[:2]
     if rope is not None:
       coef_gmem, rscale_gmem, trig_gmem, table_gmem = refs[:4]
       del refs[:4]
     if exact is not None:
-      exact_refs = refs[:2 + 3 * len(exact.keys)]
-      del refs[:2 + 3 * len(exact.keys)]
+      count = 2 + sum(2 + (p is not None) for p in exact.positions)
+      exact_refs = refs[:count]
+      del refs[:count]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
     q_smem = refs[:gk]
@@ -652,7 +720,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
         rscale_v = plgpu.load(rscale_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                               optimized=False) * off_scale
-      lo, hi = bounds_gmem[i, 0], bounds_gmem[i, 1]
+      lo, hi = bounds_gmem[bounds_row(i), 0], bounds_gmem[bounds_row(i), 1]
       # The steps of this split that hold tokens of [lo, hi).
       split_start = j * split_steps
       first = jnp.clip(lo // st, split_start, split_start + split_steps)
@@ -820,10 +888,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
   if exact is not None:
     exact_split = functools.partial(
-        _exact_split, first=num_splits, dot_scale=off_scale, soft_cap=soft_cap,
+        _exact_split, first=num_splits, blocks=exact_sizes,
+        has_positions=tuple(p is not None for p in exact.positions),
+        heads=r // exact.limits.shape[0], dot_scale=off_scale, soft_cap=soft_cap,
         sliding_window=sliding_window)
   f32 = jnp.float32
-  splits_out = num_splits + (exact_splits(exact) if exact is not None else 0)
+  splits_out = num_splits + (exact_splits(exact, exact_blocks) if exact is not None else 0)
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((r, splits_out, d, HEADS), f32),
@@ -850,13 +920,16 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
                               qoff: Array, *, bits_k, bits_v, key_levels, value_levels,
                               num_splits: int, scale: float, soft_cap: float | None = None,
                               rope: RopeOffsets | None = None,
-                              exact: ExactTokens | None = None,
+                              exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
                               sliding_window: int | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D_g]
   (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group)."""
   k_codes, k_norms, q = _groups(k_codes), _groups(k_norms), _groups(q)
   v_codes, v_norms = _groups(v_codes), _groups(v_norms)
   bits_k, bits_v = _groups(bits_k), _groups(bits_v)
+  if len(q) == 1 < len(k_codes):   # one query array: the groups' columns side by side
+    cuts = np.cumsum([c.shape[-1] for c in k_codes])[:-1]
+    q = tuple(jnp.split(q[0], cuts, axis=-1))
   key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
 
   def levels(codes, bits, ac):
@@ -874,6 +947,7 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
   r, t, _ = s.shape
+  bounds = jnp.repeat(bounds, r // bounds.shape[0], axis=0)      # per row
   pos = jnp.arange(t)[None, :, None]
   valid = (pos >= bounds[:, 0, None, None]) & (pos < bounds[:, 1, None, None])
   s = jnp.where(valid, s, -1e30).reshape(r, num_splits, t // num_splits, HEADS)
@@ -888,29 +962,47 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
     o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
   o = jnp.concatenate(o, axis=2)
   if exact is not None:
-    o_e, l_e, m_e = _exact_reference(exact, scale, soft_cap, sliding_window)
+    o_e, l_e, m_e = _exact_reference(exact, _exact_block_sizes(exact, exact_blocks), scale,
+                                     soft_cap, sliding_window)
     o, l, m = (jnp.concatenate([x, y], 1) for x, y in ((o, o_e), (l, l_e), (m, m_e)))
   return o, l, m
 
 
-def _exact_reference(exact: ExactTokens, scale: float, soft_cap: float | None,
-                     sliding_window: int | None) -> tuple[Array, Array, Array]:
+def _exact_reference(exact: ExactTokens, blocks: tuple[int, ...], scale: float,
+                     soft_cap: float | None, sliding_window: int | None
+                     ) -> tuple[Array, Array, Array]:
   """The exact splits' (o [R, E, D, 8], l, m [R, E, 8]) in float32, one per block."""
   f = lambda x: x.astype(jnp.float32)  # noqa: E731
-  blocks = lambda xs: jnp.concatenate(  # noqa: E731  [R, N, ...] -> [R, E, 64, ...]
-      xs, 1).reshape(xs[0].shape[0], -1, EXACT_BLOCK, *xs[0].shape[2:])
-  keys, values = f(blocks(exact.keys)), f(blocks(exact.values))
-  pos = blocks(exact.positions)
-  s = jnp.einsum("rend,rhd->renh", keys, f(exact.q), precision=jax.lax.Precision.HIGHEST)
-  s = s * scale
-  if soft_cap is not None:
-    s = soft_cap * jnp.tanh(s / soft_cap)
-  qp = exact.q_positions[:, None, None]
-  valid = pos <= qp
-  if sliding_window is not None:
-    valid &= pos > qp - sliding_window
-  s = jnp.where(valid[..., None], s, -1e30)
-  m = s.max(axis=2)
-  p = jnp.where(valid[..., None], jnp.exp(s - m[:, :, None]), 0.0)
-  o = jnp.einsum("rend,renh->redh", values, p, precision=jax.lax.Precision.HIGHEST)
-  return o, p.sum(axis=2), m
+  r = exact.q.shape[0]
+  heads = r // exact.limits.shape[0]
+  lim = jnp.repeat(exact.limits, heads, axis=0)                   # per row
+  qp = lim[:, 0, None, None]
+  o_all, l_all, m_all = [], [], []
+  for part, (keys, values, pos, n) in enumerate(zip(exact.keys, exact.values,
+                                                    exact.positions, blocks)):
+    slots = keys.shape[1]
+    pad = -slots % n                 # the kernel reads zeros past the last slot
+    grow = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    keys, values = f(grow(keys)), f(grow(values))
+    slot = jnp.arange(slots + pad, dtype=jnp.int32)
+    pos = (jnp.broadcast_to(slot, (r, slots + pad)) if pos is None
+           else grow(jnp.repeat(pos, heads, axis=0)))
+    e = (slots + pad) // n
+    keys, values = (x.reshape(r, e, n, -1) for x in (keys, values))
+    pos = pos.reshape(r, e, n)
+    s = jnp.einsum("rend,rhd->renh", keys, f(exact.q), precision=jax.lax.Precision.HIGHEST)
+    s = s * scale
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    lo, hi = lim[:, 1 + 2 * part, None, None], lim[:, 2 + 2 * part, None, None]
+    valid = (pos >= lo) & (pos < hi) & (pos <= qp) & (slot < slots).reshape(1, e, n)
+    if sliding_window is not None:
+      valid &= pos > qp - sliding_window
+    s = jnp.where(valid[..., None], s, -1e30)
+    m = s.max(axis=2)
+    p = jnp.where(valid[..., None], jnp.exp(s - m[:, :, None]), 0.0)
+    o_all.append(jnp.einsum("rend,renh->redh", values, p,
+                            precision=jax.lax.Precision.HIGHEST))
+    l_all.append(p.sum(axis=2))
+    m_all.append(m)
+  return tuple(jnp.concatenate(x, axis=1) for x in (o_all, l_all, m_all))

@@ -179,42 +179,50 @@ def test_short_rope_table_fits_two_ctas_per_sm():
   assert full - short >= 32 * 1024   # the table's 64 KB became 16 (more trig and W rows)
 
 
-@pytest.mark.parametrize("sliding_window", [None, 90])
-def test_reference_exact_split_is_one_more_partial(rng, sliding_window):
-  """With ExactTokens the reference's last split is the exact tokens' softmax partial:
-  merged with the compressed splits it is softmax attention over both token sets."""
-  r, t, splits, bk, bv = 2, 256, 2, 3, 3
+@pytest.mark.parametrize("sliding_window, blocks", [(None, 64), (90, (128, 64))])
+def test_reference_exact_split_is_one_more_partial(rng, sliding_window, blocks):
+  """With ExactTokens the reference's last splits are the exact tokens' softmax partials,
+  one per block: merged with the compressed splits they are softmax attention over both
+  token sets. Two batch entries of two rows each (limits, positions and bounds per entry),
+  a ring of 200 slots with stale and empty ones (its last block part-filled) and 5
+  sinks (slot = position, one block read past its end)."""
+  r, heads, t, splits, bk, bv = 4, 2, 256, 2, 3, 3
   kc, vc, kn, vn, q = random_inputs(rng, r, t, bk, bv)
   levels = (0.9, 0.03)
-  bounds = np.array([[4, 200], [4, 120]])
+  bounds = np.array([[5, 200], [5, 120]])                       # per batch entry
   qpos = np.array([260, 150])
-  n = (64, 64)
-  ek = [rng.standard_normal((r, m, D)).astype(np.float32) * 0.5 for m in n]
-  ev = [rng.standard_normal((r, m, D)).astype(np.float32) for m in n]
-  epos = [np.stack([np.r_[np.arange(200, 264)], np.r_[np.arange(120, 184)]]),
-          np.where(np.arange(64) < 4, np.arange(64), dm.HIDDEN)[None].repeat(r, 0)]
-  exact = dm.ExactTokens(jnp.asarray(q, jnp.float32), jnp.asarray(qpos, jnp.int32),
+  ring = np.stack([np.arange(200) + 100, np.where(np.arange(200) < 60, np.arange(200) + 100, -1)])
+  limits = np.array([[260, 200, 300, 0, 300], [150, 120, 160, 0, 3]], np.int32)
+  ek = [rng.standard_normal((r, n, D)).astype(np.float32) * 0.5 for n in (200, 5)]
+  ev = [rng.standard_normal((r, n, D)).astype(np.float32) for n in (200, 5)]
+  exact = dm.ExactTokens(jnp.asarray(q, jnp.float32), jnp.asarray(limits),
                          tuple(map(jnp.asarray, ek)), tuple(map(jnp.asarray, ev)),
-                         tuple(jnp.asarray(p, jnp.int32) for p in epos))
+                         (jnp.asarray(ring, jnp.int32), None))
   scale = 0.3
   o, l, m = dm.decode_partials_reference(
       jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn),
-      jnp.asarray(q, jnp.float32), jnp.asarray(bounds), jnp.zeros((r, dm.HEADS)),
+      jnp.asarray(q, jnp.float32), jnp.asarray(bounds, jnp.int32), jnp.zeros((r, dm.HEADS)),
       bits_k=bk, bits_v=bv, key_levels=levels, value_levels=levels, num_splits=splits,
-      scale=scale, exact=exact, sliding_window=sliding_window)
-  assert o.shape == (r, splits + 2, D, dm.HEADS) and l.shape == (r, splits + 2, dm.HEADS)
+      scale=scale, exact=exact, exact_blocks=blocks, sliding_window=sliding_window)
+  e = dm.exact_splits(exact, blocks)
+  assert e == (2 if blocks == (128, 64) else 4) + 1
+  assert o.shape == (r, splits + e, D, dm.HEADS) and l.shape == (r, splits + e, dm.HEADS)
   w = np.exp(m - m.max(axis=1, keepdims=True))
   out = np.sum(np.asarray(o) * w[:, :, None, :], 1) / np.sum(np.asarray(l) * w, 1)[:, None]
   uk, uv = kc - 3.5, vc - 3.5
   keys = (0.9 * uk + 0.03 * uk**3) * kn[..., None].astype(np.float64)
   vals = (0.9 * uv + 0.03 * uv**3) * vn[..., None].astype(np.float64)
-  for i, (lo, hi) in enumerate(bounds):
-    kpos = np.concatenate([np.arange(lo, hi), *[p[i] for p in epos]])
+  for i in range(r):
+    bi = i // heads
+    lo, hi = bounds[bi]
+    pos = [ring[bi], np.arange(5)]
+    seen = [(p >= limits[bi, 1 + 2 * k]) & (p < limits[bi, 2 + 2 * k]) & (p <= qpos[bi])
+            for k, p in enumerate(pos)]
+    if sliding_window is not None:   # (the compressed range comes windowed in bounds)
+      seen = [x & (p > qpos[bi] - sliding_window) for x, p in zip(seen, pos)]
+    seen = np.concatenate([np.arange(lo, hi) <= qpos[bi], *seen])
     k_all = np.concatenate([keys[i, lo:hi], *[x[i] for x in ek]])
     v_all = np.concatenate([vals[i, lo:hi], *[x[i] for x in ev]])
-    seen = kpos <= qpos[i]
-    if sliding_window is not None:   # (the compressed range comes windowed in bounds)
-      seen[hi - lo:] &= kpos[hi - lo:] > qpos[i] - sliding_window
     s = np.where(seen[:, None], k_all @ q[i].T * scale, -np.inf)
     p = np.exp(s - s.max(axis=0))
     np.testing.assert_allclose(out[i], v_all.T @ p / p.sum(axis=0), rtol=2e-4, atol=1e-6)

@@ -92,8 +92,8 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
-# The exact window and sinks as the kernel's last split (bf16 caches, windows of whole
-# 64-token blocks, the 4 sinks padded to one): the twin's exact split is
+# The exact window and sinks as the kernel's last splits (bf16 caches; the ring and the
+# sinks as the cache holds them, a last block part-filled): the twin's exact splits are
 # `decode_attention_mgpu._exact_reference`.
 @pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
     (3, 4, 8, "plain", dict(soft_cap=None, sliding_window=None, window=64)),
@@ -103,6 +103,8 @@ def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, cen
                              levels="quintic")),
     (3, 3, 8, "plain", dict(soft_cap=None, sliding_window=None, window=64, num_sinks=0)),
     (3, 3, 2, "plain", dict(soft_cap=None, sliding_window=40, window=0, num_sinks=6)),
+    (3.5, 3.5, 8, "rope", dict(soft_cap=None, sliding_window=None, window=104,
+                               levels="quintic")),
 ])
 def test_mosaic_exact_split_glue(rng, monkeypatch, bits_k, bits_v, hq, centering, kw):
   kw = dict(kw)
@@ -113,7 +115,7 @@ def test_mosaic_exact_split_glue(rng, monkeypatch, bits_k, bits_v, hq, centering
   seen = []
 
   def twin(*args, exact=None, **k):
-    seen.append(exact)
+    seen.append((exact, k.get("exact_blocks")))
     return kernel_twin(*args, exact=exact, **k)
 
   monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
@@ -121,34 +123,49 @@ def test_mosaic_exact_split_glue(rng, monkeypatch, bits_k, bits_v, hq, centering
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.bfloat16).astype(jnp.float32)
   got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
   ref = cache.attend(q, implementation="reference", **kw)
-  exact = seen[0]
-  assert exact is not None and all(k.shape[1] % dm.EXACT_BLOCK == 0 for k in exact.keys)
+  exact, blocks = seen[0]
+  w, s = cache.window_keys.shape[2], cache.sink_keys.shape[2]
+  assert [k.shape[1] for k in exact.keys] == [n for n in (w, s) if n]   # no copies
+  # 128-token splits for a window of 256-token tiles (3.5 bits), else 64.
+  wide = cache.key_codes[0].layout.tokens > 128 and w >= 128
+  assert blocks == ((128 if wide else 64,) if w else ()) + ((64,) if s else ())
   assert exact.q.dtype == jnp.bfloat16 and len(exact.keys) == len(cache.exact_parts())
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
   off = ka.attend(cache, q, mosaic=True, num_splits=2, exact_in_kernel=False, **kw)
-  assert seen[-1] is None       # the jnp exact partial instead
+  assert seen[-1][0] is None       # the jnp exact partial instead
   np.testing.assert_allclose(np.asarray(off), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
 def test_exact_split_reasons_and_errors(rng):
   f32 = tiles_cache(rng, window=64)
   assert "bfloat16" in ka.exact_unsupported(f32)
-  assert "multiple of 64" in ka.exact_unsupported(tiles_cache(rng, dtype=jnp.bfloat16))
+  assert ka.exact_unsupported(tiles_cache(rng, dtype=jnp.bfloat16, window=40)) is None
+  assert "multiple of 8" in ka.exact_unsupported(
+      tiles_cache(rng, dtype=jnp.bfloat16, window=36))
+  assert "sinks" in ka.exact_unsupported(
+      tiles_cache(rng, dtype=jnp.bfloat16, window=40, num_sinks=12))
   with pytest.raises(ValueError, match="exact tokens"):
     ka.attend(f32, jnp.ones((B, 1, 8, D)), mosaic=True, exact_in_kernel=True)
-  r, n = 2, 64
+  r, n = 4, 40
   z = lambda *shape, dt=jnp.bfloat16: jnp.zeros(shape, dt)  # noqa: E731
-  good = dm.ExactTokens(z(r, 8, D), z(r, dt=jnp.int32), (z(r, n, D),), (z(r, n, D),),
-                        (z(r, n, dt=jnp.int32),))
+  good = dm.ExactTokens(z(r, 8, D), z(2, 3, dt=jnp.int32), (z(r, n, D),), (z(r, n, D),),
+                        (z(2, n, dt=jnp.int32),))
   dm._check_exact(good, r, D)
+  dm._check_exact(good._replace(positions=(None,)), r, D)      # slot = position
+  assert dm.exact_splits(good, 64) == 1 and dm.exact_splits(good, (128,)) == 1
   for bad, match in [
-      (good._replace(keys=(z(r, 32, D),)), "multiple of 64"),
+      (good._replace(keys=(z(r, 0, D),)), "multiple of 8"),
+      (good._replace(keys=(z(r, 12, D),)), "multiple of 8"),
       (good._replace(q=z(r, 8, D, dt=jnp.float32)), "bfloat16 or float16"),
       (good._replace(values=(z(r, n, D, dt=jnp.float16),)), r"exact.values\[0\]"),
       (good._replace(positions=()), "each part"),
-      (good._replace(q_positions=z(r, 1, dt=jnp.int32)), "q_positions")]:
+      (good._replace(positions=(z(r, n, dt=jnp.int32),)), r"exact.positions\[0\]"),
+      (good._replace(limits=z(3, 3, dt=jnp.int32)), "dividing"),
+      (good._replace(limits=z(2, 5, dt=jnp.int32)), "exact.limits")]:
     with pytest.raises(ValueError, match=match):
       dm._check_exact(bad, r, D)
+  with pytest.raises(ValueError, match="exact_blocks"):
+    dm.exact_splits(good, 96)
 
 
 @pytest.mark.parametrize("bits, kernel, rows", [

@@ -110,3 +110,47 @@ def test_errors(rng):
                    value_perm=jnp.zeros((B * H, D - 1), jnp.int32))
   assert "head_dim" in me.unsupported(4, 96, (16,))
   assert me.unsupported(4, 128, (128, 4)) is None
+
+
+@pytest.mark.parametrize("splits, exact_splits, mean, perm", [
+    (5, 0, False, False), (11, 3, True, True), (7, 2, False, True)])
+def test_merge_partials_matches_reference(rng, splits, exact_splits, mean, perm):
+  """The Mosaic kernel's splits alone (its exact tokens among them, in the output's
+  channel order) merged in one kernel; the reference is also checked against one softmax
+  built from the same partials by hand."""
+  _, o, l, m, _, rot, _ = inputs(rng, rows=8, splits=splits, sizes=())
+  kw = {}
+  if mean:
+    kw["value_mean"] = jnp.asarray(rng.standard_normal((B * H, D)), jnp.float32)
+  if perm:
+    kw["value_perm"] = jnp.asarray(np.stack([rng.permutation(D) for _ in range(B * H)]),
+                                   jnp.int32)
+  got = me.merge_partials(o, l, m, rot, exact_splits=exact_splits, interpret=True, **kw)
+  ref = me.merge_partials_reference(o, l, m, rot, exact_splits=exact_splits, **kw)
+  assert got.shape == (B * H, D, 8)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # By hand, in float64: weights at the common max, the compressed share rotated back
+  # (and moved to its channels, given its mean), the exact share as it is.
+  o64, l64, m64 = (np.asarray(x, np.float64) for x in (o, l, m))
+  w = np.exp(m64 - m64.max(axis=1, keepdims=True))
+  s = splits - exact_splits
+  comp = np.einsum("rsdm,rsm->rmd", o64[:, :s], w[:, :s]) @ np.asarray(rot, np.float64)
+  if perm:
+    comp = np.take_along_axis(comp, np.argsort(np.asarray(kw["value_perm"]))[:, None, :], -1)
+  l_c = (l64[:, :s] * w[:, :s]).sum(1)
+  if mean:
+    comp += l_c[..., None] * np.asarray(kw["value_mean"])[:, None, :]
+  total = comp + np.einsum("rsdm,rsm->rmd", o64[:, s:], w[:, s:])
+  total /= (l_c + (l64[:, s:] * w[:, s:]).sum(1))[..., None]
+  np.testing.assert_allclose(np.asarray(ref), np.swapaxes(total, 1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_partials_errors(rng):
+  _, o, l, m, _, rot, _ = inputs(rng, splits=4, sizes=())
+  with pytest.raises(ValueError, match="leave a compressed split"):
+    me.merge_partials(o, l, m, rot, exact_splits=4, interpret=True)
+  with pytest.raises(ValueError, match="do not fit together"):
+    me.merge_partials(o, l[:, :3], m, rot, exact_splits=1, interpret=True)
+  with pytest.raises(ValueError, match="value_mean must be"):
+    me.merge_partials(o, l, m, rot, exact_splits=1, interpret=True,
+                      value_mean=jnp.zeros((B * H, D + 1)))

@@ -49,11 +49,16 @@ class SplitQuantizer:
     groups: the per-group `MSEQuantizer`s or `ProdQuantizer`s.
     bits: average bits per coordinate (static).
     kind: "mse" or "prod" (static).
+    blocks: [d, d] float32, the groups' dense rotations as one block-diagonal matrix
+      (`unrotation_matrix`), kept where `create` made two or more Haar groups: built
+      from the traced rotations it cost three small XLA kernels per decode step; None:
+      built on demand.
   """
 
   groups: tuple[Any, ...]
   bits: float = flax.struct.field(pytree_node=False)
   kind: str = flax.struct.field(pytree_node=False)
+  blocks: Array | None = None
 
   @classmethod
   def create(cls, key: Array, d: int, bits: float, kind: str = "mse", *,
@@ -68,7 +73,10 @@ class SplitQuantizer:
         make(jax.random.fold_in(key, g), size, b, rotation=rotation, norm_dtype=norm_dtype,
              levels=levels)
         for g, (size, b) in enumerate(group_layout(d, bits)))
-    return cls(groups=groups, bits=bits, kind=kind)
+    quantizer = cls(groups=groups, bits=bits, kind=kind)
+    if quantizer._dense_blocks():
+      quantizer = quantizer.replace(blocks=quantizer._block_diagonal())
+    return quantizer
 
   @property
   def sizes(self) -> tuple[int, ...]:
@@ -105,6 +113,9 @@ class SplitQuantizer:
   def unrotation_matrix(self) -> Array:
     """[d, d] block-diagonal: a row vector of the groups' rotated parts side by side, times
     this, is the vector in the groups' channel order (each group's Πᵀ applied)."""
+    return self._block_diagonal() if self.blocks is None else self.blocks
+
+  def _block_diagonal(self) -> Array:
     return jax.scipy.linalg.block_diag(*(r.as_matrix() for r in self._rotations()))
 
   def _dense_blocks(self) -> bool:
@@ -116,11 +127,18 @@ class SplitQuantizer:
     """Per group, the query transforms its estimator needs (Π·q, and S·Π·q for prod)."""
     if self.kind == "mse" and self._dense_blocks():
       # The checks each group's rotate_queries makes (dtype, shape, NaN), on the whole q.
-      q = _check_input(q, self.dim, "q")
-      rotated = jnp.matmul(q.astype(jnp.float32), self.unrotation_matrix().T,
-                           precision=_HIGHEST)                   # Π_g·q_g side by side
-      return tuple(self._split(rotated))
+      return tuple(self._split(self.rotated_queries(q)))    # Π_g·q_g side by side
     return tuple(g.rotate_queries(part) for g, part in zip(self.groups, self._split(q)))
+
+  def rotated_queries(self, q: Array) -> Array:
+    """[..., d] float32: the groups' Π_g·q_g side by side (the first part of each
+    `transform_queries` entry), one product where the rotations are dense blocks."""
+    if self._dense_blocks():
+      q = _check_input(q, self.dim, "q")
+      return jnp.matmul(q.astype(jnp.float32), self.unrotation_matrix().T,
+                        precision=_HIGHEST)
+    parts = self.transform_queries(q)
+    return jnp.concatenate([p[0] if isinstance(p, tuple) else p for p in parts], axis=-1)
 
   def scores(self, q_transformed: tuple[Any, ...], codes: tuple[Any, ...]) -> Array:
     """<q, x̂> summed over groups. q: [..., nq, ·], codes: [..., n] -> [..., nq, n]."""

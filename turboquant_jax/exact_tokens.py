@@ -76,8 +76,11 @@ def window_start(positions: Array, lengths: Array, window: int) -> Array:
   pos = lengths[:, None] - window + jnp.arange(window, dtype=jnp.int32)
   held = jnp.take_along_axis(positions, jnp.mod(pos, window), axis=1)
   covered = (pos >= 0) & (held == pos)
-  run = jnp.sum(jnp.cumprod(covered[:, ::-1].astype(jnp.int32), axis=1), axis=1)
-  return lengths - run
+  # The run ends at the last slot not covered: one max (a cumulative product and a
+  # reverse cost three XLA kernels per decode step).
+  idx = jnp.arange(window, dtype=jnp.int32)
+  last_gap = jnp.max(jnp.where(covered, -1, idx[None, :]), axis=1)
+  return lengths - (window - 1 - last_gap)
 
 
 def exact_parts(window_keys: Array, window_values: Array, window_positions: Array,

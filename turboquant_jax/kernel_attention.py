@@ -165,37 +165,62 @@ def exact_unsupported(cache) -> str | None:
   dt = jnp.dtype(cache.window_keys.dtype)
   if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"it reads bfloat16 or float16 exact tokens, the cache holds {dt.name}"
-  w, s = cache.window_keys.shape[2], cache.sink_keys.shape[2]
-  if w % mosaic.EXACT_BLOCK:
-    return f"the window ({w} slots) is not a multiple of {mosaic.EXACT_BLOCK} tokens"
-  if s > mosaic.EXACT_BLOCK:
-    return f"{s} sinks are more than {mosaic.EXACT_BLOCK}"
+  # Mosaic tiles the copied rows by 8 (the shared-memory tiling) in global memory too.
+  for name, n in (("window", cache.window_keys.shape[2]), ("sinks", cache.sink_keys.shape[2])):
+    if n > 8 and n % 8:
+      return f"the {name} ({n} slots) is neither below 8 nor a multiple of 8"
   return None
 
 
-def _exact_tokens(cache, qf: Array, positions: Array) -> mosaic.ExactTokens | None:
-  """The kernel's `ExactTokens` from qf [B, H, 8, D] (rows padded) and each batch entry's
-  query position [B]; None for a cache with neither window nor sinks. The sinks are
-  padded to one 64-slot block (hidden); a slot's visibility folds into its position."""
+def _limits(cache, pos: Array, sliding_window: int | None) -> tuple[Array, Array]:
+  """(bounds [B, 2], limits [B, 1 + 2·parts]) int32 for a decode query at pos [B]: the
+  compressed range [lo, hi) (causal, windowed) and the exact parts' `ExactTokens.limits`
+  (the query position, then each part's visible range, as `cache.exact_parts`)."""
+  s = cache.config.num_sinks
+  start = cache.exact_window_start()
+  lo = jnp.full_like(pos, s)
+  if sliding_window is not None:
+    lo = jnp.maximum(lo, pos - sliding_window + 1)
+  hi = jnp.maximum(jnp.minimum(start, pos + 1), lo)
+  cols = [pos]
+  if cache.window_keys.shape[2]:
+    cols += [jnp.maximum(start, s), cache.lengths]
+  if cache.sink_keys.shape[2]:
+    cols += [jnp.zeros_like(pos), cache.lengths]
+  as_int = lambda xs: jnp.stack(xs, axis=-1).astype(jnp.int32)  # noqa: E731
+  return as_int([lo, hi]), as_int(cols)
+
+
+def _exact_tokens(cache, qf: Array, limits: Array, exact_blocks=None
+                  ) -> tuple[mosaic.ExactTokens | None, tuple[int, ...]]:
+  """The kernel's `ExactTokens` from qf [B, H, 8, D] (rows padded) and `_limits`, with
+  the tokens per exact split of each part; (None, ()) for a cache with neither window
+  nor sinks. The cache's arrays go as they are (no copies): the ring with its positions
+  per batch entry, the sinks unpadded (slot t holds position t).
+
+  exact_blocks: None picks 128 tokens for a window of 256-token tiles (fractional widths:
+  the compressed pipeline's shared memory leaves room, and half the CTAs) and 64
+  otherwise."""
   b, h, rows, d = qf.shape
-  n_pad = mosaic.EXACT_BLOCK
-  keys, values, slots = [], [], []
-  for k, v, pos, visible in cache.exact_parts():
-    n = k.shape[2]
-    pad = -n % n_pad
-    pos = jnp.where(visible, pos, mosaic.HIDDEN).astype(jnp.int32)
-    if pad:
-      k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
-      pos = jnp.pad(pos, ((0, 0), (0, pad)), constant_values=mosaic.HIDDEN)
-    keys.append(k.reshape(b * h, n + pad, d))
-    values.append(v.reshape(b * h, n + pad, d))
-    slots.append(jnp.broadcast_to(pos[:, None], (b, h, n + pad)).reshape(b * h, n + pad))
+  keys, values, positions = [], [], []
+  w, s = cache.window_keys.shape[2], cache.sink_keys.shape[2]
+  if w:
+    keys.append(cache.window_keys.reshape(b * h, w, d))
+    values.append(cache.window_values.reshape(b * h, w, d))
+    positions.append(cache.window_positions.astype(jnp.int32))
+  if s:
+    keys.append(cache.sink_keys.reshape(b * h, s, d))
+    values.append(cache.sink_values.reshape(b * h, s, d))
+    positions.append(None)
   if not keys:
-    return None
-  dt = keys[0].dtype
-  return mosaic.ExactTokens(
-      qf.reshape(b * h, rows, d).astype(dt), jnp.repeat(positions.astype(jnp.int32), h),
-      tuple(keys), tuple(values), tuple(slots))
+    return None, ()
+  if exact_blocks is None:
+    wide = cache.key_codes[0].layout.tokens > 128 and w >= 2 * mosaic.EXACT_BLOCK
+    exact_blocks = ((2 * mosaic.EXACT_BLOCK if wide else mosaic.EXACT_BLOCK,) if w else ()
+                    ) + ((mosaic.EXACT_BLOCK,) if s else ())
+  exact = mosaic.ExactTokens(qf.reshape(b * h, rows, d).astype(keys[0].dtype), limits,
+                             tuple(keys), tuple(values), tuple(positions))
+  return exact, mosaic._exact_block_sizes(exact, exact_blocks)
 
 
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -203,14 +228,16 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             sliding_window: int | None = None,
                             num_splits: int | None = None,
                             rope_table_rows: int | None = None,
-                            exact_in_kernel: bool = False, **kernel_kwargs):
+                            exact_in_kernel: bool = False, exact_blocks=None,
+                            **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
   cache's split if it is 128 tokens, else `ROPE_TABLE_ROWS`: two CTAs per SM instead of
   one, 0.373 -> 0.253 ms at 8x32K, 3.5 bits, H200, `mosaic_attend_sub_steps_gpu.json`).
-  exact_in_kernel: the exact tokens as more splits, the last of S, one per 64 slots (when
-  the cache has any; `exact_unsupported` must be None).
+  exact_in_kernel: the exact tokens as more splits, the last of S, one per block of each
+  part (when the cache has any; `exact_unsupported` must be None); exact_blocks: the
+  blocks' tokens (`_exact_tokens`).
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -224,17 +251,16 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     num_splits = _mosaic_splits(steps, b * h)
   # Zero query rows up to wgmma's N = 8, padded once here (their transforms are zeros).
   qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
-  q_parts, qoff = query_parts(cache, qf)
-  q = tuple(p.reshape(b * h, mosaic.HEADS, p.shape[-1]).astype(jnp.float16)
-            for p, _ in q_parts)
-  qoff = qoff.reshape(b * h, mosaic.HEADS)
-  # One position per row (decode): the compressed range, causal and windowed.
-  pos = q_positions[:, 0]
-  lo, hi = _compressed_range(cache)
-  hi = jnp.minimum(hi, pos[:, None] + 1)
-  if sliding_window is not None:
-    lo = jnp.maximum(lo, pos[:, None] - sliding_window + 1)
-  bounds = jnp.stack([lo, jnp.maximum(hi, lo)], axis=-1).reshape(b * h, 2).astype(jnp.int32)
+  # The groups' rotated queries side by side, one array: the kernel reads each group's
+  # columns (no slices after the product).
+  q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
+  q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
+  qoff = jnp.zeros((b * h, mosaic.HEADS), jnp.float32)
+  if cache.key_mean is not None and cache.rope is None:
+    qoff = cache.query_offsets(qf)[..., 0].reshape(b * h, mosaic.HEADS)
+  # One position per batch entry (decode): the compressed range, causal and windowed,
+  # and the exact parts' visible ranges, read by each row as i // h in the kernel.
+  bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
   rope = None
   if cache.key_mean is not None and cache.rope is not None:
@@ -246,7 +272,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       freq = cache.rope.frequencies(d)
     rope = mosaic.rope_offsets(flat(coef_a), flat(coef_b), freq, cache.max_len,
                                cache.rope_split, table_rows=rope_table_rows)
-  exact = _exact_tokens(cache, qf, pos) if exact_in_kernel else None
+  exact, blocks = (_exact_tokens(cache, qf, limits, exact_blocks) if exact_in_kernel
+                   else (None, ()))
   o, l, m = mosaic.decode_partials(
       tuple(flat(c.words) for c in kcs), tuple(flat(c.norms) for c in kcs),
       tuple(flat(c.words) for c in vcs), tuple(flat(c.norms) for c in vcs), q, bounds,
@@ -256,8 +283,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       key_levels=tuple(odd_levels(g) for g in cache.key_quantizer.groups),
       value_levels=tuple(odd_levels(g) for g in cache.value_quantizer.groups),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
+      **(dict(exact_blocks=blocks) if exact is not None else {}),
       sliding_window=sliding_window, **kernel_kwargs)
-  return o, l, m, (mosaic.exact_splits(exact) if exact is not None else 0)
+  return o, l, m, (mosaic.exact_splits(exact, blocks) if exact is not None else 0)
 
 
 def compressed_partials_mosaic(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -407,11 +435,32 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
   return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
 
 
+def _merge_kernel_supported(head_dim: int) -> bool:
+  # (attend's `mosaic` argument hides the module's name there)
+  return merge_exact.unsupported(mosaic.HEADS, head_dim, ()) is None
+
+
+def _merge_in_kernel(cache, qf: Array, row_pos: Array, *, merge_interpret: bool | None,
+                     **kwargs) -> Array:
+  """[B, H, M, D] float32: the Mosaic kernel's compressed and exact partials merged by
+  `merge_exact.merge_partials` (one launch after the kernel)."""
+  b, h, rows, d = qf.shape
+  o, l, m, e = _mosaic_partials_padded(cache, qf, row_pos, exact_in_kernel=True, **kwargs)
+  flat = lambda x: None if x is None else x.reshape(b * h, d)  # noqa: E731
+  if merge_interpret is None:
+    merge_interpret = jax.default_backend() != "gpu"
+  out = merge_exact.merge_partials(
+      o, l, m, cache.value_quantizer.unrotation_matrix(), exact_splits=e,
+      value_mean=flat(cache.value_mean), value_perm=flat(cache.value_perm),
+      interpret=merge_interpret)
+  return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
+
+
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
            use_kernel: bool = True, mosaic: bool = False, fused_merge: bool = False,
            merge_interpret: bool | None = None, exact_in_kernel: bool | None = None,
-           **kernel_kwargs) -> Array:
+           merge_kernel: bool | None = None, **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
@@ -423,9 +472,15 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   float32 products' latency, where XLA's jnp merge takes 35-44 us in more launches).
 
   exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
-  as more splits of its launch, one per 64-token block (bf16 or fp16 tokens by TMA,
-  wgmma with the unrotated query rounded to their dtype, p rounded to it as cuDNN does);
+  as more splits of its launch, one per 64- or 128-token block (`_exact_tokens`; bf16
+  or fp16 tokens by TMA, wgmma with the unrotated query rounded to their dtype, p
+  rounded to it as cuDNN does);
   None: where it can (`exact_unsupported`), else in jnp (float32 products).
+  merge_kernel: with the exact tokens in the Mosaic kernel, merge its partials (rotate
+  the compressed share back, un-permute, add the value mean, normalise) in one Pallas
+  (Triton) kernel, `merge_exact.merge_partials`, instead of ~10 XLA kernels. Off by
+  default (None or False): measured slower on the H200 (whole attention at 3.5 bits,
+  8 x 4K: 148 us against 64 with the jnp merge; 64 x 4K 611 against 281).
 
   The exact window and sinks are more partials of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -453,6 +508,13 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   if mosaic and use_kernel and exact_in_kernel:
     if why is not None:
       raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
+    if merge_kernel:
+      if not _merge_kernel_supported(d):
+        raise ValueError(f"merge_partials takes a power-of-two head_dim, got {d}")
+      out = _merge_in_kernel(cache, qf, row_pos, merge_interpret=merge_interpret, **common,
+                             **kernel_kwargs)
+      out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
+      return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
     o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
                                            **common, **kernel_kwargs)
   else:
@@ -483,4 +545,5 @@ attend_jit = jax.jit(attend, static_argnames=(
     "scale", "sliding_window", "soft_cap", "use_kernel", "mosaic", "block_k", "num_splits",
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-    "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel"))
+    "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
+    "exact_blocks", "merge_kernel"))
