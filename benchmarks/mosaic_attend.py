@@ -188,10 +188,16 @@ EXACT_CHECKS = [
     (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=200)),
     (4, 2, 8, dict(center_keys=False, levels="cubic", num_sinks=0, sliding_window=600)),
     (2, 3, 64, dict(center_keys="rope", levels="cubic", window=0, num_sinks=8)),
-    (3, 4, 16, dict(levels="cubic", soft_cap=5.0, window=64, center_values=True))]
+    (3, 4, 16, dict(levels="cubic", soft_cap=5.0, window=64, center_values=True)),
+    # A ring of 104 slots (its last block part-filled, TMA's zero fill) and 6 sinks; the
+    # jnp merge after the in-kernel exact splits.
+    (3, 3, 32, dict(center_keys="rope", levels="cubic", window=104, num_sinks=6)),
+    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(merge_kernel=False)))]
 EXACT_CASES = [(3.5, "quintic", "rope", {}),
+               (3.5, "quintic", "rope", dict(merge_kernel=False)),
+               (3.5, "quintic", "rope", dict(exact_blocks=(64, 64))),
                (3.5, "quintic", "rope", dict(exact_in_kernel=False)),
-               (3, "cubic", "rope", {}), (3, "cubic", "rope", dict(exact_in_kernel=False))]
+               (3, "cubic", "rope", {})]
 
 
 def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
@@ -265,7 +271,8 @@ def main(argv=None):
     ceiling = read_ceiling()
     if args.exact:
       checks, rows = levels_run(ceiling, EXACT_CHECKS, EXACT_CASES,
-                                [(8, 4096), (1, 4096), (8, 32768)])
+                                [] if args.check_only else
+                                [(8, 4096), (1, 4096), (8, 32768), (64, 4096)])
       name = "mosaic_attend_exact"
     elif args.sub_steps:
       checks, rows = levels_run(ceiling, SUB_STEP_CHECKS, SUB_STEP_CASES, [(8, 32768)])

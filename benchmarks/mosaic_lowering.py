@@ -74,10 +74,11 @@ def lower(key_groups, value_groups, tt: int, *, rope: bool = False, table_rows=N
   bf16 = jnp.bfloat16
   exact_args = None
   if exact:
+    b = r // 2        # two kv heads per batch entry; the first part a ring, the rest sinks
     exact_args = dm.ExactTokens(
-        s((r, dm.HEADS, d), bf16), s((r,), jnp.int32),
+        s((r, dm.HEADS, d), bf16), s((b, 1 + 2 * len(exact)), jnp.int32),
         tuple(s((r, n, d), bf16) for n in exact), tuple(s((r, n, d), bf16) for n in exact),
-        tuple(s((r, n), jnp.int32) for n in exact))
+        (s((b, exact[0]), jnp.int32),) + (None,) * (len(exact) - 1))
 
   def call(*a, exact=None):
     *a, ca, cb = a
@@ -102,11 +103,12 @@ CONFIGS = {
     "3.5/3.5 rope": lambda: lower(*G35, rope=True, table_rows=64),
     "3.5/3.5 rope, 256-row table": lambda: lower(*G35, rope=True),
     "3.5/3.5 rope, one pass": lambda: lower(*G35, rope=True, table_rows=64, sub_steps=1),
-    # The exact window (256 slots at 3.5 bits, 128 at 3) and 4 sinks padded to 64, as
-    # one more split (`ExactTokens`): kernel_attention's default on the GPU.
+    # The exact window (256 slots at 3.5 bits in 128-token splits, 128 at 3 in 64) and 4
+    # sinks, as more splits (`ExactTokens`): kernel_attention's default on the GPU.
     "K3/V3 rope exact": lambda: lower(((3, 128),), ((3, 128),), 128, rope=True,
-                                      exact=(128, 64)),
-    "3.5/3.5 rope exact": lambda: lower(*G35, rope=True, table_rows=64, exact=(256, 64)),
+                                      exact=(128, 4)),
+    "3.5/3.5 rope exact": lambda: lower(*G35, rope=True, table_rows=64, exact=(256, 4),
+                                        exact_blocks=(128, 64)),
 }
 
 

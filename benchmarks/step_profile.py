@@ -107,6 +107,9 @@ def main(argv=None):
   for name in args.caches.split(","):
     for phase, rows in profile_phases(name, args.layers, args.batch, args.context).items():
       results["profiles"][f"{name}/{phase}"] = summarize(rows)
+      if phase == "attend":   # in launch order, full names: they match an XLA dump's fusions
+        results["profiles"][f"{name}/{phase}"]["launches"] = [
+            [n, round(us, 3)] for n, us in rows]
       common.write_result("step_profile", results, args.out)
   for name, prof in results["profiles"].items():
     print(f"\n{name}: {prof['kernels']} kernels, {prof['total_us']:.1f} us")
