@@ -138,6 +138,32 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
   out_ref[...] = out / jnp.where(l_total > 0, l_total, 1.0)[None, :]
 
 
+def _add_row_vectors(in_specs, args, r, d, value_mean, value_perm):
+  """Appends value_mean (float32) and value_perm (int32), [R, D] each, where given."""
+  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
+                         ("value_perm", value_perm, jnp.int32)):
+    if x is None:
+      continue
+    if x.shape != (r, d):
+      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
+    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
+    args.append(x.astype(dtype))
+
+
+def _per_row_call(kernel, in_specs, args, out_shape, interpret, num_warps, name):
+  """One program per row, writing float32 [R, D, M]."""
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      kernel, grid=(out_shape[0],), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, *out_shape[1:]), lambda i: (i, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+      compiler_params=compiler_params, interpret=interpret, name=name,
+  )(*args)
+
+
 def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                 unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
                 heads: int, scale: float, soft_cap: float | None = None,
@@ -195,28 +221,13 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                        f"{pos.shape} do not fit q {q.shape}")
     in_specs += [pl.BlockSpec((None, n, d), row)] * 2 + [pl.BlockSpec((None, n), batch)]
     args += [keys, values, pos.astype(jnp.int32)]
-  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
-                         ("value_perm", value_perm, jnp.int32)):
-    if x is None:
-      continue
-    if x.shape != (r, d):
-      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
-    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
-    args.append(x.astype(dtype))
+  _add_row_vectors(in_specs, args, r, d, value_mean, value_perm)
   kernel = functools.partial(
       _kernel, num_parts=len(exact), num_splits=s_splits, scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, has_mean=value_mean is not None,
       has_perm=value_perm is not None)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
-      kernel, grid=(r,), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, d, rows), row),
-      out_shape=jax.ShapeDtypeStruct((r, d, rows), jnp.float32),
-      compiler_params=compiler_params, interpret=interpret, name="turboquant_merge_exact",
-  )(*args)
+  return _per_row_call(kernel, in_specs, args, (r, d, rows), interpret, num_warps,
+                       "turboquant_merge_exact")
 
 
 def _merge_partials_kernel(o_ref, l_ref, m_ref, rot_ref, *rest, exact_splits, has_mean,
@@ -295,27 +306,12 @@ def merge_partials(o: Array, l: Array, m: Array, unrotation: Array, *, exact_spl
               pl.BlockSpec((None, splits, rows), row),
               pl.BlockSpec((d, d), lambda i: (0, 0))]
   args = [o, l, m, unrotation.astype(jnp.float32)]
-  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
-                         ("value_perm", value_perm, jnp.int32)):
-    if x is None:
-      continue
-    if x.shape != (r, d):
-      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
-    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
-    args.append(x.astype(dtype))
+  _add_row_vectors(in_specs, args, r, d, value_mean, value_perm)
   kernel = functools.partial(_merge_partials_kernel, exact_splits=exact_splits,
                              has_mean=value_mean is not None,
                              has_perm=value_perm is not None)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
-      kernel, grid=(r,), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, d, rows), row),
-      out_shape=jax.ShapeDtypeStruct((r, d, rows), jnp.float32),
-      compiler_params=compiler_params, interpret=interpret, name="turboquant_merge_partials",
-  )(*args)
+  return _per_row_call(kernel, in_specs, args, (r, d, rows), interpret, num_warps,
+                       "turboquant_merge_partials")
 
 
 def merge_partials_reference(o, l, m, unrotation, *, exact_splits, value_mean=None,
