@@ -82,6 +82,9 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
   if kw.get("center_values"):
     name += " centred values"
     family += " centred values"
+  if "norm_dtype" in kw:
+    name += f" {jnp.dtype(kw['norm_dtype']).name} norms"
+    family += " 8-bit norms"
   if "num_sinks" in kw:
     name += f" sinks {kw['num_sinks']}"
     family += " sinks sweep"
@@ -199,6 +202,8 @@ def methods() -> list[Method]:
       *[tq(b, center_keys="rope", center_values=True) for b in (2.5, 3.5)],
       # No sinks (the decode glue's two exact-sink products gone), the kernel's levels.
       tq(3.5, levels="quintic", center_keys="rope", num_sinks=0),
+      # 8-bit norms (float8_e4m3fn): half the norms' bits for ~3.6% RMS error on them.
+      tq(3.5, center_keys="rope", norm_dtype=jnp.float8_e4m3fn),
   ]
 
 
@@ -244,6 +249,9 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
   extra += [local_rings(model.cfg, b) for b in (2.5, 3.5)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
+  # The budget with 8-bit norms: the bits they free go to the codes.
+  extra += [budgeted(model.cfg, b, TurboQuantConfig(norm_dtype=jnp.float8_e4m3fn),
+                     " fp8 norms") for b in (2.5, 3.5)]
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]

@@ -229,3 +229,24 @@ def test_cubic_levels_distortion_matches_their_codebook(bits, unit_data):
   assert d_mse == pytest.approx(cb.mse, rel=0.03)
   with pytest.raises(ValueError, match="levels"):
     MSEQuantizer.create(jax.random.PRNGKey(0), D, bits, levels="uniform")
+
+
+def test_norm_dtypes_checked_and_float8_saturates():
+  """8-bit norms: checked dtypes, no NaN past float8's largest value (its casts overflow
+  to NaN), and a distortion a few percent above float16 norms' (~3.6% RMS on ‖x‖)."""
+  from turboquant_jax.turboquant_cache import TurboQuantConfig
+  with pytest.raises(ValueError, match="norm_dtype"):
+    MSEQuantizer.create(jax.random.PRNGKey(0), 64, 3, norm_dtype=jnp.int8)
+  with pytest.raises(ValueError, match="norm_dtype"):
+    TurboQuantConfig(norm_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2048, 64))
+  rel = {}
+  for nd in (jnp.float16, jnp.float8_e4m3fn):
+    q = MSEQuantizer.create(jax.random.PRNGKey(2), 64, 3, norm_dtype=nd)
+    xh = q.dequantize(q.quantize(x))
+    rel[nd] = float(jnp.mean(jnp.sum((x - xh) ** 2, -1) / jnp.sum(x ** 2, -1)))
+  assert rel[jnp.float16] < rel[jnp.float8_e4m3fn] < 1.06 * rel[jnp.float16]
+  big = MSEQuantizer.create(jax.random.PRNGKey(2), 64, 3, norm_dtype=jnp.float8_e4m3fn)
+  codes = big.quantize(x * 1000.0)
+  assert codes.norms.dtype == jnp.float8_e4m3fn
+  assert not bool(jnp.any(jnp.isnan(codes.norms.astype(jnp.float32))))

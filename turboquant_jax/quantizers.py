@@ -91,6 +91,25 @@ def _check_input(x: Array, d: int, name: str = "x") -> Array:
   return x
 
 
+# Storage dtypes of norms. float8_e4m3fn halves their bytes (0.125 bits per coordinate at
+# d = 64 per group) for ~3.6% RMS relative error; it saturates at 448.
+NORM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16),
+               jnp.dtype(jnp.float8_e4m3fn))
+
+
+def check_norm_dtype(dtype) -> None:
+  if jnp.dtype(dtype) not in NORM_DTYPES:
+    raise ValueError(f"norm_dtype must be one of {[d.name for d in NORM_DTYPES]}, "
+                     f"got {dtype!r}")
+
+
+def store_norms(norms: Array, dtype) -> Array:
+  """Norms in their storage dtype; an 8-bit float saturates (its casts overflow to NaN)."""
+  if jnp.dtype(dtype).itemsize == 1:
+    norms = jnp.minimum(norms, float(jnp.finfo(dtype).max))
+  return norms.astype(dtype)
+
+
 def _norms_with_nan(x32: Array) -> Array:
   """‖x‖ over the last axis, NaN where any coordinate is not finite."""
   norms = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1))
@@ -183,7 +202,8 @@ class MSEQuantizer:
       bits: 1, 2, 3 or 4.
       rotation: "haar" (dense, any d) or "hadamard" (O(d log d), power-of-two d).
       density: codebook density, "sphere" (exact) or "gaussian" (large-d limit).
-      norm_dtype: storage dtype of the norms (float32, float16 or bfloat16).
+      norm_dtype: storage dtype of the norms (`NORM_DTYPES`: float32, float16, bfloat16,
+        or float8_e4m3fn, saturating).
       levels: "lloyd_max" (the optimal levels), "quintic" (the best odd quintic of the
         centred code u, `codebook.polynomial_codebook`: D_mse within 0.002% of
         Lloyd-Max's at 3 bits, 0.16% at 4) or "cubic" (a·u + c·u³,
@@ -197,6 +217,7 @@ class MSEQuantizer:
   @classmethod
   def _create(cls, key, d, bits, *, rotation, density, norm_dtype,
               levels="lloyd_max") -> "MSEQuantizer":
+    check_norm_dtype(norm_dtype)
     cb = _codebook(d, bits, density, levels)
     return cls(
         rotation=rotation_lib.make_rotation(key, d, rotation),
@@ -238,13 +259,13 @@ class MSEQuantizer:
     x = _check_input(x, self.dim)
     y, norms = self._rotated_unit(x)
     level = jnp.sum(y[..., None] > self.boundaries, axis=-1)
-    return level.astype(jnp.uint8), norms.astype(self.norm_dtype)
+    return level.astype(jnp.uint8), store_norms(norms, self.norm_dtype)
 
   def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
     """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
     y, norms = self._rotated_unit(x)
     idx = self.encode_rotated(y)
-    stored = norms.astype(self.norm_dtype)
+    stored = store_norms(norms, self.norm_dtype)
     codes = MSECodes(planes=packing.pack_codes(idx, self.bits), norms=stored)
     return codes, y * norms[..., None], stored.astype(jnp.float32)
 
@@ -358,7 +379,7 @@ class ProdQuantizer:
     gamma = _norms_with_nan(r_rot)
     signs = qjl.qjl_signs(self.sketch, r_rot)
     return ProdCodes(mse=mse_codes, signs=packing.pack_signs(signs),
-                     residual_norms=gamma.astype(self.norm_dtype))
+                     residual_norms=store_norms(gamma, self.norm_dtype))
 
   def rotated_values(self, codes: ProdCodes) -> Array:
     """x̂ in the rotated domain: ‖x‖·c[idx] + γ·√(π/2)/m·(S·Π)ᵀ·signs. [..., d] float32."""

@@ -61,7 +61,7 @@ from turboquant_jax import kv_cache
 from turboquant_jax import rope as rope_lib
 from turboquant_jax import tile_codes
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
-from turboquant_jax.quantizers import LEVELS, ProdCodes
+from turboquant_jax.quantizers import LEVELS, ProdCodes, check_norm_dtype
 
 Array = jax.Array
 
@@ -89,7 +89,8 @@ class TurboQuantConfig:
       mean before RoPE, turned to each key's position; needs the decoder's `RopeSpec`,
       without one it centres as "plain"), "plain" or True (the mean after RoPE), False.
     rotation: "haar" or "hadamard".
-    norm_dtype: storage dtype of the per-vector norms.
+    norm_dtype: storage dtype of the per-vector norms (`quantizers.NORM_DTYPES`; the
+      Mosaic kernel reads float16).
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
     levels: "lloyd_max", "quintic" or "cubic" reconstruction levels
       (`MSEQuantizer.create`); the polynomials are what the Mosaic GPU kernel decodes
@@ -125,6 +126,7 @@ class TurboQuantConfig:
                        f"got {self.center_keys!r}")
     if self.levels not in LEVELS:
       raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
+    check_norm_dtype(self.norm_dtype)
     if self.layout not in ("planes", "tiles"):
       raise ValueError(f"layout must be 'planes' or 'tiles', got {self.layout!r}")
     if self.layout == "tiles" and self.key_quantizer != "mse":
