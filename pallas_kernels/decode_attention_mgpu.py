@@ -325,7 +325,6 @@ def rope_offsets_dense(rope: RopeOffsets) -> Array:
   return off.reshape(r, blocks * rope.table.shape[0], HEADS) * rope.scale[:, None, :]
 
 
-HIDDEN = 2**30        # a position beyond any query: a slot no query may see
 EXACT_BLOCK = 64      # exact tokens per wgmma: one A tile of keys, one B tile of p
 
 
