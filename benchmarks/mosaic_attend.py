@@ -189,12 +189,9 @@ EXACT_CHECKS = [
     (4, 2, 8, dict(center_keys=False, levels="cubic", num_sinks=0, sliding_window=600)),
     (2, 3, 64, dict(center_keys="rope", levels="cubic", window=0, num_sinks=8)),
     (3, 4, 16, dict(levels="cubic", soft_cap=5.0, window=64, center_values=True)),
-    # A ring of 104 slots (its last block part-filled, TMA's zero fill) and 6 sinks; the
-    # jnp merge after the in-kernel exact splits.
-    (3, 3, 32, dict(center_keys="rope", levels="cubic", window=104, num_sinks=6)),
-    (3.5, 3.5, 32, dict(center_keys="rope", kernel=dict(merge_kernel=False)))]
+    # A ring of 104 slots (its last block part-filled, TMA's zero fill) and 6 sinks.
+    (3, 3, 32, dict(center_keys="rope", levels="cubic", window=104, num_sinks=6))]
 EXACT_CASES = [(3.5, "quintic", "rope", {}),
-               (3.5, "quintic", "rope", dict(merge_kernel=False)),
                (3.5, "quintic", "rope", dict(exact_blocks=(64, 64))),
                (3.5, "quintic", "rope", dict(exact_in_kernel=False)),
                (3, "cubic", "rope", {})]

@@ -385,6 +385,11 @@ def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
       _check(f"exact.positions[{k}]", pos, (b, n), jnp.int32)
 
 
+def _batch_entry(i, rows_per_entry: int):
+  """The batch entry of kv-head row i (rows are batch-major: rows_per_entry per entry)."""
+  return i if rows_per_entry == 1 else i // rows_per_entry
+
+
 def _write_partial(l, m, o_smem, lm_smem, outs, i, j):
   """Writes split j of row i: o (already in o_smem), l and m (base 2, back to natural-log
   units; rows with no token keep the sentinel)."""
@@ -399,7 +404,7 @@ def _write_partial(l, m, o_smem, lm_smem, outs, i, j):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _exact_block_sizes(exact: ExactTokens, exact_blocks) -> tuple[int, ...]:
+def exact_block_sizes(exact: ExactTokens, exact_blocks) -> tuple[int, ...]:
   """Tokens per exact split of each part: `exact_blocks` (one int for all, or one per
   part), each a multiple of `EXACT_BLOCK`, at most 128."""
   parts = len(exact.keys)
@@ -414,7 +419,7 @@ def _exact_block_sizes(exact: ExactTokens, exact_blocks) -> tuple[int, ...]:
 def exact_splits(exact: ExactTokens, exact_blocks=EXACT_BLOCK) -> int:
   """Splits the exact tokens take: one per block (`exact_blocks` tokens) of each part."""
   return sum(-(-k.shape[1] // n)
-             for k, n in zip(exact.keys, _exact_block_sizes(exact, exact_blocks)))
+             for k, n in zip(exact.keys, exact_block_sizes(exact, exact_blocks)))
 
 
 def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: int,
@@ -431,7 +436,7 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
   d, dtype = qe_gmem.shape[-1], qe_gmem.dtype
   neg, log2e = -1e30, float(np.log2(np.e))
   bcast = jax.lax.broadcast_in_dim
-  b = i // heads if heads > 1 else i
+  b = _batch_entry(i, heads)
 
   def block(part, k_gmem, v_gmem, p_gmem, c, n, qe_smem, k_smem, v_smem, *rest):
     *pos_smem, pe_smem, barrier = rest
@@ -618,9 +623,6 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                      f"{bounds.dtype} {list(bounds.shape)}")
   _check("bounds", bounds, (bounds_entries, 2), jnp.int32)
   rows_per_entry = r // bounds_entries     # bound now: the names below are reused
-
-  def bounds_row(i):
-    return i if rows_per_entry == 1 else i // rows_per_entry
   _check("qoff", qoff, (r, HEADS), jnp.float32)
   if rope is not None:
     rb = rope.table.shape[0]                   # tokens per table block (and W)
@@ -633,7 +635,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check("rope.table", rope.table, (rb, d), jnp.float16)
   if exact is not None:
     _check_exact(exact, r, d)
-    exact_sizes = _exact_block_sizes(exact, exact_blocks)
+    exact_sizes = exact_block_sizes(exact, exact_blocks)
   split_steps = t_len // st // num_splits
   if sub_steps is None:
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
@@ -719,7 +721,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         plgpu.copy_gmem_to_smem(coef_gmem.at[i], coef_smem, rope_barrier.at[1])
         rscale_v = plgpu.load(rscale_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                               optimized=False) * off_scale
-      lo, hi = bounds_gmem[bounds_row(i), 0], bounds_gmem[bounds_row(i), 1]
+      lo, hi = (bounds_gmem[_batch_entry(i, rows_per_entry), 0],
+                bounds_gmem[_batch_entry(i, rows_per_entry), 1])
       # The steps of this split that hold tokens of [lo, hi).
       split_start = j * split_steps
       first = jnp.clip(lo // st, split_start, split_start + split_steps)
@@ -961,7 +964,7 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
     o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
   o = jnp.concatenate(o, axis=2)
   if exact is not None:
-    o_e, l_e, m_e = _exact_reference(exact, _exact_block_sizes(exact, exact_blocks), scale,
+    o_e, l_e, m_e = _exact_reference(exact, exact_block_sizes(exact, exact_blocks), scale,
                                      soft_cap, sliding_window)
     o, l, m = (jnp.concatenate([x, y], 1) for x, y in ((o, o_e), (l, l_e), (m, m_e)))
   return o, l, m

@@ -138,32 +138,6 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
   out_ref[...] = out / jnp.where(l_total > 0, l_total, 1.0)[None, :]
 
 
-def _add_row_vectors(in_specs, args, r, d, value_mean, value_perm):
-  """Appends value_mean (float32) and value_perm (int32), [R, D] each, where given."""
-  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
-                         ("value_perm", value_perm, jnp.int32)):
-    if x is None:
-      continue
-    if x.shape != (r, d):
-      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
-    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
-    args.append(x.astype(dtype))
-
-
-def _per_row_call(kernel, in_specs, args, out_shape, interpret, num_warps, name):
-  """One program per row, writing float32 [R, D, M]."""
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
-      kernel, grid=(out_shape[0],), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, *out_shape[1:]), lambda i: (i, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
-      compiler_params=compiler_params, interpret=interpret, name=name,
-  )(*args)
-
-
 def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                 unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
                 heads: int, scale: float, soft_cap: float | None = None,
@@ -221,118 +195,28 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                        f"{pos.shape} do not fit q {q.shape}")
     in_specs += [pl.BlockSpec((None, n, d), row)] * 2 + [pl.BlockSpec((None, n), batch)]
     args += [keys, values, pos.astype(jnp.int32)]
-  _add_row_vectors(in_specs, args, r, d, value_mean, value_perm)
+  for name, x, dtype in (("value_mean", value_mean, jnp.float32),
+                         ("value_perm", value_perm, jnp.int32)):
+    if x is None:
+      continue
+    if x.shape != (r, d):
+      raise ValueError(f"{name} must be [{r}, {d}], got {list(x.shape)}")
+    in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
+    args.append(x.astype(dtype))
   kernel = functools.partial(
       _kernel, num_parts=len(exact), num_splits=s_splits, scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, has_mean=value_mean is not None,
       has_perm=value_perm is not None)
-  return _per_row_call(kernel, in_specs, args, (r, d, rows), interpret, num_warps,
-                       "turboquant_merge_exact")
-
-
-def _merge_partials_kernel(o_ref, l_ref, m_ref, rot_ref, *rest, exact_splits, has_mean,
-                           has_perm):
-  rest = list(rest)
-  mean_ref = rest.pop(0) if has_mean else None
-  perm_ref = rest.pop(0) if has_perm else None
-  out_ref = rest[-1]
-  total, d, rows = o_ref.shape
-  compressed = total - exact_splits
-
-  def dot(a, b, dims):
-    return jax.lax.dot_general(a, b, dims, precision=_HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-  def weighted(first, count, m_all):
-    """Sums of o and l over splits [first, first + count) at the common maximum."""
-    chunk = _split_chunk(count)
-    rows_of = lambda i: pl.ds(first + i * chunk, chunk)  # noqa: E731
-
-    def add(i, carry):
-      acc, l_c = carry
-      w = jnp.exp(m_ref[rows_of(i), :] - m_all[None, :])             # [chunk, M]
-      return (acc + (o_ref[rows_of(i), :, :] * w[:, None, :]).sum(axis=0),
-              l_c + (l_ref[rows_of(i), :] * w).sum(axis=0))
-    return _unrolled(count // chunk, add, (jnp.zeros((d, rows), jnp.float32),
-                                           jnp.zeros((rows,), jnp.float32)))
-
-  m_all = _unrolled(total, lambda i, m: jnp.maximum(m, m_ref[i, :]),
-                    jnp.full((rows,), _NEG, jnp.float32))
-  acc, l_total = weighted(0, compressed, m_all)
-  out = dot(rot_ref[...], acc, _TN)                 # the compressed share rotated back
-  if has_perm:   # rotated channel i is output channel perm[i]: a one-hot product
-    onehot = perm_ref[...][:, None] == jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
-    out = dot(onehot.astype(jnp.float32), out, _TN)
-  if has_mean:
-    out += mean_ref[...][:, None] * l_total[None, :]
-  if exact_splits:   # already in the output's channel order
-    acc_e, l_e = weighted(compressed, exact_splits, m_all)
-    out += acc_e
-    l_total += l_e
-  out_ref[...] = out / jnp.where(l_total > 0, l_total, 1.0)[None, :]
-
-
-def merge_partials(o: Array, l: Array, m: Array, unrotation: Array, *, exact_splits: int,
-                   value_mean: Array | None = None, value_perm: Array | None = None,
-                   interpret: bool = False, num_warps: int = 4) -> Array:
-  """Attention output of each kv-head row from split partials alone: the Mosaic kernel's
-  compressed splits and its exact-token splits (`decode_attention_mgpu.ExactTokens`)
-  merged in one softmax, the compressed share rotated back and given its value mean.
-  One Pallas (Triton) program per row, in place of about ten small XLA kernels.
-
-  Args:
-    o: float32 [R, S, D, M], the splits' unnormalised sums of p·values, transposed: the
-      first S - exact_splits in the value quantizer's rotated domain, the last
-      exact_splits in the output's channel order; l, m float32 [R, S, M] (an empty split
-      has l = 0, o = 0).
-    unrotation, value_mean, value_perm: as for `merge_exact`.
-
-  Returns:
-    float32 [R, D, M]: softmax(scores) · values over all tokens, transposed; 0 for a row
-    that sees no token.
-  """
-  r, splits, d, rows = o.shape
-  if l.shape != (r, splits, rows) or m.shape != l.shape or unrotation.shape != (d, d):
-    raise ValueError(f"o {o.shape}, l {l.shape}, m {m.shape} and unrotation "
-                     f"{unrotation.shape} do not fit together")
-  if not 0 <= exact_splits < splits:
-    raise ValueError(f"exact_splits={exact_splits} must leave a compressed split of {splits}")
-  why = unsupported(rows, d, ())
-  if why is not None:
-    raise ValueError(f"merge_partials cannot take this call: {why}")
-  row = lambda i: (i, 0, 0)  # noqa: E731
-  in_specs = [pl.BlockSpec((None, splits, d, rows), lambda i: (i, 0, 0, 0)),
-              pl.BlockSpec((None, splits, rows), row),
-              pl.BlockSpec((None, splits, rows), row),
-              pl.BlockSpec((d, d), lambda i: (0, 0))]
-  args = [o, l, m, unrotation.astype(jnp.float32)]
-  _add_row_vectors(in_specs, args, r, d, value_mean, value_perm)
-  kernel = functools.partial(_merge_partials_kernel, exact_splits=exact_splits,
-                             has_mean=value_mean is not None,
-                             has_perm=value_perm is not None)
-  return _per_row_call(kernel, in_specs, args, (r, d, rows), interpret, num_warps,
-                       "turboquant_merge_partials")
-
-
-def merge_partials_reference(o, l, m, unrotation, *, exact_splits, value_mean=None,
-                             value_perm=None, **unused):
-  """`merge_partials` in plain jnp (float32, HIGHEST)."""
-  del unused
-  s = o.shape[1] - exact_splits
-  m_all = m.max(axis=1)
-  w = jnp.exp(m - m_all[:, None])                                   # [R, S, M]
-  l_c = (l[:, :s] * w[:, :s]).sum(axis=1)
-  acc = (o[:, :s] * w[:, :s, None, :]).sum(axis=1)                  # [R, D, M]
-  out = jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST)
-  if value_perm is not None:
-    idx = jnp.broadcast_to(value_perm[:, None, :], out.shape)
-    out = jnp.put_along_axis(jnp.zeros_like(out), idx, out, axis=-1, inplace=False)
-  if value_mean is not None:
-    out += l_c[..., None] * value_mean[:, None, :]
-  out += jnp.swapaxes((o[:, s:] * w[:, s:, None, :]).sum(axis=1), 1, 2)
-  l_total = l_c + (l[:, s:] * w[:, s:]).sum(axis=1)
-  out = out / jnp.where(l_total > 0, l_total, 1.0)[..., None]
-  return jnp.swapaxes(out, 1, 2)
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      kernel, grid=(r,), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, d, rows), row),
+      out_shape=jax.ShapeDtypeStruct((r, d, rows), jnp.float32),
+      compiler_params=compiler_params, interpret=interpret, name="turboquant_merge_exact",
+  )(*args)
 
 
 def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, scale,

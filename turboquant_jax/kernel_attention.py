@@ -34,10 +34,15 @@ def query_parts(cache, qf: Array) -> tuple[list[tuple[Array, Array | None]], Arr
   parts = []
   for t in cache.key_quantizer.transform_queries(permute_channels(qf, cache.key_perm)):
     parts.append(t if isinstance(t, tuple) else (t, None))
-  qoff = jnp.zeros(qf.shape[:3], jnp.float32)
+  return parts, plain_offsets(cache, qf)
+
+
+def plain_offsets(cache, qf: Array) -> Array:
+  """q·μ [B, H, M] for keys centred after RoPE (zeros otherwise: keys centred before RoPE
+  take their offsets per position, `rope_coefficients`). qf: [B, H, M, D]."""
   if cache.key_mean is not None and cache.rope is None:
-    qoff = cache.query_offsets(qf)[..., 0]
-  return parts, qoff
+    return cache.query_offsets(qf)[..., 0]
+  return jnp.zeros(qf.shape[:3], jnp.float32)
 
 
 def rope_coefficients(cache, qf: Array) -> tuple[Array, Array]:
@@ -220,7 +225,7 @@ def _exact_tokens(cache, qf: Array, limits: Array, exact_blocks=None
                     ) + ((mosaic.EXACT_BLOCK,) if s else ())
   exact = mosaic.ExactTokens(qf.reshape(b * h, rows, d).astype(keys[0].dtype), limits,
                              tuple(keys), tuple(values), tuple(positions))
-  return exact, mosaic._exact_block_sizes(exact, exact_blocks)
+  return exact, mosaic.exact_block_sizes(exact, exact_blocks)
 
 
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -255,9 +260,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   # columns (no slices after the product).
   q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
   q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
-  qoff = jnp.zeros((b * h, mosaic.HEADS), jnp.float32)
-  if cache.key_mean is not None and cache.rope is None:
-    qoff = cache.query_offsets(qf)[..., 0].reshape(b * h, mosaic.HEADS)
+  qoff = plain_offsets(cache, qf).reshape(b * h, mosaic.HEADS)
   # One position per batch entry (decode): the compressed range, causal and windowed,
   # and the exact parts' visible ranges, read by each row as i // h in the kernel.
   bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
@@ -435,32 +438,11 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
   return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
 
 
-def _merge_kernel_supported(head_dim: int) -> bool:
-  # (attend's `mosaic` argument hides the module's name there)
-  return merge_exact.unsupported(mosaic.HEADS, head_dim, ()) is None
-
-
-def _merge_in_kernel(cache, qf: Array, row_pos: Array, *, merge_interpret: bool | None,
-                     **kwargs) -> Array:
-  """[B, H, M, D] float32: the Mosaic kernel's compressed and exact partials merged by
-  `merge_exact.merge_partials` (one launch after the kernel)."""
-  b, h, rows, d = qf.shape
-  o, l, m, e = _mosaic_partials_padded(cache, qf, row_pos, exact_in_kernel=True, **kwargs)
-  flat = lambda x: None if x is None else x.reshape(b * h, d)  # noqa: E731
-  if merge_interpret is None:
-    merge_interpret = jax.default_backend() != "gpu"
-  out = merge_exact.merge_partials(
-      o, l, m, cache.value_quantizer.unrotation_matrix(), exact_splits=e,
-      value_mean=flat(cache.value_mean), value_perm=flat(cache.value_perm),
-      interpret=merge_interpret)
-  return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
-
-
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
            use_kernel: bool = True, mosaic: bool = False, fused_merge: bool = False,
            merge_interpret: bool | None = None, exact_in_kernel: bool | None = None,
-           merge_kernel: bool | None = None, **kernel_kwargs) -> Array:
+           **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
@@ -476,11 +458,6 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   or fp16 tokens by TMA, wgmma with the unrotated query rounded to their dtype, p
   rounded to it as cuDNN does);
   None: where it can (`exact_unsupported`), else in jnp (float32 products).
-  merge_kernel: with the exact tokens in the Mosaic kernel, merge its partials (rotate
-  the compressed share back, un-permute, add the value mean, normalise) in one Pallas
-  (Triton) kernel, `merge_exact.merge_partials`, instead of ~10 XLA kernels. Off by
-  default (None or False): measured slower on the H200 (whole attention at 3.5 bits,
-  8 x 4K: 148 us against 64 with the jnp merge; 64 x 4K 611 against 281).
 
   The exact window and sinks are more partials of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -508,13 +485,6 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   if mosaic and use_kernel and exact_in_kernel:
     if why is not None:
       raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
-    if merge_kernel:
-      if not _merge_kernel_supported(d):
-        raise ValueError(f"merge_partials takes a power-of-two head_dim, got {d}")
-      out = _merge_in_kernel(cache, qf, row_pos, merge_interpret=merge_interpret, **common,
-                             **kernel_kwargs)
-      out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
-      return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
     o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
                                            **common, **kernel_kwargs)
   else:
@@ -546,4 +516,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
-    "exact_blocks", "merge_kernel"))
+    "exact_blocks"))
