@@ -151,6 +151,59 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
   return codes.replace(words=words, norms=new_norms)
 
 
+def write_tiles(codes: TileCodes, words: Array, norms: Array, start: Array,
+                count: Array) -> TileCodes:
+  """Writes packed tiles of a run that starts on a tile boundary: token j < count of each
+  row to position start + j (the fused append, `pallas_kernels.tile_quantize`).
+
+  Tiles the run fills are replaced; in the one it fills in part, only the run's slots
+  change (the others keep their bits, as `write_run` keeps them); tiles past its end
+  are untouched.
+
+  Args:
+    codes: the `TileCodes` to update.
+    words: int32 [B, H, n·64, C]: `register_codes.pack_tile` of n tiles of the run's
+      tokens. norms: [B, H, n·tokens] in the codes' norm dtype.
+    start: int32 [B], multiples of the tile length with start + n·tokens within the cache
+      where count > 0 (callers check; rows with count 0 are left as they are).
+    count: int32 [B] in [0, n·tokens].
+  """
+  layout = codes.layout
+  tt, wr = layout.tokens, register_codes.WORD_ROWS
+  b, h, rows, c = words.shape
+  n = rows // wr
+  if codes.words.shape[:2] != (b, h) or codes.words.shape[-1] != c or rows % wr:
+    raise ValueError(f"words {words.shape} do not fit the codes {codes.words.shape}")
+  if norms.shape != (b, h, n * tt):
+    raise ValueError(f"norms {norms.shape} do not fit {n} tiles of {tt} tokens")
+  ones = (1 << layout.bits) - 1
+  filled, rem = count // tt, count % tt
+  # The part-filled tile's slot mask, packed like the codes: [B, 64, C].
+  slots = jnp.arange(tt, dtype=jnp.int32)[None, :, None] < rem[:, None, None]
+  mask = jnp.broadcast_to(jnp.where(slots, jnp.uint8(ones), jnp.uint8(0)),
+                          (b, tt, layout.dim))
+  mask = register_codes.pack_tile(_to_tiles(mask, layout)[:, 0], layout.spec)
+
+  def one_row(buf, new, norm_buf, new_norms, start, count, filled, mask):
+    first = start // tt
+    old = jax.lax.dynamic_slice_in_dim(buf, first * wr, rows, axis=1)   # [H, n·64, C]
+    tile = (jnp.arange(rows) // wr)[None, :, None]
+    mask = jnp.tile(mask, (n, 1))[None]
+    merged = jnp.where(tile < filled, new,
+                       jnp.where(tile == filled, (old & ~mask) | (new & mask), old))
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, merged, first * wr, axis=1)
+    old_norms = jax.lax.dynamic_slice_in_dim(norm_buf, start, n * tt, axis=1)
+    keep = jnp.arange(n * tt)[None, :] < count
+    norm_buf = jax.lax.dynamic_update_slice_in_dim(
+        norm_buf, jnp.where(keep, new_norms.astype(norm_buf.dtype), old_norms), start,
+        axis=1)
+    return buf, norm_buf
+
+  new_words, new_norms = jax.vmap(one_row)(codes.words, words, codes.norms, norms, start,
+                                           count, filled, mask)
+  return codes.replace(words=new_words, norms=new_norms)
+
+
 def read_levels(codes: TileCodes) -> Array:
   """uint8 [B, H, L, d] level indices of every position."""
   b, h = codes.words.shape[:2]

@@ -54,11 +54,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import tile_quantize
 from turboquant_jax import attention
 from turboquant_jax import channel_split
 from turboquant_jax import exact_tokens
 from turboquant_jax import kv_cache
+from turboquant_jax import quantizers
 from turboquant_jax import rope as rope_lib
+from turboquant_jax import rotation as rotation_lib
 from turboquant_jax import tile_codes
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
 from turboquant_jax.quantizers import LEVELS, ProdCodes, check_norm_dtype
@@ -101,6 +104,13 @@ class TurboQuantConfig:
     layout: "planes" (bit-planes per token, read by the Triton kernel and the reference)
       or "tiles" (`tile_codes`: the Mosaic GPU kernel's order; MSE keys; the reference
       reads it too).
+    append_kernel: write the tiles of appended runs that start on a tile boundary (a
+      prefill chunk, a deferred block) through the fused Pallas append kernel
+      (`pallas_kernels.tile_quantize`: the same codes as jnp's up to float rounding at
+      level boundaries); None (the default): on GPUs, where the codes allow it
+      (`append_kernel_unsupported`), for writes of at least `FUSED_APPEND_TOKENS` tokens
+      over the batch (where it measured faster); True: every aligned run, also on the
+      CPU in interpret mode (bit-exact with jnp there; slow: for tests); False: never.
   """
 
   key_bits: float = 3.5
@@ -115,6 +125,7 @@ class TurboQuantConfig:
   levels: str = "lloyd_max"
   layout: str = "planes"
   center_values: bool = False
+  append_kernel: bool | None = None
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -131,6 +142,11 @@ class TurboQuantConfig:
       raise ValueError(f"layout must be 'planes' or 'tiles', got {self.layout!r}")
     if self.layout == "tiles" and self.key_quantizer != "mse":
       raise ValueError(f"layout='tiles' needs MSE keys, got {self.key_quantizer!r}")
+    if self.append_kernel not in (None, True, False):
+      raise ValueError(f"append_kernel must be None, True or False, got "
+                       f"{self.append_kernel!r}")
+    if self.append_kernel and self.layout != "tiles":
+      raise ValueError("append_kernel=True writes the tiles layout; set layout='tiles'")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
@@ -153,17 +169,72 @@ def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...],
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+# The append kernel's default use: writes of at least this many tokens over the batch.
+# H200, Llama-3-8B shapes, one layer (`append_prefill_gpu.json`): 8 x 4096 tokens 1.61x
+# (3 bits) and 1.79x (3.5) the jnp writer's speed, 1 x 4096 1.06x and 0.95x (the writes
+# around the kernel cost about what it saves there).
+FUSED_APPEND_TOKENS = 32768
+
+
+def append_kernel_unsupported(quantizer: channel_split.SplitQuantizer,
+                              codes: tuple[Any, ...]) -> str | None:
+  """Why the fused append kernel (`pallas_kernels.tile_quantize`) cannot write these
+  codes (None: it can)."""
+  if not (codes and isinstance(codes[0], tile_codes.TileCodes)):
+    return "it writes the tiles layout only"
+  for g, c in zip(quantizer.groups, codes):
+    if not isinstance(g.rotation, rotation_lib.HaarRotation):
+      return "it takes dense (Haar) rotations"
+    why = tile_quantize.unsupported(c.layout.spec)
+    if why is not None:
+      return why
+  return None
+
+
+def _write_tiles_fused(quantizer: channel_split.SplitQuantizer, codes: tuple[Any, ...],
+                       x: Array, start: Array, count: Array) -> tuple[Any, ...]:
+  """`_write_codes` for runs that start on a tile boundary, through the append kernel."""
+  b, h, t, _ = x.shape
+  tt = codes[0].layout.tokens
+  pad = -t % tt
+  interpret = jax.default_backend() == "cpu"
+  out = []
+  for g, c, part in zip(quantizer.groups, codes, quantizer._split(x)):
+    part = jnp.pad(part, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else part
+    words, norms = tile_quantize.quantize_tiles(
+        part.reshape(b * h, t + pad, g.dim), g.rotation.matrix.T, g.boundaries,
+        bits=g.bits, tokens=tt, transposed=c.layout.transposed, interpret=interpret,
+        # Interpret mode computes as the jnp writer does; on the GPU float32 products run
+        # on the tensor cores (codes differ from jnp's only at boundary ties).
+        precision="highest" if interpret else "tf32x3", num_warps=8)
+    words = words.reshape(b, h, *words.shape[1:])
+    norms = quantizers.store_norms(norms.reshape(b, h, t + pad), g.norm_dtype)
+    out.append(tile_codes.write_tiles(c, words, norms, start, count))
+  return tuple(out)
+
+
 def _write_codes(quantizer: channel_split.SplitQuantizer, codes: tuple[Any, ...], x: Array,
-                 indices: Array, start: Array, count: Array) -> tuple[Any, ...]:
+                 indices: Array, start: Array, count: Array, fused: bool = False
+                 ) -> tuple[Any, ...]:
   """Codes of x [B, H, T, d] (channels in the quantizer's order) written at `indices`
   [B, T] (bit-planes; out of range: dropped) or, for tiles, as the run of `count` [B]
-  tokens from `start` [B] (the same positions)."""
+  tokens from `start` [B] (the same positions). `fused`: runs that start on a tile
+  boundary in every row go through the append kernel (the same codes), others through
+  jnp."""
   if codes and isinstance(codes[0], tile_codes.TileCodes):
-    out = []
-    for g, c, part in zip(quantizer.groups, codes, quantizer._split(x)):
-      levels, norms = g.quantize_levels(part)
-      out.append(tile_codes.write_run(c, levels, norms, start, count))
-    return tuple(out)
+    def unfused():
+      out = []
+      for g, c, part in zip(quantizer.groups, codes, quantizer._split(x)):
+        levels, norms = g.quantize_levels(part)
+        out.append(tile_codes.write_run(c, levels, norms, start, count))
+      return tuple(out)
+    if not fused:
+      return unfused()
+    tt, length = codes[0].layout.tokens, codes[0].norms.shape[-1]
+    span = -(-x.shape[2] // tt) * tt
+    aligned = jnp.all((count == 0) | ((start % tt == 0) & (start + span <= length)))
+    return jax.lax.cond(aligned, lambda: _write_tiles_fused(quantizer, codes, x, start,
+                                                            count), unfused)
   write = lambda buf, new: kv_cache.scatter_tokens(buf, new, indices)  # noqa: E731
   return jax.tree.map(write, codes, quantizer.quantize(x))
 
@@ -238,7 +309,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     # A fresh array per field: one buffer shared by two fields cannot be donated.
     identity = lambda: jnp.tile(jnp.arange(head_dim, dtype=jnp.int32),  # noqa: E731
                                 (batch, num_kv_heads, 1))
-    return cls(
+    cache = cls(
         key_quantizer=kq, value_quantizer=vq,
         key_codes=_empty_codes(kq, lead, tiles),
         value_codes=_empty_codes(vq, lead, tiles, values=True),
@@ -257,6 +328,12 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
         config=config,
         rope=rope if config.center_keys == "rope" else None,
     )
+    if config.append_kernel:
+      for q, c in ((kq, cache.key_codes), (vq, cache.value_codes)):
+        why = append_kernel_unsupported(q, c)
+        if why is not None:
+          raise ValueError(f"append_kernel=True cannot write this cache: {why}")
+    return cache
 
   @property
   def max_len(self) -> int:
@@ -299,6 +376,24 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     the tiles' length (the Mosaic kernel's step: one angle per step), else `rope.SPLIT`
     (the Triton kernel's blocks divide it)."""
     return self.code_block if self.config.layout == "tiles" else rope_lib.SPLIT
+
+  @property
+  def fused_append(self) -> bool:
+    """Whether tile-aligned runs may be coded by the fused append kernel (`append_kernel`;
+    by default only runs of at least `FUSED_APPEND_TOKENS` tokens over the batch)."""
+    if self.config.append_kernel is False:
+      return False
+    ok = all(append_kernel_unsupported(q, c) is None for q, c in (
+        (self.key_quantizer, self.key_codes), (self.value_quantizer, self.value_codes)))
+    if self.config.append_kernel:
+      return ok
+    return ok and jax.default_backend() == "gpu"
+
+  def _fused_for(self, tokens: int) -> bool:
+    """`fused_append` for a write of `tokens` tokens per row (static)."""
+    if not self.fused_append:
+      return False
+    return bool(self.config.append_kernel) or self.batch * tokens >= FUSED_APPEND_TOKENS
 
   @property
   def defers_codes(self) -> bool:
@@ -407,10 +502,11 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     j = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
     indices = jnp.where(j < count[:, None], positions, self.max_len)
     start = positions[:, 0]
+    fused = self._fused_for(positions.shape[1])
     key_codes = _write_codes(self.key_quantizer, key_codes, permute_channels(kc, key_perm),
-                             indices, start, count)
+                             indices, start, count, fused)
     value_codes = _write_codes(self.value_quantizer, value_codes,
-                               permute_channels(vc, value_perm), indices, start, count)
+                               permute_channels(vc, value_perm), indices, start, count, fused)
     return key_codes, value_codes
 
   def _code_from_window(self, key_codes, value_codes, ring_keys: Array, ring_values: Array,
@@ -482,10 +578,10 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       start = jnp.where(count > 0, idx[:, 0], 0)
       key_codes = _write_codes(self.key_quantizer, key_codes,
                                permute_channels(take(tokens_k[:, :, :w]), key_perm),
-                               idx, start, count)
+                               idx, start, count, self._fused_for(w))
       value_codes = _write_codes(self.value_quantizer, value_codes,
                                  permute_channels(take(tokens_v[:, :, :w]), value_perm),
-                                 idx, start, count)
+                                 idx, start, count, self._fused_for(w))
     return key_mean, value_mean, key_perm, value_perm, key_codes, value_codes
 
   # -- reading ---------------------------------------------------------------------------
