@@ -58,7 +58,7 @@ def _chunks(key, batch, chunk, n):
 def time_appends(name, batch, chunk, kernel, chunks):
   """ms per chunk appended (after the first, which calibrates), and the filled cache."""
   update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
-  cache = jax.block_until_ready(update(_make(name, batch, kernel), *chunks[0]))
+  jax.block_until_ready(update(_make(name, batch, kernel), *chunks[0]))   # compiles
   best = None
   for _ in range(3):    # fresh caches; the chunks fill positions chunk, 2·chunk, ...
     cache = jax.block_until_ready(update(_make(name, batch, kernel), *chunks[0]))
@@ -95,6 +95,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--sweep", action="store_true",
                       help="first the kernel alone over precisions and warps, 8 x 4096")
+  parser.add_argument("--points", default=None, help="batch x chunk, e.g. 8x4096,1x4096")
   args = parser.parse_args(argv)
   ceiling = read_ceiling()
   key = jax.random.PRNGKey(1)
@@ -112,7 +113,9 @@ def main(argv=None):
         rows.append(dict(cache=label, batch=8, chunk=4096, ms=t * 1e3,
                          read_ceiling_frac=2 * 8 * 4096 * HEADS * DIM * 2 / t / ceiling))
         print(rows[-1], flush=True)
-  for batch, chunk in POINTS:
+  points = POINTS if args.points is None else [
+      tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+  for batch, chunk in points:
     n = min(MAX_LEN // chunk, 5)
     chunks = _chunks(key, batch, chunk, n)
     read = 2 * batch * chunk * HEADS * DIM * 2       # bf16 keys and values
