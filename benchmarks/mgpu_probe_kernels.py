@@ -84,7 +84,7 @@ def _launch(kernel, args, out_shape, grid, scratch_rows, d, **kw):
 
 def key_scores_probe(words: Array, norms: Array, q: Array, *, spec, num_splits: int,
                      variant: str = "affine", max_concurrent_steps: int = 4,
-                     use_wgmma: bool = True, tiles_per_step: int = 1) -> Array:
+                     use_wgmma: bool = True, tiles_per_step: int = 1, decoder=None) -> Array:
   """Running max of norm·(q·u) per (kv head, split): decode, scores, norms, max.
 
   Args:
@@ -95,10 +95,11 @@ def key_scores_probe(words: Array, norms: Array, q: Array, *, spec, num_splits: 
     float32 [BH, num_splits, rows, 8]: per split, the largest score seen by each thread's
     (token slot, head) register; reduce with max over axis 2 for the split's max per head.
     With variant="cubic" the score is q·(u + u³).
+    decoder: the tile decoder to use (default `tile_decoder(spec, variant, tiles_per_step)`).
   """
   bh, c, steps = _plan(words, norms, q, spec, num_splits, tiles_per_step)
   rows = spec.rows
-  decode = tile_decoder(spec, variant, tiles_per_step)
+  decode = decoder or tile_decoder(spec, variant, tiles_per_step)
   step_rows, step_words = rows * tiles_per_step, WR * tiles_per_step
 
   def kernel(words_gmem, norms_gmem, q_gmem, out_gmem, q_smem, out_smem, q_barrier):
