@@ -26,6 +26,7 @@ reference on the GPU, `--full`), the rest of the library does not use it yet.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -38,10 +39,15 @@ from benchmarks import common
 from pallas_kernels import byte_codes as bc
 from pallas_kernels import decode_attention_mgpu as dm
 from pallas_kernels import register_codes as rc
+from turboquant_jax import codebook
 
 WR = rc.WORD_ROWS
 D = 128
-LEVELS_3BIT = (-127, -79, -45, -14, 14, 45, 79, 127)   # Lloyd-Max 3-bit levels, scaled
+# Lloyd-Max levels (Gaussian limit) scaled to int8, level index order.
+LEVELS = {2: (-127, -38, 38, 127),
+          3: (-127, -79, -45, -14, 14, 45, 79, 127),
+          4: (-127, -99, -80, -64, -50, -37, -24, -12, 12, 24, 37, 50, 64, 80, 99, 127)}
+LEVELS_3BIT = LEVELS[3]
 
 
 def _i32(v: int):
@@ -51,19 +57,21 @@ def _i32(v: int):
   return arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
 
 
-def prmt_decoder(rows: int, raw: bool = False):
-  """f(words int32 [rows/2, 24] in WGMMA layout) -> int8 [rows, 128] in WGMMA_LAYOUT_8BIT:
-  the levels `LEVELS_3BIT` of 3-bit codes stored by `byte_codes.pack_tile` (12 words per
-  thread -> 32 registers of 4 levels; `byte_codes.decode_words` is the same in numpy);
-  raw: the words' bytes reinterpreted, no decode (the floor)."""
+def prmt_decoder(rows: int, raw: bool = False, bits: int = 3, levels=None):
+  """f(words int32 [rows/2, 8·bits] in WGMMA layout) -> int8 [rows, 128] in
+  WGMMA_LAYOUT_8BIT: the `levels` (default `LEVELS[bits]`) of the codes stored by
+  `byte_codes.pack_tile` (32 registers of 4 levels per thread; `byte_codes.decode_words`
+  is the same in numpy); raw: the words' bytes reinterpreted, no decode (the floor)."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import llvm
 
+  if rows != bc.ROWS:
+    raise ValueError(f"byte-code tiles hold {bc.ROWS} rows, got {rows}")
   out_shape = (rows, D)
   out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
-  lo, hi = bc.level_pool(LEVELS_3BIT)
+  pools = bc.level_pools(LEVELS[bits] if levels is None else levels, bits)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=out_type)
   def decode(ctx, words):
@@ -74,44 +82,57 @@ def prmt_decoder(rows: int, raw: bool = False):
     regs_shape = layout.registers_shape(out_shape)
     out = np.empty(regs_shape, dtype=object)
     flat_out = list(np.ndindex(*regs_shape))
-    thread_words = []
+    tw = []
     for vec in words.registers.flat:
       for k in range(2):
-        thread_words.append(mgpu_utils.bitcast(
-            mgpu_utils.vector_slice(vec, slice(k, k + 1)), i32))
-    assert len(thread_words) * 32 == len(flat_out) * 4 * 3, (len(thread_words), len(flat_out))
-    pool_lo, pool_hi = _i32(lo), _i32(hi)
-    m7, m1, m2, m4 = (_i32(0x77777777), _i32(0x11111111), _i32(0x22222222),
-                      _i32(0x44444444))
+        tw.append(mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(k, k + 1)), i32))
+    assert len(tw) == bc.thread_words(bits) and len(flat_out) == bc.REGISTERS, len(tw)
+    p = [_i32(x) for x in pools]
+    c = {v: _i32(v) for v in (0, 0x33333333, 0x77777777, 0x11111111, 0x22222222,
+                              0x44444444, 0x88888888, bc.MASK_SOURCE)}
 
     def asm(text, args):
       return llvm.inline_asm(i32, args, text, ",".join(["=r"] + ["r"] * len(args)))
 
-    n = 0
-    for g in range(len(thread_words) // 3):
-      w = thread_words[3 * g:3 * g + 3]
-      if raw:
-        sels = [w[0], w[1], w[2], w[0]]
+    outs = []
+    if raw:
+      outs = [tw[n % len(tw)] for n in range(bc.REGISTERS)]
+    else:
+      # The selectors of `byte_codes.selectors`, in the same order.
+      sels = []
+      if bits == 2:
+        for w in tw:
+          sels += [(asm("and.b32 $0, $1, $2;", [w, c[0x33333333]]),),
+                   (asm("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, $2; }",
+                        [w, c[0x33333333]]),)]
+      elif bits == 3:
+        for g in range(0, len(tw), 3):
+          w = tw[g:g + 3]
+          sels += [(asm("and.b32 $0, $1, $2;", [x, c[0x77777777]]),) for x in w]
+          sels.append((asm(
+              "{ .reg .b32 t0, t1, t2; shr.b32 t0, $1, 3; shr.b32 t1, $2, 2;"
+              " shr.b32 t2, $3, 1; and.b32 t0, t0, $4;"
+              " lop3.b32 t0, t1, $5, t0, 0xEA; lop3.b32 $0, t2, $6, t0, 0xEA; }",
+              [*w, c[0x11111111], c[0x22222222], c[0x44444444]]),))
       else:
-        sels = [asm("and.b32 $0, $1, $2;", [x, m7]) for x in w]
-        # The bits 3 of the three words' nibbles: 8 more codes.
-        sels.append(asm(
-            "{ .reg .b32 t0, t1, t2; shr.b32 t0, $1, 3; shr.b32 t1, $2, 2;"
-            " shr.b32 t2, $3, 1; and.b32 t0, t0, $4;"
-            " lop3.b32 t0, t1, $5, t0, 0xEA; lop3.b32 $0, t2, $6, t0, 0xEA; }",
-            [w[0], w[1], w[2], m1, m2, m4]))
-      for s in sels:
+        for w in tw:
+          sels.append((asm("and.b32 $0, $1, $2;", [w, c[0x77777777]]),
+                       asm("{ .reg .b32 t; shr.b32 t, $1, 3; lop3.b32 $0, t, $2, $3, 0xEA; }",
+                           [w, c[0x11111111], c[0x88888888]])))
+      for sel in sels:
         for half in range(2):
-          if raw:
-            r = s if half == 0 else asm("shr.b32 $0, $1, 16;", [s])
-          elif half == 0:
-            r = asm("prmt.b32 $0, $1, $2, $3;", [pool_lo, pool_hi, s])
-          else:
-            r = asm("{ .reg .b32 t; shr.b32 t, $3, 16; prmt.b32 $0, $1, $2, t; }",
-                    [pool_lo, pool_hi, s])
-          out[flat_out[n]] = mgpu_utils.bitcast(r, i8x4)
-          n += 1
-    assert n == len(flat_out)
+          shift = "" if half == 0 else "shr.b32 m, m, 16; shr.b32 s, s, 16;"
+          if bits < 4:
+            outs.append(asm("{ .reg .b32 m, s; mov.b32 m, $3; mov.b32 s, $3; " + shift
+                            + " prmt.b32 $0, $1, $2, m; }", [p[0], p[1], sel[0]]))
+          else:   # two tables, then the bytes of codes 8-15 by a mask from bit 3
+            outs.append(asm(
+                "{ .reg .b32 m, s, r0, r1, k; mov.b32 m, $5; mov.b32 s, $6; " + shift
+                + " prmt.b32 r0, $1, $2, m; prmt.b32 r1, $3, $4, m;"
+                " prmt.b32 k, $7, $8, s; lop3.b32 $0, r1, k, r0, 0xE2; }",
+                [p[0], p[1], p[2], p[3], sel[0], sel[1], c[bc.MASK_SOURCE], c[0]]))
+    for n, r in enumerate(outs):
+      out[flat_out[n]] = mgpu_utils.bitcast(r, i8x4)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=True)
 
   return decode
@@ -122,15 +143,15 @@ def q8_transforms():
 
 
 def key_scores_probe_s8(words, norms, q8, *, num_splits: int, rows: int = 128,
-                        raw: bool = False, max_concurrent_steps: int = 4):
-  """Running max of norm·(q8·level) per (kv head, split) over 3-bit tiles of `rows`
-  tokens; words int32 [BH, tiles·rows/2, 24], norms float16 [BH, tiles·rows],
+                        raw: bool = False, max_concurrent_steps: int = 4, bits: int = 3):
+  """Running max of norm·(q8·level) per (kv head, split) over `bits`-bit tiles of `rows`
+  tokens; words int32 [BH, tiles·rows/2, 8·bits], norms float16 [BH, tiles·rows],
   q8 int8 [BH, 8, 128]. Returns float32 [BH, splits, rows, 8]."""
   bh, word_rows, c = words.shape
   step_words = rows // 2
   tiles = word_rows // step_words
   steps = tiles // num_splits
-  decode = prmt_decoder(rows, raw)
+  decode = prmt_decoder(rows, raw, bits)
 
   def kernel(words_gmem, norms_gmem, q_gmem, out_gmem, q_smem, out_smem, q_barrier):
     i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("split")
@@ -138,7 +159,7 @@ def key_scores_probe_s8(words, norms, q8, *, num_splits: int, rows: int = 128,
     plgpu.barrier_wait(q_barrier)
 
     def body(_, words_smem, norms_smem, carry):
-      w = plgpu.load(words_smem, (), layout=plgpu.Layout.WGMMA)
+      w = plgpu.load(words_smem, (), layout=plgpu.Layout.WGMMA, optimized=c <= 24)
       n = plgpu.load(norms_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
       a = decode(w)
 
@@ -173,18 +194,19 @@ def key_scores_probe_s8(words, norms, q8, *, num_splits: int, rows: int = 128,
 
 
 def attention_probe_s8(k_words, k_norms, v_words, v_norms, q8, *, num_splits: int,
-                       rows: int = 128, raw: bool = False, max_concurrent_steps: int = 2):
+                       rows: int = 128, raw: bool = False, max_concurrent_steps: int = 2,
+                       bits: int = 3):
   """Keys and values: split-K partials (o, l, m) as `decode_attention_mgpu.decode_partials`
   (one group, no RoPE term, no exact tokens), with both tiles decoded by PRMT into int8
   wgmma operands: scores^T = K·q8^T (int32), online softmax in float32, and
   out^T = V^T·p^T as two int8 wgmmas, p·‖v‖ split as hi/127 + lo/127² (14 bits: under
-  2^-14 of a step's largest weight lost). k_words, v_words int32 [BH, tiles·64, 24]
-  (3-bit tiles of `rows` tokens), norms float16 [BH, T], q8 int8 [BH, 8, 128].
+  2^-14 of a step's largest weight lost). k_words, v_words int32 [BH, tiles·64, 8·bits]
+  (`bits`-bit tiles of `rows` tokens), norms float16 [BH, T], q8 int8 [BH, 8, 128].
   Returns o float32 [BH, splits, 128, 8], l, m float32 [BH, splits, 8]."""
   bh, word_rows, c = k_words.shape
   step_words = rows // 2
   steps = word_rows // step_words // num_splits
-  decode = prmt_decoder(rows, raw)
+  decode = prmt_decoder(rows, raw, bits)
   log2e = float(np.log2(np.e))
 
   def kernel(kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, o_gmem, l_gmem, m_gmem,
@@ -195,11 +217,11 @@ def attention_probe_s8(k_words, k_norms, v_words, v_norms, q8, *, num_splits: in
 
     def body(_, kw_smem, kn_smem, vw_smem, vn_smem, carry):
       o, l_rows, m_prev = carry
-      a = decode(plgpu.load(kw_smem, (), layout=plgpu.Layout.WGMMA))
+      a = decode(plgpu.load(kw_smem, (), layout=plgpu.Layout.WGMMA, optimized=c <= 24))
 
       def scores(acc_ref):
         plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(q_smem, (1, 0)))
-        av = decode(plgpu.load(vw_smem, (), layout=plgpu.Layout.WGMMA))  # while it runs
+        av = decode(plgpu.load(vw_smem, (), layout=plgpu.Layout.WGMMA, optimized=c <= 24))  # while it runs
         return acc_ref[...], av
       s, av = pl.run_scoped(scores, plgpu.ACC((rows, dm.HEADS), jnp.int32))
       kn = plgpu.load(kn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
@@ -269,37 +291,37 @@ def attention_probe_s8(k_words, k_norms, v_words, v_norms, q8, *, num_splits: in
 
 
 
-def pack_keys(codes):
-  """codes [BH, T, 128] -> words [BH, T/128·64, 24] (each 128-token tile [tokens, D])."""
+def pack_keys(codes, bits):
+  """codes [BH, T, 128] -> words [BH, T/128·64, 8·bits] (each 128-token tile [tokens, D])."""
   bh, t, d = codes.shape
-  return bc.pack_tile(codes.reshape(bh, t // 128, 128, d)).reshape(bh, -1, 24)
+  return bc.pack_tile(codes.reshape(bh, t // 128, 128, d), bits).reshape(bh, -1, 8 * bits)
 
 
-def pack_values(codes):
+def pack_values(codes, bits):
   """codes [BH, T, 128] -> words of the value tiles [D, tokens] (the transpose)."""
   bh, t, d = codes.shape
-  return bc.pack_tile(jnp.swapaxes(codes.reshape(bh, t // 128, 128, d), -1, -2)
-                      ).reshape(bh, -1, 24)
+  return bc.pack_tile(jnp.swapaxes(codes.reshape(bh, t // 128, 128, d), -1, -2),
+                      bits).reshape(bh, -1, 8 * bits)
 
 
-def check(key, bh=4, t=4096, splits=4):
+def check(key, bits=3, bh=4, t=4096, splits=4):
   """Both probes on packed random codes against float32 jnp references."""
   ks = jax.random.split(key, 6)
-  kc = jax.random.randint(ks[0], (bh, t, D), 0, 8)
-  vc = jax.random.randint(ks[1], (bh, t, D), 0, 8)
+  kc = jax.random.randint(ks[0], (bh, t, D), 0, 1 << bits)
+  vc = jax.random.randint(ks[1], (bh, t, D), 0, 1 << bits)
   kn = jax.random.uniform(ks[2], (bh, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
   vn = jax.random.uniform(ks[3], (bh, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
   q8 = jax.random.randint(ks[4], (bh, dm.HEADS, D), -127, 128).astype(jnp.int8)
-  lv = jnp.asarray(LEVELS_3BIT, jnp.float32)
+  lv = jnp.asarray(LEVELS[bits], jnp.float32)
   hi_ = jax.lax.Precision.HIGHEST
   dots = jnp.einsum("btd,bhd->bth", lv[kc], q8.astype(jnp.float32), precision=hi_)
   s = dots * kn.astype(jnp.float32)[..., None]
-  out = {}
-  got = key_scores_probe_s8(pack_keys(kc), kn, q8, num_splits=splits)
+  out = {"bits": bits}
+  got = key_scores_probe_s8(pack_keys(kc, bits), kn, q8, num_splits=splits, bits=bits)
   want = s.reshape(bh, splits, -1, 128, dm.HEADS).max(axis=2)
   out["keys_rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-  o, l, m = attention_probe_s8(pack_keys(kc), kn, pack_values(vc), vn, q8,
-                               num_splits=splits)
+  o, l, m = attention_probe_s8(pack_keys(kc, bits), kn, pack_values(vc, bits), vn, q8,
+                               num_splits=splits, bits=bits)
   s2 = (s * (np.log2(np.e) / 40.0 / 127.0)).reshape(bh, splits, -1, dm.HEADS)
   m_ref = s2.max(axis=2)
   p = jnp.exp2(s2 - m_ref[:, :, None])
@@ -315,79 +337,103 @@ def check(key, bh=4, t=4096, splits=4):
   return out
 
 
+def _levels(kind: str, bits: int):
+  if kind == "cubic":
+    book = codebook.cubic_codebook(D, bits)
+    return (book.linear, book.cubic)
+  return tuple(codebook.polynomial_codebook(D, bits, degree=5).coefficients)
+
+
 def main(argv=None):
+  """Checks at 2, 3 and 4 bits, then keys-only times per width (or, with --full, keys and
+  values at 3 and 4 bits beside the library kernel and cuDNN)."""
   full = "--full" in (argv if argv is not None else sys.argv[1:])
+  from benchmarks import mgpu_decode as md
   from benchmarks import mgpu_probe as mp
   from benchmarks import mgpu_probe_kernels as pk
-  try:
-    checked = check(jax.random.PRNGKey(7))
-  except Exception as e:  # noqa: BLE001 - report, then time anyway
-    checked = dict(error=repr(e)[:400], ok=False)
-  print("check", checked, flush=True)
-  ceiling = mp.read_ceiling()
-  spec, words, norms, q = mp.probe_inputs(3)          # 8 x 8 kv heads x 32K tokens
-  q8 = (q * 40).astype(jnp.int8)
-  rows = []
-  forms = {"cubic": dm.level_form((0.3, 0.01), 3),
-           "quintic": dm.level_form((0.3, 0.01, 0.0005), 3)}
-
-  def f16_probe(variant, form=None):
-    decode = dm.tile_decoder(spec, variant, 1, form=form)
-
-    def run(w, n, qq):
-      return pk.key_scores_probe(w, n, qq, spec=spec, num_splits=8, variant=variant,
-                                 max_concurrent_steps=4, decoder=decode)
-    return jax.jit(run)
-
-  cases = [("fp16 quintic levels (library)", f16_probe("levels", forms["quintic"]), q),
-           ("fp16 cubic levels", f16_probe("levels", forms["cubic"]), q),
-           ("fp16 affine", f16_probe("affine"), q),
-           ("fp16 raw (no decode)", f16_probe("raw"), q),
-           ("int8 prmt", jax.jit(lambda w, n, qq: key_scores_probe_s8(
-               w, n, qq, num_splits=8)), q8),
-           ("int8 raw (no decode)", jax.jit(lambda w, n, qq: key_scores_probe_s8(
-               w, n, qq, num_splits=8, raw=True)), q8)]
-  coords = words.shape[0] * norms.shape[1] * D
-  if full:   # keys and values, against the library kernel and cuDNN on the same shapes
-    from benchmarks import mgpu_decode as md
-    key = jax.random.PRNGKey(0)
-    base, _ = md.time_cudnn(key, 8, norms.shape[1])
-    rows.append(dict(decode="cudnn bf16 attention", ms=base * 1e3))
-    print(rows[-1], flush=True)
-    for bits in (3,):
-      for lv in ("cubic", "quintic"):
-        md.levels = (lambda b, lv=lv: (0.3, 0.01) if lv == "cubic" else (0.3, 0.01, 0.0005))
-        sec, nbytes = md.time_ours(key, 8, norms.shape[1], bits, bits, 16, 2)
-        rows.append(dict(decode=f"library decode_partials K3/V3 {lv}", ms=sec * 1e3,
-                         coords_per_s=2 * coords / sec, ceiling_frac=nbytes / sec / ceiling,
-                         x_cudnn=base / sec))
-        print(rows[-1], flush=True)
-    for splits in (8, 16):
-      for raw in (False, True):
-        fn = jax.jit(lambda w, n, qq, raw=raw, splits=splits: attention_probe_s8(
-            w, n, w, n, qq, num_splits=splits, raw=raw))
-        sec = common.device_time(fn, words, norms, q8)
-        rows.append(dict(decode=f"int8 {'raw' if raw else 'prmt'} K+V, {splits} splits",
-                         ms=sec * 1e3, coords_per_s=2 * coords / sec,
-                         ceiling_frac=2 * (words.nbytes + norms.nbytes) / sec / ceiling,
-                         x_cudnn=base / sec))
-        print(rows[-1], flush=True)
-    cases = []
-  for label, fn, qq in cases:
+  checks = []
+  for bits in (2, 3, 4):
     try:
-      sec = common.device_time(fn, words, norms, qq)
-      rows.append(dict(decode=label, ms=sec * 1e3, coords_per_s=coords / sec,
-                       ceiling_frac=(words.nbytes + norms.nbytes) / sec / ceiling))
+      checks.append(check(jax.random.PRNGKey(7 + bits), bits))
+    except Exception as e:  # noqa: BLE001 - report, then time anyway
+      checks.append(dict(bits=bits, error=repr(e)[:400], ok=False))
+    print("check", checks[-1], flush=True)
+  ceiling = mp.read_ceiling()
+  rows = []
+
+  def timed(label, fn, args, coords, nbytes, extra=lambda sec: {}):
+    try:
+      sec = common.device_time(fn, *args)
+      rows.append(dict(label, ms=sec * 1e3, coords_per_s=coords / sec,
+                       ceiling_frac=nbytes / sec / ceiling, **extra(sec)))
     except Exception as e:  # noqa: BLE001 - report every variant
-      rows.append(dict(decode=label, error=repr(e)[:400]))
+      rows.append(dict(label, error=repr(e)[:400]))
     print(rows[-1], flush=True)
+
+  if full:   # keys and values, against the library kernel and cuDNN on the same shapes
+    key = jax.random.PRNGKey(0)
+    t = 32768
+    base, _ = md.time_cudnn(key, 8, t)
+    rows.append(dict(bits=16, decode="cudnn bf16 attention", ms=base * 1e3))
+    print(rows[-1], flush=True)
+    for bits in (3, 4):
+      spec, words, norms, q = mp.probe_inputs(bits)          # 8 x 8 kv heads x 32K tokens
+      words = words.reshape(words.shape[0], -1, 8 * bits)     # the same bits, byte tiles
+      q8 = (q * 40).astype(jnp.int8)
+      coords = 2 * words.shape[0] * t * D
+      for lv in ("cubic", "quintic"):
+        md.levels = functools.partial(_levels, lv)
+        try:
+          sec, nbytes = md.time_ours(key, 8, t, bits, bits, 16, 2)
+          rows.append(dict(bits=bits, decode=f"library decode_partials, {lv} levels",
+                           ms=sec * 1e3, coords_per_s=coords / sec,
+                           ceiling_frac=nbytes / sec / ceiling, x_cudnn=base / sec))
+        except Exception as e:  # noqa: BLE001
+          rows.append(dict(bits=bits, decode=f"library {lv}", error=repr(e)[:400]))
+        print(rows[-1], flush=True)
+      for raw in (False, True):
+        fn = jax.jit(lambda w, n, qq, raw=raw, bits=bits: attention_probe_s8(
+            w, n, w, n, qq, num_splits=8, raw=raw, bits=bits))
+        timed(dict(bits=bits, decode=f"int8 {'raw' if raw else 'prmt'} K+V"), fn,
+              (words, norms, q8), coords, 2 * (words.nbytes + norms.nbytes),
+              extra=lambda sec: dict(x_cudnn=base / sec))
+  else:
+    for bits in (2, 3, 4):
+      spec, words, norms, q = mp.probe_inputs(bits)
+      words8 = words.reshape(words.shape[0], -1, 8 * bits)
+      q8 = (q * 40).astype(jnp.int8)
+      coords = words.shape[0] * norms.shape[1] * D
+      nbytes = words.nbytes + norms.nbytes
+
+      def f16_probe(variant, form=None, spec=spec):
+        decode = dm.tile_decoder(spec, variant, 1, form=form)
+        return jax.jit(lambda w, n, qq: pk.key_scores_probe(
+            w, n, qq, spec=spec, num_splits=8, variant=variant, max_concurrent_steps=4,
+            decoder=decode))
+
+      for lv in ("quintic", "cubic"):
+        try:
+          form = dm.level_form(_levels(lv, bits), bits)
+        except ValueError as e:
+          rows.append(dict(bits=bits, decode=f"fp16 {lv} levels", error=str(e)[:200]))
+          continue
+        timed(dict(bits=bits, decode=f"fp16 {lv} levels"), f16_probe("levels", form),
+              (words, norms, q), coords, nbytes, extra=lambda sec: {})
+      timed(dict(bits=bits, decode="fp16 raw (no decode)"), f16_probe("raw"),
+            (words, norms, q), coords, nbytes, extra=lambda sec: {})
+      for raw in (False, True):
+        fn = jax.jit(lambda w, n, qq, raw=raw, bits=bits: key_scores_probe_s8(
+            w, n, qq, num_splits=8, raw=raw, bits=bits))
+        timed(dict(bits=bits, decode=f"int8 {'raw (no decode)' if raw else 'prmt'}"), fn,
+              (words8, norms, q8), coords, nbytes, extra=lambda sec: {})
   path = common.write_result("mgpu_probe_s8" + ("_full" if full else ""), dict(
-      shape=dict(batch=8, kv_heads=8, tokens=norms.shape[1], head_dim=D, bits=3,
+      shape=dict(batch=8, kv_heads=8, tokens=32768, head_dim=D,
                  side="keys and values" if full else "keys only"),
-      read_ceiling_bytes_per_s=ceiling, check=checked, timings=rows))
+      read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
   print(f"wrote {path}")
+  common.print_table(checks, ["bits", "keys_rel_err", "m_err", "l_rel_err", "o_rel_err", "ok"])
   common.print_table([dict(r, coords_per_s=r.get("coords_per_s", 0) / 1e12) for r in rows],
-                     ["decode", "ms", "coords_per_s", "ceiling_frac", "x_cudnn"])
+                     ["bits", "decode", "ms", "coords_per_s", "ceiling_frac", "x_cudnn"])
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
-"""3-bit codes stored for a byte-permute decode into int8 wgmma operands.
+"""Codes stored for a byte-permute decode into int8 wgmma operands (2, 3 or 4 bits).
 
 `pallas_kernels.register_codes` decodes codes into fp16 fragments with a few bit
 operations and fp16 FMAs per pair of codes (~2.5 instructions per code with the level
 polynomial). Here the level is looked up instead: `prmt.b32 d, lo, hi, sel` picks each of
 d's four bytes from the eight bytes of (lo, hi) by a 3-bit index in a nibble of sel, so
-with the eight levels of a 3-bit codebook as int8 in (lo, hi) one instruction turns four
-codes into four levels, exactly (any codebook: Lloyd-Max itself, no polynomial), already
-in the layout of wgmma's 8-bit A operand (`WGMMA_LAYOUT_8BIT`: thread t = 32·w + 4·r + c
-holds, per register (mt, kt, rh), row 64·mt + 16·w + 8·rh + r and the four columns
-16·kt + 4·c + 0..3, one byte each).
+with a codebook's levels as int8 in (lo, hi) one instruction turns four codes into four
+levels, exactly (any codebook: Lloyd-Max itself, no polynomial), already in the layout of
+wgmma's 8-bit A operand (`WGMMA_LAYOUT_8BIT`: thread t = 32·w + 4·r + c holds, per
+register n = 16·mt + 2·kt + rh, row 64·mt + 16·w + 8·rh + r and the four columns
+16·kt + 4·c + 0..3, one byte each) of a [128, 128] tile.
 
-Storage, no bit wasted: a thread's twelve words (loaded as int32 [64, 24] in the fp16
-WGMMA layout, as `register_codes` tiles are) form four groups of three; in a group, bits
-0-2 of each nibble of the three words hold 24 codes (selectors after one AND with
-0x77777777), and the bits 3 of the nibbles hold 8 more (word b's nibble i bit 3 is bit b
-of the fourth selector's nibble i: three shifts and three LOP3). Each selector word feeds
-two PRMTs (its low and high halves): 21 instructions per 32 codes.
+A thread's words are loaded as int32 [64, C] in the fp16 WGMMA layout, as
+`register_codes` tiles are (C = 8·bits: 16, 24 or 32; 8, 12 or 16 words per thread), and
+every word bit holds a code bit:
+- 2 bits: a word holds 16 codes, bits 0-1 and 2-3 of its nibbles; selectors w & 0x3333...
+  and (w >> 2) & 0x3333..., each feeding two PRMTs (its low and high halves), the four
+  levels in `lo`: 9 instructions per 16 codes.
+- 3 bits: three words hold 32 codes: bits 0-2 of each nibble 24 of them (selectors after
+  one AND with 0x7777...), the bits 3 of the nibbles 8 more (word b's nibble i bit 3 is
+  bit b of the fourth selector's nibble i: three shifts and three LOP3): 21 per 32 codes.
+- 4 bits: a word holds 8 codes, one per nibble; the low three bits index the levels of
+  codes 0-7 and of codes 8-15 (two PRMTs), the fourth picks one of them by a byte mask
+  made by a third PRMT ((w >> 3) & 0x1111... | 0x8888...: sign-replicate of byte 0x00 or
+  0x80) and one LOP3: 13 per 8 codes.
 
 `bit_sources` maps every bit of the word array to its (row, col, code bit); `pack_tile`
-and `unpack_tile` follow from it, and `decode_words` runs the decode in numpy, selector by
-selector, as the kernel does (the tests' reference). Pure numpy / jnp: the Mosaic GPU code
-is `benchmarks.mgpu_probe_s8.prmt_decoder`.
+and `unpack_tile` follow from it, and `decode_words` runs the decode in numpy, instruction
+by instruction as the kernel does (the tests' reference). Pure numpy / jnp: the Mosaic GPU
+code is `benchmarks.mgpu_probe_s8.prmt_decoder`.
 """
 
 from __future__ import annotations
@@ -33,11 +40,24 @@ import numpy as np
 
 Array = jax.Array
 
-BITS = 3
 ROWS = COLS = 128            # one tile: 128 tokens x 128 channels (keys) or the transpose
 WORD_ROWS = 64
-WORDS_PER_ROW = ROWS * COLS * BITS // 32 // WORD_ROWS      # 24
-GROUPS = WORDS_PER_ROW // 2 * 2 // 6                        # 4 groups of 3 words per thread
+REGISTERS = 32               # int8x4 output registers per thread of a [128, 128] tile
+MASK_SOURCE = 0x8000         # bytes 0x00, 0x80: PRMT's sign-replicate turns bit 3 into 0x00/0xFF
+
+
+def check_bits(bits: int) -> None:
+  if bits not in (2, 3, 4):
+    raise ValueError(f"byte codes support 2, 3 or 4 bits, got {bits!r}")
+
+
+def words_per_row(bits: int) -> int:
+  check_bits(bits)
+  return ROWS * COLS * bits // 32 // WORD_ROWS
+
+
+def thread_words(bits: int) -> int:
+  return words_per_row(bits) // 2
 
 
 def _thread_word(w: int, lane: int, k: int) -> tuple[int, int]:
@@ -58,58 +78,68 @@ def _out_register(w: int, lane: int, n: int) -> tuple[int, int]:
   return 64 * mt + 16 * w + 8 * rh + r8, 16 * kt + 4 * c
 
 
+def code_bit(bits: int, n: int, j: int, b: int) -> tuple[int, int]:
+  """Where bit b of the code decoded into byte j of output register n lives: (the
+  thread's word index, bit position in that word)."""
+  if bits == 2:
+    k, r = divmod(n, 4)
+    sel, half = divmod(r, 2)
+    return k, 4 * (4 * half + j) + 2 * sel + b
+  if bits == 3:
+    g, r = divmod(n, 8)
+    sel, half = divmod(r, 2)
+    i = 4 * half + j
+    return (3 * g + sel, 4 * i + b) if sel < 3 else (3 * g + b, 4 * i + 3)
+  k, half = divmod(n, 2)
+  return k, 4 * (4 * half + j) + b
+
+
 @functools.lru_cache(maxsize=None)
-def bit_sources() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """For every bit of the word array, flattened [64·24·32]: the (row, col) of the tile
+def bit_sources(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """For every bit of the word array, flattened [64·C·32]: the (row, col) of the tile
   whose code it holds and which code bit."""
-  src = np.full((WORD_ROWS, WORDS_PER_ROW, 32, 3), -1, np.int64)
-
-  def claim(word, pos, row, col, bit):
-    r, c = word
-    if src[r, c, pos, 0] >= 0:
-      raise AssertionError(f"word ({r}, {c}) bit {pos} claimed twice")
-    src[r, c, pos] = (row, col, bit)
-
+  c = words_per_row(bits)
+  src = np.full((WORD_ROWS, c, 32, 3), -1, np.int64)
   for w in range(4):
     for lane in range(32):
-      for n in range(32):                       # output registers of the thread
-        g, s, half = n // 8, (n % 8) // 2, n % 2
+      for n in range(REGISTERS):
         row, col = _out_register(w, lane, n)
-        for j in range(4):                      # bytes: nibble 4·half + j of selector s
-          i = 4 * half + j
-          for b in range(BITS):
-            if s < 3:       # bits 0-2 of nibble i of word 3g + s
-              claim(_thread_word(w, lane, 3 * g + s), 4 * i + b, row, col + j, b)
-            else:           # bit 3 of nibble i of word 3g + b
-              claim(_thread_word(w, lane, 3 * g + b), 4 * i + 3, row, col + j, b)
+        for j in range(4):
+          for b in range(bits):
+            k, pos = code_bit(bits, n, j, b)
+            r, cc = _thread_word(w, lane, k)
+            if src[r, cc, pos, 0] >= 0:
+              raise AssertionError(f"word ({r}, {cc}) bit {pos} claimed twice")
+            src[r, cc, pos] = (row, col + j, b)
   if np.any(src[..., 0] < 0):
-    raise AssertionError("the layout leaves word bits unused")
+    raise AssertionError(f"{bits} bits: the layout leaves word bits unused")
   return tuple(src[..., k].reshape(-1) for k in range(3))
 
 
-def pack_tile(codes: Array) -> Array:
-  """Level indices [..., 128, 128] (integers < 8) -> int32 words [..., 64, 24]."""
+def pack_tile(codes: Array, bits: int) -> Array:
+  """Level indices [..., 128, 128] (integers < 2^bits) -> int32 words [..., 64, 8·bits]."""
   if codes.shape[-2:] != (ROWS, COLS):
     raise ValueError(f"expected [..., {ROWS}, {COLS}] codes, got {codes.shape}")
-  src_row, src_col, src_bit = bit_sources()
+  src_row, src_col, src_bit = bit_sources(bits)
   flat = codes.reshape(*codes.shape[:-2], ROWS * COLS).astype(jnp.uint32)
-  bits = (flat[..., src_row * COLS + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
-  bits = bits.reshape(*codes.shape[:-2], WORD_ROWS, WORDS_PER_ROW, 32)
-  words = jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  bit = (flat[..., src_row * COLS + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
+  bit = bit.reshape(*codes.shape[:-2], WORD_ROWS, words_per_row(bits), 32)
+  words = jnp.sum(bit << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
   return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
-def unpack_tile(words: Array) -> Array:
-  """Inverse of `pack_tile`: int32 [..., 64, 24] -> uint8 level indices [..., 128, 128]."""
-  if words.shape[-2:] != (WORD_ROWS, WORDS_PER_ROW):
-    raise ValueError(f"expected [..., {WORD_ROWS}, {WORDS_PER_ROW}] words, got {words.shape}")
-  src_row, src_col, src_bit = bit_sources()
+def unpack_tile(words: Array, bits: int) -> Array:
+  """Inverse of `pack_tile`: int32 [..., 64, 8·bits] -> uint8 level indices [..., 128, 128]."""
+  c = words_per_row(bits)
+  if words.shape[-2:] != (WORD_ROWS, c):
+    raise ValueError(f"expected [..., {WORD_ROWS}, {c}] words, got {words.shape}")
+  src_row, src_col, src_bit = bit_sources(bits)
   u = jax.lax.bitcast_convert_type(words, jnp.uint32)
-  bits = ((u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(
+  bit = ((u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(
       *words.shape[:-2], -1)
-  order = np.argsort((src_row * COLS + src_col) * BITS + src_bit)
-  gathered = bits[..., order].reshape(*words.shape[:-2], ROWS * COLS, BITS)
-  codes = jnp.sum(gathered << jnp.arange(BITS, dtype=jnp.uint32), axis=-1)
+  order = np.argsort((src_row * COLS + src_col) * bits + src_bit)
+  gathered = bit[..., order].reshape(*words.shape[:-2], ROWS * COLS, bits)
+  codes = jnp.sum(gathered << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
   return codes.reshape(*words.shape[:-2], ROWS, COLS).astype(jnp.uint8)
 
 
@@ -127,34 +157,55 @@ def prmt(lo: int, hi: int, sel: int) -> int:
   return out
 
 
-def level_pool(levels) -> tuple[int, int]:
-  """The eight int8 levels (level index order) as the two PRMT source words."""
-  b = np.asarray(levels, np.int8).view(np.uint8).astype(np.int64)
-  if b.shape != (8,):
-    raise ValueError(f"a 3-bit codebook has 8 levels, got {np.shape(levels)}")
-  return (int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24),
-          int(b[4] | b[5] << 8 | b[6] << 16 | b[7] << 24))
+def level_pools(levels, bits: int) -> tuple[int, ...]:
+  """The 2^bits int8 levels (level index order) as PRMT source words: (lo, hi) for 2 and
+  3 bits (hi unused at 2 bits), (lo, hi) of codes 0-7 then of codes 8-15 at 4 bits."""
+  check_bits(bits)
+  b = np.asarray(levels)
+  if b.shape != (1 << bits,) or np.any(b != np.round(b)) or np.any(np.abs(b) > 127):
+    raise ValueError(f"{bits} bits need {1 << bits} integer levels in [-127, 127], "
+                     f"got {levels!r}")
+  b = np.concatenate([b.astype(np.int8).view(np.uint8), np.zeros(8, np.uint8)])
+  b = b[:max(8, 1 << bits)].astype(np.int64)
+  return tuple(int(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24)
+               for i in range(0, len(b), 4))
 
 
-def decode_words(words: np.ndarray, levels) -> np.ndarray:
-  """Runs the kernel's decode in numpy: int32 words [64, 24] -> int8 levels [128, 128],
-  thread by thread, selector by selector, with PTX's PRMT."""
+def selectors(bits: int, words: list[int]) -> list[tuple[int, ...]]:
+  """The decode's selector words from a thread's words, in output order (each feeds
+  two registers: its low and high halves): (index selector,) or, at 4 bits, (index
+  selector, mask selector)."""
+  m3, m7 = 0x33333333, 0x77777777
+  if bits == 2:
+    return [(x,) for w in words for x in (w & m3, (w >> 2) & m3)]
+  if bits == 3:
+    out = []
+    for g in range(0, len(words), 3):
+      a, b, c = words[g:g + 3]
+      out += [(a & m7,), (b & m7,), (c & m7,),
+              (((a >> 3) & 0x11111111) | ((b >> 2) & 0x22222222) | ((c >> 1) & 0x44444444),)]
+    return out
+  return [(w & m7, ((w >> 3) & 0x11111111) | 0x88888888) for w in words]
+
+
+def decode_words(words: np.ndarray, levels, bits: int) -> np.ndarray:
+  """Runs the kernel's decode in numpy: int32 words [64, 8·bits] -> int8 levels
+  [128, 128], thread by thread, with PTX's PRMT and the kernel's selectors."""
   w = np.asarray(words).view(np.uint32).astype(np.int64)
-  lo, hi = level_pool(levels)
+  pools = level_pools(levels, bits)
   out = np.zeros((ROWS, COLS), np.int8)
   for wp in range(4):
     for lane in range(32):
-      tw = [w[_thread_word(wp, lane, k)] for k in range(3 * GROUPS)]
+      tw = [int(w[_thread_word(wp, lane, k)]) for k in range(thread_words(bits))]
       n = 0
-      for g in range(GROUPS):
-        a, b, c = tw[3 * g:3 * g + 3]
-        sels = [x & 0x77777777 for x in (a, b, c)]
-        sels.append(((a >> 3) & 0x11111111) | ((b >> 2) & 0x22222222)
-                    | ((c >> 1) & 0x44444444))
-        for s in sels:
-          for half in range(2):
-            r = prmt(lo, hi, s if half == 0 else s >> 16)
-            row, col = _out_register(wp, lane, n)
-            out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
-            n += 1
+      for sel in selectors(bits, tw):
+        for half in range(2):
+          part = [x >> (16 * half) for x in sel]
+          r = prmt(pools[0], pools[1], part[0])
+          if bits == 4:   # codes 8-15 where the mask byte is 0xFF
+            mask = prmt(MASK_SOURCE, 0, part[1])
+            r = (prmt(pools[2], pools[3], part[0]) & mask) | (r & ~mask & 0xFFFFFFFF)
+          row, col = _out_register(wp, lane, n)
+          out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
+          n += 1
   return out
