@@ -22,6 +22,7 @@ reference on the GPU, `--full`), the rest of the library does not use it yet.
 
     python -m benchmarks.mgpu_probe_s8            # keys only
     python -m benchmarks.mgpu_probe_s8 --full     # keys and values, with the library kernel
+    python -m benchmarks.mgpu_probe_s8 --profile 4   # two K+V calls at 4 bits, for ncu
 """
 
 from __future__ import annotations
@@ -347,7 +348,18 @@ def _levels(kind: str, bits: int):
 def main(argv=None):
   """Checks at 2, 3 and 4 bits, then keys-only times per width (or, with --full, keys and
   values at 3 and 4 bits beside the library kernel and cuDNN)."""
-  full = "--full" in (argv if argv is not None else sys.argv[1:])
+  argv = sys.argv[1:] if argv is None else argv
+  full = "--full" in argv
+  if "--profile" in argv:   # two calls of the K+V probe at one width, for ncu
+    from benchmarks import mgpu_probe as mp
+    bits = int(argv[argv.index("--profile") + 1])
+    _, words, norms, q = mp.probe_inputs(bits)
+    words = words.reshape(words.shape[0], -1, 8 * bits)
+    fn = jax.jit(lambda w, n, qq: attention_probe_s8(w, n, w, n, qq, num_splits=8,
+                                                     bits=bits))
+    for _ in range(2):
+      jax.block_until_ready(fn(words, norms, (q * 40).astype(jnp.int8)))
+    return
   from benchmarks import mgpu_decode as md
   from benchmarks import mgpu_probe as mp
   from benchmarks import mgpu_probe_kernels as pk
