@@ -23,6 +23,7 @@ reference on the GPU, `--full`), the rest of the library does not use it yet.
     python -m benchmarks.mgpu_probe_s8            # keys only
     python -m benchmarks.mgpu_probe_s8 --full     # keys and values, with the library kernel
     python -m benchmarks.mgpu_probe_s8 --profile 4   # two K+V calls at 4 bits, for ncu
+    python -m benchmarks.mgpu_probe_s8 --library     # decode_partials(operand="int8")
 """
 
 from __future__ import annotations
@@ -338,6 +339,116 @@ def check(key, bits=3, bh=4, t=4096, splits=4):
   return out
 
 
+def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, splits=4):
+  """`decode_attention_mgpu.decode_partials(operand="int8")` against its float32 reference
+  on packed random codes: ragged ranges (an empty row, rows ending inside a tile and a
+  split), outputs NaN-poisoned first; optionally soft-cap, the RoPE term, exact tokens
+  (a 200-slot ring with stale slots and 5 sinks, two rows per batch entry)."""
+  from benchmarks import mgpu_decode as md
+  r, t = 6, 4096
+  lengths = [(4, t - 128), (0, 37), (5, 5), (130, t), (131, t - 129), (0, t)]
+  kc, vc, kn, vn, q, qoff, bounds = md.inputs(key, r, t, bits_k, bits_v, lengths)
+  q8, qs = dm.quantize_query_s8(q)
+  ks, vs = rc.TileSpec(bits_k, 128, 128), rc.TileSpec(bits_v, 128, 128)
+  kl = dm.ByteLevels(LEVELS[bits_k], 1.0 / 127)
+  vl = dm.ByteLevels(LEVELS[bits_v], 1.0 / 127)
+  kw = dict(num_splits=splits, scale=0.3, soft_cap=soft_cap, key_levels=kl, value_levels=vl,
+            rope=md.rope_operands(jax.random.fold_in(key, 1), r, t, 3.0) if rope else None)
+  ex = None
+  if exact:
+    ke = jax.random.split(jax.random.fold_in(key, 2), 3)
+    ring = jnp.stack([jnp.arange(200) + t - 150,
+                      jnp.where(jnp.arange(200) < 60, jnp.arange(200) + t - 150, -1)] * 1)
+    limits = jnp.array([[t + 40, t - 150, t + 50, 0, 5]] * 3, jnp.int32)
+    ring = jnp.concatenate([ring, ring[:1]], 0).astype(jnp.int32)
+    ek = [jax.random.normal(ke[0], (r, n, D), jnp.float32).astype(jnp.bfloat16) for n in (200, 5)]
+    ev = [jax.random.normal(ke[1], (r, n, D), jnp.float32).astype(jnp.bfloat16) for n in (200, 5)]
+    qe = (jax.random.normal(ke[2], (r, dm.HEADS, D)) * 0.1).astype(jnp.bfloat16)
+    ex = dm.ExactTokens(qe, limits, tuple(ek), tuple(ev), (ring, None))
+  args = (pack_keys(kc, bits_k), kn, pack_values(vc, bits_v), vn, q8, bounds, qoff)
+  shapes = jax.eval_shape(lambda *a: dm.decode_partials(
+      *a, key_spec=ks, value_spec=vs, operand="int8", q_scale=qs, exact=ex, **kw), *args)
+  poison = jax.jit(lambda *a: tuple(jnp.full_like(x, jnp.nan) for x in a))
+  jax.block_until_ready(poison(*[jnp.zeros(x.shape, x.dtype) for x in shapes]))
+  got = dm.decode_partials(*args, key_spec=ks, value_spec=vs, operand="int8", q_scale=qs,
+                           exact=ex, **kw)
+  ref = dm.decode_partials_reference(kc, kn, vc, vn, q8, bounds, qoff, bits_k=bits_k,
+                                     bits_v=bits_v, q_scale=qs, exact=ex, **kw)
+  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
+  out, out_ref = md.merged(*got), md.merged(*ref)
+  err = float(jnp.linalg.norm(out - out_ref) / jnp.linalg.norm(out_ref))
+  m_err = float(jnp.max(jnp.abs(jnp.where(ref[2] > -1e29, got[2] - ref[2], 0.0))))
+  empty_ok = bool(jnp.all((got[2] > -1e29) == (ref[2] > -1e29)))
+  l_err = float(jnp.max(jnp.abs(got[1] - ref[1])) / jnp.max(ref[1]))
+  return dict(bits_k=bits_k, bits_v=bits_v, soft_cap=soft_cap, rope=rope, exact=exact,
+              rel_err=err, m_err=m_err, l_err=l_err, finite=finite,
+              ok=finite and empty_ok and err <= 3e-3 and l_err <= 3e-3 and m_err <= 3e-3)
+
+
+def library_main():
+  """decode_partials(operand="int8"): checks, then 8 x 32K timings beside the fp16 path."""
+  from benchmarks import mgpu_decode as md
+  checks = []
+  for i, (bk, bv, cap, rope, exact) in enumerate([
+      (3, 3, None, False, False), (2, 4, None, False, False), (4, 2, 5.0, False, False),
+      (3, 3, None, True, False), (3, 4, 30.0, True, True), (2, 3, None, False, True)]):
+    try:
+      checks.append(check_library(jax.random.PRNGKey(20 + i), bk, bv, cap, rope, exact))
+    except Exception as e:  # noqa: BLE001 - report every case
+      checks.append(dict(bits_k=bk, bits_v=bv, rope=rope, exact=exact, error=repr(e)[:400],
+                         ok=False))
+    print("check", checks[-1], flush=True)
+  ceiling = md.read_ceiling()
+  key = jax.random.PRNGKey(0)
+  b, t, r = 8, 32768, 64
+  base, _ = md.time_cudnn(key, b, t)
+  rows = [dict(bits=16, kernel="cudnn bf16 attention", ms=base * 1e3)]
+  for bits in (3, 2):
+    for rope in (False, True):
+      for lv in (("cubic", "quintic") if bits == 3 else ("cubic",)):
+        md.levels = functools.partial(_levels, lv)
+        try:
+          sec, nbytes = md.time_ours(key, b, t, bits, bits, 16, 2, rope=rope)
+          rows.append(dict(bits=bits, rope=rope, kernel=f"fp16 path, {lv} levels",
+                           ms=sec * 1e3, x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
+        except Exception as e:  # noqa: BLE001
+          rows.append(dict(bits=bits, rope=rope, kernel=f"fp16 {lv}", error=repr(e)[:300]))
+        print(rows[-1], flush=True)
+      spec, words, norms, q = mp_inputs(bits)
+      q8, qs = dm.quantize_query_s8(q.astype(jnp.float32) * 0.01)
+      lv8 = dm.ByteLevels(LEVELS[bits], 1.0 / 127)
+      bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
+      qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
+      ro = md.rope_operands(key, r, t) if rope else None
+      ts = rc.TileSpec(bits, 128, 128)
+      f = lambda q8, w, n, bounds, qoff, qs, ro, ts=ts, lv8=lv8: dm.decode_partials(  # noqa: E731
+          w, n, w, n, q8, bounds, qoff, key_spec=ts, value_spec=ts, key_levels=lv8,
+          value_levels=lv8, num_splits=16, scale=D**-0.5, rope=ro, operand="int8",
+          q_scale=qs)
+      try:
+        sec = common.device_time_chained(f, (q8, words, norms, bounds, qoff, qs, ro), 4, iters=8)
+        nbytes = 2 * (words.nbytes + norms.nbytes)
+        rows.append(dict(bits=bits, rope=rope, kernel="int8 path (PRMT)", ms=sec * 1e3,
+                         x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
+      except Exception as e:  # noqa: BLE001
+        rows.append(dict(bits=bits, rope=rope, kernel="int8 path", error=repr(e)[:300]))
+      print(rows[-1], flush=True)
+  path = common.write_result("mgpu_decode_s8", dict(
+      shape=dict(batch=b, kv_heads=8, tokens=t, head_dim=D, q_heads=32),
+      read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
+  print(f"wrote {path}")
+  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "rel_err",
+                              "m_err", "l_err", "ok"])
+  common.print_table(rows, ["bits", "rope", "kernel", "ms", "x_cudnn", "ceiling_frac"])
+
+
+def mp_inputs(bits, t=32768):
+  """8 x 8 kv heads x t tokens of pseudo-random byte-code words, norms and queries."""
+  from benchmarks import mgpu_probe as mp
+  _, words, norms, q = mp.probe_inputs(bits, t=t)
+  return None, words.reshape(words.shape[0], -1, 8 * bits), norms, q
+
+
 def _levels(kind: str, bits: int):
   if kind == "cubic":
     book = codebook.cubic_codebook(D, bits)
@@ -350,6 +461,8 @@ def main(argv=None):
   values at 3 and 4 bits beside the library kernel and cuDNN)."""
   argv = sys.argv[1:] if argv is None else argv
   full = "--full" in argv
+  if "--library" in argv:
+    return library_main()
   if "--profile" in argv:   # two calls of the K+V probe at one width, for ncu
     from benchmarks import mgpu_probe as mp
     bits = int(argv[argv.index("--profile") + 1])

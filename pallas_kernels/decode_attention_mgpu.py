@@ -56,7 +56,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import register_codes
+from pallas_kernels import byte_codes, register_codes
 
 Array = jax.Array
 
@@ -244,6 +244,122 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
 
 
 # -- the decode kernel: keys and values ----------------------------------------------------
+
+class ByteLevels(NamedTuple):
+  """A side's levels for the int8 operand path (`decode_partials(operand="int8")`): level
+  n is table[n]·scale, table 2^bits integers in [-127, 127] in level-index order."""
+
+  table: tuple[int, ...]
+  scale: float
+
+
+def byte_levels(levels) -> ByteLevels:
+  """`ByteLevels` nearest to the float levels [2^bits] (increasing): scale max|L|/127.
+  Exact only when the levels are multiples of the scale (else off by < scale/2)."""
+  lv = np.asarray(levels, np.float64)
+  scale = float(np.max(np.abs(lv))) / 127.0
+  if not np.isfinite(scale) or scale <= 0:
+    raise ValueError(f"levels must be finite and not all zero, got {levels!r}")
+  return ByteLevels(tuple(int(x) for x in np.round(lv / scale)), scale)
+
+
+def quantize_query_s8(q: Array) -> tuple[Array, Array]:
+  """q float [R, 8, D] -> (int8 [R, 2, 8, D], float32 [R, 8]): q ≈ scale·(hi + lo/127),
+  scale = max|q|/127 per row and head (about 14 bits: the int8 path's queries)."""
+  qf = q.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(qf), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  x = qf / scale[..., None]
+  hi = jnp.round(x)
+  lo = jnp.round((x - hi) * 127.0)
+  return jnp.stack([hi, lo], axis=1).astype(jnp.int8), scale
+
+
+def byte_decoder(bits: int, table, raw: bool = False):
+  """Returns f(words) -> int8 [128, 128] in `plgpu.Layout.WGMMA_8BIT`, to call inside a
+  Mosaic GPU kernel: the levels `table` (2^bits integers in [-127, 127]) of the codes of a
+  `byte_codes` tile, words int32 [64, 8·bits] loaded in `plgpu.Layout.WGMMA`, by byte
+  permutes (`byte_codes.decode_words` is the same in numpy); raw: the words' bytes
+  reinterpreted (a speed probe's floor)."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, llvm
+
+  out_shape = (byte_codes.ROWS, byte_codes.COLS)
+  out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
+  pools = byte_codes.level_pools(table, bits)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=out_type)
+  def decode(ctx, words):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i8x4 = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
+
+    def c(v):
+      return arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
+
+    def asm(text, args):
+      return llvm.inline_asm(i32, args, text, ",".join(["=r"] + ["r"] * len(args)))
+
+    layout = mgpu.WGMMA_LAYOUT_8BIT
+    regs_shape = layout.registers_shape(out_shape)
+    out = np.empty(regs_shape, dtype=object)
+    flat_out = list(np.ndindex(*regs_shape))
+    tw = [mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(k, k + 1)), i32)
+          for vec in words.registers.flat for k in range(2)]
+    if len(tw) != byte_codes.thread_words(bits) or len(flat_out) != byte_codes.REGISTERS:
+      raise ValueError(f"{len(tw)} words per thread do not make a {bits}-bit byte tile")
+    p = [c(x) for x in pools]
+    m3, m7, m1, m2, m4, m8 = (c(0x33333333), c(0x77777777), c(0x11111111), c(0x22222222),
+                              c(0x44444444), c(0x88888888))
+    outs = []
+    if raw:
+      outs = [tw[n % len(tw)] for n in range(byte_codes.REGISTERS)]
+    else:
+      sels = []       # `byte_codes.selectors`, in the same order
+      if bits == 2:
+        for w in tw:
+          sels += [(asm("and.b32 $0, $1, $2;", [w, m3]),),
+                   (asm("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, $2; }", [w, m3]),)]
+      elif bits == 3:
+        for g in range(0, len(tw), 3):
+          w = tw[g:g + 3]
+          sels += [(asm("and.b32 $0, $1, $2;", [x, m7]),) for x in w]
+          sels.append((asm(
+              "{ .reg .b32 t0, t1, t2; shr.b32 t0, $1, 3; shr.b32 t1, $2, 2;"
+              " shr.b32 t2, $3, 1; and.b32 t0, t0, $4;"
+              " lop3.b32 t0, t1, $5, t0, 0xEA; lop3.b32 $0, t2, $6, t0, 0xEA; }",
+              [*w, m1, m2, m4]),))
+      else:
+        for w in tw:
+          sels.append((asm("and.b32 $0, $1, $2;", [w, m7]),
+                       asm("{ .reg .b32 t; shr.b32 t, $1, 3; lop3.b32 $0, t, $2, $3, 0xEA; }",
+                           [w, m1, m8])))
+      for sel in sels:
+        for half in range(2):
+          shift = "" if half == 0 else "shr.b32 m, m, 16; shr.b32 s, s, 16;"
+          if bits < 4:
+            outs.append(asm("{ .reg .b32 m, s; mov.b32 m, $3; mov.b32 s, $3; " + shift
+                            + " prmt.b32 $0, $1, $2, m; }", [p[0], p[1], sel[0]]))
+          else:   # two tables, then the bytes of codes 8-15 by a mask from bit 3
+            outs.append(asm(
+                "{ .reg .b32 m, s, r0, r1, k; mov.b32 m, $5; mov.b32 s, $6; " + shift
+                + " prmt.b32 r0, $1, $2, m; prmt.b32 r1, $3, $4, m;"
+                " prmt.b32 k, $7, $8, s; lop3.b32 $0, r1, k, r0, 0xE2; }",
+                [p[0], p[1], p[2], p[3], sel[0], sel[1], c(byte_codes.MASK_SOURCE), c(0)]))
+    for n, r in enumerate(outs):
+      out[flat_out[n]] = mgpu_utils.bitcast(r, i8x4)
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=True)
+
+  return decode
+
+
+def s8_transforms():
+  """Shared-memory tiling of an int8 [8, 128] wgmma B operand, read as K-major (int8
+  wgmma takes no transposed operands): 128-byte swizzle."""
+  return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+
 
 def _load_words(ref, spec):
   # Mosaic finds no bank-conflict-free plan for [64, 32] words; the plain load is fine.
@@ -520,6 +636,25 @@ def _level_groups(levels) -> tuple:
   return (tuple(levels),) if np.ndim(levels[0]) == 0 else tuple(tuple(x) for x in levels)
 
 
+def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
+              sub_steps) -> None:
+  if len(key_specs) != 1 or len(value_specs) != 1 or len(q) != 1:
+    raise ValueError("operand='int8' takes one channel group per side")
+  for side, spec, lv in (("key", key_specs[0], key_levels),
+                         ("value", value_specs[0], value_levels)):
+    if (spec.rows, spec.cols) != (byte_codes.ROWS, byte_codes.COLS):
+      raise ValueError(f"operand='int8' reads {byte_codes.ROWS} x {byte_codes.COLS} byte "
+                       f"tiles, got {side} tiles {spec}")
+    if not isinstance(lv, ByteLevels) or len(lv.table) != 1 << spec.bits:
+      raise ValueError(f"operand='int8' takes ByteLevels of {1 << spec.bits} levels for the "
+                       f"{side}s, got {lv!r}")
+    byte_codes.level_pools(lv.table, spec.bits)   # integers in [-127, 127]
+  if q_scale is None:
+    raise ValueError("operand='int8' needs q_scale (see quantize_query_s8)")
+  if tokens_per_step != byte_codes.ROWS or sub_steps not in (None, 1):
+    raise ValueError("operand='int8' steps one 128-token tile at a time")
+
+
 def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: Array, *,
                     key_spec, value_spec, key_levels, value_levels,
                     num_splits: int, scale: float, soft_cap: float | None = None,
@@ -527,7 +662,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     serial_groups: bool | None = None, sub_steps: int | None = None,
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None,
                     exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
-                    sliding_window: int | None = None):
+                    sliding_window: int | None = None, operand: str = "fp16",
+                    q_scale: Array | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -576,15 +712,30 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       the compressed pipeline's buffers share.
     sliding_window: with `exact`, a query at p sees exact tokens at t > p - window (the
       compressed range comes windowed in `bounds`).
+    operand: "fp16" (the above), or "int8": the tiles are `byte_codes` tiles of 128 tokens
+      x 128 channels (one group per side, 2-4 bits; the specs give their shapes), decoded
+      by byte permutes into int8 wgmma operands; key_levels / value_levels are
+      `ByteLevels`; q is int8 [R, 2, 8, D], two parts with q = q_scale·(q[:, 0] +
+      q[:, 1]/127) (`quantize_query_s8`); q_scale float32 [R, 8]. Each step's p·‖v‖ goes
+      to the value wgmma as two int8 parts scaled by its largest entry per head (about
+      14 bits). One step per tile (tokens_per_step 128, sub_steps 1).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
     Rows of a split with no token: l = 0, m = -1e30, o = 0.
   """
+  if operand not in ("fp16", "int8"):
+    raise ValueError(f"operand must be 'fp16' or 'int8', got {operand!r}")
+  s8 = operand == "int8"
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
-  key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
+  if s8:
+    _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
+              sub_steps)
+    key_levels, value_levels = (key_levels,), (value_levels,)
+  else:
+    key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
   gk, gv = len(key_specs), len(value_specs)
   nq = len(q)          # one query part per key group, or one [R, 8, D] for all of them
   if not (len(k_words) == len(k_norms) == len(key_levels) == gk and nq in (1, gk)
@@ -609,9 +760,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   for g, spec in enumerate(key_specs):
     _check(name("k_words", g, gk), k_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("k_norms", g, gk), k_norms[g], (r, t_len), jnp.float16)
-    if nq == gk:
+    if nq == gk and not s8:
       _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
-  if nq != gk:
+  if s8:
+    _check("q", q[0], (r, 2, HEADS, d), jnp.int8)
+    _check("q_scale", q_scale, (r, HEADS), jnp.float32)
+  elif nq != gk:
     _check("q", q[0], (r, HEADS, d), jnp.float16)
   key_starts = [int(x) for x in np.cumsum([0] + [sp.cols for sp in key_specs[:-1]])]
   for g, spec in enumerate(value_specs):
@@ -642,8 +796,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if serial_groups is None:
     serial_groups = gk > 1 and rope is not None and sub_steps == 1
   serial_groups = bool(serial_groups) and max(gk, gv) > 1
-  key_forms = [level_form(lv, s.bits) for lv, s in zip(key_levels, key_specs)]
-  value_forms = [level_form(lv, s.bits) for lv, s in zip(value_levels, value_specs)]
+  if s8:   # only the factors are used: the tables go to the byte decoders
+    key_forms = [LevelForm("linear", (), lv.scale) for lv in key_levels]
+    value_forms = [LevelForm("linear", (), lv.scale) for lv in value_levels]
+  else:
+    key_forms = [level_form(lv, s.bits) for lv, s in zip(key_levels, key_specs)]
+    value_forms = [level_form(lv, s.bits) for lv, s in zip(value_levels, value_specs)]
   if sub_steps < 1 or st % (64 * sub_steps) or (sub_steps > 1 and per_step > 1):
     raise ValueError(f"sub_steps={sub_steps} must cut one tile of {st} tokens into parts "
                      "of a multiple of 64")
@@ -655,7 +813,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     raise ValueError(f"a pass of {sub} tokens must hold whole {rope.table.shape[0]}-row "
                      "RoPE table blocks")
   pass_blocks = rope_blocks // sub_steps if rope_blocks > 1 else 1
-  if sub_steps == 1:
+  if s8:
+    decode_k = [[byte_decoder(key_specs[0].bits, key_levels[0].table)]]
+    decode_v = [[byte_decoder(value_specs[0].bits, value_levels[0].table)]]
+  elif sub_steps == 1:
     decode_k = [[tile_decoder(s, "levels", count=per_step, form=f)
                  for s, f in zip(key_specs, key_forms)]]
     decode_v = [[tile_decoder(s, "levels", form=f) for s, f in zip(value_specs, value_forms)]]
@@ -682,7 +843,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     del refs[:2 * gv]
     q_gmem = refs[:nq]
     del refs[:nq]
-    if nq != gk:   # each group's columns of the one query array
+    if s8:
+      qs_gmem = refs.pop(0)
+    elif nq != gk:   # each group's columns of the one query array
       q_gmem = [q_gmem[0].at[:, :, pl.ds(at, sp.cols)]
                 for at, sp in zip(key_starts, key_specs)]
     bounds_gmem, qoff_gmem = refs[:2]
@@ -696,10 +859,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       del refs[:count]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
-    q_smem = refs[:gk]
-    del refs[:gk]
-    p_smem = refs[:gv]
-    del refs[:gv]
+    q_smem = refs[:2 if s8 else gk]       # int8: the query's two parts
+    del refs[:len(q_smem)]
+    p_smem = refs[:2 if s8 else gv]       # int8: p·‖v‖'s two parts
+    del refs[:len(p_smem)]
     o_smem, lm_smem, barrier = refs[:3]
     del refs[:3]
     if rope is not None:
@@ -713,7 +876,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
     def compressed():
       """Split j of row i over the compressed tokens."""
-      plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
+      if s8:
+        for part in range(2):
+          plgpu.copy_gmem_to_smem(q_gmem[0].at[i, part], q_smem[part], barrier)
+        qscale_v = plgpu.load(qs_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                              optimized=False)
+      else:
+        plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
       for g in range(1, gk):
         plgpu.copy_gmem_to_smem(q_gmem[g].at[i], q_smem[g], group_barrier.at[g - 1])
       if rope is not None:
@@ -790,7 +959,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
 
         def scores(*acc_refs):
-          key_accs, off_ref = acc_refs[:gk], acc_refs[gk:]
+          nk = 2 if s8 else gk
+          key_accs, off_ref = acc_refs[:nk], acc_refs[nk:]
           if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
             plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
           elif rope is not None:                      # one table block per W
@@ -798,7 +968,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
             for k, w_ref in enumerate(w_smem):
               plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
                           plgpu.transpose_ref(w_ref, (1, 0)))
+          if s8:      # the query's two int8 parts, each its own int32 accumulator
+            for acc_ref, q_ref in zip(key_accs, q_smem):
+              plgpu.wgmma(acc_ref, first_keys[0], plgpu.transpose_ref(q_ref, (1, 0)))
           for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
+            if s8:
+              break
             if g < len(first_keys):
               u = first_keys[g]
             else:
@@ -812,8 +987,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         # The offsets take their own accumulator, issued with the keys' wgmma: 200 registers
         # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
         # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
-        accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
+        if s8:
+          accs = [plgpu.ACC((sub, HEADS), jnp.int32)] * 2 + (
+              [plgpu.ACC((sub, HEADS), jnp.float32)] if rope is not None else [])
+        else:
+          accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
         parts, off, uv = pl.run_scoped(scores, *accs)
+        if s8:      # q·L = q_scale·(hi + lo/127)·L
+          parts = [(parts[0].astype(jnp.float32) + parts[1].astype(jnp.float32) * (1 / 127))
+                   * jax.lax.broadcast_in_dim(qscale_v, parts[0].shape, [1])]
         s = None
         for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
           kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
@@ -833,7 +1015,18 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
         # l is kept per row and summed over the tile's rows once, after the loop.
         l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-        for vn_ref, p_ref in zip(vn_smem, p_smem):
+        if s8:      # p·‖v‖ as two int8 parts of its largest entry per head / 127
+          vn = plgpu.load(part(vn_smem[0]), (), layout=plgpu.Layout.WGMMA.reduce(1)
+                          ).astype(jnp.float32)
+          pv = p * jax.lax.broadcast_in_dim(vn, p.shape, [0])
+          pmax = jnp.maximum(pv.max(axis=0), 1e-30)
+          x = pv * jax.lax.broadcast_in_dim(127.0 / pmax, pv.shape, [1])
+          x_hi = jnp.round(x)
+          for p_ref, y in zip(p_smem, (x_hi, jnp.round((x - x_hi) * 127.0))):
+            # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
+            plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
+                y.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+        for vn_ref, p_ref in zip(() if s8 else vn_smem, p_smem):
           vn = plgpu.load(part(vn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
                           ).astype(jnp.float32)
           pv = (p * jax.lax.broadcast_in_dim(vn, p.shape, [0])).astype(jnp.float16)
@@ -845,6 +1038,16 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         if not uv and not serial_groups:
           uv = [decode_value(g) for g in range(gv)]
         new_o = []
+        if s8:
+          def values_s8(acc_h, acc_l, uv_g=uv[0]):
+            plgpu.wgmma(acc_h, uv_g[0], plgpu.transpose_ref(p_smem[0], (1, 0)))
+            plgpu.wgmma(acc_l, uv_g[0], plgpu.transpose_ref(p_smem[1], (1, 0)))
+            return acc_h[...], acc_l[...]
+          oh, ol = pl.run_scoped(values_s8, *[plgpu.ACC((value_rows[0], HEADS), jnp.int32)] * 2)
+          pscale = jax.lax.broadcast_in_dim(pmax * (1 / 127), o[0].shape, [1])
+          a = jax.lax.broadcast_in_dim(alpha, o[0].shape, [1])
+          return ((o[0] * a + (oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127))
+                   * pscale,), l_rows, m_next)
         for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
           a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
           uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
@@ -902,18 +1105,21 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                 jax.ShapeDtypeStruct((r, splits_out, HEADS), f32),
                 jax.ShapeDtypeStruct((r, splits_out, HEADS), f32)),
       grid=(r, splits_out), grid_names=("row", "split"),
-      scratch_types=[plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
-                     for s in key_specs]
-      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv
+      scratch_types=([plgpu.SMEM((HEADS, d), jnp.int8, transforms=s8_transforms())] * 2
+                     + [plgpu.SMEM((HEADS, sub), jnp.int8, transforms=s8_transforms())] * 2
+                     if s8 else
+                     [plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
+                      for s in key_specs]
+                     + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv)
       + [plgpu.SMEM((d, HEADS), f32),
          plgpu.SMEM((2, HEADS), f32),
-         plgpu.Barrier(num_arrivals=1)]
+         plgpu.Barrier(num_arrivals=2 if s8 else 1)]
       + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), f32)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 else []),
-  )(*k_words, *k_norms, *v_words, *v_norms, *q, bounds, qoff,
+  )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),
     *(_exact_args(exact) if exact is not None else ()))
 
@@ -923,18 +1129,27 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
                               num_splits: int, scale: float, soft_cap: float | None = None,
                               rope: RopeOffsets | None = None,
                               exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
-                              sliding_window: int | None = None):
+                              sliding_window: int | None = None,
+                              q_scale: Array | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D_g]
-  (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group)."""
+  (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group).
+  With q_scale (the int8 path): q int8 [R, 2, 8, D] parts and `ByteLevels`, taken as the
+  kernel takes them (the p·‖v‖ rounding of its value product aside)."""
+  if q_scale is not None:
+    q = q_scale[..., None] * (q[:, 0].astype(jnp.float32)
+                              + q[:, 1].astype(jnp.float32) / 127.0)
   k_codes, k_norms, q = _groups(k_codes), _groups(k_norms), _groups(q)
   v_codes, v_norms = _groups(v_codes), _groups(v_norms)
   bits_k, bits_v = _groups(bits_k), _groups(bits_v)
   if len(q) == 1 < len(k_codes):   # one query array: the groups' columns side by side
     cuts = np.cumsum([c.shape[-1] for c in k_codes])[:-1]
     q = tuple(jnp.split(q[0], cuts, axis=-1))
-  key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
+  key_levels, value_levels = ((lv,) if isinstance(lv, ByteLevels) else _level_groups(lv)
+                              for lv in (key_levels, value_levels))
 
   def levels(codes, bits, ac):
+    if isinstance(ac, ByteLevels):
+      return jnp.asarray(ac.table, jnp.float32)[codes] * ac.scale
     u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
     return sum(ck * u ** (2 * i + 1) for i, ck in enumerate(ac))
   hi_ = jax.lax.Precision.HIGHEST

@@ -324,3 +324,100 @@ def test_level_form_kinds_and_errors():
     dm.level_form((1.0, 1e-6), 4)
   with pytest.raises(ValueError, match="odd coefficients"):
     dm.level_form((1.0, 0.1, 0.01, 0.001), 3)
+
+
+# -- the int8 operand path (byte codes, PRMT decode) ---------------------------------------
+
+def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024):
+  s = jax.ShapeDtypeStruct
+  ks, vs = rc.TileSpec(bits_k, 128, D), rc.TileSpec(bits_v, 128, D)
+  args = (s((r, t // 128 * rc.WORD_ROWS, 8 * bits_k), jnp.int32), s((r, t), jnp.float16),
+          s((r, t // 128 * rc.WORD_ROWS, 8 * bits_v), jnp.int32), s((r, t), jnp.float16),
+          s((r, 2, dm.HEADS, D), jnp.int8), s((r, 2), jnp.int32),
+          s((r, dm.HEADS), jnp.float32), s((r, dm.HEADS), jnp.float32))
+  kl = dm.byte_levels(np.linspace(-1.0, 1.0, 1 << bits_k))
+  vl = dm.byte_levels(np.linspace(-2.0, 2.0, 1 << bits_v))
+
+  def call(kw, kn, vw, vn, q, b, qoff, qs):
+    offsets = None
+    if rope:
+      freq = 10000.0 ** (-jnp.arange(D // 2) * 2.0 / D)
+      offsets = dm.rope_offsets(qoff[:, :, None] * jnp.ones(D // 2),
+                                qoff[:, :, None] * jnp.ones(D // 2), freq, t)
+    return dm.decode_partials(kw, kn, vw, vn, q, b, qoff, key_spec=ks, value_spec=vs,
+                              key_levels=kl, value_levels=vl, num_splits=2, scale=0.1,
+                              soft_cap=soft_cap, rope=offsets, operand="int8", q_scale=qs)
+  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("bits, rope", [((3, 3), True), ((2, 4), False)])
+def test_int8_path_lowers_for_cuda_with_byte_permutes_and_int8_wgmma(bits, rope):
+  from benchmarks.mosaic_lowering import module_asm
+  asm = module_asm(lowered_s8(*bits, rope=rope, soft_cap=None if rope else 4.0))
+  assert "prmt.b32" in asm
+  assert "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8" in asm
+
+
+def test_quantize_query_s8_keeps_about_14_bits(rng):
+  q = jnp.asarray(rng.standard_normal((3, dm.HEADS, D)), jnp.float32)
+  q = q.at[1, 2].set(0.0)                                     # a zero row stays zero
+  q8, scale = dm.quantize_query_s8(q)
+  assert q8.shape == (3, 2, dm.HEADS, D) and q8.dtype == jnp.int8
+  back = scale[..., None] * (q8[:, 0].astype(jnp.float32) + q8[:, 1] / 127.0)
+  err = jnp.max(jnp.abs(back - q), axis=-1) / jnp.max(jnp.abs(q), axis=-1).clip(1e-30)
+  assert float(jnp.max(err)) <= 0.5 / 127 / 127 + 1e-7
+  assert float(jnp.max(jnp.abs(back[1, 2]))) == 0.0
+
+
+def test_int8_reference_is_the_float_reference_of_the_dequantized_operands(rng):
+  r, t, bk, bv = 2, 256, 3, 2
+  kc, vc, kn, vn, q = random_inputs(rng, r, t, bk, bv)
+  q8, qs = dm.quantize_query_s8(jnp.asarray(q * 20, jnp.float32))
+  kl = dm.ByteLevels((-127, -79, -45, -14, 14, 45, 79, 127), 0.01)
+  vl = dm.ByteLevels((-127, -38, 38, 127), 0.02)
+  bounds = jnp.array([[3, 250], [0, 256]], jnp.int32)
+  args = (jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn))
+  got = dm.decode_partials_reference(*args, q8, bounds, jnp.zeros((r, dm.HEADS)), bits_k=bk,
+                                     bits_v=bv, key_levels=kl, value_levels=vl, num_splits=2,
+                                     scale=0.3, q_scale=qs)
+  # The same through the polynomial reference: levels as odd polynomials would not fit
+  # these tables, so compare with plain float32 attention per split.
+  qf = qs[..., None] * (q8[:, 0].astype(jnp.float32) + q8[:, 1] / 127.0)
+  keys = jnp.asarray(kl.table, jnp.float32)[kc] * kl.scale * jnp.asarray(kn, jnp.float32)[..., None]
+  vals = jnp.asarray(vl.table, jnp.float32)[vc] * vl.scale * jnp.asarray(vn, jnp.float32)[..., None]
+  s = jnp.einsum("rtd,rhd->rth", keys, qf, precision="highest") * 0.3
+  pos = jnp.arange(t)[None, :, None]
+  valid = (pos >= bounds[:, :1, None]) & (pos < bounds[:, 1:, None])
+  s = jnp.where(valid, s, -1e30).reshape(r, 2, t // 2, dm.HEADS)
+  m = s.max(axis=2)
+  p = jnp.where(valid.reshape(r, 2, t // 2, 1), jnp.exp(s - m[:, :, None]), 0.0)
+  o = jnp.einsum("rstd,rsth->rsdh", vals.reshape(r, 2, t // 2, D), p, precision="highest")
+  np.testing.assert_allclose(got[2], m, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got[1], p.sum(axis=2), rtol=1e-5)
+  np.testing.assert_allclose(got[0], o, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_path_bad_inputs_raise():
+  ks = rc.TileSpec(3, 128, D)
+  z = lambda *shape, dt=jnp.float16: jnp.zeros(shape, dt)  # noqa: E731
+  kl = dm.ByteLevels((-127, -79, -45, -14, 14, 45, 79, 127), 0.01)
+  args = (z(2, 64, 24, dt=jnp.int32), z(2, 128), z(2, 64, 24, dt=jnp.int32), z(2, 128),
+          z(2, 2, dm.HEADS, D, dt=jnp.int8), z(2, 2, dt=jnp.int32), z(2, dm.HEADS, dt=jnp.float32))
+  kw = dict(key_spec=ks, value_spec=ks, key_levels=kl, value_levels=kl, num_splits=1,
+            scale=0.1, operand="int8")
+  with pytest.raises(ValueError, match="needs q_scale"):
+    dm.decode_partials(*args, **kw)
+  with pytest.raises(ValueError, match="ByteLevels of 8 levels"):
+    dm.decode_partials(*args, **dict(kw, key_levels=(0.3, 0.01)), q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="128 x 128 byte tiles"):
+    dm.decode_partials(*args, **dict(kw, key_spec=rc.TileSpec(4, 64, D)),
+                       q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="one 128-token tile at a time"):
+    dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32), tokens_per_step=256)
+  with pytest.raises(ValueError, match="operand must be"):
+    dm.decode_partials(*args, **dict(kw, operand="fp8"), q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="q must be int8"):
+    dm.decode_partials(*args[:4], z(2, dm.HEADS, D), *args[5:], **kw,
+                       q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="not all zero"):
+    dm.byte_levels(np.zeros(8))
