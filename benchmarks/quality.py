@@ -251,7 +251,7 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, TurboQuantConfig(norm_dtype=jnp.float8_e4m3fn),
-                     " fp8 norms") for b in (2.5, 3.5)]
+                     " fp8 norms") for b in (2.5, 3.0, 3.5)]
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
