@@ -11,6 +11,7 @@ exact window and sinks, the inverse rotation), against:
 
     python -m benchmarks.mosaic_attend [--check-only] [--quick]
     python -m benchmarks.mosaic_attend --levels   # quintic against cubic levels
+    python -m benchmarks.mosaic_attend --int8     # the int8 path against fp16 levels
 """
 
 from __future__ import annotations
@@ -197,6 +198,19 @@ EXACT_CASES = [(3.5, "quintic", "rope", {}),
                (3, "cubic", "rope", {})]
 
 
+# The int8 path (TurboQuantConfig(tile_operand="int8"): byte tiles, int8 levels, queries
+# in two int8 parts) through the cache, against the fp16 path's cubic and quintic levels.
+INT8 = dict(levels="int8", tile_operand="int8")
+INT8_CHECKS = [
+    (3, 3, 32, dict(center_keys="rope", **INT8)),
+    (2, 4, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900, **INT8)),
+    (4, 2, 8, dict(center_keys=False, num_sinks=0, sliding_window=600, **INT8)),
+    (3, 3, 32, dict(center_keys="rope", window=104, num_sinks=6, **INT8))]
+INT8_CASES = [(3, "int8", "rope", {}), (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
+              (3, "int8", "plain", {}), (3, "cubic", "plain", {}), (2, "int8", "rope", {}),
+              (2, "cubic", "rope", {})]
+
+
 def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
                ) -> tuple[list[dict], list[dict]]:
   """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
@@ -232,8 +246,9 @@ def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 40
           " rope-centred" if center == "rope" else "") + "".join(
           f", {k}={v}" for k, v in kw.items())
       try:
-        cache = make_cache(sub, b, t, tiles_config(w, w, center_keys=center, levels=levels),
-                           rope=LLAMA3_ROPE if center == "rope" else None)
+        cfg = tiles_config(w, w, center_keys=center, levels=levels,
+                           **(dict(tile_operand="int8") if levels == "int8" else {}))
+        cache = make_cache(sub, b, t, cfg, rope=LLAMA3_ROPE if center == "rope" else None)
         sec = time_attend(cache, q, implementation="mosaic", **kw)
         rows.append(dict(batch=b, tokens=t, kernel=label, ms=sec * 1e3, speedup=base / sec,
                          ceiling_frac=compressed_bytes(cache) / sec / ceiling))
@@ -258,15 +273,23 @@ def main(argv=None):
                       "(mosaic_attend_merge_groups_*)")
   p.add_argument("--exact", action="store_true",
                  help="only the exact tokens in the kernel vs in jnp (mosaic_attend_exact_*)")
+  p.add_argument("--int8", action="store_true",
+                 help="only the int8 path (tile_operand='int8') vs fp16 levels "
+                      "(mosaic_attend_int8_*)")
   p.add_argument("--sub-steps", action="store_true",
                  help="only 256-token tiles' passes and RoPE tables, 8 x 32K "
                       "(mosaic_attend_sub_steps_*)")
   args = p.parse_args(argv)
   checks, rows = [], []
   ceiling = None
-  if args.levels or args.sub_steps or args.merge or args.exact:
+  if args.levels or args.sub_steps or args.merge or args.exact or args.int8:
     ceiling = read_ceiling()
-    if args.exact:
+    if args.int8:
+      checks, rows = levels_run(ceiling, INT8_CHECKS, INT8_CASES,
+                                [] if args.check_only else
+                                [(8, 32768), (8, 4096), (1, 4096), (64, 4096)])
+      name = "mosaic_attend_int8"
+    elif args.exact:
       checks, rows = levels_run(ceiling, EXACT_CHECKS, EXACT_CASES,
                                 [] if args.check_only else
                                 [(8, 4096), (1, 4096), (8, 32768), (64, 4096)])

@@ -160,3 +160,19 @@ def test_polynomial_codebook_rejects_bad_degree():
 def test_cubic_codebook_rejects_zero_bits():
   with pytest.raises(ValueError):
     codebook.cubic_codebook(64, 0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_int8_codebook_is_lloyd_max_on_an_int8_grid(bits):
+  lm = codebook.lloyd_max_codebook(128, bits)
+  book = codebook.int8_codebook(128, bits)
+  step = np.max(np.abs(book.centroids)) / 127
+  np.testing.assert_allclose(book.centroids / step, np.round(book.centroids / step), atol=1e-9)
+  assert np.all(np.abs(book.centroids - lm.centroids) <= step / 2 + 1e-12)
+  np.testing.assert_allclose(book.boundaries, (book.centroids[1:] + book.centroids[:-1]) / 2)
+  assert lm.mse <= book.mse <= lm.mse * 1.002          # at most +0.2% D_mse (4 bits: +0.1%)
+
+
+def test_int8_codebook_errors():
+  with pytest.raises(ValueError, match="1 to 4 bits"):
+    codebook.int8_codebook(128, 5)

@@ -242,3 +242,86 @@ def test_mosaic_reasons_and_errors(rng):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="triton")
   with pytest.raises(ValueError, match="implementation must be"):
     cache.attend(jnp.ones((B, 1, 8, D)), implementation="cuda")
+
+
+# -- the int8 path: byte tiles, int8 levels, queries in two int8 parts ----------------------
+
+def kernel_twin_s8(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
+                   value_spec, operand, **kw):
+  """decode_partials(operand="int8") computed by its reference on the unpacked byte tiles."""
+  from pallas_kernels import byte_codes
+  assert operand == "int8"
+  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
+                 "sub_steps"):
+    kw.pop(unused, None)
+  ks, vs = dm._groups(key_spec)[0], dm._groups(value_spec)[0]
+
+  def unpack(words, bits, transposed):
+    r = words.shape[0]
+    tiles = byte_codes.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]), bits)
+    return (jnp.swapaxes(tiles, -1, -2) if transposed else tiles).reshape(r, -1, D)
+  return dm.decode_partials_reference(
+      unpack(dm._groups(k_words)[0], ks.bits, False), dm._groups(k_norms)[0],
+      unpack(dm._groups(v_words)[0], vs.bits, True), dm._groups(v_norms)[0], q, bounds, qoff,
+      bits_k=ks.bits, bits_v=vs.bits, **kw)
+
+
+@pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
+    (3, 3, 8, "rope", dict(soft_cap=None, sliding_window=None)),
+    (2, 4, 4, "plain", dict(soft_cap=6.0, sliding_window=200)),
+    (4, 2, 8, "rope", dict(soft_cap=None, sliding_window=None, window=128,
+                           dtype=jnp.bfloat16)),
+])
+def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering,
+                                           kw):
+  kw = dict(kw)
+  cfg = {k: kw.pop(k) for k in ("window", "dtype") if k in kw}
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, levels="int8",
+                      tile_operand="int8", **cfg)
+  assert cache.key_codes[0].layout.operand == "int8"
+  assert ka.mosaic_unsupported(cache, hq // H) is None
+  seen = []
+
+  def twin(*args, **k):
+    seen.append(k)
+    return kernel_twin_s8(*args, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
+  if "dtype" in cfg:   # a bf16 model's queries: the exact split reads them as bf16
+    q = q.astype(jnp.bfloat16).astype(jnp.float32)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
+  ref = cache.attend(q, implementation="reference", **kw)
+  assert seen[0]["q_scale"].shape == (B * H, dm.HEADS)
+  assert isinstance(seen[0]["key_levels"], dm.ByteLevels)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_int8_tiles_config_errors_and_reasons(rng):
+  with pytest.raises(ValueError, match="levels='int8'"):
+    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", tile_operand="int8")
+  with pytest.raises(ValueError, match="integer widths"):
+    TurboQuantConfig(key_bits=3.5, value_bits=3, layout="tiles", levels="int8",
+                     tile_operand="int8")
+  with pytest.raises(ValueError, match="tile_operand must be"):
+    TurboQuantConfig(tile_operand="fp8")
+  with pytest.raises(ValueError, match="128 tokens x 128 channels"):
+    TurboQuantKVCache.create(B, L, H, 64, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, layout="tiles", levels="int8", tile_operand="int8"))
+  with pytest.raises(ValueError, match="int8 byte tiles"):
+    TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, layout="tiles", levels="int8", tile_operand="int8",
+        append_kernel=True))
+  # int8 levels in fp16 tiles: not an odd polynomial, so no Mosaic path.
+  fp16_tiles = TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
+      key_bits=3, value_bits=3, layout="tiles", levels="int8", center_keys=False))
+  assert "Lloyd-Max" in ka.mosaic_unsupported(fp16_tiles, 4)
+
+
+def test_int8_tiles_attend_lowers_for_cuda(rng):
+  cache = tiles_cache(rng, 3, 3, levels="int8", tile_operand="int8", center_keys="rope",
+                      dtype=jnp.bfloat16, window=128)
+  q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
+  text = ka.attend_jit.trace(cache, q, mosaic=True).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text

@@ -10,11 +10,14 @@ from turboquant_jax import tile_codes
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 
-@pytest.mark.parametrize("bits, d, transposed", [(2, 128, False), (3, 128, True),
-                                                 (4, 64, True), (3, 256, False)])
-def test_runs_read_back(rng, bits, d, transposed):
+@pytest.mark.parametrize("bits, d, transposed, operand", [
+    (2, 128, False, "fp16"), (3, 128, True, "fp16"), (4, 64, True, "fp16"),
+    (3, 256, False, "fp16"),
+    # int8 byte tiles (`byte_codes`): 128 x 128, the same runs
+    (3, 128, False, "int8"), (4, 128, True, "int8"), (2, 128, True, "int8")])
+def test_runs_read_back(rng, bits, d, transposed, operand):
   tt = tile_codes.tile_tokens(((d, bits),))
-  layout = tile_codes.TileLayout(bits, d, tt, transposed)
+  layout = tile_codes.TileLayout(bits, d, tt, transposed, operand)
   b, h, length = 2, 3, 4 * tt
   codes = tile_codes.empty((b, h, length), layout, jnp.float16)
   expect = np.zeros((b, h, length, d), np.uint8)
@@ -47,6 +50,10 @@ def test_tile_lengths_and_errors():
     TurboQuantConfig(key_bits=3, value_bits=3, key_quantizer="prod", layout="tiles")
   with pytest.raises(ValueError, match="layout must be"):
     TurboQuantConfig(layout="rows")
+  with pytest.raises(ValueError, match="int8 tiles hold 128 tokens"):
+    tile_codes.TileLayout(3, 64, 256, False, "int8")
+  with pytest.raises(ValueError, match="operand must be"):
+    tile_codes.TileLayout(3, 128, 128, False, "fp8")
 
 
 @pytest.mark.parametrize("kw", [dict(key_bits=3, value_bits=4, levels="cubic"),

@@ -145,6 +145,30 @@ def lloyd_max_codebook(
   return _solve(int(d), int(bits), density, float(tol), int(max_iter))
 
 
+def int8_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMaxCodebook:
+  """Lloyd-Max's levels rounded to multiples of max|level|/127: levels an int8 table and
+  one scale represent exactly (what the Mosaic kernel's int8 path looks up by byte
+  permutes), nearest-level cells and D_mse recomputed for them. Bits 1..4.
+
+  Returns: a cached, read-only `LloydMaxCodebook`.
+  """
+  _validate(d, bits, density)
+  if not 1 <= bits <= 4:
+    raise ValueError(f"an int8 codebook takes 1 to 4 bits, got {bits}")
+  return _int8(int(d), int(bits), density)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8(d: int, bits: int, density: Density) -> LloydMaxCodebook:
+  lm = _solve(d, bits, density, 1e-12, 200_000).centroids
+  step = float(np.max(np.abs(lm))) / 127.0
+  levels = np.round(lm / step) * step
+  boundaries, mse = _nearest_level_mse(levels, d, density)
+  levels.setflags(write=False)
+  boundaries.setflags(write=False)
+  return LloydMaxCodebook(levels, boundaries, mse)
+
+
 class CubicCodebook(NamedTuple):
   """A codebook whose levels are an odd cubic of the centred code index.
 

@@ -122,6 +122,11 @@ def odd_levels(quantizer) -> tuple[float, ...] | None:
   return None
 
 
+def _int8_tiles(cache) -> bool:
+  """Whether the cache's tiles are `byte_codes` tiles (the kernel's int8 path)."""
+  return cache.key_codes[0].layout.operand == "int8"
+
+
 def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   """Why the Mosaic GPU kernel cannot serve this cache, `rows` query rows per kv head
   (q heads x query tokens) and `query_tokens` (None: it can)."""
@@ -134,6 +139,13 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   for q in cache.key_quantizer.groups + cache.value_quantizer.groups:
     if jnp.dtype(q.norm_dtype) != jnp.float16:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
+    if _int8_tiles(cache):
+      table = mosaic.byte_levels(np.asarray(q.static_codebook().centroids))
+      exact = np.asarray(table.table, np.float64) * table.scale
+      if not np.allclose(exact, np.asarray(q.static_codebook().centroids), rtol=1e-6,
+                         atol=1e-7 * abs(table.scale)):
+        return "its int8 path needs levels an int8 table represents (levels='int8')"
+      continue
     coefficients = odd_levels(q)
     if coefficients is None:
       return (f"{q.bits}-bit Lloyd-Max levels are not an odd polynomial of degree <= 5 "
@@ -259,7 +271,14 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   # The groups' rotated queries side by side, one array: the kernel reads each group's
   # columns (no slices after the product).
   q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
-  q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
+  int8 = _int8_tiles(cache)
+  if int8:   # two int8 parts and a scale per row (about 14 bits)
+    q, q_scale = mosaic.quantize_query_s8(q.reshape(b * h, mosaic.HEADS, d))
+    kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=q_scale)
+    levels = lambda g: mosaic.byte_levels(np.asarray(g.static_codebook().centroids))  # noqa: E731
+  else:
+    q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
+    levels = odd_levels
   qoff = plain_offsets(cache, qf).reshape(b * h, mosaic.HEADS)
   # One position per batch entry (decode): the compressed range, causal and windowed,
   # and the exact parts' visible ranges, read by each row as i // h in the kernel.
@@ -283,8 +302,10 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       qoff.astype(jnp.float32),
       key_spec=tuple(c.layout.spec for c in kcs),
       value_spec=tuple(c.layout.spec for c in vcs),
-      key_levels=tuple(odd_levels(g) for g in cache.key_quantizer.groups),
-      value_levels=tuple(odd_levels(g) for g in cache.value_quantizer.groups),
+      key_levels=(levels(cache.key_quantizer.groups[0]) if int8 else
+                  tuple(levels(g) for g in cache.key_quantizer.groups)),
+      value_levels=(levels(cache.value_quantizer.groups[0]) if int8 else
+                    tuple(levels(g) for g in cache.value_quantizer.groups)),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
       **(dict(exact_blocks=blocks) if exact is not None else {}),
       sliding_window=sliding_window, **kernel_kwargs)

@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import register_codes
+from pallas_kernels import byte_codes, register_codes
 from turboquant_jax import packing, quantizers
 
 Array = jax.Array
@@ -50,20 +50,48 @@ def tile_tokens(groups: tuple[tuple[int, int], ...]) -> int:
         raise ValueError(f"no tile length for the (channels, bits) groups {groups}") from None
 
 
+OPERANDS = ("fp16", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class TileLayout:
-  """Static description of one side's tiles: width, head size, tokens per tile, and
-  whether tiles are [d, tokens] (values) or [tokens, d] (keys)."""
+  """Static description of one side's tiles: width, head size, tokens per tile, whether
+  tiles are [d, tokens] (values) or [tokens, d] (keys), and the kernel operand their
+  words decode to: "fp16" (`register_codes` tiles) or "int8" (`byte_codes` tiles, 128
+  tokens x 128 channels, 2-4 bits)."""
   bits: int
   dim: int
   tokens: int
   transposed: bool
+  operand: str = "fp16"
+
+  def __post_init__(self):
+    if self.operand not in OPERANDS:
+      raise ValueError(f"operand must be one of {OPERANDS}, got {self.operand!r}")
+    if self.operand == "int8" and (
+        (self.tokens, self.dim) != (byte_codes.ROWS, byte_codes.COLS)
+        or self.bits not in (2, 3, 4)):
+      raise ValueError(f"int8 tiles hold {byte_codes.ROWS} tokens x {byte_codes.COLS} "
+                       f"channels at 2-4 bits, got {self.tokens} x {self.dim} at {self.bits}")
 
   @property
   def spec(self) -> register_codes.TileSpec:
+    """The tile's shape as a `register_codes.TileSpec` (int8 tiles have the same word
+    arrays: [64, 8·bits] per 128 x 128 tile)."""
     if self.transposed:
       return register_codes.TileSpec(self.bits, self.dim, self.tokens)
     return register_codes.TileSpec(self.bits, self.tokens, self.dim)
+
+  def pack(self, tiles: Array) -> Array:
+    """Level indices [..., rows, cols] -> int32 words [..., 64, C]."""
+    if self.operand == "int8":
+      return byte_codes.pack_tile(tiles, self.bits)
+    return register_codes.pack_tile(tiles, self.spec)
+
+  def unpack(self, words: Array) -> Array:
+    if self.operand == "int8":
+      return byte_codes.unpack_tile(words, self.bits)
+    return register_codes.unpack_tile(words, self.spec)
 
 
 @flax.struct.dataclass
@@ -71,7 +99,7 @@ class TileCodes:
   """Codes of one channel group in the tiles layout.
 
   Attributes:
-    words: int32 [B, H, (L / tokens)·64, C], `register_codes.pack_tile` tiles in order.
+    words: int32 [B, H, (L / tokens)·64, C], `TileLayout.pack` tiles in order.
     norms: [B, H, L] ‖x‖ in the quantizer's norm dtype.
     layout: the `TileLayout` (static).
   """
@@ -124,7 +152,7 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
   t = levels.shape[2]
   n_tiles = codes.norms.shape[-1] // tt
   touched = min((t + tt - 2) // tt + 1, n_tiles)        # tiles a run of t tokens can touch
-  spec, ones = layout.spec, (1 << layout.bits) - 1
+  ones = (1 << layout.bits) - 1
 
   def one_row(words, lv, start, count):
     first = jnp.clip(start // tt, 0, n_tiles - touched)
@@ -134,8 +162,8 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
     window = jnp.zeros((h, touched * tt, d), jnp.uint8).at[:, slots].set(lv, mode="drop")
     mask = jnp.zeros((h, touched * tt, d), jnp.uint8).at[:, slots].set(
         jnp.uint8(ones), mode="drop")
-    new = register_codes.pack_tile(_to_tiles(window, layout), spec)
-    clear = register_codes.pack_tile(_to_tiles(mask, layout), spec)
+    new = layout.pack(_to_tiles(window, layout))
+    clear = layout.pack(_to_tiles(mask, layout))
     new = new.reshape(h, touched * wr, -1)
     clear = clear.reshape(h, touched * wr, -1)
     old = jax.lax.dynamic_slice_in_dim(words, first * wr, touched * wr, axis=1)
@@ -182,7 +210,7 @@ def write_tiles(codes: TileCodes, words: Array, norms: Array, start: Array,
   slots = jnp.arange(tt, dtype=jnp.int32)[None, :, None] < rem[:, None, None]
   mask = jnp.broadcast_to(jnp.where(slots, jnp.uint8(ones), jnp.uint8(0)),
                           (b, tt, layout.dim))
-  mask = register_codes.pack_tile(_to_tiles(mask, layout)[:, 0], layout.spec)
+  mask = layout.pack(_to_tiles(mask, layout)[:, 0])
 
   def one_row(buf, new, norm_buf, new_norms, start, count, filled, mask):
     first = start // tt
@@ -208,7 +236,7 @@ def read_levels(codes: TileCodes) -> Array:
   """uint8 [B, H, L, d] level indices of every position."""
   b, h = codes.words.shape[:2]
   tiles = codes.words.reshape(b, h, -1, register_codes.WORD_ROWS, codes.words.shape[-1])
-  return _from_tiles(register_codes.unpack_tile(tiles, codes.layout.spec), codes.layout)
+  return _from_tiles(codes.layout.unpack(tiles), codes.layout)
 
 
 def to_planes(codes: TileCodes) -> Any:

@@ -95,9 +95,10 @@ class TurboQuantConfig:
     norm_dtype: storage dtype of the per-vector norms (`quantizers.NORM_DTYPES`; the
       Mosaic kernel reads float16).
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
-    levels: "lloyd_max", "quintic" or "cubic" reconstruction levels
-      (`MSEQuantizer.create`); the polynomials are what the Mosaic GPU kernel decodes
-      without a table (quintic: Lloyd-Max's D_mse within 0.16%).
+    levels: "lloyd_max", "quintic", "cubic" or "int8" reconstruction levels
+      (`MSEQuantizer.create`); the polynomials are what the Mosaic GPU kernel's fp16 path
+      decodes without a table (quintic: Lloyd-Max's D_mse within 0.16%), "int8" Lloyd-Max
+      on an int8 grid (within 0.1%) what its int8 path looks up (`tile_operand`).
     center_values: subtract a per-head channel mean from values before quantizing (chosen
       with the key mean) and add it back to the compressed tokens' share of the output
       (off: at 3.5 bits it helped SmolLM2 and hurt Gemma 3 on the Debian manual, README).
@@ -111,6 +112,11 @@ class TurboQuantConfig:
       (`append_kernel_unsupported`), for writes of at least `FUSED_APPEND_TOKENS` tokens
       over the batch (where it measured faster); True: every aligned run, also on the
       CPU in interpret mode (bit-exact with jnp there; slow: for tests); False: never.
+    tile_operand: what the Mosaic kernel decodes the tiles into: "fp16" (`register_codes`
+      tiles, levels a polynomial: levels="cubic" or "quintic") or "int8" (`byte_codes`
+      tiles looked up by byte permutes into int8 tensor-core operands: integer widths 2-4,
+      head_dim 128, levels="int8", the jnp writer; H200 kernel at 8 x 32K, 3 bits: 0.103
+      ms against 0.125-0.141, README).
   """
 
   key_bits: float = 3.5
@@ -126,6 +132,7 @@ class TurboQuantConfig:
   layout: str = "planes"
   center_values: bool = False
   append_kernel: bool | None = None
+  tile_operand: str = "fp16"
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -147,6 +154,16 @@ class TurboQuantConfig:
                        f"{self.append_kernel!r}")
     if self.append_kernel and self.layout != "tiles":
       raise ValueError("append_kernel=True writes the tiles layout; set layout='tiles'")
+    if self.tile_operand not in tile_codes.OPERANDS:
+      raise ValueError(f"tile_operand must be one of {tile_codes.OPERANDS}, got "
+                       f"{self.tile_operand!r}")
+    if self.tile_operand == "int8":
+      widths = (self.key_bits, self.value_bits)
+      if self.layout != "tiles" or self.levels != "int8" or any(b not in (2, 3, 4)
+                                                                  for b in widths):
+        raise ValueError("tile_operand='int8' takes layout='tiles', levels='int8' and "
+                         f"integer widths 2-4, got layout={self.layout!r}, "
+                         f"levels={self.levels!r}, widths {widths}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
@@ -158,12 +175,14 @@ class TurboQuantConfig:
 
 
 def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...],
-                 tiles: int | None = None, values: bool = False) -> Any:
+                 tiles: int | None = None, values: bool = False,
+                 operand: str = "fp16") -> Any:
   """Zeroed code buffers of the right shapes, without quantizing anything; `tiles`:
-  tokens per tile of the tiles layout (None: bit-planes)."""
+  tokens per tile of the tiles layout (None: bit-planes), `operand` their decode."""
   if tiles is not None:
-    return tuple(tile_codes.empty(lead, tile_codes.TileLayout(g.bits, g.dim, tiles, values),
-                                  g.norm_dtype) for g in quantizer.groups)
+    return tuple(tile_codes.empty(
+        lead, tile_codes.TileLayout(g.bits, g.dim, tiles, values, operand), g.norm_dtype)
+        for g in quantizer.groups)
   shapes = jax.eval_shape(quantizer.quantize,
                           jax.ShapeDtypeStruct((*lead, quantizer.dim), jnp.float32))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -182,6 +201,8 @@ def append_kernel_unsupported(quantizer: channel_split.SplitQuantizer,
   codes (None: it can)."""
   if not (codes and isinstance(codes[0], tile_codes.TileCodes)):
     return "it writes the tiles layout only"
+  if codes[0].layout.operand != "fp16":
+    return "it packs register_codes (fp16) tiles, not int8 byte tiles"
   for g, c in zip(quantizer.groups, codes):
     if not isinstance(g.rotation, rotation_lib.HaarRotation):
       return "it takes dense (Haar) rotations"
@@ -311,8 +332,8 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
                                 (batch, num_kv_heads, 1))
     cache = cls(
         key_quantizer=kq, value_quantizer=vq,
-        key_codes=_empty_codes(kq, lead, tiles),
-        value_codes=_empty_codes(vq, lead, tiles, values=True),
+        key_codes=_empty_codes(kq, lead, tiles, operand=config.tile_operand),
+        value_codes=_empty_codes(vq, lead, tiles, values=True, operand=config.tile_operand),
         window_keys=exact(w), window_values=exact(w),
         window_positions=jnp.full((batch, w), -1, jnp.int32),
         sink_keys=exact(s), sink_values=exact(s),
