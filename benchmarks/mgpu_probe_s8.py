@@ -52,96 +52,15 @@ LEVELS = {2: (-127, -38, 38, 127),
 LEVELS_3BIT = LEVELS[3]
 
 
-def _i32(v: int):
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import arith
-  i32 = ir.IntegerType.get_signless(32)
-  return arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
-
-
 def prmt_decoder(rows: int, raw: bool = False, bits: int = 3, levels=None):
-  """f(words int32 [rows/2, 8·bits] in WGMMA layout) -> int8 [rows, 128] in
-  WGMMA_LAYOUT_8BIT: the `levels` (default `LEVELS[bits]`) of the codes stored by
-  `byte_codes.pack_tile` (32 registers of 4 levels per thread; `byte_codes.decode_words`
-  is the same in numpy); raw: the words' bytes reinterpreted, no decode (the floor)."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import llvm
-
+  """`decode_attention_mgpu.byte_decoder` of the `LEVELS[bits]` table (or `levels`):
+  int8 [rows = 128, 128] from a byte-code tile's words; raw: no decode (the floor)."""
   if rows != bc.ROWS:
     raise ValueError(f"byte-code tiles hold {bc.ROWS} rows, got {rows}")
-  out_shape = (rows, D)
-  out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
-  pools = bc.level_pools(LEVELS[bits] if levels is None else levels, bits)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=out_type)
-  def decode(ctx, words):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    i8x4 = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
-    layout = mgpu.WGMMA_LAYOUT_8BIT
-    regs_shape = layout.registers_shape(out_shape)
-    out = np.empty(regs_shape, dtype=object)
-    flat_out = list(np.ndindex(*regs_shape))
-    tw = []
-    for vec in words.registers.flat:
-      for k in range(2):
-        tw.append(mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(k, k + 1)), i32))
-    assert len(tw) == bc.thread_words(bits) and len(flat_out) == bc.REGISTERS, len(tw)
-    p = [_i32(x) for x in pools]
-    c = {v: _i32(v) for v in (0, 0x33333333, 0x77777777, 0x11111111, 0x22222222,
-                              0x44444444, 0x88888888, bc.MASK_SOURCE)}
-
-    def asm(text, args):
-      return llvm.inline_asm(i32, args, text, ",".join(["=r"] + ["r"] * len(args)))
-
-    outs = []
-    if raw:
-      outs = [tw[n % len(tw)] for n in range(bc.REGISTERS)]
-    else:
-      # The selectors of `byte_codes.selectors`, in the same order.
-      sels = []
-      if bits == 2:
-        for w in tw:
-          sels += [(asm("and.b32 $0, $1, $2;", [w, c[0x33333333]]),),
-                   (asm("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, $2; }",
-                        [w, c[0x33333333]]),)]
-      elif bits == 3:
-        for g in range(0, len(tw), 3):
-          w = tw[g:g + 3]
-          sels += [(asm("and.b32 $0, $1, $2;", [x, c[0x77777777]]),) for x in w]
-          sels.append((asm(
-              "{ .reg .b32 t0, t1, t2; shr.b32 t0, $1, 3; shr.b32 t1, $2, 2;"
-              " shr.b32 t2, $3, 1; and.b32 t0, t0, $4;"
-              " lop3.b32 t0, t1, $5, t0, 0xEA; lop3.b32 $0, t2, $6, t0, 0xEA; }",
-              [*w, c[0x11111111], c[0x22222222], c[0x44444444]]),))
-      else:
-        for w in tw:
-          sels.append((asm("and.b32 $0, $1, $2;", [w, c[0x77777777]]),
-                       asm("{ .reg .b32 t; shr.b32 t, $1, 3; lop3.b32 $0, t, $2, $3, 0xEA; }",
-                           [w, c[0x11111111], c[0x88888888]])))
-      for sel in sels:
-        for half in range(2):
-          shift = "" if half == 0 else "shr.b32 m, m, 16; shr.b32 s, s, 16;"
-          if bits < 4:
-            outs.append(asm("{ .reg .b32 m, s; mov.b32 m, $3; mov.b32 s, $3; " + shift
-                            + " prmt.b32 $0, $1, $2, m; }", [p[0], p[1], sel[0]]))
-          else:   # two tables, then the bytes of codes 8-15 by a mask from bit 3
-            outs.append(asm(
-                "{ .reg .b32 m, s, r0, r1, k; mov.b32 m, $5; mov.b32 s, $6; " + shift
-                + " prmt.b32 r0, $1, $2, m; prmt.b32 r1, $3, $4, m;"
-                " prmt.b32 k, $7, $8, s; lop3.b32 $0, r1, k, r0, 0xE2; }",
-                [p[0], p[1], p[2], p[3], sel[0], sel[1], c[bc.MASK_SOURCE], c[0]]))
-    for n, r in enumerate(outs):
-      out[flat_out[n]] = mgpu_utils.bitcast(r, i8x4)
-    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=True)
-
-  return decode
+  return dm.byte_decoder(bits, LEVELS[bits] if levels is None else levels, raw)
 
 
-def q8_transforms():
-  return (plgpu.TilingTransform((8, D)), plgpu.SwizzleTransform(128))
+q8_transforms = dm.s8_transforms
 
 
 def key_scores_probe_s8(words, norms, q8, *, num_splits: int, rows: int = 128,

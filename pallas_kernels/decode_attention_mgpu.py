@@ -971,9 +971,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           if s8:      # the query's two int8 parts, each its own int32 accumulator
             for acc_ref, q_ref in zip(key_accs, q_smem):
               plgpu.wgmma(acc_ref, first_keys[0], plgpu.transpose_ref(q_ref, (1, 0)))
-          for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
-            if s8:
-              break
+          for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem) if not s8 else ()):
             if g < len(first_keys):
               u = first_keys[g]
             else:
