@@ -7,8 +7,10 @@ d's four bytes from the eight bytes of (lo, hi) by a 3-bit index in a nibble of 
 with a codebook's levels as int8 in (lo, hi) one instruction turns four codes into four
 levels, exactly (any codebook: Lloyd-Max itself, no polynomial), already in the layout of
 wgmma's 8-bit A operand (`WGMMA_LAYOUT_8BIT`: thread t = 32·w + 4·r + c holds, per
-register n = 16·mt + 2·kt + rh, row 64·mt + 16·w + 8·rh + r and the four columns
-16·kt + 4·c + 0..3, one byte each) of a [128, 128] tile.
+register n = 2·(cols/16)·mt + 2·kt + rh, row 64·mt + 16·w + 8·rh + r and the four columns
+16·kt + 4·c + 0..3, one byte each) of a tile of 16,384 codes: [128, 128] (whole heads of
+128 channels), or [256, 64] / [64, 256] (the 64-channel groups of fractional widths:
+keys, values), 32 registers per thread either way.
 
 A thread's words are loaded as int32 [64, C] in the fp16 WGMMA layout, as
 `register_codes` tiles are (C = 8·bits: 16, 24 or 32; 8, 12 or 16 words per thread), and
@@ -40,9 +42,10 @@ import numpy as np
 
 Array = jax.Array
 
-ROWS = COLS = 128            # one tile: 128 tokens x 128 channels (keys) or the transpose
+ROWS = COLS = 128            # the default tile: 128 tokens x 128 channels, or the transpose
+SHAPES = ((128, 128), (256, 64), (64, 256))   # tiles of 16,384 codes
 WORD_ROWS = 64
-REGISTERS = 32               # int8x4 output registers per thread of a [128, 128] tile
+REGISTERS = 32               # int8x4 output registers per thread of a tile
 MASK_SOURCE = 0x8000         # bytes 0x00, 0x80: PRMT's sign-replicate turns bit 3 into 0x00/0xFF
 
 
@@ -69,11 +72,18 @@ def _thread_word(w: int, lane: int, k: int) -> tuple[int, int]:
   return 16 * w + 8 * rh + r8, 8 * ct + 2 * c + v
 
 
-def _out_register(w: int, lane: int, n: int) -> tuple[int, int]:
+def check_shape(shape) -> tuple[int, int]:
+  shape = tuple(shape)
+  if shape not in SHAPES:
+    raise ValueError(f"byte-code tiles are one of {SHAPES}, got {shape}")
+  return shape
+
+
+def _out_register(w: int, lane: int, n: int, cols: int = COLS) -> tuple[int, int]:
   """(row, first col) of output register n of thread 32·w + lane in WGMMA_LAYOUT_8BIT
-  over a [128, 128] tile: n = 16·mt + 2·kt + rh."""
+  over a tile of `cols` columns: n = 2·(cols/16)·mt + 2·kt + rh."""
   r8, c = divmod(lane, 4)
-  mt, rem = divmod(n, 16)
+  mt, rem = divmod(n, cols // 8)
   kt, rh = divmod(rem, 2)
   return 64 * mt + 16 * w + 8 * rh + r8, 16 * kt + 4 * c
 
@@ -95,15 +105,16 @@ def code_bit(bits: int, n: int, j: int, b: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def bit_sources(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bit_sources(bits: int, shape=(ROWS, COLS)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """For every bit of the word array, flattened [64·C·32]: the (row, col) of the tile
-  whose code it holds and which code bit."""
+  (of `shape`) whose code it holds and which code bit."""
+  _, cols = check_shape(shape)
   c = words_per_row(bits)
   src = np.full((WORD_ROWS, c, 32, 3), -1, np.int64)
   for w in range(4):
     for lane in range(32):
       for n in range(REGISTERS):
-        row, col = _out_register(w, lane, n)
+        row, col = _out_register(w, lane, n, cols)
         for j in range(4):
           for b in range(bits):
             k, pos = code_bit(bits, n, j, b)
@@ -117,30 +128,34 @@ def bit_sources(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack_tile(codes: Array, bits: int) -> Array:
-  """Level indices [..., 128, 128] (integers < 2^bits) -> int32 words [..., 64, 8·bits]."""
-  if codes.shape[-2:] != (ROWS, COLS):
-    raise ValueError(f"expected [..., {ROWS}, {COLS}] codes, got {codes.shape}")
-  src_row, src_col, src_bit = bit_sources(bits)
-  flat = codes.reshape(*codes.shape[:-2], ROWS * COLS).astype(jnp.uint32)
-  bit = (flat[..., src_row * COLS + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
+  """Level indices [..., rows, cols] (integers < 2^bits; a shape of `SHAPES`) -> int32
+  words [..., 64, 8·bits]."""
+  if tuple(codes.shape[-2:]) not in SHAPES:
+    raise ValueError(f"expected [..., rows, cols] codes of {SHAPES}, got {codes.shape}")
+  rows, cols = codes.shape[-2:]
+  src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
+  flat = codes.reshape(*codes.shape[:-2], rows * cols).astype(jnp.uint32)
+  bit = (flat[..., src_row * cols + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
   bit = bit.reshape(*codes.shape[:-2], WORD_ROWS, words_per_row(bits), 32)
   words = jnp.sum(bit << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
   return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
-def unpack_tile(words: Array, bits: int) -> Array:
-  """Inverse of `pack_tile`: int32 [..., 64, 8·bits] -> uint8 level indices [..., 128, 128]."""
+def unpack_tile(words: Array, bits: int, shape=(ROWS, COLS)) -> Array:
+  """Inverse of `pack_tile`: int32 [..., 64, 8·bits] -> uint8 level indices
+  [..., rows, cols] of `shape`."""
   c = words_per_row(bits)
   if words.shape[-2:] != (WORD_ROWS, c):
     raise ValueError(f"expected [..., {WORD_ROWS}, {c}] words, got {words.shape}")
-  src_row, src_col, src_bit = bit_sources(bits)
+  rows, cols = check_shape(shape)
+  src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
   u = jax.lax.bitcast_convert_type(words, jnp.uint32)
   bit = ((u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(
       *words.shape[:-2], -1)
-  order = np.argsort((src_row * COLS + src_col) * bits + src_bit)
-  gathered = bit[..., order].reshape(*words.shape[:-2], ROWS * COLS, bits)
+  order = np.argsort((src_row * cols + src_col) * bits + src_bit)
+  gathered = bit[..., order].reshape(*words.shape[:-2], rows * cols, bits)
   codes = jnp.sum(gathered << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
-  return codes.reshape(*words.shape[:-2], ROWS, COLS).astype(jnp.uint8)
+  return codes.reshape(*words.shape[:-2], rows, cols).astype(jnp.uint8)
 
 
 def prmt(lo: int, hi: int, sel: int) -> int:
@@ -188,12 +203,13 @@ def selectors(bits: int, words: list[int]) -> list[tuple[int, ...]]:
   return [(w & m7, ((w >> 3) & 0x11111111) | 0x88888888) for w in words]
 
 
-def decode_words(words: np.ndarray, levels, bits: int) -> np.ndarray:
-  """Runs the kernel's decode in numpy: int32 words [64, 8·bits] -> int8 levels
-  [128, 128], thread by thread, with PTX's PRMT and the kernel's selectors."""
+def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS)) -> np.ndarray:
+  """Runs the kernel's decode in numpy: int32 words [64, 8·bits] -> int8 levels of
+  `shape`, thread by thread, with PTX's PRMT and the kernel's selectors."""
   w = np.asarray(words).view(np.uint32).astype(np.int64)
   pools = level_pools(levels, bits)
-  out = np.zeros((ROWS, COLS), np.int8)
+  rows, cols = check_shape(shape)
+  out = np.zeros((rows, cols), np.int8)
   for wp in range(4):
     for lane in range(32):
       tw = [int(w[_thread_word(wp, lane, k)]) for k in range(thread_words(bits))]
@@ -205,7 +221,7 @@ def decode_words(words: np.ndarray, levels, bits: int) -> np.ndarray:
           if bits == 4:   # codes 8-15 where the mask byte is 0xFF
             mask = prmt(MASK_SOURCE, 0, part[1])
             r = (prmt(pools[2], pools[3], part[0]) & mask) | (r & ~mask & 0xFFFFFFFF)
-          row, col = _out_register(wp, lane, n)
+          row, col = _out_register(wp, lane, n, cols)
           out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
           n += 1
   return out

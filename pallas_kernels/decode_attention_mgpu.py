@@ -275,18 +275,19 @@ def quantize_query_s8(q: Array) -> tuple[Array, Array]:
   return jnp.stack([hi, lo], axis=1).astype(jnp.int8), scale
 
 
-def byte_decoder(bits: int, table, raw: bool = False):
-  """Returns f(words) -> int8 [128, 128] in `plgpu.Layout.WGMMA_8BIT`, to call inside a
-  Mosaic GPU kernel: the levels `table` (2^bits integers in [-127, 127]) of the codes of a
-  `byte_codes` tile, words int32 [64, 8·bits] loaded in `plgpu.Layout.WGMMA`, by byte
-  permutes (`byte_codes.decode_words` is the same in numpy); raw: the words' bytes
-  reinterpreted (a speed probe's floor)."""
+def byte_decoder(bits: int, table, raw: bool = False,
+                 shape: tuple[int, int] = (byte_codes.ROWS, byte_codes.COLS)):
+  """Returns f(words) -> int8 [rows, cols] (`shape`, one of `byte_codes.SHAPES`) in
+  `plgpu.Layout.WGMMA_8BIT`, to call inside a Mosaic GPU kernel: the levels `table`
+  (2^bits integers in [-127, 127]) of the codes of a `byte_codes` tile, words int32
+  [64, 8·bits] loaded in `plgpu.Layout.WGMMA`, by byte permutes (`byte_codes.decode_words`
+  is the same in numpy); raw: the words' bytes reinterpreted (a speed probe's floor)."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, llvm
 
-  out_shape = (byte_codes.ROWS, byte_codes.COLS)
+  out_shape = byte_codes.check_shape(shape)
   out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
   pools = byte_codes.level_pools(table, bits)
 

@@ -23,17 +23,19 @@ def test_pack_unpack_round_trip(bits):
   np.testing.assert_array_equal(bc.unpack_tile(words, bits), codes)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_prmt_decode_gives_each_codes_level_in_the_int8_fragment_layout(bits):
+@pytest.mark.parametrize("bits, shape", [(2, (128, 128)), (3, (128, 128)), (4, (128, 128)),
+                                         (3, (256, 64)), (4, (64, 256)), (2, (256, 64))])
+def test_prmt_decode_gives_each_codes_level_in_the_int8_fragment_layout(bits, shape):
   rng = np.random.default_rng(10 + bits)
-  codes = rng.integers(0, 1 << bits, (bc.ROWS, bc.COLS))
+  codes = rng.integers(0, 1 << bits, shape)
   levels = np.sort(rng.choice(np.arange(-127, 128), 1 << bits, replace=False))
   words = np.asarray(bc.pack_tile(jnp.asarray(codes), bits))
-  np.testing.assert_array_equal(bc.decode_words(words, levels, bits), levels[codes])
+  np.testing.assert_array_equal(bc.unpack_tile(words, bits, shape), codes)
+  np.testing.assert_array_equal(bc.decode_words(words, levels, bits, shape), levels[codes])
   # A flipped word bit changes exactly one decoded level (the layout is a bijection).
   flipped = words.copy()
   flipped[5, 7] ^= 1 << 13
-  assert np.sum(bc.decode_words(flipped, levels, bits) != levels[codes]) == 1
+  assert np.sum(bc.decode_words(flipped, levels, bits, shape) != levels[codes]) == 1
 
 
 def test_prmt_semantics():
@@ -45,8 +47,10 @@ def test_prmt_semantics():
 
 
 def test_errors():
-  with pytest.raises(ValueError, match="128, 128"):
+  with pytest.raises(ValueError, match="rows, cols"):
     bc.pack_tile(jnp.zeros((64, 128), jnp.int32), 3)
+  with pytest.raises(ValueError, match="one of"):
+    bc.unpack_tile(jnp.zeros((64, 24), jnp.int32), 3, (128, 64))
   with pytest.raises(ValueError, match="64, 24"):
     bc.unpack_tile(jnp.zeros((64, 16), jnp.int32), 3)
   with pytest.raises(ValueError, match="8 integer levels"):

@@ -421,3 +421,44 @@ def test_int8_path_bad_inputs_raise():
                        q_scale=z(2, 8, dt=jnp.float32))
   with pytest.raises(ValueError, match="not all zero"):
     dm.byte_levels(np.zeros(8))
+
+
+@pytest.mark.parametrize("bits, shape", [(3, (256, 64)), (4, (64, 256))])
+def test_byte_decoder_lowers_for_channel_group_tiles(bits, shape):
+  """The 64-channel groups' byte tiles (keys [256, 64], values [64, 256]) decode and meet
+  an int8 wgmma (swizzle 64 for 64-byte rows): what the int8 path needs for fractional
+  widths, lowered for CUDA (the kernel's int8 path itself takes one group per side)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from benchmarks.mosaic_lowering import module_asm
+  rows, cols = shape
+  dec = dm.byte_decoder(bits, list(range(-(1 << bits) // 2, (1 << bits) // 2)), shape=shape)
+
+  def kernel(w_gmem, q_gmem, o_gmem, w_smem, q_smem, o_smem, bar):
+    plgpu.copy_gmem_to_smem(w_gmem, w_smem, bar)
+    plgpu.copy_gmem_to_smem(q_gmem, q_smem, bar)
+    plgpu.barrier_wait(bar)
+    a = dec(plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA, optimized=8 * bits <= 24))
+
+    def scores(acc):
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(q_smem, (1, 0)))
+      return acc[...]
+    o_smem[...] = pl.run_scoped(scores, plgpu.ACC((rows, 8), jnp.int32)).astype(jnp.float32)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+  b_tiles = (plgpu.TilingTransform((8, min(cols, 128))), plgpu.SwizzleTransform(min(cols, 128)))
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((rows, 8), jnp.float32),
+                      grid=(1,), grid_names=("x",),
+                      scratch_types=[plgpu.SMEM((64, 8 * bits), jnp.int32),
+                                     plgpu.SMEM((8, cols), jnp.int8, transforms=b_tiles),
+                                     plgpu.SMEM((rows, 8), jnp.float32),
+                                     plgpu.Barrier(num_arrivals=2)])
+  text = jax.jit(call).trace(jax.ShapeDtypeStruct((64, 8 * bits), jnp.int32),
+                             jax.ShapeDtypeStruct((8, cols), jnp.int8)).lower(
+                                 lowering_platforms=("cuda",)).as_text()
+  asm = module_asm(text)
+  assert asm.count("prmt.b32") == (96 if bits == 4 else 32)
+  assert "m64n8k32.s32.s8.s8" in asm
