@@ -205,8 +205,12 @@ INT8_CHECKS = [
     (3, 3, 32, dict(center_keys="rope", **INT8)),
     (2, 4, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900, **INT8)),
     (4, 2, 8, dict(center_keys=False, num_sinks=0, sliding_window=600, **INT8)),
-    (3, 3, 32, dict(center_keys="rope", window=104, num_sinks=6, **INT8))]
-INT8_CASES = [(3, "int8", "rope", {}), (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
+    (3, 3, 32, dict(center_keys="rope", window=104, num_sinks=6, **INT8)),
+    # Fractional widths: two 64-channel groups per side, 256-token byte tiles.
+    (3.5, 3.5, 32, dict(center_keys="rope", **INT8)),
+    (2.5, 3.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=700, **INT8))]
+INT8_CASES = [(3.5, "int8", "rope", {}), (3.5, "quintic", "rope", {}),
+              (3, "int8", "rope", {}), (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
               (3, "int8", "plain", {}), (3, "cubic", "plain", {}), (2, "int8", "rope", {}),
               (2, "cubic", "rope", {})]
 

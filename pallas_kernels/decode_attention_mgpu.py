@@ -356,10 +356,11 @@ def byte_decoder(bits: int, table, raw: bool = False,
   return decode
 
 
-def s8_transforms():
-  """Shared-memory tiling of an int8 [8, 128] wgmma B operand, read as K-major (int8
-  wgmma takes no transposed operands): 128-byte swizzle."""
-  return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+def s8_transforms(cols: int = 128):
+  """Shared-memory tiling of an int8 [8, cols] wgmma B operand, read as K-major (int8
+  wgmma takes no transposed operands): a swizzle of the row's bytes, up to 128."""
+  width = min(cols, 128)
+  return (plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width))
 
 
 def _load_words(ref, spec):
@@ -637,23 +638,34 @@ def _level_groups(levels) -> tuple:
   return (tuple(levels),) if np.ndim(levels[0]) == 0 else tuple(tuple(x) for x in levels)
 
 
+def _s8_levels(levels) -> tuple:
+  """One `ByteLevels`, or one per group, as a tuple."""
+  return (levels,) if isinstance(levels, ByteLevels) else tuple(levels)
+
+
 def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
               sub_steps) -> None:
-  if len(key_specs) != 1 or len(value_specs) != 1 or len(q) != 1:
-    raise ValueError("operand='int8' takes one channel group per side")
-  for side, spec, lv in (("key", key_specs[0], key_levels),
-                         ("value", value_specs[0], value_levels)):
-    if (spec.rows, spec.cols) != (byte_codes.ROWS, byte_codes.COLS):
-      raise ValueError(f"operand='int8' reads {byte_codes.ROWS} x {byte_codes.COLS} byte "
-                       f"tiles, got {side} tiles {spec}")
-    if not isinstance(lv, ByteLevels) or len(lv.table) != 1 << spec.bits:
-      raise ValueError(f"operand='int8' takes ByteLevels of {1 << spec.bits} levels for the "
-                       f"{side}s, got {lv!r}")
-    byte_codes.level_pools(lv.table, spec.bits)   # integers in [-127, 127]
+  if len(q) != 1:
+    raise ValueError("operand='int8' takes one query array (the groups' columns side by "
+                     "side)")
+  for side, specs, levels in (("key", key_specs, key_levels),
+                              ("value", value_specs, value_levels)):
+    if len(levels) != len(specs):
+      raise ValueError(f"operand='int8' takes one ByteLevels per {side} group, got "
+                       f"{len(levels)} for {len(specs)}")
+    for spec, lv in zip(specs, levels):
+      if (spec.rows, spec.cols) not in byte_codes.SHAPES:
+        raise ValueError(f"operand='int8' reads byte tiles of {byte_codes.SHAPES}, got "
+                         f"{side} tiles {spec}")
+      if not isinstance(lv, ByteLevels) or len(lv.table) != 1 << spec.bits:
+        raise ValueError(f"operand='int8' takes ByteLevels of {1 << spec.bits} levels for "
+                         f"the {side}s, got {lv!r}")
+      byte_codes.level_pools(lv.table, spec.bits)   # integers in [-127, 127]
   if q_scale is None:
     raise ValueError("operand='int8' needs q_scale (see quantize_query_s8)")
-  if tokens_per_step != byte_codes.ROWS or sub_steps not in (None, 1):
-    raise ValueError("operand='int8' steps one 128-token tile at a time")
+  if tokens_per_step > key_specs[0].rows or sub_steps not in (None, 1):
+    raise ValueError("operand='int8' steps one tile at a time (tokens_per_step at most "
+                     "the tile's, sub_steps 1)")
 
 
 def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: Array, *,
@@ -713,13 +725,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       the compressed pipeline's buffers share.
     sliding_window: with `exact`, a query at p sees exact tokens at t > p - window (the
       compressed range comes windowed in `bounds`).
-    operand: "fp16" (the above), or "int8": the tiles are `byte_codes` tiles of 128 tokens
-      x 128 channels (one group per side, 2-4 bits; the specs give their shapes), decoded
-      by byte permutes into int8 wgmma operands; key_levels / value_levels are
-      `ByteLevels`; q is int8 [R, 2, 8, D], two parts with q = q_scale·(q[:, 0] +
-      q[:, 1]/127) (`quantize_query_s8`); q_scale float32 [R, 8]. Each step's p·‖v‖ goes
-      to the value wgmma as two int8 parts scaled by its largest entry per head (about
-      14 bits). One step per tile (tokens_per_step 128, sub_steps 1).
+    operand: "fp16" (the above), or "int8": the tiles are `byte_codes` tiles (2-4 bits;
+      [128, 128], or [256, 64] keys / [64, 256] values for 64-channel groups; the specs
+      give their shapes), decoded by byte permutes into int8 wgmma operands;
+      key_levels / value_levels are `ByteLevels` (one per group); q is int8 [R, 2, 8, D],
+      the groups' columns side by side, two parts with q = q_scale·(q[:, 0] +
+      q[:, 1]/127) (`quantize_query_s8`); q_scale float32 [R, 8]. Each step's p·‖v‖ (per
+      value group) goes to the value wgmma as two int8 parts scaled by its largest entry
+      per head (about 14 bits). One step per tile (sub_steps 1).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -732,9 +745,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   v_words, v_norms = _groups(v_words), _groups(v_norms)
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
   if s8:
+    key_levels, value_levels = _s8_levels(key_levels), _s8_levels(value_levels)
     _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
               sub_steps)
-    key_levels, value_levels = (key_levels,), (value_levels,)
+    sub_steps = 1
   else:
     key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
   gk, gv = len(key_specs), len(value_specs)
@@ -796,7 +810,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
   if serial_groups is None:
     serial_groups = gk > 1 and rope is not None and sub_steps == 1
-  serial_groups = bool(serial_groups) and max(gk, gv) > 1
+  serial_groups = bool(serial_groups) and max(gk, gv) > 1 and not s8
   if s8:   # only the factors are used: the tables go to the byte decoders
     key_forms = [LevelForm("linear", (), lv.scale) for lv in key_levels]
     value_forms = [LevelForm("linear", (), lv.scale) for lv in value_levels]
@@ -815,8 +829,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                      "RoPE table blocks")
   pass_blocks = rope_blocks // sub_steps if rope_blocks > 1 else 1
   if s8:
-    decode_k = [[byte_decoder(key_specs[0].bits, key_levels[0].table)]]
-    decode_v = [[byte_decoder(value_specs[0].bits, value_levels[0].table)]]
+    decode_k = [[byte_decoder(sp.bits, lv.table, shape=(sp.rows, sp.cols))
+                 for sp, lv in zip(key_specs, key_levels)]]
+    decode_v = [[byte_decoder(sp.bits, lv.table, shape=(sp.rows, sp.cols))
+                 for sp, lv in zip(value_specs, value_levels)]]
   elif sub_steps == 1:
     decode_k = [[tile_decoder(s, "levels", count=per_step, form=f)
                  for s, f in zip(key_specs, key_forms)]]
@@ -860,9 +876,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       del refs[:count]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
-    q_smem = refs[:2 if s8 else gk]       # int8: the query's two parts
+    q_smem = refs[:2 * gk if s8 else gk]       # int8: each group's query in two parts
     del refs[:len(q_smem)]
-    p_smem = refs[:2 if s8 else gv]       # int8: p·‖v‖'s two parts
+    p_smem = refs[:2 * gv if s8 else gv]       # int8: each group's p·‖v‖ in two parts
     del refs[:len(p_smem)]
     o_smem, lm_smem, barrier = refs[:3]
     del refs[:3]
@@ -872,19 +888,22 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       if rope_blocks == 1:
         w_smem = w_smem[0]
       del refs[:3 + pass_blocks]
-    group_barrier = refs[0] if gk > 1 else None     # the later query parts' copies
+    group_barrier = refs[0] if gk > 1 and not s8 else None  # the later query parts' copies
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
 
     def compressed():
       """Split j of row i over the compressed tokens."""
-      if s8:
-        for part in range(2):
-          plgpu.copy_gmem_to_smem(q_gmem[0].at[i, part], q_smem[part], barrier)
+      if s8:      # every group's two parts on the one barrier (2·gk arrivals)
+        for g, (at, sp) in enumerate(zip(key_starts, key_specs)):
+          for part in range(2):
+            src = q_gmem[0].at[i, part] if gk == 1 else q_gmem[0].at[i, part, :,
+                                                                     pl.ds(at, sp.cols)]
+            plgpu.copy_gmem_to_smem(src, q_smem[2 * g + part], barrier)
         qscale_v = plgpu.load(qs_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                               optimized=False)
       else:
         plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
-      for g in range(1, gk):
+      for g in range(1, 1 if s8 else gk):
         plgpu.copy_gmem_to_smem(q_gmem[g].at[i], q_smem[g], group_barrier.at[g - 1])
       if rope is not None:
         plgpu.copy_gmem_to_smem(table_gmem, table_smem, rope_barrier.at[0])
@@ -900,7 +919,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                           optimized=False) * off_scale
       plgpu.barrier_wait(barrier)
-      for g in range(1, gk):
+      for g in range(1, 1 if s8 else gk):
         plgpu.barrier_wait(group_barrier.at[g - 1])
       if rope is not None:
         plgpu.barrier_wait(rope_barrier.at[0])
@@ -960,7 +979,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
 
         def scores(*acc_refs):
-          nk = 2 if s8 else gk
+          nk = 2 * gk if s8 else gk
           key_accs, off_ref = acc_refs[:nk], acc_refs[nk:]
           if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
             plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
@@ -969,9 +988,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
             for k, w_ref in enumerate(w_smem):
               plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
                           plgpu.transpose_ref(w_ref, (1, 0)))
-          if s8:      # the query's two int8 parts, each its own int32 accumulator
-            for acc_ref, q_ref in zip(key_accs, q_smem):
-              plgpu.wgmma(acc_ref, first_keys[0], plgpu.transpose_ref(q_ref, (1, 0)))
+          if s8:      # each group's query parts, each its own int32 accumulator
+            for n, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
+              plgpu.wgmma(acc_ref, first_keys[n // 2], plgpu.transpose_ref(q_ref, (1, 0)))
           for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem) if not s8 else ()):
             if g < len(first_keys):
               u = first_keys[g]
@@ -987,14 +1006,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
         # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
         if s8:
-          accs = [plgpu.ACC((sub, HEADS), jnp.int32)] * 2 + (
+          accs = [plgpu.ACC((sub, HEADS), jnp.int32)] * (2 * gk) + (
               [plgpu.ACC((sub, HEADS), jnp.float32)] if rope is not None else [])
         else:
           accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
         parts, off, uv = pl.run_scoped(scores, *accs)
-        if s8:      # q·L = q_scale·(hi + lo/127)·L
-          parts = [(parts[0].astype(jnp.float32) + parts[1].astype(jnp.float32) * (1 / 127))
-                   * jax.lax.broadcast_in_dim(qscale_v, parts[0].shape, [1])]
+        if s8:      # q·L = q_scale·(hi + lo/127)·L, per group
+          parts = [(hi_.astype(jnp.float32) + lo_.astype(jnp.float32) * (1 / 127))
+                   * jax.lax.broadcast_in_dim(qscale_v, hi_.shape, [1])
+                   for hi_, lo_ in zip(parts[0::2], parts[1::2])]
         s = None
         for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
           kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
@@ -1014,14 +1034,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
         # l is kept per row and summed over the tile's rows once, after the loop.
         l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-        if s8:      # p·‖v‖ as two int8 parts of its largest entry per head / 127
-          vn = plgpu.load(part(vn_smem[0]), (), layout=plgpu.Layout.WGMMA.reduce(1)
+        pmaxes = []
+        for g in range(gv if s8 else 0):   # p·‖v‖ as two int8 parts of its max per head / 127
+          vn = plgpu.load(part(vn_smem[g]), (), layout=plgpu.Layout.WGMMA.reduce(1)
                           ).astype(jnp.float32)
           pv = p * jax.lax.broadcast_in_dim(vn, p.shape, [0])
-          pmax = jnp.maximum(pv.max(axis=0), 1e-30)
-          x = pv * jax.lax.broadcast_in_dim(127.0 / pmax, pv.shape, [1])
+          pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
+          x = pv * jax.lax.broadcast_in_dim(127.0 / pmaxes[g], pv.shape, [1])
           x_hi = jnp.round(x)
-          for p_ref, y in zip(p_smem, (x_hi, jnp.round((x - x_hi) * 127.0))):
+          for p_ref, y in zip(p_smem[2 * g:2 * g + 2], (x_hi, jnp.round((x - x_hi) * 127.0))):
             # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
             plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
                 y.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
@@ -1038,15 +1059,18 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           uv = [decode_value(g) for g in range(gv)]
         new_o = []
         if s8:
-          def values_s8(acc_h, acc_l, uv_g=uv[0]):
-            plgpu.wgmma(acc_h, uv_g[0], plgpu.transpose_ref(p_smem[0], (1, 0)))
-            plgpu.wgmma(acc_l, uv_g[0], plgpu.transpose_ref(p_smem[1], (1, 0)))
-            return acc_h[...], acc_l[...]
-          oh, ol = pl.run_scoped(values_s8, *[plgpu.ACC((value_rows[0], HEADS), jnp.int32)] * 2)
-          pscale = jax.lax.broadcast_in_dim(pmax * (1 / 127), o[0].shape, [1])
-          a = jax.lax.broadcast_in_dim(alpha, o[0].shape, [1])
-          return ((o[0] * a + (oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127))
-                   * pscale,), l_rows, m_next)
+          for g, o_g in enumerate(o):
+            def values_s8(acc_h, acc_l, uv_g=uv[g], g=g):
+              plgpu.wgmma(acc_h, uv_g[0], plgpu.transpose_ref(p_smem[2 * g], (1, 0)))
+              plgpu.wgmma(acc_l, uv_g[0], plgpu.transpose_ref(p_smem[2 * g + 1], (1, 0)))
+              return acc_h[...], acc_l[...]
+            oh, ol = pl.run_scoped(values_s8,
+                                   *[plgpu.ACC((value_rows[g], HEADS), jnp.int32)] * 2)
+            pscale = jax.lax.broadcast_in_dim(pmaxes[g] * (1 / 127), o_g.shape, [1])
+            a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
+            new_o.append(o_g * a + (oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127))
+                         * pscale)
+          return tuple(new_o), l_rows, m_next
         for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
           a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
           uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
@@ -1104,20 +1128,22 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                 jax.ShapeDtypeStruct((r, splits_out, HEADS), f32),
                 jax.ShapeDtypeStruct((r, splits_out, HEADS), f32)),
       grid=(r, splits_out), grid_names=("row", "split"),
-      scratch_types=([plgpu.SMEM((HEADS, d), jnp.int8, transforms=s8_transforms())] * 2
-                     + [plgpu.SMEM((HEADS, sub), jnp.int8, transforms=s8_transforms())] * 2
+      scratch_types=([plgpu.SMEM((HEADS, sp.cols), jnp.int8, transforms=s8_transforms(sp.cols))
+                      for sp in key_specs for _ in range(2)]
+                     + [plgpu.SMEM((HEADS, sub), jnp.int8, transforms=s8_transforms(sub))]
+                     * (2 * gv)
                      if s8 else
                      [plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
                       for s in key_specs]
                      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv)
       + [plgpu.SMEM((d, HEADS), f32),
          plgpu.SMEM((2, HEADS), f32),
-         plgpu.Barrier(num_arrivals=2 if s8 else 1)]
+         plgpu.Barrier(num_arrivals=2 * gk if s8 else 1)]
       + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), f32)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
-      + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 else []),
+      + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else []),
   )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),
     *(_exact_args(exact) if exact is not None else ()))
@@ -1143,8 +1169,9 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
   if len(q) == 1 < len(k_codes):   # one query array: the groups' columns side by side
     cuts = np.cumsum([c.shape[-1] for c in k_codes])[:-1]
     q = tuple(jnp.split(q[0], cuts, axis=-1))
-  key_levels, value_levels = ((lv,) if isinstance(lv, ByteLevels) else _level_groups(lv)
-                              for lv in (key_levels, value_levels))
+  key_levels, value_levels = (
+      _s8_levels(lv) if isinstance(lv, ByteLevels) or isinstance(lv[0], ByteLevels)
+      else _level_groups(lv) for lv in (key_levels, value_levels))
 
   def levels(codes, bits, ac):
     if isinstance(ac, ByteLevels):

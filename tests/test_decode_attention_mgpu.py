@@ -407,12 +407,15 @@ def test_int8_path_bad_inputs_raise():
             scale=0.1, operand="int8")
   with pytest.raises(ValueError, match="needs q_scale"):
     dm.decode_partials(*args, **kw)
-  with pytest.raises(ValueError, match="ByteLevels of 8 levels"):
+  with pytest.raises(ValueError, match="one ByteLevels per key group"):
     dm.decode_partials(*args, **dict(kw, key_levels=(0.3, 0.01)), q_scale=z(2, 8, dt=jnp.float32))
-  with pytest.raises(ValueError, match="128 x 128 byte tiles"):
+  with pytest.raises(ValueError, match="ByteLevels of 8 levels"):
+    dm.decode_partials(*args, **dict(kw, key_levels=dm.ByteLevels((1, 2), 0.1)),
+                       q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="byte tiles of"):
     dm.decode_partials(*args, **dict(kw, key_spec=rc.TileSpec(4, 64, D)),
                        q_scale=z(2, 8, dt=jnp.float32))
-  with pytest.raises(ValueError, match="one 128-token tile at a time"):
+  with pytest.raises(ValueError, match="one tile at a time"):
     dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32), tokens_per_step=256)
   with pytest.raises(ValueError, match="operand must be"):
     dm.decode_partials(*args, **dict(kw, operand="fp8"), q_scale=z(2, 8, dt=jnp.float32))

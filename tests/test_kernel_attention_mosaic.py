@@ -254,16 +254,18 @@ def kernel_twin_s8(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_s
   for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
                  "sub_steps"):
     kw.pop(unused, None)
-  ks, vs = dm._groups(key_spec)[0], dm._groups(value_spec)[0]
+  ks, vs = dm._groups(key_spec), dm._groups(value_spec)     # channel groups
 
-  def unpack(words, bits, transposed):
+  def unpack(words, spec, transposed):
     r = words.shape[0]
-    tiles = byte_codes.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]), bits)
-    return (jnp.swapaxes(tiles, -1, -2) if transposed else tiles).reshape(r, -1, D)
+    tiles = byte_codes.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]),
+                                   spec.bits, (spec.rows, spec.cols))
+    tiles = jnp.swapaxes(tiles, -1, -2) if transposed else tiles
+    return tiles.reshape(r, -1, tiles.shape[-1])
   return dm.decode_partials_reference(
-      unpack(dm._groups(k_words)[0], ks.bits, False), dm._groups(k_norms)[0],
-      unpack(dm._groups(v_words)[0], vs.bits, True), dm._groups(v_norms)[0], q, bounds, qoff,
-      bits_k=ks.bits, bits_v=vs.bits, **kw)
+      tuple(unpack(w, s, False) for w, s in zip(dm._groups(k_words), ks)), k_norms,
+      tuple(unpack(w, s, True) for w, s in zip(dm._groups(v_words), vs)), v_norms, q, bounds,
+      qoff, bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs), **kw)
 
 
 @pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
@@ -271,6 +273,10 @@ def kernel_twin_s8(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_s
     (2, 4, 4, "plain", dict(soft_cap=6.0, sliding_window=200)),
     (4, 2, 8, "rope", dict(soft_cap=None, sliding_window=None, window=128,
                            dtype=jnp.bfloat16)),
+    # Fractional widths: two 64-channel groups per side, [256, 64] / [64, 256] byte tiles.
+    (3.5, 3.5, 8, "rope", dict(soft_cap=None, sliding_window=None, window=256,
+                               dtype=jnp.bfloat16)),
+    (2.5, 3.5, 4, "plain", dict(soft_cap=5.0, sliding_window=None)),
 ])
 def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering,
                                            kw):
@@ -293,20 +299,21 @@ def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq,
   got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
   ref = cache.attend(q, implementation="reference", **kw)
   assert seen[0]["q_scale"].shape == (B * H, dm.HEADS)
-  assert isinstance(seen[0]["key_levels"], dm.ByteLevels)
+  assert all(isinstance(x, dm.ByteLevels) for x in seen[0]["key_levels"])
+  assert len(seen[0]["key_levels"]) == len(cache.key_quantizer.groups)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
 def test_int8_tiles_config_errors_and_reasons(rng):
   with pytest.raises(ValueError, match="levels='int8'"):
     TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", tile_operand="int8")
-  with pytest.raises(ValueError, match="integer widths"):
+  with pytest.raises(ValueError, match="both widths integer or both fractional"):
     TurboQuantConfig(key_bits=3.5, value_bits=3, layout="tiles", levels="int8",
                      tile_operand="int8")
   with pytest.raises(ValueError, match="tile_operand must be"):
     TurboQuantConfig(tile_operand="fp8")
-  with pytest.raises(ValueError, match="128 tokens x 128 channels"):
-    TurboQuantKVCache.create(B, L, H, 64, config=TurboQuantConfig(
+  with pytest.raises(ValueError, match="int8 tiles are"):       # [128, 256]: 64 registers
+    TurboQuantKVCache.create(B, L, H, 256, config=TurboQuantConfig(
         key_bits=3, value_bits=3, layout="tiles", levels="int8", tile_operand="int8"))
   with pytest.raises(ValueError, match="int8 byte tiles"):
     TurboQuantKVCache.create(B, L, H, D, config=TurboQuantConfig(
@@ -318,10 +325,13 @@ def test_int8_tiles_config_errors_and_reasons(rng):
   assert "Lloyd-Max" in ka.mosaic_unsupported(fp16_tiles, 4)
 
 
-def test_int8_tiles_attend_lowers_for_cuda(rng):
-  cache = tiles_cache(rng, 3, 3, levels="int8", tile_operand="int8", center_keys="rope",
-                      dtype=jnp.bfloat16, window=128)
+@pytest.mark.parametrize("bits", [3, 3.5])
+def test_int8_tiles_attend_lowers_for_cuda(rng, bits):
+  from benchmarks.mosaic_lowering import module_asm
+  cache = tiles_cache(rng, bits, bits, levels="int8", tile_operand="int8", center_keys="rope",
+                      dtype=jnp.bfloat16, window=128 if bits == 3 else 256)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  asm = module_asm(text)
+  assert "prmt.b32" in asm and "m64n8k32.s32.s8.s8" in asm

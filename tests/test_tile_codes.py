@@ -14,9 +14,10 @@ from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
     (2, 128, False, "fp16"), (3, 128, True, "fp16"), (4, 64, True, "fp16"),
     (3, 256, False, "fp16"),
     # int8 byte tiles (`byte_codes`): 128 x 128, the same runs
-    (3, 128, False, "int8"), (4, 128, True, "int8"), (2, 128, True, "int8")])
+    (3, 128, False, "int8"), (4, 128, True, "int8"), (2, 128, True, "int8"),
+    (3, 64, False, "int8"), (4, 64, True, "int8")])   # 64-channel groups: 256-token tiles
 def test_runs_read_back(rng, bits, d, transposed, operand):
-  tt = tile_codes.tile_tokens(((d, bits),))
+  tt = tile_codes.tile_tokens(((d, bits),)) if operand == "fp16" else 16384 // d
   layout = tile_codes.TileLayout(bits, d, tt, transposed, operand)
   b, h, length = 2, 3, 4 * tt
   codes = tile_codes.empty((b, h, length), layout, jnp.float16)
@@ -50,8 +51,8 @@ def test_tile_lengths_and_errors():
     TurboQuantConfig(key_bits=3, value_bits=3, key_quantizer="prod", layout="tiles")
   with pytest.raises(ValueError, match="layout must be"):
     TurboQuantConfig(layout="rows")
-  with pytest.raises(ValueError, match="int8 tiles hold 128 tokens"):
-    tile_codes.TileLayout(3, 64, 256, False, "int8")
+  with pytest.raises(ValueError, match="int8 tiles are"):
+    tile_codes.TileLayout(3, 64, 128, False, "int8")
   with pytest.raises(ValueError, match="operand must be"):
     tile_codes.TileLayout(3, 128, 128, False, "fp8")
 

@@ -302,10 +302,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       qoff.astype(jnp.float32),
       key_spec=tuple(c.layout.spec for c in kcs),
       value_spec=tuple(c.layout.spec for c in vcs),
-      key_levels=(levels(cache.key_quantizer.groups[0]) if int8 else
-                  tuple(levels(g) for g in cache.key_quantizer.groups)),
-      value_levels=(levels(cache.value_quantizer.groups[0]) if int8 else
-                    tuple(levels(g) for g in cache.value_quantizer.groups)),
+      key_levels=tuple(levels(g) for g in cache.key_quantizer.groups),
+      value_levels=tuple(levels(g) for g in cache.value_quantizer.groups),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
       **(dict(exact_blocks=blocks) if exact is not None else {}),
       sliding_window=sliding_window, **kernel_kwargs)

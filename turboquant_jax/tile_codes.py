@@ -58,7 +58,8 @@ class TileLayout:
   """Static description of one side's tiles: width, head size, tokens per tile, whether
   tiles are [d, tokens] (values) or [tokens, d] (keys), and the kernel operand their
   words decode to: "fp16" (`register_codes` tiles) or "int8" (`byte_codes` tiles, 128
-  tokens x 128 channels, 2-4 bits)."""
+  tokens x 128 channels, or 256 x 64 for the 64-channel groups of fractional widths; 2-4
+  bits)."""
   bits: int
   dim: int
   tokens: int
@@ -68,11 +69,16 @@ class TileLayout:
   def __post_init__(self):
     if self.operand not in OPERANDS:
       raise ValueError(f"operand must be one of {OPERANDS}, got {self.operand!r}")
-    if self.operand == "int8" and (
-        (self.tokens, self.dim) != (byte_codes.ROWS, byte_codes.COLS)
-        or self.bits not in (2, 3, 4)):
-      raise ValueError(f"int8 tiles hold {byte_codes.ROWS} tokens x {byte_codes.COLS} "
-                       f"channels at 2-4 bits, got {self.tokens} x {self.dim} at {self.bits}")
+    if self.operand == "int8" and (self.shape not in byte_codes.SHAPES
+                                   or self.bits not in (2, 3, 4)):
+      raise ValueError(f"int8 tiles are {byte_codes.SHAPES} (tokens x channels for keys, "
+                       f"the transpose for values) at 2-4 bits, got {self.tokens} tokens x "
+                       f"{self.dim} channels at {self.bits}")
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The decoded tile's [rows, cols]."""
+    return (self.dim, self.tokens) if self.transposed else (self.tokens, self.dim)
 
   @property
   def spec(self) -> register_codes.TileSpec:
@@ -90,7 +96,7 @@ class TileLayout:
 
   def unpack(self, words: Array) -> Array:
     if self.operand == "int8":
-      return byte_codes.unpack_tile(words, self.bits)
+      return byte_codes.unpack_tile(words, self.bits, self.shape)
     return register_codes.unpack_tile(words, self.spec)
 
 

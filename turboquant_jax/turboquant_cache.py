@@ -114,9 +114,10 @@ class TurboQuantConfig:
       CPU in interpret mode (bit-exact with jnp there; slow: for tests); False: never.
     tile_operand: what the Mosaic kernel decodes the tiles into: "fp16" (`register_codes`
       tiles, levels a polynomial: levels="cubic" or "quintic") or "int8" (`byte_codes`
-      tiles looked up by byte permutes into int8 tensor-core operands: integer widths 2-4,
-      head_dim 128, levels="int8", the jnp writer; H200 kernel at 8 x 32K, 3 bits: 0.103
-      ms against 0.125-0.141, README).
+      tiles looked up by byte permutes into int8 tensor-core operands: head_dim 128, both
+      widths integer or both fractional, levels="int8", the jnp writer; H200 kernel at
+      8 x 32K, 3 bits: 0.103 ms against 0.125-0.141, README; channel groups not yet run on
+      a GPU).
   """
 
   key_bits: float = 3.5
@@ -159,11 +160,11 @@ class TurboQuantConfig:
                        f"{self.tile_operand!r}")
     if self.tile_operand == "int8":
       widths = (self.key_bits, self.value_bits)
-      if self.layout != "tiles" or self.levels != "int8" or any(b not in (2, 3, 4)
-                                                                  for b in widths):
+      if (self.layout != "tiles" or self.levels != "int8"
+          or len({float(b).is_integer() for b in widths}) > 1):
         raise ValueError("tile_operand='int8' takes layout='tiles', levels='int8' and "
-                         f"integer widths 2-4, got layout={self.layout!r}, "
-                         f"levels={self.levels!r}, widths {widths}")
+                         "both widths integer or both fractional (one tile length), got "
+                         f"layout={self.layout!r}, levels={self.levels!r}, widths {widths}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks"):
