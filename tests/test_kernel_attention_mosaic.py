@@ -335,3 +335,20 @@ def test_int8_tiles_attend_lowers_for_cuda(rng, bits):
       lowering_platforms=("cuda",)).as_text()
   asm = module_asm(text)
   assert "prmt.b32" in asm and "m64n8k32.s32.s8.s8" in asm
+
+
+def test_int8_tiles_glue_at_head_dim_64(rng, monkeypatch):
+  """d = 64 heads (SmolLM2's) at an integer width: one group of [256, 64] byte tiles."""
+  d = 64
+  cfg = TurboQuantConfig(key_bits=3, value_bits=4, layout="tiles", levels="int8",
+                         tile_operand="int8", window=32, center_keys="plain")
+  cache = TurboQuantKVCache.create(B, L, H, d, config=cfg)
+  assert cache.key_codes[0].layout.shape == (256, 64)
+  k = jnp.asarray(rng.standard_normal((B, L, H, d)) + 1.0, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((B, L, H, d)), jnp.float32)
+  cache = cache.update(k, v, num_tokens=jnp.asarray((500, 300)))
+  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin_s8)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, d)), jnp.float32)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2)
+  ref = cache.attend(q, implementation="reference")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
