@@ -146,7 +146,10 @@ def time_cudnn(key, b, t):
 
 
 def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128,
-              rope=False):
+              rope=False, levels_fn=None):
+  """Seconds of `decode_partials` at (b, t) on random tiles, and bytes read; levels_fn(bits)
+  gives the levels (default `levels`, the cubic codebook)."""
+  levels_fn = levels_fn or levels
   ks, vs = specs(bits_k, bits_v)
   r = b * HKV
   kk, kv, kn, kq = jax.random.split(key, 4)
@@ -161,7 +164,7 @@ def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128,
   offsets = rope_operands(kq, r, t) if rope else None
   f = lambda q, kw, kn, vw, vn, bounds, qoff, offsets: dm.decode_partials(  # noqa: E731
       kw, kn, vw, vn, q, bounds, qoff, key_spec=ks, value_spec=vs, num_splits=splits,
-      scale=D**-0.5, key_levels=levels(bits_k), value_levels=levels(bits_v),
+      scale=D**-0.5, key_levels=levels_fn(bits_k), value_levels=levels_fn(bits_v),
       max_concurrent_steps=stages, overlap_values=overlap, tokens_per_step=step,
       rope=offsets)
   args = (q[0], kw, norms[0], vw, norms[1], bounds, qoff, offsets)

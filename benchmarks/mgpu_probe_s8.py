@@ -16,14 +16,16 @@ fp16 cubic decode.
 
 Keys only, as `mgpu_probe_kernels.key_scores_probe` (decode, scores, norms, running
 max), on the same words: the variants differ only in the decode and the wgmma, so their
-times say what the decode and the 8-bit wgmma cost. Measurement tool, not a library
-kernel: the storage is `pallas_kernels.byte_codes` (checked against a float32 jnp
-reference on the GPU, `--full`), the rest of the library does not use it yet.
+times say what the decode and the 8-bit wgmma cost. The storage is
+`pallas_kernels.byte_codes`, the decoder the kernel module's `byte_decoder`; keys and
+values run through the library's own int8 path (`decode_partials(operand="int8")`,
+`--library`: checked against its float32 reference, then timed beside the fp16 path and
+cuDNN). `mgpu_probe_s8_full_gpu.json` came from a K+V probe kernel (commit 2f960c1) that
+the library path replaced.
 
-    python -m benchmarks.mgpu_probe_s8            # keys only
-    python -m benchmarks.mgpu_probe_s8 --full     # keys and values, with the library kernel
-    python -m benchmarks.mgpu_probe_s8 --profile 4   # two K+V calls at 4 bits, for ncu
-    python -m benchmarks.mgpu_probe_s8 --library     # decode_partials(operand="int8")
+    python -m benchmarks.mgpu_probe_s8              # keys only, 2/3/4 bits
+    python -m benchmarks.mgpu_probe_s8 --library    # decode_partials(operand="int8")
+    python -m benchmarks.mgpu_probe_s8 --profile 3  # two library int8 calls, for ncu
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -114,104 +115,6 @@ def key_scores_probe_s8(words, norms, q8, *, num_splits: int, rows: int = 128,
                      plgpu.Barrier(num_arrivals=1)])(words, norms, q8)
 
 
-def attention_probe_s8(k_words, k_norms, v_words, v_norms, q8, *, num_splits: int,
-                       rows: int = 128, raw: bool = False, max_concurrent_steps: int = 2,
-                       bits: int = 3):
-  """Keys and values: split-K partials (o, l, m) as `decode_attention_mgpu.decode_partials`
-  (one group, no RoPE term, no exact tokens), with both tiles decoded by PRMT into int8
-  wgmma operands: scores^T = K·q8^T (int32), online softmax in float32, and
-  out^T = V^T·p^T as two int8 wgmmas, p·‖v‖ split as hi/127 + lo/127² (14 bits: under
-  2^-14 of a step's largest weight lost). k_words, v_words int32 [BH, tiles·64, 8·bits]
-  (`bits`-bit tiles of `rows` tokens), norms float16 [BH, T], q8 int8 [BH, 8, 128].
-  Returns o float32 [BH, splits, 128, 8], l, m float32 [BH, splits, 8]."""
-  bh, word_rows, c = k_words.shape
-  step_words = rows // 2
-  steps = word_rows // step_words // num_splits
-  decode = prmt_decoder(rows, raw, bits)
-  log2e = float(np.log2(np.e))
-
-  def kernel(kw_gmem, kn_gmem, vw_gmem, vn_gmem, q_gmem, o_gmem, l_gmem, m_gmem,
-             q_smem, ph_smem, pl_smem, o_smem, lm_smem, q_barrier):
-    i, j = jax.lax.axis_index("bh"), jax.lax.axis_index("split")
-    plgpu.copy_gmem_to_smem(q_gmem.at[i], q_smem, q_barrier)
-    plgpu.barrier_wait(q_barrier)
-
-    def body(_, kw_smem, kn_smem, vw_smem, vn_smem, carry):
-      o, l_rows, m_prev = carry
-      a = decode(plgpu.load(kw_smem, (), layout=plgpu.Layout.WGMMA, optimized=c <= 24))
-
-      def scores(acc_ref):
-        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(q_smem, (1, 0)))
-        av = decode(plgpu.load(vw_smem, (), layout=plgpu.Layout.WGMMA, optimized=c <= 24))  # while it runs
-        return acc_ref[...], av
-      s, av = pl.run_scoped(scores, plgpu.ACC((rows, dm.HEADS), jnp.int32))
-      kn = plgpu.load(kn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      s = s.astype(jnp.float32) * jax.lax.broadcast_in_dim(kn * (log2e / 40.0 / 127.0),
-                                                           (rows, dm.HEADS), [0])
-      m_next = jnp.maximum(m_prev, s.max(axis=0))
-      alpha = jnp.exp2(m_prev - m_next)
-      p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1]))
-      l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-      vn = plgpu.load(vn_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      pv = p * jax.lax.broadcast_in_dim(vn * 0.5 * 127.0, p.shape, [0])   # norms < 2
-      hi = jnp.round(pv)
-      lo = jnp.round((pv - hi) * 127.0)
-      for ref, x in ((ph_smem, hi), (pl_smem, lo)):
-        # Mosaic transposes 16-bit registers only: transpose in fp16 (exact: |x| <= 127).
-        plgpu.transpose_ref(ref, (1, 0))[...] = plgpu.layout_cast(
-            x.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
-      plgpu.commit_smem()
-
-      def values(acc_h, acc_l):
-        plgpu.wgmma(acc_h, av, plgpu.transpose_ref(ph_smem, (1, 0)))
-        plgpu.wgmma(acc_l, av, plgpu.transpose_ref(pl_smem, (1, 0)))
-        return acc_h[...], acc_l[...]
-      oh, ol = pl.run_scoped(values, plgpu.ACC((D, dm.HEADS), jnp.int32),
-                             plgpu.ACC((D, dm.HEADS), jnp.int32))
-      o = (o * jax.lax.broadcast_in_dim(alpha, o.shape, [1]) + oh.astype(jnp.float32)
-           + ol.astype(jnp.float32) * (1.0 / 127.0))
-      return o, l_rows, m_next
-
-    zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32),  # noqa: E731
-                                            plgpu.Layout.WGMMA)
-    init = (zeros((D, dm.HEADS)), zeros((rows, dm.HEADS)),
-            plgpu.layout_cast(jnp.full((dm.HEADS,), -1e30, jnp.float32),
-                              plgpu.Layout.WGMMA.reduce(0)))
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(steps,),
-        in_specs=[plgpu.BlockSpec((step_words, c), lambda t: (t, 0)),
-                  plgpu.BlockSpec((rows,), lambda t: (t,)),
-                  plgpu.BlockSpec((step_words, c), lambda t: (t, 0)),
-                  plgpu.BlockSpec((rows,), lambda t: (t,))],
-        max_concurrent_steps=max_concurrent_steps, init_carry=init)
-    first = j * steps
-    sl = lambda x, n: x.at[i, pl.ds(first * n, steps * n)]  # noqa: E731
-    o, l_rows, m = pipeline(sl(kw_gmem, step_words), sl(kn_gmem, rows),
-                            sl(vw_gmem, step_words), sl(vn_gmem, rows))
-    o_smem[...] = o * (2.0 / 127.0 / 127.0)
-    lm_smem[0] = l_rows.sum(axis=0)
-    lm_smem[1] = m
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[0], l_gmem.at[i, j])
-    plgpu.copy_smem_to_gmem(lm_smem.at[1], m_gmem.at[i, j])
-    plgpu.wait_smem_to_gmem(0)
-
-  f32 = jnp.float32
-  return plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((bh, num_splits, D, dm.HEADS), f32),
-                jax.ShapeDtypeStruct((bh, num_splits, dm.HEADS), f32),
-                jax.ShapeDtypeStruct((bh, num_splits, dm.HEADS), f32)),
-      grid=(bh, num_splits), grid_names=("bh", "split"),
-      scratch_types=[plgpu.SMEM((dm.HEADS, D), jnp.int8, transforms=q8_transforms()),
-                     plgpu.SMEM((dm.HEADS, rows), jnp.int8, transforms=q8_transforms()),
-                     plgpu.SMEM((dm.HEADS, rows), jnp.int8, transforms=q8_transforms()),
-                     plgpu.SMEM((D, dm.HEADS), f32), plgpu.SMEM((2, dm.HEADS), f32),
-                     plgpu.Barrier(num_arrivals=1)])(k_words, k_norms, v_words, v_norms, q8)
-
-
-
 def pack_keys(codes, bits):
   """codes [BH, T, 128] -> words [BH, T/128·64, 8·bits] (each 128-token tile [tokens, D])."""
   bh, t, d = codes.shape
@@ -226,36 +129,20 @@ def pack_values(codes, bits):
 
 
 def check(key, bits=3, bh=4, t=4096, splits=4):
-  """Both probes on packed random codes against float32 jnp references."""
-  ks = jax.random.split(key, 6)
+  """The keys probe on packed random codes against a float32 jnp reference (exact: int8
+  products summed in int32, times fp16 norms)."""
+  ks = jax.random.split(key, 3)
   kc = jax.random.randint(ks[0], (bh, t, D), 0, 1 << bits)
-  vc = jax.random.randint(ks[1], (bh, t, D), 0, 1 << bits)
-  kn = jax.random.uniform(ks[2], (bh, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
-  vn = jax.random.uniform(ks[3], (bh, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
-  q8 = jax.random.randint(ks[4], (bh, dm.HEADS, D), -127, 128).astype(jnp.int8)
+  kn = jax.random.uniform(ks[1], (bh, t), jnp.float32, 0.5, 1.5).astype(jnp.float16)
+  q8 = jax.random.randint(ks[2], (bh, dm.HEADS, D), -127, 128).astype(jnp.int8)
   lv = jnp.asarray(LEVELS[bits], jnp.float32)
-  hi_ = jax.lax.Precision.HIGHEST
-  dots = jnp.einsum("btd,bhd->bth", lv[kc], q8.astype(jnp.float32), precision=hi_)
+  dots = jnp.einsum("btd,bhd->bth", lv[kc], q8.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
   s = dots * kn.astype(jnp.float32)[..., None]
-  out = {"bits": bits}
   got = key_scores_probe_s8(pack_keys(kc, bits), kn, q8, num_splits=splits, bits=bits)
   want = s.reshape(bh, splits, -1, 128, dm.HEADS).max(axis=2)
-  out["keys_rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-  o, l, m = attention_probe_s8(pack_keys(kc, bits), kn, pack_values(vc, bits), vn, q8,
-                               num_splits=splits, bits=bits)
-  s2 = (s * (np.log2(np.e) / 40.0 / 127.0)).reshape(bh, splits, -1, dm.HEADS)
-  m_ref = s2.max(axis=2)
-  p = jnp.exp2(s2 - m_ref[:, :, None])
-  l_ref = p.sum(axis=2)
-  vals = (lv[vc] / 127.0 * vn.astype(jnp.float32)[..., None]).reshape(bh, splits, -1, D)
-  o_ref = jnp.einsum("bstd,bsth->bsdh", vals, p, precision=hi_)
-  out["m_err"] = float(jnp.max(jnp.abs(m - m_ref)))
-  out["l_rel_err"] = float(jnp.max(jnp.abs(l - l_ref) / l_ref))
-  out["o_rel_err"] = float(jnp.linalg.norm(o / l[:, :, None] - o_ref / l_ref[:, :, None])
-                           / jnp.linalg.norm(o_ref / l_ref[:, :, None]))
-  out["ok"] = (out["keys_rel_err"] <= 1e-5 and out["m_err"] <= 1e-4
-               and out["l_rel_err"] <= 1e-4 and out["o_rel_err"] <= 1e-3)
-  return out
+  err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  return dict(bits=bits, keys_rel_err=err, ok=err <= 1e-5)
 
 
 def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, splits=4):
@@ -276,10 +163,9 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   ex = None
   if exact:
     ke = jax.random.split(jax.random.fold_in(key, 2), 3)
-    ring = jnp.stack([jnp.arange(200) + t - 150,
-                      jnp.where(jnp.arange(200) < 60, jnp.arange(200) + t - 150, -1)] * 1)
+    full = jnp.arange(200) + t - 150        # per batch entry: full, stale/empty, full
+    ring = jnp.stack([full, jnp.where(jnp.arange(200) < 60, full, -1), full]).astype(jnp.int32)
     limits = jnp.array([[t + 40, t - 150, t + 50, 0, 5]] * 3, jnp.int32)
-    ring = jnp.concatenate([ring, ring[:1]], 0).astype(jnp.int32)
     ek = [jax.random.normal(ke[0], (r, n, D), jnp.float32).astype(jnp.bfloat16) for n in (200, 5)]
     ev = [jax.random.normal(ke[1], (r, n, D), jnp.float32).astype(jnp.bfloat16) for n in (200, 5)]
     qe = (jax.random.normal(ke[2], (r, dm.HEADS, D)) * 0.1).astype(jnp.bfloat16)
@@ -319,34 +205,24 @@ def library_main():
     print("check", checks[-1], flush=True)
   ceiling = md.read_ceiling()
   key = jax.random.PRNGKey(0)
-  b, t, r = 8, 32768, 64
+  b, t = 8, 32768
   base, _ = md.time_cudnn(key, b, t)
   rows = [dict(bits=16, kernel="cudnn bf16 attention", ms=base * 1e3)]
   for bits in (3, 2):
     for rope in (False, True):
       for lv in (("cubic", "quintic") if bits == 3 else ("cubic",)):
-        md.levels = functools.partial(_levels, lv)
         try:
-          sec, nbytes = md.time_ours(key, b, t, bits, bits, 16, 2, rope=rope)
+          sec, nbytes = md.time_ours(key, b, t, bits, bits, 16, 2, rope=rope,
+                                     levels_fn=functools.partial(_levels, lv))
           rows.append(dict(bits=bits, rope=rope, kernel=f"fp16 path, {lv} levels",
                            ms=sec * 1e3, x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
         except Exception as e:  # noqa: BLE001
           rows.append(dict(bits=bits, rope=rope, kernel=f"fp16 {lv}", error=repr(e)[:300]))
         print(rows[-1], flush=True)
-      spec, words, norms, q = mp_inputs(bits)
-      q8, qs = dm.quantize_query_s8(q.astype(jnp.float32) * 0.01)
-      lv8 = dm.ByteLevels(LEVELS[bits], 1.0 / 127)
-      bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
-      qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
-      ro = md.rope_operands(key, r, t) if rope else None
-      ts = rc.TileSpec(bits, 128, 128)
-      f = lambda q8, w, n, bounds, qoff, qs, ro, ts=ts, lv8=lv8: dm.decode_partials(  # noqa: E731
-          w, n, w, n, q8, bounds, qoff, key_spec=ts, value_spec=ts, key_levels=lv8,
-          value_levels=lv8, num_splits=16, scale=D**-0.5, rope=ro, operand="int8",
-          q_scale=qs)
+      f, args = library_call(bits, t, rope, key)
       try:
-        sec = common.device_time_chained(f, (q8, words, norms, bounds, qoff, qs, ro), 4, iters=8)
-        nbytes = 2 * (words.nbytes + norms.nbytes)
+        sec = common.device_time_chained(f, args, 0, iters=8)
+        nbytes = 2 * (args[2].nbytes + args[3].nbytes)
         rows.append(dict(bits=bits, rope=rope, kernel="int8 path (PRMT)", ms=sec * 1e3,
                          x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
       except Exception as e:  # noqa: BLE001
@@ -365,7 +241,26 @@ def mp_inputs(bits, t=32768):
   """8 x 8 kv heads x t tokens of pseudo-random byte-code words, norms and queries."""
   from benchmarks import mgpu_probe as mp
   _, words, norms, q = mp.probe_inputs(bits, t=t)
-  return None, words.reshape(words.shape[0], -1, 8 * bits), norms, q
+  return words.reshape(words.shape[0], -1, 8 * bits), norms, q
+
+
+def library_call(bits, t, rope, key=None):
+  """(f, args): `decode_partials(operand="int8")` on 8 x 8 kv heads x t tokens of
+  pseudo-random byte tiles at `bits`, 16 splits, with or without the RoPE term."""
+  from benchmarks import mgpu_decode as md
+  words, norms, q = mp_inputs(bits, t)
+  r = words.shape[0]
+  q8, qs = dm.quantize_query_s8(q.astype(jnp.float32) * 0.01)
+  lv8 = dm.ByteLevels(LEVELS[bits], 1.0 / 127)
+  bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
+  qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
+  ro = md.rope_operands(key if key is not None else jax.random.PRNGKey(0), r, t) if rope \
+      else None
+  ts = rc.TileSpec(bits, 128, 128)
+  f = lambda qoff, q8, w, n, bounds, qs, ro: dm.decode_partials(  # noqa: E731
+      w, n, w, n, q8, bounds, qoff, key_spec=ts, value_spec=ts, key_levels=lv8,
+      value_levels=lv8, num_splits=16, scale=D**-0.5, rope=ro, operand="int8", q_scale=qs)
+  return f, (qoff, q8, words, norms, bounds, qs, ro)
 
 
 def _levels(kind: str, bits: int):
@@ -376,23 +271,17 @@ def _levels(kind: str, bits: int):
 
 
 def main(argv=None):
-  """Checks at 2, 3 and 4 bits, then keys-only times per width (or, with --full, keys and
-  values at 3 and 4 bits beside the library kernel and cuDNN)."""
+  """Keys-only checks and times at 2, 3 and 4 bits; or `--library` (the int8 path's checks
+  and timings), or `--profile BITS` (two library int8 calls, for ncu)."""
   argv = sys.argv[1:] if argv is None else argv
-  full = "--full" in argv
   if "--library" in argv:
     return library_main()
-  if "--profile" in argv:   # two calls of the K+V probe at one width, for ncu
-    from benchmarks import mgpu_probe as mp
-    bits = int(argv[argv.index("--profile") + 1])
-    _, words, norms, q = mp.probe_inputs(bits)
-    words = words.reshape(words.shape[0], -1, 8 * bits)
-    fn = jax.jit(lambda w, n, qq: attention_probe_s8(w, n, w, n, qq, num_splits=8,
-                                                     bits=bits))
+  if "--profile" in argv:
+    f, args = library_call(int(argv[argv.index("--profile") + 1]), 32768, rope=False)
+    fn = jax.jit(f)
     for _ in range(2):
-      jax.block_until_ready(fn(words, norms, (q * 40).astype(jnp.int8)))
+      jax.block_until_ready(fn(*args))
     return
-  from benchmarks import mgpu_decode as md
   from benchmarks import mgpu_probe as mp
   from benchmarks import mgpu_probe_kernels as pk
   checks = []
@@ -405,79 +294,50 @@ def main(argv=None):
   ceiling = mp.read_ceiling()
   rows = []
 
-  def timed(label, fn, args, coords, nbytes, extra=lambda sec: {}):
+  def timed(label, fn, args, coords, nbytes):
     try:
       sec = common.device_time(fn, *args)
       rows.append(dict(label, ms=sec * 1e3, coords_per_s=coords / sec,
-                       ceiling_frac=nbytes / sec / ceiling, **extra(sec)))
+                       ceiling_frac=nbytes / sec / ceiling))
     except Exception as e:  # noqa: BLE001 - report every variant
       rows.append(dict(label, error=repr(e)[:400]))
     print(rows[-1], flush=True)
 
-  if full:   # keys and values, against the library kernel and cuDNN on the same shapes
-    key = jax.random.PRNGKey(0)
-    t = 32768
-    base, _ = md.time_cudnn(key, 8, t)
-    rows.append(dict(bits=16, decode="cudnn bf16 attention", ms=base * 1e3))
-    print(rows[-1], flush=True)
-    for bits in (3, 4):
-      spec, words, norms, q = mp.probe_inputs(bits)          # 8 x 8 kv heads x 32K tokens
-      words = words.reshape(words.shape[0], -1, 8 * bits)     # the same bits, byte tiles
-      q8 = (q * 40).astype(jnp.int8)
-      coords = 2 * words.shape[0] * t * D
-      for lv in ("cubic", "quintic"):
-        md.levels = functools.partial(_levels, lv)
-        try:
-          sec, nbytes = md.time_ours(key, 8, t, bits, bits, 16, 2)
-          rows.append(dict(bits=bits, decode=f"library decode_partials, {lv} levels",
-                           ms=sec * 1e3, coords_per_s=coords / sec,
-                           ceiling_frac=nbytes / sec / ceiling, x_cudnn=base / sec))
-        except Exception as e:  # noqa: BLE001
-          rows.append(dict(bits=bits, decode=f"library {lv}", error=repr(e)[:400]))
-        print(rows[-1], flush=True)
-      for raw in (False, True):
-        fn = jax.jit(lambda w, n, qq, raw=raw, bits=bits: attention_probe_s8(
-            w, n, w, n, qq, num_splits=8, raw=raw, bits=bits))
-        timed(dict(bits=bits, decode=f"int8 {'raw' if raw else 'prmt'} K+V"), fn,
-              (words, norms, q8), coords, 2 * (words.nbytes + norms.nbytes),
-              extra=lambda sec: dict(x_cudnn=base / sec))
-  else:
-    for bits in (2, 3, 4):
-      spec, words, norms, q = mp.probe_inputs(bits)
-      words8 = words.reshape(words.shape[0], -1, 8 * bits)
-      q8 = (q * 40).astype(jnp.int8)
-      coords = words.shape[0] * norms.shape[1] * D
-      nbytes = words.nbytes + norms.nbytes
+  for bits in (2, 3, 4):
+    spec, words, norms, q = mp.probe_inputs(bits)
+    words8 = words.reshape(words.shape[0], -1, 8 * bits)
+    q8 = (q * 40).astype(jnp.int8)
+    coords = words.shape[0] * norms.shape[1] * D
+    nbytes = words.nbytes + norms.nbytes
 
-      def f16_probe(variant, form=None, spec=spec):
-        decode = dm.tile_decoder(spec, variant, 1, form=form)
-        return jax.jit(lambda w, n, qq: pk.key_scores_probe(
-            w, n, qq, spec=spec, num_splits=8, variant=variant, max_concurrent_steps=4,
-            decoder=decode))
+    def f16_probe(variant, form=None, spec=spec):
+      decode = dm.tile_decoder(spec, variant, 1, form=form)
+      return jax.jit(lambda w, n, qq: pk.key_scores_probe(
+          w, n, qq, spec=spec, num_splits=8, variant=variant, max_concurrent_steps=4,
+          decoder=decode))
 
-      for lv in ("quintic", "cubic"):
-        try:
-          form = dm.level_form(_levels(lv, bits), bits)
-        except ValueError as e:
-          rows.append(dict(bits=bits, decode=f"fp16 {lv} levels", error=str(e)[:200]))
-          continue
-        timed(dict(bits=bits, decode=f"fp16 {lv} levels"), f16_probe("levels", form),
-              (words, norms, q), coords, nbytes, extra=lambda sec: {})
-      timed(dict(bits=bits, decode="fp16 raw (no decode)"), f16_probe("raw"),
-            (words, norms, q), coords, nbytes, extra=lambda sec: {})
-      for raw in (False, True):
-        fn = jax.jit(lambda w, n, qq, raw=raw, bits=bits: key_scores_probe_s8(
-            w, n, qq, num_splits=8, raw=raw, bits=bits))
-        timed(dict(bits=bits, decode=f"int8 {'raw (no decode)' if raw else 'prmt'}"), fn,
-              (words8, norms, q8), coords, nbytes, extra=lambda sec: {})
-  path = common.write_result("mgpu_probe_s8" + ("_full" if full else ""), dict(
-      shape=dict(batch=8, kv_heads=8, tokens=32768, head_dim=D,
-                 side="keys and values" if full else "keys only"),
+    for lv in ("quintic", "cubic"):
+      try:
+        form = dm.level_form(_levels(lv, bits), bits)
+      except ValueError as e:
+        rows.append(dict(bits=bits, decode=f"fp16 {lv} levels", error=str(e)[:200]))
+        continue
+      timed(dict(bits=bits, decode=f"fp16 {lv} levels"), f16_probe("levels", form),
+            (words, norms, q), coords, nbytes)
+    timed(dict(bits=bits, decode="fp16 raw (no decode)"), f16_probe("raw"),
+          (words, norms, q), coords, nbytes)
+    for raw in (False, True):
+      fn = jax.jit(lambda w, n, qq, raw=raw, bits=bits: key_scores_probe_s8(
+          w, n, qq, num_splits=8, raw=raw, bits=bits))
+      timed(dict(bits=bits, decode=f"int8 {'raw (no decode)' if raw else 'prmt'}"), fn,
+            (words8, norms, q8), coords, nbytes)
+  path = common.write_result("mgpu_probe_s8", dict(
+      shape=dict(batch=8, kv_heads=8, tokens=32768, head_dim=D, side="keys only"),
       read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
   print(f"wrote {path}")
-  common.print_table(checks, ["bits", "keys_rel_err", "m_err", "l_rel_err", "o_rel_err", "ok"])
+  common.print_table(checks, ["bits", "keys_rel_err", "ok"])
   common.print_table([dict(r, coords_per_s=r.get("coords_per_s", 0) / 1e12) for r in rows],
-                     ["bits", "decode", "ms", "coords_per_s", "ceiling_frac", "x_cudnn"])
+                     ["bits", "decode", "ms", "coords_per_s", "ceiling_frac"])
 
 
 if __name__ == "__main__":

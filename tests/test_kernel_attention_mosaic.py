@@ -33,26 +33,32 @@ def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), dtype=jnp.float32, 
   return cache.update(k, v, num_tokens=jnp.asarray(lengths))
 
 
-def _unpack(words, spec, transposed):
+def _unpack(words, spec, transposed, operand="fp16"):
+  from pallas_kernels import byte_codes
   r = words.shape[0]
-  tiles = rc.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]), spec)
+  words = words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1])
+  tiles = (byte_codes.unpack_tile(words, spec.bits, (spec.rows, spec.cols))
+           if operand == "int8" else rc.unpack_tile(words, spec))
   if transposed:
     tiles = jnp.swapaxes(tiles, -1, -2)
   return tiles.reshape(r, -1, tiles.shape[-1])
 
 
 def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
-                value_spec, **kw):
-  """decode_partials computed by decode_partials_reference on the unpacked tiles."""
+                value_spec, operand="fp16", **kw):
+  """decode_partials computed by decode_partials_reference on the unpacked tiles (the
+  int8 path's byte tiles, int8 query parts and q_scale as they come)."""
   for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
                  "sub_steps"):
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
+  if operand != "int8":
+    q = tuple(x.astype(jnp.float32) for x in dm._groups(q))
   o, l, m = dm.decode_partials_reference(
-      tuple(_unpack(w, s, False) for w, s in zip(dm._groups(k_words), ks)), k_norms,
-      tuple(_unpack(w, s, True) for w, s in zip(dm._groups(v_words), vs)), v_norms,
-      tuple(x.astype(jnp.float32) for x in dm._groups(q)), bounds, qoff,
-      bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs), **kw)
+      tuple(_unpack(w, s, False, operand) for w, s in zip(dm._groups(k_words), ks)), k_norms,
+      tuple(_unpack(w, s, True, operand) for w, s in zip(dm._groups(v_words), vs)), v_norms,
+      q, bounds, qoff, bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs),
+      **kw)
   return o, l, m
 
 
@@ -246,28 +252,6 @@ def test_mosaic_reasons_and_errors(rng):
 
 # -- the int8 path: byte tiles, int8 levels, queries in two int8 parts ----------------------
 
-def kernel_twin_s8(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec,
-                   value_spec, operand, **kw):
-  """decode_partials(operand="int8") computed by its reference on the unpacked byte tiles."""
-  from pallas_kernels import byte_codes
-  assert operand == "int8"
-  for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-                 "sub_steps"):
-    kw.pop(unused, None)
-  ks, vs = dm._groups(key_spec), dm._groups(value_spec)     # channel groups
-
-  def unpack(words, spec, transposed):
-    r = words.shape[0]
-    tiles = byte_codes.unpack_tile(words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1]),
-                                   spec.bits, (spec.rows, spec.cols))
-    tiles = jnp.swapaxes(tiles, -1, -2) if transposed else tiles
-    return tiles.reshape(r, -1, tiles.shape[-1])
-  return dm.decode_partials_reference(
-      tuple(unpack(w, s, False) for w, s in zip(dm._groups(k_words), ks)), k_norms,
-      tuple(unpack(w, s, True) for w, s in zip(dm._groups(v_words), vs)), v_norms, q, bounds,
-      qoff, bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs), **kw)
-
-
 @pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw", [
     (3, 3, 8, "rope", dict(soft_cap=None, sliding_window=None)),
     (2, 4, 4, "plain", dict(soft_cap=6.0, sliding_window=200)),
@@ -290,7 +274,8 @@ def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq,
 
   def twin(*args, **k):
     seen.append(k)
-    return kernel_twin_s8(*args, **k)
+    assert k["operand"] == "int8"
+    return kernel_twin(*args, **k)
 
   monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
   q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32)
@@ -347,8 +332,14 @@ def test_int8_tiles_glue_at_head_dim_64(rng, monkeypatch):
   k = jnp.asarray(rng.standard_normal((B, L, H, d)) + 1.0, jnp.float32)
   v = jnp.asarray(rng.standard_normal((B, L, H, d)), jnp.float32)
   cache = cache.update(k, v, num_tokens=jnp.asarray((500, 300)))
-  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin_s8)
+  seen = []
+
+  def twin(*args, **kw):
+    seen.append(kw["operand"])
+    return kernel_twin(*args, **kw)
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
   q = jnp.asarray(rng.standard_normal((B, 1, 8, d)), jnp.float32)
   got = ka.attend(cache, q, mosaic=True, num_splits=2)
   ref = cache.attend(q, implementation="reference")
+  assert seen == ["int8"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)

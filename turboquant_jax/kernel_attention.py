@@ -122,6 +122,17 @@ def odd_levels(quantizer) -> tuple[float, ...] | None:
   return None
 
 
+def byte_levels(quantizer):
+  """The quantizer's levels as the int8 path's `ByteLevels` (an int8 table and a scale),
+  or None where no int8 table holds them exactly (levels other than "int8")."""
+  centroids = np.asarray(quantizer.static_codebook().centroids, np.float64)
+  table = mosaic.byte_levels(centroids)
+  exact = np.asarray(table.table, np.float64) * table.scale
+  if not np.allclose(exact, centroids, rtol=1e-6, atol=1e-7 * abs(table.scale)):
+    return None
+  return table
+
+
 def _int8_tiles(cache) -> bool:
   """Whether the cache's tiles are `byte_codes` tiles (the kernel's int8 path)."""
   return cache.key_codes[0].layout.operand == "int8"
@@ -140,10 +151,7 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
     if jnp.dtype(q.norm_dtype) != jnp.float16:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
     if _int8_tiles(cache):
-      table = mosaic.byte_levels(np.asarray(q.static_codebook().centroids))
-      exact = np.asarray(table.table, np.float64) * table.scale
-      if not np.allclose(exact, np.asarray(q.static_codebook().centroids), rtol=1e-6,
-                         atol=1e-7 * abs(table.scale)):
+      if byte_levels(q) is None:
         return "its int8 path needs levels an int8 table represents (levels='int8')"
       continue
     coefficients = odd_levels(q)
@@ -275,7 +283,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   if int8:   # two int8 parts and a scale per row (about 14 bits)
     q, q_scale = mosaic.quantize_query_s8(q.reshape(b * h, mosaic.HEADS, d))
     kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=q_scale)
-    levels = lambda g: mosaic.byte_levels(np.asarray(g.static_codebook().centroids))  # noqa: E731
+    levels = byte_levels
   else:
     q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
     levels = odd_levels
