@@ -71,6 +71,14 @@ CACHES = {
     # The same with quintic levels: Lloyd-Max's D_mse within 0.16% (one more op per pair).
     "tq3.5-quintic-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="rope")),
+    # The int8 path: byte tiles decoded by byte permutes into int8 wgmma operands, levels
+    # Lloyd-Max on an int8 grid (`codebook.int8_codebook`); queries in two int8 parts.
+    "tq3-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
+        center_keys="rope")),
+    "tq3.5-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3.5, value_bits=3.5, levels="int8", tile_operand="int8", layout="tiles",
+        center_keys="rope")),
     "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
     # 3.5-bit tiles hold 256 tokens, so the default window is 256 (decode steps defer their

@@ -209,8 +209,11 @@ INT8_CHECKS = [
     # Fractional widths: two 64-channel groups per side, 256-token byte tiles.
     (3.5, 3.5, 32, dict(center_keys="rope", **INT8)),
     (2.5, 3.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=700, **INT8))]
-INT8_CASES = [(3.5, "int8", "rope", {}), (3.5, "quintic", "rope", {}),
-              (3, "int8", "rope", {}), (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
+INT8_CASES = [(3.5, "int8", "rope", {}), (3.5, "int8", "rope", dict(serial_groups=False)),
+              (3.5, "quintic", "rope", {}), (3.5, "int8", "plain", {}),
+              (3.5, "quintic", "plain", {}),
+              (3, "int8", "rope", {}), (3, "int8", "rope", dict(rope_table_rows=64)),
+              (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
               (3, "int8", "plain", {}), (3, "cubic", "plain", {}), (2, "int8", "rope", {}),
               (2, "cubic", "rope", {})]
 
@@ -280,6 +283,8 @@ def main(argv=None):
   p.add_argument("--int8", action="store_true",
                  help="only the int8 path (tile_operand='int8') vs fp16 levels "
                       "(mosaic_attend_int8_*)")
+  p.add_argument("--points", default=None,
+                 help="with --int8: batch x tokens points, e.g. 8x32768,8x4096")
   p.add_argument("--sub-steps", action="store_true",
                  help="only 256-token tiles' passes and RoPE tables, 8 x 32K "
                       "(mosaic_attend_sub_steps_*)")
@@ -289,9 +294,10 @@ def main(argv=None):
   if args.levels or args.sub_steps or args.merge or args.exact or args.int8:
     ceiling = read_ceiling()
     if args.int8:
+      points = ([tuple(int(x) for x in pt.split("x")) for pt in args.points.split(",")]
+                if args.points else [(8, 32768), (8, 4096), (1, 4096), (64, 4096)])
       checks, rows = levels_run(ceiling, INT8_CHECKS, INT8_CASES,
-                                [] if args.check_only else
-                                [(8, 32768), (8, 4096), (1, 4096), (64, 4096)])
+                                [] if args.check_only else points)
       name = "mosaic_attend_int8"
     elif args.exact:
       checks, rows = levels_run(ceiling, EXACT_CHECKS, EXACT_CASES,

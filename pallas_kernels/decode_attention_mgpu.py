@@ -377,10 +377,10 @@ def q_transforms():
 class RopeOffsets(NamedTuple):
   """The operands of q·R(t)·μ for keys centred before RoPE (built by `rope_offsets`).
 
-  coef: float32 [R, 2, D, 8], per row the columns of [A | B] and [B | -A] (pairs on the
-    first D/2 and second D/2 rows, query rows as columns) over `scale`;
+  coef: float32 (or float16) [R, 2, D, 8], per row the columns of [A | B] and [B | -A]
+    (pairs on the first D/2 and second D/2 rows, query rows as columns) over `scale`;
   scale: float32 [R, 8], the largest |A|, |B| of each query row (keeps W in fp16 range);
-  trig: float32 [T/m, 2, D], [cos θ | cos θ] and [sin θ | sin θ] at the first position
+  trig: float32 (or float16, as coef) [T/m, 2, D], [cos θ | cos θ] and [sin θ | sin θ] at the first position
     of each m-token table block: θ_h = h·ω at the split block's start h (rounded in float32
     as `rope.rotate`), composed with φ_b = b·ω for a table block b tokens into it;
   table: float16 [m, D], cos φ_l | sin φ_l at the offsets l < m (φ_l = l·ω).
@@ -396,12 +396,15 @@ class RopeOffsets(NamedTuple):
 
 
 def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
-                 block: int = ROPE_BLOCK, table_rows: int | None = None) -> RopeOffsets:
+                 block: int = ROPE_BLOCK, table_rows: int | None = None,
+                 dtype=jnp.float32) -> RopeOffsets:
   """`RopeOffsets` from coef_a, coef_b [R, 8, D/2] float32 (q·R(θ)·μ = Σ_p A_p cos θ_p +
   B_p sin θ_p) and the RoPE frequencies ω [D/2], for T = t_len cache slots (position =
   slot), angles split at multiples of `block`; the table `table_rows` long (a divisor of
   block, default block), the angle of a table block composed as R(θ_h)·R(φ_b) in float32,
-  within ~1e-7 of the cache's θ_h + φ_(b+l) for the small φ."""
+  within ~1e-7 of the cache's θ_h + φ_(b+l) for the small φ. dtype: coef's and trig's;
+  float16 halves their shared memory (4 + 4 KB at D = 128, 256-token steps) for roundings
+  of 2^-11 of their scale, the size of W's own fp16 rounding."""
   table_rows = block if table_rows is None else table_rows
   if t_len % block or block % table_rows or table_rows % 64:
     raise ValueError(f"{t_len} cache slots must split into {block}-token blocks of "
@@ -411,8 +414,8 @@ def rope_offsets(coef_a: Array, coef_b: Array, freq: Array, t_len: int,
   a, b = coef_a / scale[..., None], coef_b / scale[..., None]
   coef = jnp.stack([jnp.concatenate([a, b], -1), jnp.concatenate([b, -a], -1)], 1)
   trig, table = _rope_tables(freq, t_len, block, table_rows)
-  return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(jnp.float32),
-                     scale.astype(jnp.float32), trig, table)
+  return RopeOffsets(jnp.swapaxes(coef, -1, -2).astype(dtype),
+                     scale.astype(jnp.float32), trig.astype(dtype), table)
 
 
 @jax.ensure_compile_time_eval()
@@ -706,7 +709,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     overlap_values: decode the value tile while the key wgmma runs (else after softmax).
     serial_groups: with channel groups, decode each group's tile after the previous
       group's wgmma is done (one decoded tile live at a time); None: with two or more
-      key groups and the RoPE offsets (where holding them all spills registers).
+      key groups and the RoPE offsets (where holding them all spills registers; int8,
+      3.5 bits, 8 x 32K: 0.314 against 0.330 ms).
     sub_steps: passes per pipeline step (one tile): each decodes, scores and accumulates
       1/sub_steps of the tile's tokens (keys: rows, values: columns), so a 256-token tile
       takes the registers of a 128-token one; None: 128-token passes where a step is one
@@ -798,9 +802,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     if st % rb:
       raise ValueError(f"RoPE offsets in {rb}-token blocks need steps of a multiple of "
                        f"as many tokens, got {st}")
-    _check("rope.coef", rope.coef, (r, 2, d, HEADS), jnp.float32)
+    rope_dtype = jnp.float16 if rope.coef.dtype == jnp.float16 else jnp.float32
+    _check("rope.coef", rope.coef, (r, 2, d, HEADS), rope_dtype)
     _check("rope.scale", rope.scale, (r, HEADS), jnp.float32)
-    _check("rope.trig", rope.trig, (t_len // rb, 2, d), jnp.float32)
+    _check("rope.trig", rope.trig, (t_len // rb, 2, d), rope_dtype)
     _check("rope.table", rope.table, (rb, d), jnp.float16)
   if exact is not None:
     _check_exact(exact, r, d)
@@ -810,7 +815,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
   if serial_groups is None:
     serial_groups = gk > 1 and rope is not None and sub_steps == 1
-  serial_groups = bool(serial_groups) and max(gk, gv) > 1 and not s8
+  serial_groups = bool(serial_groups) and max(gk, gv) > 1
   if s8:   # only the factors are used: the tables go to the byte decoders
     key_forms = [LevelForm("linear", (), lv.scale) for lv in key_levels]
     value_forms = [LevelForm("linear", (), lv.scale) for lv in value_levels]
@@ -880,8 +885,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     del refs[:len(q_smem)]
     p_smem = refs[:2 * gv if s8 else gv]       # int8: each group's p·‖v‖ in two parts
     del refs[:len(p_smem)]
-    o_smem, lm_smem, barrier = refs[:3]
-    del refs[:3]
+    if s8:   # o and l, m: scoped after the pipeline, in its memory (below)
+      o_smem = lm_smem = None
+      barrier = refs.pop(0)
+    else:
+      o_smem, lm_smem, barrier = refs[:3]
+      del refs[:3]
     if rope is not None:
       table_smem, coef_smem = refs[:2]
       w_smem, rope_barrier = refs[2:2 + pass_blocks], refs[2 + pass_blocks]
@@ -931,11 +940,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
         vec = plgpu.Layout.WGMMA.reduce(1)
         for n, (k, w_ref) in enumerate(zip(blocks, w_refs or [w_smem])):
-          cos = plgpu.load(trig_smem.at[k, 0], (), layout=vec, optimized=False)
-          sin = plgpu.load(trig_smem.at[k, 1], (), layout=vec, optimized=False)
+          cos, sin = (plgpu.load(trig_smem.at[k, n], (), layout=vec, optimized=False
+                                 ).astype(jnp.float32) for n in range(2))
           if n == 0:
-            ab = plgpu.load(coef_smem.at[0], (), layout=plgpu.Layout.WGMMA, optimized=False)
-            ba = plgpu.load(coef_smem.at[1], (), layout=plgpu.Layout.WGMMA, optimized=False)
+            ab, ba = (plgpu.load(coef_smem.at[n], (), layout=plgpu.Layout.WGMMA,
+                                 optimized=False).astype(jnp.float32) for n in range(2))
           w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
           plgpu.transpose_ref(w_ref, (1, 0))[...] = plgpu.layout_cast(
               w, plgpu.Layout.WGMMA_TRANSPOSED)
@@ -989,8 +998,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
               plgpu.wgmma(off_ref[0].at[pl.ds(k * rb, rb)], table_smem,
                           plgpu.transpose_ref(w_ref, (1, 0)))
           if s8:      # each group's query parts, each its own int32 accumulator
-            for n, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem)):
-              plgpu.wgmma(acc_ref, first_keys[n // 2], plgpu.transpose_ref(q_ref, (1, 0)))
+            for g in range(gk):
+              if g < len(first_keys):
+                u = first_keys[g]
+              else:
+                plgpu.wgmma_wait(0)
+                u = decode_key(g)
+              for n in (2 * g, 2 * g + 1):
+                plgpu.wgmma(key_accs[n], u, plgpu.transpose_ref(q_smem[n], (1, 0)))
           for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem) if not s8 else ()):
             if g < len(first_keys):
               u = first_keys[g]
@@ -1060,7 +1075,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         new_o = []
         if s8:
           for g, o_g in enumerate(o):
-            def values_s8(acc_h, acc_l, uv_g=uv[g], g=g):
+            uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
+
+            def values_s8(acc_h, acc_l, uv_g=uv_g, g=g):
               plgpu.wgmma(acc_h, uv_g[0], plgpu.transpose_ref(p_smem[2 * g], (1, 0)))
               plgpu.wgmma(acc_l, uv_g[0], plgpu.transpose_ref(p_smem[2 * g + 1], (1, 0)))
               return acc_h[...], acc_l[...]
@@ -1101,18 +1118,32 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
                               *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
                               *([trig_gmem] if rope is not None else []))
-      if gv == 1:
-        o_smem[...] = o[0] * value_forms[0].factor
+      def write(o_smem, lm_smem):
+        if gv == 1:
+          o_smem[...] = o[0] * value_forms[0].factor
+        else:
+          for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
+            o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
+        _write_partial(l_rows.sum(axis=0), m, o_smem, lm_smem, (o_gmem, l_gmem, m_gmem),
+                       i, j)
+      with_output(write)
+
+    def with_output(fn):
+      # The int8 path's 3.5-bit RoPE kernel sits 7 KB above two CTAs per SM: there o and
+      # l, m take memory the pipeline's buffers had (the fp16 path's modules, checked on
+      # the GPU, keep their kernel-wide buffers).
+      if s8:
+        pl.run_scoped(fn, plgpu.SMEM((d, HEADS), jnp.float32),
+                      plgpu.SMEM((2, HEADS), jnp.float32))
       else:
-        for o_g, at, rows, form in zip(o, value_starts, value_rows, value_forms):
-          o_smem.at[pl.ds(int(at), rows)][...] = o_g * form.factor
-      _write_partial(l_rows.sum(axis=0), m, o_smem, lm_smem, (o_gmem, l_gmem, m_gmem), i, j)
+        fn(o_smem, lm_smem)
 
     if exact is None:
       compressed()
     else:   # more splits per row: the exact tokens, one block each
       pl.when(j < num_splits)(compressed)
-      exact_split(i, j, exact_refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem)
+      with_output(lambda o_smem, lm_smem: exact_split(
+          i, j, exact_refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem))
 
   if exact is not None:
     exact_split = functools.partial(
@@ -1136,11 +1167,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                      [plgpu.SMEM((HEADS, s.cols), jnp.float16, transforms=q_transforms())
                       for s in key_specs]
                      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv)
-      + [plgpu.SMEM((d, HEADS), f32),
-         plgpu.SMEM((2, HEADS), f32),
-         plgpu.Barrier(num_arrivals=2 * gk if s8 else 1)]
+      + ([] if s8 else [plgpu.SMEM((d, HEADS), f32), plgpu.SMEM((2, HEADS), f32)])
+      + [plgpu.Barrier(num_arrivals=2 * gk if s8 else 1)]
       + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
-          plgpu.SMEM((2, d, HEADS), f32)]
+          plgpu.SMEM((2, d, HEADS), rope.coef.dtype)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else []),

@@ -225,7 +225,8 @@ def _exact_tokens(cache, qf: Array, limits: Array, exact_blocks=None
 
   exact_blocks: None picks 128 tokens for a window of 256-token tiles (fractional widths:
   the compressed pipeline's shared memory leaves room, and half the CTAs) and 64
-  otherwise."""
+  otherwise, and for int8 tiles (there 128-token blocks take the kernel from 106 to
+  116 KB of shared memory at 3.5 bits with RoPE offsets: one CTA per SM)."""
   b, h, rows, d = qf.shape
   keys, values, positions = [], [], []
   w, s = cache.window_keys.shape[2], cache.sink_keys.shape[2]
@@ -240,7 +241,8 @@ def _exact_tokens(cache, qf: Array, limits: Array, exact_blocks=None
   if not keys:
     return None, ()
   if exact_blocks is None:
-    wide = cache.key_codes[0].layout.tokens > 128 and w >= 2 * mosaic.EXACT_BLOCK
+    wide = (cache.key_codes[0].layout.tokens > 128 and w >= 2 * mosaic.EXACT_BLOCK
+            and not _int8_tiles(cache))
     exact_blocks = ((2 * mosaic.EXACT_BLOCK if wide else mosaic.EXACT_BLOCK,) if w else ()
                     ) + ((mosaic.EXACT_BLOCK,) if s else ())
   exact = mosaic.ExactTokens(qf.reshape(b * h, rows, d).astype(keys[0].dtype), limits,
@@ -300,8 +302,11 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       rope_table_rows = ROPE_TABLE_ROWS
     with jax.ensure_compile_time_eval():   # the angle tables become constants
       freq = cache.rope.frequencies(d)
+    # int8: fp16 coefficients and angles, 8 KB less shared memory at 3.5 bits (two CTAs
+    # per SM instead of one).
     rope = mosaic.rope_offsets(flat(coef_a), flat(coef_b), freq, cache.max_len,
-                               cache.rope_split, table_rows=rope_table_rows)
+                               cache.rope_split, table_rows=rope_table_rows,
+                               dtype=jnp.float16 if int8 else jnp.float32)
   exact, blocks = (_exact_tokens(cache, qf, limits, exact_blocks) if exact_in_kernel
                    else (None, ()))
   o, l, m = mosaic.decode_partials(
