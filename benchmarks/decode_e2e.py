@@ -73,6 +73,9 @@ CACHES = {
         key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="rope")),
     # The int8 path: byte tiles decoded by byte permutes into int8 wgmma operands, levels
     # Lloyd-Max on an int8 grid (`codebook.int8_codebook`); queries in two int8 parts.
+    "tq3-int8": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
+        center_keys="plain")),
     "tq3-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
         center_keys="rope")),
