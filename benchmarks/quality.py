@@ -287,12 +287,16 @@ def run_model(name: str, args, out: dict, save) -> None:
   if args.needle_lengths:
     filler = [t for p in HAYSTACK_TEXTS if p.exists() for t in encode(load_text(p))]
     needle_methods = [m for m in chosen if m.name in args.needle_methods]
-    rng = np.random.default_rng(0)
     for length in args.needle_lengths:
       for depth in args.needle_depths:
         key = f"{length}@{depth}"
-        # Drawn before the skip, so a resumed run asks the prompts a full run asks.
-        passkey = str(rng.integers(10000, 99999))
+        passkey = evaluation.needle_passkey(length, depth)
+        if result["needle"].get(key, {}).get("passkey") not in (None, passkey):
+          # Scores of another prompt (an older run's passkey): every method asks again.
+          print(f"[{name}] needle {key}: stored passkey "
+                f"{result['needle'][key]['passkey']} is not {passkey}, asked again",
+                flush=True)
+          del result["needle"][key]
         if key in result["needle"] and all(m.name in result["needle"][key]["scores"]
                                            for m in needle_methods):
           continue

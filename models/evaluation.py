@@ -140,6 +140,14 @@ def needle_prompt(encode: Callable[[str], list[int]], filler_ids: Sequence[int],
   return [*bos, *fill[:at], *needle, *fill[at:], *question]
 
 
+def needle_passkey(length: int, depth: float) -> str:
+  """The 5-digit passkey of the trial (length, depth): the same in every run, whatever
+  other trials it runs (a passkey drawn in sequence put different prompts for one trial
+  in one results file when runs asked different lengths)."""
+  rng = np.random.default_rng([int(length), int(round(depth * 1000))])
+  return str(rng.integers(10000, 100000))
+
+
 def needle_score(answer: str, passkey: str) -> float:
   """1.0 if the first number in the answer is the passkey, else 0.0 (exact match)."""
   numbers = re.findall(r"\d+", answer)

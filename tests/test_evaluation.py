@@ -74,6 +74,15 @@ def test_bytes_per_token_leaves_out_rings():
   assert evaluation.bytes_per_token([dense, ring]) == per_dense
 
 
+def test_needle_passkey_depends_only_on_the_trial():
+  keys = {(n, d): evaluation.needle_passkey(n, d) for n in (2048, 4096, 8192)
+          for d in (0.1, 0.5, 0.9)}
+  assert all(len(k) == 5 and k.isdigit() for k in keys.values())
+  assert len(set(keys.values())) == len(keys)           # every trial its own passkey
+  # Asked alone or after other trials, a trial's passkey is the same.
+  assert evaluation.needle_passkey(8192, 0.5) == keys[8192, 0.5]
+
+
 def test_needle_prompt_and_score():
   encode = lambda s: [ord(c) for c in s]  # noqa: E731
   filler = list(range(1000, 1500))
