@@ -380,9 +380,10 @@ class RopeOffsets(NamedTuple):
   coef: float32 (or float16) [R, 2, D, 8], per row the columns of [A | B] and [B | -A]
     (pairs on the first D/2 and second D/2 rows, query rows as columns) over `scale`;
   scale: float32 [R, 8], the largest |A|, |B| of each query row (keeps W in fp16 range);
-  trig: float32 (or float16, as coef) [T/m, 2, D], [cos θ | cos θ] and [sin θ | sin θ] at the first position
-    of each m-token table block: θ_h = h·ω at the split block's start h (rounded in float32
-    as `rope.rotate`), composed with φ_b = b·ω for a table block b tokens into it;
+  trig: float32 (or float16, as coef) [T/m, 2, D], [cos θ | cos θ] and [sin θ | sin θ] at
+    the first position of each m-token table block: θ_h = h·ω at the split block's start
+    h (rounded in float32 as `rope.rotate`), composed with φ_b = b·ω for a table block b
+    tokens into it;
   table: float16 [m, D], cos φ_l | sin φ_l at the offsets l < m (φ_l = l·ω).
   The split block n (128, or the tiles' 256 tokens) is the kernel's step and the cache's
   `rope.rotate_split` period, so both split every angle the same way; the table may be
@@ -940,11 +941,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         bcast = lambda x: jax.lax.broadcast_in_dim(x, (d, HEADS), [0])  # noqa: E731
         vec = plgpu.Layout.WGMMA.reduce(1)
         for n, (k, w_ref) in enumerate(zip(blocks, w_refs or [w_smem])):
-          cos, sin = (plgpu.load(trig_smem.at[k, n], (), layout=vec, optimized=False
-                                 ).astype(jnp.float32) for n in range(2))
+          cos, sin = (plgpu.load(trig_smem.at[k, c], (), layout=vec, optimized=False
+                                 ).astype(jnp.float32) for c in range(2))
           if n == 0:
-            ab, ba = (plgpu.load(coef_smem.at[n], (), layout=plgpu.Layout.WGMMA,
-                                 optimized=False).astype(jnp.float32) for n in range(2))
+            ab, ba = (plgpu.load(coef_smem.at[c], (), layout=plgpu.Layout.WGMMA,
+                                 optimized=False).astype(jnp.float32) for c in range(2))
           w = (ab * bcast(cos) + ba * bcast(sin)).astype(jnp.float16)
           plgpu.transpose_ref(w_ref, (1, 0))[...] = plgpu.layout_cast(
               w, plgpu.Layout.WGMMA_TRANSPOSED)
@@ -1129,9 +1130,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       with_output(write)
 
     def with_output(fn):
-      # The int8 path's 3.5-bit RoPE kernel sits 7 KB above two CTAs per SM: there o and
-      # l, m take memory the pipeline's buffers had (the fp16 path's modules, checked on
-      # the GPU, keep their kernel-wide buffers).
+      # int8: o and l, m take memory the pipeline's buffers had (3.5 bits without RoPE
+      # offsets: 75.8 KB per CTA, three per SM, against 80.9 KB and two); the fp16 path's
+      # modules, checked on the GPU, keep their kernel-wide buffers.
       if s8:
         pl.run_scoped(fn, plgpu.SMEM((d, HEADS), jnp.float32),
                       plgpu.SMEM((2, HEADS), jnp.float32))
