@@ -93,7 +93,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
       return f"{v:.4g}"
     return str(v)
   cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
   print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
   for row in cells:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

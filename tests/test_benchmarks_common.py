@@ -146,3 +146,13 @@ def test_paired_steps_times_every_cache_in_each_round():
   assert out["bf16"]["x_bf16_median"] == 1.0
   lo, hi = out["tq3"]["x_bf16_range"]
   assert lo <= out["tq3"]["x_bf16_median"] <= hi
+
+
+def test_print_table_aligns_columns_and_takes_no_rows(capsys):
+  common.print_table([{"a": 1.23456, "bb": "x"}, {"a": 10, "bb": "longer"}], ["a", "bb"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split() == ["a", "bb"] and lines[1].split() == ["1.235", "x"]
+  assert len({line.index("bb") for line in lines[:1]} | {line.index("x") for line in
+                                                           lines[1:2]}) == 1
+  common.print_table([], ["batch", "ms"])     # a --check-only run times nothing
+  assert capsys.readouterr().out.split() == ["batch", "ms"]
