@@ -1,0 +1,141 @@
+"""Where Gemma 3's budget loses perplexity: probes behind the quality targets (CPU).
+
+- `rotations`: per rotation seed and layer, the attention-output error of the prompt's
+  queries with keys, values, or both read back from a cache of the budget's widths
+  (relative squared error, no exact window, the layer's sliding window and soft-cap), on
+  the first 256 tokens (what a cache calibrates on) and on all 2,048: does a seed's error
+  predict its perplexity (`quality_gemma3_budget_5seeds_cpu.json` per seed)? If so, a
+  cache could keep the best of a few rotations at calibration.
+- `exact`: the budget's perplexity per seed with the given layers kept exact (dense): the
+  most that more bits for those layers could give; or with some layers' widths replaced
+  (`--widths`, e.g. values before keys in the local layers at the same stored bits).
+
+    python -m benchmarks.quality_probe rotations [--model gemma3] [--budget 3.5] [--seeds 5]
+    python -m benchmarks.quality_probe exact --layers 11 [--model gemma3] [--budget 3.5]
+    python -m benchmarks.quality_probe exact --layers "" --widths 3=3/3.5,4=3/3.5
+
+Writes benchmarks/results/quality_probe_<model>_cpu.json (one key per probe and budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks import quality
+from models import evaluation, gguf_loader
+from models.tokenizer import tokenizer_from_gguf
+from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
+from turboquant_jax.budget import budget_layer_bits
+from turboquant_jax.layer_policy import turboquant_per_layer
+
+
+def load(name: str, tokens: int = 2048):
+  model, gguf_file = gguf_loader.load_gguf(quality.MODELS[name]())
+  tok = tokenizer_from_gguf(gguf_file)
+  bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
+  ids = tok.encode(quality.load_text(quality.PERPLEXITY_TEXT), add_bos=False)
+  return model, jnp.asarray([bos + ids[:tokens - len(bos)]], jnp.int32)
+
+
+def attention_errors(cfg, q, k, v, layer: int, config: TurboQuantConfig) -> tuple:
+  """(keys, values, both) relative squared errors of the last half of the queries."""
+  b, t, hkv, d = k.shape
+  n = t // 2
+  qpos = jnp.broadcast_to(jnp.arange(t - n, t, dtype=jnp.int32), (b, n))
+  kw = dict(q_positions=qpos, scale=cfg.scale, sliding_window=cfg.layer_window(layer),
+            soft_cap=cfg.attn_soft_cap)
+
+  def attend(keys, values):   # head-major [B, H, T, D]
+    dense = DenseKVCache.create(b, t, hkv, d).update(jnp.swapaxes(keys, 1, 2),
+                                                     jnp.swapaxes(values, 1, 2))
+    return dense.attend(q[:, t - n:], **kw).astype(jnp.float32)
+
+  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+  ek, ev = jnp.swapaxes(k32, 1, 2), jnp.swapaxes(v32, 1, 2)
+  ref = attend(ek, ev)
+  den = max(float(jnp.sum(ref**2)), 1e-30)
+  cache = TurboQuantKVCache.create(b, t, hkv, d, config=config, layer=layer,
+                                   rope=cfg.layer_rope(layer)).update(k32, v32)
+  keys, values = cache.reconstruct()
+  return tuple(float(jnp.sum((attend(*kv) - ref) ** 2)) / den
+               for kv in ((keys, ev), (ek, values), (keys, values)))
+
+
+def rotations(model, tokens, budget: float, seeds: int) -> dict:
+  cfg = model.cfg
+  bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim, layer_window=cfg.layer_window)
+  qkv = evaluation.layer_qkv(model, tokens)
+  out = {"layer_bits": {str(k): v for k, v in bits.items()}}
+  for t in (256, tokens.shape[1]):
+    errors = np.zeros((seeds, cfg.num_layers, 3))
+    for layer, (q, k, v) in enumerate(qkv):
+      for s in range(seeds):
+        config = dataclasses.replace(TurboQuantConfig(), key_bits=bits[layer][0],
+                                     value_bits=bits[layer][1], seed=s, window=0)
+        errors[s, layer] = attention_errors(cfg, q[:, :t], k[:, :t], v[:, :t], layer, config)
+    out[f"first_{t}_tokens"] = {
+        "errors_seed_layer_kvboth": errors.tolist(),
+        "sum_over_layers_per_seed": errors.sum(1).tolist()}
+  return out
+
+
+def exact_layers(model, tokens, budget: float, seeds: int, layers: tuple[int, ...],
+                 widths: dict | None = None) -> dict:
+  cfg = model.cfg
+  bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim, layer_window=cfg.layer_window)
+  bits.update(widths or {})
+  for layer in layers:
+    bits.pop(layer)
+  makes = [turboquant_per_layer(TurboQuantConfig(seed=s), layer_bits=bits,
+                                full_precision_layers=layers) for s in range(seeds)]
+  start = time.perf_counter()
+  nll = evaluation.decode_nll_variants(model, tokens, makes)
+  ppl = [evaluation.perplexity(n) for n in nll]
+  return {"exact_layers": list(layers), "layer_bits": {str(k): v for k, v in bits.items()},
+          "perplexity": ppl, "mean": float(np.mean(ppl)),
+          "seconds": time.perf_counter() - start}
+
+
+def _width(text: str) -> float | int:
+  return float(text) if "." in text else int(text)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("probe", choices=("rotations", "exact"))
+  p.add_argument("--model", default="gemma3", choices=sorted(quality.MODELS))
+  p.add_argument("--budget", type=float, default=3.5)
+  p.add_argument("--seeds", type=int, default=5)
+  p.add_argument("--layers", default="11", help="exact: layers kept exact, e.g. 5,11,17")
+  p.add_argument("--widths", default="",
+                 help="exact: layers' widths replaced, e.g. 3=3/3.5,4=3/3.5 (key/value)")
+  args = p.parse_args(argv)
+  model, tokens = load(args.model)
+  if args.probe == "rotations":
+    result = rotations(model, tokens, args.budget, args.seeds)
+    key = f"rotations budget {args.budget}"
+  else:
+    layers = tuple(int(x) for x in args.layers.split(",") if x)
+    widths = {int(layer): tuple(_width(x) for x in kv.split("/"))
+              for layer, kv in (item.split("=") for item in args.widths.split(",") if item)}
+    result = exact_layers(model, tokens, args.budget, args.seeds, layers, widths)
+    key = (f"exact layers {args.layers} budget {args.budget}"
+           + (f" widths {args.widths}" if args.widths else ""))
+  path = common.RESULTS_DIR / f"quality_probe_{args.model}_cpu.json"
+  out = json.loads(path.read_text()) if path.exists() else {}
+  out.pop("environment", None)
+  out.pop("benchmark", None)
+  out[key] = result
+  common.write_result(f"quality_probe_{args.model}", out)
+  print(key, json.dumps({k: v for k, v in result.items() if "errors" not in k})[:600])
+
+
+if __name__ == "__main__":
+  main()
