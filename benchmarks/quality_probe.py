@@ -2,7 +2,7 @@
 
 - `rotations`: per rotation seed and layer, the attention-output error of the prompt's
   queries with keys, values, or both read back from a cache of the budget's widths
-  (relative squared error, no exact window, the layer's sliding window and soft-cap), on
+  (`budget.readback_errors`: no exact window, the layer's sliding window and soft-cap), on
   the first 256 tokens (what a cache calibrates on) and on all 2,048: does a seed's error
   predict its perplexity (`quality_gemma3_budget_5seeds_cpu.json` per seed)? If so, a
   cache could keep the best of a few rotations at calibration.
@@ -20,7 +20,6 @@ Writes benchmarks/results/quality_probe_<model>_cpu.json (one key per probe and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -31,8 +30,8 @@ from benchmarks import common
 from benchmarks import quality
 from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
-from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
-from turboquant_jax.budget import budget_layer_bits
+from turboquant_jax import TurboQuantConfig
+from turboquant_jax.budget import budget_layer_bits, readback_errors
 from turboquant_jax.layer_policy import turboquant_per_layer
 
 
@@ -44,30 +43,6 @@ def load(name: str, tokens: int = 2048):
   return model, jnp.asarray([bos + ids[:tokens - len(bos)]], jnp.int32)
 
 
-def attention_errors(cfg, q, k, v, layer: int, config: TurboQuantConfig) -> tuple:
-  """(keys, values, both) relative squared errors of the last half of the queries."""
-  b, t, hkv, d = k.shape
-  n = t // 2
-  qpos = jnp.broadcast_to(jnp.arange(t - n, t, dtype=jnp.int32), (b, n))
-  kw = dict(q_positions=qpos, scale=cfg.scale, sliding_window=cfg.layer_window(layer),
-            soft_cap=cfg.attn_soft_cap)
-
-  def attend(keys, values):   # head-major [B, H, T, D]
-    dense = DenseKVCache.create(b, t, hkv, d).update(jnp.swapaxes(keys, 1, 2),
-                                                     jnp.swapaxes(values, 1, 2))
-    return dense.attend(q[:, t - n:], **kw).astype(jnp.float32)
-
-  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
-  ek, ev = jnp.swapaxes(k32, 1, 2), jnp.swapaxes(v32, 1, 2)
-  ref = attend(ek, ev)
-  den = max(float(jnp.sum(ref**2)), 1e-30)
-  cache = TurboQuantKVCache.create(b, t, hkv, d, config=config, layer=layer,
-                                   rope=cfg.layer_rope(layer)).update(k32, v32)
-  keys, values = cache.reconstruct()
-  return tuple(float(jnp.sum((attend(*kv) - ref) ** 2)) / den
-               for kv in ((keys, ev), (ek, values), (keys, values)))
-
-
 def rotations(model, tokens, budget: float, seeds: int) -> dict:
   cfg = model.cfg
   bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim, layer_window=cfg.layer_window)
@@ -76,10 +51,12 @@ def rotations(model, tokens, budget: float, seeds: int) -> dict:
   for t in (256, tokens.shape[1]):
     errors = np.zeros((seeds, cfg.num_layers, 3))
     for layer, (q, k, v) in enumerate(qkv):
-      for s in range(seeds):
-        config = dataclasses.replace(TurboQuantConfig(), key_bits=bits[layer][0],
-                                     value_bits=bits[layer][1], seed=s, window=0)
-        errors[s, layer] = attention_errors(cfg, q[:, :t], k[:, :t], v[:, :t], layer, config)
+      configs = [TurboQuantConfig(key_bits=bits[layer][0], value_bits=bits[layer][1],
+                                  seed=s, window=0) for s in range(seeds)]
+      errors[:, layer] = readback_errors(
+          q[:, :t], k[:, :t], v[:, :t], configs, layer=layer, rope=cfg.layer_rope(layer),
+          scale=cfg.scale, sliding_window=cfg.layer_window(layer),
+          soft_cap=cfg.attn_soft_cap, both=True)
     out[f"first_{t}_tokens"] = {
         "errors_seed_layer_kvboth": errors.tolist(),
         "sum_over_layers_per_seed": errors.sum(1).tolist()}

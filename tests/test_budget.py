@@ -1,5 +1,7 @@
 """The bit budget spread over layers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ from models import Decoder, evaluation
 from tests.test_decoder import TINY
 from turboquant_jax import TurboQuantConfig, turboquant_per_layer
 from turboquant_jax.budget import (allocate_bits, budget_layer_bits, mean_stored_bits,
-                                   measured_layer_bits, stored_bits, width_errors)
+                                   measured_layer_bits, readback_errors, stored_bits,
+                                   width_errors)
 from turboquant_jax.channel_split import CACHE_BITS
 
 
@@ -164,6 +167,28 @@ def test_width_errors_fall_with_width_and_keep_the_sides_apart():
   same = jnp.broadcast_to(v[:, :1], v.shape)
   e = width_errors(q, k, same, config=cfg, widths=(2, 4))
   assert np.all(e[0] < 1e-10) and np.all(e[1] > 1e-6)
+
+
+def test_readback_errors_by_layer_and_with_both_sides():
+  rng = np.random.default_rng(1)
+  b, t, hq, hkv, d = 1, 64, 4, 2, 32
+  q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) * 2, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+  cfg = TurboQuantConfig(key_bits=3, value_bits=3, window=0)
+  e = readback_errors(q, k, v, [cfg], both=True)
+  assert e.shape == (1, 3) and np.all(e > 0)
+  # Its keys and values columns are width_errors' rows at that width.
+  np.testing.assert_allclose(e[:, :2].T, width_errors(q, k, v, config=cfg, widths=(3,)))
+  # Every token the same value (no exact sinks): the keys cannot move the output, so
+  # reading both back errs exactly as reading the values back.
+  same = jnp.broadcast_to(v[:, :1], v.shape)
+  e = readback_errors(q, k, same, [dataclasses.replace(cfg, num_sinks=0)], both=True)
+  assert e[0, 0] < 1e-10 and e[0, 1] > 1e-6
+  np.testing.assert_allclose(e[0, 2], e[0, 1], rtol=1e-4)
+  # Another layer index draws other rotations, hence other errors.
+  other = readback_errors(q, k, v, [cfg], layer=1)
+  assert not np.allclose(other, readback_errors(q, k, v, [cfg]))
 
 
 def test_measured_budget_on_a_decoder():

@@ -123,19 +123,20 @@ def mean_stored_bits(layer_bits: dict[int, tuple[float, float]], head_dim: int,
 
 # -- widths from what the first window shows ----------------------------------------------
 
-def width_errors(q: Array, k: Array, v: Array, *, config: TurboQuantConfig,
-                 widths: Sequence[float], rope=None, scale: float | None = None,
-                 sliding_window: int | None = None, soft_cap: float | None = None,
-                 num_queries: int | None = None) -> np.ndarray:
-  """Attention-output error of one layer per side and width, from its own tokens.
+def readback_errors(q: Array, k: Array, v: Array, configs: Sequence[TurboQuantConfig], *,
+                    layer: int = 0, rope=None, scale: float | None = None,
+                    sliding_window: int | None = None, soft_cap: float | None = None,
+                    num_queries: int | None = None, both: bool = False) -> np.ndarray:
+  """Attention-output error of one layer with its keys or values read back from caches.
 
   q [B, T, Hq, D], k, v [B, T, Hkv, D]: what entered the layer's attention on the first
-  tokens a sequence holds (its prompt). For each width, a cache of that width with no
-  exact window (sinks kept) reconstructs the keys and values; the error of the keys is the
-  relative squared error of the attention output of the last `num_queries` queries (default
-  half of T) with reconstructed keys and exact values, the values' the other way round.
+  tokens a sequence holds (its prompt). For each config a cache (layer index `layer`,
+  which draws its rotations) reconstructs the keys and values; an error is the relative
+  squared error of the attention output of the last `num_queries` queries (default half
+  of T) against exact keys and values: with reconstructed keys and exact values, the
+  other way round, and (`both`) with both reconstructed.
 
-  Returns float64 [2, len(widths)]: row 0 keys, row 1 values.
+  Returns float64 [len(configs), 2 (or 3 with both)]: keys, values(, both).
   """
   b, t, hkv, d = k.shape
   n = t // 2 if num_queries is None else min(num_queries, t)
@@ -150,15 +151,30 @@ def width_errors(q: Array, k: Array, v: Array, *, config: TurboQuantConfig,
   k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
   exact_k, exact_v = jnp.swapaxes(k32, 1, 2), jnp.swapaxes(v32, 1, 2)
   ref = attend(exact_k, exact_v)
-  denom = float(jnp.sum(ref**2))
-  out = np.zeros((2, len(widths)))
-  for i, w in enumerate(widths):
-    cfg = dataclasses.replace(config, key_bits=w, value_bits=w, window=0)
-    cache = TurboQuantKVCache.create(b, t, hkv, d, config=cfg, rope=rope).update(k32, v32)
+  denom = max(float(jnp.sum(ref**2)), 1e-30)
+  out = np.zeros((len(configs), 3 if both else 2))
+  for i, cfg in enumerate(configs):
+    cache = TurboQuantKVCache.create(b, t, hkv, d, config=cfg, layer=layer,
+                                     rope=rope).update(k32, v32)
     keys, values = cache.reconstruct()
-    out[0, i] = float(jnp.sum((attend(keys, exact_v) - ref) ** 2)) / max(denom, 1e-30)
-    out[1, i] = float(jnp.sum((attend(exact_k, values) - ref) ** 2)) / max(denom, 1e-30)
+    pairs = ((keys, exact_v), (exact_k, values)) + (((keys, values),) if both else ())
+    out[i] = [float(jnp.sum((attend(*kv) - ref) ** 2)) / denom for kv in pairs]
   return out
+
+
+def width_errors(q: Array, k: Array, v: Array, *, config: TurboQuantConfig,
+                 widths: Sequence[float], rope=None, scale: float | None = None,
+                 sliding_window: int | None = None, soft_cap: float | None = None,
+                 num_queries: int | None = None) -> np.ndarray:
+  """Attention-output error of one layer per side and width, from its own tokens
+  (`readback_errors` of caches of each width with no exact window, sinks kept).
+
+  Returns float64 [2, len(widths)]: row 0 keys, row 1 values.
+  """
+  configs = [dataclasses.replace(config, key_bits=w, value_bits=w, window=0) for w in widths]
+  return readback_errors(q, k, v, configs, rope=rope, scale=scale,
+                         sliding_window=sliding_window, soft_cap=soft_cap,
+                         num_queries=num_queries).T
 
 
 def allocate_bits(errors: Mapping[int, np.ndarray], costs: np.ndarray, budget: float,
