@@ -153,12 +153,17 @@ def test_allocate_bits_rejects_bad_input():
     allocate_bits({}, costs, 3.0, widths)
 
 
-def test_width_errors_fall_with_width_and_keep_the_sides_apart():
-  rng = np.random.default_rng(0)
-  b, t, hq, hkv, d = 1, 64, 4, 2, 32
+def random_qkv(seed: int, b=1, t=64, hq=4, hkv=2, d=32):
+  """q [B, T, Hq, D], k (scale 2), v [B, T, Hkv, D] float32 normals."""
+  rng = np.random.default_rng(seed)
   q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) * 2, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+  return q, k, v
+
+
+def test_width_errors_fall_with_width_and_keep_the_sides_apart():
+  q, k, v = random_qkv(0)
   cfg = TurboQuantConfig()
   e = width_errors(q, k, v, config=cfg, widths=(2, 3, 4))
   assert e.shape == (2, 3) and np.all(e > 0)
@@ -170,11 +175,7 @@ def test_width_errors_fall_with_width_and_keep_the_sides_apart():
 
 
 def test_readback_errors_by_layer_and_with_both_sides():
-  rng = np.random.default_rng(1)
-  b, t, hq, hkv, d = 1, 64, 4, 2, 32
-  q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) * 2, jnp.float32)
-  v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+  q, k, v = random_qkv(1)
   cfg = TurboQuantConfig(key_bits=3, value_bits=3, window=0)
   e = readback_errors(q, k, v, [cfg], both=True)
   assert e.shape == (1, 3) and np.all(e > 0)
