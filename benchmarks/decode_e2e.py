@@ -82,6 +82,18 @@ CACHES = {
     "tq3.5-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=3.5, value_bits=3.5, levels="int8", tile_operand="int8", layout="tiles",
         center_keys="rope")),
+    # 3.5 bits as 4-bit keys and 3-bit values on the int8 path: 128-token tiles, no
+    # channel groups (the groups' 256-token tiles and serial passes cost the kernel time).
+    "tq3.5-k4v3-int8": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=4, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
+        center_keys="plain")),
+    "tq3.5-k4v3-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=4, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
+        center_keys="rope")),
+    "tq3.5-k4v3-quintic": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=4, value_bits=3, levels="quintic", layout="tiles", center_keys="plain")),
+    "tq3.5-quintic": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="plain")),
     "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
     # 3.5-bit tiles hold 256 tokens, so the default window is 256 (decode steps defer their

@@ -208,22 +208,28 @@ INT8_CHECKS = [
     (3, 3, 32, dict(center_keys="rope", window=104, num_sinks=6, **INT8)),
     # Fractional widths: two 64-channel groups per side, 256-token byte tiles.
     (3.5, 3.5, 32, dict(center_keys="rope", **INT8)),
-    (2.5, 3.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=700, **INT8))]
+    (2.5, 3.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=700, **INT8)),
+    # 3.5 bits as 4-bit keys and 3-bit values: 128-token byte tiles, no channel groups.
+    (4, 3, 32, dict(center_keys="plain", **INT8))]
 INT8_CASES = [(3.5, "int8", "rope", {}), (3.5, "int8", "rope", dict(serial_groups=False)),
               (3.5, "quintic", "rope", {}), (3.5, "int8", "plain", {}),
               (3.5, "quintic", "plain", {}),
               (3, "int8", "rope", {}), (3, "int8", "rope", dict(rope_table_rows=64)),
               (3, "cubic", "rope", {}), (3, "quintic", "rope", {}),
               (3, "int8", "plain", {}), (3, "cubic", "plain", {}), (2, "int8", "rope", {}),
-              (2, "cubic", "rope", {})]
+              (2, "cubic", "rope", {}),
+              # 3.5 bits without channel groups: K4/V3 (a width is a number or a K/V pair).
+              ((4, 3), "int8", "plain", {}), ((4, 3), "int8", "rope", {}),
+              ((4, 3), "quintic", "plain", {}), ((4, 3), "quintic", "rope", {})]
 
 
-def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096))
-               ) -> tuple[list[dict], list[dict]]:
+def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 4096)),
+               only=None) -> tuple[list[dict], list[dict]]:
   """Quintic levels (`codebook.polynomial_codebook`, three fp16 ops per pair of codes)
   against cubic ones (two): the GPU check, then the whole attention side by side, keys
   centred before RoPE; at 3.5 bits (channel groups) with and without serial groups and
-  the value decode's overlap."""
+  the value decode's overlap. A case's width is one number or a (keys, values) pair;
+  `only`, a list of substrings, keeps the cases whose label holds one of them."""
   checks = []
   for i, (bk, bv, hq, kw) in enumerate(checks_only or [
       (3, 3, 32, dict(center_keys="rope")), (4, 2, 8, dict(soft_cap=20.0)),
@@ -249,11 +255,14 @@ def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 40
         (3.5, "quintic", "rope", dict(sub_steps=1)),     # one pass, serial groups
         (3.5, "quintic", "rope", dict(rope_table_rows=256)),
         (3.5, "quintic", "plain", {})]:
-      label = f"mosaic attend K{w}/V{w} {levels}" + (
+      wk, wv = w if isinstance(w, tuple) else (w, w)
+      label = f"mosaic attend K{wk}/V{wv} {levels}" + (
           " rope-centred" if center == "rope" else "") + "".join(
           f", {k}={v}" for k, v in kw.items())
+      if only and not any(o in label for o in only):
+        continue
       try:
-        cfg = tiles_config(w, w, center_keys=center, levels=levels,
+        cfg = tiles_config(wk, wv, center_keys=center, levels=levels,
                            **(dict(tile_operand="int8") if levels == "int8" else {}))
         cache = make_cache(sub, b, t, cfg, rope=LLAMA3_ROPE if center == "rope" else None)
         sec = time_attend(cache, q, implementation="mosaic", **kw)
@@ -285,6 +294,11 @@ def main(argv=None):
                       "(mosaic_attend_int8_*)")
   p.add_argument("--points", default=None,
                  help="with --int8: batch x tokens points, e.g. 8x32768,8x4096")
+  p.add_argument("--cases", default=None,
+                 help="with --int8: time only the cases whose label holds one of these "
+                      "';'-separated substrings, e.g. 'K4/V3;K3/V3 int8'")
+  p.add_argument("--checks", default=None,
+                 help="with --int8: run only these INT8_CHECKS, e.g. 0,6")
   p.add_argument("--sub-steps", action="store_true",
                  help="only 256-token tiles' passes and RoPE tables, 8 x 32K "
                       "(mosaic_attend_sub_steps_*)")
@@ -296,8 +310,11 @@ def main(argv=None):
     if args.int8:
       points = ([tuple(int(x) for x in pt.split("x")) for pt in args.points.split(",")]
                 if args.points else [(8, 32768), (8, 4096), (1, 4096), (64, 4096)])
-      checks, rows = levels_run(ceiling, INT8_CHECKS, INT8_CASES,
-                                [] if args.check_only else points)
+      int8_checks = ([INT8_CHECKS[int(i)] for i in args.checks.split(",")]
+                     if args.checks else INT8_CHECKS)
+      checks, rows = levels_run(ceiling, int8_checks, INT8_CASES,
+                                [] if args.check_only else points,
+                                only=args.cases.split(";") if args.cases else None)
       name = "mosaic_attend_int8"
     elif args.exact:
       checks, rows = levels_run(ceiling, EXACT_CHECKS, EXACT_CASES,

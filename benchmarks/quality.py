@@ -204,6 +204,9 @@ def methods() -> list[Method]:
       tq(3.5, levels="quintic", center_keys="rope", num_sinks=0),
       # 8-bit norms (float8_e4m3fn): half the norms' bits for ~3.6% RMS error on them.
       tq(3.5, center_keys="rope", norm_dtype=jnp.float8_e4m3fn),
+      # The int8 path's levels (Lloyd-Max on an int8 grid, `codebook.int8_codebook`): its
+      # fast 3 bits, and 3.5 bits as K4/V3 (128-token tiles, no channel groups).
+      tq(3, levels="int8"), tq(4, 3, levels="int8"), tq(4, 3, levels="int8", center_keys="rope"),
   ]
 
 
