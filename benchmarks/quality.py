@@ -40,6 +40,7 @@ from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, U
                             UniformKVCache, turboquant_per_layer)
 from turboquant_jax.budget import budget_layer_bits, mean_stored_bits, measured_layer_bits
 from turboquant_jax.layer_policy import window_rings
+from turboquant_jax.ring_cache import RingKVCache
 
 LICENSES = pathlib.Path("/usr/share/common-licenses")
 PERPLEXITY_TEXT = LICENSES / "GPL-3"
@@ -114,19 +115,22 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
                 bits=bits + share * (wide - bits))
 
 
-def local_rings(cfg, bits: float) -> Method | None:
+def local_rings(cfg, bits: float, ring_dtype=None) -> Method | None:
   """TurboQuant at `bits` (keys centred before RoPE) on the global layers, and on layers
-  with a sliding window an exact ring of that window (`layer_policy.window_rings`, what
-  decode_e2e runs); None for a model with no local layers. Its stored bits count the
-  rings at this text's length (they do not grow with the context)."""
+  with a sliding window a ring of that window (`layer_policy.window_rings`, what
+  decode_e2e runs): exact, or int8 codes (ring_dtype=jnp.int8, q8_0-style); None for a
+  model with no local layers. The rings are a per-sequence constant: "bits" counts what
+  each further token costs, "bits at tokens" the whole cache at this text's length."""
   if all(cfg.layer_window(i) is None for i in range(cfg.num_layers)):
     return None
   config = lambda seed: TurboQuantConfig(  # noqa: E731
       key_bits=bits, value_bits=bits, center_keys="rope", seed=seed)
   make = lambda seed: window_rings(  # noqa: E731
-      functools.partial(TurboQuantKVCache.create, config=config(seed)), cfg.layer_window)
-  return Method(f"turboquant {bits} rope-centred, local rings", "local rings", make,
-                seeded=True, bits=bits)
+      functools.partial(TurboQuantKVCache.create, config=config(seed)), cfg.layer_window,
+      ring_dtype=ring_dtype)
+  kind = "local rings" if ring_dtype is None else f"{jnp.dtype(ring_dtype).name} local rings"
+  return Method(f"turboquant {bits} rope-centred, {kind}", kind, make, seeded=True,
+                bits=bits)
 
 
 def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
@@ -225,13 +229,19 @@ def load_text(path: pathlib.Path, lines: str | None = None) -> str:
   return text
 
 
-def bits_per_coordinate(model, make, dtype) -> tuple[float, float]:
-  """(K+V bytes per token over all layers, stored bits per cached coordinate)."""
-  caches = model.init_caches(1, 2048, make, dtype)
+def bits_per_coordinate(model, make, dtype, tokens: int = 2048
+                        ) -> tuple[float, float, float | None]:
+  """(K+V bytes per further token over all layers, stored bits per cached coordinate,
+  and, for caches with sliding-window rings, the bits per coordinate of the whole cache
+  at `tokens` tokens: rings counted, every layer's `tokens` tokens the coordinates, as in
+  the dense cache it replaces; None without rings)."""
+  caches = model.init_caches(1, tokens, make, dtype)
   per_token = evaluation.bytes_per_token(caches)
   cfg = model.cfg
   coords = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-  return per_token, per_token * 8 / coords
+  rings = [c.memory_report()["keys_values"] for c in caches if isinstance(c, RingKVCache)]
+  at_tokens = (per_token * tokens + sum(rings)) * 8 / (coords * tokens) if rings else None
+  return per_token, per_token * 8 / coords, at_tokens
 
 
 def run_model(name: str, args, out: dict, save) -> None:
@@ -251,6 +261,8 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
   extra += [local_rings(model.cfg, b) for b in (2.5, 3.5)]
+  # 8-bit rings: half a bf16 ring, q8_0's +0.00-0.01% (the rings' bits count at 2K tokens).
+  extra += [local_rings(model.cfg, b, jnp.int8) for b in (2.5, 3.5, 4)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, TurboQuantConfig(norm_dtype=jnp.float8_e4m3fn),
@@ -276,11 +288,13 @@ def run_model(name: str, args, out: dict, save) -> None:
     else:
       nll = evaluation.decode_nll(model, tokens, makes[0], cache_dtype=m.cache_dtype)[None]
     ppl = [evaluation.perplexity(n) for n in nll]
-    per_token, bits = bits_per_coordinate(model, makes[0], m.cache_dtype)
+    per_token, bits, at_tokens = bits_per_coordinate(model, makes[0], m.cache_dtype,
+                                                     args.tokens)
     result["perplexity"][m.name] = {
         "family": m.family, "nominal_bits": m.bits, "seeds": seeds, "perplexity": ppl,
         "mean": float(np.mean(ppl)), "min": float(np.min(ppl)), "max": float(np.max(ppl)),
         "kv_bytes_per_token": per_token, "stored_bits_per_coordinate": bits,
+        **({} if at_tokens is None else {"stored_bits_per_coordinate_at_tokens": at_tokens}),
         "seconds": time.perf_counter() - start}
     print(f"[{name}] {m.name:28s} ppl {np.mean(ppl):8.4f} ({', '.join(f'{p:.3f}' for p in ppl)})"
           f"  {bits:5.2f} bits  {time.perf_counter() - start:6.0f} s", flush=True)

@@ -108,3 +108,61 @@ def test_decoder_with_rings_on_local_layers_equals_full_caches():
       a, full = decode_step(model, tokens[:, i:i + 1], full)
       b, rings = decode_step(model, tokens[:, i:i + 1], rings)
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def _q8_0(x, group):
+  """The q8_0 round trip of x [..., D], written out: one scale per `group` channels."""
+  xg = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, group)
+  d = (np.abs(xg).max(-1, keepdims=True) / 127.0).astype(np.float16).astype(np.float32)
+  q = np.clip(np.round(xg / np.where(d == 0, 1.0, d)), -127, 127)
+  return jnp.asarray((q * d).reshape(x.shape))
+
+
+@pytest.mark.parametrize("head_dim, group", [(64, 32), (16, 16)])   # 16: one scale per token
+def test_int8_ring_attends_as_a_dense_cache_of_its_q8_0_values(rng, head_dim, group):
+  window, max_query, max_len = 8, 3, 48
+  ring = RingKVCache.create(B, max_len, H, head_dim, jnp.int8, window=window,
+                            max_query=max_query)
+  assert ring.quantized and ring.keys.dtype == jnp.uint8
+  assert ring.key_scales.shape == (B, H, ring.capacity, head_dim // group)
+  dense = DenseKVCache.create(B, max_len, H, head_dim)
+  exact = DenseKVCache.create(B, max_len, H, head_dim)
+  for i, t in enumerate([13, 1, 3, 1, 2, 3]):
+    k = jnp.asarray(rng.standard_normal((B, t, H, head_dim)) * 3.0, jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, t, H, head_dim)), jnp.float32)
+    ring = ring.update(k, v)
+    dense = dense.update(_q8_0(k, group), _q8_0(v, group))
+    exact = exact.update(k, v)
+    q = jnp.asarray(rng.standard_normal((B, min(t, max_query), HQ, head_dim)), jnp.float32)
+    got = ring.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
+    want = dense.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # ... and 8-bit codes are close to the exact values.
+    full = exact.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
+    assert float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full)) < 0.02
+
+
+def test_int8_ring_memory_counts_the_scales():
+  ring = RingKVCache.create(1, 32768, 1, 256, jnp.int8, window=512)
+  rep = ring.memory_report()
+  assert rep["keys_values"] == 2 * (512 * 256 + 512 * 8 * 2)    # codes + fp16 scale / 32
+  assert rep["bytes_per_token_per_head"] * 8 / (2 * 256) == 8.5
+  with pytest.raises(ValueError, match="float32, bfloat16, float16 or int8"):
+    RingKVCache.create(1, 64, 1, 16, jnp.int32, window=8)
+
+
+def test_decoder_with_int8_rings_stays_close_to_exact_rings():
+  cfg = TINY["gemma"]
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 20), 0, cfg.vocab_size)
+  exact = model.init_caches(2, 32, window_rings(DenseKVCache.create, cfg.layer_window))
+  rings = model.init_caches(2, 32, window_rings(DenseKVCache.create, cfg.layer_window,
+                                                ring_dtype=jnp.int8))
+  assert any(isinstance(c, RingKVCache) and c.quantized for c in rings)
+  assert all(not c.quantized for c in exact if isinstance(c, RingKVCache))
+  _, exact = model(tokens[:, :8], caches=exact, prefill=True)
+  _, rings = model(tokens[:, :8], caches=rings, prefill=True)
+  for i in range(8, 20):
+    a, exact = decode_step(model, tokens[:, i:i + 1], exact)
+    b, rings = decode_step(model, tokens[:, i:i + 1], rings)
+    assert float(jnp.max(jnp.abs(b - a))) < 0.02 * float(jnp.max(jnp.abs(a)))

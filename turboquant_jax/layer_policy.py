@@ -69,16 +69,20 @@ def turboquant_per_layer(config: TurboQuantConfig = TurboQuantConfig(), *,
 
 
 def window_rings(default: MakeCache, layer_window: Callable[[int], int | None], *,
-                 max_query: int = 1) -> MakeCache:
+                 max_query: int = 1, ring_dtype=None) -> MakeCache:
   """A cache maker that gives each layer with a sliding window (`layer_window(layer)` not
   None, e.g. `DecoderConfig.layer_window`) a `RingKVCache` of that window, serving up to
-  `max_query` query tokens per `attend`, and `default` to the others."""
+  `max_query` query tokens per `attend`, and `default` to the others. ring_dtype: the
+  rings' storage (default: the dtype the caches are made with; jnp.int8 for 8-bit
+  codes, half a bf16 ring)."""
   def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
            rope=None):
     window = layer_window(layer)
     shape = (batch, max_len, num_kv_heads, head_dim, dtype, layer, rope)
     if window is None:
       return _call(default, *shape)
+    if ring_dtype is not None:
+      shape = (*shape[:4], ring_dtype, layer, rope)
     return _call(RingKVCache.create, *shape, window=window, max_query=max_query)
 
   return make
