@@ -413,7 +413,9 @@ def main(argv=None):
                       default=[2048, 4096, 8192])
   parser.add_argument("--needle-depths", type=lambda s: [float(x) for x in s.split(",")],
                       default=[0.1, 0.5, 0.9])
-  parser.add_argument("--needle-methods", type=lambda s: s.split(","), default=[
+  # ';'-separated when a name holds a comma ("turboquant 4 rope-centred, int8 local rings").
+  parser.add_argument("--needle-methods", type=lambda s: s.split(";" if ";" in s else ","),
+                      default=[
       "dense fp32", "int4 q4_0-style", "int4 KIVI-style", "int2 KIVI-style",
       "turboquant 2", "turboquant 2.5", "turboquant 3", "turboquant 3.5"])
   parser.add_argument("--chunk", type=int, default=256)
