@@ -118,28 +118,54 @@ def _q8_0(x, group):
   return jnp.asarray((q * d).reshape(x.shape))
 
 
-@pytest.mark.parametrize("head_dim, group", [(64, 32), (16, 16)])   # 16: one scale per token
-def test_int8_ring_attends_as_a_dense_cache_of_its_q8_0_values(rng, head_dim, group):
+@pytest.mark.parametrize("head_dim, group, recent", [(64, 32, 0), (16, 16, 0), (64, 32, 3)])
+def test_int8_ring_attends_as_a_dense_cache_of_its_q8_0_values(rng, head_dim, group, recent):
+  """16 channels: one scale per token. recent: the latest tokens read exact (bf16)."""
   window, max_query, max_len = 8, 3, 48
   ring = RingKVCache.create(B, max_len, H, head_dim, jnp.int8, window=window,
-                            max_query=max_query)
+                            max_query=max_query, exact_recent=recent)
   assert ring.quantized and ring.keys.dtype == jnp.uint8
   assert ring.key_scales.shape == (B, H, ring.capacity, head_dim // group)
-  dense = DenseKVCache.create(B, max_len, H, head_dim)
   exact = DenseKVCache.create(B, max_len, H, head_dim)
-  for i, t in enumerate([13, 1, 3, 1, 2, 3]):
+  ks, vs = [], []
+  for i, t in enumerate([13, 1, 3, 1, 2, 3, 1]):
     k = jnp.asarray(rng.standard_normal((B, t, H, head_dim)) * 3.0, jnp.float32)
     v = jnp.asarray(rng.standard_normal((B, t, H, head_dim)), jnp.float32)
-    ring = ring.update(k, v)
-    dense = dense.update(_q8_0(k, group), _q8_0(v, group))
-    exact = exact.update(k, v)
+    ring, exact = ring.update(k, v), exact.update(k, v)
+    ks.append(k), vs.append(v)
+    # The reference: every token so far as q8_0 codes, the latest `recent` as bf16.
+    hk, hv = jnp.concatenate(ks, 1), jnp.concatenate(vs, 1)
+    n = hk.shape[1]
+    late = (jnp.arange(n) >= n - recent)[None, :, None, None]
+    bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    mixed = [jnp.where(late, bf16(x), _q8_0(x, group)) for x in (hk, hv)]
+    dense = DenseKVCache.create(B, max_len, H, head_dim).update(*mixed)
     q = jnp.asarray(rng.standard_normal((B, min(t, max_query), HQ, head_dim)), jnp.float32)
-    got = ring.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
-    want = dense.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # ... and 8-bit codes are close to the exact values.
-    full = exact.attend(q, sliding_window=window, soft_cap=5.0 if i % 2 else None)
-    assert float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full)) < 0.02
+    cap = 5.0 if i % 2 else None
+    got = ring.attend(q, sliding_window=window, soft_cap=cap)
+    np.testing.assert_allclose(got, dense.attend(q, sliding_window=window, soft_cap=cap),
+                               rtol=1e-5, atol=1e-5)
+    # ... and near the exact values (8-bit codes under scores of std ~3: 1-2% here).
+    full = exact.attend(q, sliding_window=window, soft_cap=cap)
+    assert float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full)) < 0.04
+
+
+def test_int8_ring_recent_tokens_survive_a_rewrite(rng):
+  """A rewrite drops the recent copies at and after its position; the codes stay right."""
+  ring = RingKVCache.create(B, 40, H, D, jnp.int8, window=6, max_query=2, exact_recent=4)
+  ref = RingKVCache.create(B, 40, H, D, window=6, max_query=2)
+  k, v = kv(rng, 12)
+  ring, ref = ring.update(k, v), ref.update(k, v)
+  k, v = kv(rng, 2)
+  pos = jnp.array([10, 12])
+  ring, ref = ring.update(k, v, positions=pos), ref.update(k, v, positions=pos)
+  assert sorted(np.asarray(ring.recent_positions[0]).tolist()) == [8, 9, 10, 11]
+  assert sorted(np.asarray(ring.recent_positions[1]).tolist()) == [10, 11, 12, 13]
+  q = jnp.asarray(rng.standard_normal((B, 2, HQ, D)), jnp.float32)
+  got, want = ring.attend(q, sliding_window=6), ref.attend(q, sliding_window=6)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.02
+  with pytest.raises(ValueError, match="exact_recent is for int8"):
+    RingKVCache.create(B, 40, H, D, window=6, exact_recent=4)
 
 
 def test_int8_ring_memory_counts_the_scales():
@@ -147,6 +173,8 @@ def test_int8_ring_memory_counts_the_scales():
   rep = ring.memory_report()
   assert rep["keys_values"] == 2 * (512 * 256 + 512 * 8 * 2)    # codes + fp16 scale / 32
   assert rep["bytes_per_token_per_head"] * 8 / (2 * 256) == 8.5
+  recent = RingKVCache.create(1, 32768, 1, 256, jnp.int8, window=512, exact_recent=128)
+  assert recent.memory_report()["keys_values"] == rep["keys_values"] + 2 * 128 * 256 * 2
   with pytest.raises(ValueError, match="float32, bfloat16, float16 or int8"):
     RingKVCache.create(1, 64, 1, 16, jnp.int32, window=8)
 

@@ -69,12 +69,13 @@ def turboquant_per_layer(config: TurboQuantConfig = TurboQuantConfig(), *,
 
 
 def window_rings(default: MakeCache, layer_window: Callable[[int], int | None], *,
-                 max_query: int = 1, ring_dtype=None) -> MakeCache:
+                 max_query: int = 1, ring_dtype=None, exact_recent: int = 0) -> MakeCache:
   """A cache maker that gives each layer with a sliding window (`layer_window(layer)` not
   None, e.g. `DecoderConfig.layer_window`) a `RingKVCache` of that window, serving up to
   `max_query` query tokens per `attend`, and `default` to the others. ring_dtype: the
   rings' storage (default: the dtype the caches are made with; jnp.int8 for 8-bit
-  codes, half a bf16 ring)."""
+  codes, half a bf16 ring); exact_recent: an int8 ring's latest tokens kept exact too
+  (`RingKVCache.create`)."""
   def make(batch, max_len, num_kv_heads, head_dim, dtype=None, *, layer: int = 0,
            rope=None):
     window = layer_window(layer)
@@ -83,6 +84,7 @@ def window_rings(default: MakeCache, layer_window: Callable[[int], int | None], 
       return _call(default, *shape)
     if ring_dtype is not None:
       shape = (*shape[:4], ring_dtype, layer, rope)
-    return _call(RingKVCache.create, *shape, window=window, max_query=max_query)
+    extra = dict(exact_recent=exact_recent) if exact_recent else {}
+    return _call(RingKVCache.create, *shape, window=window, max_query=max_query, **extra)
 
   return make

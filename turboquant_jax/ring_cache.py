@@ -13,9 +13,12 @@ more query tokens than the ring can serve; `update` accepts any number of tokens
 that attends on its own, as `models.decoder` does, keeps only the last `capacity`).
 
 `dtype=jnp.int8` stores the ring as 8-bit codes, q8_0-style (one float16 scale per 32
-channels of a token: 8.5 bits per coordinate, llama.cpp's q8_0, whose perplexity change
-is +0.00-0.01% on our models): half a bf16 ring, for contexts so short that the ring is a
-large part of the cache (at Gemma 3's 512-token window and 2,048 tokens, a quarter).
+channels of a token: 8.5 bits per coordinate): half a bf16 ring, for contexts so short
+that the ring is a large part of the cache (at Gemma 3's 512-token window and 2,048
+tokens, a quarter). `exact_recent=n` keeps the latest n tokens in bfloat16 besides (a
+second ring of n slots read in place of their codes): on Gemma 3, 8-bit codes on every
+token of its local layers cost +0.32% perplexity, and llama.cpp's q8_0 with no exact
+tokens +0.34%, where the same q8_0 with 128 exact recent tokens and 4 sinks costs +0.01%.
 
 The protocol is `kv_cache`'s: `update(k, v, positions=None, num_tokens=None)` appends at
 the current length or rewrites from an earlier position; a write past `max_len`, or a
@@ -69,6 +72,9 @@ class RingKVCache(kv_cache.HeadMajorShape):
       uint8 codes (q + 128) for an int8 ring.
     key_scales, value_scales: [B, Hkv, capacity, D/32] float16 for an int8 ring (one per
       32 channels; per token if D is not a multiple of 32), else None.
+    recent_keys, recent_values: [B, Hkv, n, D] bfloat16, the latest n tokens of an int8
+      ring created with exact_recent=n (token t in slot t mod n), else None.
+    recent_positions: [B, n] int32, the position each recent slot holds (-1: empty).
     slot_positions: [B, capacity] int32, the position each slot holds (-1: empty).
     lengths: [B] int32 tokens written per sequence (all positions, not only those held).
     overflowed: [B] bool, set when an update under jit could not be applied.
@@ -83,18 +89,22 @@ class RingKVCache(kv_cache.HeadMajorShape):
   overflowed: Array
   key_scales: Array | None = None
   value_scales: Array | None = None
+  recent_keys: Array | None = None
+  recent_values: Array | None = None
+  recent_positions: Array | None = None
   window: int = flax.struct.field(pytree_node=False, default=1)
   max_len: int = flax.struct.field(pytree_node=False, default=1)
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32, *, window: int, max_query: int = 1, layer: int = 0,
-             rope: Any = None) -> "RingKVCache":
+             dtype=jnp.float32, *, window: int, max_query: int = 1, exact_recent: int = 0,
+             layer: int = 0, rope: Any = None) -> "RingKVCache":
     """An empty ring for a layer with a sliding window of `window` tokens, serving
     `attend` calls of up to `max_query` query tokens (1: decode). dtype: float32,
     bfloat16 or float16 (stored as given), or int8 (8-bit codes with float16 scales; see
-    the module docstring). `layer` and `rope` are accepted, and unused, so that every
-    cache is created the same way."""
+    the module docstring). exact_recent: with int8, the latest tokens also kept in
+    bfloat16 and read in place of their codes (0: none). `layer` and `rope` are
+    accepted, and unused, so that every cache is created the same way."""
     del layer, rope
     kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
     for name, value in (("window", window), ("max_query", max_query)):
@@ -103,14 +113,23 @@ class RingKVCache(kv_cache.HeadMajorShape):
     dtype = jnp.dtype(dtype)
     if dtype != jnp.int8 and not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"a ring stores float32, bfloat16, float16 or int8, got {dtype}")
+    if not isinstance(exact_recent, int) or exact_recent < 0:
+      raise ValueError(f"exact_recent must be an int >= 0, got {exact_recent!r}")
+    if exact_recent and dtype != jnp.int8:
+      raise ValueError("exact_recent is for int8 rings (a float ring is exact already)")
     capacity = min(window + max_query - 1, max_len)
     shape = (batch, num_kv_heads, capacity, head_dim)
-    scales = None
+    scales = recent = recent_positions = None
     if dtype == jnp.int8:
       dtype = jnp.uint8
       scales = jnp.zeros((*shape[:3], head_dim // _int8_group(head_dim)), jnp.float16)
+    if exact_recent:
+      n = min(exact_recent, capacity)
+      recent = jnp.zeros((batch, num_kv_heads, n, head_dim), jnp.bfloat16)
+      recent_positions = jnp.full((batch, n), -1, jnp.int32)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-               key_scales=scales, value_scales=scales,
+               key_scales=scales, value_scales=scales, recent_keys=recent,
+               recent_values=recent, recent_positions=recent_positions,
                slot_positions=jnp.full((batch, capacity), -1, jnp.int32),
                lengths=jnp.zeros((batch,), jnp.int32), overflowed=jnp.zeros((batch,), bool),
                window=window, max_len=max_len)
@@ -167,7 +186,8 @@ class RingKVCache(kv_cache.HeadMajorShape):
 
   def memory_report(self) -> dict[str, Any]:
     kv = int(sum(x.nbytes for x in (self.keys, self.values, self.key_scales,
-                                     self.value_scales) if x is not None))
+                                     self.value_scales, self.recent_keys,
+                                     self.recent_values) if x is not None))
     total = kv_cache.leaf_bytes(self)
     tokens = self.batch * self.num_kv_heads * self.capacity
     # Against a bf16 cache of the whole context (max_len), which is what the ring replaces.
@@ -177,13 +197,12 @@ class RingKVCache(kv_cache.HeadMajorShape):
             "bf16_total": bf16, "compression_vs_bf16": bf16 / total}
 
 
-@jax.jit
-def _ring_update(cache: RingKVCache, k: Array, v: Array, plan: kv_cache.UpdatePlan
-                 ) -> RingKVCache:
-  c = cache.capacity
-  # A rewrite whose window left the ring cannot be served: refuse it (flag, as overflow).
-  ok = plan.ok & (jnp.maximum(plan.positions - cache.window + 1, 0) >= cache.lengths - c)
-  written = (plan.indices < cache.max_len) & ok[:, None]
+def _ring_slots(slot_positions: Array, plan: kv_cache.UpdatePlan, ok: Array, max_len: int
+                ) -> tuple[Array, Array]:
+  """Where the plan's tokens land in a ring of slot_positions.shape[1] slots: the slots
+  ([B, T], capacity = dropped) and the updated slot positions."""
+  c = slot_positions.shape[1]
+  written = (plan.indices < max_len) & ok[:, None]
   # Of the tokens written, only the last `capacity` land (earlier ones would be
   # overwritten in the same scatter, in an unspecified order).
   last = plan.positions + plan.num_tokens
@@ -191,12 +210,28 @@ def _ring_update(cache: RingKVCache, k: Array, v: Array, plan: kv_cache.UpdatePl
   slots = jnp.where(written, plan.indices % c, c)                     # c: dropped
   pos = jnp.where(written, plan.indices, -1)
   # Slots holding positions at or after the rewrite point are stale once it lands.
-  stale = cache.slot_positions >= jnp.where(ok, plan.positions, jnp.iinfo(jnp.int32).max
-                                            )[:, None]
-  slot_positions = jnp.where(stale, -1, cache.slot_positions)
+  stale = slot_positions >= jnp.where(ok, plan.positions, jnp.iinfo(jnp.int32).max)[:, None]
+  slot_positions = jnp.where(stale, -1, slot_positions)
   slot_positions = jax.vmap(lambda s, i, p: s.at[i].set(p, mode="drop"))(
       slot_positions, slots, pos)
+  return slots, slot_positions
+
+
+@jax.jit
+def _ring_update(cache: RingKVCache, k: Array, v: Array, plan: kv_cache.UpdatePlan
+                 ) -> RingKVCache:
+  c = cache.capacity
+  # A rewrite whose window left the ring cannot be served: refuse it (flag, as overflow).
+  ok = plan.ok & (jnp.maximum(plan.positions - cache.window + 1, 0) >= cache.lengths - c)
+  slots, slot_positions = _ring_slots(cache.slot_positions, plan, ok, cache.max_len)
   kh, vh = kv_cache.to_head_major(k), kv_cache.to_head_major(v)
+  if cache.recent_positions is not None:
+    recent_slots, recent_positions = _ring_slots(cache.recent_positions, plan, ok,
+                                                 cache.max_len)
+    cache = cache.replace(
+        recent_keys=kv_cache.scatter_tokens(cache.recent_keys, kh, recent_slots),
+        recent_values=kv_cache.scatter_tokens(cache.recent_values, vh, recent_slots),
+        recent_positions=recent_positions)
   if cache.quantized:
     (kh, k_scales), (vh, v_scales) = _quantize(kh), _quantize(vh)
     cache = cache.replace(
@@ -223,5 +258,14 @@ def _ring_attend(cache: RingKVCache, q: Array, q_positions: Array | None, *, sca
   if cache.quantized:
     keys = _dequantize(keys, cache.key_scales)
     values = _dequantize(values, cache.value_scales)
+  if cache.recent_positions is not None:
+    # A slot whose position the recent ring holds reads the exact copy.
+    n = cache.recent_positions.shape[1]
+    at = jnp.where(k_pos >= 0, k_pos % n, 0)
+    exact = (jnp.take_along_axis(cache.recent_positions, at, axis=1) == k_pos) & (k_pos >= 0)
+    pick = lambda full, recent: jnp.where(  # noqa: E731
+        exact[:, None, :, None],
+        jnp.take_along_axis(recent, at[:, None, :, None], axis=2).astype(jnp.float32), full)
+    keys, values = pick(keys, cache.recent_keys), pick(values, cache.recent_values)
   out = attention.dense_attention(q, keys, values, mask, scale=scale, soft_cap=soft_cap)
   return jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
