@@ -9,10 +9,14 @@
 - `exact`: the budget's perplexity per seed with the given layers kept exact (dense): the
   most that more bits for those layers could give; or with some layers' widths replaced
   (`--widths`, e.g. values before keys in the local layers at the same stored bits).
+- `rings`: dense global layers, the sliding-window layers' rings exact, int8 (q8_0-style)
+  and int8 with their latest 128 tokens exact; and llama.cpp's q8_0 on every layer with
+  no exact window or sinks: what 8-bit codes on the most recent tokens cost.
 
     python -m benchmarks.quality_probe rotations [--model gemma3] [--budget 3.5] [--seeds 5]
     python -m benchmarks.quality_probe exact --layers 11 [--model gemma3] [--budget 3.5]
     python -m benchmarks.quality_probe exact --layers "" --widths 3=3/3.5,4=3/3.5
+    python -m benchmarks.quality_probe rings [--model gemma3]
 
 Writes benchmarks/results/quality_probe_<model>_cpu.json (one key per probe and budget).
 """
@@ -20,6 +24,7 @@ Writes benchmarks/results/quality_probe_<model>_cpu.json (one key per probe and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -30,9 +35,9 @@ from benchmarks import common
 from benchmarks import quality
 from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
-from turboquant_jax import TurboQuantConfig
+from turboquant_jax import (DenseKVCache, TurboQuantConfig, UniformConfig, UniformKVCache)
 from turboquant_jax.budget import budget_layer_bits, readback_errors
-from turboquant_jax.layer_policy import turboquant_per_layer
+from turboquant_jax.layer_policy import turboquant_per_layer, window_rings
 
 
 def load(name: str, tokens: int = 2048):
@@ -80,13 +85,36 @@ def exact_layers(model, tokens, budget: float, seeds: int, layers: tuple[int, ..
           "seconds": time.perf_counter() - start}
 
 
+def rings(model, tokens) -> dict:
+  """Perplexity (one run each: no rotation) of dense caches with the local layers' rings
+  exact, int8, int8 with 128 exact recent tokens; and q8_0 with no exact tokens."""
+  window = model.cfg.layer_window
+  makes = {
+      "dense": DenseKVCache.create,
+      "dense, exact local rings": window_rings(DenseKVCache.create, window),
+      "dense, int8 local rings": window_rings(DenseKVCache.create, window,
+                                              ring_dtype=jnp.int8),
+      "dense, int8 local rings exact 128": window_rings(
+          DenseKVCache.create, window, ring_dtype=jnp.int8, exact_recent=128),
+      "q8_0, no window or sinks": functools.partial(
+          UniformKVCache.create, config=UniformConfig.llama_cpp(8, window=0, num_sinks=0)),
+  }
+  out = {}
+  for name, make in makes.items():
+    start = time.perf_counter()
+    out[name] = evaluation.perplexity(evaluation.decode_nll(model, tokens, make)[0])
+    print(f"{name:36s} ppl {out[name]:.4f}  {time.perf_counter() - start:5.0f} s", flush=True)
+  return {"perplexity": out, "change_vs_dense_pct": {
+      k: 100 * (v / out["dense"] - 1) for k, v in out.items()}}
+
+
 def _width(text: str) -> float | int:
   return float(text) if "." in text else int(text)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("probe", choices=("rotations", "exact"))
+  p.add_argument("probe", choices=("rotations", "exact", "rings"))
   p.add_argument("--model", default="gemma3", choices=sorted(quality.MODELS))
   p.add_argument("--budget", type=float, default=3.5)
   p.add_argument("--seeds", type=int, default=5)
@@ -98,6 +126,9 @@ def main(argv=None):
   if args.probe == "rotations":
     result = rotations(model, tokens, args.budget, args.seeds)
     key = f"rotations budget {args.budget}"
+  elif args.probe == "rings":
+    result = rings(model, tokens)
+    key = "rings"
   else:
     layers = tuple(int(x) for x in args.layers.split(",") if x)
     widths = {int(layer): tuple(_width(x) for x in kv.split("/"))
