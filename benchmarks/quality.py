@@ -264,10 +264,10 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra = [global_layers_wider(model.cfg, b, 4) for b in (2, 2.5)]
   extra += [budgeted(model.cfg, b) for b in (2.5, 3.0, 3.5)]
   extra += [local_rings(model.cfg, b) for b in (2.5, 3.5)]
-  # 8-bit rings: half a bf16 ring, q8_0's +0.00-0.01% (the rings' bits count at 2K tokens).
+  # 8-bit rings: half a bf16 ring (the rings' bits count at 2K tokens) ...
   extra += [local_rings(model.cfg, b, jnp.int8) for b in (2.5, 3.5, 4)]
-  # ... with the latest 128 tokens exact (bf16), as every cache's window: 8-bit codes on
-  # the recent tokens themselves cost Gemma 3 +0.3%.
+  # ... and with their latest 128 tokens exact (bf16), as every cache's window: 8-bit
+  # codes on the recent tokens themselves cost Gemma 3 +0.3% (quality_probe rings).
   extra += [local_rings(model.cfg, b, jnp.int8, 128) for b in (2.5, 3.5, 4)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
