@@ -54,6 +54,14 @@ MODELS = {
     "gemma3_270m": model_config.gemma3_270m,
     "smollm2_135m": model_config.smollm2_135m,
 }
+def tiles(key_bits, value_bits, levels, center_keys, **kw):
+  """A TurboQuant cache maker for the Mosaic GPU kernel: codes in tiles."""
+  return functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+      key_bits=key_bits, value_bits=value_bits, levels=levels, layout="tiles",
+      center_keys=center_keys, **kw))
+
+
+INT8 = dict(tile_operand="int8")
 CACHES = {
     "bf16": DenseKVCache.create,
     "tq3": functools.partial(TurboQuantKVCache.create,
@@ -62,46 +70,26 @@ CACHES = {
                                config=TurboQuantConfig(key_bits=3.5, value_bits=3.5)),
     # The Mosaic GPU kernel's cache (Hopper): tiles layout, cubic levels, keys centred
     # after RoPE, or before it (the kernel adds q·R(t)·μ per 128-token step).
-    "tq3-tiles": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="plain")),
-    "tq3-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, value_bits=3, levels="cubic", layout="tiles", center_keys="rope")),
-    "tq3.5-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3.5, value_bits=3.5, levels="cubic", layout="tiles", center_keys="rope")),
+    "tq3-tiles": tiles(3, 3, "cubic", "plain"),
+    "tq3-tiles-rope": tiles(3, 3, "cubic", "rope"),
+    "tq3.5-tiles-rope": tiles(3.5, 3.5, "cubic", "rope"),
     # The same with quintic levels: Lloyd-Max's D_mse within 0.16% (one more op per pair).
-    "tq3.5-quintic-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="rope")),
+    "tq3.5-quintic-rope": tiles(3.5, 3.5, "quintic", "rope"),
     # The int8 path: byte tiles decoded by byte permutes into int8 wgmma operands, levels
     # Lloyd-Max on an int8 grid (`codebook.int8_codebook`); queries in two int8 parts.
-    "tq3-int8": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
-        center_keys="plain")),
-    "tq3-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
-        center_keys="rope")),
-    "tq3.5-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3.5, value_bits=3.5, levels="int8", tile_operand="int8", layout="tiles",
-        center_keys="rope")),
-    # 3.5 bits as 4-bit keys and 3-bit values on the int8 path: 128-token tiles, no
-    # channel groups (the groups' 256-token tiles and serial passes cost the kernel time).
-    "tq3.5-k4v3-int8": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=4, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
-        center_keys="plain")),
-    "tq3.5-k4v3-int8-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=4, value_bits=3, levels="int8", tile_operand="int8", layout="tiles",
-        center_keys="rope")),
-    "tq3.5-k4v3-quintic": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=4, value_bits=3, levels="quintic", layout="tiles", center_keys="plain")),
-    "tq3.5-quintic": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles", center_keys="plain")),
-    "tq4-tiles-rope": functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=4, value_bits=4, levels="cubic", layout="tiles", center_keys="rope")),
+    "tq3-int8": tiles(3, 3, "int8", "plain", **INT8),
+    "tq3-int8-rope": tiles(3, 3, "int8", "rope", **INT8),
+    "tq3.5-int8-rope": tiles(3.5, 3.5, "int8", "rope", **INT8),
+    # 3.5 bits as 4-bit keys and 3-bit values: 128-token tiles, no channel groups (the
+    # groups' 256-token tiles and serial passes cost the kernel time).
+    "tq3.5-k4v3-int8": tiles(4, 3, "int8", "plain", **INT8),
+    "tq3.5-k4v3-int8-rope": tiles(4, 3, "int8", "rope", **INT8),
+    "tq3.5-k4v3-quintic": tiles(4, 3, "quintic", "plain"),
+    "tq3.5-quintic": tiles(3.5, 3.5, "quintic", "plain"),
+    "tq4-tiles-rope": tiles(4, 4, "cubic", "rope"),
     # 3.5-bit tiles hold 256 tokens, so the default window is 256 (decode steps defer their
     # codes); with 128 every step re-packs a tile.
-    "tq3.5-quintic-rope-w128": functools.partial(
-        TurboQuantKVCache.create, config=TurboQuantConfig(
-            key_bits=3.5, value_bits=3.5, levels="quintic", layout="tiles",
-            center_keys="rope", window=128)),
+    "tq3.5-quintic-rope-w128": tiles(3.5, 3.5, "quintic", "rope", window=128),
 }
 
 

@@ -247,15 +247,26 @@ def bits_per_coordinate(model, make, dtype, tokens: int = 2048
   return per_token, per_token * 8 / coords, at_tokens
 
 
+def bos_ids(tok) -> list[int]:
+  """The beginning-of-sequence token, where the tokenizer adds one."""
+  return [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
+
+
+def text_tokens(tok, text: str, n: int, name: str = "the text") -> jax.Array:
+  """[1, n] int32: the bos token (if any), then the first tokens of `text`."""
+  bos, ids = bos_ids(tok), tok.encode(text, add_bos=False)
+  if len(ids) < n:
+    raise SystemExit(f"{name} has {len(ids)} tokens, fewer than --tokens {n}")
+  return jnp.asarray([bos + ids[:n - len(bos)]], jnp.int32)
+
+
 def run_model(name: str, args, out: dict, save) -> None:
   model, gguf_file = gguf_loader.load_gguf(MODELS[name]())
   tok = tokenizer_from_gguf(gguf_file)
   encode = lambda text: tok.encode(text, add_bos=False)  # noqa: E731
-  bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
-  ids = encode(load_text(args.text, args.text_lines))
-  if len(ids) < args.tokens:
-    raise SystemExit(f"{args.text} has {len(ids)} tokens, fewer than --tokens {args.tokens}")
-  tokens = jnp.asarray([bos + ids[:args.tokens - len(bos)]], jnp.int32)
+  bos = bos_ids(tok)
+  tokens = text_tokens(tok, load_text(args.text, args.text_lines), args.tokens,
+                       str(args.text))
   result = out.setdefault("models", {}).setdefault(name, {
       "config": dataclasses.asdict(model.cfg), "perplexity": {}, "needle": {},
       "fidelity": {}})

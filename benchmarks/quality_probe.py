@@ -43,9 +43,7 @@ from turboquant_jax.layer_policy import turboquant_per_layer, window_rings
 def load(name: str, tokens: int = 2048):
   model, gguf_file = gguf_loader.load_gguf(quality.MODELS[name]())
   tok = tokenizer_from_gguf(gguf_file)
-  bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
-  ids = tok.encode(quality.load_text(quality.PERPLEXITY_TEXT), add_bos=False)
-  return model, jnp.asarray([bos + ids[:tokens - len(bos)]], jnp.int32)
+  return model, quality.text_tokens(tok, quality.load_text(quality.PERPLEXITY_TEXT), tokens)
 
 
 def rotations(model, tokens, budget: float, seeds: int) -> dict:
