@@ -11,6 +11,15 @@ append, one layer's attention. The GPU kernels of each trace (the device plane's
 lines) are summed by kernel name with its numeric suffix dropped, and written to
 `step_profile_<platform>.json` with a short table. Kernels on one stream run one after
 another, so the sum is the device work of the call; the decode step's sum is per step.
+
+`--timeline N` traces one call of N decode steps instead (after two untraced ones; `--calls`
+back-to-back calls, each taking the last one's tokens) and
+splits its span, first kernel start to last kernel end, into kernel time and idle time
+(the GPU waiting for the host to launch), with the idle time summed by the kernel that
+ends each gap: whether a step is bound by its kernels or by their launches.
+
+    python -m benchmarks.step_profile --layers 32 --timeline 8 --graphs on,off \
+        --caches bf16,tq3.5-k4v3-int8
 """
 
 from __future__ import annotations
@@ -57,8 +66,96 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> di
   return out
 
 
-def device_kernels(paths: list[str]) -> list[tuple[str, float]]:
-  """(kernel name, µs) of every kernel on the device planes' streams of the traces."""
+def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
+             graphs: bool = True, calls: int = 1) -> dict:
+  """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time, and
+  the tokens it generated (greedy, from caches filled the same way on every call)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from benchmarks import decode_e2e
+  from models.decoder import Decoder
+  from models.generate import decode_loop
+
+  cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
+  model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  caches = model.init_caches(batch, context, decode_e2e.layer_caches(
+      cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
+  caches = decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0),
+                                  context - (2 + calls) * steps - 16)
+  tokens = jnp.zeros((batch,), jnp.int32)
+  decode = decode_loop(model, steps, graphs=graphs)
+  for _ in range(2):                # compiles the loop and the token slice, untraced
+    out, caches = jax.block_until_ready(decode(tokens, caches))
+    tokens = out[:, -1]
+  tokens = jnp.zeros((batch,), jnp.int32)
+  outs = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(calls):        # queued back to back, each call's tokens the last's
+        out, caches = decode(tokens, caches)
+        tokens = out[:, -1]
+        outs.append(out)
+      jax.block_until_ready((outs, caches))
+    paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    rows = device_kernels(paths, with_start=True)
+    host = host_events(paths)
+  tokens_out = np.concatenate([np.asarray(o) for o in outs], axis=1).tolist()
+  out = idle_split(rows, steps * calls)
+  out["calls"] = calls
+  out["tokens"] = tokens_out
+  out["host_events"] = [{"event": k, "count_per_step": n / (steps * calls),
+                         "us_per_step": us / (steps * calls)}
+                        for k, (n, us) in host[:25]]
+  return out
+
+
+def host_events(paths: list[str]) -> list[tuple[str, tuple[int, float]]]:
+  """Host-thread trace events summed by name (count, µs), largest first."""
+  from jax.profiler import ProfileData
+  groups = collections.defaultdict(lambda: [0, 0.0])
+  for path in paths:
+    for plane in ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/host:"):
+        continue
+      for line in plane.lines:
+        if line.name == "python":
+          continue
+        for e in line.events:
+          g = groups[kernel_group(e.name)]
+          g[0] += 1
+          g[1] += e.duration_ns * 1e-3
+  return sorted(((k, tuple(v)) for k, v in groups.items()), key=lambda kv: -kv[1][1])
+
+
+def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
+  """Span, busy and idle µs per step of kernels given as (name, start µs, µs); idle
+  time is where no kernel runs, summed by the kernel that ends each gap."""
+  rows = sorted(rows, key=lambda r: r[1])
+  busy, idle, end = 0.0, collections.defaultdict(float), rows[0][1]
+  for name, start, us in rows:
+    if start > end:
+      idle[kernel_group(name)] += start - end
+    busy += max(0.0, start + us - max(start, end))
+    end = max(end, start + us)
+  span = end - rows[0][1]
+  top = sorted(idle.items(), key=lambda kv: -kv[1])[:12]
+  first = len(rows) // steps          # the second step's kernels in order, with gaps
+  sequence = [[rows[i][0][:60], round(rows[i][1] - rows[i - 1][1] - rows[i - 1][2], 2),
+               round(rows[i][2], 2)] for i in range(first, min(len(rows), first + 90))]
+  return {"steps": steps, "kernels_per_step": len(rows) / steps,
+          "span_us_per_step": span / steps, "busy_us_per_step": busy / steps,
+          "idle_us_per_step": (span - busy) / steps,
+          "idle_before": [{"kernel": k, "us_per_step": v / steps} for k, v in top],
+          "sequence": sequence,
+          "kernels": summarize([(n, us) for n, _, us in rows])}
+
+
+def device_kernels(paths: list[str], with_start: bool = False) -> list[tuple]:
+  """(kernel name, µs) of every kernel on the device planes' streams of the traces, or
+  (name, start µs, µs) with `with_start`."""
   from jax.profiler import ProfileData
   rows = []
   for path in paths:
@@ -70,7 +167,8 @@ def device_kernels(paths: list[str]) -> list[tuple[str, float]]:
       if not streams:
         raise RuntimeError(f"no stream lines on {plane.name}: {[x.name for x in lines]}")
       for line in streams:
-        rows.extend((e.name, e.duration_ns * 1e-3) for e in line.events)
+        rows.extend((e.name, e.start_ns * 1e-3, e.duration_ns * 1e-3) if with_start
+                    else (e.name, e.duration_ns * 1e-3) for e in line.events)
   return rows
 
 
@@ -98,9 +196,17 @@ def main(argv=None):
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--context", type=int, default=32768)
+  parser.add_argument("--timeline", type=int, default=0, metavar="STEPS",
+                      help="trace STEPS decode steps: kernel vs idle time per step")
+  parser.add_argument("--calls", type=int, default=1,
+                      help="with --timeline: calls traced back to back (gaps between count)")
+  parser.add_argument("--graphs", default="on", help="with --timeline: on, off or on,off "
+                      "(decode with or without models.generate.GRAPH_OPTIONS)")
   parser.add_argument("--out", default=None, help="results folder for the JSON")
   args = parser.parse_args(argv)
   from benchmarks import common
+  if args.timeline:
+    return main_timeline(args)
   results = {"settings": {"model": "llama3_8b shapes", "layers": args.layers,
                           "batch": args.batch, "context": args.context},
              "profiles": {}}
@@ -115,6 +221,42 @@ def main(argv=None):
     print(f"\n{name}: {prof['kernels']} kernels, {prof['total_us']:.1f} us")
     for g in prof["groups"][:12]:
       print(f"  {g['us']:9.1f} us  {g['launches']:4d}x  {g['kernel'][:90]}")
+
+
+def main_timeline(args):
+  import os
+
+  from benchmarks import common
+  results = {"settings": {"model": "llama3_8b shapes", "layers": args.layers,
+                          "batch": args.batch, "context": args.context,
+                          "steps": args.timeline, "calls": args.calls,
+                          "xla_flags": os.environ.get("XLA_FLAGS", "")},
+             "timelines": {}}
+  for name in args.caches.split(","):
+    for graphs in args.graphs.split(","):
+      if graphs not in ("on", "off"):
+        raise ValueError(f"--graphs takes on and/or off, got {graphs!r}")
+      results["timelines"][f"{name} graphs {graphs}"] = timeline(
+          name, args.layers, args.batch, args.context, args.timeline, graphs == "on",
+          args.calls)
+      common.write_result("step_timeline", results, args.out)
+    runs = [t for k, t in results["timelines"].items() if k.startswith(f"{name} graphs")]
+    results.setdefault("same_tokens", {})[name] = all(
+        t["tokens"] == runs[0]["tokens"] for t in runs)
+    common.write_result("step_timeline", results, args.out)
+  print(f"\n{'cache':34s} {'kernels':>8s} {'span us':>9s} {'busy us':>9s} {'idle us':>8s}"
+        "  (per step)")
+  print("same tokens with and without graphs:", results["same_tokens"])
+  for name, t in results["timelines"].items():
+    print(f"{name:34s} {t['kernels_per_step']:8.0f} {t['span_us_per_step']:9.1f} "
+          f"{t['busy_us_per_step']:9.1f} {t['idle_us_per_step']:8.1f}")
+    for g in t["idle_before"][:6]:
+      print(f"    idle {g['us_per_step']:8.1f} us before {g['kernel'][:70]}")
+    for g in t["kernels"]["groups"][:8]:
+      print(f"    {g['us'] / t['steps']:9.1f} us {g['launches'] / t['steps']:5.0f}x "
+            f"{g['kernel'][:70]}")
+    for g in t.get("host_events", [])[:10]:
+      print(f"    host {g['us_per_step']:9.1f} us {g['count_per_step']:6.0f}x {g['event'][:60]}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,20 @@ def test_step_profile_groups_kernels_by_family():
                            {"kernel": "a_fusion", "launches": 2, "us": 3.5}]
 
 
+def test_step_timeline_splits_span_into_kernels_and_gaps():
+  """Overlapping kernels count once; each gap is charged to the kernel that ends it."""
+  from benchmarks import step_profile
+  rows = [("k_b_2", 12.0, 3.0), ("k_a_1", 0.0, 4.0), ("k_c", 2.0, 3.0),  # busy 0-5
+          ("k_b_1", 7.0, 1.0), ("k_a_2", 20.0, 2.0)]
+  got = step_profile.idle_split(rows, steps=2)
+  assert got["span_us_per_step"] == 11.0               # 0 .. 22
+  assert got["busy_us_per_step"] == (5 + 1 + 3 + 2) / 2
+  assert got["idle_us_per_step"] == (2 + 4 + 5) / 2
+  assert got["idle_before"] == [{"kernel": "k_b", "us_per_step": 3.0},
+                                {"kernel": "k_a", "us_per_step": 2.5}]
+  assert got["kernels_per_step"] == 2.5
+
+
 def test_paired_steps_times_every_cache_in_each_round():
   """The alternating A/B of decode steps: every cache decodes every round, the ratios are
   against the first cache (1 for itself), and the caches are not overflowed."""
