@@ -3,7 +3,7 @@
 Real architectures with random bf16 weights (speed does not depend on the values): a
 Llama-3-8B-like config, Gemma 3 270M's and SmolLM2-135M's own. For each (batch, context)
 and each cache (dense bf16 through cuDNN, TurboQuant at 3 and 3.5 bits) the caches are
-filled with random keys and values up to the context, then `models.decode_steps` decodes
+filled with random keys and values up to the context, then `models.decode_loop` decodes
 greedily: one jitted call of `steps` tokens, caches donated, no host sync per token;
 `repeats` calls are queued and blocked on once. Per point it also times one layer's
 attention and one layer's single-token append (so the step splits into attention, append
@@ -18,7 +18,9 @@ against the HBM read ceiling measured in the same run.
 
 `--paired` times only decode steps, the caches of a point held at once and timed in
 alternating rounds (`paired_steps`): the ratio between caches as a median over rounds,
-which separate runs (drift of several percent between them) cannot give.
+which separate runs (drift of several percent between them) cannot give. A name ending
+in `@nographs` decodes with XLA's default compiler options instead of
+`models.generate.GRAPH_OPTIONS` (e.g. `--caches bf16,tq3-int8,tq3-int8@nographs`).
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
@@ -44,7 +46,7 @@ from flax import nnx
 from benchmarks import common
 from models import config as model_config
 from models.decoder import Decoder
-from models.generate import decode_steps
+from models.generate import GRAPH_OPTIONS, decode_loop
 from turboquant_jax.kv_cache import DenseKVCache
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
@@ -62,6 +64,7 @@ def tiles(key_bits, value_bits, levels, center_keys, **kw):
 
 
 INT8 = dict(tile_operand="int8")
+NO_GRAPHS = "@nographs"   # a paired name's suffix: decode without GRAPH_OPTIONS
 CACHES = {
     "bf16": DenseKVCache.create,
     "tq3": functools.partial(TurboQuantKVCache.create,
@@ -281,19 +284,20 @@ def run_point(model, cfg, make_cache, batch, context, key) -> dict:
   attn_total = sum(attention[0] if w == windows[0] else attention[cfg.num_layers - 1]
                    for w in windows)
   tokens = jnp.zeros((batch,), jnp.int32)
+  decode = decode_loop(model, STEPS)
   t0 = time.perf_counter()
   # Two untimed calls: the first call's inputs (fresh tokens; on a mesh, fresh arrays)
   # can be placed differently from the outputs that the next calls take, and the second
   # call may compile once more for them; from then on every call hits the cache.
   for _ in range(2):
-    out, caches = decode_steps(model, tokens, caches, STEPS)
+    out, caches = decode(tokens, caches)
     tokens = out[:, -1]
   jax.block_until_ready(tokens)
   row["compile_and_first_calls_s"] = time.perf_counter() - t0
   start = time.perf_counter()
   outs = []
   for _ in range(REPEATS):
-    out, caches = decode_steps(model, tokens, caches, STEPS)
+    out, caches = decode(tokens, caches)
     outs.append(out)
     tokens = out[:, -1]
   jax.block_until_ready((outs, caches))
@@ -325,13 +329,16 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
   prefix = context - steps * (2 + rounds) - 1
   if prefix < 1:
     raise ValueError(f"context {context} is too short for {rounds} rounds of {steps} steps")
-  states = {}
+  graphs = {name: not name.endswith(NO_GRAPHS) for name in names}
+  states, loops = {}, {}
   for i, name in enumerate(names):
-    caches = model.init_caches(batch, context, layer_caches(cfg, CACHES[name]), jnp.bfloat16)
+    make = CACHES[name.removesuffix(NO_GRAPHS)]
+    caches = model.init_caches(batch, context, layer_caches(cfg, make), jnp.bfloat16)
     caches = fill_caches(cfg, caches, jax.random.fold_in(key, i), prefix)
     tokens = jnp.zeros((batch,), jnp.int32)
+    loops[name] = decode_loop(model, steps, graphs=graphs[name])
     for _ in range(2):                 # compile, and settle buffer placements
-      out, caches = decode_steps(model, tokens, caches, steps)
+      out, caches = loops[name](tokens, caches)
       tokens = out[:, -1]
     states[name] = jax.block_until_ready((tokens, caches))
   samples = {name: [] for name in names}
@@ -339,7 +346,7 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
     for name in (names if r % 2 == 0 else names[::-1]):
       tokens, caches = states[name]
       start = time.perf_counter()
-      out, caches = decode_steps(model, tokens, caches, steps)
+      out, caches = loops[name](tokens, caches)
       tokens = jax.block_until_ready(out[:, -1])
       samples[name].append((time.perf_counter() - start) / steps)
       states[name] = (tokens, caches)
@@ -506,7 +513,8 @@ def main(argv=None):
   if args.paired:
     names = (args.caches or ",".join(DEFAULT_CACHES)).split(",")
     rows, results = [], {"caches": names, "rounds": args.rounds, "steps_per_call": STEPS,
-                         "weights": "random, bf16", "points": {}}
+                         "weights": "random, bf16", "graph_options": GRAPH_OPTIONS,
+                         "points": {}}
     for m in args.models.split(","):
       cfg = MODELS[m]()
       model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

@@ -120,6 +120,30 @@ def test_decode_steps_continues_generate_compiles_once_and_donates(model, make):
   np.testing.assert_array_equal(caches[0].lengths, [8 + 6, 8 + 6])
 
 
+@pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
+    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1))],
+    ids=["dense", "turboquant"])
+def test_decode_loop_matches_generate_compiles_once_and_donates(model, make):
+  """The bound loop: split and compiled once, the same tokens as generate."""
+  from models import decode_loop
+  prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
+  want, _ = generate(model, prompts, None, 7, make)
+  caches = model.init_caches(2, 32, make)
+  logits, caches = model(prompts, caches=caches, prefill=True)
+  step = decode_loop(model, 3)
+  leaves = jax.tree.leaves(caches)
+  first, caches = step(jnp.argmax(logits[:, -1], -1), caches)
+  assert all(x.is_deleted() for x in leaves)
+  second, caches = step(first[:, -1], caches)
+  assert step.jitted._cache_size() == 1
+  got = jnp.concatenate([jnp.argmax(logits[:, -1], -1)[:, None], first, second], axis=1)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="tokens must have shape"):
+    step(jnp.zeros((3,), jnp.int32), caches)
+  with pytest.raises(ValueError, match="num_steps"):
+    decode_loop(model, 0)
+
+
 def test_decode_steps_rejects_bad_arguments(model):
   from models import decode_steps
   caches = model.init_caches(2, 16, DenseKVCache.create)
@@ -127,3 +151,21 @@ def test_decode_steps_rejects_bad_arguments(model):
     decode_steps(model, jnp.zeros((2,), jnp.int32), caches, 0)
   with pytest.raises(ValueError, match="tokens must have shape"):
     decode_steps(model, jnp.zeros((3,), jnp.int32), caches, 2)
+
+
+def test_graph_options_compile_and_leave_the_tokens_unchanged(model):
+  """GRAPH_OPTIONS reach XLA (a misspelt command buffer kind fails to compile) and, off
+  the GPU where they are ignored or on it, decode the same tokens as XLA's defaults."""
+  import jax
+  from models import decode_steps
+  from models.generate import GRAPH_OPTIONS
+  jax.jit(lambda x: x + 1, compiler_options=GRAPH_OPTIONS)(1.0)
+  with pytest.raises(Exception, match="enum"):
+    jax.jit(lambda x: x + 2, compiler_options={
+        "xla_gpu_enable_command_buffer": "FUSION,WHILE_LOOPS"})(1.0)
+  tokens = jnp.array([3, 5], jnp.int32)
+  got = {}
+  for graphs in (True, False):
+    caches = model.init_caches(2, 32, TurboQuantKVCache.create, jnp.float32)
+    got[graphs], _ = decode_steps(model, tokens, caches, 4, graphs=graphs)
+  np.testing.assert_array_equal(got[True], got[False])
