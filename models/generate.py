@@ -4,20 +4,22 @@
                                      make_cache=TurboQuantKVCache.create)
 
 `decode_steps` is the bare greedy loop over caches the caller owns (benchmarks, serving):
-the caches are donated, so each step writes them in place.
+the caches are donated, so each step writes them in place. `decode_loop` binds it to a
+model once, for callers that call it many times.
 
 The prompt is attended exactly (prefill) and written to the caches; each decode step
 appends one token per sequence and reads the caches. No Python loop runs per token.
 Prompts of different lengths share a batch (padded on the right, with their lengths).
 
-On GPUs both loops compile with `GRAPH_OPTIONS` (`graphs=False` keeps XLA's defaults):
+On GPUs `decode_steps` and `decode_loop` compile with `GRAPH_OPTIONS` (`graphs=False`
+keeps XLA's defaults; `generate` takes `graphs=True`, not yet checked on a GPU):
 XLA then records the loop body, conditionals included, as CUDA graphs. By default it
 launches a while loop's body and each `lax.cond` from the host, and a TurboQuant layer
 has a conditional (its one-tile-per-128-steps append) and twice the kernels of a bf16
-layer: the GPU waited for the host 1.3-2.7 ms of a 10.5-12 ms step (H200, Llama-3-8B
+layer: the GPU waited for the host 1.3-5.0 ms of a 10.5-14.3 ms step (H200, Llama-3-8B
 shapes, 8 x 32K, 3.5 bits as K4/V3: `benchmarks/results/step_timeline_*_gpu.json`), and
-0.6 ms with these options; the bf16 step was unchanged (idle 0.25-0.27 ms). Other
-backends ignore the options.
+0.6-0.7 ms with these options, the same greedy tokens; bf16 steps idled 0.05-0.27 ms
+either way. Other backends ignore the options.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ _generate_default = jax.jit(_generate_loop, static_argnames=_GENERATE_STATIC)
 def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens: int,
              make_cache: Callable[..., Any], *, sampling: SamplingConfig = SamplingConfig(),
              stop_tokens: Sequence[int] = (), key: Array | None = None, pad_id: int = 0,
-             cache_dtype=jnp.float32, return_caches: bool = False, graphs: bool = True):
+             cache_dtype=jnp.float32, return_caches: bool = False, graphs: bool = False):
   """Generates up to max_new_tokens tokens per prompt.
 
   Args:
@@ -135,7 +137,9 @@ def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens
     stop_tokens: token ids that end a sequence.
     key: PRNG key for sampling (required unless greedy).
     pad_id: written after a sequence has stopped.
-    graphs: compile with `GRAPH_OPTIONS` (GPU: the decode loop as CUDA graphs).
+    graphs: compile with `GRAPH_OPTIONS` (GPU: the decode loop as CUDA graphs). Off by
+      default here until checked on a GPU: this loop's trip count depends on the data
+      (stop tokens), unlike `decode_steps`'s scan, which was.
 
   Returns:
     (tokens [B, max_new_tokens] int32, num_generated [B] int32), and the caches if asked.
