@@ -38,7 +38,8 @@ from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
-from turboquant_jax.budget import budget_layer_bits, mean_stored_bits, measured_layer_bits
+from turboquant_jax.budget import (budget_layer_bits, budget_with_rings, mean_stored_bits,
+                                   measured_layer_bits, ring_budget_cache)
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.ring_cache import RingKVCache
 
@@ -134,6 +135,23 @@ def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0) -> Met
     kind += f" exact {exact_recent}"
   return Method(f"turboquant {bits} rope-centred, {kind}", kind, make, seeded=True,
                 bits=bits)
+
+
+def ring_budgeted(cfg, budget: float, max_len: int) -> Method | None:
+  """A budget at a capacity of max_len tokens, the sliding-window layers given the most
+  precise ring it affords (`budget.budget_with_rings`: bf16, int8 with 128 exact recent
+  tokens, int8, or none), keys centred before RoPE; None for a model with no local
+  layers. Its bits are per coordinate of a full-context cache at max_len ("bits at
+  tokens"), rings counted."""
+  if all(cfg.layer_window(i) is None for i in range(cfg.num_layers)):
+    return None
+  base = TurboQuantConfig(center_keys="rope")
+  choice = budget_with_rings(budget, max_len, cfg.num_layers, cfg.head_dim,
+                             layer_window=cfg.layer_window, config=base)
+  make = lambda seed: ring_budget_cache(  # noqa: E731
+      choice, cfg.layer_window, config=dataclasses.replace(base, seed=seed))
+  return Method(f"turboquant ring budget {budget}", "ring budget", make, seeded=True,
+                bits=budget)
 
 
 def budgeted(cfg, budget: float, config: TurboQuantConfig = TurboQuantConfig(),
@@ -281,6 +299,8 @@ def run_model(name: str, args, out: dict, save) -> None:
   # codes on the recent tokens themselves cost Gemma 3 +0.3% (quality_probe rings).
   extra += [local_rings(model.cfg, b, jnp.int8, 128) for b in (2.5, 3.5, 4)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
+  # The budget at this text's length with rings chosen for the local layers.
+  extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, TurboQuantConfig(norm_dtype=jnp.float8_e4m3fn),
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]

@@ -209,3 +209,54 @@ def test_measured_budget_on_a_decoder():
   np.testing.assert_allclose(errors[0], raw * 0.2, rtol=1e-6)
   caches = model.init_caches(1, 64, turboquant_per_layer(base, layer_bits=bits))
   assert [(c.config.key_bits, c.config.value_bits) for c in caches] == list(bits.values())
+
+
+# -- rings for sliding-window layers within the budget -----------------------------------
+
+@pytest.mark.parametrize("max_len, kind", [(8, None), (16, "int8"), (25, "int8 exact"),
+                                           (64, "bfloat16")])
+def test_ring_budget_buys_finer_rings_as_capacity_grows_and_meets_the_budget(max_len, kind):
+  """TINY gemma: two local layers (5-token window), one global. A ring costs its window
+  whatever the capacity; the globals keep at least the budget; the bits counted from the
+  caches' own buffers at max_len are what the choice says, within the budget."""
+  from turboquant_jax.budget import budget_with_rings, ring_budget_cache
+  from turboquant_jax.ring_cache import RingKVCache
+  cfg, base = TINY["gemma"], TurboQuantConfig(window=4)
+  choice = budget_with_rings(3.0, max_len, cfg.num_layers, cfg.head_dim,
+                             layer_window=cfg.layer_window, config=base, exact_recent=2)
+  assert choice.rings == kind
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  caches = model.init_caches(1, max_len, ring_budget_cache(choice, cfg.layer_window,
+                                                           config=base))
+  stored = 0.0
+  for layer, c in enumerate(caches):
+    if isinstance(c, RingKVCache):
+      assert kind is not None and cfg.layer_window(layer) is not None
+      assert c.quantized == (kind != "bfloat16")
+      assert (c.recent_keys is not None) == (kind == "int8 exact")
+      stored += c.memory_report()["keys_values"]
+    else:
+      assert (c.config.key_bits, c.config.value_bits) == choice.layer_bits[layer]
+      stored += c.memory_report()["bytes_per_token_per_head"] * c.num_kv_heads * max_len
+  coords = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * max_len
+  assert stored * 8 / coords == pytest.approx(choice.bits_at_capacity)
+  assert choice.bits_at_capacity <= 3.0 + 1e-9
+  if kind is not None:
+    kb, vb = stored_bits(dataclasses.replace(base, key_bits=choice.layer_bits[2][0],
+                                             value_bits=choice.layer_bits[2][1]),
+                         cfg.head_dim)
+    assert (kb + vb) / 2 >= 3.0
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 7), 0, cfg.vocab_size)
+  for t in range(7):              # past the window: the rings wrap
+    logits, caches = model(tokens[:, t:t + 1], caches=caches)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_ring_budget_rejects_bad_input():
+  from turboquant_jax.budget import budget_with_rings, ring_bits
+  with pytest.raises(ValueError, match="layer_window"):
+    budget_with_rings(3.0, 64, 3, 32, layer_window=None)
+  with pytest.raises(ValueError, match="max_len"):
+    budget_with_rings(3.0, 0, 3, 32, layer_window=lambda i: 5)
+  with pytest.raises(ValueError, match="kind"):
+    ring_bits("fp8", 5, 64, 32)
