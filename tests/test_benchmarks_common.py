@@ -3,6 +3,8 @@
 import io
 import json
 
+import numpy as np
+
 from benchmarks import common
 
 
@@ -174,3 +176,20 @@ def test_print_table_aligns_columns_and_takes_no_rows(capsys):
                                                            lines[1:2]}) == 1
   common.print_table([], ["batch", "ms"])     # a --check-only run times nothing
   assert capsys.readouterr().out.split() == ["batch", "ms"]
+
+
+def test_quality_texts_compares_each_text_with_its_own_fp32():
+  from benchmarks import quality_texts
+  def result(text, fp32, **methods):
+    return {"text": text, "perplexity": {"dense fp32": {"mean": fp32},
+                                         **{m: {"mean": v} for m, v in methods.items()}}}
+  a = result("/x/GPL-3", 10.0, tq=10.1, kivi=10.0)
+  b = result("/y/usr_03.txt lines 5:9", 20.0, tq=20.6)
+  assert quality_texts.text_name(a) == "GPL-3"
+  assert quality_texts.text_name(b) == "usr_03.txt 5:9"
+  per_text = {quality_texts.text_name(r): quality_texts.deltas(r) for r in (a, b)}
+  rows = quality_texts.across_texts(per_text)
+  assert [r["method"] for r in rows] == ["tq"]          # kivi is on one text only
+  assert np.isclose(rows[0]["per_text"]["GPL-3"], 1.0)
+  assert np.isclose(rows[0]["worst"], 3.0) and np.isclose(rows[0]["mean"], 2.0)
+  assert quality_texts.deltas({"text": "t", "perplexity": {"tq": {"mean": 1.0}}}) == {}
