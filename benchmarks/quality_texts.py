@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -79,7 +80,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   dirs = ([pathlib.Path(d) for d in args.dirs.split(",")] if args.dirs else
           [common.RESULTS_DIR / d for d in DEFAULT_DIRS])
-  result = {"dirs": [str(d) for d in dirs], "models": {}}
+  result = {"dirs": [os.path.relpath(d) for d in dirs], "models": {}}
   for model in args.model or ["smollm2", "gemma3"]:
     per_text = load_texts(dirs, model)
     rows = across_texts(per_text)
