@@ -96,57 +96,47 @@ def test_bad_arguments(model):
 
 # -- decode_steps: the bare loop the end-to-end benchmark times -----------------------------
 
+def _bound_loop(model, entry: str, num_steps: int):
+  """(step(tokens, caches), compilations so far) for decode_steps or decode_loop."""
+  from models import decode_loop, decode_steps
+  from models.generate import _decode_steps
+  if entry == "decode_steps":
+    return (lambda t, c: decode_steps(model, t, c, num_steps)), _decode_steps._cache_size
+  step = decode_loop(model, num_steps)
+  return step, step.jitted._cache_size
+
+
+@pytest.mark.parametrize("entry", ["decode_steps", "decode_loop"])
 @pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
     TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1))],
     ids=["dense", "turboquant"])
-def test_decode_steps_continues_generate_compiles_once_and_donates(model, make):
-  from models import decode_steps
-  from models.generate import _decode_steps
+def test_decode_loops_continue_generate_compile_once_and_donate(model, make, entry):
   prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
   out, _ = generate(model, prompts, None, 1, make)
-  # generate sizes its caches for one token; give decode_steps room for 2 × 3 more.
+  # generate sizes its caches for one token; give the loop room for 2 × 3 more.
   caches = model.init_caches(2, 32, make)
   _, caches = model(prompts, caches=caches, prefill=True)
   want, _ = generate(model, prompts, None, 7, make)
-  before = _decode_steps._cache_size()
+  step, compilations = _bound_loop(model, entry, 3)
+  before = compilations()
   leaves = jax.tree.leaves(caches)
-  first, caches = decode_steps(model, out[:, 0], caches, 3)
+  first, caches = step(out[:, 0], caches)
   # Donated: every buffer of the caches passed in is gone (written in place).
   assert all(x.is_deleted() for x in leaves)
-  second, caches = decode_steps(model, first[:, -1], caches, 3)
-  assert _decode_steps._cache_size() == before + 1  # same shapes: one compilation
+  second, caches = step(first[:, -1], caches)
+  assert compilations() == before + 1  # same shapes: one compilation
   got = jnp.concatenate([out[:, :1], first, second], axis=1)
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(caches[0].lengths, [8 + 6, 8 + 6])
-
-
-@pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
-    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1))],
-    ids=["dense", "turboquant"])
-def test_decode_loop_matches_generate_compiles_once_and_donates(model, make):
-  """The bound loop: split and compiled once, the same tokens as generate."""
-  from models import decode_loop
-  prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
-  want, _ = generate(model, prompts, None, 7, make)
-  caches = model.init_caches(2, 32, make)
-  logits, caches = model(prompts, caches=caches, prefill=True)
-  step = decode_loop(model, 3)
-  leaves = jax.tree.leaves(caches)
-  first, caches = step(jnp.argmax(logits[:, -1], -1), caches)
-  assert all(x.is_deleted() for x in leaves)
-  second, caches = step(first[:, -1], caches)
-  assert step.jitted._cache_size() == 1
-  got = jnp.concatenate([jnp.argmax(logits[:, -1], -1)[:, None], first, second], axis=1)
-  np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match="tokens must have shape"):
     step(jnp.zeros((3,), jnp.int32), caches)
-  with pytest.raises(ValueError, match="num_steps"):
-    decode_loop(model, 0)
 
 
 def test_decode_steps_rejects_bad_arguments(model):
-  from models import decode_steps
+  from models import decode_loop, decode_steps
   caches = model.init_caches(2, 16, DenseKVCache.create)
+  with pytest.raises(ValueError, match="num_steps"):
+    decode_loop(model, 0)
   with pytest.raises(ValueError, match="num_steps"):
     decode_steps(model, jnp.zeros((2,), jnp.int32), caches, 0)
   with pytest.raises(ValueError, match="tokens must have shape"):
