@@ -39,6 +39,8 @@ import numpy as np
 
 from turboquant_jax.channel_split import CACHE_BITS
 from turboquant_jax.kv_cache import DenseKVCache
+from turboquant_jax.layer_policy import turboquant_per_layer, window_rings
+from turboquant_jax.ring_cache import RingKVCache
 from turboquant_jax.turboquant_cache import WINDOW, TurboQuantConfig, TurboQuantKVCache
 
 Array = jax.Array
@@ -276,7 +278,6 @@ def ring_bits(kind: str, window: int, max_len: int, head_dim: int, *,
               exact_recent: int = 0, max_query: int = 1) -> float:
   """Bits a ring of `kind` stores per coordinate of a full-context cache of `max_len`
   tokens (its codes, scales and exact tokens: the ring's keys and values buffers)."""
-  from turboquant_jax.ring_cache import RingKVCache
   if kind not in RING_KINDS:
     raise ValueError(f"kind must be one of {RING_KINDS}, got {kind!r}")
   dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.int8
@@ -336,7 +337,6 @@ def ring_budget_cache(choice: RingBudget, layer_window: Callable[[int], int | No
                       config: TurboQuantConfig = TurboQuantConfig(), max_query: int = 1):
   """The cache maker of a `budget_with_rings` choice (for `Decoder.init_caches`, at the
   choice's max_len): TurboQuant caches of the chosen widths, and the chosen rings."""
-  from turboquant_jax.layer_policy import turboquant_per_layer, window_rings
   make = turboquant_per_layer(config, layer_bits=choice.layer_bits)
   if choice.rings is None:
     return make
