@@ -241,12 +241,13 @@ def main_timeline(args):
           args.calls)
       common.write_result("step_timeline", results, args.out)
     runs = [t for k, t in results["timelines"].items() if k.startswith(f"{name} graphs")]
-    results.setdefault("same_tokens", {})[name] = all(
-        t["tokens"] == runs[0]["tokens"] for t in runs)
+    if len(runs) > 1:             # with and without the options: the same tokens?
+      results.setdefault("same_tokens", {})[name] = all(
+          t["tokens"] == runs[0]["tokens"] for t in runs)
     common.write_result("step_timeline", results, args.out)
   print(f"\n{'cache':34s} {'kernels':>8s} {'span us':>9s} {'busy us':>9s} {'idle us':>8s}"
         "  (per step)")
-  print("same tokens with and without graphs:", results["same_tokens"])
+  print("same tokens with and without graphs:", results.get("same_tokens", "not compared"))
   for name, t in results["timelines"].items():
     print(f"{name:34s} {t['kernels_per_step']:8.0f} {t['span_us_per_step']:9.1f} "
           f"{t['busy_us_per_step']:9.1f} {t['idle_us_per_step']:8.1f}")
