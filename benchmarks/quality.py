@@ -102,12 +102,17 @@ def uniform(config, name, family):
                 bits=(config.key_bits + config.value_bits) / 2)
 
 
+def has_local_layers(cfg) -> bool:
+  """Whether some layer attends over a sliding window (Gemma 3's local layers)."""
+  return any(cfg.layer_window(i) is not None for i in range(cfg.num_layers))
+
+
 def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
   """TurboQuant at `bits`, with the layers that attend over the whole context (Gemma's
   global layers) at `wide` bits; None for a model with no local layers."""
-  layers = [i for i in range(cfg.num_layers) if cfg.layer_window(i) is None]
-  if len(layers) == cfg.num_layers:
+  if not has_local_layers(cfg):
     return None
+  layers = [i for i in range(cfg.num_layers) if cfg.layer_window(i) is None]
   make = lambda seed: turboquant_per_layer(  # noqa: E731
       TurboQuantConfig(key_bits=bits, value_bits=bits, seed=seed, center_keys="plain"),
       layer_bits={i: (wide, wide) for i in layers})
@@ -123,7 +128,7 @@ def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0) -> Met
   the latest tokens kept exact besides, as a cache's window); None for a
   model with no local layers. The rings are a per-sequence constant: "bits" counts what
   each further token costs, "bits at tokens" the whole cache at this text's length."""
-  if all(cfg.layer_window(i) is None for i in range(cfg.num_layers)):
+  if not has_local_layers(cfg):
     return None
   config = lambda seed: TurboQuantConfig(  # noqa: E731
       key_bits=bits, value_bits=bits, center_keys="rope", seed=seed)
@@ -143,7 +148,7 @@ def ring_budgeted(cfg, budget: float, max_len: int) -> Method | None:
   tokens, int8, or none), keys centred before RoPE; None for a model with no local
   layers. Its bits are per coordinate of a full-context cache at max_len ("bits at
   tokens"), rings counted."""
-  if all(cfg.layer_window(i) is None for i in range(cfg.num_layers)):
+  if not has_local_layers(cfg):
     return None
   base = TurboQuantConfig(center_keys="rope")
   choice = budget_with_rings(budget, max_len, cfg.num_layers, cfg.head_dim,

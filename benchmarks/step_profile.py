@@ -6,7 +6,7 @@
 Per cache, a decoder of Llama-3-8B's shapes with `--layers` layers (random weights; every
 layer costs the same) gets its caches (the `decode_e2e` caches) filled to `--context`
 tokens per row; then three phases are compiled and one call of each is traced with
-`jax.profiler.trace`: one decode step (`decode_steps`, 1 token), one layer's single-token
+`jax.profiler.trace`: one decode step (`decode_loop`, 1 token), one layer's single-token
 append, one layer's attention. The GPU kernels of each trace (the device plane's stream
 lines) are summed by kernel name with its numeric suffix dropped, and written to
 `step_profile_<platform>.json` with a short table. Kernels on one stream run one after
@@ -31,27 +31,40 @@ import glob
 import re
 import tempfile
 
-def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> dict:
+def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, filled: int):
+  """(config, decoder, caches): Llama-3-8B shapes with `layers` layers (random bf16
+  weights; every layer costs the same) and its `decode_e2e` caches of `cache_name`,
+  `filled` random tokens per row."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from benchmarks import decode_e2e
   from models.decoder import Decoder
-  from models.generate import decode_steps
 
   cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  make = decode_e2e.CACHES[cache_name]
-  caches = model.init_caches(batch, context, decode_e2e.layer_caches(cfg, make), jnp.bfloat16)
-  caches = decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0), context - 16)
+  caches = model.init_caches(batch, context, decode_e2e.layer_caches(
+      cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
+  return cfg, model, decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0), filled)
+
+
+def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import decode_e2e
+  from models.generate import decode_loop
+
+  cfg, model, caches = llama_with_caches(cache_name, layers, batch, context, context - 16)
   key = jax.random.PRNGKey(1)
   tokens = jnp.zeros((batch,), jnp.int32)
   k = jax.random.normal(key, (batch, 1, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
   q = jax.random.normal(key, (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
   attend = jax.jit(lambda c, q: c.attend(q, scale=cfg.scale))
+  step = decode_loop(model, 1)
   phases = {
-      "step": lambda c: decode_steps(model, tokens, c, 1)[1],
+      "step": lambda c: step(tokens, c)[1],
       "append": lambda c: [decode_e2e.appends(c[0], k, 1)] + c[1:],
       "attend": lambda c: (jax.block_until_ready(attend(c[0], q)), c)[1],
   }
@@ -68,23 +81,16 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> di
 
 def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
              graphs: bool = True, calls: int = 1) -> dict:
-  """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time, and
-  the tokens it generated (greedy, from caches filled the same way on every call)."""
+  """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time,
+  and the tokens they generated (greedy, from caches filled the same way on every call)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
-  from benchmarks import decode_e2e
-  from models.decoder import Decoder
   from models.generate import decode_loop
 
-  cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
-  model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  caches = model.init_caches(batch, context, decode_e2e.layer_caches(
-      cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
-  caches = decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0),
-                                  context - (2 + calls) * steps - 16)
+  _, model, caches = llama_with_caches(cache_name, layers, batch, context,
+                                       context - (2 + calls) * steps - 16)
   tokens = jnp.zeros((batch,), jnp.int32)
   decode = decode_loop(model, steps, graphs=graphs)
   for _ in range(2):                # compiles the loop and the token slice, untraced
@@ -100,7 +106,7 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
         outs.append(out)
       jax.block_until_ready((outs, caches))
     paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    rows = device_kernels(paths, with_start=True)
+    rows = device_kernels(paths)
     host = host_events(paths)
   tokens_out = np.concatenate([np.asarray(o) for o in outs], axis=1).tolist()
   out = idle_split(rows, steps * calls)
@@ -153,9 +159,9 @@ def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
           "kernels": summarize([(n, us) for n, _, us in rows])}
 
 
-def device_kernels(paths: list[str], with_start: bool = False) -> list[tuple]:
-  """(kernel name, µs) of every kernel on the device planes' streams of the traces, or
-  (name, start µs, µs) with `with_start`."""
+def device_kernels(paths: list[str]) -> list[tuple[str, float, float]]:
+  """(kernel name, start µs, µs) of every kernel on the device planes' streams of the
+  traces."""
   from jax.profiler import ProfileData
   rows = []
   for path in paths:
@@ -167,8 +173,8 @@ def device_kernels(paths: list[str], with_start: bool = False) -> list[tuple]:
       if not streams:
         raise RuntimeError(f"no stream lines on {plane.name}: {[x.name for x in lines]}")
       for line in streams:
-        rows.extend((e.name, e.start_ns * 1e-3, e.duration_ns * 1e-3) if with_start
-                    else (e.name, e.duration_ns * 1e-3) for e in line.events)
+        rows.extend((e.name, e.start_ns * 1e-3, e.duration_ns * 1e-3)
+                    for e in line.events)
   return rows
 
 
@@ -212,10 +218,10 @@ def main(argv=None):
              "profiles": {}}
   for name in args.caches.split(","):
     for phase, rows in profile_phases(name, args.layers, args.batch, args.context).items():
-      results["profiles"][f"{name}/{phase}"] = summarize(rows)
+      results["profiles"][f"{name}/{phase}"] = summarize([(n, us) for n, _, us in rows])
       if phase == "attend":   # in launch order, full names: they match an XLA dump's fusions
         results["profiles"][f"{name}/{phase}"]["launches"] = [
-            [n, round(us, 3)] for n, us in rows]
+            [n, round(us, 3)] for n, _, us in rows]
       common.write_result("step_profile", results, args.out)
   for name, prof in results["profiles"].items():
     print(f"\n{name}: {prof['kernels']} kernels, {prof['total_us']:.1f} us")

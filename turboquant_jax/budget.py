@@ -274,16 +274,22 @@ class RingBudget:
   max_len: int
 
 
+def _ring_storage(kind: str, exact_recent: int) -> tuple[object, int]:
+  """(ring dtype, exact recent tokens) of a ring kind: the one place kinds are read."""
+  if kind not in RING_KINDS:
+    raise ValueError(f"kind must be one of {RING_KINDS}, got {kind!r}")
+  return (jnp.bfloat16, 0) if kind == "bfloat16" else (
+      jnp.int8, exact_recent if kind == "int8 exact" else 0)
+
+
+@functools.lru_cache(maxsize=None)
 def ring_bits(kind: str, window: int, max_len: int, head_dim: int, *,
               exact_recent: int = 0, max_query: int = 1) -> float:
   """Bits a ring of `kind` stores per coordinate of a full-context cache of `max_len`
   tokens (its codes, scales and exact tokens: the ring's keys and values buffers)."""
-  if kind not in RING_KINDS:
-    raise ValueError(f"kind must be one of {RING_KINDS}, got {kind!r}")
-  dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.int8
-  extra = dict(exact_recent=exact_recent) if kind == "int8 exact" else {}
+  dtype, recent = _ring_storage(kind, exact_recent)
   ring = RingKVCache.create(1, max_len, 1, head_dim, dtype, window=window,
-                            max_query=max_query, **extra)
+                            max_query=max_query, exact_recent=recent)
   return ring.memory_report()["keys_values"] * 8 / (max_len * 2 * head_dim)
 
 
@@ -325,7 +331,7 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
       bits = budget_layer_bits(left, len(glob), head_dim, config=config, widths=widths)
       layer_bits = {layer: bits[j] for j, layer in enumerate(glob)}
       spent = rings + mean_stored_bits(layer_bits, head_dim, config) * len(glob)
-      return RingBudget(kind, exact_recent if kind == "int8 exact" else 0, layer_bits,
+      return RingBudget(kind, _ring_storage(kind, exact_recent)[1], layer_bits,
                         spent / num_layers, max_len)
   layer_bits = budget_layer_bits(budget, num_layers, head_dim, layer_window=layer_window,
                                  config=config, widths=widths)
@@ -340,6 +346,6 @@ def ring_budget_cache(choice: RingBudget, layer_window: Callable[[int], int | No
   make = turboquant_per_layer(config, layer_bits=choice.layer_bits)
   if choice.rings is None:
     return make
-  dtype = jnp.bfloat16 if choice.rings == "bfloat16" else jnp.int8
+  dtype, recent = _ring_storage(choice.rings, choice.exact_recent)
   return window_rings(make, layer_window, max_query=max_query, ring_dtype=dtype,
-                      exact_recent=choice.exact_recent)
+                      exact_recent=recent)
