@@ -20,7 +20,9 @@ against the HBM read ceiling measured in the same run.
 alternating rounds (`paired_steps`): the ratio between caches as a median over rounds,
 which separate runs (drift of several percent between them) cannot give. A name ending
 in `@nographs` decodes with XLA's default compiler options instead of
-`models.generate.GRAPH_OPTIONS` (e.g. `--caches bf16,tq3-int8,tq3-int8@nographs`).
+`models.generate.GRAPH_OPTIONS` (e.g. `--caches bf16,tq3-int8,tq3-int8@nographs`); in
+`@layerconds`, with each layer's rare append work under its own conditional instead of
+one per step (`models.generate.model_step`'s defer_appends=False).
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
@@ -65,6 +67,20 @@ def tiles(key_bits, value_bits, levels, center_keys, **kw):
 
 INT8 = dict(tile_operand="int8")
 NO_GRAPHS = "@nographs"   # a paired name's suffix: decode without GRAPH_OPTIONS
+LAYER_CONDS = "@layerconds"   # ... and one conditional per layer (defer_appends=False)
+
+
+def loop_variant(name: str) -> tuple[str, dict[str, bool]]:
+  """A decode name's cache and its `decode_loop` options, from its suffixes."""
+  options = {"graphs": True, "defer_appends": True}
+  for suffix, option in ((NO_GRAPHS, "graphs"), (LAYER_CONDS, "defer_appends")):
+    if suffix in name:
+      name = name.replace(suffix, "")
+      options[option] = False
+  if name not in CACHES:
+    raise ValueError(f"unknown cache {name!r}; known: {sorted(CACHES)}")
+  return name, options
+
 CACHES = {
     "bf16": DenseKVCache.create,
     "tq3": functools.partial(TurboQuantKVCache.create,
@@ -329,14 +345,14 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
   prefix = context - steps * (2 + rounds) - 1
   if prefix < 1:
     raise ValueError(f"context {context} is too short for {rounds} rounds of {steps} steps")
-  graphs = {name: not name.endswith(NO_GRAPHS) for name in names}
   states, loops = {}, {}
   for i, name in enumerate(names):
-    make = CACHES[name.removesuffix(NO_GRAPHS)]
+    cache_name, options = loop_variant(name)
+    make = CACHES[cache_name]
     caches = model.init_caches(batch, context, layer_caches(cfg, make), jnp.bfloat16)
     caches = fill_caches(cfg, caches, jax.random.fold_in(key, i), prefix)
     tokens = jnp.zeros((batch,), jnp.int32)
-    loops[name] = decode_loop(model, steps, graphs=graphs[name])
+    loops[name] = decode_loop(model, steps, **options)
     for _ in range(2):                 # compile, and settle buffer placements
       out, caches = loops[name](tokens, caches)
       tokens = out[:, -1]

@@ -45,7 +45,7 @@ def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, fi
   cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   caches = model.init_caches(batch, context, decode_e2e.layer_caches(
-      cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
+      cfg, decode_e2e.CACHES[decode_e2e.loop_variant(cache_name)[0]]), jnp.bfloat16)
   return cfg, model, decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0), filled)
 
 
@@ -92,7 +92,9 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
   _, model, caches = llama_with_caches(cache_name, layers, batch, context,
                                        context - (2 + calls) * steps - 16)
   tokens = jnp.zeros((batch,), jnp.int32)
-  decode = decode_loop(model, steps, graphs=graphs)
+  from benchmarks import decode_e2e
+  defer = decode_e2e.loop_variant(cache_name)[1]["defer_appends"]
+  decode = decode_loop(model, steps, graphs=graphs, defer_appends=defer)
   for _ in range(2):                # compiles the loop and the token slice, untraced
     out, caches = jax.block_until_ready(decode(tokens, caches))
     tokens = out[:, -1]
@@ -138,13 +140,18 @@ def host_events(paths: list[str]) -> list[tuple[str, tuple[int, float]]]:
 
 def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
   """Span, busy and idle µs per step of kernels given as (name, start µs, µs); idle
-  time is where no kernel runs, summed by the kernel that ends each gap."""
+  time is where no kernel runs, summed by the kernel that ends each gap; the largest
+  gaps with the kernels on either side."""
   rows = sorted(rows, key=lambda r: r[1])
   busy, idle, end = 0.0, collections.defaultdict(float), rows[0][1]
+  gaps, last = [], rows[0][0]          # (µs, kernel before, kernel after)
   for name, start, us in rows:
     if start > end:
       idle[kernel_group(name)] += start - end
+      gaps.append((start - end, last, name))
     busy += max(0.0, start + us - max(start, end))
+    if start + us >= end:
+      last = name
     end = max(end, start + us)
   span = end - rows[0][1]
   top = sorted(idle.items(), key=lambda kv: -kv[1])[:12]
@@ -156,6 +163,8 @@ def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
           "idle_us_per_step": (span - busy) / steps,
           "idle_before": [{"kernel": k, "us_per_step": v / steps} for k, v in top],
           "sequence": sequence,
+          "largest_gaps": [{"us": round(g, 2), "after": a[:60], "before": b[:60]}
+                           for g, a, b in sorted(gaps, key=lambda g: -g[0])[:3 * steps]],
           "kernels": summarize([(n, us) for n, _, us in rows])}
 
 
@@ -229,6 +238,17 @@ def main(argv=None):
       print(f"  {g['us']:9.1f} us  {g['launches']:4d}x  {g['kernel'][:90]}")
 
 
+def same_tokens(timelines: dict) -> dict[str, bool]:
+  """Per cache decoded in several variants (graphs on/off, `decode_e2e.loop_variant`
+  suffixes): whether all of them generated the same tokens. Caches run once are left out."""
+  from benchmarks import decode_e2e
+  groups = collections.defaultdict(list)
+  for key, t in timelines.items():
+    groups[decode_e2e.loop_variant(key.rsplit(" graphs ", 1)[0])[0]].append(t["tokens"])
+  return {name: all(t == runs[0] for t in runs) for name, runs in groups.items()
+          if len(runs) > 1}
+
+
 def main_timeline(args):
   import os
 
@@ -246,14 +266,14 @@ def main_timeline(args):
           name, args.layers, args.batch, args.context, args.timeline, graphs == "on",
           args.calls)
       common.write_result("step_timeline", results, args.out)
-    runs = [t for k, t in results["timelines"].items() if k.startswith(f"{name} graphs")]
-    if len(runs) > 1:             # with and without the options: the same tokens?
-      results.setdefault("same_tokens", {})[name] = all(
-          t["tokens"] == runs[0]["tokens"] for t in runs)
+    same = same_tokens(results["timelines"])
+    if same:                      # variants of one cache (options, suffixes): same tokens?
+      results["same_tokens"] = same
     common.write_result("step_timeline", results, args.out)
   print(f"\n{'cache':34s} {'kernels':>8s} {'span us':>9s} {'busy us':>9s} {'idle us':>8s}"
         "  (per step)")
-  print("same tokens with and without graphs:", results.get("same_tokens", "not compared"))
+  print("same tokens across each cache's variants:",
+        results.get("same_tokens", "not compared"))
   for name, t in results["timelines"].items():
     print(f"{name:34s} {t['kernels_per_step']:8.0f} {t['span_us_per_step']:9.1f} "
           f"{t['busy_us_per_step']:9.1f} {t['idle_us_per_step']:8.1f}")

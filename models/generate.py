@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from turboquant_jax import kv_cache
+
 Array = jax.Array
 
 # XLA's default command buffer kinds plus WHILE and CONDITIONAL (see the module docstring).
@@ -77,6 +79,18 @@ def sample_logits(key: Array, logits: Array, sampling: SamplingConfig) -> Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def model_step(model, tokens: Array, caches: Sequence[Any], *, defer_appends: bool = True
+               ) -> tuple[Array, list[Any]]:
+  """One decode step, tokens [B, 1] -> (logits [B, 1, vocab], caches). defer_appends: the
+  caches that can leave their rare append work (calibration, a completed block's codes)
+  to one conditional after the step (`kv_cache.flush_caches`) do, instead of one
+  conditional per layer inside it."""
+  if not defer_appends:
+    return model(tokens, caches=caches)
+  logits, caches = model(tokens, caches=kv_cache.deferring(caches))
+  return logits, kv_cache.flush_caches(caches)
+
+
 def _generate_loop(graphdef, state, caches, prompts, prompt_lengths, key, *, max_new_tokens,
                    sampling, stop_tokens, pad_id):
   model = nnx.merge(graphdef, state)
@@ -101,7 +115,7 @@ def _generate_loop(graphdef, state, caches, prompts, prompt_lengths, key, *, max
 
   def body(carry):
     step, token, caches, out, done, count, key = carry
-    logits, caches = model(token[:, None], caches=caches)
+    logits, caches = model_step(model, token[:, None], caches)
     key, sub = jax.random.split(key)
     new = sample_logits(sub, logits[:, 0], sampling)
     new = jnp.where(done, pad_id, new)
@@ -163,13 +177,13 @@ def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens
   return (out, count, caches) if return_caches else (out, count)
 
 
-def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int
-                ) -> tuple[Array, list[Any]]:
+def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
+                defer_appends: bool = True) -> tuple[Array, list[Any]]:
   """The greedy decode loop as a `lax.scan` (call it under jit): tokens [B] -> (generated
   [B, num_steps], caches)."""
   def body(carry, _):
     token, caches = carry
-    logits, caches = model(token[:, None], caches=caches)
+    logits, caches = model_step(model, token[:, None], caches, defer_appends=defer_appends)
     token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return (token, caches), token
 
@@ -177,8 +191,9 @@ def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int
   return out.T, caches
 
 
-def _decode_loop(graphdef, state, tokens, caches, *, num_steps):
-  return greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps)
+def _decode_loop(graphdef, state, tokens, caches, *, num_steps, defer_appends=True):
+  return greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps,
+                     defer_appends=defer_appends)
 
 
 _decode_steps = jax.jit(_decode_loop, static_argnames=("graphdef", "num_steps"),
@@ -187,7 +202,7 @@ _decode_steps_default = jax.jit(_decode_loop, static_argnames=("graphdef", "num_
                                 donate_argnames=("caches",))
 
 
-def decode_loop(model, num_steps: int, *, graphs: bool = True
+def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bool = True
                 ) -> Callable[[Array, Sequence[Any]], tuple[Array, list[Any]]]:
   """`decode_steps` bound to a model and a number of steps, for a serving loop.
 
@@ -200,13 +215,17 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True
     step = decode_loop(model, 16)
     out, caches = step(tokens, caches)      # out [B, 16]; caches donated
 
+  graphs: compile with `GRAPH_OPTIONS`. defer_appends: one conditional per step for the
+  caches' rare append work (`model_step`), not one per layer.
+
   Returns:
     run(tokens [B] int32, caches) -> (generated [B, num_steps] int32, updated caches).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   graphdef, state = nnx.split(model)
-  loop = jax.jit(functools.partial(_decode_loop, graphdef, num_steps=num_steps),
+  loop = jax.jit(functools.partial(_decode_loop, graphdef, num_steps=num_steps,
+                                   defer_appends=defer_appends),
                  donate_argnames=("caches",),
                  compiler_options=GRAPH_OPTIONS if graphs else None)
 

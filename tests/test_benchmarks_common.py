@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import common
 
@@ -144,6 +145,22 @@ def test_step_timeline_splits_span_into_kernels_and_gaps():
   assert got["idle_before"] == [{"kernel": "k_b", "us_per_step": 3.0},
                                 {"kernel": "k_a", "us_per_step": 2.5}]
   assert got["kernels_per_step"] == 2.5
+  assert got["largest_gaps"][:2] == [{"us": 5.0, "after": "k_b_2", "before": "k_a_2"},
+                                     {"us": 4.0, "after": "k_b_1", "before": "k_b_2"}]
+
+
+def test_loop_variants_and_same_tokens_group_a_caches_runs():
+  from benchmarks import decode_e2e, step_profile
+  assert decode_e2e.loop_variant("tq3") == ("tq3", {"graphs": True, "defer_appends": True})
+  assert decode_e2e.loop_variant("tq3@layerconds@nographs") == (
+      "tq3", {"graphs": False, "defer_appends": False})
+  with pytest.raises(ValueError, match="unknown cache"):
+    decode_e2e.loop_variant("tq3@graphs")
+  runs = {"tq3 graphs on": {"tokens": [[1, 2]]}, "tq3@layerconds graphs on": {"tokens": [[1, 2]]},
+          "tq3 graphs off": {"tokens": [[1, 2]]}, "bf16 graphs on": {"tokens": [[3, 4]]},
+          "tq3-int8 graphs on": {"tokens": [[1, 2]]},
+          "tq3-int8@layerconds graphs on": {"tokens": [[1, 5]]}}
+  assert step_profile.same_tokens(runs) == {"tq3": True, "tq3-int8": False}
 
 
 def test_paired_steps_times_every_cache_in_each_round():

@@ -1,6 +1,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,3 +160,36 @@ def test_graph_options_compile_and_leave_the_tokens_unchanged(model):
     caches = model.init_caches(2, 32, TurboQuantKVCache.create, jnp.float32)
     got[graphs], _ = decode_steps(model, tokens, caches, 4, graphs=graphs)
   np.testing.assert_array_equal(got[True], got[False])
+
+
+def _top_level_conds(jaxpr) -> int:
+  """Conditionals not nested in another conditional, through calls and loops."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      count += 1
+      continue
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _top_level_conds(sub)
+  return count
+
+
+def test_model_step_holds_one_conditional_for_every_layers_appends(model):
+  """With defer_appends, a decode step's rare append work (calibration, completed blocks)
+  is one conditional after the layers, not one per layer (each a CUDA-graph conditional
+  node on a GPU), and the tokens and caches are the same as without."""
+  from models import model_step
+  from models.generate import greedy_scan
+  caches = model.init_caches(2, 256, TurboQuantKVCache.create, jnp.float32)
+  assert caches[0].defers_codes
+  tokens = jnp.array([[3], [5]], jnp.int32)
+  conds = {d: _top_level_conds(jax.make_jaxpr(
+      lambda c, d=d: model_step(model, tokens, c, defer_appends=d))(caches).jaxpr)
+      for d in (True, False)}
+  assert conds == {True: 1, False: TINY["llama"].num_layers}
+  run = jax.jit(lambda c, d: greedy_scan(model, tokens[:, 0], c, 130, defer_appends=d),
+                static_argnums=1)
+  (got, deferred), (want, eager) = run(caches, True), run(caches, False)
+  np.testing.assert_array_equal(got, want)
+  for a, b in zip(jax.tree.leaves(deferred), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(a, b)

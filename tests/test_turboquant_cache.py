@@ -445,7 +445,8 @@ def test_appends_code_whole_blocks_from_the_window(layout, rng):
   coded cache gives, completed blocks hold the same codes, a rewrite codes its token, and
   any longer update codes every pending token."""
   if layout == "planes":
-    config, n, start = TurboQuantConfig(key_bits=3.5, value_bits=3), 128, np.array([200, 260])
+    config, n, start = (TurboQuantConfig(key_bits=3.5, value_bits=3, window=128), 128,
+                        np.array([200, 260]))
   else:   # 3-bit codes of 64 channels come in tiles of 256 tokens
     config, n, start = TurboQuantConfig(key_bits=3, value_bits=4, levels="cubic", window=256,
                                         layout="tiles"), 256, np.array([470, 520])
@@ -518,3 +519,54 @@ def test_windows_shorter_than_a_block_code_every_append(rng):
     cache = cache.update(k[:, t:t + 1], v[:, t:t + 1])
   norms = np.asarray(cache.code_planes()[0][0].norms)
   assert np.all(norms[:, :, :70] > 0) and not np.any(norms[:, :, 70:])
+
+
+@pytest.mark.parametrize("config", [
+    TurboQuantConfig(key_bits=3.5, value_bits=3),    # planes, RoPE-free centring, groups
+    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels="cubic")])
+def test_deferred_appends_flushed_equal_appends(config, rng):
+  """Appends that defer their rare work (`deferring`) and are flushed after each step
+  (`kv_cache.flush_caches`) build the same cache, leaf for leaf, and attend the same,
+  through sinks, calibration and completed blocks at different steps per row, and a
+  rewrite; the flush runs only where work is due."""
+  from turboquant_jax import kv_cache
+  steps = 300
+  k, v = outlier_kv(rng, B, steps + 5, HKV, D)
+  q = rand(rng, steps, B, 1, HQ, D)
+  rewind = np.zeros((steps, B), bool)
+  rewind[200] = True                    # step 200 rewrites position length - 3
+  start = TurboQuantKVCache.create(B, 512, HKV, D, config=config).update(
+      k[:, :5], v[:, :5], num_tokens=jnp.array([5, 1]))   # row 1 passes its sinks later
+
+  def run(defer):
+    def step(cache, xs):
+      kk, vv, qq, back = xs
+      positions = jnp.where(back, cache.lengths - 3, cache.lengths)
+      c = kv_cache.deferring([cache])[0] if defer else cache
+      c = c.update(kk[:, None], vv[:, None], positions=positions)
+      out = c.attend(qq)
+      due = c.flush_due if defer else jnp.zeros((), bool)
+      return (kv_cache.flush_caches([c])[0] if defer else c), (out, due)
+    return jax.jit(lambda c: jax.lax.scan(step, c, (
+        k[:, 5:].transpose(1, 0, 2, 3), v[:, 5:].transpose(1, 0, 2, 3), q,
+        jnp.asarray(rewind))))(start)
+
+  (eager, (want, _)), (deferred, (got, due)) = run(False), run(True)
+  assert deferred.pending is None and not deferred.defer
+  assert jax.tree.structure(deferred) == jax.tree.structure(eager)
+  for a, b in zip(jax.tree.leaves(deferred), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(got, want)
+  assert bool(jnp.all(deferred.calibrated))
+  # Due: calibration at 128 tokens, the completed blocks and the rewrite, nothing else.
+  lengths, now = [], np.array([5, 1])
+  for back in rewind:
+    now = np.where(back, now - 3, now) + 1
+    lengths.append(now)
+  expect = np.any(np.array(lengths) % start.code_block == 0, axis=1) | rewind.any(axis=1)
+  assert 2 < expect.sum() < 10
+  np.testing.assert_array_equal(due, expect)
+
+  cache = kv_cache.deferring([start])[0].update(k[:, 5:6], v[:, 5:6])
+  with pytest.raises(ValueError, match="flush"):
+    cache.update(k[:, 6:7], v[:, 6:7])

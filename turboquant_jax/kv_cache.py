@@ -10,6 +10,10 @@ positions[b] (default: its current length) and counts num_tokens[b] of them (def
 all), so a batch holds sequences of different lengths and padded prompts stay out.
 Writes are scatters of the new tokens only: O(new tokens), whatever max_len is.
 
+A decode loop over many layers may run each cache's rare append work (TurboQuant's
+calibration and block coding) for all layers at once after the step: `deferring(caches)`
+before the model, `flush_caches(caches)` after it, one conditional instead of one per layer.
+
 A full cache never wraps or drops tokens silently. Eagerly (concrete arrays) an update
 past max_len raises ValueError. Under `jit` nothing can raise: the row's update is not
 applied, its `overflowed` flag is set, and from then on `attend` returns NaN for that
@@ -19,7 +23,7 @@ row, so the error shows in the output instead of hiding in it.
 from __future__ import annotations
 
 import functools
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import flax.struct
 import jax
@@ -46,6 +50,28 @@ class KVCache(Protocol):
 
   def memory_report(self) -> dict[str, Any]:
     ...
+
+
+def deferring(caches: Sequence[Any]) -> list[Any]:
+  """The caches, those that can (a `deferring` method) set to leave their single-token
+  appends' rare work to `flush_caches`."""
+  return [c.deferring() if hasattr(c, "deferring") else c for c in caches]
+
+
+def flush_caches(caches: Sequence[Any]) -> list[Any]:
+  """Does the work the caches' last appends deferred, all under one conditional (skipped
+  in the steps where no cache has any), and stops their deferring. Caches that cannot
+  defer pass through."""
+  out = [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
+  at = [i for i, c in enumerate(caches) if getattr(c, "pending", None) is not None]
+  if not at:
+    return out
+  due = jnp.any(jnp.stack([caches[i].flush_due for i in at]))
+  done = jax.lax.cond(due, lambda cs: [c.flush() for c in cs],
+                      lambda cs: [c.skip_flush() for c in cs], [caches[i] for i in at])
+  for i, c in zip(at, done):
+    out[i] = c
+  return out
 
 
 def is_concrete(*xs: Any) -> bool:
