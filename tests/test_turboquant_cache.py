@@ -294,6 +294,26 @@ def test_calibration_waits_for_a_window_and_is_causal(rng):
                                np.asarray(want, np.float32)[:, :, :40], atol=1e-3)
 
 
+def test_calibration_tokens_choose_the_mean_before_the_window_fills(rng):
+  """calibration_tokens < window: the row calibrates once it holds that many tokens, to
+  the mean and channel orders a window of that length chooses; bad values raise."""
+  s, n = 2, 12
+  k, v = outlier_kv(rng, 1, 30, HKV, D)
+  make = lambda **kw: TurboQuantKVCache.create(1, L, HKV, D, config=TurboQuantConfig(  # noqa: E731
+      num_sinks=s, key_bits=2.5, value_bits=2.5, **kw))
+  early, short = make(window=24, calibration_tokens=n), make(window=n)
+  assert early.calibration_length == n and early.window_keys.shape[2] == 24
+  for t in range(n):
+    early, short = (c.update(k[:, t:t + 1], v[:, t:t + 1]) for c in (early, short))
+    assert bool(early.calibrated[0]) == (t == n - 1) == bool(short.calibrated[0])
+  np.testing.assert_allclose(early.key_mean[0], np.mean(np.asarray(k[0, s:n]), axis=0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(early.key_perm, short.key_perm)
+  for bad in (0, 25, True, 2.0):
+    with pytest.raises(ValueError, match="calibration_tokens"):
+      TurboQuantConfig(window=24, calibration_tokens=bad)
+
+
 def test_sinks_stay_bit_exact_after_many_appends(rng):
   config = TurboQuantConfig(window=4, num_sinks=3, key_bits=2, value_bits=2)
   k, v = rand(rng, B, 60, HKV, D), rand(rng, B, 60, HKV, D)
@@ -499,7 +519,7 @@ def test_appends_code_whole_blocks_from_the_window(layout, rng):
 
 
 @pytest.mark.parametrize("bits, layout, window, expected", [
-    (3.5, "planes", None, 128), (3, "tiles", None, 128),
+    (3.5, "planes", None, 256), (3, "tiles", None, 256),   # `WINDOW`
     (3.5, "tiles", None, 256),      # 256-token tiles: a window of one tile, so codes defer
     (3.5, "tiles", 128, 128), (3, "tiles", 300, 300)])
 def test_default_window_holds_a_block(bits, layout, window, expected):
