@@ -107,7 +107,6 @@ def test_decode_e2e_local_layers_keep_a_ring():
 
 def test_chained_timing_makes_every_call():
   """The chain traces `iters` calls into one jitted function and returns a time per call."""
-  import jax
   import jax.numpy as jnp
 
   traced = []

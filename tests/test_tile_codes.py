@@ -1,7 +1,6 @@
 """The tiles layout: runs written into tiles read back exactly (rewrites too), and a
 cache in the tiles layout holds and attends exactly as one in bit-planes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

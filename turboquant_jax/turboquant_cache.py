@@ -869,8 +869,6 @@ def _is_hopper() -> bool:
   return str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-# The bodies run jitted even when called eagerly: one compilation per shape instead of one
-# per primitive. Under an outer jit they inline.
 @flax.struct.dataclass
 class PendingWork:
   """What a deferred single-token append left to `TurboQuantKVCache.flush`: its new
@@ -913,6 +911,8 @@ def _rare_work(cache: TurboQuantKVCache, kh: Array, vh: Array, valid: Array,
   return out
 
 
+# The bodies run jitted even when called eagerly: one compilation per shape instead of one
+# per primitive. Under an outer jit they inline.
 _update = jax.jit(TurboQuantKVCache._update, static_argnames=("defer",))
 _attend = jax.jit(TurboQuantKVCache._attend,
                   static_argnames=("scale", "sliding_window", "soft_cap"))
