@@ -158,20 +158,23 @@ def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0) -> Met
                 bits=bits)
 
 
-def ring_budgeted(cfg, budget: float, max_len: int) -> Method | None:
+def ring_budgeted(cfg, budget: float, max_len: int, window: int | None = None
+                  ) -> Method | None:
   """A budget at a capacity of max_len tokens, the sliding-window layers given the most
   precise ring it affords (`budget.budget_with_rings`: bf16, int8 with 128 exact recent
   tokens, int8, or none), keys centred before RoPE; None for a model with no local
   layers. Its bits are per coordinate of a full-context cache at max_len ("bits at
-  tokens"), rings counted."""
+  tokens"), rings counted. window: the global layers' exact window (default
+  `MEASURED_WINDOW`)."""
   if not has_local_layers(cfg):
     return None
-  base = tq_config(center_keys="rope")
+  base = tq_config(center_keys="rope", **({} if window is None else {"window": window}))
   choice = budget_with_rings(budget, max_len, cfg.num_layers, cfg.head_dim,
                              layer_window=cfg.layer_window, config=base)
   make = lambda seed: ring_budget_cache(  # noqa: E731
       choice, cfg.layer_window, config=dataclasses.replace(base, seed=seed))
-  return Method(f"turboquant ring budget {budget}", "ring budget", make, seeded=True,
+  suffix = "" if window is None else f" window {window}"
+  return Method(f"turboquant ring budget {budget}{suffix}", "ring budget", make, seeded=True,
                 bits=budget)
 
 
@@ -324,9 +327,12 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget at this text's length with rings chosen for the local layers.
   extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
+  extra.append(ring_budgeted(model.cfg, 3.5, args.tokens, window=256))   # the new default
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn),
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]
+  extra.append(budgeted(model.cfg, 3.5, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
+                        " fp8 norms window 256"))
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
