@@ -33,8 +33,8 @@ import tempfile
 
 def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, filled: int):
   """(config, decoder, caches): Llama-3-8B shapes with `layers` layers (random bf16
-  weights; every layer costs the same) and its `decode_e2e` caches of `cache_name`,
-  `filled` random tokens per row."""
+  weights; every layer costs the same) and its `decode_e2e` caches of `cache_name` (a
+  `decode_e2e.CACHES` name, no suffix), `filled` random tokens per row."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -45,7 +45,7 @@ def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, fi
   cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   caches = model.init_caches(batch, context, decode_e2e.layer_caches(
-      cfg, decode_e2e.CACHES[decode_e2e.loop_variant(cache_name)[0]]), jnp.bfloat16)
+      cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
   return cfg, model, decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0), filled)
 
 
@@ -56,13 +56,14 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> di
   from benchmarks import decode_e2e
   from models.generate import decode_loop
 
-  cfg, model, caches = llama_with_caches(cache_name, layers, batch, context, context - 16)
+  base, options = decode_e2e.loop_variant(cache_name)
+  cfg, model, caches = llama_with_caches(base, layers, batch, context, context - 16)
   key = jax.random.PRNGKey(1)
   tokens = jnp.zeros((batch,), jnp.int32)
   k = jax.random.normal(key, (batch, 1, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
   q = jax.random.normal(key, (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
   attend = jax.jit(lambda c, q: c.attend(q, scale=cfg.scale))
-  step = decode_loop(model, 1)
+  step = decode_loop(model, 1, **options)
   phases = {
       "step": lambda c: step(tokens, c)[1],
       "append": lambda c: [decode_e2e.appends(c[0], k, 1)] + c[1:],
@@ -82,19 +83,21 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> di
 def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
              graphs: bool = True, calls: int = 1) -> dict:
   """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time,
-  and the tokens they generated (greedy, from caches filled the same way on every call)."""
+  and the tokens they generated (greedy, from caches filled the same way on every call).
+  cache_name may carry `decode_e2e.loop_variant` suffixes; `@nographs` overrides graphs."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
+  from benchmarks import decode_e2e
   from models.generate import decode_loop
 
-  _, model, caches = llama_with_caches(cache_name, layers, batch, context,
+  base, options = decode_e2e.loop_variant(cache_name)
+  _, model, caches = llama_with_caches(base, layers, batch, context,
                                        context - (2 + calls) * steps - 16)
   tokens = jnp.zeros((batch,), jnp.int32)
-  from benchmarks import decode_e2e
-  defer = decode_e2e.loop_variant(cache_name)[1]["defer_appends"]
-  decode = decode_loop(model, steps, graphs=graphs, defer_appends=defer)
+  decode = decode_loop(model, steps, graphs=graphs and options["graphs"],
+                       defer_appends=options["defer_appends"])
   for _ in range(2):                # compiles the loop and the token slice, untraced
     out, caches = jax.block_until_ready(decode(tokens, caches))
     tokens = out[:, -1]

@@ -51,6 +51,7 @@ other). A cache created without the decoder's `RopeSpec` centres after RoPE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -436,7 +437,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     a conditional on `flush_due`) and stops deferring; the cache then equals the one the
     append would have built without deferring."""
     if self.pending is None:
-      return self.replace(defer=False)
+      return self.skip_flush()
     p = self.pending
     fields = _rare_work(self, p.kh, p.vh, p.valid, p.plan, p.first, p.due, p.completes)
     return self.replace(**fields, calibrated=self.calibrated | p.first, pending=None,
@@ -501,36 +502,23 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     # are exact in the window, so no code of it is read yet; calibration re-codes them.
     first = (~self.calibrated & plan.ok & jnp.any(valid, axis=1)
              & (plan.new_lengths >= self.calibration_length))
-    calibrates = any(x is not None for x in (self.key_mean, self.value_mean, self.key_perm,
-                                             self.value_perm))
-    stored = (self.key_mean, self.value_mean, self.key_perm, self.value_perm,
-              self.key_codes, self.value_codes)
+    stored = tuple(getattr(self, f) for f in _RARE_FIELDS)
 
     window_keys, window_values, window_positions = exact_tokens.update_window(
         self.window_keys, self.window_values, self.window_positions, kh, vh, plan)
-
-    def calibrate():
-      if not calibrates:
-        return stored
-      if t == 1:
-        # From the updated window, so the old one need not outlive the in-place update
-        # (XLA copied both every decode step). The one slot written held no token
-        # before this position, or none calibration counts (it is not yet calibrated).
-        return self._calibrate(kh, vh, valid, plan, first,
-                               (window_keys, window_values, window_positions))
-      return self._calibrate(kh, vh, valid, plan, first)
     lengths = jnp.where(plan.ok, plan.new_lengths, self.lengths)
+    windowed = self.replace(window_keys=window_keys, window_values=window_values,
+                            window_positions=window_positions, lengths=lengths)
     n = self.code_block
     if self.defers_codes and t == 1:
       # Appends write no codes (the token waits in the window); the append that completes
       # a block codes it, a rewrite of an earlier position codes that token. Calibration,
-      # sinks and those codes share one conditional: a decode step needs none of them.
+      # sinks and those codes share one conditional (or, deferred, one for every layer
+      # after the step): a decode step needs none of them.
       appended = plan.ok & (plan.num_tokens > 0)
       completes = lengths % n == 0
       due = appended & (completes | (plan.positions < self.lengths))
       to_sinks = plan.indices[:, 0] < self.config.num_sinks
-      windowed = self.replace(window_keys=window_keys, window_values=window_values,
-                              window_positions=window_positions, lengths=lengths)
       if defer:
         # The sinks now: attention reads positions below num_sinks from them only.
         sink_keys, sink_values = exact_tokens.write_sinks(self.sink_keys, self.sink_values,
@@ -550,8 +538,13 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
        sink_values) = jax.lax.cond(jnp.any(first | due | to_sinks), rare,
                                    lambda: (*stored, self.sink_keys, self.sink_values))
     else:
+      # t == 1 (a window shorter than a block) calibrates from the updated window, so the
+      # old one need not outlive the in-place update (XLA copied both every decode step).
+      calibrate = functools.partial(_calibration, windowed if t == 1 else self, kh, vh, valid,
+                                    plan, first, updated_window=t == 1)
       key_mean, value_mean, key_perm, value_perm, key_codes, value_codes = (
-          jax.lax.cond(jnp.any(first), calibrate, lambda: stored) if calibrates else stored)
+          jax.lax.cond(jnp.any(first), calibrate, lambda: stored)
+          if _calibrates(self) else stored)
       centring = (key_mean, value_mean, key_perm, value_perm)
       if self.defers_codes:
         # Tokens earlier appends left uncoded: [block start, length), all in the window.
@@ -888,6 +881,25 @@ _RARE_FIELDS = ("key_mean", "value_mean", "key_perm", "value_perm", "key_codes",
                 "value_codes")
 
 
+def _calibrates(cache: TurboQuantKVCache) -> bool:
+  """Whether the cache chooses anything when it calibrates (a mean or channel orders)."""
+  return any(getattr(cache, f) is not None for f in _RARE_FIELDS[:4])
+
+
+def _calibration(cache: TurboQuantKVCache, kh: Array, vh: Array, valid: Array,
+                 plan: kv_cache.UpdatePlan, first: Array, *, updated_window: bool
+                 ) -> tuple[Any, ...]:
+  """The `_RARE_FIELDS` after the rows in `first` calibrate (the cache's own where it
+  chooses nothing). updated_window: the cache's window already holds the new tokens kh,
+  vh (one per row): its slot for them held no token before their position, or none
+  calibration counts (the row is not yet calibrated)."""
+  if not _calibrates(cache):
+    return tuple(getattr(cache, f) for f in _RARE_FIELDS)
+  window = ((cache.window_keys, cache.window_values, cache.window_positions)
+            if updated_window else None)
+  return cache._calibrate(kh, vh, valid, plan, first, window)
+
+
 def _rare_work(cache: TurboQuantKVCache, kh: Array, vh: Array, valid: Array,
                plan: kv_cache.UpdatePlan, first: Array, due: Array, completes: Array
                ) -> dict[str, Any]:
@@ -895,13 +907,8 @@ def _rare_work(cache: TurboQuantKVCache, kh: Array, vh: Array, valid: Array,
   updates): calibration of the rows in `first`, then the codes of the `due` rows' pending
   tokens (the completed block, or a rewritten position), read from the window. Returns
   the `_RARE_FIELDS`."""
-  out = {f: getattr(cache, f) for f in _RARE_FIELDS}
-  if any(out[f] is not None for f in _RARE_FIELDS[:4]):
-    # From the updated window: the one slot the append wrote held no token before its
-    # position, or none calibration counts (the row is not yet calibrated).
-    out = dict(zip(_RARE_FIELDS, cache._calibrate(
-        kh, vh, valid, plan, first,
-        (cache.window_keys, cache.window_values, cache.window_positions))))
+  out = dict(zip(_RARE_FIELDS, _calibration(cache, kh, vh, valid, plan, first,
+                                             updated_window=True)))
   n, lengths = cache.code_block, cache.lengths
   held_from = exact_tokens.window_start(cache.window_positions, lengths, cache.config.window)
   start = jnp.where(completes, jnp.maximum(lengths - n, held_from), plan.positions)
