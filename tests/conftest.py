@@ -24,6 +24,17 @@ def rng():
   return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test file. Every XLA CPU executable holds
+  memory mappings of its code, and a worker that kept them all passed Linux's limit of
+  65,530 mappings per process (vm.max_map_count) late in the run: LLVM then crashed the
+  worker while compiling (seen as a segfault and as an abort inside
+  backend_compile_and_load, each time at ~98% of the suite)."""
+  yield
+  jax.clear_caches()
+
+
 def unit_vectors(key, n, d):
   x = jax.random.normal(key, (n, d))
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
