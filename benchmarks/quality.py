@@ -255,6 +255,9 @@ def methods() -> list[Method]:
       tq(3.5, levels="quintic", center_keys="rope", num_sinks=0),
       # 8-bit norms (float8_e4m3fn): half the norms' bits for ~3.6% RMS error on them.
       tq(3.5, center_keys="rope", norm_dtype=jnp.float8_e4m3fn),
+      # Which side a budget's half bit serves: 3.44 stored bits at d = 64 either way.
+      *[tq(k, v, center_keys="rope", window=256, norm_dtype=jnp.float8_e4m3fn)
+        for k, v in ((3.5, 3), (3, 3.5))],
       # The int8 path's levels (Lloyd-Max on an int8 grid, `codebook.int8_codebook`): its
       # fast 3 bits, and 3.5 bits as K4/V3 (128-token tiles, no channel groups).
       tq(3, levels="int8"), tq(4, 3, levels="int8"), tq(4, 3, levels="int8", center_keys="rope"),
@@ -327,12 +330,13 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget at this text's length with rings chosen for the local layers.
   extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
-  extra.append(ring_budgeted(model.cfg, 3.5, args.tokens, window=256))   # the new default
+  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256)          # the new default
+            for b in (2.5, 3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn),
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]
-  extra.append(budgeted(model.cfg, 3.5, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
-                        " fp8 norms window 256"))
+  extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
+                     " fp8 norms window 256") for b in (2.5, 3.0, 3.5)]
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]

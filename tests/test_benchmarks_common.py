@@ -209,3 +209,21 @@ def test_quality_texts_compares_each_text_with_its_own_fp32():
   assert np.isclose(rows[0]["per_text"]["GPL-3"], 1.0)
   assert np.isclose(rows[0]["worst"], 3.0) and np.isclose(rows[0]["mean"], 2.0)
   assert quality_texts.deltas({"text": "t", "perplexity": {"tq": {"mean": 1.0}}}) == {}
+
+
+def test_quality_texts_pareto_front_and_stored_bits():
+  from benchmarks import quality_texts
+  points = {"a": (3.0, 2.0), "b": (3.5, 1.0), "c": (3.5, 1.5), "d": (4.0, 1.0),
+            "e": (5.0, 0.1), "f": (2.0, 2.0), "g": (2.0, 2.0)}
+  # c is beaten by b (same bits, lower loss), d by b (fewer bits, same loss), a by f;
+  # f and g tie on both and stay.
+  assert quality_texts.pareto_front(points) == ["f", "g", "b", "e"]
+  ring = {"stored_bits_per_coordinate": 0.6, "stored_bits_per_coordinate_at_tokens": 3.2}
+  result = {"perplexity": {"ring": ring, "tq": {"stored_bits_per_coordinate": 3.5},
+                           "old": {"mean": 1.0}}}
+  assert quality_texts.stored_bits(result) == {"ring": 3.2, "tq": 3.5}
+  assert quality_texts.family("int4 KIVI-style").startswith("integer")
+  assert quality_texts.family("turboquant ring budget 3.5") == "TurboQuant ring budget"
+  assert quality_texts.family("turboquant K3/V3.5 rope-centred") == "TurboQuant K/V split"
+  assert all(quality_texts.family(m) in quality_texts.FAMILIES
+             for m in ("turboquant 3.5", "turboquant budget 3.0 fp8 norms"))
