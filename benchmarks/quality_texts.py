@@ -64,7 +64,7 @@ def across_texts(per_text: dict[str, dict[str, float]], min_texts: int = 2) -> l
   return sorted(rows, key=lambda r: -r["worst"])
 
 
-def stored_bits(result: dict) -> dict[str, float]:
+def method_bits(result: dict) -> dict[str, float]:
   """{method: stored bits per cached coordinate}: the whole cache at the text's length
   where the method has sliding-window rings (their size does not grow with the text),
   else what each further token stores."""
@@ -85,7 +85,7 @@ def load_texts(dirs: list[pathlib.Path], model: str
     raw = json.loads(path.read_text())
     result = raw["models"][model] if "models" in raw else raw
     out[text_name(result)] = deltas(result)
-    for m, b in stored_bits(result).items():
+    for m, b in method_bits(result).items():
       bits.setdefault(m, b)
   return out, bits
 
@@ -108,6 +108,14 @@ def family(method: str) -> str:
   return "TurboQuant uniform"
 
 
+def pareto_points(model: dict) -> dict[str, tuple[float, float]]:
+  """{method: (stored bits, worst text's change)} of one model's rows (`main`) measured on
+  at least PARETO_MIN_TEXTS texts."""
+  bits = model["stored_bits"]
+  return {r["method"]: (bits[r["method"]], r["worst"]) for r in model["methods"]
+          if r["texts"] >= PARETO_MIN_TEXTS and bits.get(r["method"]) is not None}
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
   """The methods no other method beats on both coordinates ((bits, loss): lower is
   better on each, a tie on both is kept), by bits."""
@@ -127,21 +135,22 @@ def plot_pareto(models: dict[str, dict], path: pathlib.Path) -> None:
     return
   fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
   for ax, (name, r) in zip(axes[0], models.items()):
-    rows = {row["method"]: row for row in r["methods"] if row["method"] in r["pareto_points"]}
+    points = pareto_points(r)
+    rows = {row["method"]: row for row in r["methods"] if row["method"] in points}
     for fam, color in FAMILIES.items():
       ms = [m for m in rows if family(m) == fam]
       if not ms:
         continue
-      x = [r["pareto_points"][m][0] for m in ms]
+      x = [points[m][0] for m in ms]
       ax.scatter(x, [rows[m]["worst"] for m in ms], label=fam, color=color, zorder=3)
       ax.vlines(x, [rows[m]["mean"] for m in ms], [rows[m]["worst"] for m in ms],
                 color="0.7", lw=1, zorder=2)
     front = r["pareto"]
-    ax.plot([r["pareto_points"][m][0] for m in front],
-            [r["pareto_points"][m][1] for m in front], "k--", lw=1, label="Pareto front")
+    ax.plot([points[m][0] for m in front], [points[m][1] for m in front], "k--", lw=1,
+            label="Pareto front")
     labels = {}                      # one label per point (equal caches share one)
     for m in front:
-      labels.setdefault(tuple(r["pareto_points"][m]), []).append(m.replace("turboquant ", ""))
+      labels.setdefault(points[m], []).append(m.replace("turboquant ", ""))
     for point, names in labels.items():
       ax.annotate(" = ".join(names), point, fontsize=6, xytext=(3, 3),
                   textcoords="offset points")
@@ -169,12 +178,10 @@ def main(argv=None):
   for model in args.model or ["smollm2", "gemma3"]:
     per_text, bits = load_texts(dirs, model)
     rows = across_texts(per_text)
-    points = {r["method"]: (bits[r["method"]], r["worst"]) for r in rows
-              if r["texts"] >= PARETO_MIN_TEXTS and r["method"] in bits}
-    result["models"][model] = {"texts": list(per_text), "methods": rows,
-                               "stored_bits": {r["method"]: bits.get(r["method"])
-                                               for r in rows},
-                               "pareto_points": points, "pareto": pareto_front(points)}
+    entry = {"texts": list(per_text), "methods": rows,
+             "stored_bits": {r["method"]: bits.get(r["method"]) for r in rows}}
+    entry["pareto"] = pareto_front(pareto_points(entry))
+    result["models"][model] = entry
     texts = list(per_text)
     front = set(result["models"][model]["pareto"])
     table = [{"method": r["method"][:48] + (" *" if r["method"] in front else ""),

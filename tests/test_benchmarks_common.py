@@ -221,7 +221,12 @@ def test_quality_texts_pareto_front_and_stored_bits():
   ring = {"stored_bits_per_coordinate": 0.6, "stored_bits_per_coordinate_at_tokens": 3.2}
   result = {"perplexity": {"ring": ring, "tq": {"stored_bits_per_coordinate": 3.5},
                            "old": {"mean": 1.0}}}
-  assert quality_texts.stored_bits(result) == {"ring": 3.2, "tq": 3.5}
+  assert quality_texts.method_bits(result) == {"ring": 3.2, "tq": 3.5}
+  model = {"methods": [{"method": "ring", "texts": 3, "worst": 0.5},
+                       {"method": "tq", "texts": 2, "worst": 0.1},
+                       {"method": "old", "texts": 4, "worst": 0.2}],
+           "stored_bits": {"ring": 3.2, "tq": 3.5, "old": None}}
+  assert quality_texts.pareto_points(model) == {"ring": (3.2, 0.5)}   # >= 3 texts, bits
   assert quality_texts.family("int4 KIVI-style").startswith("integer")
   assert quality_texts.family("turboquant ring budget 3.5") == "TurboQuant ring budget"
   assert quality_texts.family("turboquant K3/V3.5 rope-centred") == "TurboQuant K/V split"
