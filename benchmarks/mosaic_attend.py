@@ -12,6 +12,7 @@ exact window and sinks, the inverse rotation), against:
     python -m benchmarks.mosaic_attend [--check-only] [--quick]
     python -m benchmarks.mosaic_attend --levels   # quintic against cubic levels
     python -m benchmarks.mosaic_attend --int8     # the int8 path against fp16 levels
+    python -m benchmarks.mosaic_attend --sweep-splits-int8   # the int8 path's splits
 """
 
 from __future__ import annotations
@@ -154,6 +155,47 @@ def sweep_splits(ceiling) -> list[dict]:
   return rows
 
 
+def sweep_splits_int8(ceiling) -> tuple[list[dict], list[dict]]:
+  """The int8 path (K4/V3, keys centred plainly) per number of splits: the default
+  (`kernel_attention._mosaic_splits`, waves of three CTAs per SM) against fixed counts,
+  the whole attention beside cuDNN; first the GPU check of the default."""
+  checks = []
+  for i, (bk, bv, hq, kw) in enumerate([(4, 3, 32, dict(center_keys="plain", **INT8)),
+                                        (3, 3, 32, dict(center_keys="rope", **INT8))]):
+    try:
+      checks.append(check(300 + i, bk, bv, hq, **kw))
+    except Exception as e:  # noqa: BLE001 - report every case
+      traceback.print_exc()
+      checks.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
+    log("check", checks[-1])
+  from turboquant_jax import kernel_attention
+  rows = []
+  key = jax.random.PRNGKey(1)
+  for b, t in ((8, 32768), (8, 4096), (1, 32768), (1, 4096)):
+    key, sub = jax.random.split(key)
+    base = cudnn_row(rows, sub, b, t, ceiling)
+    cache = make_cache(sub, b, t, tiles_config(4, 3, center_keys="plain", **INT8))
+    q = jax.random.normal(sub, (b, 1, HQ, D), jnp.bfloat16)
+    steps = t // 128
+    auto = kernel_attention._mosaic_splits(steps, b * HKV, ctas_per_sm=3,
+                                           sms=kernel_attention._multiprocessors())
+    for splits in [None] + [s for s in (4, 8, 16, 32, 64) if steps % s == 0 and s != auto]:
+      label = "mosaic attend K4/V3 int8, " + (
+          f"default ({auto} splits)" if splits is None else f"{splits} splits")
+      try:
+        sec = time_attend(cache, q, implementation="mosaic",
+                          **({} if splits is None else dict(num_splits=splits)))
+        rows.append(dict(batch=b, tokens=t, kernel=label, splits=splits or auto,
+                         ms=sec * 1e3, speedup=base / sec,
+                         ceiling_frac=compressed_bytes(cache) / sec / ceiling))
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        rows.append(dict(batch=b, tokens=t, kernel=label, error=repr(e)[:300]))
+      log(rows[-1])
+    del cache
+  return checks, rows
+
+
 # 256-token tiles (fractional widths) in two 128-token passes (the default) or one; keys
 # centred before RoPE take their offsets from a 64-row table (the default: 111,616 bytes of
 # shared memory, two CTAs per SM) or a longer one (one CTA per SM).
@@ -281,6 +323,8 @@ def main(argv=None):
   p.add_argument("--check-only", action="store_true")
   p.add_argument("--sweep-splits", action="store_true",
                  help="only the splits sweep (written as mosaic_attend_splits_<platform>)")
+  p.add_argument("--sweep-splits-int8", action="store_true",
+                 help="only the int8 path's splits (written as mosaic_splits_int8_<platform>)")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--levels", action="store_true",
                  help="only quintic vs cubic levels (written as mosaic_attend_levels_<platform>)")
@@ -336,6 +380,14 @@ def main(argv=None):
     common.print_table(checks, ["bits_k", "bits_v", "q_heads", "levels", "soft_cap",
                                 "sliding_window", "center_keys", "exact_split", "rel_err",
                                 "ok"])
+    common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
+    return
+  if args.sweep_splits_int8:
+    ceiling = read_ceiling()
+    checks, rows = sweep_splits_int8(ceiling)
+    common.write_result("mosaic_splits_int8", dict(read_ceiling_bytes_per_s=ceiling,
+                                                   checks=checks, timings=rows))
+    common.print_table(checks, ["bits_k", "bits_v", "q_heads", "center_keys", "rel_err", "ok"])
     common.print_table(rows, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
     return
   if args.sweep_splits:

@@ -346,3 +346,23 @@ def test_int8_tiles_glue_at_head_dim_64(rng, monkeypatch):
   ref = cache.attend(q, implementation="reference")
   assert seen == ["int8"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_mosaic_splits_rules():
+  """The fp16 path's rule (at most 512 CTAs) and the int8 path's waves: the divisor with
+  the fewest waves x (steps per split + 2), ties to fewer splits."""
+  # fp16: the largest divisor with rows x splits <= 512.
+  assert [ka._mosaic_splits(s, r) for s, r in ((256, 64), (32, 64), (32, 8))] == [8, 8, 32]
+  # int8, three CTAs per SM on 132 SMs (396 at once): 8 x 32K takes 16 splits (1,024 CTAs,
+  # 3 waves of 16 + 2 steps) over 8 (512 CTAs, 2 waves of 32 + 2); 8 x 4K takes 4.
+  assert ka._mosaic_splits(256, 64, ctas_per_sm=3) == 16
+  assert ka._mosaic_splits(32, 64, ctas_per_sm=3) == 4
+  assert ka._mosaic_splits(32, 8, ctas_per_sm=3) == 32      # 1 x 4K: one wave
+  assert ka._mosaic_splits(256, 8, ctas_per_sm=3) == 32     # 1 x 32K
+  # One more CTA per SM moves 8 x 32K back to one wave of 8 splits.
+  assert ka._mosaic_splits(256, 64, ctas_per_sm=4) == 8
+  for steps, rows in ((1, 3), (96, 24), (1024, 512)):
+    s = ka._mosaic_splits(steps, rows, ctas_per_sm=3, sms=114)
+    assert steps % s == 0
+    waves = lambda n: -(-rows * n // (3 * 114)) * (steps // n + 2)  # noqa: E731
+    assert all(waves(s) <= waves(n) for n in range(1, steps + 1) if steps % n == 0)

@@ -165,18 +165,32 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   return None
 
 
-def _mosaic_splits(steps: int, rows: int) -> int:
-  """Splits of `steps` 128-token steps: the largest divisor with at most 512 CTAs.
+def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
+                   sms: int = 132) -> int:
+  """Splits of `steps` 128-token steps over `rows` kv-head rows.
 
-  Measured (`mosaic_attend_splits_gpu.json`, H200, K3/V3 keys centred before RoPE, the
-  whole attention): 8 x 4K 0.061-0.065 ms with 4-8 splits against 0.084-0.088 with 32
-  (the 2,048-CTA rule before); 8 x 32K 0.196 with 4, 0.209 with 32; 1 x 4K flat. Each
-  split costs a pipeline prologue and a partial to merge."""
-  best = 1
-  for s in range(1, steps + 1):
-    if steps % s == 0 and rows * s <= 512:
-      best = s
-  return best
+  ctas_per_sm None: the largest divisor with at most 512 CTAs. Measured
+  (`mosaic_attend_splits_gpu.json`, H200, fp16 path, K3/V3 keys centred before RoPE, two
+  CTAs per SM, the whole attention): 8 x 4K 0.061-0.065 ms with 4-8 splits against
+  0.084-0.088 with 32; 8 x 32K 0.196 with 4, 0.209 with 32; 1 x 4K flat.
+
+  ctas_per_sm given (the kernel's occupancy; `sms` multiprocessors): the divisor with the
+  fewest waves x (steps per split + 2), a split's prologue and epilogue costing about two
+  steps; ties go to fewer splits (fewer partials to merge). The int8 path, K4/V3, three
+  CTAs per SM (`mosaic_splits_int8_gpu.json`, H200, the kernel alone): 8 x 32K 0.127 ms
+  with 16 splits (1,024 CTAs) against 0.134-0.136 with 8 (512 CTAs, 1.3 waves), the whole
+  attention 0.153 against 0.160; 8 x 4K 0.022-0.027 with 4 against 0.026-0.029 with 8."""
+  divisors = [s for s in range(1, steps + 1) if steps % s == 0]
+  if ctas_per_sm is None:
+    return max([s for s in divisors if rows * s <= 512] or [1])
+  slots = ctas_per_sm * sms
+  return min(divisors, key=lambda s: (-(-rows * s // slots) * (steps // s + 2), s))
+
+
+def _multiprocessors() -> int:
+  """The default GPU's multiprocessors (132 on the H100 and H200 SXM; 132 off the GPU)."""
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 # RoPE offsets tables for splits longer than 128 tokens: 64 rows, angles composed per block.
@@ -274,14 +288,15 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   kcs, vcs = cache.key_codes, cache.value_codes  # a TileCodes per channel group
   tt = kcs[0].layout.tokens
   steps = cache.max_len // tt
-  if num_splits is None:
-    num_splits = _mosaic_splits(steps, b * h)
+  int8 = _int8_tiles(cache)
+  if num_splits is None:   # int8 tiles: three CTAs per SM (K4/V3, ncu on the H200)
+    num_splits = _mosaic_splits(steps, b * h, **(
+        dict(ctas_per_sm=3, sms=_multiprocessors()) if int8 else {}))
   # Zero query rows up to wgmma's N = 8, padded once here (their transforms are zeros).
   qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
   # The groups' rotated queries side by side, one array: the kernel reads each group's
   # columns (no slices after the product).
   q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
-  int8 = _int8_tiles(cache)
   if int8:   # two int8 parts and a scale per row (about 14 bits)
     q, q_scale = mosaic.quantize_query_s8(q.reshape(b * h, mosaic.HEADS, d))
     kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=q_scale)
