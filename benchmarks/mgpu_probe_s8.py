@@ -46,10 +46,16 @@ from turboquant_jax import codebook
 
 WR = rc.WORD_ROWS
 D = 128
-# Lloyd-Max levels (Gaussian limit) scaled to int8, level index order.
+# Lloyd-Max levels (Gaussian limit) scaled to int8, level index order; 4 bits in
+# sign-magnitude, (y + 1/2)·scale (`byte_codes`; `codebook.int8_codebook(128, 4)`'s table).
 LEVELS = {2: (-127, -38, 38, 127),
           3: (-127, -79, -45, -14, 14, 45, 79, 127),
-          4: (-127, -99, -80, -64, -50, -37, -24, -12, 12, 24, 37, 50, 64, 80, 99, 127)}
+          4: (-114, -87, -68, -53, -40, -28, -17, -6, 5, 16, 27, 39, 52, 67, 86, 113)}
+
+
+def byte_table(bits: int) -> dm.ByteLevels:
+  """`LEVELS[bits]` as the int8 path's levels (scale 1/127; 4 bits offset 1/2)."""
+  return dm.ByteLevels(LEVELS[bits], 1.0 / 127, 0.5 if bits == 4 else 0.0)
 LEVELS_3BIT = LEVELS[3]
 
 
@@ -156,8 +162,7 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   kc, vc, kn, vn, q, qoff, bounds = md.inputs(key, r, t, bits_k, bits_v, lengths)
   q8, qs = dm.quantize_query_s8(q)
   ks, vs = rc.TileSpec(bits_k, 128, 128), rc.TileSpec(bits_v, 128, 128)
-  kl = dm.ByteLevels(LEVELS[bits_k], 1.0 / 127)
-  vl = dm.ByteLevels(LEVELS[bits_v], 1.0 / 127)
+  kl, vl = byte_table(bits_k), byte_table(bits_v)
   kw = dict(num_splits=splits, scale=0.3, soft_cap=soft_cap, key_levels=kl, value_levels=vl,
             rope=md.rope_operands(jax.random.fold_in(key, 1), r, t, 3.0) if rope else None)
   ex = None
@@ -251,7 +256,7 @@ def library_call(bits, t, rope, key=None):
   words, norms, q = mp_inputs(bits, t)
   r = words.shape[0]
   q8, qs = dm.quantize_query_s8(q.astype(jnp.float32) * 0.01)
-  lv8 = dm.ByteLevels(LEVELS[bits], 1.0 / 127)
+  lv8 = byte_table(bits)
   bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
   qoff = jnp.zeros((r, dm.HEADS), jnp.float32)
   ro = md.rope_operands(key if key is not None else jax.random.PRNGKey(0), r, t) if rope \

@@ -21,10 +21,14 @@ every word bit holds a code bit:
 - 3 bits: three words hold 32 codes: bits 0-2 of each nibble 24 of them (selectors after
   one AND with 0x7777...), the bits 3 of the nibbles 8 more (word b's nibble i bit 3 is
   bit b of the fourth selector's nibble i: three shifts and three LOP3): 21 per 32 codes.
-- 4 bits: a word holds 8 codes, one per nibble; the low three bits index the levels of
-  codes 0-7 and of codes 8-15 (two PRMTs), the fourth picks one of them by a byte mask
-  made by a third PRMT ((w >> 3) & 0x1111... | 0x8888...: sign-replicate of byte 0x00 or
-  0x80) and one LOP3: 13 per 8 codes.
+- 4 bits: a word holds 8 codes, one per nibble, in sign-magnitude: the 16 levels are
+  symmetric on a half-integer grid, y + 1/2 with y = T[m] (codes 8 + m) or y = ~T[m] =
+  -T[m] - 1 (codes 7 - m), T eight integers in [0, 127]; the nibble holds m in bits 0-2
+  and the sign in bit 3 (`sign_magnitude`). One PRMT looks up T[m] (selector w & 0x7777...),
+  a second makes the sign bytes 0x00 / 0xFF by sign-replicating bits 3 and 7 of w's bytes
+  (from w and w << 4, constant selectors), one XOR applies them: 9 per 8 codes (13 with
+  two tables and a byte mask, which also took two more registers per thread). The 1/2
+  is the kernel's: it adds 1/2·Σq to a key's dot and 1/2·Σp·‖v‖ to a value's output.
 
 `bit_sources` maps every bit of the word array to its (row, col, code bit); `pack_tile`
 and `unpack_tile` follow from it, and `decode_words` runs the decode in numpy, instruction
@@ -46,7 +50,9 @@ ROWS = COLS = 128            # the default tile: 128 tokens x 128 channels, or t
 SHAPES = ((128, 128), (256, 64), (64, 256))   # tiles of 16,384 codes
 WORD_ROWS = 64
 REGISTERS = 32               # int8x4 output registers per thread of a tile
-MASK_SOURCE = 0x8000         # bytes 0x00, 0x80: PRMT's sign-replicate turns bit 3 into 0x00/0xFF
+# 4 bits: PRMT selectors of the sign bytes of a word's low / high four codes from (w, w << 4):
+# code j's sign (nibble bit 3) is bit 7 of byte j // 2 of w (odd j) or of w << 4 (even j).
+SIGN_SELECTORS = (0x9D8C, 0xBFAE)
 
 
 def check_bits(bits: int) -> None:
@@ -127,14 +133,25 @@ def bit_sources(bits: int, shape=(ROWS, COLS)) -> tuple[np.ndarray, np.ndarray, 
   return tuple(src[..., k].reshape(-1) for k in range(3))
 
 
-def pack_tile(codes: Array, bits: int) -> Array:
+def sign_magnitude(codes, inverse: bool = False):
+  """4-bit level indices n -> stored nibbles: 8 + m -> m, 7 - m -> 8 + m (m < 8: the
+  magnitude's index, bit 3 the sign); inverse: back. Works on ints and integer arrays."""
+  if inverse:
+    return codes ^ ((codes >> 3) * 7 + 8)       # v < 8: v ^ 8; v >= 8: v ^ 15
+  return codes ^ ((1 - (codes >> 3)) * 7 + 8)   # n >= 8: n ^ 8; n < 8: n ^ 15
+
+
+def pack_tile(codes: Array, bits: int, levels: bool = True) -> Array:
   """Level indices [..., rows, cols] (integers < 2^bits; a shape of `SHAPES`) -> int32
-  words [..., 64, 8·bits]."""
+  words [..., 64, 8·bits] (4 bits: in `sign_magnitude`); levels=False: the values' bits
+  as they are (masks of a tile's slots)."""
   if tuple(codes.shape[-2:]) not in SHAPES:
     raise ValueError(f"expected [..., rows, cols] codes of {SHAPES}, got {codes.shape}")
   rows, cols = codes.shape[-2:]
   src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
   flat = codes.reshape(*codes.shape[:-2], rows * cols).astype(jnp.uint32)
+  if bits == 4 and levels:
+    flat = sign_magnitude(flat)
   bit = (flat[..., src_row * cols + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
   bit = bit.reshape(*codes.shape[:-2], WORD_ROWS, words_per_row(bits), 32)
   words = jnp.sum(bit << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
@@ -155,6 +172,8 @@ def unpack_tile(words: Array, bits: int, shape=(ROWS, COLS)) -> Array:
   order = np.argsort((src_row * cols + src_col) * bits + src_bit)
   gathered = bit[..., order].reshape(*words.shape[:-2], rows * cols, bits)
   codes = jnp.sum(gathered << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
+  if bits == 4:
+    codes = sign_magnitude(codes, inverse=True)
   return codes.reshape(*words.shape[:-2], rows, cols).astype(jnp.uint8)
 
 
@@ -173,15 +192,22 @@ def prmt(lo: int, hi: int, sel: int) -> int:
 
 
 def level_pools(levels, bits: int) -> tuple[int, ...]:
-  """The 2^bits int8 levels (level index order) as PRMT source words: (lo, hi) for 2 and
-  3 bits (hi unused at 2 bits), (lo, hi) of codes 0-7 then of codes 8-15 at 4 bits."""
+  """The 2^bits int8 levels (level index order) as PRMT source words (lo, hi) (hi unused
+  at 2 bits); at 4 bits the words of T, the magnitudes: the levels must be
+  (~T[7], ..., ~T[0], T[0], ..., T[7]) with T in [0, 127] (see the module docstring)."""
   check_bits(bits)
   b = np.asarray(levels)
-  if b.shape != (1 << bits,) or np.any(b != np.round(b)) or np.any(np.abs(b) > 127):
+  if b.shape != (1 << bits,) or np.any(b != np.round(b)) or np.any(np.abs(b) > 127 + (bits == 4)):
     raise ValueError(f"{bits} bits need {1 << bits} integer levels in [-127, 127], "
                      f"got {levels!r}")
+  if bits == 4:
+    t = b[8:]
+    if np.any(t < 0) or np.any(b[7::-1] != -t - 1):
+      raise ValueError(f"4-bit levels must be (~T[7], ..., ~T[0], T[0], ..., T[7]) with T "
+                       f"in [0, 127] (sign-magnitude), got {levels!r}")
+    b = t
   b = np.concatenate([b.astype(np.int8).view(np.uint8), np.zeros(8, np.uint8)])
-  b = b[:max(8, 1 << bits)].astype(np.int64)
+  b = b[:8].astype(np.int64)
   return tuple(int(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24)
                for i in range(0, len(b), 4))
 
@@ -189,7 +215,7 @@ def level_pools(levels, bits: int) -> tuple[int, ...]:
 def selectors(bits: int, words: list[int]) -> list[tuple[int, ...]]:
   """The decode's selector words from a thread's words, in output order (each feeds
   two registers: its low and high halves): (index selector,) or, at 4 bits, (index
-  selector, mask selector)."""
+  selector, w, w << 4: the sign bytes' sources)."""
   m3, m7 = 0x33333333, 0x77777777
   if bits == 2:
     return [(x,) for w in words for x in (w & m3, (w >> 2) & m3)]
@@ -200,7 +226,7 @@ def selectors(bits: int, words: list[int]) -> list[tuple[int, ...]]:
       out += [(a & m7,), (b & m7,), (c & m7,),
               (((a >> 3) & 0x11111111) | ((b >> 2) & 0x22222222) | ((c >> 1) & 0x44444444),)]
     return out
-  return [(w & m7, ((w >> 3) & 0x11111111) | 0x88888888) for w in words]
+  return [(w & m7, w, (w << 4) & 0xFFFFFFFF) for w in words]
 
 
 def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS)) -> np.ndarray:
@@ -216,11 +242,9 @@ def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS)) -> np
       n = 0
       for sel in selectors(bits, tw):
         for half in range(2):
-          part = [x >> (16 * half) for x in sel]
-          r = prmt(pools[0], pools[1], part[0])
-          if bits == 4:   # codes 8-15 where the mask byte is 0xFF
-            mask = prmt(MASK_SOURCE, 0, part[1])
-            r = (prmt(pools[2], pools[3], part[0]) & mask) | (r & ~mask & 0xFFFFFFFF)
+          r = prmt(pools[0], pools[1], sel[0] >> (16 * half))
+          if bits == 4:   # ~T where the sign bytes are 0xFF
+            r ^= prmt(sel[1], sel[2], SIGN_SELECTORS[half])
           row, col = _out_register(wp, lane, n, cols)
           out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
           n += 1

@@ -247,20 +247,35 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
 
 class ByteLevels(NamedTuple):
   """A side's levels for the int8 operand path (`decode_partials(operand="int8")`): level
-  n is table[n]·scale, table 2^bits integers in [-127, 127] in level-index order."""
+  n is (table[n] + offset)·scale, table 2^bits int8 integers in level-index order; at 4
+  bits sign-magnitude with offset 1/2 (`byte_codes.level_pools`), else offset 0."""
 
   table: tuple[int, ...]
   scale: float
+  offset: float = 0.0
 
 
 def byte_levels(levels) -> ByteLevels:
-  """`ByteLevels` nearest to the float levels [2^bits] (increasing): scale max|L|/127.
-  Exact only when the levels are multiples of the scale (else off by < scale/2)."""
+  """`ByteLevels` nearest to the float levels [2^bits] (increasing): 2-3 bits integers
+  times max|L|/127; 16 levels symmetric (the mean of each level and its mirror's
+  negation) half-integers times max|L|/(T + 1/2), T the largest magnitude in 127 down to
+  64 that puts every level on the grid (`codebook.int8_codebook`'s), else 127. Exact only
+  for levels on such a grid."""
   lv = np.asarray(levels, np.float64)
-  scale = float(np.max(np.abs(lv))) / 127.0
-  if not np.isfinite(scale) or scale <= 0:
+  peak = float(np.max(np.abs(lv))) if lv.size else 0.0
+  if not np.isfinite(peak) or peak <= 0:
     raise ValueError(f"levels must be finite and not all zero, got {levels!r}")
-  return ByteLevels(tuple(int(x) for x in np.round(lv / scale)), scale)
+  if lv.size != 16:
+    scale = peak / 127.0
+    return ByteLevels(tuple(int(x) for x in np.round(lv / scale)), scale)
+  half = (lv[8:] - lv[7::-1]) / 2
+  for top in list(range(127, 63, -1)) + [127]:
+    scale = peak / (top + 0.5)
+    y = half / scale - 0.5
+    if np.allclose(y, np.round(y), rtol=0, atol=1e-6):
+      break
+  t = np.clip(np.round(half / scale - 0.5), 0, 127).astype(int)
+  return ByteLevels(tuple(int(x) for x in np.concatenate([-t[::-1] - 1, t])), scale, 0.5)
 
 
 def quantize_query_s8(q: Array) -> tuple[Array, Array]:
@@ -312,8 +327,8 @@ def byte_decoder(bits: int, table, raw: bool = False,
     if len(tw) != byte_codes.thread_words(bits) or len(flat_out) != byte_codes.REGISTERS:
       raise ValueError(f"{len(tw)} words per thread do not make a {bits}-bit byte tile")
     p = [c(x) for x in pools]
-    m3, m7, m1, m2, m4, m8 = (c(0x33333333), c(0x77777777), c(0x11111111), c(0x22222222),
-                              c(0x44444444), c(0x88888888))
+    m3, m7, m1, m2, m4 = (c(0x33333333), c(0x77777777), c(0x11111111), c(0x22222222),
+                          c(0x44444444))
     outs = []
     if raw:
       outs = [tw[n % len(tw)] for n in range(byte_codes.REGISTERS)]
@@ -332,23 +347,22 @@ def byte_decoder(bits: int, table, raw: bool = False,
               " shr.b32 t2, $3, 1; and.b32 t0, t0, $4;"
               " lop3.b32 t0, t1, $5, t0, 0xEA; lop3.b32 $0, t2, $6, t0, 0xEA; }",
               [*w, m1, m2, m4]),))
-      else:
+      else:   # the magnitudes' selector, and w << 4 (the even codes' signs at bit 7)
         for w in tw:
-          sels.append((asm("and.b32 $0, $1, $2;", [w, m7]),
-                       asm("{ .reg .b32 t; shr.b32 t, $1, 3; lop3.b32 $0, t, $2, $3, 0xEA; }",
-                           [w, m1, m8])))
+          sels.append((asm("and.b32 $0, $1, $2;", [w, m7]), w,
+                       asm("shl.b32 $0, $1, 4;", [w])))
       for sel in sels:
         for half in range(2):
-          shift = "" if half == 0 else "shr.b32 m, m, 16; shr.b32 s, s, 16;"
+          shift = "" if half == 0 else "shr.b32 m, m, 16;"
           if bits < 4:
-            outs.append(asm("{ .reg .b32 m, s; mov.b32 m, $3; mov.b32 s, $3; " + shift
+            outs.append(asm("{ .reg .b32 m; mov.b32 m, $3; " + shift
                             + " prmt.b32 $0, $1, $2, m; }", [p[0], p[1], sel[0]]))
-          else:   # two tables, then the bytes of codes 8-15 by a mask from bit 3
+          else:   # T[m], then ~T[m] where the sign byte is 0xFF
             outs.append(asm(
-                "{ .reg .b32 m, s, r0, r1, k; mov.b32 m, $5; mov.b32 s, $6; " + shift
-                + " prmt.b32 r0, $1, $2, m; prmt.b32 r1, $3, $4, m;"
-                " prmt.b32 k, $7, $8, s; lop3.b32 $0, r1, k, r0, 0xE2; }",
-                [p[0], p[1], p[2], p[3], sel[0], sel[1], c(byte_codes.MASK_SOURCE), c(0)]))
+                "{ .reg .b32 m, t, k; mov.b32 m, $3; " + shift
+                + " prmt.b32 t, $1, $2, m; prmt.b32 k, $4, $5, $6; xor.b32 $0, t, k; }",
+                [p[0], p[1], sel[0], sel[1], sel[2],
+                 c(byte_codes.SIGN_SELECTORS[half])]))
     for n, r in enumerate(outs):
       out[flat_out[n]] = mgpu_utils.bitcast(r, i8x4)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=True)
@@ -664,7 +678,10 @@ def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, toke
       if not isinstance(lv, ByteLevels) or len(lv.table) != 1 << spec.bits:
         raise ValueError(f"operand='int8' takes ByteLevels of {1 << spec.bits} levels for "
                          f"the {side}s, got {lv!r}")
-      byte_codes.level_pools(lv.table, spec.bits)   # integers in [-127, 127]
+      byte_codes.level_pools(lv.table, spec.bits)   # int8 (4 bits: sign-magnitude)
+      if lv.offset != (0.5 if spec.bits == 4 else 0.0):
+        raise ValueError(f"operand='int8' takes {spec.bits}-bit levels with offset "
+                         f"{0.5 if spec.bits == 4 else 0.0}, got {lv!r}")
   if q_scale is None:
     raise ValueError("operand='int8' needs q_scale (see quantize_query_s8)")
   if tokens_per_step > key_specs[0].rows or sub_steps not in (None, 1):
@@ -733,7 +750,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     operand: "fp16" (the above), or "int8": the tiles are `byte_codes` tiles (2-4 bits;
       [128, 128], or [256, 64] keys / [64, 256] values for 64-channel groups; the specs
       give their shapes), decoded by byte permutes into int8 wgmma operands;
-      key_levels / value_levels are `ByteLevels` (one per group); q is int8 [R, 2, 8, D],
+      key_levels / value_levels are `ByteLevels` (one per group; 4-bit groups in
+      sign-magnitude with offset 1/2, added as 1/2·Σq to the dots and 1/2·Σp·‖v‖ to the
+      output); q is int8 [R, 2, 8, D],
       the groups' columns side by side, two parts with q = q_scale·(q[:, 0] +
       q[:, 1]/127) (`quantize_query_s8`); q_scale float32 [R, 8]. Each step's p·‖v‖ (per
       value group) goes to the value wgmma as two int8 parts scaled by its largest entry
@@ -788,6 +807,17 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   elif nq != gk:
     _check("q", q[0], (r, HEADS, d), jnp.float16)
   key_starts = [int(x) for x in np.cumsum([0] + [sp.cols for sp in key_specs[:-1]])]
+  # int8, 4-bit groups: levels (y + 1/2)·scale, so a key's dot gains 1/2·Σq over the group's
+  # channels (in q_scale units, per row and head: an input) and a value's output 1/2·Σp·‖v‖
+  # (kept per token row like l, summed once after the loop).
+  key_offsets = [lv.offset for lv in key_levels] if s8 else [0.0] * gk
+  value_offsets = [lv.offset for lv in value_levels] if s8 else [0.0] * gv
+  offset_groups = [g for g in range(gv) if value_offsets[g]]
+  koff = None
+  if any(key_offsets):
+    q_units = q[0][:, 0].astype(jnp.float32) + q[0][:, 1].astype(jnp.float32) / 127.0
+    koff = jnp.stack([off * q_units[..., at:at + sp.cols].sum(-1)
+                      for off, at, sp in zip(key_offsets, key_starts, key_specs)], axis=1)
   for g, spec in enumerate(value_specs):
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
@@ -868,6 +898,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     del refs[:nq]
     if s8:
       qs_gmem = refs.pop(0)
+      koff_gmem = refs.pop(0) if koff is not None else None
     elif nq != gk:   # each group's columns of the one query array
       q_gmem = [q_gmem[0].at[:, :, pl.ds(at, sp.cols)]
                 for at, sp in zip(key_starts, key_specs)]
@@ -911,6 +942,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
             plgpu.copy_gmem_to_smem(src, q_smem[2 * g + part], barrier)
         qscale_v = plgpu.load(qs_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                               optimized=False)
+        koff_v = [None if koff_gmem is None else plgpu.load(
+            koff_gmem.at[i, g], (), layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                  for g in range(gk)]
       else:
         plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
       for g in range(1, 1 if s8 else gk):
@@ -958,11 +992,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         vw_smem, vn_smem = refs[:gv], refs[gv:2 * gv]
         del refs[:2 * gv]
         *trig, carry = refs
-        o, l_rows, m_prev = carry
         start = (first + idx[0]) * st
         if rope is not None and rope_blocks == 1:
           rope_operand(trig[0])
-        carry = (o, l_rows, m_prev)
         for h in range(sub_steps):
           carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
                             vn_smem, trig, carry)
@@ -970,7 +1002,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
       def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, trig, carry):
         """Tokens [h·sub, (h + 1)·sub) of the step: decode, scores, softmax, values."""
-        o, l_rows, m_prev = carry
+        o, l_rows, m_prev, pv_rows = carry
         part = (lambda ref: ref) if sub_steps == 1 else (  # noqa: E731
             lambda ref: ref.at[pl.ds(h * sub, sub)])
         if rope is not None and rope_blocks > 1:   # this pass's W (the last pass is done)
@@ -1028,9 +1060,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
         parts, off, uv = pl.run_scoped(scores, *accs)
         if s8:      # q·L = q_scale·(hi + lo/127)·L, per group
-          parts = [(hi_.astype(jnp.float32) + lo_.astype(jnp.float32) * (1 / 127))
+          parts = [(hi_.astype(jnp.float32) + lo_.astype(jnp.float32) * (1 / 127)
+                    + (0.0 if ko is None else jax.lax.broadcast_in_dim(ko, hi_.shape, [1])))
                    * jax.lax.broadcast_in_dim(qscale_v, hi_.shape, [1])
-                   for hi_, lo_ in zip(parts[0::2], parts[1::2])]
+                   for hi_, lo_, ko in zip(parts[0::2], parts[1::2], koff_v)]
         s = None
         for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
           kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
@@ -1050,11 +1083,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
         # l is kept per row and summed over the tile's rows once, after the loop.
         l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-        pmaxes = []
+        pmaxes, pvs = [], []
         for g in range(gv if s8 else 0):   # p·‖v‖ as two int8 parts of its max per head / 127
           vn = plgpu.load(part(vn_smem[g]), (), layout=plgpu.Layout.WGMMA.reduce(1)
                           ).astype(jnp.float32)
           pv = p * jax.lax.broadcast_in_dim(vn, p.shape, [0])
+          pvs.append(pv)
           pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
           x = pv * jax.lax.broadcast_in_dim(127.0 / pmaxes[g], pv.shape, [1])
           x_hi = jnp.round(x)
@@ -1088,7 +1122,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
             a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
             new_o.append(o_g * a + (oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127))
                          * pscale)
-          return tuple(new_o), l_rows, m_next
+          pv_rows = tuple(r_ * jax.lax.broadcast_in_dim(alpha, r_.shape, [1]) + pvs[g]
+                          for r_, g in zip(pv_rows, offset_groups))
+          return tuple(new_o), l_rows, m_next, pv_rows
         for g, (o_g, p_ref) in enumerate(zip(o, p_smem)):
           a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
           uv_g = uv[g] if g < len(uv) else decode_value(g)   # serial: after the last wgmma
@@ -1098,13 +1134,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
               plgpu.wgmma(acc_ref, uv_g[k],
                           plgpu.transpose_ref(p_ref, (1, 0)).at[pl.ds(k * tv, tv)])
           new_o.append(pl.run_state(values)(plgpu.ACC.init(o_g * a)))
-        return tuple(new_o), l_rows, m_next
+        return tuple(new_o), l_rows, m_next, pv_rows
 
       zeros = lambda shape: plgpu.layout_cast(  # noqa: E731
           jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
       init = (tuple(zeros((rows, HEADS)) for rows in value_rows), zeros((sub, HEADS)),
               plgpu.layout_cast(jnp.full((HEADS,), neg, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(0)))
+                                plgpu.Layout.WGMMA.reduce(0)),
+              tuple(zeros((sub, HEADS)) for _ in offset_groups))
       pipeline = plgpu.emit_pipeline(
           body, grid=(last - first,),
           in_specs=[plgpu.BlockSpec((per_step * wr, s.words_per_row), lambda t: (first + t, 0))
@@ -1116,9 +1153,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           + ([plgpu.BlockSpec((rope_blocks, 2, d), lambda t: (first + t, 0, 0))]
              if rope is not None else []),
           max_concurrent_steps=max_concurrent_steps, init_carry=init)
-      o, l_rows, m = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
+      o, l_rows, m, pv_rows = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
                               *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
                               *([trig_gmem] if rope is not None else []))
+      o = list(o)
+      for r_, g in zip(pv_rows, offset_groups):   # + 1/2·Σp·‖v‖ in every channel row
+        o[g] = o[g] + value_offsets[g] * jax.lax.broadcast_in_dim(
+            r_.sum(axis=0), o[g].shape, [1])
+
       def write(o_smem, lm_smem):
         if gv == 1:
           o_smem[...] = o[0] * value_forms[0].factor
@@ -1175,7 +1217,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else []),
-  )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []), bounds, qoff,
+  )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []),
+    *([koff] if koff is not None else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),
     *(_exact_args(exact) if exact is not None else ()))
 
@@ -1206,7 +1249,7 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
 
   def levels(codes, bits, ac):
     if isinstance(ac, ByteLevels):
-      return jnp.asarray(ac.table, jnp.float32)[codes] * ac.scale
+      return (jnp.asarray(ac.table, jnp.float32)[codes] + ac.offset) * ac.scale
     u = codes.astype(jnp.float32) - ((1 << bits) - 1) / 2
     return sum(ck * u ** (2 * i + 1) for i, ck in enumerate(ac))
   hi_ = jax.lax.Precision.HIGHEST

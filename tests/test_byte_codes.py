@@ -29,6 +29,9 @@ def test_prmt_decode_gives_each_codes_level_in_the_int8_fragment_layout(bits, sh
   rng = np.random.default_rng(10 + bits)
   codes = rng.integers(0, 1 << bits, shape)
   levels = np.sort(rng.choice(np.arange(-127, 128), 1 << bits, replace=False))
+  if bits == 4:   # sign-magnitude: ~T[7..0], T[0..7]
+    t = np.sort(rng.choice(np.arange(0, 128), 8, replace=False))
+    levels = np.concatenate([-t[::-1] - 1, t])
   words = np.asarray(bc.pack_tile(jnp.asarray(codes), bits))
   np.testing.assert_array_equal(bc.unpack_tile(words, bits, shape), codes)
   np.testing.assert_array_equal(bc.decode_words(words, levels, bits, shape), levels[codes])
@@ -43,7 +46,18 @@ def test_prmt_semantics():
   lo, hi = bc.level_pools(levels, 3)
   assert bc.prmt(lo, hi, 0x7654) == np.array(levels[[4, 5, 6, 7]], np.int8).view(np.uint32)[0]
   assert bc.prmt(lo, hi, 0x0008) & 0xFF == 0xFF     # sign of byte 0 (-127) replicated
-  assert bc.prmt(bc.MASK_SOURCE, 0, 0x9898) == 0xFF00FF00   # the 4-bit mask's bytes
+  # 4 bits: the sign bytes of a word's low four nibbles (bit 3 of nibbles 1 and 2 set).
+  w = 0x0000_0880
+  assert bc.prmt(w, (w << 4) & 0xFFFFFFFF, bc.SIGN_SELECTORS[0]) == 0x00FFFF00
+  assert bc.prmt(w << 16, (w << 20) & 0xFFFFFFFF, bc.SIGN_SELECTORS[1]) == 0x00FFFF00
+
+
+def test_sign_magnitude_nibbles():
+  n = np.arange(16)
+  v = bc.sign_magnitude(n)
+  np.testing.assert_array_equal(v[8:], np.arange(8))           # positive: m, sign 0
+  np.testing.assert_array_equal(v[:8], 15 - np.arange(8))      # 7 - m: 8 + m, sign 1
+  np.testing.assert_array_equal(bc.sign_magnitude(v, inverse=True), n)
 
 
 def test_errors():
@@ -57,5 +71,7 @@ def test_errors():
     bc.level_pools([1, 2, 3], 3)
   with pytest.raises(ValueError, match="in \\[-127, 127\\]"):
     bc.level_pools(np.arange(8) * 40, 3)
+  with pytest.raises(ValueError, match="sign-magnitude"):
+    bc.level_pools(np.arange(-8, 8) * 15, 4)                  # symmetric, no ~T
   with pytest.raises(ValueError, match="2, 3 or 4 bits"):
     bc.words_per_row(5)

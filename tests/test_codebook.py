@@ -166,11 +166,22 @@ def test_cubic_codebook_rejects_zero_bits():
 def test_int8_codebook_is_lloyd_max_on_an_int8_grid(bits):
   lm = codebook.lloyd_max_codebook(128, bits)
   book = codebook.int8_codebook(128, bits)
-  step = np.max(np.abs(book.centroids)) / 127
-  np.testing.assert_allclose(book.centroids / step, np.round(book.centroids / step), atol=1e-9)
-  assert np.all(np.abs(book.centroids - lm.centroids) <= step / 2 + 1e-12)
-  np.testing.assert_allclose(book.boundaries, (book.centroids[1:] + book.centroids[:-1]) / 2)
-  assert lm.mse <= book.mse <= lm.mse * 1.002          # at most +0.2% D_mse (4 bits: +0.1%)
+  c = book.centroids
+  if bits < 4:   # integers times max|level| / 127
+    step, grid = np.max(np.abs(c)) / 127, c / (np.max(np.abs(c)) / 127)
+  else:          # sign-magnitude: symmetric, odd multiples of step / 2, at most 127.5 steps
+    np.testing.assert_allclose(c[:8], -c[:7:-1], rtol=0, atol=1e-12)
+    tops = [t for t in range(64, 128)
+            if np.allclose(c / (c[-1] / (t + 0.5)) - 0.5,
+                           np.round(c / (c[-1] / (t + 0.5)) - 0.5), atol=1e-9)]
+    assert tops, "4-bit levels are on no half-integer int8 grid"
+    step = c[-1] / (tops[0] + 0.5)
+    grid = c / step - 0.5
+  np.testing.assert_allclose(grid, np.round(grid), atol=1e-9)
+  assert np.all(np.abs(c - lm.centroids) <= step / 2 + 1e-12)
+  np.testing.assert_allclose(book.boundaries, (c[1:] + c[:-1]) / 2)
+  # At most +0.2% D_mse (4 bits, the step chosen for it: +0.1%).
+  assert lm.mse <= book.mse <= lm.mse * (1.001 if bits == 4 else 1.002)
 
 
 def test_int8_codebook_errors():

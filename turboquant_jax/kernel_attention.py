@@ -127,7 +127,7 @@ def byte_levels(quantizer):
   or None where no int8 table holds them exactly (levels other than "int8")."""
   centroids = np.asarray(quantizer.static_codebook().centroids, np.float64)
   table = mosaic.byte_levels(centroids)
-  exact = np.asarray(table.table, np.float64) * table.scale
+  exact = (np.asarray(table.table, np.float64) + table.offset) * table.scale
   if not np.allclose(exact, centroids, rtol=1e-6, atol=1e-7 * abs(table.scale)):
     return None
   return table
@@ -174,12 +174,16 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   CTAs per SM, the whole attention): 8 x 4K 0.061-0.065 ms with 4-8 splits against
   0.084-0.088 with 32; 8 x 32K 0.196 with 4, 0.209 with 32; 1 x 4K flat.
 
-  ctas_per_sm given (the kernel's occupancy; `sms` multiprocessors): the divisor with the
+  ctas_per_sm given (CTAs resident per SM; `sms` multiprocessors): the divisor with the
   fewest waves x (steps per split + 2), a split's prologue and epilogue costing about two
-  steps; ties go to fewer splits (fewer partials to merge). The int8 path, K4/V3, three
-  CTAs per SM (`mosaic_splits_int8_gpu.json`, H200, the kernel alone): 8 x 32K 0.127 ms
-  with 16 splits (1,024 CTAs) against 0.134-0.136 with 8 (512 CTAs, 1.3 waves), the whole
-  attention 0.153 against 0.160; 8 x 4K 0.022-0.027 with 4 against 0.026-0.029 with 8."""
+  steps; ties go to fewer splits (fewer partials to merge). The int8 path passes three,
+  the K4/V3 kernel's occupancy at 159 registers (`mosaic_splits_int8_159regs_gpu.json`,
+  H200: 8 x 32K, the kernel alone 0.127 ms with 16 splits against 0.134-0.136 with 8, 512
+  CTAs in 1.3 waves; the whole attention 0.153 against 0.161; 8 x 4K 0.050 with 4 against
+  0.053 with 8). At 128 registers (the sign-magnitude 4-bit decode, four CTAs per SM)
+  three still fits best at 8 x 32K (`mosaic_splits_int8_gpu.json`: 16 splits 0.146 ms
+  against 0.153 with 8; the kernel alone ties); at 8 x 4K and 1 x 32K the two runs
+  disagree within their noise (±10-15%)."""
   divisors = [s for s in range(1, steps + 1) if steps % s == 0]
   if ctas_per_sm is None:
     return max([s for s in divisors if rows * s <= 512] or [1])
@@ -289,7 +293,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   tt = kcs[0].layout.tokens
   steps = cache.max_len // tt
   int8 = _int8_tiles(cache)
-  if num_splits is None:   # int8 tiles: three CTAs per SM (K4/V3, ncu on the H200)
+  if num_splits is None:   # int8 tiles: waves of three CTAs per SM (measured, above)
     num_splits = _mosaic_splits(steps, b * h, **(
         dict(ctas_per_sm=3, sms=_multiprocessors()) if int8 else {}))
   # Zero query rows up to wgmma's N = 8, padded once here (their transforms are zeros).

@@ -212,7 +212,8 @@ class MSEQuantizer:
         `codebook.cubic_codebook`: 0.2% and 1.8%); the Mosaic GPU kernel decodes the
         polynomials without a table (and Lloyd-Max up to 2 bits, where it is a cubic);
         "int8" (`codebook.int8_codebook`: Lloyd-Max on an int8 grid, 0.05% at 3 bits,
-        0.1% at 4) is what its int8 path looks up exactly.
+        0.05% at 4: odd multiples of half a step, sign-magnitude) is what its int8
+        path looks up exactly.
     """
     _validate_config(d, bits, MSE_BITS, "MSEQuantizer")
     return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype,

@@ -88,10 +88,11 @@ class TileLayout:
       return register_codes.TileSpec(self.bits, self.dim, self.tokens)
     return register_codes.TileSpec(self.bits, self.tokens, self.dim)
 
-  def pack(self, tiles: Array) -> Array:
-    """Level indices [..., rows, cols] -> int32 words [..., 64, C]."""
+  def pack(self, tiles: Array, mask: bool = False) -> Array:
+    """Level indices [..., rows, cols] -> int32 words [..., 64, C]; mask: the values are
+    bit masks (2^bits - 1 marks a slot), packed to the same bits as any code's."""
     if self.operand == "int8":
-      return byte_codes.pack_tile(tiles, self.bits)
+      return byte_codes.pack_tile(tiles, self.bits, levels=not mask)
     return register_codes.pack_tile(tiles, self.spec)
 
   def unpack(self, words: Array) -> Array:
@@ -116,13 +117,16 @@ class TileCodes:
 
 
 def empty(lead: tuple[int, int, int], layout: TileLayout, norm_dtype) -> TileCodes:
-  """Zeroed tiles for [B, H, L] tokens; L must be a multiple of layout.tokens."""
+  """Tiles of level 0 and norm 0 for [B, H, L] tokens; L must be a multiple of
+  layout.tokens."""
   b, h, length = lead
   if length % layout.tokens:
     raise ValueError(f"the tiles layout needs max_len divisible by {layout.tokens}, "
                      f"got {length}")
   rows = length // layout.tokens * register_codes.WORD_ROWS
-  return TileCodes(words=jnp.zeros((b, h, rows, layout.spec.words_per_row), jnp.int32),
+  # Level 0's bits: zeros, except 4-bit byte tiles (sign-magnitude: all ones).
+  fill = -1 if layout.operand == "int8" and layout.bits == 4 else 0
+  return TileCodes(words=jnp.full((b, h, rows, layout.spec.words_per_row), fill, jnp.int32),
                    norms=jnp.zeros((b, h, length), norm_dtype), layout=layout)
 
 
@@ -169,12 +173,13 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
     mask = jnp.zeros((h, touched * tt, d), jnp.uint8).at[:, slots].set(
         jnp.uint8(ones), mode="drop")
     new = layout.pack(_to_tiles(window, layout))
-    clear = layout.pack(_to_tiles(mask, layout))
+    clear = layout.pack(_to_tiles(mask, layout), mask=True)
     new = new.reshape(h, touched * wr, -1)
     clear = clear.reshape(h, touched * wr, -1)
     old = jax.lax.dynamic_slice_in_dim(words, first * wr, touched * wr, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(words, (old & ~clear) | new, first * wr,
-                                               axis=1)
+    # new & clear: a slot outside the run packs as code 0, whose bits need not be 0.
+    return jax.lax.dynamic_update_slice_in_dim(words, (old & ~clear) | (new & clear),
+                                               first * wr, axis=1)
 
   words = jax.vmap(one_row)(codes.words, levels, start, count)
   idx = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -216,7 +221,7 @@ def write_tiles(codes: TileCodes, words: Array, norms: Array, start: Array,
   slots = jnp.arange(tt, dtype=jnp.int32)[None, :, None] < rem[:, None, None]
   mask = jnp.broadcast_to(jnp.where(slots, jnp.uint8(ones), jnp.uint8(0)),
                           (b, tt, layout.dim))
-  mask = layout.pack(_to_tiles(mask, layout)[:, 0])
+  mask = layout.pack(_to_tiles(mask, layout)[:, 0], mask=True)
 
   def one_row(buf, new, norm_buf, new_norms, start, count, filled, mask):
     first = start // tt

@@ -1,0 +1,109 @@
+"""The int8 path's decode on the GPU: checks against float32 references, then the kernel's
+time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_codes`).
+
+- `decode_partials(operand="int8")` against `decode_partials_reference` on packed random
+  codes (`mgpu_probe_s8.check_library`: ragged ranges, soft-cap, the RoPE term, exact
+  tokens; every width pair with 4 bits on either side, where the levels' 1/2 offset
+  enters the keys' dots and the values' outputs);
+- the whole attention through caches (`mosaic_attend.INT8_CHECKS`, fractional widths'
+  64-channel groups included) against the jnp reference;
+- the kernel alone on random byte tiles, K4/V3 and K4/V4 at 8 x 32K and 8 x 4K, by
+  splits, with cuDNN bf16 and the read ceiling measured in the same run.
+
+    python -m benchmarks.int8_decode_check
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from benchmarks import mgpu_decode as md
+from benchmarks import mgpu_probe_s8 as ps
+from benchmarks import mosaic_attend as ma
+from pallas_kernels import byte_codes as bc
+from pallas_kernels import decode_attention_mgpu as dm
+from pallas_kernels import register_codes as rc
+
+D = 128
+KERNEL_CHECKS = [(4, 3, None, False, False), (4, 4, None, False, False),
+                 (3, 3, 5.0, False, False), (2, 4, None, False, True),
+                 (4, 2, None, True, False), (4, 4, 30.0, True, True)]
+POINTS = [(8, 32768, 4, 3, (8, 16)), (8, 4096, 4, 3, (4, 8)), (8, 32768, 4, 4, (8, 16))]
+
+
+def random_inputs(r: int, t: int, bits_k: int, bits_v: int):
+  """(qoff, q8, k words, k norms, v words, v norms, bounds, q_scale) of r rows x t tokens:
+  every bit pattern is a valid byte tile."""
+  def words(bits, seed):
+    return jax.random.randint(jax.random.PRNGKey(seed), (r, t // 128 * rc.WORD_ROWS,
+                                                          bc.words_per_row(bits)),
+                              -2**31, 2**31 - 1, jnp.int32)
+  norms = jax.random.uniform(jax.random.PRNGKey(3), (2, r, t), jnp.float32, 0.5, 1.5)
+  norms = norms.astype(jnp.float16)
+  q8, qs = dm.quantize_query_s8(jax.random.normal(jax.random.PRNGKey(4), (r, 8, D)) * 0.05)
+  bounds = jnp.tile(jnp.array([[4, t - 128]], jnp.int32), (r, 1))
+  return (jnp.zeros((r, 8), jnp.float32), q8, words(bits_k, 1), norms[0], words(bits_v, 2),
+          norms[1], bounds, qs)
+
+
+def kernel_fn(bits_k: int, bits_v: int, splits: int):
+  ks, vs = rc.TileSpec(bits_k, 128, 128), rc.TileSpec(bits_v, 128, 128)
+  return lambda qoff, q8, kw, kn, vw, vn, bounds, qs: dm.decode_partials(
+      kw, kn, vw, vn, q8, bounds, qoff, key_spec=ks, value_spec=vs,
+      key_levels=ps.byte_table(bits_k), value_levels=ps.byte_table(bits_v),
+      num_splits=splits, scale=D**-0.5, operand="int8", q_scale=qs)
+
+
+def main():
+  checks, cache_checks, rows = [], [], []
+
+  def save():
+    return common.write_result("int8_decode_check", dict(
+        checks=checks, cache_checks=cache_checks, timings=rows))
+
+  for i, args in enumerate(KERNEL_CHECKS):
+    try:
+      checks.append(ps.check_library(jax.random.PRNGKey(40 + i), *args))
+    except Exception as e:  # noqa: BLE001 - report every case
+      traceback.print_exc()
+      checks.append(dict(args=args, error=repr(e)[:300], ok=False))
+    print("check", checks[-1], flush=True)
+  for i, (bk, bv, hq, kw) in enumerate(ma.INT8_CHECKS):
+    try:
+      cache_checks.append(ma.check(400 + i, bk, bv, hq, **kw))
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      cache_checks.append(dict(bits_k=bk, bits_v=bv, error=repr(e)[:300], ok=False))
+    print("cache check", cache_checks[-1], flush=True)
+  save()
+  ceiling = md.read_ceiling()
+  for b, t, bk, bv, splits in POINTS:
+    args = random_inputs(b * 8, t, bk, bv)
+    nbytes = sum(a.nbytes for a in args[2:6])
+    base, _ = md.time_cudnn(jax.random.PRNGKey(0), b, t)
+    for s in splits:
+      try:
+        sec = common.device_time_chained(kernel_fn(bk, bv, s), args, 0, iters=8, repeats=11)
+        row = dict(ms=sec * 1e3, x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling)
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row = dict(error=repr(e)[:300])
+      rows.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s,
+                       cudnn_ms=base * 1e3, **row))
+      print(rows[-1], flush=True)
+      save()
+  path = save()
+  print(f"wrote {path}")
+  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "rel_err", "ok"])
+  common.print_table(cache_checks, ["bits_k", "bits_v", "q_heads", "center_keys", "rel_err",
+                                    "ok"])
+  common.print_table(rows, ["batch", "tokens", "bits_k", "bits_v", "splits", "ms", "x_cudnn",
+                            "ceiling_frac"])
+
+
+if __name__ == "__main__":
+  main()
