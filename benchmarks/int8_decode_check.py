@@ -72,13 +72,7 @@ def main():
       traceback.print_exc()
       checks.append(dict(args=args, error=repr(e)[:300], ok=False))
     print("check", checks[-1], flush=True)
-  for i, (bk, bv, hq, kw) in enumerate(ma.INT8_CHECKS):
-    try:
-      cache_checks.append(ma.check(400 + i, bk, bv, hq, **kw))
-    except Exception as e:  # noqa: BLE001
-      traceback.print_exc()
-      cache_checks.append(dict(bits_k=bk, bits_v=bv, error=repr(e)[:300], ok=False))
-    print("cache check", cache_checks[-1], flush=True)
+  cache_checks += ma.run_checks(ma.INT8_CHECKS, 400)
   save()
   ceiling = md.read_ceiling()
   for b, t, bk, bv, splits in POINTS:

@@ -78,6 +78,20 @@ def check(seed, bits_k, bits_v, hq, *, soft_cap=None, sliding_window=None, kerne
               ok=err <= 3e-3 and not bool(jnp.any(jnp.isnan(got))))
 
 
+def run_checks(cases, first_seed: int, **defaults) -> list[dict]:
+  """`check` of each (bits_k, bits_v, q_heads, config) case (seeds from first_seed, the
+  config over `defaults`), an error reported as a failed row instead of raised."""
+  rows = []
+  for i, (bk, bv, hq, kw) in enumerate(cases):
+    try:
+      rows.append(check(first_seed + i, bk, bv, hq, **{**defaults, **kw}))
+    except Exception as e:  # noqa: BLE001 - report every case
+      traceback.print_exc()
+      rows.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
+    log("check", rows[-1])
+  return rows
+
+
 def time_attend(cache, q, **kw):
   f = lambda q, c: c.attend(q, **kw)  # noqa: E731
   return common.device_time_chained(f, (q, cache), 0, iters=8)
@@ -159,15 +173,8 @@ def sweep_splits_int8(ceiling) -> tuple[list[dict], list[dict]]:
   """The int8 path (K4/V3, keys centred plainly) per number of splits: the default
   (`kernel_attention._mosaic_splits`, waves of three CTAs per SM) against fixed counts,
   the whole attention beside cuDNN; first the GPU check of the default."""
-  checks = []
-  for i, (bk, bv, hq, kw) in enumerate([(4, 3, 32, dict(center_keys="plain", **INT8)),
-                                        (3, 3, 32, dict(center_keys="rope", **INT8))]):
-    try:
-      checks.append(check(300 + i, bk, bv, hq, **kw))
-    except Exception as e:  # noqa: BLE001 - report every case
-      traceback.print_exc()
-      checks.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
-    log("check", checks[-1])
+  checks = run_checks([(4, 3, 32, dict(center_keys="plain", **INT8)),
+                       (3, 3, 32, dict(center_keys="rope", **INT8))], 300)
   from turboquant_jax import kernel_attention
   rows = []
   key = jax.random.PRNGKey(1)
@@ -272,19 +279,12 @@ def levels_run(ceiling, checks_only=None, cases=None, points=((8, 32768), (8, 40
   centred before RoPE; at 3.5 bits (channel groups) with and without serial groups and
   the value decode's overlap. A case's width is one number or a (keys, values) pair;
   `only`, a list of substrings, keeps the cases whose label holds one of them."""
-  checks = []
-  for i, (bk, bv, hq, kw) in enumerate(checks_only or [
+  checks = run_checks(checks_only or [
       (3, 3, 32, dict(center_keys="rope")), (4, 2, 8, dict(soft_cap=20.0)),
       (3.5, 3.5, 32, dict(center_keys="rope")),
       (3.5, 2.5, 16, dict(center_keys="rope", soft_cap=20.0, sliding_window=900)),
       (3.5, 3, 32, dict(center_keys="rope", levels="cubic")),     # the cubic path still
-      *SUB_STEP_CHECKS]):
-    try:
-      checks.append(check(100 + i, bk, bv, hq, **{"levels": "quintic", **kw}))
-    except Exception as e:  # noqa: BLE001 - report every case
-      traceback.print_exc()
-      checks.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
-    log("check", checks[-1])
+      *SUB_STEP_CHECKS], 100, levels="quintic")
   rows = []
   key = jax.random.PRNGKey(1)
   for b, t in points:
