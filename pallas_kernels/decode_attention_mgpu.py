@@ -1153,9 +1153,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           + ([plgpu.BlockSpec((rope_blocks, 2, d), lambda t: (first + t, 0, 0))]
              if rope is not None else []),
           max_concurrent_steps=max_concurrent_steps, init_carry=init)
-      o, l_rows, m, pv_rows = pipeline(*[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
-                              *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
-                              *([trig_gmem] if rope is not None else []))
+      o, l_rows, m, pv_rows = pipeline(
+          *[x.at[i] for x in kw_gmem], *[x.at[i] for x in kn_gmem],
+          *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
+          *([trig_gmem] if rope is not None else []))
       o = list(o)
       for r_, g in zip(pv_rows, offset_groups):   # + 1/2·Σp·‖v‖ in every channel row
         o[g] = o[g] + value_offsets[g] * jax.lax.broadcast_in_dim(

@@ -466,3 +466,25 @@ def test_byte_decoder_lowers_for_channel_group_tiles(bits, shape):
   # One PRMT per output register; at 4 bits two (the magnitude and the sign bytes).
   assert asm.count("prmt.b32") == (64 if bits == 4 else 32)
   assert "m64n8k32.s32.s8.s8" in asm
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_byte_levels_hold_the_int8_codebook_exactly(d, bits):
+  """The int8 codebook's levels are the kernel's table: (table + offset)·scale, 4 bits in
+  sign-magnitude (offset 1/2) on the step `codebook.int8_codebook` chose."""
+  from pallas_kernels import byte_codes as bc
+  from turboquant_jax import codebook
+  book = codebook.int8_codebook(d, bits)
+  lv = dm.byte_levels(book.centroids)
+  assert lv.offset == (0.5 if bits == 4 else 0.0)
+  bc.level_pools(lv.table, bits)                  # a valid PRMT table (raises if not)
+  np.testing.assert_allclose((np.asarray(lv.table) + lv.offset) * lv.scale, book.centroids,
+                             rtol=1e-9, atol=1e-12)
+  # Symmetric levels off the grid get the nearest table (within half a step).
+  u = np.abs(np.arange(1 << bits) - ((1 << bits) - 1) / 2)
+  off_grid = book.centroids * (1 + 0.002 * np.cos(3 * u))
+  near = dm.byte_levels(off_grid)
+  got = (np.asarray(near.table) + near.offset) * near.scale
+  assert not np.allclose(got, off_grid, rtol=0, atol=1e-9)
+  assert np.max(np.abs(got - off_grid)) <= near.scale / 2 + 1e-12
