@@ -424,6 +424,19 @@ def test_int8_path_bad_inputs_raise():
                        q_scale=z(2, 8, dt=jnp.float32))
   with pytest.raises(ValueError, match="not all zero"):
     dm.byte_levels(np.zeros(8))
+  # Offsets: 4-bit tables are sign-magnitude with offset 1/2, narrower ones offset 0.
+  with pytest.raises(ValueError, match="with offset 0.0"):
+    dm.decode_partials(*args, **dict(kw, key_levels=kl._replace(offset=0.5)),
+                       q_scale=z(2, 8, dt=jnp.float32))
+  k4 = rc.TileSpec(4, 128, D)
+  t4 = dm.byte_levels(np.linspace(-1, 1, 16))
+  args4 = (z(2, 64, 32, dt=jnp.int32),) + args[1:]
+  with pytest.raises(ValueError, match="with offset 0.5"):
+    dm.decode_partials(*args4, **dict(kw, key_spec=k4, key_levels=t4._replace(offset=0.0)),
+                       q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="sign-magnitude"):
+    dm.decode_partials(*args4, **dict(kw, key_spec=k4, key_levels=t4._replace(
+        table=tuple(range(-8, 8)[::-1]))), q_scale=z(2, 8, dt=jnp.float32))
 
 
 @pytest.mark.parametrize("bits, shape", [(3, (256, 64)), (4, (64, 256))])
