@@ -141,10 +141,9 @@ def plot_pareto(models: dict[str, dict], path: pathlib.Path) -> None:
       ms = [m for m in rows if family(m) == fam]
       if not ms:
         continue
-      x = [points[m][0] for m in ms]
-      ax.scatter(x, [rows[m]["worst"] for m in ms], label=fam, color=color, zorder=3)
-      ax.vlines(x, [rows[m]["mean"] for m in ms], [rows[m]["worst"] for m in ms],
-                color="0.7", lw=1, zorder=2)
+      x, worst = zip(*(points[m] for m in ms))
+      ax.scatter(x, worst, label=fam, color=color, zorder=3)
+      ax.vlines(x, [rows[m]["mean"] for m in ms], worst, color="0.7", lw=1, zorder=2)
     front = r["pareto"]
     ax.plot([points[m][0] for m in front], [points[m][1] for m in front], "k--", lw=1,
             label="Pareto front")

@@ -141,16 +141,16 @@ def sign_magnitude(codes, inverse: bool = False):
   return codes ^ ((1 - (codes >> 3)) * 7 + 8)   # n >= 8: n ^ 8; n < 8: n ^ 15
 
 
-def pack_tile(codes: Array, bits: int, levels: bool = True) -> Array:
+def pack_tile(codes: Array, bits: int, mask: bool = False) -> Array:
   """Level indices [..., rows, cols] (integers < 2^bits; a shape of `SHAPES`) -> int32
-  words [..., 64, 8·bits] (4 bits: in `sign_magnitude`); levels=False: the values' bits
-  as they are (masks of a tile's slots)."""
+  words [..., 64, 8·bits] (4 bits: in `sign_magnitude`); mask: the values are bit masks
+  of a tile's slots, packed as they are."""
   if tuple(codes.shape[-2:]) not in SHAPES:
     raise ValueError(f"expected [..., rows, cols] codes of {SHAPES}, got {codes.shape}")
   rows, cols = codes.shape[-2:]
   src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
   flat = codes.reshape(*codes.shape[:-2], rows * cols).astype(jnp.uint32)
-  if bits == 4 and levels:
+  if bits == 4 and not mask:
     flat = sign_magnitude(flat)
   bit = (flat[..., src_row * cols + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
   bit = bit.reshape(*codes.shape[:-2], WORD_ROWS, words_per_row(bits), 32)
@@ -198,8 +198,8 @@ def level_pools(levels, bits: int) -> tuple[int, ...]:
   check_bits(bits)
   b = np.asarray(levels)
   if b.shape != (1 << bits,) or np.any(b != np.round(b)) or np.any(np.abs(b) > 127 + (bits == 4)):
-    raise ValueError(f"{bits} bits need {1 << bits} integer levels in [-127, 127], "
-                     f"got {levels!r}")
+    raise ValueError(f"{bits} bits need {1 << bits} integer levels in [-127, 127] (4 bits: "
+                     f"[-128, 127]), got {levels!r}")
   if bits == 4:
     t = b[8:]
     if np.any(t < 0) or np.any(b[7::-1] != -t - 1):

@@ -148,8 +148,9 @@ def lloyd_max_codebook(
 def int8_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMaxCodebook:
   """Lloyd-Max's levels rounded to multiples of max|level|/127 (4 bits: to odd multiples
   of half a step, symmetric, the kernel's sign-magnitude table, the step with the least
-  D_mse: +0.05% at d = 128): levels an int8 table and one scale represent exactly (what the Mosaic kernel's int8 path looks up by byte
-  permutes), nearest-level cells and D_mse recomputed for them. Bits 1..4.
+  D_mse: +0.05% at d = 128): levels an int8 table and one scale represent exactly (what
+  the Mosaic kernel's int8 path looks up by byte permutes), nearest-level cells and D_mse
+  recomputed for them. Bits 1..4.
 
   Returns: a cached, read-only `LloydMaxCodebook`.
   """

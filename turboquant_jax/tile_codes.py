@@ -92,7 +92,7 @@ class TileLayout:
     """Level indices [..., rows, cols] -> int32 words [..., 64, C]; mask: the values are
     bit masks (2^bits - 1 marks a slot), packed to the same bits as any code's."""
     if self.operand == "int8":
-      return byte_codes.pack_tile(tiles, self.bits, levels=not mask)
+      return byte_codes.pack_tile(tiles, self.bits, mask=mask)
     return register_codes.pack_tile(tiles, self.spec)
 
   def unpack(self, words: Array) -> Array:
