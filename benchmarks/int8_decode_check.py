@@ -11,10 +11,16 @@ time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_code
   splits, with cuDNN bf16 and the read ceiling measured in the same run.
 
     python -m benchmarks.int8_decode_check
+    python -m benchmarks.int8_decode_check --p-scale-ab   # p_scale "step" vs "bound"
+
+`--p-scale-ab` (`int8_p_scale_gpu.json`): the kernel checks with p_scale="bound" and a
+K4/V3 check under both with a few large value norms, the cache checks, then the kernel
+alone (K4/V3, K4/V4) and the whole K4/V3 attention with each scale, interleaved.
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
 
 import jax
@@ -50,12 +56,74 @@ def random_inputs(r: int, t: int, bits_k: int, bits_v: int):
           norms[1], bounds, qs)
 
 
-def kernel_fn(bits_k: int, bits_v: int, splits: int):
+def kernel_fn(bits_k: int, bits_v: int, splits: int, **options):
   ks, vs = rc.TileSpec(bits_k, 128, 128), rc.TileSpec(bits_v, 128, 128)
   return lambda qoff, q8, kw, kn, vw, vn, bounds, qs: dm.decode_partials(
       kw, kn, vw, vn, q8, bounds, qoff, key_spec=ks, value_spec=vs,
       key_levels=ps.byte_table(bits_k), value_levels=ps.byte_table(bits_v),
-      num_splits=splits, scale=D**-0.5, operand="int8", q_scale=qs)
+      num_splits=splits, scale=D**-0.5, operand="int8", q_scale=qs, **options)
+
+
+def checked(rows: list, fn, *args, **kw) -> None:
+  """Appends fn(*args, **kw), or its error as a failed row, and prints it."""
+  try:
+    rows.append(fn(*args, **kw))
+  except Exception as e:  # noqa: BLE001 - report every case
+    traceback.print_exc()
+    rows.append(dict(args=args, kw=kw, error=repr(e)[:300], ok=False))
+  print("check", rows[-1], flush=True)
+
+
+def p_scale_ab() -> None:
+  """p_scale "step" (each step's largest p·‖v‖, a cross-warp max per step) against
+  "bound" (the row's largest ‖v‖ for every step): checks, kernel, whole attention."""
+  checks, kernel, attend = [], [], []
+
+  def save():
+    return common.write_result("int8_p_scale", dict(
+        checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
+
+  for i, args in enumerate(KERNEL_CHECKS):
+    checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args, p_scale="bound")
+  for p_scale in ("step", "bound"):     # every 97th token's ‖v‖ x30 / x300
+    for spread in (30.0, 300.0):
+      checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 3, p_scale=p_scale,
+              value_spread=spread)
+  cache_checks = ma.run_checks(ma.INT8_CHECKS, 400, kernel=dict(p_scale="bound"))
+  save()
+  ceiling = md.read_ceiling()
+  for b, t, bk, bv, splits in POINTS:
+    args = random_inputs(b * 8, t, bk, bv)
+    nbytes = sum(a.nbytes for a in args[2:6])
+    base, _ = md.time_cudnn(jax.random.PRNGKey(0), b, t)
+    for s in splits:
+      for rep in range(2):
+        for p_scale in ("step", "bound"):
+          sec = common.device_time_chained(kernel_fn(bk, bv, s, p_scale=p_scale), args, 0,
+                                           iters=8, repeats=11)
+          kernel.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
+                             p_scale=p_scale, cudnn_ms=base * 1e3, ms=sec * 1e3,
+                             x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
+          print(kernel[-1], flush=True)
+    save()
+  key = jax.random.PRNGKey(1)
+  for b, t in ((8, 32768), (8, 4096)):
+    key, sub = jax.random.split(key)
+    base = ma.cudnn_row(attend, sub, b, t, ceiling)
+    cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
+    q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
+    for rep in range(2):
+      for p_scale in ("step", "bound"):
+        sec = ma.time_attend(cache, q, implementation="mosaic", p_scale=p_scale)
+        attend.append(dict(batch=b, tokens=t, kernel="K4/V3 int8 " + p_scale, rep=rep,
+                           ms=sec * 1e3, speedup=base / sec,
+                           ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
+        print(attend[-1], flush=True)
+  print(f"wrote {save()}")
+  common.print_table(checks, ["bits_k", "bits_v", "p_scale", "value_spread", "rel_err", "ok"])
+  common.print_table(kernel, ["batch", "tokens", "bits_k", "bits_v", "splits", "p_scale", "ms",
+                              "x_cudnn", "ceiling_frac"])
+  common.print_table(attend, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
 
 
 def main():
@@ -66,12 +134,7 @@ def main():
         checks=checks, cache_checks=cache_checks, timings=rows))
 
   for i, args in enumerate(KERNEL_CHECKS):
-    try:
-      checks.append(ps.check_library(jax.random.PRNGKey(40 + i), *args))
-    except Exception as e:  # noqa: BLE001 - report every case
-      traceback.print_exc()
-      checks.append(dict(args=args, error=repr(e)[:300], ok=False))
-    print("check", checks[-1], flush=True)
+    checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args)
   cache_checks += ma.run_checks(ma.INT8_CHECKS, 400)
   save()
   ceiling = md.read_ceiling()
@@ -100,4 +163,7 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if "--p-scale-ab" in sys.argv[1:]:
+    p_scale_ab()
+  else:
+    main()

@@ -697,7 +697,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     tokens_per_step: int = 128, rope: RopeOffsets | None = None,
                     exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
                     sliding_window: int | None = None, operand: str = "fp16",
-                    q_scale: Array | None = None):
+                    q_scale: Array | None = None, p_scale: str = "bound",
+                    value_bound: Array | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -755,8 +756,16 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       output); q is int8 [R, 2, 8, D],
       the groups' columns side by side, two parts with q = q_scale·(q[:, 0] +
       q[:, 1]/127) (`quantize_query_s8`); q_scale float32 [R, 8]. Each step's p·‖v‖ (per
-      value group) goes to the value wgmma as two int8 parts scaled by its largest entry
-      per head (about 14 bits). One step per tile (sub_steps 1).
+      value group) goes to the value wgmma as two int8 parts (about 14 bits; p_scale).
+      One step per tile (sub_steps 1).
+    p_scale: int8 only: the scale of p·‖v‖'s int8 parts: "bound", value_bound/127 for
+      every step (p <= 1 after the running max, so p·‖v‖ <= max ‖v‖: no reduction in the
+      loop; H200, 8 x 32K: K4/V4 0.125 -> 0.115 ms, K4/V3 0.111 -> 0.109 at 16 splits),
+      or "step", each step's largest entry per head (a cross-warp max per step; finer
+      where a few tokens' ‖v‖ dwarf the rest: 1.1e-4 against 2.5e-4 relative error with
+      every 97th norm x 300).
+    value_bound: float32 [R, value groups], an upper bound of each row's value norms
+      (with p_scale="bound"; None: their max over all T slots, one XLA reduction).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -764,7 +773,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   """
   if operand not in ("fp16", "int8"):
     raise ValueError(f"operand must be 'fp16' or 'int8', got {operand!r}")
+  if p_scale not in ("step", "bound"):
+    raise ValueError(f"p_scale must be 'step' or 'bound', got {p_scale!r}")
   s8 = operand == "int8"
+  p_bound = s8 and p_scale == "bound"
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
@@ -821,6 +833,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   for g, spec in enumerate(value_specs):
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
+  vbound = None
+  if p_bound:   # per row, group and (repeated) head: the layout of a per-head vector
+    if value_bound is None:
+      value_bound = jnp.stack([jnp.max(n, axis=-1).astype(jnp.float32) for n in v_norms],
+                              axis=1)
+    _check("value_bound", value_bound, (r, gv), jnp.float32)
+    vbound = jnp.broadcast_to(jnp.maximum(value_bound, 1e-30)[..., None], (r, gv, HEADS))
+  elif value_bound is not None:
+    raise ValueError("value_bound is read with operand='int8' and p_scale='bound' only")
   bounds_entries = bounds.shape[0] if bounds.ndim == 2 else 0
   if bounds_entries < 1 or r % bounds_entries:
     raise ValueError(f"bounds must be int32 [R or B, 2] with B dividing the {r} rows, got "
@@ -899,6 +920,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     if s8:
       qs_gmem = refs.pop(0)
       koff_gmem = refs.pop(0) if koff is not None else None
+      vb_gmem = refs.pop(0) if p_bound else None
     elif nq != gk:   # each group's columns of the one query array
       q_gmem = [q_gmem[0].at[:, :, pl.ds(at, sp.cols)]
                 for at, sp in zip(key_starts, key_specs)]
@@ -945,6 +967,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         koff_v = [None if koff_gmem is None else plgpu.load(
             koff_gmem.at[i, g], (), layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                   for g in range(gk)]
+        vb_v = [plgpu.load(vb_gmem.at[i, g], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                           optimized=False) for g in range(gv)] if p_bound else None
+        vinv_v = [127.0 / v for v in vb_v] if p_bound else None
       else:
         plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
       for g in range(1, 1 if s8 else gk):
@@ -1089,8 +1114,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                           ).astype(jnp.float32)
           pv = p * jax.lax.broadcast_in_dim(vn, p.shape, [0])
           pvs.append(pv)
-          pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
-          x = pv * jax.lax.broadcast_in_dim(127.0 / pmaxes[g], pv.shape, [1])
+          if not p_bound:
+            pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
+          x = pv * jax.lax.broadcast_in_dim(vinv_v[g] if p_bound else 127.0 / pmaxes[g],
+                                            pv.shape, [1])
           x_hi = jnp.round(x)
           for p_ref, y in zip(p_smem[2 * g:2 * g + 2], (x_hi, jnp.round((x - x_hi) * 127.0))):
             # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
@@ -1118,10 +1145,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
               return acc_h[...], acc_l[...]
             oh, ol = pl.run_scoped(values_s8,
                                    *[plgpu.ACC((value_rows[g], HEADS), jnp.int32)] * 2)
-            pscale = jax.lax.broadcast_in_dim(pmaxes[g] * (1 / 127), o_g.shape, [1])
             a = jax.lax.broadcast_in_dim(alpha, o_g.shape, [1])
-            new_o.append(o_g * a + (oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127))
-                         * pscale)
+            ov = oh.astype(jnp.float32) + ol.astype(jnp.float32) * (1 / 127)
+            if not p_bound:   # else in bound/127 units until after the loop
+              ov = ov * jax.lax.broadcast_in_dim(pmaxes[g] * (1 / 127), o_g.shape, [1])
+            new_o.append(o_g * a + ov)
           pv_rows = tuple(r_ * jax.lax.broadcast_in_dim(alpha, r_.shape, [1]) + pvs[g]
                           for r_, g in zip(pv_rows, offset_groups))
           return tuple(new_o), l_rows, m_next, pv_rows
@@ -1158,6 +1186,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           *[x.at[i] for x in vw_gmem], *[x.at[i] for x in vn_gmem],
           *([trig_gmem] if rope is not None else []))
       o = list(o)
+      if p_bound:
+        o = [o_g * jax.lax.broadcast_in_dim(vb * (1 / 127), o_g.shape, [1])
+             for o_g, vb in zip(o, vb_v)]
       for r_, g in zip(pv_rows, offset_groups):   # + 1/2·Σp·‖v‖ in every channel row
         o[g] = o[g] + value_offsets[g] * jax.lax.broadcast_in_dim(
             r_.sum(axis=0), o[g].shape, [1])
@@ -1219,7 +1250,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else []),
   )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []),
-    *([koff] if koff is not None else []), bounds, qoff,
+    *([koff] if koff is not None else []), *([vbound] if p_bound else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),
     *(_exact_args(exact) if exact is not None else ()))
 

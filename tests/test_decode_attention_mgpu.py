@@ -328,7 +328,7 @@ def test_level_form_kinds_and_errors():
 
 # -- the int8 operand path (byte codes, PRMT decode) ---------------------------------------
 
-def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024):
+def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024, **options):
   s = jax.ShapeDtypeStruct
   ks, vs = rc.TileSpec(bits_k, 128, D), rc.TileSpec(bits_v, 128, D)
   args = (s((r, t // 128 * rc.WORD_ROWS, 8 * bits_k), jnp.int32), s((r, t), jnp.float16),
@@ -346,7 +346,8 @@ def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024):
                                 qoff[:, :, None] * jnp.ones(D // 2), freq, t)
     return dm.decode_partials(kw, kn, vw, vn, q, b, qoff, key_spec=ks, value_spec=vs,
                               key_levels=kl, value_levels=vl, num_splits=2, scale=0.1,
-                              soft_cap=soft_cap, rope=offsets, operand="int8", q_scale=qs)
+                              soft_cap=soft_cap, rope=offsets, operand="int8", q_scale=qs,
+                              **options)
   return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -356,6 +357,18 @@ def test_int8_path_lowers_for_cuda_with_byte_permutes_and_int8_wgmma(bits, rope)
   asm = module_asm(lowered_s8(*bits, rope=rope, soft_cap=None if rope else 4.0))
   assert "prmt.b32" in asm
   assert "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8" in asm
+
+
+def test_int8_p_scale_bound_drops_the_per_step_reduction():
+  """p_scale="bound" scales p·‖v‖ by the row's largest ‖v‖: the loop loses the cross-warp
+  max over the step's tokens (its two barriers and its max ops), and the value bound
+  becomes an input."""
+  from benchmarks.mosaic_lowering import module_asm
+  step, bound = (module_asm(lowered_s8(4, 3, p_scale=p)) for p in ("step", "bound"))
+  assert bound.count('"bar.sync') == step.count('"bar.sync') - 2
+  assert 0 < bound.count('"max.') < step.count('"max.')
+  given = lowered_s8(4, 3, p_scale="bound", value_bound=jnp.ones((4, 1), jnp.float32))
+  assert module_asm(given) == bound
 
 
 def test_quantize_query_s8_keeps_about_14_bits(rng):
@@ -422,6 +435,16 @@ def test_int8_path_bad_inputs_raise():
   with pytest.raises(ValueError, match="q must be int8"):
     dm.decode_partials(*args[:4], z(2, dm.HEADS, D), *args[5:], **kw,
                        q_scale=z(2, 8, dt=jnp.float32))
+  with pytest.raises(ValueError, match="p_scale must be"):
+    dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32), p_scale="head")
+  with pytest.raises(ValueError, match="value_bound must be float32"):
+    dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32), value_bound=z(2, 1))
+  with pytest.raises(ValueError, match="value_bound must be float32"):
+    dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32),
+                       value_bound=z(2, dt=jnp.float32))
+  with pytest.raises(ValueError, match="value_bound is read with"):
+    dm.decode_partials(*args, **kw, q_scale=z(2, 8, dt=jnp.float32), p_scale="step",
+                       value_bound=z(2, 1, dt=jnp.float32))
   with pytest.raises(ValueError, match="not all zero"):
     dm.byte_levels(np.zeros(8))
   # Offsets: 4-bit tables are sign-magnitude with offset 1/2, narrower ones offset 0.

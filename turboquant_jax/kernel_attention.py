@@ -567,4 +567,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
-    "exact_blocks"))
+    "exact_blocks", "p_scale"))
