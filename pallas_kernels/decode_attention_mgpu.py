@@ -834,12 +834,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
   vbound = None
-  if p_bound:   # per row, group and (repeated) head: the layout of a per-head vector
+  if p_bound:   # one scalar per row and group, read by the kernel from GMEM
     if value_bound is None:
       value_bound = jnp.stack([jnp.max(n, axis=-1).astype(jnp.float32) for n in v_norms],
                               axis=1)
     _check("value_bound", value_bound, (r, gv), jnp.float32)
-    vbound = jnp.broadcast_to(jnp.maximum(value_bound, 1e-30)[..., None], (r, gv, HEADS))
+    vbound = value_bound
   elif value_bound is not None:
     raise ValueError("value_bound is read with operand='int8' and p_scale='bound' only")
   bounds_entries = bounds.shape[0] if bounds.ndim == 2 else 0
@@ -967,8 +967,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         koff_v = [None if koff_gmem is None else plgpu.load(
             koff_gmem.at[i, g], (), layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                   for g in range(gk)]
-        vb_v = [plgpu.load(vb_gmem.at[i, g], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                           optimized=False) for g in range(gv)] if p_bound else None
+        vb_v = [jnp.maximum(vb_gmem[i, g], 1e-30) for g in range(gv)] if p_bound else None
         vinv_v = [127.0 / v for v in vb_v] if p_bound else None
       else:
         plgpu.copy_gmem_to_smem(q_gmem[0].at[i], q_smem[0], barrier)
@@ -1116,8 +1115,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           pvs.append(pv)
           if not p_bound:
             pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
-          x = pv * jax.lax.broadcast_in_dim(vinv_v[g] if p_bound else 127.0 / pmaxes[g],
-                                            pv.shape, [1])
+          x = pv * (vinv_v[g] if p_bound else
+                    jax.lax.broadcast_in_dim(127.0 / pmaxes[g], pv.shape, [1]))
           x_hi = jnp.round(x)
           for p_ref, y in zip(p_smem[2 * g:2 * g + 2], (x_hi, jnp.round((x - x_hi) * 127.0))):
             # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
@@ -1187,8 +1186,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           *([trig_gmem] if rope is not None else []))
       o = list(o)
       if p_bound:
-        o = [o_g * jax.lax.broadcast_in_dim(vb * (1 / 127), o_g.shape, [1])
-             for o_g, vb in zip(o, vb_v)]
+        o = [o_g * (vb * (1 / 127)) for o_g, vb in zip(o, vb_v)]
       for r_, g in zip(pv_rows, offset_groups):   # + 1/2·Σp·‖v‖ in every channel row
         o[g] = o[g] + value_offsets[g] * jax.lax.broadcast_in_dim(
             r_.sum(axis=0), o[g].shape, [1])
