@@ -137,24 +137,28 @@ def global_layers_wider(cfg, bits: float, wide: float) -> Method | None:
                 bits=bits + share * (wide - bits))
 
 
-def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0) -> Method | None:
+def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0,
+                window: int | None = None) -> Method | None:
   """TurboQuant at `bits` (keys centred before RoPE) on the global layers, and on layers
   with a sliding window a ring of that window (`layer_policy.window_rings`, what
   decode_e2e runs): exact, or int8 codes (ring_dtype=jnp.int8, q8_0-style; exact_recent:
   the latest tokens kept exact besides, as a cache's window); None for a
   model with no local layers. The rings are a per-sequence constant: "bits" counts what
-  each further token costs, "bits at tokens" the whole cache at this text's length."""
+  each further token costs, "bits at tokens" the whole cache at this text's length.
+  window: the TurboQuant caches' exact window (default `MEASURED_WINDOW`)."""
   if not has_local_layers(cfg):
     return None
   config = lambda seed: tq_config(  # noqa: E731
-      key_bits=bits, value_bits=bits, center_keys="rope", seed=seed)
+      key_bits=bits, value_bits=bits, center_keys="rope", seed=seed,
+      **({} if window is None else {"window": window}))
   make = lambda seed: window_rings(  # noqa: E731
       functools.partial(TurboQuantKVCache.create, config=config(seed)), cfg.layer_window,
       ring_dtype=ring_dtype, exact_recent=exact_recent)
   kind = "local rings" if ring_dtype is None else f"{jnp.dtype(ring_dtype).name} local rings"
   if exact_recent:
     kind += f" exact {exact_recent}"
-  return Method(f"turboquant {bits} rope-centred, {kind}", kind, make, seeded=True,
+  suffix = "" if window is None else f" window {window}"
+  return Method(f"turboquant {bits} rope-centred, {kind}{suffix}", kind, make, seeded=True,
                 bits=bits)
 
 
@@ -328,6 +332,10 @@ def run_model(name: str, args, out: dict, save) -> None:
   # ... and with their latest 128 tokens exact (bf16), as every cache's window: 8-bit
   # codes on the recent tokens themselves cost Gemma 3 +0.3% (quality_probe rings).
   extra += [local_rings(model.cfg, b, jnp.int8, 128) for b in (2.5, 3.5, 4)]
+  # The ring budget's 3.5 choice (4-bit globals, window 256) with exact rings instead of
+  # int8 ones: how much of its loss the int8 rings carry.
+  extra += [local_rings(model.cfg, 4, None, window=256),
+            local_rings(model.cfg, 4, jnp.int8, 128, window=256)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget at this text's length with rings chosen for the local layers.
   extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
