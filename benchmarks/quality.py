@@ -162,22 +162,24 @@ def local_rings(cfg, bits: float, ring_dtype=None, exact_recent: int = 0,
                 bits=bits)
 
 
-def ring_budgeted(cfg, budget: float, max_len: int, window: int | None = None
-                  ) -> Method | None:
+def ring_budgeted(cfg, budget: float, max_len: int, window: int | None = None,
+                  widths=None) -> Method | None:
   """A budget at a capacity of max_len tokens, the sliding-window layers given the most
   precise ring it affords (`budget.budget_with_rings`: bf16, int8 with 128 exact recent
   tokens, int8, or none), keys centred before RoPE; None for a model with no local
   layers. Its bits are per coordinate of a full-context cache at max_len ("bits at
   tokens"), rings counted. window: the global layers' exact window (default
-  `MEASURED_WINDOW`)."""
+  `MEASURED_WINDOW`); widths: the global layers' widths to choose from (default
+  `budget.BUDGET_WIDTHS`; the name says "to 5 bits" when they include 5)."""
   if not has_local_layers(cfg):
     return None
   base = tq_config(center_keys="rope", **({} if window is None else {"window": window}))
   choice = budget_with_rings(budget, max_len, cfg.num_layers, cfg.head_dim,
-                             layer_window=cfg.layer_window, config=base)
+                             layer_window=cfg.layer_window, config=base, widths=widths)
   make = lambda seed: ring_budget_cache(  # noqa: E731
       choice, cfg.layer_window, config=dataclasses.replace(base, seed=seed))
-  suffix = "" if window is None else f" window {window}"
+  suffix = ("" if window is None else f" window {window}") + (
+      " to 5 bits" if widths is not None and 5 in widths else "")
   return Method(f"turboquant ring budget {budget}{suffix}", "ring budget", make, seeded=True,
                 bits=budget)
 
@@ -341,6 +343,10 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
   extra += [ring_budgeted(model.cfg, b, args.tokens, window=256)          # the new default
             for b in (2.5, 3.0, 3.5)]
+  # ... with 5-bit caches among the global layers' widths: the 3.5 budget's globals sat at
+  # 4 bits (the widest) with bits to spare, and they carry its loss (bf16 rings: no better).
+  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256, widths=(2, 2.5, 3, 3.5, 4, 5))
+            for b in (3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn),
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]

@@ -72,7 +72,7 @@ def group_specs(split_quantizer) -> tuple[GroupSpec, ...]:
         half:]) if mse.bits else ()
     specs.append(GroupSpec(dim=mse.dim, bits=mse.bits, magnitudes=mags,
                            qjl_dim=0 if g is mse else g.sketch_dim,
-                           poly=magnitude_polynomial(mags)))
+                           poly=magnitude_polynomial(mags) if mse.bits <= 4 else ()))
   return tuple(specs)
 
 
@@ -99,11 +99,11 @@ def _decode_tile(plane_refs, rows, spec: GroupSpec, decode: str) -> Array:
 
   decode="poly": Horner in the magnitude index, 2^(b-1) - 1 FMAs, then the sign;
   decode="ladder": 2^(b-1) - 1 compare-and-selects, then the sign;
-  decode="auto": poly at 4 bits, ladder below (H100, batch 8, 32K tokens: 4 bits 0.76 vs
+  decode="auto": poly at 4 bits, ladder else (H100, batch 8, 32K tokens: 4 bits 0.76 vs
   1.0 ms, 3 bits 0.61 vs 0.59, 2 bits 0.47 vs 0.42; benchmarks/results).
   """
   if decode == "auto":
-    decode = "poly" if spec.bits >= 4 else "ladder"
+    decode = "poly" if spec.bits == 4 else "ladder"
   code, shift = None, 0
   for ref, w in zip(plane_refs, spec.plane_widths):
     c = _unpack_plane(ref[rows, :], w)

@@ -46,10 +46,17 @@ from turboquant_jax.turboquant_cache import WINDOW, TurboQuantConfig, TurboQuant
 Array = jax.Array
 
 
+# The widths a budget chooses from unless told: 5 bits (a cache width since the ring budget
+# measurements of 2026-11-30) is opt-in, so the committed budget results keep their choices.
+BUDGET_WIDTHS = (2, 2.5, 3, 3.5, 4)
+
+
 def _widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> list[float]:
-  """The widths to choose from, sorted: by default all, or the integer ones for tiles."""
+  """The widths to choose from, sorted: by default `BUDGET_WIDTHS`, or the integer ones
+  among them for tiles."""
   if widths is None:
-    widths = [b for b in CACHE_BITS if config.layout != "tiles" or float(b).is_integer()]
+    widths = [b for b in BUDGET_WIDTHS
+              if config.layout != "tiles" or float(b).is_integer()]
   if not widths or any(b not in CACHE_BITS for b in widths):
     raise ValueError(f"widths must be a non-empty subset of {CACHE_BITS}, got {widths}")
   return sorted(set(widths))
@@ -82,8 +89,9 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
 
   layer_window: a layer's sliding window or None (e.g. `DecoderConfig.layer_window`);
   layers with None count as global. config: everything but the widths.
-  widths: the widths to choose from (a subset of `CACHE_BITS`); by default all of them,
-  or the integer ones for layout="tiles" (what the Mosaic GPU kernel serves).
+  widths: the widths to choose from (a subset of `CACHE_BITS`); by default
+  `BUDGET_WIDTHS`, or the integer ones for layout="tiles" (what the Mosaic GPU kernel
+  serves; 2-4 bits).
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}")

@@ -25,7 +25,7 @@ from turboquant_jax.rotation import HaarRotation
 
 Array = jax.Array
 
-CACHE_BITS = (2, 2.5, 3, 3.5, 4)
+CACHE_BITS = (2, 2.5, 3, 3.5, 4, 5)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

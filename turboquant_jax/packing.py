@@ -1,9 +1,9 @@
-"""Lossless bit packing of b-bit codes (b = 1..4) into bit-planes of uint8.
+"""Lossless bit packing of b-bit codes (b = 1..5) into bit-planes of uint8.
 
 Layout (what a GPU kernel unpacks with shifts and masks into one natural-order tile):
 
 - A b-bit code is split into planes of widths `plane_widths(b)`, low bits first:
-  1 → (1,), 2 → (2,), 3 → (2, 1), 4 → (4,). A 3-bit code n is stored as n & 3 in a
+  1 → (1,), 2 → (2,), 3 → (2, 1), 4 → (4,), 5 → (4, 1). A 3-bit code n is stored as n & 3 in a
   2-bit plane and n >> 2 in a 1-bit plane.
 - A plane of width w over d codes is a uint8 row of d·w/8 bytes; byte r holds the k = 8/w
   consecutive codes r·k + i at bits [i·w, (i+1)·w). Unpacking every plane the same way,
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-_PLANE_WIDTHS = {0: (), 1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}
+_PLANE_WIDTHS = {0: (), 1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1)}
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -31,7 +31,7 @@ def plane_widths(bits: int) -> tuple[int, ...]:
   try:
     return _PLANE_WIDTHS[bits]
   except (KeyError, TypeError):
-    raise ValueError(f"packing supports 0..4 bits per code, got {bits!r}") from None
+    raise ValueError(f"packing supports 0..5 bits per code, got {bits!r}") from None
 
 
 def packed_bytes(d: int, bits: int) -> int:
@@ -68,7 +68,7 @@ def pack_codes(codes: Array, bits: int) -> tuple[Array, ...]:
 
   Args:
     codes: [..., d] integers in [0, 2^bits).
-    bits: 0..4.
+    bits: 0..5.
 
   Returns:
     One uint8 array per plane of `plane_widths(bits)`, plane p of shape [..., d·w_p/8].

@@ -33,7 +33,7 @@ from turboquant_jax import rotation as rotation_lib
 Array = jax.Array
 
 MIN_DIM = 16
-MSE_BITS = (1, 2, 3, 4)
+MSE_BITS = (1, 2, 3, 4, 5)
 PROD_BITS = (1, 2, 3, 4)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
