@@ -104,6 +104,8 @@ def _decode_tile(plane_refs, rows, spec: GroupSpec, decode: str) -> Array:
   """
   if decode == "auto":
     decode = "poly" if spec.bits == 4 else "ladder"
+  if decode == "poly" and spec.bits > 4:   # a degree-15 fit would not hold in float32
+    raise ValueError(f"decode='poly' serves up to 4 bits, got {spec.bits}")
   code, shift = None, 0
   for ref, w in zip(plane_refs, spec.plane_widths):
     c = _unpack_plane(ref[rows, :], w)

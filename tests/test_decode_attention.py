@@ -37,6 +37,18 @@ CASES = [
 ]
 
 
+def test_kernel_decodes_five_bit_codes(rng):
+  """5-bit codes (planes of 4 and 1 bits) decode by the ladder ("auto"); "poly" refuses."""
+  config = TurboQuantConfig(key_bits=5, value_bits=4, window=8, num_sinks=1)
+  cache = filled_cache(rng, 2, 128, 2, 64, config, [100, 64])
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), jnp.float32)
+  ref = cache.attend(q, implementation="reference")
+  got = cache.attend(q, implementation="pallas", block_k=16, num_splits=4, poison=True)
+  assert rel_err(got, ref) <= 1e-3
+  with pytest.raises(ValueError, match="up to 4 bits"):
+    cache.attend(q, implementation="pallas", block_k=16, num_splits=4, decode="poly")
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernel_matches_reference(case, rng):
   d, hkv, hq, config, lengths = CASES[case]

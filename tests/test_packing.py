@@ -23,7 +23,7 @@ def pack_codes_numpy(codes, bits):
   return planes
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("d", [16, 64, 80, 96, 128, 256])
 def test_round_trip_and_layout(bits, d, rng):
   codes = rng.integers(0, 2**bits, size=(3, 5, d)).astype(np.uint8)
@@ -55,8 +55,8 @@ def test_signs_round_trip(rng):
 
 
 def test_errors():
-  with pytest.raises(ValueError, match="0..4"):
-    packing.pack_codes(jnp.zeros((16,), jnp.uint8), 5)
+  with pytest.raises(ValueError, match="0..5"):
+    packing.pack_codes(jnp.zeros((16,), jnp.uint8), 6)
   with pytest.raises(ValueError, match="divisible by 8"):
     packing.pack_codes(jnp.zeros((12,), jnp.uint8), 1)
   with pytest.raises(ValueError, match="planes"):

@@ -35,6 +35,18 @@ def test_mse_distortion_matches_lloyd_max_and_paper_bound(bits, rotation, unit_d
   assert d_mse <= math.sqrt(3) * math.pi / 2 * 4.0**-bits
 
 
+def test_mse_five_bits_match_their_codebook_and_the_paper_bound(unit_data):
+  """5 bits (a cache width): D_mse as its Lloyd-Max codebook predicts, about 4x below 4
+  bits' and within the paper's bound."""
+  x, _ = unit_data
+  q = MSEQuantizer.create(jax.random.PRNGKey(0), D, 5)
+  x_hat = jax.jit(lambda v: q.dequantize(q.quantize(v)))(x)
+  d_mse = float(jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1)))
+  assert d_mse == pytest.approx(codebook.lloyd_max_codebook(D, 5).mse, rel=0.03)
+  assert 3.0 < D_MSE_128[4] / d_mse < 4.5
+  assert d_mse <= math.sqrt(3) * math.pi / 2 * 4.0**-5
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_prod_inner_products_unbiased_with_predicted_variance(bits, unit_data):
   x, y = unit_data
