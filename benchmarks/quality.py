@@ -40,8 +40,9 @@ from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
-from turboquant_jax.budget import (budget_layer_bits, budget_with_rings, mean_stored_bits,
-                                   measured_layer_bits, ring_budget_cache)
+from turboquant_jax.budget import (BUDGET_WIDTHS, budget_layer_bits, budget_with_rings,
+                                   mean_stored_bits, measured_layer_bits, ring_budget_cache)
+from turboquant_jax.channel_split import CACHE_BITS
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.ring_cache import RingKVCache
 
@@ -169,8 +170,8 @@ def ring_budgeted(cfg, budget: float, max_len: int, window: int | None = None,
   tokens, int8, or none), keys centred before RoPE; None for a model with no local
   layers. Its bits are per coordinate of a full-context cache at max_len ("bits at
   tokens"), rings counted. window: the global layers' exact window (default
-  `MEASURED_WINDOW`); widths: the global layers' widths to choose from (default
-  `budget.BUDGET_WIDTHS`; the name says "to 5 bits" when they include 5)."""
+  `MEASURED_WINDOW`); widths: the global layers' widths to choose from (the name says
+  "to 5 bits" when they include 5, `budget_with_rings`' default)."""
   if not has_local_layers(cfg):
     return None
   base = tq_config(center_keys="rope", **({} if window is None else {"window": window}))
@@ -340,12 +341,14 @@ def run_model(name: str, args, out: dict, save) -> None:
             local_rings(model.cfg, 4, jnp.int8, 128, window=256)]
   extra += [budgeted(model.cfg, b, MOSAIC_CONFIG, " tiles") for b in (3.0, 3.5)]
   # The budget at this text's length with rings chosen for the local layers.
-  extra += [ring_budgeted(model.cfg, b, args.tokens) for b in (2.5, 3.0, 3.5)]
-  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256)          # the new default
+  # (2-4 bits, as the budgets were measured before 5-bit caches)
+  extra += [ring_budgeted(model.cfg, b, args.tokens, widths=BUDGET_WIDTHS)
+            for b in (2.5, 3.0, 3.5)]
+  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256, widths=BUDGET_WIDTHS)
             for b in (2.5, 3.0, 3.5)]
   # ... with 5-bit caches among the global layers' widths: the 3.5 budget's globals sat at
   # 4 bits (the widest) with bits to spare, and they carry its loss (bf16 rings: no better).
-  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256, widths=(2, 2.5, 3, 3.5, 4, 5))
+  extra += [ring_budgeted(model.cfg, b, args.tokens, window=256, widths=CACHE_BITS)
             for b in (3.0, 3.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn),

@@ -252,19 +252,24 @@ def test_ring_budget_buys_finer_rings_as_capacity_grows_and_meets_the_budget(max
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_five_bits_are_opt_in_and_go_to_the_globals_first():
-  """The default widths stop at 4 bits (the committed budgets' choices); given 5, a ring
-  budget whose globals sat at 4 with bits to spare raises them, within the budget."""
+def test_ring_budgets_take_five_bits_plain_budgets_stop_at_four():
+  """The plain budget's default widths stop at 4 bits (its committed choices); beside
+  rings the globals may take 5 (measured there): a 3.5 budget whose globals sat at 4 with
+  bits to spare raises them, within the budget; tiles stay at 2-4."""
   from turboquant_jax.budget import BUDGET_WIDTHS, budget_with_rings
   assert max(BUDGET_WIDTHS) == 4
   window = lambda i: None if i % 6 == 5 else 512  # noqa: E731
   base = TurboQuantConfig(window=256)
-  four = budget_with_rings(3.5, 2048, 18, 256, layer_window=window, config=base)
-  five = budget_with_rings(3.5, 2048, 18, 256, layer_window=window, config=base,
-                           widths=(2, 2.5, 3, 3.5, 4, 5))
+  four = budget_with_rings(3.5, 2048, 18, 256, layer_window=window, config=base,
+                           widths=BUDGET_WIDTHS)
+  five = budget_with_rings(3.5, 2048, 18, 256, layer_window=window, config=base)
   assert set(four.layer_bits.values()) == {(4, 4)}
   assert set(five.layer_bits.values()) == {(5, 5)} and five.rings == four.rings
   assert four.bits_at_capacity < five.bits_at_capacity <= 3.5 + 1e-9
+  tiles = TurboQuantConfig(window=256, layout="tiles", levels="cubic")
+  assert set(budget_with_rings(3.5, 2048, 18, 256, layer_window=window,
+                               config=tiles).layer_bits.values()) == {(4, 4)}
+  assert max(max(kv) for kv in budget_layer_bits(4.6, 4, 128).values()) == 4
   bits = budget_layer_bits(4.6, 4, 128, widths=(2, 3, 4, 5))
   assert 5 in {b for kv in bits.values() for b in kv}
   assert mean_stored_bits(bits, 128, TurboQuantConfig()) <= 4.6 + 1e-9

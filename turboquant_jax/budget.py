@@ -301,6 +301,15 @@ def ring_bits(kind: str, window: int, max_len: int, head_dim: int, *,
   return ring.memory_report()["keys_values"] * 8 / (max_len * 2 * head_dim)
 
 
+def _ring_widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> list[float]:
+  """The global layers' widths beside rings: by default every cache width (5 bits
+  included; measured there), the integer ones up to 4 for tiles."""
+  if widths is None:
+    widths = [b for b in CACHE_BITS if config.layout != "tiles"
+              or (float(b).is_integer() and b <= 4)]
+  return _widths(config, widths)
+
+
 def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: int, *,
                       layer_window: Callable[[int], int | None],
                       config: TurboQuantConfig = TurboQuantConfig(),
@@ -313,12 +322,17 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
   shrinks as max_len grows. The sliding-window layers get the most precise ring of
   `RING_KINDS` that leaves the global layers at least `budget` bits (a ring never takes
   bits a uniform cache would give the globals); the global layers then share what is left
-  (`budget_layer_bits`, up to the widest width). Where no ring leaves that much (short
+  (`budget_layer_bits` over `widths`: by default every cache width, 5 bits included, or
+  2-4 bits for tiles). Where no ring leaves that much (short
   capacities: a bf16 ring of 512 tokens at 2,048 costs 4 bits per coordinate), every
   layer is a TurboQuant cache under `budget_layer_bits`. Measured on Gemma 3 270M (GPL-3,
   2,048 tokens, keys centred before RoPE): bf16 rings and 3.5-bit globals -0.02%
   perplexity, int8 rings with 128 exact tokens +0.07%, int8 rings +0.42%; 2.5-bit globals
-  with int8-exact rings +0.74%.
+  with int8-exact rings +0.74%. With 5 bits among the widths (the default here; the plain
+  budget's `BUDGET_WIDTHS` stop at 4) the 3.5 budget's globals take 5 bits (3.45 bits at
+  2K instead of 3.28; window 256, 5 seeds): GPL-3 +0.05% from +0.15%, Vim's manual +0.09%
+  from +0.41%, Python source +0.12% from +0.30% (exact rings instead of the int8 ones
+  with 4-bit globals: +0.52%, no better: the globals carried the loss).
 
   Returns a `RingBudget`; `ring_budget_cache` makes the caches. The budget is met at
   max_len: `bits_at_capacity` <= budget.
@@ -336,7 +350,8 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
       left = (budget * num_layers - rings) / len(glob)
       if left + 1e-9 < budget:
         continue
-      bits = budget_layer_bits(left, len(glob), head_dim, config=config, widths=widths)
+      bits = budget_layer_bits(left, len(glob), head_dim, config=config,
+                               widths=_ring_widths(config, widths))
       layer_bits = {layer: bits[j] for j, layer in enumerate(glob)}
       spent = rings + mean_stored_bits(layer_bits, head_dim, config) * len(glob)
       return RingBudget(kind, _ring_storage(kind, exact_recent)[1], layer_bits,
