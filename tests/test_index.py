@@ -152,6 +152,17 @@ def test_remove(rng):
   assert found[0, 0] == ids[0]
 
 
+def test_five_bit_codes_score_alike_in_the_kernel_and_in_jnp(rng):
+  """5-bit codes (a cache width too): the scoring kernel (interpret mode on CPU) ranks and
+  scores as the jnp scan does."""
+  x, q = data(rng, 300), data(rng, 3)
+  index = TurboQuantIndex(D, 5, block_size=128)
+  index.add(x)
+  (s_j, i_j), (s_k, i_k) = (index.search(q, 5, use_kernel=u) for u in (False, True))
+  np.testing.assert_array_equal(i_j, i_k)
+  np.testing.assert_allclose(s_j, s_k, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input(rng):
   index = TurboQuantIndex(D, 2, block_size=64)
   with pytest.raises(ValueError, match="shape"):
@@ -176,7 +187,7 @@ def test_bad_input(rng):
   with pytest.raises(ValueError, match="metric"):
     TurboQuantIndex(D, 2, "hamming")
   with pytest.raises(ValueError, match="bits"):
-    TurboQuantIndex(D, 5)
+    TurboQuantIndex(D, 6)
   with pytest.raises(ValueError, match="prod"):
     TurboQuantIndex(D, 1, quantizer="prod")
 

@@ -196,7 +196,7 @@ def test_non_finite_input_is_reported(cls, bad):
 def test_bad_configuration_and_input():
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="bits"):
-    MSEQuantizer.create(key, 64, 5)
+    MSEQuantizer.create(key, 64, 6)
   with pytest.raises(ValueError, match="bits"):
     MSEQuantizer.create(key, 64, 0)
   with pytest.raises(ValueError, match="bits"):

@@ -69,7 +69,7 @@ class IndexConfig:
 
   Attributes:
     dim: vector dimension (≥ 16, divisible by 8).
-    bits: bits per coordinate, 1-4 (the norm adds 32 bits per vector).
+    bits: bits per coordinate, 1-5 (the norm adds 32 bits per vector).
     metric: "ip", "cosine" or "l2".
     quantizer: "mse" or "prod".
     rotation: "haar" (any dim) or "hadamard" (power-of-two dim).

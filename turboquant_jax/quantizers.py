@@ -196,7 +196,7 @@ class MSEQuantizer:
       norm_dtype=jnp.float32,
       levels: str = "lloyd_max",
   ) -> "MSEQuantizer":
-    """A quantizer for d-vectors at `bits` bits per coordinate (1..4).
+    """A quantizer for d-vectors at `bits` bits per coordinate (1..5).
 
     Args:
       key: PRNG key for the rotation.
