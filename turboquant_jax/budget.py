@@ -46,8 +46,9 @@ from turboquant_jax.turboquant_cache import WINDOW, TurboQuantConfig, TurboQuant
 Array = jax.Array
 
 
-# The widths a budget chooses from unless told: 5 bits (a cache width since the ring budget
-# measurements of 2026-11-30) is opt-in, so the committed budget results keep their choices.
+# The widths a plain budget chooses from unless told: 5 bits (a cache width since the ring
+# budget's measurements) is opt-in there, so the committed budget results keep their
+# choices; beside rings the globals may take it by default (`_ring_widths`).
 BUDGET_WIDTHS = (2, 2.5, 3, 3.5, 4)
 
 

@@ -64,7 +64,7 @@ class SplitQuantizer:
   def create(cls, key: Array, d: int, bits: float, kind: str = "mse", *,
              rotation: str = "haar", norm_dtype=jnp.float16,
              levels: str = "lloyd_max") -> "SplitQuantizer":
-    """Quantizers for d-vectors at `bits` in (2, 2.5, 3, 3.5, 4) bits per coordinate;
+    """Quantizers for d-vectors at `bits` in `CACHE_BITS` bits per coordinate;
     `levels` as for `MSEQuantizer.create`."""
     if kind not in ("mse", "prod"):
       raise ValueError(f"quantizer kind must be 'mse' or 'prod', got {kind!r}")

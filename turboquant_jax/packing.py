@@ -3,8 +3,8 @@
 Layout (what a GPU kernel unpacks with shifts and masks into one natural-order tile):
 
 - A b-bit code is split into planes of widths `plane_widths(b)`, low bits first:
-  1 → (1,), 2 → (2,), 3 → (2, 1), 4 → (4,), 5 → (4, 1). A 3-bit code n is stored as n & 3 in a
-  2-bit plane and n >> 2 in a 1-bit plane.
+  1 → (1,), 2 → (2,), 3 → (2, 1), 4 → (4,), 5 → (4, 1). A 3-bit code n is stored as
+  n & 3 in a 2-bit plane and n >> 2 in a 1-bit plane.
 - A plane of width w over d codes is a uint8 row of d·w/8 bytes; byte r holds the k = 8/w
   consecutive codes r·k + i at bits [i·w, (i+1)·w). Unpacking every plane the same way,
   `((row[:, None] >> i·w) & (2^w - 1))` for i < k flattened, gives each plane's codes in

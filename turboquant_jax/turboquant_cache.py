@@ -86,7 +86,8 @@ class TurboQuantConfig:
   """Static configuration of a `TurboQuantKVCache`.
 
   Attributes:
-    key_bits, value_bits: bits per coordinate, one of 2, 2.5, 3, 3.5, 4.
+    key_bits, value_bits: bits per coordinate, one of 2, 2.5, 3, 3.5, 4, 5 (5: "mse"
+      keys, planes layout).
     key_quantizer: "mse" (Algorithm 1) or "prod" (Algorithm 2, QJL residual) for keys;
       values always use "mse".
     window: recent tokens kept exact (0 for none); None (the default): `WINDOW` (256), or
