@@ -266,9 +266,11 @@ def test_ring_budgets_take_five_bits_plain_budgets_stop_at_four():
   assert set(four.layer_bits.values()) == {(4, 4)}
   assert set(five.layer_bits.values()) == {(5, 5)} and five.rings == four.rings
   assert four.bits_at_capacity < five.bits_at_capacity <= 3.5 + 1e-9
-  tiles = TurboQuantConfig(window=256, layout="tiles", levels="cubic")
-  assert set(budget_with_rings(3.5, 2048, 18, 256, layer_window=window,
-                               config=tiles).layer_bits.values()) == {(4, 4)}
+  for narrow in (TurboQuantConfig(window=256, layout="tiles", levels="cubic"),
+                 TurboQuantConfig(window=256, levels="int8"),
+                 TurboQuantConfig(window=256, key_quantizer="prod")):
+    assert max(max(kv) for kv in budget_with_rings(
+        3.5, 2048, 18, 256, layer_window=window, config=narrow).layer_bits.values()) == 4
   assert max(max(kv) for kv in budget_layer_bits(4.6, 4, 128).values()) == 4
   bits = budget_layer_bits(4.6, 4, 128, widths=(2, 3, 4, 5))
   assert 5 in {b for kv in bits.values() for b in kv}

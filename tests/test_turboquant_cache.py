@@ -252,6 +252,14 @@ def test_bad_config_and_inputs(rng):
     TurboQuantConfig(window=True)
   with pytest.raises(ValueError, match="levels"):
     TurboQuantConfig(levels="uniform")
+  # 5 bits: planes and float levels only, MSE keys.
+  with pytest.raises(ValueError, match="tiles' serves 2-4 bits per side, got value_bits=5"):
+    TurboQuantConfig(value_bits=5, layout="tiles")
+  with pytest.raises(ValueError, match="int8' serves 1-4 bits, got key_bits=5"):
+    TurboQuantConfig(key_bits=5, levels="int8")
+  with pytest.raises(ValueError, match="prod' serves up to 4 bits"):
+    TurboQuantConfig(key_bits=5, key_quantizer="prod")
+  TurboQuantConfig(key_bits=5, value_bits=5, levels="quintic")   # planes: fine
   cache = TurboQuantKVCache.create(B, L, HKV, D)
   with pytest.raises(ValueError, match="^k must"):
     cache.update(rand(rng, B, 1, HKV, D - 1), rand(rng, B, 1, HKV, D))

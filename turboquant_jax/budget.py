@@ -303,11 +303,14 @@ def ring_bits(kind: str, window: int, max_len: int, head_dim: int, *,
 
 
 def _ring_widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> list[float]:
-  """The global layers' widths beside rings: by default every cache width (5 bits
-  included; measured there), the integer ones up to 4 for tiles."""
+  """The global layers' widths beside rings: by default every cache width the config
+  serves (5 bits included, measured there; up to 4 for tiles, int8 levels, prod keys),
+  the integer ones for tiles."""
   if widths is None:
-    widths = [b for b in CACHE_BITS if config.layout != "tiles"
-              or (float(b).is_integer() and b <= 4)]
+    widest = 4 if (config.layout == "tiles" or config.levels == "int8"
+                   or config.key_quantizer == "prod") else 5
+    widths = [b for b in CACHE_BITS if b <= widest
+              and (config.layout != "tiles" or float(b).is_integer())]
   return _widths(config, widths)
 
 

@@ -164,6 +164,16 @@ class TurboQuantConfig:
       raise ValueError(f"layout must be 'planes' or 'tiles', got {self.layout!r}")
     if self.layout == "tiles" and self.key_quantizer != "mse":
       raise ValueError(f"layout='tiles' needs MSE keys, got {self.key_quantizer!r}")
+    # 5 bits: planes of 4 and 1 bits, MSE codes with float levels only.
+    wide = [f"{n}={getattr(self, n)}" for n in ("key_bits", "value_bits")
+            if getattr(self, n) > 4]
+    if wide and self.layout == "tiles":
+      raise ValueError(f"layout='tiles' serves 2-4 bits per side, got {', '.join(wide)}")
+    if wide and self.levels == "int8":
+      raise ValueError(f"levels='int8' serves 1-4 bits, got {', '.join(wide)}")
+    if self.key_bits > 4 and self.key_quantizer == "prod":
+      raise ValueError(f"key_quantizer='prod' serves up to 4 bits, got key_bits="
+                       f"{self.key_bits}")
     if self.append_kernel not in (None, True, False):
       raise ValueError(f"append_kernel must be None, True or False, got "
                        f"{self.append_kernel!r}")
