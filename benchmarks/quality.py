@@ -355,6 +355,9 @@ def run_model(name: str, args, out: dict, save) -> None:
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
                      " fp8 norms window 256") for b in (2.5, 3.0, 3.5)]
+  # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
+  extra += [budgeted(model.cfg, 3.5, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
+                     " fp8 norms window 256 to 5 bits", widths=CACHE_BITS)]
   # Integer widths with the default levels: fractional widths cost a second norm, and by
   # the codebooks' D_mse a mix of integer widths across layers dominates them.
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
