@@ -86,6 +86,21 @@ def device_time_chained(fn: Callable[..., Any], args: Sequence[Any], small_arg: 
   return device_time(jax.jit(chained), *args, **kwargs) / iters
 
 
+def checked(rows: list, fn: Callable[..., dict], *args, error_fields: dict | None = None,
+            **kwargs) -> dict:
+  """Appends fn(*args, **kwargs) to rows, or, where it raises, a failed row with the error
+  (and error_fields): a GPU check run reports every case instead of stopping at one.
+  Returns the row, printed."""
+  import traceback
+  try:
+    rows.append(fn(*args, **kwargs))
+  except Exception as e:  # noqa: BLE001 - report every case
+    traceback.print_exc()
+    rows.append(dict(**(error_fields or {}), error=repr(e)[:300], ok=False))
+  print("check", rows[-1], flush=True)
+  return rows[-1]
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
   """Prints rows as an aligned text table with the given column order."""
   def fmt(v):

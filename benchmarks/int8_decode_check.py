@@ -71,16 +71,6 @@ def point(b: int, t: int, bits_k: int, bits_v: int):
   return args, sum(a.nbytes for a in args[2:6]), base
 
 
-def checked(rows: list, fn, *args, **kw) -> None:
-  """Appends fn(*args, **kw), or its error as a failed row, and prints it."""
-  try:
-    rows.append(fn(*args, **kw))
-  except Exception as e:  # noqa: BLE001 - report every case
-    traceback.print_exc()
-    rows.append(dict(args=args, kw=kw, error=repr(e)[:300], ok=False))
-  print("check", rows[-1], flush=True)
-
-
 def p_scale_ab() -> None:
   """p_scale "step" (each step's largest p·‖v‖, a cross-warp max per step) against
   "bound" (the row's largest ‖v‖ for every step): checks, kernel, whole attention."""
@@ -91,11 +81,13 @@ def p_scale_ab() -> None:
         checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
 
   for i, args in enumerate(KERNEL_CHECKS):
-    checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args, p_scale="bound")
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args,
+                   p_scale="bound", error_fields=dict(args=args))
   for p_scale in ("step", "bound"):     # every 97th token's ‖v‖ x30 / x300
     for spread in (30.0, 300.0):
-      checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 3, p_scale=p_scale,
-              value_spread=spread)
+      common.checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 3,
+                     p_scale=p_scale, value_spread=spread,
+                     error_fields=dict(p_scale=p_scale, value_spread=spread))
   cache_checks = ma.run_checks(ma.INT8_CHECKS, 400, kernel=dict(p_scale="bound"))
   save()
   ceiling = md.read_ceiling()
@@ -139,7 +131,8 @@ def main():
         checks=checks, cache_checks=cache_checks, timings=rows))
 
   for i, args in enumerate(KERNEL_CHECKS):
-    checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args)
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args,
+                   error_fields=dict(args=args))
   cache_checks += ma.run_checks(ma.INT8_CHECKS, 400)
   save()
   ceiling = md.read_ceiling()

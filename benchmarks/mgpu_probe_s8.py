@@ -195,7 +195,8 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   empty_ok = bool(jnp.all((got[2] > -1e29) == (ref[2] > -1e29)))
   l_err = float(jnp.max(jnp.abs(got[1] - ref[1])) / jnp.max(ref[1]))
   return dict(bits_k=bits_k, bits_v=bits_v, soft_cap=soft_cap, rope=rope, exact=exact,
-              p_scale=p_scale, value_spread=value_spread, rel_err=err, m_err=m_err, l_err=l_err, finite=finite,
+              p_scale=p_scale, value_spread=value_spread, rel_err=err, m_err=m_err,
+              l_err=l_err, finite=finite,
               ok=finite and empty_ok and err <= 3e-3 and l_err <= 3e-3 and m_err <= 3e-3)
 
 

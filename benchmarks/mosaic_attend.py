@@ -83,12 +83,8 @@ def run_checks(cases, first_seed: int, **defaults) -> list[dict]:
   config over `defaults`), an error reported as a failed row instead of raised."""
   rows = []
   for i, (bk, bv, hq, kw) in enumerate(cases):
-    try:
-      rows.append(check(first_seed + i, bk, bv, hq, **{**defaults, **kw}))
-    except Exception as e:  # noqa: BLE001 - report every case
-      traceback.print_exc()
-      rows.append(dict(bits_k=bk, bits_v=bv, q_heads=hq, error=repr(e)[:300], ok=False))
-    log("check", rows[-1])
+    common.checked(rows, check, first_seed + i, bk, bv, hq, **{**defaults, **kw},
+                   error_fields=dict(bits_k=bk, bits_v=bv, q_heads=hq))
   return rows
 
 

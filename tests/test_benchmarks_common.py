@@ -232,3 +232,18 @@ def test_quality_texts_pareto_front_and_stored_bits():
   assert quality_texts.family("turboquant K3/V3.5 rope-centred") == "TurboQuant K/V split"
   assert all(quality_texts.family(m) in quality_texts.FAMILIES
              for m in ("turboquant 3.5", "turboquant budget 3.0 fp8 norms"))
+
+
+def test_checked_reports_every_case_and_its_errors():
+  from benchmarks import common
+
+  def check(x, scale=1):
+    if x < 0:
+      raise ValueError("negative")
+    return dict(x=x * scale, ok=True)
+
+  rows = []
+  assert common.checked(rows, check, 2, scale=3) == dict(x=6, ok=True)
+  failed = common.checked(rows, check, -1, error_fields=dict(x=-1))
+  assert failed["ok"] is False and failed["x"] == -1 and "negative" in failed["error"]
+  assert rows == [dict(x=6, ok=True), failed]
