@@ -143,6 +143,26 @@ class JnpExactCache(TurboQuantKVCache):
     return super().attend(q, exact_in_kernel=False, **kwargs)
 
 
+@flax.struct.dataclass
+class JnpPrologueCache(TurboQuantKVCache):
+  """A TurboQuant cache whose int8 Mosaic path makes the kernel's query parts, offsets,
+  ranges and value bound in jnp (about twelve XLA kernels) instead of
+  `pallas_kernels.decode_prologue` (one launch, the default), timed side by side."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, prologue="off", **kwargs)
+
+
+@flax.struct.dataclass
+class QueryPrologueCache(TurboQuantKVCache):
+  """As `JnpPrologueCache`, but the query's int8 parts, offsets and q·μ from
+  `decode_prologue` (one launch for six XLA kernels; the cache-only ranges and value bound
+  in jnp, which XLA may run beside the query's projection)."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, prologue="query", **kwargs)
+
+
 # Variants timed only when named in --caches.
 CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
@@ -150,6 +170,10 @@ CACHES["tq3.5-quintic-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 CACHES["tq3.5-quintic-rope-jnp-exact"] = functools.partial(
     JnpExactCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
+CACHES["tq3.5-k4v3-int8-query-prologue"] = functools.partial(
+    QueryPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
+CACHES["tq3.5-k4v3-int8-jnp-prologue"] = functools.partial(
+    JnpPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
 CACHES["tq3.5-quintic-rope-table256"] = functools.partial(
     RopeTable256Cache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-quintic-rope",

@@ -56,7 +56,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import byte_codes, register_codes
+from pallas_kernels import byte_codes, decode_prologue, register_codes
 
 Array = jax.Array
 
@@ -280,13 +280,9 @@ def byte_levels(levels) -> ByteLevels:
 
 def quantize_query_s8(q: Array) -> tuple[Array, Array]:
   """q float [R, 8, D] -> (int8 [R, 2, 8, D], float32 [R, 8]): q ≈ scale·(hi + lo/127),
-  scale = max|q|/127 per row and head (about 14 bits: the int8 path's queries)."""
-  qf = q.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(qf), axis=-1) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  x = qf / scale[..., None]
-  hi = jnp.round(x)
-  lo = jnp.round((x - hi) * 127.0)
+  scale = max|q|/127 per row and head (about 14 bits: the int8 path's queries; halves
+  round away from zero, as `decode_prologue`'s kernel rounds them)."""
+  hi, lo, scale = decode_prologue.quantize_rotated(q.astype(jnp.float32))
   return jnp.stack([hi, lo], axis=1).astype(jnp.int8), scale
 
 
@@ -473,8 +469,9 @@ class ExactTokens(NamedTuple):
 
   q: [R, 8, D] the query rows of each kv head, unrotated (the tokens' channel order), in
     the keys' dtype (bfloat16 or float16);
-  limits: int32 [B, 1 + 2·P], per batch entry (R = B x kv heads, rows in batch-major
-    order): the query token's position p, then each part's visible range [lo, hi). A
+  limits: int32 [B, 1 + 2·P] (more columns are ignored), per batch entry (R = B x kv
+    heads, rows in batch-major order; or B = R, per row: `decode_prologue`'s): the query
+    token's position p, then each part's visible range [lo, hi). A
     query sees a slot of part k at position t when lo_k <= t < hi_k and t <= p (and, with
     a sliding window w, t > p - w);
   keys, values: one [R, n, D] per part (n below 8 or a multiple of 8: the last block's
@@ -505,11 +502,11 @@ def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
   parts = len(exact.keys)
   if not (len(exact.values) == len(exact.positions) == parts >= 1):
     raise ValueError("exact tokens need keys, values and positions for each part (>= 1)")
-  b = exact.limits.shape[0] if exact.limits.ndim == 2 else 0
-  if b < 1 or r % b:
-    raise ValueError(f"exact.limits must be int32 [B, {1 + 2 * parts}] with B dividing "
-                     f"the {r} rows, got {exact.limits.dtype} {list(exact.limits.shape)}")
-  _check("exact.limits", exact.limits, (b, 1 + 2 * parts), jnp.int32)
+  b, width = exact.limits.shape if exact.limits.ndim == 2 else (0, 0)
+  if b < 1 or r % b or width < 1 + 2 * parts or exact.limits.dtype != jnp.int32:
+    raise ValueError(f"exact.limits must be int32 [B, {1 + 2 * parts}] (or wider) with B "
+                     f"dividing the {r} rows, got {exact.limits.dtype} "
+                     f"{list(exact.limits.shape)}")
   for k, (keys, values, pos) in enumerate(zip(exact.keys, exact.values, exact.positions)):
     n = keys.shape[1] if keys.ndim == 3 else -1
     if n <= 0 or (n > 8 and n % 8):   # Mosaic tiles the copied rows by 8 in HBM too
@@ -517,8 +514,12 @@ def _check_exact(exact: ExactTokens, r: int, d: int) -> None:
                        f"multiple of 8, got {list(keys.shape)}")
     _check(f"exact.keys[{k}]", keys, (r, n, d), dt)
     _check(f"exact.values[{k}]", values, (r, n, d), dt)
-    if pos is not None:
-      _check(f"exact.positions[{k}]", pos, (b, n), jnp.int32)
+    if pos is not None:   # per batch entry (limits may be per row)
+      bp = pos.shape[0] if pos.ndim == 2 else 0
+      if bp < 1 or r % bp:
+        raise ValueError(f"exact.positions[{k}] must be int32 [B, {n}] with B dividing the "
+                         f"{r} rows, got {pos.dtype} {list(pos.shape)}")
+      _check(f"exact.positions[{k}]", pos, (bp, n), jnp.int32)
 
 
 def _batch_entry(i, rows_per_entry: int):
@@ -559,7 +560,8 @@ def exact_splits(exact: ExactTokens, exact_blocks=EXACT_BLOCK) -> int:
 
 
 def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: int,
-                 blocks: tuple[int, ...], has_positions: tuple[bool, ...], heads: int,
+                 blocks: tuple[int, ...], position_heads: tuple[int | None, ...],
+                 heads: int,
                  dot_scale: float,
                  soft_cap: float | None, sliding_window: int | None):
   """Split j >= first of row i: one block of exact tokens (`ExactTokens`), in the
@@ -572,7 +574,7 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
   d, dtype = qe_gmem.shape[-1], qe_gmem.dtype
   neg, log2e = -1e30, float(np.log2(np.e))
   bcast = jax.lax.broadcast_in_dim
-  b = _batch_entry(i, heads)
+  b = _batch_entry(i, heads)       # limits' row (per batch entry, or per row)
 
   def block(part, k_gmem, v_gmem, p_gmem, c, n, qe_smem, k_smem, v_smem, *rest):
     *pos_smem, pe_smem, barrier = rest
@@ -583,7 +585,8 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
     plgpu.copy_gmem_to_smem(k_gmem.at[i, rows], k_smem, barrier)
     plgpu.copy_gmem_to_smem(v_gmem.at[i, rows], v_smem, barrier)
     if p_gmem is not None:
-      plgpu.copy_gmem_to_smem(p_gmem.at[b, rows], pos_smem[0], barrier)
+      bp = _batch_entry(i, position_heads[part])
+      plgpu.copy_gmem_to_smem(p_gmem.at[bp, rows], pos_smem[0], barrier)
     qpos = lim_gmem[b, 0]
     lo, hi = lim_gmem[b, 1 + 2 * part], lim_gmem[b, 2 + 2 * part]
     plgpu.barrier_wait(barrier)
@@ -621,9 +624,9 @@ def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: 
 
   start = first
   refs = list(refs[2:])
-  for part, (n, has_pos) in enumerate(zip(blocks, has_positions)):  # a branch per part
+  for part, (n, has_pos) in enumerate(zip(blocks, position_heads)):  # a branch per part
     k_gmem, v_gmem = refs.pop(0), refs.pop(0)
-    p_gmem = refs.pop(0) if has_pos else None
+    p_gmem = refs.pop(0) if has_pos is not None else None
     count = -(-k_gmem.shape[1] // n)
     scratch = [plgpu.SMEM((HEADS, d), dtype, transforms=q_transforms()),
                plgpu.SMEM((n, d), dtype, transforms=q_transforms()),
@@ -698,7 +701,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
                     sliding_window: int | None = None, operand: str = "fp16",
                     q_scale: Array | None = None, p_scale: str = "bound",
-                    value_bound: Array | None = None):
+                    value_bound: Array | None = None, key_offsets: Array | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -766,6 +769,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       every 97th norm x 300).
     value_bound: float32 [R, value groups], an upper bound of each row's value norms
       (with p_scale="bound"; None: their max over all T slots, one XLA reduction).
+    key_offsets: int8 only: float32 [R, key groups, 8], each 4-bit group's 1/2·Σq over
+      its columns in q_scale units (`decode_prologue` computes it with the query); None:
+      computed here from q.
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -777,6 +783,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     raise ValueError(f"p_scale must be 'step' or 'bound', got {p_scale!r}")
   s8 = operand == "int8"
   p_bound = s8 and p_scale == "bound"
+  given_koff = key_offsets       # the name is reused below for the groups' offsets
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
@@ -826,10 +833,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   value_offsets = [lv.offset for lv in value_levels] if s8 else [0.0] * gv
   offset_groups = [g for g in range(gv) if value_offsets[g]]
   koff = None
-  if any(key_offsets):
+  if any(key_offsets) and given_koff is not None:
+    _check("key_offsets", given_koff, (r, gk, HEADS), jnp.float32)
+    koff = given_koff
+  elif any(key_offsets):
     q_units = q[0][:, 0].astype(jnp.float32) + q[0][:, 1].astype(jnp.float32) / 127.0
     koff = jnp.stack([off * q_units[..., at:at + sp.cols].sum(-1)
                       for off, at, sp in zip(key_offsets, key_starts, key_specs)], axis=1)
+  elif given_koff is not None:
+    raise ValueError("key_offsets is read for int8 keys with 4-bit (offset) groups only")
   for g, spec in enumerate(value_specs):
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
@@ -1221,7 +1233,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if exact is not None:
     exact_split = functools.partial(
         _exact_split, first=num_splits, blocks=exact_sizes,
-        has_positions=tuple(p is not None for p in exact.positions),
+        position_heads=tuple(None if p is None else r // p.shape[0]
+                             for p in exact.positions),
         heads=r // exact.limits.shape[0], dot_scale=off_scale, soft_cap=soft_cap,
         sliding_window=sliding_window)
   f32 = jnp.float32
@@ -1333,7 +1346,7 @@ def _exact_reference(exact: ExactTokens, blocks: tuple[int, ...], scale: float,
     keys, values = f(grow(keys)), f(grow(values))
     slot = jnp.arange(slots + pad, dtype=jnp.int32)
     pos = (jnp.broadcast_to(slot, (r, slots + pad)) if pos is None
-           else grow(jnp.repeat(pos, heads, axis=0)))
+           else grow(jnp.repeat(pos, r // pos.shape[0], axis=0)))
     e = (slots + pad) // n
     keys, values = (x.reshape(r, e, n, -1) for x in (keys, values))
     pos = pos.reshape(r, e, n)

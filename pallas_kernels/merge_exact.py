@@ -22,6 +22,9 @@ Channel groups (fractional widths) take a block-diagonal unrotation and each row
 order (`value_perm`, applied as a one-hot product); at 3.5 bits, 8 x 4K, the kernel took
 31 us of a 91 us attention and tied the jnp merge again (0.0914 vs 0.0908 ms,
 `mosaic_attend_merge_groups_gpu.json`): its float32 products' latency bounds it.
+With the exact tokens attended by the Mosaic kernel (its last splits, merged here as
+`unrotated_splits`, no exact parts) it is slower still: 64-87 us for 12-36 splits of 8 or
+64 rows, where XLA merges the same partials in 3-4 us (`decode_prologue_gpu.json`).
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def _unrolled(n, body, init):
   return init
 
 
-def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_mean,
-            has_perm):
+def _kernel(*refs, num_parts, num_splits, unrotated_splits, scale, soft_cap, sliding_window,
+            has_mean, has_perm):
   q_ref, o_ref, l_ref, m_ref, qpos_ref, rot_ref = refs[:6]
   parts = [refs[6 + 3 * i: 9 + 3 * i] for i in range(num_parts)]
   rest = list(refs[6 + 3 * num_parts:])
@@ -92,14 +95,19 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
   q = q_ref[...]
   qpos = qpos_ref[...]
   rows = q.shape[0]
-  chunk = _split_chunk(num_splits)
-  steps = num_splits // chunk
-  split_rows = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
-  # A few chunks unroll (straight-line loads the compiler can issue together); many loop.
-  loop = _unrolled if steps <= 8 else (
-      lambda n, body, init: jax.lax.fori_loop(0, n, body, init))
-  m_all = loop(steps, lambda i, m: jnp.maximum(m, m_ref[split_rows(i), :].max(axis=0)),
-               jnp.full((rows,), _NEG, jnp.float32))
+
+  def over_splits(first, count, body, init):
+    """body(rows of a chunk of splits, carry) over splits [first, first + count)."""
+    chunk = _split_chunk(count)
+    steps = count // chunk
+    split_rows = lambda i: pl.ds(first + i * chunk, chunk)  # noqa: E731
+    # A few chunks unroll (straight-line loads the compiler can issue together); many loop.
+    if steps <= 8:
+      return _unrolled(steps, lambda i, c: body(split_rows(i), c), init)
+    return jax.lax.fori_loop(0, steps, lambda i, c: body(split_rows(i), c), init)
+
+  m_all = over_splits(0, num_splits, lambda sr, m: jnp.maximum(m, m_ref[sr, :].max(axis=0)),
+                      jnp.full((rows,), _NEG, jnp.float32))
 
   # Scores of the exact parts, transposed: [n, M].
   scored = []
@@ -116,14 +124,14 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
     scored.append((s, mask, v_ref))
 
   # The splits' partials at the common maximum: acc [D, M] in the rotated domain.
-  def add_chunk(i, carry):
+  def add_chunk(sr, carry):
     acc, l_c = carry
-    w = jnp.exp(m_ref[split_rows(i), :] - m_all[None, :])          # [chunk, M]
-    return (acc + (o_ref[split_rows(i), :, :] * w[:, None, :]).sum(axis=0),
-            l_c + (l_ref[split_rows(i), :] * w).sum(axis=0))
+    w = jnp.exp(m_ref[sr, :] - m_all[None, :])                    # [chunk, M]
+    return (acc + (o_ref[sr, :, :] * w[:, None, :]).sum(axis=0),
+            l_c + (l_ref[sr, :] * w).sum(axis=0))
 
-  acc, l_total = loop(steps, add_chunk,
-                      (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32)))
+  zeros = (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
+  acc, l_total = over_splits(0, num_splits - unrotated_splits, add_chunk, zeros)
   out = dot(rot_ref[...], acc, _TN)           # rotated back
   if has_perm:   # rotated channel i is output channel perm[i]: a one-hot product
     perm = perm_ref[...]
@@ -131,6 +139,11 @@ def _kernel(*refs, num_parts, num_splits, scale, soft_cap, sliding_window, has_m
     out = dot(onehot.astype(jnp.float32), out, _TN)
   if has_mean:
     out += mean_ref[...][:, None] * l_total[None, :]
+  if unrotated_splits:   # already in the output's channel order
+    acc_e, l_e = over_splits(num_splits - unrotated_splits, unrotated_splits, add_chunk,
+                             zeros)
+    out += acc_e
+    l_total += l_e
   for s, mask, v_ref in scored:
     p = jnp.where(mask, jnp.exp(s - m_all[None, :]), 0.0)
     l_total += p.sum(axis=0)
@@ -142,8 +155,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
                 unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
                 heads: int, scale: float, soft_cap: float | None = None,
                 sliding_window: int | None = None, value_mean: Array | None = None,
-                value_perm: Array | None = None, interpret: bool = False,
-                num_warps: int = 8) -> Array:
+                value_perm: Array | None = None, unrotated_splits: int = 0,
+                interpret: bool = False, num_warps: int = 8) -> Array:
   """Attention output of each kv-head row: its split partials and its exact tokens merged.
 
   R = batch x `heads` kv-head rows, M query rows each (a power of two), S splits, D
@@ -164,6 +177,9 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
     value_mean: float32 [R, D], added to the compressed tokens' values (value centering).
     value_perm: int32 [R, D]: per row, channel i of x @ unrotation is output channel
       value_perm[i] (channel groups' outlier order, `channel_split`); None: identity.
+    unrotated_splits: the last splits of o are already in the output's channel order
+      (the exact tokens the Mosaic kernel attended, `decode_attention_mgpu.ExactTokens`):
+      merged in the same softmax, neither rotated nor given the value mean.
 
   Returns:
     float32 [R, D, M]: softmax(scores) · values over all tokens, transposed; 0 for a row
@@ -179,6 +195,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
   why = unsupported(rows, d, tuple(k.shape[1] for k, _, _ in exact))
   if why is not None:
     raise ValueError(f"merge_exact cannot take this call: {why}")
+  if not 0 <= unrotated_splits <= s_splits:
+    raise ValueError(f"unrotated_splits must lie in [0, {s_splits}], got {unrotated_splits}")
   row = lambda i: (i, 0, 0)  # noqa: E731
   batch = lambda i: (i // heads, 0)  # noqa: E731
   in_specs = [pl.BlockSpec((None, rows, d), row),
@@ -204,7 +222,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
     in_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
     args.append(x.astype(dtype))
   kernel = functools.partial(
-      _kernel, num_parts=len(exact), num_splits=s_splits, scale=scale, soft_cap=soft_cap,
+      _kernel, num_parts=len(exact), num_splits=s_splits, unrotated_splits=unrotated_splits,
+      scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, has_mean=value_mean is not None,
       has_perm=value_perm is not None)
   compiler_params = None
@@ -221,7 +240,7 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
 
 def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, scale,
                           soft_cap=None, sliding_window=None, value_mean=None,
-                          value_perm=None, **unused):
+                          value_perm=None, unrotated_splits=0, **unused):
   """`merge_exact` in plain jnp (float32, HIGHEST): the ground truth of the tests."""
   del unused
   r, rows, d = q.shape
@@ -240,14 +259,18 @@ def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, 
     m_all = jnp.maximum(m_all, s.max(axis=-1))
     scores.append((s, mask, values))
   w = jnp.exp(m - m_all[:, None])                                   # [R, S, M]
-  l_total = (l * w).sum(axis=1)
-  acc = (o * w[:, :, None, :]).sum(axis=1)                          # [R, D, M]
+  sc = o.shape[1] - unrotated_splits
+  l_total = (l[:, :sc] * w[:, :sc]).sum(axis=1)
+  acc = (o[:, :sc] * w[:, :sc, None, :]).sum(axis=1)                # [R, D, M]
   out = jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST)
   if value_perm is not None:
     idx = jnp.broadcast_to(value_perm[:, None, :], out.shape)
     out = jnp.put_along_axis(jnp.zeros_like(out), idx, out, axis=-1, inplace=False)
   if value_mean is not None:
     out += l_total[..., None] * value_mean[:, None, :]
+  if unrotated_splits:
+    out += jnp.swapaxes((o[:, sc:] * w[:, sc:, None, :]).sum(axis=1), 1, 2)
+    l_total += (l[:, sc:] * w[:, sc:]).sum(axis=1)
   for s, mask, values in scores:
     p = jnp.where(mask, jnp.exp(s - m_all[..., None]), 0.0)
     l_total += p.sum(axis=-1)

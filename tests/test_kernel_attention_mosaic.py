@@ -52,6 +52,18 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
                  "sub_steps"):
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
+  kw.pop("p_scale", None)
+  koff = kw.pop("key_offsets", None)
+  if koff is not None:   # `decode_prologue`'s: what the kernel would take from q itself
+    units = q[:, 0].astype(jnp.float32) + q[:, 1].astype(jnp.float32) / 127.0
+    starts = np.cumsum([0] + [s.cols for s in ks[:-1]])
+    want = jnp.stack([lv.offset * units[..., at:at + s.cols].sum(-1)
+                      for lv, at, s in zip(dm._groups(kw["key_levels"]), starts, ks)], axis=1)
+    np.testing.assert_allclose(np.asarray(koff), np.asarray(want), rtol=1e-5, atol=1e-4)
+  bound = kw.pop("value_bound", None)
+  if bound is not None:
+    want = jnp.stack([n.astype(jnp.float32).max(-1) for n in dm._groups(v_norms)], axis=1)
+    np.testing.assert_array_equal(np.asarray(bound), np.asarray(want))
   if operand != "int8":
     q = tuple(x.astype(jnp.float32) for x in dm._groups(q))
   o, l, m = dm.decode_partials_reference(
@@ -158,6 +170,8 @@ def test_exact_split_reasons_and_errors(rng):
                         (z(2, n, dt=jnp.int32),))
   dm._check_exact(good, r, D)
   dm._check_exact(good._replace(positions=(None,)), r, D)      # slot = position
+  # Limits per row and wider than 1 + 2·parts (`decode_prologue`'s); positions per entry.
+  dm._check_exact(good._replace(limits=z(r, 4, dt=jnp.int32)), r, D)
   assert dm.exact_splits(good, 64) == 1 and dm.exact_splits(good, (128,)) == 1
   for bad, match in [
       (good._replace(keys=(z(r, 0, D),)), "multiple of 8"),
@@ -165,9 +179,11 @@ def test_exact_split_reasons_and_errors(rng):
       (good._replace(q=z(r, 8, D, dt=jnp.float32)), "bfloat16 or float16"),
       (good._replace(values=(z(r, n, D, dt=jnp.float16),)), r"exact.values\[0\]"),
       (good._replace(positions=()), "each part"),
-      (good._replace(positions=(z(r, n, dt=jnp.int32),)), r"exact.positions\[0\]"),
+      (good._replace(positions=(z(3, n, dt=jnp.int32),)), r"exact.positions\[0\]"),
+      (good._replace(positions=(z(2, n + 8, dt=jnp.int32),)), r"exact.positions\[0\]"),
       (good._replace(limits=z(3, 3, dt=jnp.int32)), "dividing"),
-      (good._replace(limits=z(2, 5, dt=jnp.int32)), "exact.limits")]:
+      (good._replace(limits=z(2, 2, dt=jnp.int32)), "exact.limits"),
+      (good._replace(limits=z(2, 3, dt=jnp.float32)), "exact.limits")]:
     with pytest.raises(ValueError, match=match):
       dm._check_exact(bad, r, D)
   with pytest.raises(ValueError, match="exact_blocks"):
@@ -366,3 +382,79 @@ def test_mosaic_splits_rules():
     assert steps % s == 0
     waves = lambda n: -(-rows * n // (3 * 114)) * (steps // n + 2)  # noqa: E731
     assert all(waves(s) <= waves(n) for n in range(1, steps + 1) if steps % n == 0)
+
+
+# -- the int8 path's prologue (`pallas_kernels.decode_prologue`) and the fused merge --------
+
+@pytest.mark.parametrize("prologue", ["off", "query", "all", None])
+def test_int8_prologue_modes_and_fused_merge(rng, monkeypatch, prologue):
+  """Every prologue mode, with the jnp merge and with `merge_exact` finishing the kernel's
+  exact splits (unrotated), against the reference; what each mode hands the kernel."""
+  cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                      window=64, dtype=jnp.bfloat16)
+  seen = []
+
+  def twin(*args, **k):
+    seen.append((args[5].shape, k))
+    return kernel_twin(*args, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.bfloat16).astype(jnp.float32)
+  kw = dict(soft_cap=20.0, sliding_window=400)
+  ref = cache.attend(q, implementation="reference", **kw)
+  for fused in (False, True):
+    got = ka.attend(cache, q, mosaic=True, num_splits=2, prologue=prologue,
+                    fused_merge=fused, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  bounds_shape, k = seen[0]
+  mode = ka.DEFAULT_PROLOGUE if prologue is None else prologue
+  assert bounds_shape == ((B * H, 2) if mode == "all" else (B, 2))   # per row / per entry
+  assert ("key_offsets" in k) == (mode != "off")          # 4-bit keys: the 1/2 offsets
+  assert ("value_bound" in k) == (mode == "all")
+  assert k["exact"].limits.shape[0] == (B * H if mode == "all" else B)
+
+
+def test_prologue_default_and_errors(rng, monkeypatch):
+  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.float32)
+  odd = tiles_cache(rng, 3, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                    window=104, dtype=jnp.bfloat16)   # not a power of two: no "all"
+  assert "window of 104" in ka.prologue_unsupported(odd, "all")
+  assert ka.prologue_unsupported(odd, "query") is None
+  ref = odd.attend(q, implementation="reference")
+  for mode in (None, "query"):      # the default falls back to the jnp glue
+    got = ka.attend(odd, q, mosaic=True, num_splits=2, prologue=mode)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  with pytest.raises(ValueError, match="window of 104"):
+    ka.attend(odd, q, mosaic=True, num_splits=2, prologue="all")
+  rope = tiles_cache(rng, 3, 3, center_keys="rope", levels="int8", tile_operand="int8")
+  with pytest.raises(ValueError, match="before RoPE"):
+    ka.attend(rope, q, mosaic=True, num_splits=2, prologue="query")
+  assert "int8 tiles" in ka.prologue_unsupported(tiles_cache(rng), "query")
+  with pytest.raises(ValueError, match="prologue must be"):
+    ka.attend(odd, q, mosaic=True, num_splits=2, prologue="yes")
+
+
+def test_fused_merge_takes_exact_splits(rng):
+  """use_kernel=False: the reference partials with the exact tokens' jnp partial as the
+  kernel's unrotated last split, finished by `merge_exact` (interpret mode)."""
+  cache = tiles_cache(rng, 3, 4, center_keys="plain", center_values=True, window=64,
+                      dtype=jnp.bfloat16)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.float32)
+  ref = cache.attend(q, implementation="reference", sliding_window=300)
+  got = ka.attend(cache, q, mosaic=True, use_kernel=False, fused_merge=True,
+                  exact_in_kernel=True, sliding_window=300)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+
+
+def test_int8_prologue_attend_lowers_for_cuda(rng):
+  """The default int8 path (keys centred after RoPE): the Triton prologue and the Mosaic
+  kernel in one lowered module."""
+  cache = tiles_cache(rng, 4, 3, levels="int8", tile_operand="int8", center_keys="plain",
+                      dtype=jnp.bfloat16, window=128)
+  q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
+  text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "turboquant_decode_prologue" in text
+  from benchmarks.mosaic_lowering import module_asm
+  assert "m64n8k32.s32.s8.s8" in module_asm(text)

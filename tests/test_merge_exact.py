@@ -110,3 +110,26 @@ def test_errors(rng):
                    value_perm=jnp.zeros((B * H, D - 1), jnp.int32))
   assert "head_dim" in me.unsupported(4, 96, (16,))
   assert me.unsupported(4, 128, (128, 4)) is None
+
+
+@pytest.mark.parametrize("splits, unrotated, sizes", [(12, 4, ()), (6, 1, (16,)), (3, 3, ())])
+def test_unrotated_splits(rng, splits, unrotated, sizes):
+  """The Mosaic kernel's exact splits (already in the output's channel order) merged in
+  the same softmax: against the reference, and against the same partials given as
+  rotated splits of o·rotᵀ (so the kernel's rotation maps them back) with no mean."""
+  q, o, l, m, qpos, rot, exact = inputs(rng, rows=4, splits=splits, sizes=sizes)
+  mean = jnp.asarray(rng.standard_normal((B * H, D)), jnp.float32)
+  kw = dict(heads=H, scale=0.3, unrotated_splits=unrotated)
+  got = me.merge_exact(q, o, l, m, qpos, rot, exact, interpret=True, value_mean=mean, **kw)
+  ref = me.merge_exact_reference(q, o, l, m, qpos, rot, exact, value_mean=mean, **kw)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # Without a mean, an unrotated split equals a rotated one holding rot·o.
+  rotated = o.at[:, splits - unrotated:].set(
+      jnp.einsum("ed,rsdm->rsem", rot, o[:, splits - unrotated:], precision="highest"))
+  plain = me.merge_exact(q, rotated, l, m, qpos, rot, exact, heads=H, scale=0.3,
+                         interpret=True)
+  mixed = me.merge_exact(q, o, l, m, qpos, rot, exact, interpret=True, **kw)
+  np.testing.assert_allclose(np.asarray(mixed), np.asarray(plain), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="unrotated_splits"):
+    me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3,
+                   unrotated_splits=splits + 1, interpret=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from pallas_kernels import decode_attention as kernel
 from pallas_kernels import decode_attention_mgpu as mosaic
+from pallas_kernels import decode_prologue
 from pallas_kernels import merge_exact
 from turboquant_jax import attention
 from turboquant_jax import rope as rope_lib
@@ -268,13 +269,64 @@ def _exact_tokens(cache, qf: Array, limits: Array, exact_blocks=None
   return exact, mosaic.exact_block_sizes(exact, exact_blocks)
 
 
+def _key_groups(cache) -> tuple[decode_prologue.KeyGroup, ...]:
+  starts = np.cumsum([0] + [c.layout.spec.cols for c in cache.key_codes[:-1]])
+  return tuple(decode_prologue.KeyGroup(int(at), c.layout.spec.cols, lv.offset)
+               for at, c, lv in zip(starts, cache.key_codes,
+                                    (byte_levels(g) for g in cache.key_quantizer.groups)))
+
+
+def prologue_unsupported(cache, prologue: str = "all") -> str | None:
+  """Why `decode_prologue` cannot make the int8 kernel's inputs for this cache in mode
+  `prologue` ("query" or "all", `_mosaic_partials_padded`; None: it can)."""
+  if not _int8_tiles(cache):
+    return "it serves the int8 tiles only"
+  if cache.key_mean is not None and cache.rope is not None:
+    return "keys centred before RoPE take their offsets per position (`rope_offsets`)"
+  everything = prologue == "all"
+  return decode_prologue.unsupported(
+      cache.head_dim, _key_groups(cache), len(cache.value_codes) if everything else 0,
+      cache.window_keys.shape[2] if everything else 0, cache.max_len if everything else 0)
+
+
+PROLOGUES = ("off", "query", "all")
+# "all": in the decode loop (CUDA graphs) within noise of the jnp glue (Llama-3-8B shapes,
+# K4/V3, H200, paired: 8 x 4K 0.979 / 0.959 / 1.040 of its step time in three runs, 8 x 32K
+# 0.989) with half the attention's kernels (18 -> 9 per layer, 49.2 -> 45.1 us of device
+# time at 8 x 4K): `decode_prologue_gpu.json`, `decode_e2e_paired_prologue_*_gpu.json`.
+DEFAULT_PROLOGUE = "all"
+
+
+def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
+                     everything: bool, value_bound: bool, interpret: bool,
+                     num_warps: int = 4) -> decode_prologue.Prologue:
+  """`decode_prologue` of qf [B, H, 8, D] (rows padded) for a decode query at pos [B]:
+  the query's parts, offsets and q·μ; everything: the ranges and value bound too."""
+  b, h, rows, d = qf.shape
+  q = permute_channels(qf, cache.key_perm).reshape(b * h, rows, d)
+  mean = None
+  if cache.key_mean is not None:
+    mean = permute_channels(cache.key_mean[:, :, None], cache.key_perm).reshape(b * h, d)
+  ranges = decode_prologue.Ranges(
+      cache.lengths, pos, cache.window_positions, cache.config.num_sinks,
+      cache.sink_keys.shape[2], sliding_window) if everything else None
+  norms = (tuple(c.norms.reshape(b * h, -1) for c in cache.value_codes)
+           if value_bound and everything else ())
+  return decode_prologue.decode_prologue(
+      q, cache.key_quantizer.unrotation_matrix(), heads=h, key_groups=_key_groups(cache),
+      key_mean=mean, ranges=ranges, value_norms=norms, interpret=interpret,
+      num_warps=num_warps)
+
+
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
                             soft_cap: float | None = None,
                             sliding_window: int | None = None,
                             num_splits: int | None = None,
                             rope_table_rows: int | None = None,
                             exact_in_kernel: bool = False, exact_blocks=None,
-                            **kernel_kwargs):
+                            prologue: str | None = None,
+                            prologue_interpret: bool | None = None,
+                            prologue_warps: int = 4, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
@@ -282,7 +334,12 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   one, 0.373 -> 0.253 ms at 8x32K, 3.5 bits, H200, `mosaic_attend_sub_steps_gpu.json`).
   exact_in_kernel: the exact tokens as more splits, the last of S, one per block of each
   part (when the cache has any; `exact_unsupported` must be None); exact_blocks: the
-  blocks' tokens (`_exact_tokens`).
+  blocks' tokens (`_exact_tokens`). prologue: the int8 kernel's inputs from
+  `pallas_kernels.decode_prologue` where it applies (`prologue_unsupported`): "query",
+  the query's int8 parts, offsets and q·μ (one launch for six XLA kernels); "all", the
+  ranges and the value bound too (twelve); "off": all in jnp; None: `DEFAULT_PROLOGUE`
+  where it applies, else "off".
+  prologue_interpret: its interpret mode (default: off the GPU).
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -300,18 +357,47 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
   # The groups' rotated queries side by side, one array: the kernel reads each group's
   # columns (no slices after the product).
-  q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
-  if int8:   # two int8 parts and a scale per row (about 14 bits)
-    q, q_scale = mosaic.quantize_query_s8(q.reshape(b * h, mosaic.HEADS, d))
-    kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=q_scale)
+  if prologue not in (None, *PROLOGUES):
+    raise ValueError(f"prologue must be one of {PROLOGUES} or None, got {prologue!r}")
+  if prologue not in (None, "off"):
+    why = prologue_unsupported(cache, prologue)
+    if why is not None:
+      raise ValueError(f"decode_prologue cannot serve this cache: {why}")
+  elif prologue is None:
+    prologue = (DEFAULT_PROLOGUE if DEFAULT_PROLOGUE == "off"
+                or prologue_unsupported(cache, DEFAULT_PROLOGUE) is None else "off")
+  if prologue != "off":
+    if prologue_interpret is None:
+      prologue_interpret = jax.default_backend() != "gpu"
+    everything = prologue == "all"
+    bound = kernel_kwargs.get("p_scale", "bound") == "bound"
+    pro = _prologue_inputs(cache, qf, q_positions[:, 0], sliding_window,
+                           everything=everything, value_bound=bound,
+                           interpret=prologue_interpret, num_warps=prologue_warps)
+    q, qoff = pro.q, pro.qoff
+    if everything:
+      bounds, limits = pro.bounds, pro.limits
+    else:   # cache-only work: XLA runs it beside the query's projection
+      bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
+    kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=pro.scale,
+                         **({"key_offsets": pro.key_offsets}
+                            if pro.key_offsets is not None else {}),
+                         **({"value_bound": pro.value_bound}
+                            if bound and everything else {}))
     levels = byte_levels
   else:
-    q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
-    levels = odd_levels
-  qoff = plain_offsets(cache, qf).reshape(b * h, mosaic.HEADS)
-  # One position per batch entry (decode): the compressed range, causal and windowed,
-  # and the exact parts' visible ranges, read by each row as i // h in the kernel.
-  bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
+    q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
+    if int8:   # two int8 parts and a scale per row (about 14 bits)
+      q, q_scale = mosaic.quantize_query_s8(q.reshape(b * h, mosaic.HEADS, d))
+      kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=q_scale)
+      levels = byte_levels
+    else:
+      q = q.reshape(b * h, mosaic.HEADS, d).astype(jnp.float16)
+      levels = odd_levels
+    qoff = plain_offsets(cache, qf).reshape(b * h, mosaic.HEADS)
+    # One position per batch entry (decode): the compressed range, causal and windowed,
+    # and the exact parts' visible ranges, read by each row as i // h in the kernel.
+    bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
   rope = None
   if cache.key_mean is not None and cache.rope is not None:
@@ -449,43 +535,55 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def merge_unsupported(cache, rows: int) -> str | None:
+def merge_unsupported(cache, rows: int, exact: bool = True) -> str | None:
   """Why `merge_exact` cannot finish a Mosaic call with `rows` query rows per kv head
-  over this cache (None: it can)."""
-  sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2]) if n)
+  over this cache (None: it can); exact=False: the kernel attended the exact tokens."""
+  sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2])
+                if n and exact)
   return merge_exact.unsupported(_pow2_at_least(rows), cache.head_dim, sizes)
 
 
 def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
                          soft_cap: float | None, sliding_window: int | None,
                          use_kernel: bool, merge_interpret: bool | None,
-                         **kernel_kwargs) -> Array:
+                         exact_in_kernel: bool, **kernel_kwargs) -> Array:
   """[B, H, M, D] float32: the Mosaic kernel's partials finished by `merge_exact` (the
-  exact window and sinks, the merge, the inverse rotation and the value mean in one
-  kernel). use_kernel=False takes the partials from their jnp reference instead."""
+  split merge, the inverse rotation, the value mean and, unless the kernel attended
+  them (exact_in_kernel), the exact window and sinks, in one kernel). use_kernel=False
+  takes the partials from their jnp reference instead (and the exact tokens' partial
+  from `exact_partial` as the kernel's unrotated last split, with exact_in_kernel)."""
   b, h, rows, d = qf.shape
   common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
   if use_kernel:
-    o, l, m, _ = _mosaic_partials_padded(cache, qf, row_pos, **common, **kernel_kwargs)
+    o, l, m, e = _mosaic_partials_padded(cache, qf, row_pos, **common,
+                                         exact_in_kernel=exact_in_kernel, **kernel_kwargs)
     cols = o.shape[-1]                              # the kernel's 8 padded rows
   else:
     (o,), l, m = compressed_partials_reference(cache, qf, row_pos, **common, **kernel_kwargs)
+    part = exact_partial(cache, qf, row_pos, **common) if exact_in_kernel else None
+    e = 0
+    if part is not None:   # the exact split after the compressed ones, as the kernel's
+      o = jnp.concatenate([o, part[0]], axis=2)
+      l, m = (jnp.concatenate([x, y], axis=2) for x, y in zip((l, m), part[1:]))
+      e = 1
     splits, cols = o.shape[2], _pow2_at_least(rows)
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - rows)])  # noqa: E731
     o = pad(jnp.swapaxes(o, -1, -2).reshape(b * h, splits, d, rows))
     l, m = (pad(x.reshape(b * h, splits, rows)) for x in (l, m))
   q = jnp.pad(qf, ((0, 0), (0, 0), (0, cols - rows), (0, 0))).reshape(b * h, cols, d)
   qpos = jnp.pad(row_pos, ((0, 0), (0, cols - rows)), mode="edge")
-  exact = tuple((k.reshape(b * h, -1, d), v.reshape(b * h, -1, d),
-                 jnp.where(visible, pos, merge_exact.HIDDEN))
-                for k, v, pos, visible in cache.exact_parts())
+  exact = () if exact_in_kernel else tuple(
+      (k.reshape(b * h, -1, d), v.reshape(b * h, -1, d),
+       jnp.where(visible, pos, merge_exact.HIDDEN))
+      for k, v, pos, visible in cache.exact_parts())
   mean = None if cache.value_mean is None else cache.value_mean.reshape(b * h, d)
   if merge_interpret is None:
     merge_interpret = jax.default_backend() != "gpu"
   perm = None if cache.value_perm is None else cache.value_perm.reshape(b * h, d)
   out = merge_exact.merge_exact(
       q, o, l, m, qpos, cache.value_quantizer.unrotation_matrix(), exact, heads=h,
-      value_mean=mean, value_perm=perm, interpret=merge_interpret, **common)
+      value_mean=mean, value_perm=perm, unrotated_splits=e, interpret=merge_interpret,
+      **common)
   return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
 
 
@@ -499,10 +597,12 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
   the kernel's jnp reference partials (tests the merge).
   fused_merge: with mosaic, finish in `pallas_kernels.merge_exact` where it applies
-  (`merge_unsupported`), else in jnp; merge_interpret: its interpret mode (default: off
-  the GPU). Off by default: on the H200 it ties with the jnp merge (whole attention
-  within +-5% either way, `mosaic_attend_splits_gpu.json`; the kernel alone 23-25 us, its
-  float32 products' latency, where XLA's jnp merge takes 35-44 us in more launches).
+  (`merge_unsupported`; with exact_in_kernel it merges the kernel's exact splits as
+  unrotated ones), else in jnp; merge_interpret: its interpret mode (default: off the
+  GPU). Off by default: on the H200 it tied with the jnp merge when it attended the exact
+  tokens itself (whole attention within +-5%, `mosaic_attend_splits_gpu.json`), and with
+  the exact tokens in the kernel it takes 64-87 us alone where XLA merges the same
+  partials in 3-4 (`decode_prologue_gpu.json`).
 
   exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
   as more splits of its launch, one per 64- or 128-token block (`_exact_tokens`; bf16
@@ -523,19 +623,20 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
     raise ValueError(f"the Mosaic GPU kernel takes one query token per call, got {tq}")
   qf = qg.reshape(b, h, g * tq, d)
   row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
-  if mosaic and fused_merge and merge_unsupported(cache, g * tq) is None:
-    out = _attend_mosaic_fused(cache, qf, row_pos, scale=scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, use_kernel=use_kernel,
-                               merge_interpret=merge_interpret, **kernel_kwargs)
-    out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
-    return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
   common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
   why = exact_unsupported(cache) if mosaic and use_kernel else "no Mosaic kernel"
   if exact_in_kernel is None:
     exact_in_kernel = why is None
+  if mosaic and use_kernel and exact_in_kernel and why is not None:
+    raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
+  if (mosaic and fused_merge
+      and merge_unsupported(cache, g * tq, exact=not exact_in_kernel) is None):
+    out = _attend_mosaic_fused(cache, qf, row_pos, **common, use_kernel=use_kernel,
+                               merge_interpret=merge_interpret,
+                               exact_in_kernel=exact_in_kernel, **kernel_kwargs)
+    out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
+    return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
   if mosaic and use_kernel and exact_in_kernel:
-    if why is not None:
-      raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
     o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
                                            **common, **kernel_kwargs)
   else:
@@ -567,4 +668,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
-    "exact_blocks", "p_scale"))
+    "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps"))

@@ -1,0 +1,376 @@
+"""A decode step's prologue in one kernel: what the int8 Mosaic kernel reads besides codes.
+
+Before `decode_attention_mgpu.decode_partials` (operand="int8") runs, each kv-head row
+needs its query rotated and split into two int8 parts with a scale per head, the
+4-bit groups' level offsets 1/2·Σq, the key-centering term q·μ, the compressed range
+and the exact parts' visible ranges (from the window ring's positions), and an upper
+bound of its value norms. In jnp that is twelve small XLA kernels per layer (one a
+gemm); here it is one Pallas (Triton) program per kv-head row. Measured (H200, Llama-3-8B
+shapes, K4/V3, `decode_prologue_gpu.json`, `step_profile_prologue_8x4k_gpu.json`): one
+layer's attention at 8 x 4K takes 9 kernels and 45.1 us of device time against 18 and
+49.2 (this kernel 10.0 us there, 4-6 us alone with its operands in L2); the decode step,
+run as CUDA graphs, moves within its noise (0.96-1.04x of the jnp glue's step time).
+
+Every output equals its jnp form (`decode_prologue_reference`, the functions the cache
+used before): the rotation is a float32 product (IEEE), the int8 parts round half away
+from zero as `quantize_query_s8` does, the ranges are integers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+HEADS = 8               # query rows per kv head: wgmma's N (the Mosaic kernel's)
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
+_NORM_CHUNK = 4096       # value norms reduced per load
+
+
+class KeyGroup(NamedTuple):
+  """A key channel group's columns [start, start + cols) and its level offset (1/2 for
+  4-bit sign-magnitude levels, else 0: `decode_attention_mgpu.ByteLevels.offset`)."""
+
+  start: int
+  cols: int
+  offset: float
+
+
+class Ranges(NamedTuple):
+  """What bounds a decode query's attention, per batch entry (`ranges_reference`).
+
+  lengths: int32 [B], tokens each row holds; position: int32 [B], the query's position;
+  window_positions: int32 [B, W], the position each ring slot holds (-1 empty; W = 0: no
+  window); num_sinks: the first tokens kept exact (static); sink_slots: the sinks' slots
+  (0: no sinks part); sliding_window: a query at p sees keys in (p - window, p] (static).
+  """
+
+  lengths: Array
+  position: Array
+  window_positions: Array
+  num_sinks: int
+  sink_slots: int
+  sliding_window: int | None = None
+
+
+class Prologue(NamedTuple):
+  """The kernel's outputs, per kv-head row (R = batch x kv heads, batch-major).
+
+  q: int8 [R, 2, 8, D], q_rotated ≈ scale·(q[:, 0] + q[:, 1]/127); scale: float32 [R, 8];
+  key_offsets: float32 [R, groups, 8], offset_g·Σ over group g's columns of (q[:, 0] +
+  q[:, 1]/127) (None when no group has an offset); qoff: float32 [R, 8], q·μ (zeros
+  without a key mean); bounds: int32 [R, 2], the compressed range [lo, hi); limits: int32
+  [R, 2^k >= 1 + 2·parts], the query's position then each exact part's visible range
+  (window, then sinks; columns past them zero); value_bound: float32 [R, value groups],
+  the largest value norm of each group (None when not asked)."""
+
+  q: Array
+  scale: Array
+  key_offsets: Array | None
+  qoff: Array
+  bounds: Array | None
+  limits: Array | None
+  value_bound: Array | None
+
+
+def _pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def round_half_away(x: Array) -> Array:
+  """Round to the nearest integer, halves away from zero (Triton has no round-to-even;
+  the jnp form uses this too, so both agree bit for bit)."""
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def quantize_rotated(x: Array) -> tuple[Array, Array, Array]:
+  """x float32 [..., 8, D] -> (hi, lo float32 integers, scale [..., 8]): x ≈
+  scale·(hi + lo/127), scale = max|x|/127 per head (1 for a zero row)."""
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  y = x / scale[..., None]
+  hi = round_half_away(y)
+  return hi, round_half_away((y - hi) * 127.0), scale
+
+
+def window_start_reference(window_positions: Array, lengths: Array) -> Array:
+  """[B]: positions [start, length) are held exactly by the ring (a trailing run); the
+  same as `exact_tokens.window_start`, written per slot (no gather): slot j holds the
+  run's k-th position when (j - length) mod W = k."""
+  w = window_positions.shape[1]
+  if w == 0:
+    return lengths
+  j = jnp.arange(w, dtype=jnp.int32)[None, :]
+  k = jnp.mod(j - lengths[:, None], w)
+  want = lengths[:, None] - w + k
+  covered = (want >= 0) & (window_positions == want)
+  last_gap = jnp.max(jnp.where(covered, -1, k), axis=1)
+  return lengths - (w - 1 - last_gap)
+
+
+def ranges_reference(ranges: Ranges) -> tuple[Array, Array]:
+  """(bounds [B, 2], limits [B, 2^k]) int32 of `Ranges` in jnp."""
+  lengths, pos = ranges.lengths.astype(jnp.int32), ranges.position.astype(jnp.int32)
+  w = ranges.window_positions.shape[1]
+  s = ranges.num_sinks
+  start = window_start_reference(ranges.window_positions.astype(jnp.int32), lengths)
+  lo = jnp.full_like(pos, s)
+  if ranges.sliding_window is not None:
+    lo = jnp.maximum(lo, pos - ranges.sliding_window + 1)
+  hi = jnp.maximum(jnp.minimum(start, pos + 1), lo)
+  cols = [pos]
+  if w:
+    cols += [jnp.maximum(start, s), lengths]
+  if ranges.sink_slots:
+    cols += [jnp.zeros_like(pos), lengths]
+  width = _pow2_at_least(len(cols))
+  cols += [jnp.zeros_like(pos)] * (width - len(cols))
+  return jnp.stack([lo, hi], axis=-1), jnp.stack(cols, axis=-1)
+
+
+def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], value_groups: int,
+                window: int, norm_tokens: int = 0) -> str | None:
+  """Why the kernel cannot serve this call (None: it can). Triton tensors have
+  power-of-two sizes."""
+  if not _pow2(head_dim) or head_dim < 16:
+    return f"head_dim {head_dim} is not a power of two >= 16"
+  if not _pow2(len(key_groups)):
+    return f"{len(key_groups)} key groups is not a power of two"
+  if value_groups and not _pow2(value_groups):
+    return f"{value_groups} value groups is not a power of two"
+  if window and not _pow2(window):
+    return f"a window of {window} slots is not a power of two"
+  if norm_tokens and norm_tokens % 128:
+    return f"{norm_tokens} value-norm slots is not a multiple of 128"
+  return None
+
+
+def _norm_chunk(t: int) -> int:
+  c = 1
+  while c < _NORM_CHUNK and t % (2 * c) == 0:
+    c *= 2
+  return c
+
+
+def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sinks,
+            sliding_window, norm_groups):
+  q_ref, rot_ref = refs[:2]   # [8, D] unrotated rows (zeros past the real ones), [D, D]
+  rest = list(refs[2:])
+  mean_ref = rest.pop(0) if has_mean else None             # [D]
+  if has_ranges:
+    len_ref, pos_ref = rest.pop(0), rest.pop(0)            # [1], [1]
+    wpos_ref = rest.pop(0) if window else None             # [W]
+  norm_refs = [rest.pop(0) for _ in range(norm_groups)]    # [T] each
+  q8_ref, scale_ref, qoff_ref = rest[:3]                   # [2, 8, D], [8], [8]
+  rest = rest[3:]
+  koff_ref = rest.pop(0) if any(g.offset for g in key_groups) else None  # [groups, 8]
+  if has_ranges:
+    bounds_ref, limits_ref = rest.pop(0), rest.pop(0)      # [2], [2^k]
+  vb_ref = rest.pop(0) if norm_groups else None            # [groups]
+
+  q = q_ref[...].astype(jnp.float32)
+  # Rotated, transposed [D, 8]: unrotation·q^T (the orientation Triton's dot takes with 8
+  # columns, as merge_exact's; an [8, D] x [D, D] product would need 16 rows).
+  x = jax.lax.dot_general(rot_ref[...], q, _NT, precision=_HIGHEST,
+                          preferred_element_type=jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=0) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  y = x / scale[None, :]
+  hi = round_half_away(y)
+  lo = round_half_away((y - hi) * 127.0)
+  q8_ref[0, :, :] = hi.T.astype(jnp.int8)
+  q8_ref[1, :, :] = lo.T.astype(jnp.int8)
+  scale_ref[...] = scale
+  if koff_ref is not None:
+    units = hi + lo / 127.0
+    chan = jax.lax.broadcasted_iota(jnp.int32, units.shape, 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, koff_ref.shape, 0)
+    koff = jnp.zeros(koff_ref.shape, jnp.float32)
+    for g, grp in enumerate(key_groups):
+      inside = (chan >= grp.start) & (chan < grp.start + grp.cols)
+      part = grp.offset * jnp.sum(jnp.where(inside, units, 0.0), axis=0)
+      koff = jnp.where(row == g, part[None, :], koff)
+    koff_ref[...] = koff
+  if has_mean:
+    qoff_ref[...] = jnp.sum(q * mean_ref[...][None, :], axis=1)
+  else:
+    qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
+
+  if has_ranges:
+    length = jnp.max(len_ref[...])
+    pos = jnp.max(pos_ref[...])
+    start = length
+    if window:
+      slot = jax.lax.broadcasted_iota(jnp.int32, (window,), 0)
+      k = jax.lax.rem(slot - length + window * (1 + jnp.abs(length) // window), window)
+      want = length - window + k
+      covered = (want >= 0) & (wpos_ref[...] == want)
+      last_gap = jnp.max(jnp.where(covered, -1, k))
+      start = length - (window - 1 - last_gap)
+    lo = jnp.full((), num_sinks, jnp.int32)
+    if sliding_window is not None:
+      lo = jnp.maximum(lo, pos - sliding_window + 1)
+    hi_ = jnp.maximum(jnp.minimum(start, pos + 1), lo)
+    col = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+    bounds_ref[...] = jnp.where(col == 0, lo, hi_)
+    cols = [pos]
+    if window:
+      cols += [jnp.maximum(start, num_sinks), length]
+    if sink_slots:
+      cols += [jnp.zeros((), jnp.int32), length]
+    col = jax.lax.broadcasted_iota(jnp.int32, limits_ref.shape, 0)
+    limits = jnp.zeros(limits_ref.shape, jnp.int32)
+    for c, v in enumerate(cols):
+      limits = jnp.where(col == c, v, limits)
+    limits_ref[...] = limits
+
+  if norm_groups:
+    col = jax.lax.broadcasted_iota(jnp.int32, vb_ref.shape, 0)
+    vb = jnp.zeros(vb_ref.shape, jnp.float32)
+    for g, n_ref in enumerate(norm_refs):
+      t = n_ref.shape[0]
+      c = _norm_chunk(t)
+      peak = jax.lax.fori_loop(
+          0, t // c, lambda i, m, n_ref=n_ref, c=c: jnp.maximum(
+              m, n_ref[pl.ds(i * c, c)].astype(jnp.float32)),
+          jnp.full((c,), -jnp.inf, jnp.float32))
+      vb = jnp.where(col == g, jnp.max(peak), vb)
+    vb_ref[...] = vb
+
+
+def decode_prologue(q: Array, unrotation: Array, *, heads: int,
+                    key_groups: tuple[KeyGroup, ...], key_mean: Array | None = None,
+                    ranges: Ranges | None = None, value_norms: tuple[Array, ...] = (),
+                    interpret: bool = False, num_warps: int = 4) -> Prologue:
+  """The int8 decode kernel's per-row inputs in one launch (`Prologue`).
+
+  Args:
+    q: float [R, 8, D], each kv head's query rows (q heads x query tokens, zeros past the
+      real ones), unrotated, in the key quantizer's channel order.
+    unrotation: float32 [D, D]: the rotated query is q @ unrotation^T (the key quantizer's
+      `unrotation_matrix`: its groups' rotations side by side).
+    heads: kv heads per batch entry (R = B x heads).
+    key_groups: the key channel groups (`KeyGroup`), in order, covering D.
+    key_mean: float32 [R, D] in q's channel order, or None: qoff = q·μ per head.
+    ranges: `Ranges` (per batch entry), or None: no bounds or limits.
+    value_norms: per value group float16 [R, T], or (): no value bound.
+  """
+  r, rows, d = q.shape
+  if rows != HEADS:
+    raise ValueError(f"q must hold {HEADS} rows per kv head (zero padded), got {q.shape}")
+  if r % heads:
+    raise ValueError(f"{r} rows do not split into batch entries of {heads} heads")
+  if unrotation.shape != (d, d):
+    raise ValueError(f"unrotation must be [{d}, {d}], got {list(unrotation.shape)}")
+  if sum(g.cols for g in key_groups) != d or any(
+      g.start != sum(x.cols for x in key_groups[:i]) for i, g in enumerate(key_groups)):
+    raise ValueError(f"key groups {key_groups} must cover the {d} channels in order")
+  window = 0 if ranges is None else ranges.window_positions.shape[1]
+  t = value_norms[0].shape[1] if value_norms else 0
+  why = unsupported(d, key_groups, len(value_norms), window, t)
+  if why is not None:
+    raise ValueError(f"decode_prologue cannot take this call: {why}")
+  b = r // heads
+  row = lambda i: (i, 0)  # noqa: E731
+  entry = lambda i: (i // heads, 0)  # noqa: E731
+  in_specs = [pl.BlockSpec((None, HEADS, d), lambda i: (i, 0, 0)),
+              pl.BlockSpec((d, d), lambda i: (0, 0))]
+  args = [q.astype(jnp.float32), unrotation.astype(jnp.float32)]
+  if key_mean is not None:
+    if key_mean.shape != (r, d):
+      raise ValueError(f"key_mean must be [{r}, {d}], got {list(key_mean.shape)}")
+    in_specs.append(pl.BlockSpec((None, d), row))
+    args.append(key_mean.astype(jnp.float32))
+  out_shapes = [jax.ShapeDtypeStruct((r, 2, HEADS, d), jnp.int8),
+                jax.ShapeDtypeStruct((r, HEADS), jnp.float32),
+                jax.ShapeDtypeStruct((r, HEADS), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, 2, HEADS, d), lambda i: (i, 0, 0, 0)),
+               pl.BlockSpec((None, HEADS), row), pl.BlockSpec((None, HEADS), row)]
+  has_koff = any(g.offset for g in key_groups)
+  if has_koff:
+    gk = len(key_groups)
+    out_shapes.append(jax.ShapeDtypeStruct((r, gk, HEADS), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, gk, HEADS), lambda i: (i, 0, 0)))
+  width = 0
+  if ranges is not None:
+    for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
+      if x.shape != (b,):
+        raise ValueError(f"ranges.{name} must be [{b}], got {list(x.shape)}")
+    if ranges.window_positions.shape[0] != b:
+      raise ValueError(f"ranges.window_positions must be [{b}, W], got "
+                       f"{list(ranges.window_positions.shape)}")
+    in_specs += [pl.BlockSpec((None, 1), entry)] * 2
+    args += [ranges.lengths.astype(jnp.int32).reshape(b, 1),
+             ranges.position.astype(jnp.int32).reshape(b, 1)]
+    if window:
+      in_specs.append(pl.BlockSpec((None, window), entry))
+      args.append(ranges.window_positions.astype(jnp.int32))
+    width = _pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
+    out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
+                   jax.ShapeDtypeStruct((r, width), jnp.int32)]
+    out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
+  for g, n in enumerate(value_norms):
+    if n.shape != (r, t):
+      raise ValueError(f"value_norms[{g}] must be [{r}, {t}], got {list(n.shape)}")
+    in_specs.append(pl.BlockSpec((None, t), row))
+    args.append(n)
+  if value_norms:
+    out_shapes.append(jax.ShapeDtypeStruct((r, len(value_norms)), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, len(value_norms)), row))
+  kernel = functools.partial(
+      _kernel, key_groups=tuple(key_groups), has_mean=key_mean is not None,
+      has_ranges=ranges is not None, window=window,
+      sink_slots=0 if ranges is None else ranges.sink_slots,
+      num_sinks=0 if ranges is None else ranges.num_sinks,
+      sliding_window=None if ranges is None else ranges.sliding_window,
+      norm_groups=len(value_norms))
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  outs = list(pl.pallas_call(
+      kernel, grid=(r,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
+      compiler_params=compiler_params, interpret=interpret,
+      name="turboquant_decode_prologue")(*args))
+  q8, scale, qoff = outs[:3]
+  outs = outs[3:]
+  koff = outs.pop(0) if has_koff else None
+  bounds, limits = (outs.pop(0), outs.pop(0)) if ranges is not None else (None, None)
+  vb = outs.pop(0) if value_norms else None
+  return Prologue(q8, scale, koff, qoff, bounds, limits, vb)
+
+
+def decode_prologue_reference(q: Array, unrotation: Array, *, heads: int,
+                              key_groups: tuple[KeyGroup, ...],
+                              key_mean: Array | None = None, ranges: Ranges | None = None,
+                              value_norms: tuple[Array, ...] = (), **unused) -> Prologue:
+  """`decode_prologue` in plain jnp: the ground truth of the tests."""
+  del unused
+  qf = q.astype(jnp.float32)
+  x = jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
+  hi, lo, scale = quantize_rotated(x)
+  q8 = jnp.stack([hi, lo], axis=1).astype(jnp.int8)
+  koff = None
+  if any(g.offset for g in key_groups):
+    units = hi + lo / 127.0
+    koff = jnp.stack([g.offset * units[..., g.start:g.start + g.cols].sum(-1)
+                      for g in key_groups], axis=1)
+  qoff = (jnp.zeros(qf.shape[:2], jnp.float32) if key_mean is None else
+          jnp.einsum("rmd,rd->rm", qf, key_mean.astype(jnp.float32), precision=_HIGHEST))
+  bounds = limits = None
+  if ranges is not None:
+    bounds, limits = (jnp.repeat(x, heads, axis=0) for x in ranges_reference(ranges))
+  vb = None
+  if value_norms:
+    vb = jnp.stack([jnp.max(n.astype(jnp.float32), axis=-1) for n in value_norms], axis=1)
+  return Prologue(q8, scale, koff, qoff, bounds, limits, vb)
