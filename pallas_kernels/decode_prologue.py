@@ -79,11 +79,12 @@ class Prologue(NamedTuple):
   value_bound: Array | None
 
 
-def _pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1)."""
   return 1 << max(n - 1, 0).bit_length()
 
 
@@ -133,7 +134,7 @@ def ranges_reference(ranges: Ranges) -> tuple[Array, Array]:
     cols += [jnp.maximum(start, s), lengths]
   if ranges.sink_slots:
     cols += [jnp.zeros_like(pos), lengths]
-  width = _pow2_at_least(len(cols))
+  width = pow2_at_least(len(cols))
   cols += [jnp.zeros_like(pos)] * (width - len(cols))
   return jnp.stack([lo, hi], axis=-1), jnp.stack(cols, axis=-1)
 
@@ -142,13 +143,13 @@ def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], value_groups: i
                 window: int, norm_tokens: int = 0) -> str | None:
   """Why the kernel cannot serve this call (None: it can). Triton tensors have
   power-of-two sizes."""
-  if not _pow2(head_dim) or head_dim < 16:
+  if not is_pow2(head_dim) or head_dim < 16:
     return f"head_dim {head_dim} is not a power of two >= 16"
-  if not _pow2(len(key_groups)):
+  if not is_pow2(len(key_groups)):
     return f"{len(key_groups)} key groups is not a power of two"
-  if value_groups and not _pow2(value_groups):
+  if value_groups and not is_pow2(value_groups):
     return f"{value_groups} value groups is not a power of two"
-  if window and not _pow2(window):
+  if window and not is_pow2(window):
     return f"a window of {window} slots is not a power of two"
   if norm_tokens and norm_tokens % 128:
     return f"{norm_tokens} value-norm slots is not a multiple of 128"
@@ -315,7 +316,7 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
     if window:
       in_specs.append(pl.BlockSpec((None, window), entry))
       args.append(ranges.window_positions.astype(jnp.int32))
-    width = _pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
+    width = pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
     out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
                    jax.ShapeDtypeStruct((r, width), jnp.int32)]
     out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.decode_prologue import is_pow2 as _pow2
+
 Array = jax.Array
 
 _NEG = -1e30            # finite "minus infinity": exp(_NEG - x) is 0 with no inf arithmetic
@@ -43,10 +45,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _NN = (((1,), (0,)), ((), ()))     # [a, k] x [k, b]
 _TN = (((0,), (0,)), ((), ()))     # [k, a] x [k, b] -> [a, b]
 _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
-
-
-def _pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
 
 
 def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str | None:

@@ -531,16 +531,12 @@ def compressed_partials_reference(cache, qf: Array, q_positions: Array, *, scale
   return tuple(o), jnp.moveaxis(l, 3, 2), jnp.moveaxis(m, 3, 2)
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 def merge_unsupported(cache, rows: int, exact: bool = True) -> str | None:
   """Why `merge_exact` cannot finish a Mosaic call with `rows` query rows per kv head
   over this cache (None: it can); exact=False: the kernel attended the exact tokens."""
   sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2])
                 if n and exact)
-  return merge_exact.unsupported(_pow2_at_least(rows), cache.head_dim, sizes)
+  return merge_exact.unsupported(decode_prologue.pow2_at_least(rows), cache.head_dim, sizes)
 
 
 def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
@@ -566,7 +562,7 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
       o = jnp.concatenate([o, part[0]], axis=2)
       l, m = (jnp.concatenate([x, y], axis=2) for x, y in zip((l, m), part[1:]))
       e = 1
-    splits, cols = o.shape[2], _pow2_at_least(rows)
+    splits, cols = o.shape[2], decode_prologue.pow2_at_least(rows)
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - rows)])  # noqa: E731
     o = pad(jnp.swapaxes(o, -1, -2).reshape(b * h, splits, d, rows))
     l, m = (pad(x.reshape(b * h, splits, rows)) for x in (l, m))
