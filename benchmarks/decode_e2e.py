@@ -163,6 +163,23 @@ class QueryPrologueCache(TurboQuantKVCache):
     return super().attend(q, prologue="query", **kwargs)
 
 
+@flax.struct.dataclass
+class PackedPartsCache(TurboQuantKVCache):
+  """A TurboQuant cache whose int8 Mosaic kernel takes p·‖v‖'s two int8 parts as one
+  value operand (`kernel_attention` pack_p_parts=True), timed side by side."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, pack_p_parts=True, **kwargs)
+
+
+@flax.struct.dataclass
+class UnpackedPartsCache(TurboQuantKVCache):
+  """As `PackedPartsCache` with pack_p_parts=False: two value operands per step."""
+
+  def attend(self, q, **kwargs):
+    return super().attend(q, pack_p_parts=False, **kwargs)
+
+
 # Variants timed only when named in --caches.
 CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
     MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
@@ -174,6 +191,10 @@ CACHES["tq3.5-k4v3-int8-query-prologue"] = functools.partial(
     QueryPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
 CACHES["tq3.5-k4v3-int8-jnp-prologue"] = functools.partial(
     JnpPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
+CACHES["tq3.5-k4v3-int8-packed"] = functools.partial(
+    PackedPartsCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
+CACHES["tq3.5-k4v3-int8-unpacked"] = functools.partial(
+    UnpackedPartsCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
 CACHES["tq3.5-quintic-rope-table256"] = functools.partial(
     RopeTable256Cache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
 DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-quintic-rope",

@@ -12,6 +12,7 @@ time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_code
 
     python -m benchmarks.int8_decode_check
     python -m benchmarks.int8_decode_check --p-scale-ab   # p_scale "step" vs "bound"
+    python -m benchmarks.int8_decode_check --packed       # pack_p_parts vs two operands
 
 `--p-scale-ab` (`int8_p_scale_gpu.json`): the kernel checks with p_scale="bound" and a
 K4/V3 check under both with a few large value norms, the cache checks, then the kernel
@@ -123,6 +124,66 @@ def p_scale_ab() -> None:
   common.print_table(attend, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
 
 
+def packed_ab() -> None:
+  """p·‖v‖'s int8 parts as one value operand (`pack_p_parts`) against two: kernel checks
+  (both p scales), cache checks, then the kernel alone and the whole attention, K4/V3 and
+  K4/V4, interleaved (`int8_packed_<platform>.json`)."""
+  checks, cache_checks, kernel, attend = [], [], [], []
+
+  def save():
+    return common.write_result("int8_packed", dict(
+        checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
+
+  for i, args in enumerate(KERNEL_CHECKS):
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args,
+                   pack_p_parts=True, error_fields=dict(args=args))
+  for p_scale in ("step", "bound"):
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 4, p_scale=p_scale,
+                   value_spread=300.0, pack_p_parts=True,
+                   error_fields=dict(p_scale=p_scale, value_spread=300.0))
+  for packed in (True, False):
+    cache_checks += [dict(row, pack_p_parts=packed) for row in ma.run_checks(
+        ma.INT8_CHECKS, 400, kernel=dict(pack_p_parts=packed))]
+  save()
+  ceiling = md.read_ceiling()
+  for b, t, bk, bv, splits in POINTS:
+    args, nbytes, base = point(b, t, bk, bv)
+    # the query's rows 4-7 repeating rows 0-3, as the glue hands them to the packed kernel
+    args = (args[0], jnp.concatenate([args[1][:, :, :4]] * 2, axis=2), *args[2:])
+    for s in splits:
+      for rep in range(3):
+        for packed in (False, True):
+          sec = common.device_time_chained(kernel_fn(bk, bv, s, pack_p_parts=packed), args,
+                                           0, iters=8, repeats=11)
+          kernel.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
+                             pack_p_parts=packed, cudnn_ms=base * 1e3, ms=sec * 1e3,
+                             x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
+          print(kernel[-1], flush=True)
+    save()
+  key = jax.random.PRNGKey(1)
+  for b, t in ((8, 32768), (8, 4096), (1, 4096)):
+    key, sub = jax.random.split(key)
+    base = ma.cudnn_row(attend, sub, b, t, ceiling)
+    cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
+    q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
+    for rep in range(2):
+      for packed in (False, True):
+        sec = ma.time_attend(cache, q, implementation="mosaic", pack_p_parts=packed)
+        attend.append(dict(batch=b, tokens=t, kernel="K4/V3 int8", pack_p_parts=packed,
+                           rep=rep, ms=sec * 1e3, speedup=base / sec,
+                           ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
+        print(attend[-1], flush=True)
+  print(f"wrote {save()}")
+  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "p_scale",
+                              "rel_err", "ok"])
+  common.print_table(cache_checks, ["pack_p_parts", "bits_k", "bits_v", "q_heads",
+                                    "center_keys", "rel_err", "ok"])
+  common.print_table(kernel, ["batch", "tokens", "bits_k", "bits_v", "splits", "rep",
+                              "pack_p_parts", "ms", "x_cudnn", "ceiling_frac"])
+  common.print_table(attend, ["batch", "tokens", "pack_p_parts", "rep", "ms", "speedup",
+                              "ceiling_frac"])
+
+
 def main():
   checks, cache_checks, rows = [], [], []
 
@@ -161,5 +222,7 @@ def main():
 if __name__ == "__main__":
   if "--p-scale-ab" in sys.argv[1:]:
     p_scale_ab()
+  elif "--packed" in sys.argv[1:]:
+    packed_ab()
   else:
     main()

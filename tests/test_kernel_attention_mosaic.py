@@ -458,3 +458,85 @@ def test_int8_prologue_attend_lowers_for_cuda(rng):
   assert "turboquant_decode_prologue" in text
   from benchmarks.mosaic_lowering import module_asm
   assert "m64n8k32.s32.s8.s8" in module_asm(text)
+
+
+# -- p·‖v‖'s two int8 parts as one value operand (pack_p_parts) ---------------------------
+
+@pytest.mark.parametrize("bits_k, bits_v, hq, prologue", [
+    (4, 3, 8, "all"), (4, 4, 4, "off"), (3.5, 3.5, 6, "query")])
+def test_int8_packed_p_parts_glue(rng, monkeypatch, bits_k, bits_v, hq, prologue):
+  """The kernel sees the query's rows 4-7 repeat rows 0-3 and the glue unpacks its
+  compressed splits' columns (jnp merge and `merge_exact`), against the reference."""
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys="plain", levels="int8",
+                      tile_operand="int8", window=64, dtype=jnp.bfloat16)
+  seen = []
+
+  def twin(*args, **k):
+    seen.append(k)
+    q8 = np.asarray(args[4])
+    np.testing.assert_array_equal(q8[:, :, 4:], q8[:, :, :4])
+    return kernel_twin(*args, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.bfloat16).astype(jnp.float32)
+  kw = dict(soft_cap=20.0, sliding_window=400)
+  ref = cache.attend(q, implementation="reference", **kw)
+  for fused in (False, True):
+    got = ka.attend(cache, q, mosaic=True, num_splits=2, prologue=prologue,
+                    fused_merge=fused, pack_p_parts=True, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  assert all(k["pack_p_parts"] for k in seen)
+
+
+def test_packed_p_parts_reference_and_errors(rng):
+  """The reference takes pack_p_parts (outputs as without it) and refuses a query whose
+  rows 4-7 do not repeat rows 0-3; the glue refuses what cannot pack."""
+  r, t, d = 4, 256, 128
+  kc = jnp.asarray(rng.integers(0, 16, (r, t, d)), jnp.uint8)
+  vc = jnp.asarray(rng.integers(0, 8, (r, t, d)), jnp.uint8)
+  kn = jnp.asarray(rng.uniform(0.5, 2, (r, t)), jnp.float16)
+  vn = jnp.asarray(rng.uniform(0.5, 2, (r, t)), jnp.float16)
+  q4 = rng.standard_normal((r, 4, d)).astype(np.float32)
+  hi, lo, scale = dm.decode_prologue.quantize_rotated(jnp.asarray(np.concatenate([q4, q4], 1)))
+  q8 = jnp.stack([hi, lo], 1).astype(jnp.int8)
+  from turboquant_jax.codebook import int8_codebook
+  lv = lambda bits: dm.byte_levels(int8_codebook(d, bits).centroids)  # noqa: E731
+  common = dict(bits_k=4, bits_v=3, key_levels=lv(4), value_levels=lv(3), num_splits=2,
+                scale=0.1, q_scale=scale)
+  args = (kc, kn, vc, vn, q8, jnp.asarray([[0, 200]] * r, jnp.int32), jnp.zeros((r, dm.HEADS)))
+  want = dm.decode_partials_reference(*args, **common)
+  got = dm.decode_partials_reference(*args, **common, pack_p_parts=True)
+  for x, y in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="repeat rows 0-3"):
+    dm.decode_partials_reference(*args[:4], q8.at[:, :, 5].add(1), *args[5:], **common,
+                                 pack_p_parts=True)
+  with pytest.raises(ValueError, match="operand='int8' only"):
+    dm.decode_partials(*args, key_spec=rc.TileSpec(4, 128, 128),
+                       value_spec=rc.TileSpec(3, 128, 128), key_levels=(1.0, 0.0),
+                       value_levels=(1.0, 0.0), num_splits=2, scale=0.1, pack_p_parts=True)
+  cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                      window=64)
+  q = jnp.asarray(rng.standard_normal((B, 1, 16, D)), jnp.float32)   # 8 rows per kv head
+  with pytest.raises(ValueError, match="at most 4 query rows"):
+    ka.attend(cache, q, mosaic=True, num_splits=2, pack_p_parts=True)
+  with pytest.raises(ValueError, match="at most 4 query rows"):
+    ka.attend(tiles_cache(rng), q[:, :, :8], mosaic=True, num_splits=2, pack_p_parts=True)
+
+
+def test_packed_p_parts_lowers_for_cuda(rng):
+  """The packed kernel lowers (Mosaic GPU, CUDA) with one value wgmma per step where the
+  unpacked one issues two, and folds its halves with butterfly shuffles."""
+  cache = tiles_cache(rng, 4, 3, levels="int8", tile_operand="int8", center_keys="plain",
+                      dtype=jnp.bfloat16, window=128)
+  q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
+  from benchmarks.mosaic_lowering import module_asm
+  counts = {}
+  for packed in (False, True):
+    text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False,
+                               pack_p_parts=packed).lower(
+        lowering_platforms=("cuda",)).as_text()
+    asm = module_asm(text)
+    counts[packed] = (asm.count("m64n8k32.s32.s8.s8"), asm.count("shfl.sync.bfly.b32 a, a, 2"))
+  assert 0 < counts[True][0] < counts[False][0] and counts[False][1] == 0 < counts[True][1], (
+      counts)

@@ -295,6 +295,12 @@ PROLOGUES = ("off", "query", "all")
 # 0.989) with half the attention's kernels (18 -> 9 per layer, 49.2 -> 45.1 us of device
 # time at 8 x 4K): `decode_prologue_gpu.json`, `decode_e2e_paired_prologue_*_gpu.json`.
 DEFAULT_PROLOGUE = "all"
+# The int8 kernel's p·‖v‖ parts as one value operand (`_mosaic_partials_padded`). H200,
+# Llama-3-8B shapes, K4/V3 (`int8_packed_gpu.json`): the kernel at 8 x 32K 0.110-0.113 ->
+# 0.096-0.100 ms, the whole attention 0.141-0.144 -> 0.127; the decode step 1.20x -> 1.33x
+# bf16 at 8 x 32K (paired), 8 x 4K and 1 x 4K within noise
+# (`decode_e2e_paired_packed_*_gpu.json`).
+DEFAULT_PACK_P_PARTS = True
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -326,7 +332,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             exact_in_kernel: bool = False, exact_blocks=None,
                             prologue: str | None = None,
                             prologue_interpret: bool | None = None,
-                            prologue_warps: int = 4, **kernel_kwargs):
+                            prologue_warps: int = 4, pack_p_parts: bool | None = None,
+                            **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
@@ -340,6 +347,10 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   ranges and the value bound too (twelve); "off": all in jnp; None: `DEFAULT_PROLOGUE`
   where it applies, else "off".
   prologue_interpret: its interpret mode (default: off the GPU).
+  pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
+  (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
+  zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
+  query rows per kv head).
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -353,8 +364,18 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   if num_splits is None:   # int8 tiles: waves of three CTAs per SM (measured, above)
     num_splits = _mosaic_splits(steps, b * h, **(
         dict(ctas_per_sm=3, sms=_multiprocessors()) if int8 else {}))
-  # Zero query rows up to wgmma's N = 8, padded once here (their transforms are zeros).
-  qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
+  packable = int8 and rows <= mosaic.HEADS // 2
+  if pack_p_parts is None:
+    pack_p_parts = DEFAULT_PACK_P_PARTS and packable
+  elif pack_p_parts and not packable:
+    raise ValueError("pack_p_parts needs int8 tiles and at most "
+                     f"{mosaic.HEADS // 2} query rows per kv head, got {rows}")
+  if pack_p_parts:   # rows 4-7 repeat rows 0-3 (zero rows up to 4 first)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS // 2 - rows), (0, 0)))
+    qf = jnp.broadcast_to(qf[:, :, None], (b, h, 2, *qf.shape[2:])).reshape(
+        b, h, mosaic.HEADS, d)
+  else:   # zero query rows up to wgmma's N = 8, once here (their transforms are zeros)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
   # The groups' rotated queries side by side, one array: the kernel reads each group's
   # columns (no slices after the product).
   if prologue not in (None, *PROLOGUES):
@@ -424,7 +445,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       value_levels=tuple(levels(g) for g in cache.value_quantizer.groups),
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
       **(dict(exact_blocks=blocks) if exact is not None else {}),
-      sliding_window=sliding_window, **kernel_kwargs)
+      sliding_window=sliding_window, **kernel_kwargs,
+      **({"pack_p_parts": True} if pack_p_parts else {}))
   return o, l, m, (mosaic.exact_splits(exact, blocks) if exact is not None else 0)
 
 
@@ -664,4 +686,5 @@ attend_jit = jax.jit(attend, static_argnames=(
     "num_warps", "num_stages", "compute_dtype", "interpret", "poison", "decode",
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
-    "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps"))
+    "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
+    "pack_p_parts"))
