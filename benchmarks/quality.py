@@ -352,7 +352,7 @@ def run_model(name: str, args, out: dict, save) -> None:
   # ... with 5-bit caches among the global layers' widths: the 3.5 budget's globals sat at
   # 4 bits (the widest) with bits to spare, and they carry its loss (bf16 rings: no better).
   extra += [ring_budgeted(model.cfg, b, args.tokens, window=256, widths=CACHE_BITS)
-            for b in (3.0, 3.5)]
+            for b in (3.0, 3.5, 4.5)]
   # The budget with 8-bit norms: the bits they free go to the codes.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=jnp.float8_e4m3fn),
                      " fp8 norms") for b in (2.5, 3.0, 3.5)]
