@@ -16,7 +16,7 @@ def assign_param(module, dotted: str, attr: str, value: np.ndarray, dtype) -> No
     module = getattr(module, part)
   param = getattr(module, attr)
   value = value.T if attr == "kernel" else value
-  if value.shape != param[...].shape:
-    raise ValueError(f"{dotted}.{attr}: checkpoint shape {value.shape}, model wants "
-                     f"{param[...].shape}")
-  param[...] = jnp.asarray(value, dtype)
+  want = param.get_value().shape   # an array, or a ShapeDtypeStruct (`nnx.eval_shape`)
+  if value.shape != want:
+    raise ValueError(f"{dotted}.{attr}: checkpoint shape {value.shape}, model wants {want}")
+  param.set_value(jnp.asarray(value, dtype))

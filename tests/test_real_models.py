@@ -64,24 +64,22 @@ def test_perplexity_on_english_prose_is_low(real_model):
   assert float(jnp.exp(nll)) < 30  # a broken loader or tokenizer gives hundreds or more
 
 
-def test_compressed_cache_costs_little_perplexity_and_keeps_the_greedy_token(real_model):
+def test_compressed_cache_costs_little_perplexity(real_model):
   from models import evaluation
-  from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
+  from turboquant_jax import TurboQuantConfig, TurboQuantKVCache
   model, tok = real_model
   # 40 tokens (the decode loop's cost is per token) with a small window, so most of the
   # 4-bit predictions read most tokens from codes.
   ids = jnp.asarray([tok.encode(PROSE)[:40]])
   make = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
       key_bits=4, value_bits=4, window=16))
-  dense = evaluation.perplexity(evaluation.decode_nll(model, ids, DenseKVCache.create))
+  # The dense side from one forward pass (no cache): the dense cache's decode equals it
+  # (test_decoder), and its decode loop was this test's costliest compile on two cores.
+  # (A greedy-token check through the compressed prefill, here before, cost ~15 s of
+  # compile per model; the compressed prefill's logits are test_decoder's, on small
+  # decoders of both architectures.)
+  logits, _ = nnx.jit(lambda m, x: m(x))(model, ids)
+  dense_nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], -1)
+  dense = evaluation.perplexity(dense_nll)
   ours = evaluation.perplexity(evaluation.decode_nll(model, ids, make))
   assert ours != dense and abs(ours / dense - 1) < 0.05
-  # The first token `generate` picks is the prefill's last argmax: the prefill alone
-  # (its decode loop's compile is the costliest part of this suite on two cores).
-  prompt = ids[:, :32]
-
-  def greedy(make_cache):
-    caches = model.init_caches(1, 48, make_cache, jnp.float32)
-    logits, _ = nnx.jit(lambda m, x, c: m(x, caches=c, prefill=True))(model, prompt, caches)
-    return int(jnp.argmax(logits[0, -1]))
-  assert greedy(make) == greedy(DenseKVCache.create)
