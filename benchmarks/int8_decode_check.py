@@ -72,6 +72,43 @@ def point(b: int, t: int, bits_k: int, bits_v: int):
   return args, sum(a.nbytes for a in args[2:6]), base
 
 
+def kernel_ab(rows: list, field: str, variants, reps: int, ceiling: float,
+              query=lambda q8: q8) -> None:
+  """The kernel alone at each of `POINTS` and its splits, each variant (a value of the
+  decode_partials option `field`) timed in turn, `reps` rounds; query: the int8 query
+  parts as the variants take them."""
+  for b, t, bk, bv, splits in POINTS:
+    args, nbytes, base = point(b, t, bk, bv)
+    args = (args[0], query(args[1]), *args[2:])
+    for s in splits:
+      for rep in range(reps):
+        for value in variants:
+          sec = common.device_time_chained(kernel_fn(bk, bv, s, **{field: value}), args, 0,
+                                           iters=8, repeats=11)
+          rows.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
+                           **{field: value}, cudnn_ms=base * 1e3, ms=sec * 1e3,
+                           x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
+          print(rows[-1], flush=True)
+
+
+def attend_ab(rows: list, field: str, variants, points, ceiling: float) -> None:
+  """The whole K4/V3 int8 attention through a cache at each (batch, tokens) of `points`
+  beside cuDNN, each variant (a value of the attend option `field`) in turn, 2 rounds."""
+  key = jax.random.PRNGKey(1)
+  for b, t in points:
+    key, sub = jax.random.split(key)
+    base = ma.cudnn_row(rows, sub, b, t, ceiling)
+    cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
+    q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
+    for rep in range(2):
+      for value in variants:
+        sec = ma.time_attend(cache, q, implementation="mosaic", **{field: value})
+        rows.append(dict(batch=b, tokens=t, kernel="K4/V3 int8", **{field: value}, rep=rep,
+                         ms=sec * 1e3, speedup=base / sec,
+                         ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
+        print(rows[-1], flush=True)
+
+
 def p_scale_ab() -> None:
   """p_scale "step" (each step's largest p·‖v‖, a cross-warp max per step) against
   "bound" (the row's largest ‖v‖ for every step): checks, kernel, whole attention."""
@@ -92,31 +129,9 @@ def p_scale_ab() -> None:
   cache_checks = ma.run_checks(ma.INT8_CHECKS, 400, kernel=dict(p_scale="bound"))
   save()
   ceiling = md.read_ceiling()
-  for b, t, bk, bv, splits in POINTS:
-    args, nbytes, base = point(b, t, bk, bv)
-    for s in splits:
-      for rep in range(2):
-        for p_scale in ("step", "bound"):
-          sec = common.device_time_chained(kernel_fn(bk, bv, s, p_scale=p_scale), args, 0,
-                                           iters=8, repeats=11)
-          kernel.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
-                             p_scale=p_scale, cudnn_ms=base * 1e3, ms=sec * 1e3,
-                             x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
-          print(kernel[-1], flush=True)
-    save()
-  key = jax.random.PRNGKey(1)
-  for b, t in ((8, 32768), (8, 4096)):
-    key, sub = jax.random.split(key)
-    base = ma.cudnn_row(attend, sub, b, t, ceiling)
-    cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
-    q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
-    for rep in range(2):
-      for p_scale in ("step", "bound"):
-        sec = ma.time_attend(cache, q, implementation="mosaic", p_scale=p_scale)
-        attend.append(dict(batch=b, tokens=t, kernel="K4/V3 int8 " + p_scale, rep=rep,
-                           ms=sec * 1e3, speedup=base / sec,
-                           ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
-        print(attend[-1], flush=True)
+  kernel_ab(kernel, "p_scale", ("step", "bound"), 2, ceiling)
+  save()
+  attend_ab(attend, "p_scale", ("step", "bound"), ((8, 32768), (8, 4096)), ceiling)
   print(f"wrote {save()}")
   common.print_table(checks, ["bits_k", "bits_v", "p_scale", "value_spread", "rel_err", "ok"])
   common.print_table(kernel, ["batch", "tokens", "bits_k", "bits_v", "splits", "p_scale", "ms",
@@ -146,33 +161,12 @@ def packed_ab() -> None:
         ma.INT8_CHECKS, 400, kernel=dict(pack_p_parts=packed))]
   save()
   ceiling = md.read_ceiling()
-  for b, t, bk, bv, splits in POINTS:
-    args, nbytes, base = point(b, t, bk, bv)
-    # the query's rows 4-7 repeating rows 0-3, as the glue hands them to the packed kernel
-    args = (args[0], jnp.concatenate([args[1][:, :, :4]] * 2, axis=2), *args[2:])
-    for s in splits:
-      for rep in range(3):
-        for packed in (False, True):
-          sec = common.device_time_chained(kernel_fn(bk, bv, s, pack_p_parts=packed), args,
-                                           0, iters=8, repeats=11)
-          kernel.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
-                             pack_p_parts=packed, cudnn_ms=base * 1e3, ms=sec * 1e3,
-                             x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
-          print(kernel[-1], flush=True)
-    save()
-  key = jax.random.PRNGKey(1)
-  for b, t in ((8, 32768), (8, 4096), (1, 4096)):
-    key, sub = jax.random.split(key)
-    base = ma.cudnn_row(attend, sub, b, t, ceiling)
-    cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
-    q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
-    for rep in range(2):
-      for packed in (False, True):
-        sec = ma.time_attend(cache, q, implementation="mosaic", pack_p_parts=packed)
-        attend.append(dict(batch=b, tokens=t, kernel="K4/V3 int8", pack_p_parts=packed,
-                           rep=rep, ms=sec * 1e3, speedup=base / sec,
-                           ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
-        print(attend[-1], flush=True)
+  # the query's rows 4-7 repeating rows 0-3, as the glue hands them to the packed kernel
+  kernel_ab(kernel, "pack_p_parts", (False, True), 3, ceiling,
+            query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2))
+  save()
+  attend_ab(attend, "pack_p_parts", (False, True), ((8, 32768), (8, 4096), (1, 4096)),
+            ceiling)
   print(f"wrote {save()}")
   common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "p_scale",
                               "rel_err", "ok"])
