@@ -1406,9 +1406,10 @@ def _check_packed(q_scale, q) -> None:
   if q_scale is None:
     raise ValueError("pack_p_parts is for operand='int8' only")
   half = HEADS // 2
-  if isinstance(q, jax.core.Tracer):
+  try:
+    rows = np.asarray(q)
+  except jax.errors.TracerArrayConversionError:   # under jit: the glue's to keep
     return
-  rows = np.asarray(q)
   if rows.shape[-2] == HEADS and not np.array_equal(rows[..., half:, :], rows[..., :half, :]):
     raise ValueError("pack_p_parts needs the query's rows 4-7 to repeat rows 0-3")
 
