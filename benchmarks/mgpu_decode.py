@@ -92,12 +92,12 @@ def merged(o, l, m):
 
 def rope_operands(key, r, t, size=1.0, repeat=False):
   """Random q·R(t)·μ operands (Llama 3's RoPE frequencies), offsets of about `size`;
-  repeat: heads 4-7 repeat heads 0-3 (else zero past the G real heads)."""
+  repeat: heads G-2G repeat heads 0-G (else zero past the G real heads)."""
   freq = 500000.0 ** (-jnp.arange(D // 2, dtype=jnp.float32) * 2 / D)
   ca, cb = jax.random.normal(key, (2, r, dm.HEADS, D // 2)) * size / 8
   ca, cb = (x.at[:, G:].set(0.0) for x in (ca, cb))
   if repeat:
-    ca, cb = (jnp.concatenate([x[:, :4], x[:, :4]], axis=1) for x in (ca, cb))
+    ca, cb = (jnp.concatenate([x[:, :G], x[:, :G]], axis=1) for x in (ca, cb))
   return dm.rope_offsets(ca, cb, freq, t)
 
 

@@ -65,6 +65,9 @@ def smollm2_path() -> str:
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
             11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+# Tensor types stored as plain numpy arrays (the rest are quantized blocks of bytes).
+_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
+          "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
 class _Cursor:
@@ -148,10 +151,8 @@ class GGUFFile:
       block, size = gguf.GGML_QUANT_SIZES[qtype]
       n = int(np.prod(dims))
       shape = tuple(reversed(dims))
-      if qtype.name in ("F32", "F16", "F64", "I8", "I16", "I32", "I64"):
-        dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
-                 "I16": np.int16, "I32": np.int32, "I64": np.int64}[qtype.name]
-        count = n
+      if qtype.name in _PLAIN:
+        dtype, count = _PLAIN[qtype.name], n
       else:
         dtype, count = np.uint8, n * size // block
         shape = gguf.quant_shape_to_byte_shape(shape, qtype)
@@ -226,7 +227,7 @@ def load_gguf(path: str, param_dtype=jnp.float32) -> tuple[Decoder, GGUFFile]:
       key = f"blk.{i}.{name}.weight"
       if key in f.tensors:
         assign_param(model.layers[i], dotted, attr, f.tensor(key), param_dtype)
-  missing = [jax.tree_util.keystr(path) for path, x in
+  missing = [jax.tree_util.keystr(key) for key, x in
              jax.tree_util.tree_leaves_with_path(nnx.state(model))
              if isinstance(x, jax.ShapeDtypeStruct)]
   if missing:

@@ -372,42 +372,39 @@ def byte_decoder(bits: int, table, raw: bool = False,
   return decode
 
 
-def _partner_columns():
-  """Returns f(x) -> y, to call inside a Mosaic GPU kernel: x float32 [rows, 8] in
-  `plgpu.Layout.WGMMA`, y[:, c] = x[:, c ^ 4] (thread 4·r + k holds columns 2k, 2k + 1:
-  one butterfly shuffle across lanes k and k ^ 2 per register)."""
+def _partner_columns(x):
+  """Inside a Mosaic GPU kernel: x float32 [rows, 8] in `plgpu.Layout.WGMMA` -> y with
+  y[:, c] = x[:, c ^ 4] (thread 4·r + k holds columns 2k, 2k + 1: one butterfly shuffle
+  across lanes k and k ^ 2 per register)."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import llvm
 
-  def partner(x):
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                       return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32,
-                                                          layout=plgpu.Layout.WGMMA))
-    def shuffle(ctx, arr):
-      del ctx
-      i64 = ir.IntegerType.get_signless(64)
-      out = np.empty(arr.registers.shape, dtype=object)
-      for idx, vec in np.ndenumerate(arr.registers):
-        r = llvm.inline_asm(
-            i64, [mgpu_utils.bitcast(vec, i64)],
-            "{ .reg .b32 a, b; mov.b64 {a, b}, $1;"
-            " shfl.sync.bfly.b32 a, a, 2, 0x1f, 0xffffffff;"
-            " shfl.sync.bfly.b32 b, b, 2, 0x1f, 0xffffffff; mov.b64 $0, {a, b}; }", "=l,l",
-            has_side_effects=True)
-        out[idx] = mgpu_utils.bitcast(r, vec.type)
-      return mgpu.FragmentedArray(_registers=out, _layout=arr.layout, _is_signed=None)
-    return shuffle(x)
-
-  return partner
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                        layout=plgpu.Layout.WGMMA))
+  def shuffle(ctx, arr):
+    del ctx
+    i64 = ir.IntegerType.get_signless(64)
+    out = np.empty(arr.registers.shape, dtype=object)
+    for idx, vec in np.ndenumerate(arr.registers):
+      r = llvm.inline_asm(
+          i64, [mgpu_utils.bitcast(vec, i64)],
+          "{ .reg .b32 a, b; mov.b64 {a, b}, $1;"
+          " shfl.sync.bfly.b32 a, a, 2, 0x1f, 0xffffffff;"
+          " shfl.sync.bfly.b32 b, b, 2, 0x1f, 0xffffffff; mov.b64 $0, {a, b}; }", "=l,l",
+          has_side_effects=True)
+      out[idx] = mgpu_utils.bitcast(r, vec.type)
+    return mgpu.FragmentedArray(_registers=out, _layout=arr.layout, _is_signed=None)
+  return shuffle(x)
 
 
-def fold_p_parts(o, partner) -> Array:
+def fold_p_parts(o) -> Array:
   """Inside the kernel: o float32 [rows, 8] (WGMMA layout) with the high parts' sums in
   columns 0-3 and the low parts' in 4-7 (`pack_p_parts`) -> o[:, :4] + o[:, 4:] / 127 in
   both halves (the unpacked kernel's o with its query rows repeated)."""
-  y = partner(o)
+  y = _partner_columns(o)
   col = plgpu.broadcasted_iota(jnp.int32, o.shape, 1, layout=plgpu.Layout.WGMMA)
   return jnp.where(col < HEADS // 2, o + y * (1 / 127), y + o * (1 / 127))
 
@@ -838,7 +835,6 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if pack_p_parts and not s8:
     raise ValueError("pack_p_parts is for operand='int8' only")
   packed = bool(pack_p_parts)
-  partner = _partner_columns() if packed else None
   given_koff = key_offsets       # the name is reused below for the groups' offsets
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
@@ -1272,7 +1268,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           off = jnp.where(col < HEADS // 2, off, 0.0)
         o[g] = o[g] + off
       if packed:   # back to one sum per head, in both halves (o as without packing)
-        o = [fold_p_parts(o_g, partner) for o_g in o]
+        o = [fold_p_parts(o_g) for o_g in o]
 
       def write(o_smem, lm_smem):
         if gv == 1:
@@ -1349,6 +1345,8 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
   With q_scale (the int8 path): q int8 [R, 2, 8, D] parts and `ByteLevels`, taken as the
   kernel takes them (the p·‖v‖ rounding of its value product aside); pack_p_parts: checks
   the query's rows 4-7 repeat rows 0-3 (where they are concrete), as the kernel needs."""
+  if pack_p_parts:
+    _check_packed(q_scale, q)
   if q_scale is not None:
     q = q_scale[..., None] * (q[:, 0].astype(jnp.float32)
                               + q[:, 1].astype(jnp.float32) / 127.0)
@@ -1393,8 +1391,6 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
     lv = levels(codes, bits, ac).reshape(r, num_splits, t // num_splits, -1)
     o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
   o = jnp.concatenate(o, axis=2)
-  if pack_p_parts:
-    _check_packed(q_scale, q[0])
   if exact is not None:
     o_e, l_e, m_e = _exact_reference(exact, exact_block_sizes(exact, exact_blocks), scale,
                                      soft_cap, sliding_window)
@@ -1403,6 +1399,7 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
 
 
 def _check_packed(q_scale, q) -> None:
+  """q: the int8 path's parts [R, 2, 8, D]."""
   if q_scale is None:
     raise ValueError("pack_p_parts is for operand='int8' only")
   half = HEADS // 2
@@ -1410,7 +1407,7 @@ def _check_packed(q_scale, q) -> None:
     rows = np.asarray(q)
   except jax.errors.TracerArrayConversionError:   # under jit: the glue's to keep
     return
-  if rows.shape[-2] == HEADS and not np.array_equal(rows[..., half:, :], rows[..., :half, :]):
+  if not np.array_equal(rows[..., half:, :], rows[..., :half, :]):
     raise ValueError("pack_p_parts needs the query's rows 4-7 to repeat rows 0-3")
 
 

@@ -56,11 +56,15 @@ def test_tokenizer_round_trips_real_text(real_model):
   assert len(tok.encode(PROSE)) < len(PROSE) / 3  # merges happen: ~4 characters a token
 
 
+def forward_nll(model, ids):
+  """[T - 1] nats of ids[0, 1:] from one forward pass (no cache)."""
+  logits, _ = nnx.jit(lambda m, x: m(x))(model, ids)
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], -1)
+
+
 def test_perplexity_on_english_prose_is_low(real_model):
   model, tok = real_model
-  ids = jnp.asarray([tok.encode(PROSE)])
-  logits, _ = nnx.jit(lambda m, x: m(x))(model, ids)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], -1).mean()
+  nll = forward_nll(model, jnp.asarray([tok.encode(PROSE)])).mean()
   assert float(jnp.exp(nll)) < 30  # a broken loader or tokenizer gives hundreds or more
 
 
@@ -78,8 +82,6 @@ def test_compressed_cache_costs_little_perplexity(real_model):
   # (A greedy-token check through the compressed prefill, here before, cost ~15 s of
   # compile per model; the compressed prefill's logits are test_decoder's, on small
   # decoders of both architectures.)
-  logits, _ = nnx.jit(lambda m, x: m(x))(model, ids)
-  dense_nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], -1)
-  dense = evaluation.perplexity(dense_nll)
+  dense = evaluation.perplexity(forward_nll(model, ids))
   ours = evaluation.perplexity(evaluation.decode_nll(model, ids, make))
   assert ours != dense and abs(ours / dense - 1) < 0.05
