@@ -13,6 +13,7 @@ time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_code
     python -m benchmarks.int8_decode_check
     python -m benchmarks.int8_decode_check --p-scale-ab   # p_scale "step" vs "bound"
     python -m benchmarks.int8_decode_check --packed       # pack_p_parts vs two operands
+    python -m benchmarks.int8_decode_check --packed --no-kernel-alone   # checks, attention
 
 `--p-scale-ab` (`int8_p_scale_gpu.json`): the kernel checks with p_scale="bound" and a
 K4/V3 check under both with a few large value norms, the cache checks, then the kernel
@@ -139,10 +140,10 @@ def p_scale_ab() -> None:
   common.print_table(attend, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
 
 
-def packed_ab() -> None:
+def packed_ab(kernel_alone: bool = True) -> None:
   """p·‖v‖'s int8 parts as one value operand (`pack_p_parts`) against two: kernel checks
-  (both p scales), cache checks, then the kernel alone and the whole attention, K4/V3 and
-  K4/V4, interleaved (`int8_packed_<platform>.json`)."""
+  (both p scales), cache checks, then the kernel alone (unless not kernel_alone) and the
+  whole attention, K4/V3 and K4/V4, interleaved (`int8_packed_<platform>.json`)."""
   checks, cache_checks, kernel, attend = [], [], [], []
 
   def save():
@@ -161,10 +162,10 @@ def packed_ab() -> None:
         ma.INT8_CHECKS, 400, kernel=dict(pack_p_parts=packed))]
   save()
   ceiling = md.read_ceiling()
-  # the query's rows 4-7 repeating rows 0-3, as the glue hands them to the packed kernel
-  kernel_ab(kernel, "pack_p_parts", (False, True), 3, ceiling,
-            query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2))
-  save()
+  if kernel_alone:  # the query's rows 4-7 repeating rows 0-3, as the glue hands them
+    kernel_ab(kernel, "pack_p_parts", (False, True), 3, ceiling,
+              query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2))
+    save()
   attend_ab(attend, "pack_p_parts", (False, True), ((8, 32768), (8, 4096), (1, 4096)),
             ceiling)
   print(f"wrote {save()}")
@@ -217,6 +218,6 @@ if __name__ == "__main__":
   if "--p-scale-ab" in sys.argv[1:]:
     p_scale_ab()
   elif "--packed" in sys.argv[1:]:
-    packed_ab()
+    packed_ab(kernel_alone="--no-kernel-alone" not in sys.argv[1:])
   else:
     main()

@@ -412,7 +412,7 @@ def test_int8_prologue_modes_and_fused_merge(rng, monkeypatch, prologue):
   assert prologue is not None or mode == "all"   # else add "all" to the cases
   assert bounds_shape == ((B * H, 2) if mode == "all" else (B, 2))   # per row / per entry
   assert ("key_offsets" in k) == (mode != "off")          # 4-bit keys: the 1/2 offsets
-  assert ("value_bound" in k) == (mode == "all")
+  assert "value_bound" in k    # the cache's running max, in every mode (checked by the twin)
   assert k["exact"].limits.shape[0] == (B * H if mode == "all" else B)
 
 

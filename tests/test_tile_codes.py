@@ -22,6 +22,7 @@ def test_runs_read_back(rng, bits, d, transposed, operand):
   codes = tile_codes.empty((b, h, length), layout, jnp.float16)
   expect = np.zeros((b, h, length, d), np.uint8)
   expect_norms = np.zeros((b, h, length), np.float16)
+  expect_max = np.zeros((b, h), np.float32)   # of every norm written, rewritten ones too
   # Runs that start mid-tile, cross tiles, rewrite earlier positions, write nothing, and
   # end at the cache's last position.
   for start, t, count in [((0, 5), tt + 7, (tt + 7, tt)), ((tt + 3, 2 * tt), 1, (1, 0)),
@@ -33,8 +34,10 @@ def test_runs_read_back(rng, bits, d, transposed, operand):
     for i in range(b):
       expect[i, :, start[i]:start[i] + count[i]] = lv[i, :, :count[i]]
       expect_norms[i, :, start[i]:start[i] + count[i]] = nm[i, :, :count[i]]
+      expect_max[i] = np.maximum(expect_max[i], nm[i, :, :count[i]].max(-1, initial=0))
   np.testing.assert_array_equal(np.asarray(tile_codes.read_levels(codes)), expect)
   np.testing.assert_array_equal(np.asarray(codes.norms), expect_norms)
+  np.testing.assert_array_equal(np.asarray(codes.norm_max), expect_max)
 
 
 def test_tile_lengths_and_errors():
@@ -63,7 +66,8 @@ def test_tile_lengths_and_errors():
                                 dict(key_bits=3.5, value_bits=2.5)])
 def test_tiles_cache_equals_planes_cache(rng, kw):
   """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
-  codes, so the same reconstruction and attention; memory counted the same."""
+  codes, so the same reconstruction and attention; memory counted the same (but for the
+tiles' norm bound)."""
   b, length, h, d = 2, 512, 2, 128
   tiles = TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout="tiles", **kw))
   # The same window (by default the tiles' length where that is longer than 128 tokens).
@@ -81,5 +85,10 @@ def test_tiles_cache_equals_planes_cache(rng, kw):
   q = jnp.asarray(rng.standard_normal((b, 1, 8, d)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(planes.attend(q)), np.asarray(tiles.attend(q)))
   rp, rt = planes.memory_report(), tiles.memory_report()
-  assert rp["bytes_per_token_per_head"] == rt["bytes_per_token_per_head"]
+  # The tiles keep one more float32 per row and head and group: the norms' running max.
+  extra = sum(c.norm_max.nbytes for c in (*tiles.key_codes, *tiles.value_codes))
+  assert extra == 4 * b * h * (len(tiles.key_codes) + len(tiles.value_codes))
+  assert rt["key_norms"] + rt["value_norms"] == rp["key_norms"] + rp["value_norms"] + extra
+  assert rt["bytes_per_token_per_head"] == pytest.approx(
+      rp["bytes_per_token_per_head"] + extra / (b * h * length), rel=1e-12)
   assert rp["key_codes"] == rt["key_codes"] > 0

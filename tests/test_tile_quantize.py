@@ -100,7 +100,7 @@ def test_write_tiles_matches_write_run():
                              jnp.asarray(rng.random((b, h, length)), jnp.float32),
                              jnp.zeros((b,), jnp.int32), jnp.full((b,), length, jnp.int32))
   levels = jnp.asarray(rng.integers(0, 8, (b, h, n * 256, 64)), jnp.uint8)
-  norms = jnp.asarray(rng.random((b, h, n * 256)), jnp.float16)
+  norms = jnp.asarray(2 * rng.random((b, h, n * 256)), jnp.float16)  # raises the max
   start = jnp.array([256, 0, 768], jnp.int32)
   count = jnp.array([300, 512, 0], jnp.int32)
   want = tile_codes.write_run(old, levels, norms, start, count)
@@ -108,6 +108,8 @@ def test_write_tiles_matches_write_run():
   got = tile_codes.write_tiles(old, words.reshape(b, h, n * 64, -1), norms, start, count)
   np.testing.assert_array_equal(got.words, want.words)
   np.testing.assert_array_equal(got.norms, want.norms)
+  np.testing.assert_array_equal(got.norm_max, want.norm_max)
+  np.testing.assert_array_equal(got.norm_max, np.asarray(got.norms, np.float32).max(-1))
 
 
 def _fill(config, steps, key=jax.random.PRNGKey(0), b=2, h=1, d=128, length=1024):

@@ -304,10 +304,11 @@ DEFAULT_PACK_P_PARTS = True
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
-                     everything: bool, value_bound: bool, interpret: bool,
+                     everything: bool, interpret: bool,
                      num_warps: int = 4) -> decode_prologue.Prologue:
   """`decode_prologue` of qf [B, H, 8, D] (rows padded) for a decode query at pos [B]:
-  the query's parts, offsets and q·μ; everything: the ranges and value bound too."""
+  the query's parts, offsets and q·μ; everything: the ranges too (the value bound is the
+  cache's own, `_value_bound`)."""
   b, h, rows, d = qf.shape
   q = permute_channels(qf, cache.key_perm).reshape(b * h, rows, d)
   mean = None
@@ -316,12 +317,18 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
   ranges = decode_prologue.Ranges(
       cache.lengths, pos, cache.window_positions, cache.config.num_sinks,
       cache.sink_keys.shape[2], sliding_window) if everything else None
-  norms = (tuple(c.norms.reshape(b * h, -1) for c in cache.value_codes)
-           if value_bound and everything else ())
   return decode_prologue.decode_prologue(
       q, cache.key_quantizer.unrotation_matrix(), heads=h, key_groups=_key_groups(cache),
-      key_mean=mean, ranges=ranges, value_norms=norms, interpret=interpret,
-      num_warps=num_warps)
+      key_mean=mean, ranges=ranges, interpret=interpret, num_warps=num_warps)
+
+
+def _value_bound(cache) -> Array:
+  """float32 [B x H, value groups]: the int8 kernel's bound of each row's value norms,
+  kept by the cache on append (`tile_codes.TileCodes.norm_max`) rather than reduced over
+  every slot each step. H200, Llama-3-8B shapes, K4/V3 packed, 8 x 32K: the prologue 14.7
+  -> 9.8 us, one layer's attention 125.5 -> 119.3 us (`step_profile_cache_bound_8x32k_gpu
+  .json`), the decode step 1.33x -> 1.38x bf16 (`decode_e2e_paired_cache_bound_*`)."""
+  return jnp.stack([c.norm_max.reshape(-1) for c in cache.value_codes], axis=1)
 
 
 def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: float,
@@ -344,8 +351,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   blocks' tokens (`_exact_tokens`). prologue: the int8 kernel's inputs from
   `pallas_kernels.decode_prologue` where it applies (`prologue_unsupported`): "query",
   the query's int8 parts, offsets and q·μ (one launch for six XLA kernels); "all", the
-  ranges and the value bound too (twelve); "off": all in jnp; None: `DEFAULT_PROLOGUE`
-  where it applies, else "off".
+  ranges too; "off": all in jnp; None: `DEFAULT_PROLOGUE` where it applies, else "off".
+  The value bound of the int8 kernel's p·‖v‖ scale is the cache's (`_value_bound`).
   prologue_interpret: its interpret mode (default: off the GPU).
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
@@ -391,10 +398,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     if prologue_interpret is None:
       prologue_interpret = jax.default_backend() != "gpu"
     everything = prologue == "all"
-    bound = kernel_kwargs.get("p_scale", "bound") == "bound"
     pro = _prologue_inputs(cache, qf, q_positions[:, 0], sliding_window,
-                           everything=everything, value_bound=bound,
-                           interpret=prologue_interpret, num_warps=prologue_warps)
+                           everything=everything, interpret=prologue_interpret,
+                           num_warps=prologue_warps)
     q, qoff = pro.q, pro.qoff
     if everything:
       bounds, limits = pro.bounds, pro.limits
@@ -402,9 +408,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
     kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=pro.scale,
                          **({"key_offsets": pro.key_offsets}
-                            if pro.key_offsets is not None else {}),
-                         **({"value_bound": pro.value_bound}
-                            if bound and everything else {}))
+                            if pro.key_offsets is not None else {}))
     levels = byte_levels
   else:
     q = cache.key_quantizer.rotated_queries(permute_channels(qf, cache.key_perm))
@@ -419,6 +423,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     # One position per batch entry (decode): the compressed range, causal and windowed,
     # and the exact parts' visible ranges, read by each row as i // h in the kernel.
     bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
+  if int8 and kernel_kwargs.get("p_scale", "bound") == "bound":
+    kernel_kwargs = dict(kernel_kwargs, value_bound=_value_bound(cache))
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
   rope = None
   if cache.key_mean is not None and cache.rope is not None:

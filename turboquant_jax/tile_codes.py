@@ -108,11 +108,15 @@ class TileCodes:
   Attributes:
     words: int32 [B, H, (L / tokens)·64, C], `TileLayout.pack` tiles in order.
     norms: [B, H, L] ‖x‖ in the quantizer's norm dtype.
+    norm_max: float32 [B, H], the largest norm ever written to the row (as stored): an
+      upper bound of `norms` kept on append, so a decode step need not reduce over L
+      (the int8 kernel's p·‖v‖ scale, `decode_attention_mgpu.decode_partials`).
     layout: the `TileLayout` (static).
   """
 
   words: Array
   norms: Array
+  norm_max: Array
   layout: TileLayout = flax.struct.field(pytree_node=False)
 
 
@@ -127,7 +131,14 @@ def empty(lead: tuple[int, int, int], layout: TileLayout, norm_dtype) -> TileCod
   # Level 0's bits: zeros, except 4-bit byte tiles (sign-magnitude: all ones).
   fill = -1 if layout.operand == "int8" and layout.bits == 4 else 0
   return TileCodes(words=jnp.full((b, h, rows, layout.spec.words_per_row), fill, jnp.int32),
-                   norms=jnp.zeros((b, h, length), norm_dtype), layout=layout)
+                   norms=jnp.zeros((b, h, length), norm_dtype),
+                   norm_max=jnp.zeros((b, h), jnp.float32), layout=layout)
+
+
+def _raised_max(norm_max: Array, norms: Array, written: Array) -> Array:
+  """norm_max [B, H] raised to the written [B, T] of norms [B, H, T] (stored dtype)."""
+  new = jnp.where(written[:, None, :], norms.astype(jnp.float32), 0.0)
+  return jnp.maximum(norm_max, jnp.max(new, axis=-1, initial=0.0))
 
 
 def _to_tiles(x: Array, layout: TileLayout) -> Array:
@@ -187,7 +198,9 @@ def write_run(codes: TileCodes, levels: Array, norms: Array, start: Array,
   new_norms = jax.vmap(lambda buf, upd, i: buf.at[:, i].set(upd.astype(buf.dtype),
                                                             mode="drop"))(
       codes.norms, norms, idx)
-  return codes.replace(words=words, norms=new_norms)
+  written = jnp.arange(t)[None, :] < count[:, None]
+  return codes.replace(words=words, norms=new_norms, norm_max=_raised_max(
+      codes.norm_max, norms.astype(codes.norms.dtype), written))
 
 
 def write_tiles(codes: TileCodes, words: Array, norms: Array, start: Array,
@@ -240,7 +253,9 @@ def write_tiles(codes: TileCodes, words: Array, norms: Array, start: Array,
 
   new_words, new_norms = jax.vmap(one_row)(codes.words, words, codes.norms, norms, start,
                                            count, filled, mask)
-  return codes.replace(words=new_words, norms=new_norms)
+  written = jnp.arange(n * tt)[None, :] < count[:, None]
+  return codes.replace(words=new_words, norms=new_norms, norm_max=_raised_max(
+      codes.norm_max, norms.astype(codes.norms.dtype), written))
 
 
 def read_levels(codes: TileCodes) -> Array:

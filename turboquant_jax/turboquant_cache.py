@@ -844,7 +844,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
         mse = c
         if isinstance(c, tile_codes.TileCodes):
           parts["codes"] += int(c.words.nbytes)
-          parts["norms"] += int(c.norms.nbytes)
+          parts["norms"] += int(c.norms.nbytes + c.norm_max.nbytes)
           continue
         if isinstance(c, ProdCodes):
           parts["qjl_signs"] += int(c.signs.nbytes)
