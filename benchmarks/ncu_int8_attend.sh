@@ -1,12 +1,13 @@
 #!/bin/bash
-# ncu (full set) of the K4/V3 int8 attention's Mosaic kernel and prologue at 8 x 32K and
+# ncu (the sections that ran here before: `--set full` crashed the process) of the K4/V3 int8 attention's Mosaic kernel and prologue at 8 x 32K and
 # 8 x 4K (`int8_decode_check --profile`), on the H200 (Firecracker: counters readable):
 #   bash benchmarks/ncu_int8_attend.sh OUT_DIR
 # writes OUT_DIR/int8_attend.ncu-rep, the details page and the SASS source page with
 # per-instruction stall samples of the first 8 x 32K Mosaic launch.
 set -u
 out=${1:?out dir}
-ncu --clock-control none --set full --import-source yes -k regex:"mosaic_gpu|decode_prologue" \
+ncu --clock-control none -k regex:"mosaic_gpu|decode_prologue" \
+  --section LaunchStats,Occupancy,WarpStateStats,InstructionStats,SchedulerStats,SourceCounters,SpeedOfLight,MemoryWorkloadAnalysis,ComputeWorkloadAnalysis \
   -o "$out/int8_attend" -f python -m benchmarks.int8_decode_check --profile \
   > "$out/ncu_run.log" 2>&1
 echo "ncu rc $?"
