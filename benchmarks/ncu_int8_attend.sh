@@ -7,7 +7,7 @@
 set -u
 out=${1:?out dir}
 ncu --clock-control none -k regex:"mosaic_gpu|decode_prologue" \
-  --section LaunchStats,Occupancy,WarpStateStats,InstructionStats,SchedulerStats,SourceCounters,SpeedOfLight,MemoryWorkloadAnalysis,ComputeWorkloadAnalysis \
+  --section LaunchStats --section Occupancy --section WarpStateStats --section InstructionStats --section SchedulerStats --section SourceCounters --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
   -o "$out/int8_attend" -f python -m benchmarks.int8_decode_check --profile \
   > "$out/ncu_run.log" 2>&1
 echo "ncu rc $?"
