@@ -114,89 +114,46 @@ CACHES = {
 }
 
 
-@flax.struct.dataclass
-class MergeKernelCache(TurboQuantKVCache):
-  """A TurboQuant cache whose Mosaic path ends in `pallas_kernels.merge_exact` instead of
-  jnp (`kernel_attention.attend(fused_merge=True)`), timed side by side."""
-
+def fixed_attend_cache(name: str, doc: str, **options) -> type:
+  """A `TurboQuantKVCache` subclass whose `attend` always passes `options` (a variant of
+  the kernel path, timed side by side with the default under its own cache name)."""
   def attend(self, q, **kwargs):
-    return super().attend(q, fused_merge=True, **kwargs)
+    return TurboQuantKVCache.attend(self, q, **options, **kwargs)
+  return flax.struct.dataclass(type(name, (TurboQuantKVCache,),
+                                    {"attend": attend, "__doc__": doc}))
 
 
-@flax.struct.dataclass
-class RopeTable256Cache(TurboQuantKVCache):
-  """A TurboQuant cache whose Mosaic kernel takes its RoPE offsets from a table as long as
-  its 256-token tiles (the default is 64 rows: two CTAs per SM, where this leaves one),
-  timed side by side."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, rope_table_rows=256, **kwargs)
-
-
-@flax.struct.dataclass
-class JnpExactCache(TurboQuantKVCache):
-  """A TurboQuant cache whose Mosaic path attends over the exact window and sinks in jnp
-  (the path before `ExactTokens`: float32 products after the kernel) instead of in the
-  kernel's last splits, timed side by side."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, exact_in_kernel=False, **kwargs)
-
-
-@flax.struct.dataclass
-class JnpPrologueCache(TurboQuantKVCache):
-  """A TurboQuant cache whose int8 Mosaic path makes the kernel's query parts, offsets,
-  ranges and value bound in jnp (about twelve XLA kernels) instead of
-  `pallas_kernels.decode_prologue` (one launch, the default), timed side by side."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, prologue="off", **kwargs)
-
-
-@flax.struct.dataclass
-class QueryPrologueCache(TurboQuantKVCache):
-  """As `JnpPrologueCache`, but the query's int8 parts, offsets and q·μ from
-  `decode_prologue` (one launch for six XLA kernels; the cache-only ranges and value bound
-  in jnp, which XLA may run beside the query's projection)."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, prologue="query", **kwargs)
-
-
-@flax.struct.dataclass
-class PackedPartsCache(TurboQuantKVCache):
-  """A TurboQuant cache whose int8 Mosaic kernel takes p·‖v‖'s two int8 parts as one
-  value operand (`kernel_attention` pack_p_parts=True), timed side by side."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, pack_p_parts=True, **kwargs)
-
-
-@flax.struct.dataclass
-class UnpackedPartsCache(TurboQuantKVCache):
-  """As `PackedPartsCache` with pack_p_parts=False: two value operands per step."""
-
-  def attend(self, q, **kwargs):
-    return super().attend(q, pack_p_parts=False, **kwargs)
-
-
-# Variants timed only when named in --caches.
-CACHES["tq3-tiles-rope-merge-kernel"] = functools.partial(
-    MergeKernelCache.create, config=CACHES["tq3-tiles-rope"].keywords["config"])
-CACHES["tq3.5-quintic-rope-merge-kernel"] = functools.partial(
-    MergeKernelCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
-CACHES["tq3.5-quintic-rope-jnp-exact"] = functools.partial(
-    JnpExactCache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
-CACHES["tq3.5-k4v3-int8-query-prologue"] = functools.partial(
-    QueryPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
-CACHES["tq3.5-k4v3-int8-jnp-prologue"] = functools.partial(
-    JnpPrologueCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
-CACHES["tq3.5-k4v3-int8-packed"] = functools.partial(
-    PackedPartsCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
-CACHES["tq3.5-k4v3-int8-unpacked"] = functools.partial(
-    UnpackedPartsCache.create, config=CACHES["tq3.5-k4v3-int8"].keywords["config"])
-CACHES["tq3.5-quintic-rope-table256"] = functools.partial(
-    RopeTable256Cache.create, config=CACHES["tq3.5-quintic-rope"].keywords["config"])
+# Variants timed only when named in --caches: (name, base cache, doc, attend options).
+VARIANTS = [
+    ("tq3-tiles-rope-merge-kernel", "tq3-tiles-rope",
+     "ends in `pallas_kernels.merge_exact` instead of jnp", dict(fused_merge=True)),
+    ("tq3.5-quintic-rope-merge-kernel", "tq3.5-quintic-rope",
+     "ends in `pallas_kernels.merge_exact` instead of jnp", dict(fused_merge=True)),
+    ("tq3.5-quintic-rope-jnp-exact", "tq3.5-quintic-rope",
+     "attends over the exact window and sinks in jnp (float32 products after the kernel) "
+     "instead of in the kernel's last splits", dict(exact_in_kernel=False)),
+    ("tq3.5-k4v3-int8-query-prologue", "tq3.5-k4v3-int8",
+     "the query's int8 parts, offsets and q·μ from `decode_prologue`, the ranges in jnp",
+     dict(prologue="query")),
+    ("tq3.5-k4v3-int8-jnp-prologue", "tq3.5-k4v3-int8",
+     "the kernel's query parts, offsets and ranges in jnp (about eleven XLA kernels)",
+     dict(prologue="off")),
+    ("tq3.5-k4v3-int8-packed", "tq3.5-k4v3-int8",
+     "p·‖v‖'s two int8 parts as one value operand", dict(pack_p_parts=True)),
+    ("tq3.5-k4v3-int8-unpacked", "tq3.5-k4v3-int8",
+     "p·‖v‖'s two int8 parts as two value operands", dict(pack_p_parts=False)),
+    ("tq3.5-k4v3-int8-packed-q", "tq3.5-k4v3-int8",
+     "p·‖v‖'s and the query's two int8 parts each as one operand",
+     dict(pack_p_parts=True, pack_q_parts=True)),
+    ("tq3.5-quintic-rope-table256", "tq3.5-quintic-rope",
+     "RoPE offsets from a table as long as the 256-token tiles (the default is 64 rows: "
+     "two CTAs per SM, where this leaves one)", dict(rope_table_rows=256)),
+]
+for _name, _base, _doc, _options in VARIANTS:
+  _cls = fixed_attend_cache(
+      "".join(w.capitalize() for w in _name.replace(".", "_").split("-")) + "Cache",
+      f"A TurboQuant cache timed beside the default; its Mosaic path: {_doc}.", **_options)
+  CACHES[_name] = functools.partial(_cls.create, config=CACHES[_base].keywords["config"])
 DEFAULT_CACHES = ("bf16", "tq3", "tq3.5", "tq3-tiles", "tq3-tiles-rope", "tq3.5-quintic-rope",
                   "tq4-tiles-rope")
 # (batch, context) per model; a point a cache cannot hold is recorded as not fitting.

@@ -14,6 +14,7 @@ time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_code
     python -m benchmarks.int8_decode_check --p-scale-ab   # p_scale "step" vs "bound"
     python -m benchmarks.int8_decode_check --packed       # pack_p_parts vs two operands
     python -m benchmarks.int8_decode_check --packed --no-kernel-alone   # checks, attention
+    python -m benchmarks.int8_decode_check --packed-q     # pack_q_parts vs two key operands
     ncu -k regex:"mosaic_gpu|decode_prologue" python -m benchmarks.int8_decode_check --profile
 
 `--p-scale-ab` (`int8_p_scale_gpu.json`): the kernel checks with p_scale="bound" and a
@@ -75,27 +76,30 @@ def point(b: int, t: int, bits_k: int, bits_v: int):
 
 
 def kernel_ab(rows: list, field: str, variants, reps: int, ceiling: float,
-              query=lambda q8: q8) -> None:
-  """The kernel alone at each of `POINTS` and its splits, each variant (a value of the
-  decode_partials option `field`) timed in turn, `reps` rounds; query: the int8 query
-  parts as the variants take them."""
-  for b, t, bk, bv, splits in POINTS:
+              query=lambda q8: q8, fixed=None, points=POINTS) -> None:
+  """The kernel alone at each of `points` and its splits, each variant (a value of the
+  decode_partials option `field`, with the options `fixed`) timed in turn, `reps` rounds;
+  query: the int8 query parts as the variants take them."""
+  fixed = fixed or {}
+  for b, t, bk, bv, splits in points:
     args, nbytes, base = point(b, t, bk, bv)
     args = (args[0], query(args[1]), *args[2:])
     for s in splits:
       for rep in range(reps):
         for value in variants:
-          sec = common.device_time_chained(kernel_fn(bk, bv, s, **{field: value}), args, 0,
-                                           iters=8, repeats=11)
+          sec = common.device_time_chained(kernel_fn(bk, bv, s, **fixed, **{field: value}),
+                                           args, 0, iters=8, repeats=11)
           rows.append(dict(batch=b, tokens=t, bits_k=bk, bits_v=bv, splits=s, rep=rep,
                            **{field: value}, cudnn_ms=base * 1e3, ms=sec * 1e3,
                            x_cudnn=base / sec, ceiling_frac=nbytes / sec / ceiling))
           print(rows[-1], flush=True)
 
 
-def attend_ab(rows: list, field: str, variants, points, ceiling: float) -> None:
+def attend_ab(rows: list, field: str, variants, points, ceiling: float, fixed=None) -> None:
   """The whole K4/V3 int8 attention through a cache at each (batch, tokens) of `points`
-  beside cuDNN, each variant (a value of the attend option `field`) in turn, 2 rounds."""
+  beside cuDNN, each variant (a value of the attend option `field`, with the options
+  `fixed`) in turn, 2 rounds."""
+  fixed = fixed or {}
   key = jax.random.PRNGKey(1)
   for b, t in points:
     key, sub = jax.random.split(key)
@@ -104,7 +108,7 @@ def attend_ab(rows: list, field: str, variants, points, ceiling: float) -> None:
     q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
     for rep in range(2):
       for value in variants:
-        sec = ma.time_attend(cache, q, implementation="mosaic", **{field: value})
+        sec = ma.time_attend(cache, q, implementation="mosaic", **fixed, **{field: value})
         rows.append(dict(batch=b, tokens=t, kernel="K4/V3 int8", **{field: value}, rep=rep,
                          ms=sec * 1e3, speedup=base / sec,
                          ceiling_frac=ma.compressed_bytes(cache) / sec / ceiling))
@@ -215,6 +219,44 @@ def main():
                             "ceiling_frac"])
 
 
+def packed_q_ab() -> None:
+  """The query's int8 parts as one key operand (`pack_q_parts`, with `pack_p_parts`)
+  against two: kernel checks (both p scales), cache checks, then the kernel alone and the
+  whole attention, K4/V3, interleaved (`int8_packed_q_<platform>.json`)."""
+  checks, cache_checks, kernel, attend = [], [], [], []
+  both = dict(pack_p_parts=True, pack_q_parts=True)
+
+  def save():
+    return common.write_result("int8_packed_q", dict(
+        checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
+
+  for i, args in enumerate(KERNEL_CHECKS):
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args, **both,
+                   error_fields=dict(args=args))
+  for p_scale in ("step", "bound"):
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 4, p_scale=p_scale,
+                   value_spread=300.0, **both,
+                   error_fields=dict(p_scale=p_scale, value_spread=300.0))
+  cache_checks += ma.run_checks(ma.INT8_CHECKS, 400, kernel=both)
+  save()
+  ceiling = md.read_ceiling()
+  kernel_ab(kernel, "pack_q_parts", (False, True), 2, ceiling,
+            query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2),
+            fixed=dict(pack_p_parts=True), points=POINTS[:2])
+  save()
+  attend_ab(attend, "pack_q_parts", (False, True), ((8, 32768), (8, 4096), (1, 4096)),
+            ceiling, fixed=dict(pack_p_parts=True))
+  print(f"wrote {save()}")
+  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "p_scale",
+                              "rel_err", "ok"])
+  common.print_table(cache_checks, ["bits_k", "bits_v", "q_heads", "center_keys", "rel_err",
+                                    "ok"])
+  common.print_table(kernel, ["batch", "tokens", "splits", "rep", "pack_q_parts", "ms",
+                              "x_cudnn", "ceiling_frac"])
+  common.print_table(attend, ["batch", "tokens", "pack_q_parts", "rep", "ms", "speedup",
+                              "ceiling_frac"])
+
+
 def profile_calls() -> None:
   """Two K4/V3 int8 attention calls through a cache at 8 x 32K and 8 x 4K, the library's
   defaults (keys centred), for `ncu -k regex:"mosaic_gpu|decode_prologue"`."""
@@ -232,6 +274,8 @@ if __name__ == "__main__":
     profile_calls()
   elif "--p-scale-ab" in sys.argv[1:]:
     p_scale_ab()
+  elif "--packed-q" in sys.argv[1:]:
+    packed_q_ab()
   elif "--packed" in sys.argv[1:]:
     packed_ab(kernel_alone="--no-kernel-alone" not in sys.argv[1:])
   else:

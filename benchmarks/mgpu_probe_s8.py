@@ -152,14 +152,16 @@ def check(key, bits=3, bh=4, t=4096, splits=4):
 
 
 def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, splits=4,
-                  p_scale="bound", value_spread=1.0, pack_p_parts=False):
+                  p_scale="bound", value_spread=1.0, pack_p_parts=False,
+                  pack_q_parts=False):
   """`decode_attention_mgpu.decode_partials(operand="int8")` against its float32 reference
   on packed random codes: ragged ranges (an empty row, rows ending inside a tile and a
   split), outputs NaN-poisoned first; optionally soft-cap, the RoPE term, exact tokens
   (a 200-slot ring with stale slots and 5 sinks, two rows per batch entry); p_scale as
   `decode_partials`; value_spread: every 97th token's value norm times this (a few large
   norms: what p_scale="bound" resolves the others against); pack_p_parts: the query's
-  rows 4-7 (with their q·μ and RoPE terms) repeat rows 0-3, as the kernel needs."""
+  rows 4-7 (with their q·μ and RoPE terms) repeat rows 0-3, as the kernel needs;
+  pack_q_parts: with it, the query's parts as one key operand too."""
   from benchmarks import mgpu_decode as md
   r, t = 6, 4096
   lengths = [(4, t - 128), (0, 37), (5, 5), (130, t), (131, t - 129), (0, t)]
@@ -189,7 +191,8 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   poison = jax.jit(lambda *a: tuple(jnp.full_like(x, jnp.nan) for x in a))
   jax.block_until_ready(poison(*[jnp.zeros(x.shape, x.dtype) for x in shapes]))
   got = dm.decode_partials(*args, key_spec=ks, value_spec=vs, operand="int8", q_scale=qs,
-                           exact=ex, p_scale=p_scale, pack_p_parts=pack_p_parts, **kw)
+                           exact=ex, p_scale=p_scale, pack_p_parts=pack_p_parts,
+                           **({"pack_q_parts": True} if pack_q_parts else {}), **kw)
   ref = dm.decode_partials_reference(kc, kn, vc, vn, q8, bounds, qoff, bits_k=bits_k,
                                      bits_v=bits_v, q_scale=qs, exact=ex, **kw)
   finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
@@ -200,6 +203,7 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   l_err = float(jnp.max(jnp.abs(got[1] - ref[1])) / jnp.max(ref[1]))
   return dict(bits_k=bits_k, bits_v=bits_v, soft_cap=soft_cap, rope=rope, exact=exact,
               p_scale=p_scale, value_spread=value_spread, pack_p_parts=pack_p_parts,
+              pack_q_parts=pack_q_parts,
               rel_err=err, m_err=m_err,
               l_err=l_err, finite=finite,
               ok=finite and empty_ok and err <= 3e-3 and l_err <= 3e-3 and m_err <= 3e-3)

@@ -745,7 +745,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     sliding_window: int | None = None, operand: str = "fp16",
                     q_scale: Array | None = None, p_scale: str = "bound",
                     value_bound: Array | None = None, key_offsets: Array | None = None,
-                    pack_p_parts: bool = False):
+                    pack_p_parts: bool = False, pack_q_parts: bool = False):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -821,6 +821,10 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       one operand (0-3 the high parts, 4-7 the low), not to two: one value wgmma and one
       accumulator per step instead of two; after the loop one butterfly shuffle per
       register folds the halves back (`fold_p_parts`): the outputs are as without it.
+    pack_q_parts: with pack_p_parts, the query's two int8 parts go to one key wgmma the
+      same way (columns 0-3 the high parts' dots, 4-7 the low parts'; one butterfly
+      shuffle per score register adds them): one key wgmma and accumulator per step and
+      group instead of two. The operand is made here from q (one XLA fusion).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -835,6 +839,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if pack_p_parts and not s8:
     raise ValueError("pack_p_parts is for operand='int8' only")
   packed = bool(pack_p_parts)
+  if pack_q_parts and not packed:
+    raise ValueError("pack_q_parts needs pack_p_parts (the query's rows 4-7 repeating 0-3)")
+  qparts = 1 if pack_q_parts else 2    # int8: key operands per group
   given_koff = key_offsets       # the name is reused below for the groups' offsets
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
@@ -894,6 +901,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                       for off, at, sp in zip(key_offsets, key_starts, key_specs)], axis=1)
   elif given_koff is not None:
     raise ValueError("key_offsets is read for int8 keys with 4-bit (offset) groups only")
+  if pack_q_parts:   # [high parts of rows 0-3 | low parts of rows 4-7 (= 0-3)]
+    rows_ = jnp.arange(HEADS)[None, :, None]
+    q = (jnp.where(rows_ < HEADS // 2, q[0][:, 0], q[0][:, 1])[:, None],)
   for g, spec in enumerate(value_specs):
     _check(name("v_words", g, gv), v_words[g], (r, words, spec.words_per_row), jnp.int32)
     _check(name("v_norms", g, gv), v_norms[g], (r, t_len), jnp.float16)
@@ -999,7 +1009,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       del refs[:count]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
-    q_smem = refs[:2 * gk if s8 else gk]       # int8: each group's query in two parts
+    q_smem = refs[:qparts * gk if s8 else gk]  # int8: each group's query in two parts
     del refs[:len(q_smem)]
     p_smem = refs[:2 * gv if s8 and not packed else gv]  # int8: p·‖v‖ in two parts
     del refs[:len(p_smem)]
@@ -1020,12 +1030,12 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
 
     def compressed():
       """Split j of row i over the compressed tokens."""
-      if s8:      # every group's two parts on the one barrier (2·gk arrivals)
+      if s8:      # every group's parts on the one barrier (qparts·gk arrivals)
         for g, (at, sp) in enumerate(zip(key_starts, key_specs)):
-          for part in range(2):
+          for part in range(qparts):
             src = q_gmem[0].at[i, part] if gk == 1 else q_gmem[0].at[i, part, :,
                                                                      pl.ds(at, sp.cols)]
-            plgpu.copy_gmem_to_smem(src, q_smem[2 * g + part], barrier)
+            plgpu.copy_gmem_to_smem(src, q_smem[qparts * g + part], barrier)
         qscale_v = plgpu.load(qs_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                               optimized=False)
         koff_v = [None if koff_gmem is None else plgpu.load(
@@ -1109,7 +1119,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         first_keys = [decode_key(g) for g in range(1 if serial_groups else gk)]
 
         def scores(*acc_refs):
-          nk = 2 * gk if s8 else gk
+          nk = qparts * gk if s8 else gk
           key_accs, off_ref = acc_refs[:nk], acc_refs[nk:]
           if rope is not None and rope_blocks == 1:   # q·R(t)·μ: table [sub, D] · W
             plgpu.wgmma(off_ref[0], part(table_smem), plgpu.transpose_ref(w_smem, (1, 0)))
@@ -1125,7 +1135,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
               else:
                 plgpu.wgmma_wait(0)
                 u = decode_key(g)
-              for n in (2 * g, 2 * g + 1):
+              for n in range(qparts * g, qparts * (g + 1)):
                 plgpu.wgmma(key_accs[n], u, plgpu.transpose_ref(q_smem[n], (1, 0)))
           for g, (acc_ref, q_ref) in enumerate(zip(key_accs, q_smem) if not s8 else ()):
             if g < len(first_keys):
@@ -1142,16 +1152,18 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         # (2 CTAs/SM), yet 3-4% faster at 8 x 32K than adding them onto the scores after the
         # key tile is dead (168 registers, 3 CTAs/SM, one more wgmma on the critical path).
         if s8:
-          accs = [plgpu.ACC((sub, HEADS), jnp.int32)] * (2 * gk) + (
+          accs = [plgpu.ACC((sub, HEADS), jnp.int32)] * (qparts * gk) + (
               [plgpu.ACC((sub, HEADS), jnp.float32)] if rope is not None else [])
         else:
           accs = [plgpu.ACC((sub, HEADS), jnp.float32)] * (gk + (1 if rope is not None else 0))
         parts, off, uv = pl.run_scoped(scores, *accs)
         if s8:      # q·L = q_scale·(hi + lo/127)·L, per group
-          parts = [(hi_.astype(jnp.float32) + lo_.astype(jnp.float32) * (1 / 127)
-                    + (0.0 if ko is None else jax.lax.broadcast_in_dim(ko, hi_.shape, [1])))
-                   * jax.lax.broadcast_in_dim(qscale_v, hi_.shape, [1])
-                   for hi_, lo_, ko in zip(parts[0::2], parts[1::2], koff_v)]
+          units = ([fold_p_parts(a.astype(jnp.float32)) for a in parts] if pack_q_parts else
+                   [hi_.astype(jnp.float32) + lo_.astype(jnp.float32) * (1 / 127)
+                    for hi_, lo_ in zip(parts[0::2], parts[1::2])])
+          parts = [(u_ + (0.0 if ko is None else jax.lax.broadcast_in_dim(ko, u_.shape, [1])))
+                   * jax.lax.broadcast_in_dim(qscale_v, u_.shape, [1])
+                   for u_, ko in zip(units, koff_v)]
         s = None
         for dots, kn_ref, dot_scale in zip(parts, kn_smem, dot_scales):
           kn = plgpu.load(part(kn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
@@ -1313,7 +1325,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                 jax.ShapeDtypeStruct((r, splits_out, HEADS), f32)),
       grid=(r, splits_out), grid_names=("row", "split"),
       scratch_types=([plgpu.SMEM((HEADS, sp.cols), jnp.int8, transforms=s8_transforms(sp.cols))
-                      for sp in key_specs for _ in range(2)]
+                      for sp in key_specs for _ in range(qparts)]
                      + [plgpu.SMEM((HEADS, sub), jnp.int8, transforms=s8_transforms(sub))]
                      * (gv if packed else 2 * gv)
                      if s8 else
@@ -1321,7 +1333,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                       for s in key_specs]
                      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv)
       + ([] if s8 else [plgpu.SMEM((d, HEADS), f32), plgpu.SMEM((2, HEADS), f32)])
-      + [plgpu.Barrier(num_arrivals=2 * gk if s8 else 1)]
+      + [plgpu.Barrier(num_arrivals=qparts * gk if s8 else 1)]
       + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), rope.coef.dtype)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks

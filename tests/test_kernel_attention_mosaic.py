@@ -515,6 +515,11 @@ def test_packed_p_parts_reference_and_errors(rng):
   with pytest.raises(ValueError, match="repeat rows 0-3"):
     dm.decode_partials_reference(*args[:4], q8.at[:, :, 5].add(1), *args[5:], **common,
                                  pack_p_parts=True)
+  with pytest.raises(ValueError, match="pack_q_parts needs pack_p_parts"):
+    dm.decode_partials(*args, key_spec=rc.TileSpec(4, 128, 128),
+                       value_spec=rc.TileSpec(3, 128, 128), key_levels=common["key_levels"],
+                       value_levels=common["value_levels"], num_splits=2, scale=0.1,
+                       operand="int8", q_scale=common["q_scale"], pack_q_parts=True)
   with pytest.raises(ValueError, match="operand='int8' only"):
     dm.decode_partials(*args, key_spec=rc.TileSpec(4, 128, 128),
                        value_spec=rc.TileSpec(3, 128, 128), key_levels=(1.0, 0.0),
@@ -530,17 +535,22 @@ def test_packed_p_parts_reference_and_errors(rng):
 
 def test_packed_p_parts_lowers_for_cuda(rng):
   """The packed kernel lowers (Mosaic GPU, CUDA) with one value wgmma per step where the
-  unpacked one issues two, and folds its halves with butterfly shuffles."""
+  unpacked one issues two, and folds its halves with butterfly shuffles; with the query's
+  parts packed too, one key wgmma where it issues two, and a shuffle per score register."""
   cache = tiles_cache(rng, 4, 3, levels="int8", tile_operand="int8", center_keys="plain",
                       dtype=jnp.bfloat16, window=128)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   from benchmarks.mosaic_lowering import module_asm
   counts = {}
-  for packed in (False, True):
+  for packed, packed_q in ((False, False), (True, False), (True, True)):
     text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False,
-                               pack_p_parts=packed).lower(
+                               pack_p_parts=packed, pack_q_parts=packed_q).lower(
         lowering_platforms=("cuda",)).as_text()
     asm = module_asm(text)
-    counts[packed] = (asm.count("m64n8k32.s32.s8.s8"), asm.count("shfl.sync.bfly.b32 a, a, 2"))
-  assert 0 < counts[True][0] < counts[False][0] and counts[False][1] == 0 < counts[True][1], (
-      counts)
+    counts[packed + packed_q] = (asm.count("m64n8k32.s32.s8.s8"),
+                                 asm.count("shfl.sync.bfly.b32 a, a, 2"))
+  # Per step: 2 key + 2 value wgmma calls unpacked, 2 + 1 with p packed, 1 + 1 with both
+  # (each call the same number of instructions: 128 tokens x 128 channels).
+  wgmma = [counts[n][0] for n in range(3)]
+  assert wgmma[0] > 0 and wgmma[0] * 3 == wgmma[1] * 4 and wgmma[0] * 2 == wgmma[2] * 4, counts
+  assert counts[0][1] == 0 < counts[1][1] < counts[2][1], counts

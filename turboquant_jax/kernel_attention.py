@@ -693,4 +693,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
     "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
-    "pack_p_parts"))
+    "pack_p_parts", "pack_q_parts"))
