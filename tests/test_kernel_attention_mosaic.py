@@ -49,7 +49,7 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
   """decode_partials computed by decode_partials_reference on the unpacked tiles (the
   int8 path's byte tiles, int8 query parts and q_scale as they come)."""
   for unused in ("max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
-                 "sub_steps"):
+                 "sub_steps", "pack_q_parts"):   # pack_q_parts: the kernel's own operand
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   kw.pop("p_scale", None)
@@ -490,6 +490,27 @@ def test_int8_packed_p_parts_glue(rng, monkeypatch, bits_k, bits_v, hq, prologue
                     fused_merge=fused, pack_p_parts=True, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
   assert all(k["pack_p_parts"] for k in seen)
+
+
+def test_pack_q_parts_default_by_steps_per_split(rng, monkeypatch):
+  """The query's parts are packed by default where the p parts are and a split holds at
+  least PACK_Q_MIN_STEPS steps; an explicit True without packed p parts is refused."""
+  cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                      window=64, dtype=jnp.bfloat16)
+  seen = []
+  monkeypatch.setattr(ka.mosaic, "decode_partials",
+                      lambda *a, **k: seen.append(k) or kernel_twin(*a, **k))
+  monkeypatch.setattr(ka, "PACK_Q_MIN_STEPS", 2)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.float32)
+  ref = cache.attend(q, implementation="reference")
+  steps = L // 128
+  for splits, packed_p, want in ((steps // 2, None, True), (steps, None, False),
+                                 (steps // 2, False, False)):
+    got = ka.attend(cache, q, mosaic=True, num_splits=splits, pack_p_parts=packed_p)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+    assert seen[-1].get("pack_q_parts", False) == want, (splits, packed_p)
+  with pytest.raises(ValueError, match="pack_q_parts needs"):
+    ka.attend(cache, q, mosaic=True, num_splits=2, pack_p_parts=False, pack_q_parts=True)
 
 
 def test_packed_p_parts_reference_and_errors(rng):

@@ -301,6 +301,13 @@ DEFAULT_PROLOGUE = "all"
 # bf16 at 8 x 32K (paired), 8 x 4K and 1 x 4K within noise
 # (`decode_e2e_paired_packed_*_gpu.json`).
 DEFAULT_PACK_P_PARTS = True
+# With them, the query's int8 parts as one key operand too: H200, K4/V3
+# (`int8_packed_q_gpu.json`), the kernel at 8 x 32K 2-4% faster (16 and 32 steps per
+# split), at 8 x 4K 2-3% slower (4-8 steps per split: the shuffle sits on each step's
+# critical path); the decode step at 8 x 32K 9.89 -> 9.42 ms, median of 6 paired rounds
+# (bimodal, `decode_e2e_paired_packed_q_8x32k_gpu.json`), at 8 x 4K 6.87 -> 6.92. Default
+# from this many steps per split of the cache's capacity.
+PACK_Q_MIN_STEPS = 16
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -340,7 +347,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             prologue: str | None = None,
                             prologue_interpret: bool | None = None,
                             prologue_warps: int = 4, pack_p_parts: bool | None = None,
-                            **kernel_kwargs):
+                            pack_q_parts: bool | None = None, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
@@ -357,7 +364,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
-  query rows per kv head).
+  query rows per kv head). pack_q_parts: with them, the query's int8 parts as one key
+  operand; None: where the p parts are packed and a split holds at least
+  `PACK_Q_MIN_STEPS` steps.
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -377,6 +386,10 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   elif pack_p_parts and not packable:
     raise ValueError("pack_p_parts needs int8 tiles and at most "
                      f"{mosaic.HEADS // 2} query rows per kv head, got {rows}")
+  if pack_q_parts is None:
+    pack_q_parts = bool(pack_p_parts) and steps // num_splits >= PACK_Q_MIN_STEPS
+  elif pack_q_parts and not pack_p_parts:
+    raise ValueError("pack_q_parts needs the p parts packed (pack_p_parts)")
   if pack_p_parts:   # rows 4-7 repeat rows 0-3 (zero rows up to 4 first)
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS // 2 - rows), (0, 0)))
     qf = jnp.broadcast_to(qf[:, :, None], (b, h, 2, *qf.shape[2:])).reshape(
@@ -452,7 +465,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       num_splits=num_splits, scale=scale, soft_cap=soft_cap, rope=rope, exact=exact,
       **(dict(exact_blocks=blocks) if exact is not None else {}),
       sliding_window=sliding_window, **kernel_kwargs,
-      **({"pack_p_parts": True} if pack_p_parts else {}))
+      **({"pack_p_parts": True} if pack_p_parts else {}),
+      **({"pack_q_parts": True} if pack_q_parts else {}))
   return o, l, m, (mosaic.exact_splits(exact, blocks) if exact is not None else 0)
 
 
