@@ -15,7 +15,6 @@ time beside cuDNN (4-bit byte tiles in sign-magnitude: `pallas_kernels.byte_code
     python -m benchmarks.int8_decode_check --packed       # pack_p_parts vs two operands
     python -m benchmarks.int8_decode_check --packed --no-kernel-alone   # checks, attention
     python -m benchmarks.int8_decode_check --packed-q     # pack_q_parts vs two key operands
-    ncu -k regex:"mosaic_gpu|decode_prologue" python -m benchmarks.int8_decode_check --profile
 
 `--p-scale-ab` (`int8_p_scale_gpu.json`): the kernel checks with p_scale="bound" and a
 K4/V3 check under both with a few large value norms, the cache checks, then the kernel
@@ -257,22 +256,8 @@ def packed_q_ab() -> None:
                               "ceiling_frac"])
 
 
-def profile_calls() -> None:
-  """Two K4/V3 int8 attention calls through a cache at 8 x 32K and 8 x 4K, the library's
-  defaults (keys centred), for `ncu -k regex:"mosaic_gpu|decode_prologue"`."""
-  for b, t in ((8, 32768), (8, 4096)):
-    key = jax.random.PRNGKey(b + t)
-    cache = ma.make_cache(key, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
-    q = jax.random.normal(key, (b, 1, ma.HQ, D), jnp.bfloat16)
-    fn = jax.jit(lambda q, c: c.attend(q, implementation="mosaic"))
-    for _ in range(2):
-      jax.block_until_ready(fn(q, cache))
-
-
 if __name__ == "__main__":
-  if "--profile" in sys.argv[1:]:
-    profile_calls()
-  elif "--p-scale-ab" in sys.argv[1:]:
+  if "--p-scale-ab" in sys.argv[1:]:
     p_scale_ab()
   elif "--packed-q" in sys.argv[1:]:
     packed_q_ab()

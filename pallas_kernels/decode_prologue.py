@@ -3,13 +3,16 @@
 Before `decode_attention_mgpu.decode_partials` (operand="int8") runs, each kv-head row
 needs its query rotated and split into two int8 parts with a scale per head, the
 4-bit groups' level offsets 1/2·Σq, the key-centering term q·μ, the compressed range
-and the exact parts' visible ranges (from the window ring's positions), and an upper
-bound of its value norms. In jnp that is twelve small XLA kernels per layer (one a
-gemm); here it is one Pallas (Triton) program per kv-head row. Measured (H200, Llama-3-8B
-shapes, K4/V3, `decode_prologue_gpu.json`, `step_profile_prologue_8x4k_gpu.json`): one
-layer's attention at 8 x 4K takes 9 kernels and 45.1 us of device time against 18 and
-49.2 (this kernel 10.0 us there, 4-6 us alone with its operands in L2); the decode step,
-run as CUDA graphs, moves within its noise (0.96-1.04x of the jnp glue's step time).
+and the exact parts' visible ranges (from the window ring's positions). In jnp that is
+eleven small XLA kernels per layer (one a gemm); here it is one Pallas (Triton) program
+per kv-head row. (The value norms' bound it also reduced over every slot is now kept by
+the cache on append: `tile_codes.TileCodes.norm_max`.) Measured (H200, Llama-3-8B
+shapes, K4/V3, `decode_prologue_gpu.json`, `step_profile_prologue_8x4k_gpu.json`, with
+the bound): one layer's attention at 8 x 4K takes 9 kernels and 45.1 us of device time
+against 18 and 49.2 (this kernel 10.0 us there, 4-6 us alone with its operands in L2);
+the decode step, run as CUDA graphs, moves within its noise (0.96-1.04x of the jnp
+glue's step time). Without the bound, 9.8 us in the 8 x 32K step
+(`step_profile_cache_bound_8x32k_gpu.json`).
 
 Every output equals its jnp form (`decode_prologue_reference`, the functions the cache
 used before): the rotation is a float32 product (IEEE), the int8 parts round half away
@@ -30,7 +33,6 @@ Array = jax.Array
 HEADS = 8               # query rows per kv head: wgmma's N (the Mosaic kernel's)
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
-_NORM_CHUNK = 4096       # value norms reduced per load
 
 
 class KeyGroup(NamedTuple):
@@ -67,8 +69,7 @@ class Prologue(NamedTuple):
   q[:, 1]/127) (None when no group has an offset); qoff: float32 [R, 8], q·μ (zeros
   without a key mean); bounds: int32 [R, 2], the compressed range [lo, hi); limits: int32
   [R, 2^k >= 1 + 2·parts], the query's position then each exact part's visible range
-  (window, then sinks; columns past them zero); value_bound: float32 [R, value groups],
-  the largest value norm of each group (None when not asked)."""
+  (window, then sinks; columns past them zero)."""
 
   q: Array
   scale: Array
@@ -76,7 +77,6 @@ class Prologue(NamedTuple):
   qoff: Array
   bounds: Array | None
   limits: Array | None
-  value_bound: Array | None
 
 
 def is_pow2(n: int) -> bool:
@@ -139,45 +139,31 @@ def ranges_reference(ranges: Ranges) -> tuple[Array, Array]:
   return jnp.stack([lo, hi], axis=-1), jnp.stack(cols, axis=-1)
 
 
-def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], value_groups: int,
-                window: int, norm_tokens: int = 0) -> str | None:
+def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], window: int) -> str | None:
   """Why the kernel cannot serve this call (None: it can). Triton tensors have
   power-of-two sizes."""
   if not is_pow2(head_dim) or head_dim < 16:
     return f"head_dim {head_dim} is not a power of two >= 16"
   if not is_pow2(len(key_groups)):
     return f"{len(key_groups)} key groups is not a power of two"
-  if value_groups and not is_pow2(value_groups):
-    return f"{value_groups} value groups is not a power of two"
   if window and not is_pow2(window):
     return f"a window of {window} slots is not a power of two"
-  if norm_tokens and norm_tokens % 128:
-    return f"{norm_tokens} value-norm slots is not a multiple of 128"
   return None
 
 
-def _norm_chunk(t: int) -> int:
-  c = 1
-  while c < _NORM_CHUNK and t % (2 * c) == 0:
-    c *= 2
-  return c
-
-
 def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sinks,
-            sliding_window, norm_groups):
+            sliding_window):
   q_ref, rot_ref = refs[:2]   # [8, D] unrotated rows (zeros past the real ones), [D, D]
   rest = list(refs[2:])
   mean_ref = rest.pop(0) if has_mean else None             # [D]
   if has_ranges:
     len_ref, pos_ref = rest.pop(0), rest.pop(0)            # [1], [1]
     wpos_ref = rest.pop(0) if window else None             # [W]
-  norm_refs = [rest.pop(0) for _ in range(norm_groups)]    # [T] each
   q8_ref, scale_ref, qoff_ref = rest[:3]                   # [2, 8, D], [8], [8]
   rest = rest[3:]
   koff_ref = rest.pop(0) if any(g.offset for g in key_groups) else None  # [groups, 8]
   if has_ranges:
     bounds_ref, limits_ref = rest.pop(0), rest.pop(0)      # [2], [2^k]
-  vb_ref = rest.pop(0) if norm_groups else None            # [groups]
 
   q = q_ref[...].astype(jnp.float32)
   # Rotated, transposed [D, 8]: unrotation·q^T (the orientation Triton's dot takes with 8
@@ -235,24 +221,11 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
       limits = jnp.where(col == c, v, limits)
     limits_ref[...] = limits
 
-  if norm_groups:
-    col = jax.lax.broadcasted_iota(jnp.int32, vb_ref.shape, 0)
-    vb = jnp.zeros(vb_ref.shape, jnp.float32)
-    for g, n_ref in enumerate(norm_refs):
-      t = n_ref.shape[0]
-      c = _norm_chunk(t)
-      peak = jax.lax.fori_loop(
-          0, t // c, lambda i, m, n_ref=n_ref, c=c: jnp.maximum(
-              m, n_ref[pl.ds(i * c, c)].astype(jnp.float32)),
-          jnp.full((c,), -jnp.inf, jnp.float32))
-      vb = jnp.where(col == g, jnp.max(peak), vb)
-    vb_ref[...] = vb
-
 
 def decode_prologue(q: Array, unrotation: Array, *, heads: int,
                     key_groups: tuple[KeyGroup, ...], key_mean: Array | None = None,
-                    ranges: Ranges | None = None, value_norms: tuple[Array, ...] = (),
-                    interpret: bool = False, num_warps: int = 4) -> Prologue:
+                    ranges: Ranges | None = None, interpret: bool = False,
+                    num_warps: int = 4) -> Prologue:
   """The int8 decode kernel's per-row inputs in one launch (`Prologue`).
 
   Args:
@@ -264,7 +237,6 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
     key_groups: the key channel groups (`KeyGroup`), in order, covering D.
     key_mean: float32 [R, D] in q's channel order, or None: qoff = q·μ per head.
     ranges: `Ranges` (per batch entry), or None: no bounds or limits.
-    value_norms: per value group float16 [R, T], or (): no value bound.
   """
   r, rows, d = q.shape
   if rows != HEADS:
@@ -277,8 +249,7 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
       g.start != sum(x.cols for x in key_groups[:i]) for i, g in enumerate(key_groups)):
     raise ValueError(f"key groups {key_groups} must cover the {d} channels in order")
   window = 0 if ranges is None else ranges.window_positions.shape[1]
-  t = value_norms[0].shape[1] if value_norms else 0
-  why = unsupported(d, key_groups, len(value_norms), window, t)
+  why = unsupported(d, key_groups, window)
   if why is not None:
     raise ValueError(f"decode_prologue cannot take this call: {why}")
   b = r // heads
@@ -320,21 +291,12 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
     out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
                    jax.ShapeDtypeStruct((r, width), jnp.int32)]
     out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
-  for g, n in enumerate(value_norms):
-    if n.shape != (r, t):
-      raise ValueError(f"value_norms[{g}] must be [{r}, {t}], got {list(n.shape)}")
-    in_specs.append(pl.BlockSpec((None, t), row))
-    args.append(n)
-  if value_norms:
-    out_shapes.append(jax.ShapeDtypeStruct((r, len(value_norms)), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, len(value_norms)), row))
   kernel = functools.partial(
       _kernel, key_groups=tuple(key_groups), has_mean=key_mean is not None,
       has_ranges=ranges is not None, window=window,
       sink_slots=0 if ranges is None else ranges.sink_slots,
       num_sinks=0 if ranges is None else ranges.num_sinks,
-      sliding_window=None if ranges is None else ranges.sliding_window,
-      norm_groups=len(value_norms))
+      sliding_window=None if ranges is None else ranges.sliding_window)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -347,14 +309,13 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
   outs = outs[3:]
   koff = outs.pop(0) if has_koff else None
   bounds, limits = (outs.pop(0), outs.pop(0)) if ranges is not None else (None, None)
-  vb = outs.pop(0) if value_norms else None
-  return Prologue(q8, scale, koff, qoff, bounds, limits, vb)
+  return Prologue(q8, scale, koff, qoff, bounds, limits)
 
 
 def decode_prologue_reference(q: Array, unrotation: Array, *, heads: int,
                               key_groups: tuple[KeyGroup, ...],
                               key_mean: Array | None = None, ranges: Ranges | None = None,
-                              value_norms: tuple[Array, ...] = (), **unused) -> Prologue:
+                              **unused) -> Prologue:
   """`decode_prologue` in plain jnp: the ground truth of the tests."""
   del unused
   qf = q.astype(jnp.float32)
@@ -371,7 +332,4 @@ def decode_prologue_reference(q: Array, unrotation: Array, *, heads: int,
   bounds = limits = None
   if ranges is not None:
     bounds, limits = (jnp.repeat(x, heads, axis=0) for x in ranges_reference(ranges))
-  vb = None
-  if value_norms:
-    vb = jnp.stack([jnp.max(n.astype(jnp.float32), axis=-1) for n in value_norms], axis=1)
-  return Prologue(q8, scale, koff, qoff, bounds, limits, vb)
+  return Prologue(q8, scale, koff, qoff, bounds, limits)

@@ -284,9 +284,8 @@ def prologue_unsupported(cache, prologue: str = "all") -> str | None:
   if cache.key_mean is not None and cache.rope is not None:
     return "keys centred before RoPE take their offsets per position (`rope_offsets`)"
   everything = prologue == "all"
-  return decode_prologue.unsupported(
-      cache.head_dim, _key_groups(cache), len(cache.value_codes) if everything else 0,
-      cache.window_keys.shape[2] if everything else 0, cache.max_len if everything else 0)
+  return decode_prologue.unsupported(cache.head_dim, _key_groups(cache),
+                                     cache.window_keys.shape[2] if everything else 0)
 
 
 PROLOGUES = ("off", "query", "all")
