@@ -402,8 +402,9 @@ def _partner_columns(x):
 
 def fold_p_parts(o) -> Array:
   """Inside the kernel: o float32 [rows, 8] (WGMMA layout) with the high parts' sums in
-  columns 0-3 and the low parts' in 4-7 (`pack_p_parts`) -> o[:, :4] + o[:, 4:] / 127 in
-  both halves (the unpacked kernel's o with its query rows repeated)."""
+  columns 0-3 and the low parts' in 4-7 (`pack_p_parts`; the scores' too with
+  `pack_q_parts`) -> o[:, :4] + o[:, 4:] / 127 in both halves (the unpacked kernel's o
+  with its query rows repeated)."""
   y = _partner_columns(o)
   col = plgpu.broadcasted_iota(jnp.int32, o.shape, 1, layout=plgpu.Layout.WGMMA)
   return jnp.where(col < HEADS // 2, o + y * (1 / 127), y + o * (1 / 127))
@@ -1009,7 +1010,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       del refs[:count]
     o_gmem, l_gmem, m_gmem = refs[:3]
     del refs[:3]
-    q_smem = refs[:qparts * gk if s8 else gk]  # int8: each group's query in two parts
+    q_smem = refs[:qparts * gk if s8 else gk]  # int8: each group's query parts (1 or 2)
     del refs[:len(q_smem)]
     p_smem = refs[:2 * gv if s8 and not packed else gv]  # int8: p·‖v‖ in two parts
     del refs[:len(p_smem)]
