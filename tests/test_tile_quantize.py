@@ -123,9 +123,10 @@ def _fill(config, steps, key=jax.random.PRNGKey(0), b=2, h=1, d=128, length=1024
 
 
 # A prefill that starts on a tile (ragged: one row shorter), one that does not, an aligned
-# chunk past the calibration, a rewrite of earlier positions, then single tokens.
-STEPS = [(300, [0, 0], [300, 180]), (212, [300, 180], [212, 120]),
-         (256, [512, 256], [256, 256]), (64, [256, 64], [64, 64]),
+# chunk past the calibration, a rewrite of earlier positions, then single tokens. Three
+# shapes (num_tokens cuts the rest): each shape compiles the update once per config.
+STEPS = [(300, [0, 0], [300, 180]), (300, [300, 180], [212, 120]),
+         (256, [512, 256], [256, 256]), (256, [256, 64], [64, 64]),
          (1, [768, 512], [1, 1])]
 
 
