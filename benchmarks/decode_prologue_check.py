@@ -4,15 +4,18 @@
     python -m benchmarks.decode_prologue_check --micro    # the prologue's parts alone
 
 - the prologue against `decode_prologue_reference` on random inputs (R = 64 and small,
-  a 256-, 128- and no window, one and two key groups, a sliding window), each timed alone;
+  a 256-, 128- and no window, one and two key groups, a sliding window), with the
+  rotation's product in float32 FMAs ("ieee") and TF32x3, each timed alone;
 - `merge_exact` with the Mosaic kernel's exact splits as unrotated splits (no exact parts)
   against its reference compiled by XLA, each timed;
 - the whole attention through caches (`mosaic_attend.check`: the jnp reference, outputs
-  NaN-poisoned) with prologue "all", "query", "off" and the fused merge;
+  NaN-poisoned) with prologue "all", "query", "off", the fused merge and the TF32x3
+  rotation;
 - one layer's attention, K4/V3 int8 (keys centred after RoPE), at 8 x 4K, 1 x 4K and
   8 x 32K per variant beside cuDNN. These loops chain calls on one cache, so XLA computes
-  the jnp glue's cache-only work (ranges, value bound) once for all of them: the decode
-  step's own comparison is `decode_e2e --paired` with `tq3.5-k4v3-int8-jnp-prologue`.
+  the jnp glue's cache-only work (ranges) once for all of them: the decode step's own
+  comparison is `decode_e2e --paired` with `tq3.5-k4v3-int8-jnp-prologue` (or
+  `-prologue-tf32x3`, `-prologue-8w`), and `step_profile` the prologue's time in a step.
 
 Results: `decode_prologue_check_<platform>.json` (or `decode_prologue_micro_...`). The
 committed `decode_prologue_gpu.json` and `decode_prologue_micro_gpu.json` are the rows of
@@ -48,7 +51,8 @@ CACHE_CHECKS = [
     (3, 3, 32, dict(center_keys="rope", **ma.INT8))]
 VARIANTS = [("jnp glue", dict(prologue="off")), ("prologue", dict(prologue="all")),
             ("query prologue", dict(prologue="query")),
-            ("prologue+merge", dict(prologue="all", fused_merge=True))]
+            ("prologue+merge", dict(prologue="all", fused_merge=True)),
+            ("prologue tf32x3", dict(prologue="all", prologue_precision="tf32x3"))]
 
 
 def ring(lengths, w):
@@ -70,14 +74,15 @@ def prologue_inputs(seed, r, w, groups, sliding, heads=8):
                       ranges=dp.Ranges(lengths, lengths - 1, wpos, 4, 4, sliding))
 
 
-def prologue_case(seed, r, w, groups, sliding) -> dict:
+def prologue_case(seed, r, w, groups, sliding, precision="ieee") -> dict:
   q, rot, kw = prologue_inputs(seed, r, w, groups, sliding)
+  kw = dict(kw, precision=precision)
   jax.block_until_ready(jnp.full((8, r, 2, 8, D), 77, jnp.int8))   # poison freed memory
   fn = jax.jit(lambda q, rot: dp.decode_prologue(q, rot, **kw))
-  got, ref = fn(q, rot), dp.decode_prologue_reference(q, rot, **kw)
+  got, ref = fn(q, rot), dp.decode_prologue_reference(q, rot, **kw)   # ref: HIGHEST
   x = jnp.einsum("rmd,ed->rme", q, rot, precision="highest")
   deq = got.scale[..., None] * (got.q[:, 0].astype(jnp.float32) + got.q[:, 1] / 127.0)
-  row = dict(r=r, w=w, groups=len(groups), sliding=sliding,
+  row = dict(r=r, w=w, groups=len(groups), sliding=sliding, precision=precision,
              q_err_units=float(jnp.max(jnp.abs(deq - x) / got.scale[..., None])),
              koff=float(jnp.max(jnp.abs(got.key_offsets - ref.key_offsets))
                         / jnp.max(jnp.abs(ref.key_offsets))),
@@ -117,11 +122,12 @@ def micro() -> None:
   for rep in range(2):
     for name, p in parts.items():
       for warps in (4, 8):
-        fn = jax.jit(lambda q, rot, p=p, w=warps: dp.decode_prologue(q, rot, **p,
-                                                                      num_warps=w))
-        rows.append(dict(variant=f"{name} {warps}w", rep=rep, us=1e6 *
-                         common.device_time_chained(fn, (q, rot), 0, iters=16)))
-        print(rows[-1], flush=True)
+        for precision in dp.PRECISIONS:
+          fn = jax.jit(lambda q, rot, p=p, w=warps, pr=precision: dp.decode_prologue(
+              q, rot, **p, num_warps=w, precision=pr))
+          rows.append(dict(variant=f"{name} {warps}w {precision}", rep=rep, us=1e6 *
+                           common.device_time_chained(fn, (q, rot), 0, iters=16)))
+          print(rows[-1], flush=True)
   mean = kw["key_mean"]
 
   def glue(q, rot):
@@ -147,8 +153,10 @@ def main(argv=None) -> None:
     return common.write_result("decode_prologue_check", dict(
         prologue=prologue, merge=merge, checks=checks, attend=attend))
 
-  for i, case in enumerate(PROLOGUE_CASES):
-    common.checked(prologue, prologue_case, i, *case, error_fields=dict(case=i))
+  for precision in dp.PRECISIONS:
+    for i, case in enumerate(PROLOGUE_CASES):
+      common.checked(prologue, prologue_case, i, *case, precision=precision,
+                     error_fields=dict(case=i, precision=precision))
   for i, case in enumerate(MERGE_CASES):
     common.checked(merge, merge_case, 10 + i, *case, error_fields=dict(case=i))
   for label, kernel in VARIANTS:
@@ -174,8 +182,8 @@ def main(argv=None) -> None:
         print(attend[-1], flush=True)
     save()
   print(f"wrote {save()}")
-  common.print_table(prologue, ["r", "w", "groups", "q_err_units", "koff", "ranges", "us",
-                                "ok"])
+  common.print_table(prologue, ["r", "w", "groups", "precision", "q_err_units", "koff",
+                                "ranges", "us", "ok"])
   common.print_table(merge, ["r", "splits", "unrotated", "rel_err", "us", "us_xla_ref", "ok"])
   common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])
   common.print_table(attend, ["batch", "tokens", "kernel", "rep", "ms", "speedup"])

@@ -32,6 +32,10 @@ Array = jax.Array
 
 HEADS = 8               # query rows per kv head: wgmma's N (the Mosaic kernel's)
 _HIGHEST = jax.lax.Precision.HIGHEST
+# The query rotation's product on the GPU: "ieee" (float32 FMAs, exact as the reference)
+# or "tf32x3" (three TF32 tensor-core products, about float32's accuracy). Interpret mode
+# computes at HIGHEST for both.
+PRECISIONS = ("ieee", "tf32x3")
 _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
 
 
@@ -152,7 +156,7 @@ def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], window: int) ->
 
 
 def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sinks,
-            sliding_window):
+            sliding_window, dot_precision):
   q_ref, rot_ref = refs[:2]   # [8, D] unrotated rows (zeros past the real ones), [D, D]
   rest = list(refs[2:])
   mean_ref = rest.pop(0) if has_mean else None             # [D]
@@ -168,7 +172,7 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
   q = q_ref[...].astype(jnp.float32)
   # Rotated, transposed [D, 8]: unrotation·q^T (the orientation Triton's dot takes with 8
   # columns, as merge_exact's; an [8, D] x [D, D] product would need 16 rows).
-  x = jax.lax.dot_general(rot_ref[...], q, _NT, precision=_HIGHEST,
+  x = jax.lax.dot_general(rot_ref[...], q, _NT, precision=dot_precision,
                           preferred_element_type=jnp.float32)
   scale = jnp.max(jnp.abs(x), axis=0) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0)
@@ -225,7 +229,7 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
 def decode_prologue(q: Array, unrotation: Array, *, heads: int,
                     key_groups: tuple[KeyGroup, ...], key_mean: Array | None = None,
                     ranges: Ranges | None = None, interpret: bool = False,
-                    num_warps: int = 4) -> Prologue:
+                    num_warps: int = 4, precision: str = "ieee") -> Prologue:
   """The int8 decode kernel's per-row inputs in one launch (`Prologue`).
 
   Args:
@@ -237,7 +241,11 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
     key_groups: the key channel groups (`KeyGroup`), in order, covering D.
     key_mean: float32 [R, D] in q's channel order, or None: qoff = q·μ per head.
     ranges: `Ranges` (per batch entry), or None: no bounds or limits.
+    precision: the rotation's product on the GPU (`PRECISIONS`; not measured against
+      "ieee" yet: the default stays "ieee").
   """
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
   r, rows, d = q.shape
   if rows != HEADS:
     raise ValueError(f"q must hold {HEADS} rows per kv head (zero padded), got {q.shape}")
@@ -296,7 +304,9 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
       has_ranges=ranges is not None, window=window,
       sink_slots=0 if ranges is None else ranges.sink_slots,
       num_sinks=0 if ranges is None else ranges.num_sinks,
-      sliding_window=None if ranges is None else ranges.sliding_window)
+      sliding_window=None if ranges is None else ranges.sliding_window,
+      dot_precision=_HIGHEST if interpret or precision == "ieee" else
+      jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton

@@ -138,6 +138,26 @@ def test_errors_and_reasons():
   assert dp.unsupported(D, TWO, 256) is None
 
 
+def test_tf32x3_rotation_lowers_for_cuda_and_is_checked():
+  """precision="tf32x3" puts the TF32x3 algorithm on the rotation's product (interpret
+  mode keeps HIGHEST, so the reference comparisons above hold for it too); unknown
+  precisions are refused."""
+  s = jax.ShapeDtypeStruct
+  args = (s((16, 8, D), jnp.float32), s((D, D), jnp.float32))
+
+  def f(precision, interpret=False):
+    return lambda q, unrot: dp.decode_prologue(q, unrot, heads=8, key_groups=ONE,
+                                               precision=precision, interpret=interpret)
+  assert "TF32_TF32_F32_X3" in str(jax.make_jaxpr(f("tf32x3"))(*args))
+  assert "TF32_TF32_F32_X3" not in str(jax.make_jaxpr(f("ieee"))(*args))
+  assert "TF32_TF32_F32_X3" not in str(jax.make_jaxpr(f("tf32x3", True))(*args))
+  text = jax.jit(f("tf32x3")).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "turboquant_decode_prologue" in text
+  with pytest.raises(ValueError, match="precision"):
+    dp.decode_prologue(jnp.zeros((8, 8, D)), jnp.eye(D), heads=8, key_groups=ONE,
+                       precision="tf32")
+
+
 def test_lowers_for_cuda():
   """The Triton lowering takes every primitive (the GPU compiles it: benchmarks)."""
   r, b, w = 16, 2, 64

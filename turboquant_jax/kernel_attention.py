@@ -310,8 +310,8 @@ PACK_Q_MIN_STEPS = 16
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
-                     everything: bool, interpret: bool,
-                     num_warps: int = 4) -> decode_prologue.Prologue:
+                     everything: bool, interpret: bool, num_warps: int = 4,
+                     precision: str = "ieee") -> decode_prologue.Prologue:
   """`decode_prologue` of qf [B, H, 8, D] (rows padded) for a decode query at pos [B]:
   the query's parts, offsets and q·μ; everything: the ranges too (the value bound is the
   cache's own, `_value_bound`)."""
@@ -325,7 +325,8 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
       cache.sink_keys.shape[2], sliding_window) if everything else None
   return decode_prologue.decode_prologue(
       q, cache.key_quantizer.unrotation_matrix(), heads=h, key_groups=_key_groups(cache),
-      key_mean=mean, ranges=ranges, interpret=interpret, num_warps=num_warps)
+      key_mean=mean, ranges=ranges, interpret=interpret, num_warps=num_warps,
+      precision=precision)
 
 
 def _value_bound(cache) -> Array:
@@ -345,7 +346,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             exact_in_kernel: bool = False, exact_blocks=None,
                             prologue: str | None = None,
                             prologue_interpret: bool | None = None,
-                            prologue_warps: int = 4, pack_p_parts: bool | None = None,
+                            prologue_warps: int = 4, prologue_precision: str = "ieee",
+                            pack_p_parts: bool | None = None,
                             pack_q_parts: bool | None = None, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
@@ -359,7 +361,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   the query's int8 parts, offsets and q·μ (one launch for six XLA kernels); "all", the
   ranges too; "off": all in jnp; None: `DEFAULT_PROLOGUE` where it applies, else "off".
   The value bound of the int8 kernel's p·‖v‖ scale is the cache's (`_value_bound`).
-  prologue_interpret: its interpret mode (default: off the GPU).
+  prologue_interpret: its interpret mode (default: off the GPU); prologue_warps,
+  prologue_precision: its `num_warps` and rotation `precision`.
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
@@ -412,7 +415,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     everything = prologue == "all"
     pro = _prologue_inputs(cache, qf, q_positions[:, 0], sliding_window,
                            everything=everything, interpret=prologue_interpret,
-                           num_warps=prologue_warps)
+                           num_warps=prologue_warps, precision=prologue_precision)
     q, qoff = pro.q, pro.qoff
     if everything:
       bounds, limits = pro.bounds, pro.limits
@@ -706,4 +709,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
     "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
-    "pack_p_parts", "pack_q_parts"))
+    "prologue_precision", "pack_p_parts", "pack_q_parts"))
