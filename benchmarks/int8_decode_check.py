@@ -144,42 +144,47 @@ def p_scale_ab() -> None:
   common.print_table(attend, ["batch", "tokens", "kernel", "ms", "speedup", "ceiling_frac"])
 
 
-def packed_ab(kernel_alone: bool = True) -> None:
-  """p·‖v‖'s int8 parts as one value operand (`pack_p_parts`) against two: kernel checks
-  (both p scales), cache checks, then the kernel alone (unless not kernel_alone) and the
-  whole attention, K4/V3 and K4/V4, interleaved (`int8_packed_<platform>.json`)."""
+def packing_ab(field: str, fixed: dict, result: str, *, reps: int, points=POINTS,
+               kernel_alone: bool = True, cache_both: bool = False) -> None:
+  """A packing option of the int8 kernel (`field`: pack_p_parts, p·‖v‖'s parts as one
+  value operand; pack_q_parts, the query's as one key operand) on against off, with the
+  options `fixed`: kernel checks with it on (both p scales), cache checks (with it off too
+  where cache_both), then the kernel alone at `points` (unless not kernel_alone, `reps`
+  rounds) and the whole attention, interleaved (`<result>_<platform>.json`)."""
   checks, cache_checks, kernel, attend = [], [], [], []
+  on = dict(fixed, **{field: True})
 
   def save():
-    return common.write_result("int8_packed", dict(
+    return common.write_result(result, dict(
         checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
 
   for i, args in enumerate(KERNEL_CHECKS):
-    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args,
-                   pack_p_parts=True, error_fields=dict(args=args))
+    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args, **on,
+                   error_fields=dict(args=args))
   for p_scale in ("step", "bound"):
     common.checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 4, p_scale=p_scale,
-                   value_spread=300.0, pack_p_parts=True,
+                   value_spread=300.0, **on,
                    error_fields=dict(p_scale=p_scale, value_spread=300.0))
-  for packed in (True, False):
-    cache_checks += [dict(row, pack_p_parts=packed) for row in ma.run_checks(
-        ma.INT8_CHECKS, 400, kernel=dict(pack_p_parts=packed))]
+  for value in (True, False) if cache_both else (True,):
+    cache_checks += [dict(row, **{field: value}) for row in ma.run_checks(
+        ma.INT8_CHECKS, 400, kernel=dict(fixed, **{field: value}))]
   save()
   ceiling = md.read_ceiling()
   if kernel_alone:  # the query's rows 4-7 repeating rows 0-3, as the glue hands them
-    kernel_ab(kernel, "pack_p_parts", (False, True), 3, ceiling,
-              query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2))
+    kernel_ab(kernel, field, (False, True), reps, ceiling,
+              query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2), fixed=fixed,
+              points=points)
     save()
-  attend_ab(attend, "pack_p_parts", (False, True), ((8, 32768), (8, 4096), (1, 4096)),
-            ceiling, fixed=dict(pack_q_parts=False))   # the p parts alone
+  attend_ab(attend, field, (False, True), ((8, 32768), (8, 4096), (1, 4096)), ceiling,
+            fixed=fixed)
   print(f"wrote {save()}")
   common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "p_scale",
                               "rel_err", "ok"])
-  common.print_table(cache_checks, ["pack_p_parts", "bits_k", "bits_v", "q_heads",
-                                    "center_keys", "rel_err", "ok"])
-  common.print_table(kernel, ["batch", "tokens", "bits_k", "bits_v", "splits", "rep",
-                              "pack_p_parts", "ms", "x_cudnn", "ceiling_frac"])
-  common.print_table(attend, ["batch", "tokens", "pack_p_parts", "rep", "ms", "speedup",
+  common.print_table(cache_checks, [field, "bits_k", "bits_v", "q_heads", "center_keys",
+                                    "rel_err", "ok"])
+  common.print_table(kernel, ["batch", "tokens", "bits_k", "bits_v", "splits", "rep", field,
+                              "ms", "x_cudnn", "ceiling_frac"])
+  common.print_table(attend, ["batch", "tokens", field, "rep", "ms", "speedup",
                               "ceiling_frac"])
 
 
@@ -218,50 +223,14 @@ def main():
                             "ceiling_frac"])
 
 
-def packed_q_ab() -> None:
-  """The query's int8 parts as one key operand (`pack_q_parts`, with `pack_p_parts`)
-  against two: kernel checks (both p scales), cache checks, then the kernel alone and the
-  whole attention, K4/V3, interleaved (`int8_packed_q_<platform>.json`)."""
-  checks, cache_checks, kernel, attend = [], [], [], []
-  both = dict(pack_p_parts=True, pack_q_parts=True)
-
-  def save():
-    return common.write_result("int8_packed_q", dict(
-        checks=checks, cache_checks=cache_checks, kernel=kernel, attend=attend))
-
-  for i, args in enumerate(KERNEL_CHECKS):
-    common.checked(checks, ps.check_library, jax.random.PRNGKey(40 + i), *args, **both,
-                   error_fields=dict(args=args))
-  for p_scale in ("step", "bound"):
-    common.checked(checks, ps.check_library, jax.random.PRNGKey(60), 4, 4, p_scale=p_scale,
-                   value_spread=300.0, **both,
-                   error_fields=dict(p_scale=p_scale, value_spread=300.0))
-  cache_checks += ma.run_checks(ma.INT8_CHECKS, 400, kernel=both)
-  save()
-  ceiling = md.read_ceiling()
-  kernel_ab(kernel, "pack_q_parts", (False, True), 2, ceiling,
-            query=lambda q8: jnp.concatenate([q8[:, :, :4]] * 2, axis=2),
-            fixed=dict(pack_p_parts=True), points=POINTS[:2])
-  save()
-  attend_ab(attend, "pack_q_parts", (False, True), ((8, 32768), (8, 4096), (1, 4096)),
-            ceiling, fixed=dict(pack_p_parts=True))
-  print(f"wrote {save()}")
-  common.print_table(checks, ["bits_k", "bits_v", "soft_cap", "rope", "exact", "p_scale",
-                              "rel_err", "ok"])
-  common.print_table(cache_checks, ["bits_k", "bits_v", "q_heads", "center_keys", "rel_err",
-                                    "ok"])
-  common.print_table(kernel, ["batch", "tokens", "splits", "rep", "pack_q_parts", "ms",
-                              "x_cudnn", "ceiling_frac"])
-  common.print_table(attend, ["batch", "tokens", "pack_q_parts", "rep", "ms", "speedup",
-                              "ceiling_frac"])
-
-
 if __name__ == "__main__":
   if "--p-scale-ab" in sys.argv[1:]:
     p_scale_ab()
-  elif "--packed-q" in sys.argv[1:]:
-    packed_q_ab()
-  elif "--packed" in sys.argv[1:]:
-    packed_ab(kernel_alone="--no-kernel-alone" not in sys.argv[1:])
+  elif "--packed-q" in sys.argv[1:]:   # with the p parts packed, K4/V3 points only
+    packing_ab("pack_q_parts", dict(pack_p_parts=True), "int8_packed_q", reps=2,
+               points=POINTS[:2])
+  elif "--packed" in sys.argv[1:]:     # the p parts alone (the query's two operands)
+    packing_ab("pack_p_parts", dict(pack_q_parts=False), "int8_packed", reps=3,
+               kernel_alone="--no-kernel-alone" not in sys.argv[1:], cache_both=True)
   else:
     main()
