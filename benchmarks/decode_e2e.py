@@ -146,11 +146,14 @@ VARIANTS = [
     ("tq3.5-k4v3-int8-packed-q", "tq3.5-k4v3-int8",
      "p·‖v‖'s and the query's two int8 parts each as one operand",
      dict(pack_p_parts=True, pack_q_parts=True)),
-    ("tq3.5-k4v3-int8-prologue-tf32x3", "tq3.5-k4v3-int8",
-     "the prologue's query rotation as TF32x3 tensor-core products, not float32 FMAs",
-     dict(prologue_precision="tf32x3")),
     ("tq3.5-k4v3-int8-prologue-8w", "tq3.5-k4v3-int8",
      "the prologue with 8 warps instead of 4", dict(prologue_warps=8)),
+    ("tq3.5-k4v3-int8-prologue-xla", "tq3.5-k4v3-int8",
+     "the query rotated by an XLA gemm before the prologue (which then only quantizes, "
+     "repeats and packs its real rows)", dict(prologue_rotation="xla")),
+    ("tq3.5-k4v3-int8-prologue-dot", "tq3.5-k4v3-int8",
+     "the query rotated inside the prologue by Triton's dot (float32 FMAs)",
+     dict(prologue_rotation="dot")),
     ("tq3.5-quintic-rope-table256", "tq3.5-quintic-rope",
      "RoPE offsets from a table as long as the 256-token tiles (the default is 64 rows: "
      "two CTAs per SM, where this leaves one)", dict(rope_table_rows=256)),

@@ -4,18 +4,19 @@
     python -m benchmarks.decode_prologue_check --micro    # the prologue's parts alone
 
 - the prologue against `decode_prologue_reference` on random inputs (R = 64 and small,
-  a 256-, 128- and no window, one and two key groups, a sliding window), with the
-  rotation's product in float32 FMAs ("ieee") and TF32x3, each timed alone;
+  a 256-, 128- and no window, one and two key groups, a sliding window), the query
+  rotated by Triton's dot inside it or by an XLA gemm before it (each output layout),
+  each timed alone;
 - `merge_exact` with the Mosaic kernel's exact splits as unrotated splits (no exact parts)
   against its reference compiled by XLA, each timed;
 - the whole attention through caches (`mosaic_attend.check`: the jnp reference, outputs
-  NaN-poisoned) with prologue "all", "query", "off", the fused merge and the TF32x3
-  rotation;
+  NaN-poisoned) with prologue "all", "query", "off", the fused merge and each rotation
+  and packing (`--rotation` runs these alone);
 - one layer's attention, K4/V3 int8 (keys centred after RoPE), at 8 x 4K, 1 x 4K and
   8 x 32K per variant beside cuDNN. These loops chain calls on one cache, so XLA computes
   the jnp glue's cache-only work (ranges) once for all of them: the decode step's own
   comparison is `decode_e2e --paired` with `tq3.5-k4v3-int8-jnp-prologue` (or
-  `-prologue-tf32x3`, `-prologue-8w`), and `step_profile` the prologue's time in a step.
+  `-prologue-dot`, `-prologue-8w`), and `step_profile` the prologue's time in a step.
 
 Results: `decode_prologue_check_<platform>.json` (or `decode_prologue_micro_...`). The
 committed `decode_prologue_gpu.json` and `decode_prologue_micro_gpu.json` are the rows of
@@ -52,7 +53,18 @@ CACHE_CHECKS = [
 VARIANTS = [("jnp glue", dict(prologue="off")), ("prologue", dict(prologue="all")),
             ("query prologue", dict(prologue="query")),
             ("prologue+merge", dict(prologue="all", fused_merge=True)),
-            ("prologue tf32x3", dict(prologue="all", prologue_precision="tf32x3"))]
+            ("prologue dot rotation", dict(prologue="all", prologue_rotation="dot"))]
+# The query rotated by XLA before the prologue, in each packing of the kernel's operands.
+ROTATION_VARIANTS = [
+    ("xla rotation, rows", dict(prologue="all", prologue_rotation="xla",
+                                pack_p_parts=False)),
+    ("xla rotation, repeat", dict(prologue="all", prologue_rotation="xla",
+                                  pack_p_parts=True, pack_q_parts=False)),
+    ("xla rotation, packed", dict(prologue="all", prologue_rotation="xla",
+                                  pack_p_parts=True, pack_q_parts=True)),
+    ("xla rotation, query", dict(prologue="query", prologue_rotation="xla")),
+    ("dot rotation, packed", dict(prologue="all", prologue_rotation="dot",
+                                  pack_p_parts=True, pack_q_parts=True))]
 
 
 def ring(lengths, w):
@@ -74,15 +86,30 @@ def prologue_inputs(seed, r, w, groups, sliding, heads=8):
                       ranges=dp.Ranges(lengths, lengths - 1, wpos, 4, 4, sliding))
 
 
-def prologue_case(seed, r, w, groups, sliding, precision="ieee") -> dict:
+def prologue_case(seed, r, w, groups, sliding, parts=None) -> dict:
+  """parts None: Triton's dot in the kernel; else the query rotated by XLA before the
+  kernel, outputs in that `decode_prologue` layout (rows 4-7 zero in the inputs)."""
   q, rot, kw = prologue_inputs(seed, r, w, groups, sliding)
-  kw = dict(kw, precision=precision)
   jax.block_until_ready(jnp.full((8, r, 2, 8, D), 77, jnp.int8))   # poison freed memory
-  fn = jax.jit(lambda q, rot: dp.decode_prologue(q, rot, **kw))
-  got, ref = fn(q, rot), dp.decode_prologue_reference(q, rot, **kw)   # ref: HIGHEST
+  if parts is None:
+    fn = jax.jit(lambda q, rot: dp.decode_prologue(q, rot, **kw))
+  else:
+    q = q[:, :4] if parts != "rows" else q
+    fn = jax.jit(lambda q, rot: dp.decode_prologue(
+        q, None, rotated=jnp.einsum("rmd,ed->rme", q, rot, precision="highest"),
+        parts=parts, **kw))
+  got = fn(q, rot)
+  ref = dp.decode_prologue_reference(q, rot, **kw, parts=parts or "rows")   # HIGHEST
   x = jnp.einsum("rmd,ed->rme", q, rot, precision="highest")
-  deq = got.scale[..., None] * (got.q[:, 0].astype(jnp.float32) + got.q[:, 1] / 127.0)
-  row = dict(r=r, w=w, groups=len(groups), sliding=sliding, precision=precision,
+  if parts is not None and parts != "rows":   # the repeated rows, as the kernel sees them
+    x = jnp.concatenate([x, x], axis=1)
+  q8 = got.q
+  if parts == "packed":   # [hi 0-3 | lo 0-3] -> both parts of all 8 rows
+    hi, lo = q8[:, 0, :4], q8[:, 0, 4:]
+    q8 = jnp.stack([jnp.concatenate([hi, hi], 1), jnp.concatenate([lo, lo], 1)], 1)
+  deq = got.scale[..., None] * (q8[:, 0].astype(jnp.float32) + q8[:, 1] / 127.0)
+  row = dict(r=r, w=w, groups=len(groups), sliding=sliding,
+             parts=parts or "rows", rotation="dot" if parts is None else "xla",
              q_err_units=float(jnp.max(jnp.abs(deq - x) / got.scale[..., None])),
              koff=float(jnp.max(jnp.abs(got.key_offsets - ref.key_offsets))
                         / jnp.max(jnp.abs(ref.key_offsets))),
@@ -122,10 +149,11 @@ def micro() -> None:
   for rep in range(2):
     for name, p in parts.items():
       for warps in (4, 8):
-        for precision in dp.PRECISIONS:
-          fn = jax.jit(lambda q, rot, p=p, w=warps, pr=precision: dp.decode_prologue(
-              q, rot, **p, num_warps=w, precision=pr))
-          rows.append(dict(variant=f"{name} {warps}w {precision}", rep=rep, us=1e6 *
+        for rotation in ("dot", "xla"):
+          fn = jax.jit(lambda q, rot, p=p, w=warps, xla=rotation == "xla": dp.decode_prologue(
+              q, None if xla else rot, **p, num_warps=w, rotated=jnp.einsum(
+                  "rmd,ed->rme", q, rot, precision="highest") if xla else None))
+          rows.append(dict(variant=f"{name} {warps}w {rotation}", rep=rep, us=1e6 *
                            common.device_time_chained(fn, (q, rot), 0, iters=16)))
           print(rows[-1], flush=True)
   mean = kw["key_mean"]
@@ -141,22 +169,49 @@ def micro() -> None:
   common.print_table(rows, ["variant", "rep", "us"])
 
 
+def rotation_checks(only: str | None = None) -> None:
+  """The prologue with the query rotated by XLA: each output layout against the reference
+  (and timed alone), then caches through each rotation and packing against the jnp
+  reference; only: one rotation's ("xla" or "dot")."""
+  prologue, checks = [], []
+  for parts in dp.PARTS if only in (None, "xla") else ():
+    for i, case in enumerate(PROLOGUE_CASES):
+      common.checked(prologue, prologue_case, 20 + i, *case, parts=parts,
+                     error_fields=dict(case=i, parts=parts))
+  # 1 and 4 rows per kv head (packable); 8 rows (q_heads 64 over 8 kv heads: rows only).
+  cases = CACHE_CHECKS[:3] + [(4, 3, 64, dict(center_keys="plain", **ma.INT8))]
+  for label, kernel in ROTATION_VARIANTS:
+    if only not in (None, kernel["prologue_rotation"]):
+      continue
+    usable = [c for c in cases if c[2] // ma.HKV <= 4 or not kernel.get("pack_p_parts")]
+    for row in ma.run_checks(usable, 500, kernel=kernel):
+      checks.append(dict(row, variant=label))
+  print(f"wrote {common.write_result('decode_prologue_rotation', dict(prologue=prologue, checks=checks))}")
+  common.print_table(prologue, ["r", "w", "groups", "rotation", "parts", "q_err_units",
+                                "koff", "ranges", "us", "ok"])
+  common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--micro", action="store_true", help="the prologue's parts alone")
+  parser.add_argument("--rotation", nargs="?", const="all", default=None,
+                      help="checks of the prologue's rotations only (or of one: xla, dot)")
   args = parser.parse_args(argv)
   if args.micro:
     return micro()
+  if args.rotation:
+    return rotation_checks(None if args.rotation == "all" else args.rotation)
   prologue, merge, checks, attend = [], [], [], []
 
   def save():
     return common.write_result("decode_prologue_check", dict(
         prologue=prologue, merge=merge, checks=checks, attend=attend))
 
-  for precision in dp.PRECISIONS:
+  for parts in (None, "rows"):   # Triton's dot inside, the XLA gemm before
     for i, case in enumerate(PROLOGUE_CASES):
-      common.checked(prologue, prologue_case, i, *case, precision=precision,
-                     error_fields=dict(case=i, precision=precision))
+      common.checked(prologue, prologue_case, i, *case, parts=parts,
+                     error_fields=dict(case=i, parts=parts))
   for i, case in enumerate(MERGE_CASES):
     common.checked(merge, merge_case, 10 + i, *case, error_fields=dict(case=i))
   for label, kernel in VARIANTS:
@@ -182,7 +237,7 @@ def main(argv=None) -> None:
         print(attend[-1], flush=True)
     save()
   print(f"wrote {save()}")
-  common.print_table(prologue, ["r", "w", "groups", "precision", "q_err_units", "koff",
+  common.print_table(prologue, ["r", "w", "groups", "rotation", "q_err_units", "koff",
                                 "ranges", "us", "ok"])
   common.print_table(merge, ["r", "splits", "unrotated", "rel_err", "us", "us_xla_ref", "ok"])
   common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])

@@ -825,7 +825,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     pack_q_parts: with pack_p_parts, the query's two int8 parts go to one key wgmma the
       same way (columns 0-3 the high parts' dots, 4-7 the low parts'; one butterfly
       shuffle per score register adds them): one key wgmma and accumulator per step and
-      group instead of two. The operand is made here from q (one XLA fusion).
+      group instead of two. The operand is made here from q (one XLA fusion), or q comes
+      as it: int8 [R, 1, 8, D] (`decode_prologue` parts="packed"; key_offsets given).
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -880,8 +881,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     _check(name("k_norms", g, gk), k_norms[g], (r, t_len), jnp.float16)
     if nq == gk and not s8:
       _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
+  # int8 with pack_q_parts: q may come packed already ([R, 1, 8, D], `decode_prologue`
+  # parts="packed"), else it is packed below.
+  prepacked = s8 and pack_q_parts and q[0].ndim == 4 and q[0].shape[1] == 1
   if s8:
-    _check("q", q[0], (r, 2, HEADS, d), jnp.int8)
+    _check("q", q[0], (r, 1 if prepacked else 2, HEADS, d), jnp.int8)
     _check("q_scale", q_scale, (r, HEADS), jnp.float32)
   elif nq != gk:
     _check("q", q[0], (r, HEADS, d), jnp.float16)
@@ -896,13 +900,15 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if any(key_offsets) and given_koff is not None:
     _check("key_offsets", given_koff, (r, gk, HEADS), jnp.float32)
     koff = given_koff
+  elif any(key_offsets) and prepacked:
+    raise ValueError("a packed q ([R, 1, 8, D]) needs its key_offsets (decode_prologue's)")
   elif any(key_offsets):
     q_units = q[0][:, 0].astype(jnp.float32) + q[0][:, 1].astype(jnp.float32) / 127.0
     koff = jnp.stack([off * q_units[..., at:at + sp.cols].sum(-1)
                       for off, at, sp in zip(key_offsets, key_starts, key_specs)], axis=1)
   elif given_koff is not None:
     raise ValueError("key_offsets is read for int8 keys with 4-bit (offset) groups only")
-  if pack_q_parts:   # [high parts of rows 0-3 | low parts of rows 4-7 (= 0-3)]
+  if pack_q_parts and not prepacked:   # [high parts of rows 0-3 | low parts of rows 4-7]
     rows_ = jnp.arange(HEADS)[None, :, None]
     q = (jnp.where(rows_ < HEADS // 2, q[0][:, 0], q[0][:, 1])[:, None],)
   for g, spec in enumerate(value_specs):

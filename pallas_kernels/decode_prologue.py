@@ -32,10 +32,6 @@ Array = jax.Array
 
 HEADS = 8               # query rows per kv head: wgmma's N (the Mosaic kernel's)
 _HIGHEST = jax.lax.Precision.HIGHEST
-# The query rotation's product on the GPU: "ieee" (float32 FMAs, exact as the reference)
-# or "tf32x3" (three TF32 tensor-core products, about float32's accuracy). Interpret mode
-# computes at HIGHEST for both.
-PRECISIONS = ("ieee", "tf32x3")
 _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
 
 
@@ -155,8 +151,40 @@ def unsupported(head_dim: int, key_groups: tuple[KeyGroup, ...], window: int) ->
   return None
 
 
+def _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, *, window,
+                  sink_slots, num_sinks, sliding_window):
+  """One batch entry's compressed range and the exact parts' visible ranges
+  (`ranges_reference` per slot, no gather)."""
+  length = jnp.max(len_ref[...])
+  pos = jnp.max(pos_ref[...])
+  start = length
+  if window:
+    slot = jax.lax.broadcasted_iota(jnp.int32, (window,), 0)
+    k = jax.lax.rem(slot - length + window * (1 + jnp.abs(length) // window), window)
+    want = length - window + k
+    covered = (want >= 0) & (wpos_ref[...] == want)
+    last_gap = jnp.max(jnp.where(covered, -1, k))
+    start = length - (window - 1 - last_gap)
+  lo = jnp.full((), num_sinks, jnp.int32)
+  if sliding_window is not None:
+    lo = jnp.maximum(lo, pos - sliding_window + 1)
+  hi_ = jnp.maximum(jnp.minimum(start, pos + 1), lo)
+  col = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+  bounds_ref[...] = jnp.where(col == 0, lo, hi_)
+  cols = [pos]
+  if window:
+    cols += [jnp.maximum(start, num_sinks), length]
+  if sink_slots:
+    cols += [jnp.zeros((), jnp.int32), length]
+  col = jax.lax.broadcasted_iota(jnp.int32, limits_ref.shape, 0)
+  limits = jnp.zeros(limits_ref.shape, jnp.int32)
+  for c, v in enumerate(cols):
+    limits = jnp.where(col == c, v, limits)
+  limits_ref[...] = limits
+
+
 def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sinks,
-            sliding_window, dot_precision):
+            sliding_window):
   q_ref, rot_ref = refs[:2]   # [8, D] unrotated rows (zeros past the real ones), [D, D]
   rest = list(refs[2:])
   mean_ref = rest.pop(0) if has_mean else None             # [D]
@@ -172,7 +200,7 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
   q = q_ref[...].astype(jnp.float32)
   # Rotated, transposed [D, 8]: unrotation·q^T (the orientation Triton's dot takes with 8
   # columns, as merge_exact's; an [8, D] x [D, D] product would need 16 rows).
-  x = jax.lax.dot_general(rot_ref[...], q, _NT, precision=dot_precision,
+  x = jax.lax.dot_general(rot_ref[...], q, _NT, precision=_HIGHEST,
                           preferred_element_type=jnp.float32)
   scale = jnp.max(jnp.abs(x), axis=0) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0)
@@ -198,61 +226,127 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
     qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
 
   if has_ranges:
-    length = jnp.max(len_ref[...])
-    pos = jnp.max(pos_ref[...])
-    start = length
-    if window:
-      slot = jax.lax.broadcasted_iota(jnp.int32, (window,), 0)
-      k = jax.lax.rem(slot - length + window * (1 + jnp.abs(length) // window), window)
-      want = length - window + k
-      covered = (want >= 0) & (wpos_ref[...] == want)
-      last_gap = jnp.max(jnp.where(covered, -1, k))
-      start = length - (window - 1 - last_gap)
-    lo = jnp.full((), num_sinks, jnp.int32)
-    if sliding_window is not None:
-      lo = jnp.maximum(lo, pos - sliding_window + 1)
-    hi_ = jnp.maximum(jnp.minimum(start, pos + 1), lo)
-    col = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
-    bounds_ref[...] = jnp.where(col == 0, lo, hi_)
-    cols = [pos]
-    if window:
-      cols += [jnp.maximum(start, num_sinks), length]
-    if sink_slots:
-      cols += [jnp.zeros((), jnp.int32), length]
-    col = jax.lax.broadcasted_iota(jnp.int32, limits_ref.shape, 0)
-    limits = jnp.zeros(limits_ref.shape, jnp.int32)
-    for c, v in enumerate(cols):
-      limits = jnp.where(col == c, v, limits)
-    limits_ref[...] = limits
+    _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, window=window,
+                  sink_slots=sink_slots, num_sinks=num_sinks,
+                  sliding_window=sliding_window)
 
 
-def decode_prologue(q: Array, unrotation: Array, *, heads: int,
+def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
+                    num_sinks, sliding_window, parts):
+  """`_kernel` for a query rotated by the caller (no product here), rows [n, D] in the
+  natural orientation; parts "repeat" and "packed" write each of the n = 4 rows twice
+  (`decode_prologue`)."""
+  rest = list(refs)
+  x_ref = rest.pop(0)                                      # [n, D] rotated rows
+  q_ref = rest.pop(0) if has_mean else None                # [n, D] unrotated rows
+  mean_ref = rest.pop(0) if has_mean else None             # [D]
+  len_ref = pos_ref = wpos_ref = bounds_ref = limits_ref = None
+  if has_ranges:
+    len_ref, pos_ref = rest.pop(0), rest.pop(0)            # [1], [1]
+    wpos_ref = rest.pop(0) if window else None             # [W]
+  # "rows": [2, n, D], [n], [n]; "repeat": [2, 2, n, D], [2, n], [2, n]; "packed":
+  # [2, n, D] (high parts, then low), [2, n], [2, n]
+  q8_ref, scale_ref, qoff_ref = rest[:3]
+  rest = rest[3:]
+  koff_ref = rest.pop(0) if any(g.offset for g in key_groups) else None
+  if has_ranges:
+    bounds_ref, limits_ref = rest.pop(0), rest.pop(0)      # [2], [2^k]
+  twice = parts != "rows"
+
+  def store(ref, v):    # v [..., n]: once, or in both halves (the second-to-last axis)
+    if twice:
+      ref[..., 0, :] = v
+      ref[..., 1, :] = v
+    else:
+      ref[...] = v
+
+  x = x_ref[...].astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  y = x / scale[:, None]
+  hi = round_half_away(y)
+  lo = round_half_away((y - hi) * 127.0)
+  if parts == "repeat":
+    for i, part in enumerate((hi, lo)):
+      q8_ref[i, 0, :, :] = part.astype(jnp.int8)
+      q8_ref[i, 1, :, :] = part.astype(jnp.int8)
+  else:   # "rows": [hi; lo] per part; "packed": one operand [hi rows | lo rows]
+    q8_ref[0, :, :] = hi.astype(jnp.int8)
+    q8_ref[1, :, :] = lo.astype(jnp.int8)
+  store(scale_ref, scale)
+  if koff_ref is not None:
+    units = hi + lo / 127.0
+    chan = jax.lax.broadcasted_iota(jnp.int32, units.shape, 1)
+    shape = (len(key_groups), units.shape[0])
+    row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    koff = jnp.zeros(shape, jnp.float32)
+    for g, grp in enumerate(key_groups):
+      inside = (chan >= grp.start) & (chan < grp.start + grp.cols)
+      part = grp.offset * jnp.sum(jnp.where(inside, units, 0.0), axis=1)
+      koff = jnp.where(row == g, part[None, :], koff)
+    if twice:   # [groups, 2, n]
+      koff_ref[:, 0, :] = koff
+      koff_ref[:, 1, :] = koff
+    else:
+      koff_ref[...] = koff
+  if has_mean:
+    store(qoff_ref, jnp.sum(q_ref[...].astype(jnp.float32) * mean_ref[...][None, :], axis=1))
+  else:
+    store(qoff_ref, jnp.zeros(x.shape[:1], jnp.float32))
+  if has_ranges:
+    _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, window=window,
+                  sink_slots=sink_slots, num_sinks=num_sinks,
+                  sliding_window=sliding_window)
+
+
+PARTS = ("rows", "repeat", "packed")
+
+
+def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
                     key_groups: tuple[KeyGroup, ...], key_mean: Array | None = None,
-                    ranges: Ranges | None = None, interpret: bool = False,
-                    num_warps: int = 4, precision: str = "ieee") -> Prologue:
+                    ranges: Ranges | None = None, rotated: Array | None = None,
+                    parts: str = "rows", interpret: bool = False,
+                    num_warps: int = 4) -> Prologue:
   """The int8 decode kernel's per-row inputs in one launch (`Prologue`).
 
   Args:
-    q: float [R, 8, D], each kv head's query rows (q heads x query tokens, zeros past the
-      real ones), unrotated, in the key quantizer's channel order.
+    q: float [R, n, D], each kv head's query rows (q heads x query tokens, zeros past the
+      real ones), unrotated, in the key quantizer's channel order; n = 8 for parts
+      "rows", 4 otherwise.
     unrotation: float32 [D, D]: the rotated query is q @ unrotation^T (the key quantizer's
-      `unrotation_matrix`: its groups' rotations side by side).
+      `unrotation_matrix`: its groups' rotations side by side); None with `rotated`.
     heads: kv heads per batch entry (R = B x heads).
     key_groups: the key channel groups (`KeyGroup`), in order, covering D.
     key_mean: float32 [R, D] in q's channel order, or None: qoff = q·μ per head.
     ranges: `Ranges` (per batch entry), or None: no bounds or limits.
-    precision: the rotation's product on the GPU (`PRECISIONS`; not measured against
-      "ieee" yet: the default stays "ieee").
+    rotated: float32 [R, n, D], q @ unrotation^T made by the caller (an XLA gemm), or
+      None: the kernel rotates q itself by Triton's dot (float32 FMAs, rows [D, 8]; 4-8
+      us per program on the H200 where the XLA gemm and this kernel take 5-6 together).
+      With it q is read only for q·μ.
+    parts: the layout of the outputs (without `rotated`: "rows" only): "rows", as q's
+      rows; "repeat",
+      q's 4 rows then the same 4 again (the Mosaic kernel's `pack_p_parts`), scale,
+      offsets and q·μ likewise; "packed", that and the int8 parts as one operand,
+      q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the same rows]
+      (`pack_q_parts`).
   """
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if parts not in PARTS:
+    raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
+  dot = rotated is None
+  if dot and parts != "rows":
+    raise ValueError(f"parts={parts!r} needs the query rotated by the caller (rotated)")
+  n = HEADS if parts == "rows" else HEADS // 2
   r, rows, d = q.shape
-  if rows != HEADS:
-    raise ValueError(f"q must hold {HEADS} rows per kv head (zero padded), got {q.shape}")
+  if rows != n:
+    raise ValueError(f"q must hold {n} rows per kv head (zero padded) for parts={parts!r}, "
+                     f"got {q.shape}")
   if r % heads:
     raise ValueError(f"{r} rows do not split into batch entries of {heads} heads")
-  if unrotation.shape != (d, d):
-    raise ValueError(f"unrotation must be [{d}, {d}], got {list(unrotation.shape)}")
+  if rotated is None and (unrotation is None or unrotation.shape != (d, d)):
+    raise ValueError(f"unrotation must be [{d}, {d}], got "
+                     f"{None if unrotation is None else list(unrotation.shape)}")
+  if rotated is not None and rotated.shape != q.shape:
+    raise ValueError(f"rotated must be {list(q.shape)} as q, got {list(rotated.shape)}")
   if sum(g.cols for g in key_groups) != d or any(
       g.start != sum(x.cols for x in key_groups[:i]) for i, g in enumerate(key_groups)):
     raise ValueError(f"key groups {key_groups} must cover the {d} channels in order")
@@ -263,24 +357,35 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
   b = r // heads
   row = lambda i: (i, 0)  # noqa: E731
   entry = lambda i: (i // heads, 0)  # noqa: E731
-  in_specs = [pl.BlockSpec((None, HEADS, d), lambda i: (i, 0, 0)),
-              pl.BlockSpec((d, d), lambda i: (0, 0))]
-  args = [q.astype(jnp.float32), unrotation.astype(jnp.float32)]
+  rows_spec = pl.BlockSpec((None, n, d), lambda i: (i, 0, 0))
+  if dot:
+    in_specs = [rows_spec, pl.BlockSpec((d, d), lambda i: (0, 0))]
+    args = [q.astype(jnp.float32), unrotation.astype(jnp.float32)]
+  else:   # q in its own dtype, read for q·μ only (a bfloat16 q stays one XLA operand)
+    in_specs, args = [rows_spec], [rotated.astype(jnp.float32)]
+    if key_mean is not None:
+      in_specs.append(rows_spec)
+      args.append(q)
   if key_mean is not None:
     if key_mean.shape != (r, d):
       raise ValueError(f"key_mean must be [{r}, {d}], got {list(key_mean.shape)}")
     in_specs.append(pl.BlockSpec((None, d), row))
     args.append(key_mean.astype(jnp.float32))
-  out_shapes = [jax.ShapeDtypeStruct((r, 2, HEADS, d), jnp.int8),
-                jax.ShapeDtypeStruct((r, HEADS), jnp.float32),
-                jax.ShapeDtypeStruct((r, HEADS), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, 2, HEADS, d), lambda i: (i, 0, 0, 0)),
-               pl.BlockSpec((None, HEADS), row), pl.BlockSpec((None, HEADS), row)]
+  # Per row: "rows" [n]; "repeat" and "packed" [2, n] (reshaped to [8] below).
+  head = (HEADS,) if parts == "rows" else (2, n)
+  at = lambda k: lambda i: (i,) + (0,) * k  # noqa: E731
+  q8_block = {"rows": (2, HEADS, d), "repeat": (2, 2, n, d), "packed": (2, n, d)}[parts]
+  out_shapes = [jax.ShapeDtypeStruct((r, *q8_block), jnp.int8),
+                jax.ShapeDtypeStruct((r, *head), jnp.float32),
+                jax.ShapeDtypeStruct((r, *head), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, *q8_block), at(len(q8_block))),
+               pl.BlockSpec((None, *head), at(len(head))),
+               pl.BlockSpec((None, *head), at(len(head)))]
   has_koff = any(g.offset for g in key_groups)
   if has_koff:
     gk = len(key_groups)
-    out_shapes.append(jax.ShapeDtypeStruct((r, gk, HEADS), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, gk, HEADS), lambda i: (i, 0, 0)))
+    out_shapes.append(jax.ShapeDtypeStruct((r, gk, *head), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, gk, *head), at(1 + len(head))))
   width = 0
   if ranges is not None:
     for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
@@ -299,14 +404,15 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
     out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
                    jax.ShapeDtypeStruct((r, width), jnp.int32)]
     out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
-  kernel = functools.partial(
-      _kernel, key_groups=tuple(key_groups), has_mean=key_mean is not None,
-      has_ranges=ranges is not None, window=window,
-      sink_slots=0 if ranges is None else ranges.sink_slots,
-      num_sinks=0 if ranges is None else ranges.num_sinks,
-      sliding_window=None if ranges is None else ranges.sliding_window,
-      dot_precision=_HIGHEST if interpret or precision == "ieee" else
-      jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+  common = dict(key_groups=tuple(key_groups), has_mean=key_mean is not None,
+                has_ranges=ranges is not None, window=window,
+                sink_slots=0 if ranges is None else ranges.sink_slots,
+                num_sinks=0 if ranges is None else ranges.num_sinks,
+                sliding_window=None if ranges is None else ranges.sliding_window)
+  if dot:
+    kernel = functools.partial(_kernel, **common)
+  else:
+    kernel = functools.partial(_kernel_rotated, **common, parts=parts)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -319,19 +425,29 @@ def decode_prologue(q: Array, unrotation: Array, *, heads: int,
   outs = outs[3:]
   koff = outs.pop(0) if has_koff else None
   bounds, limits = (outs.pop(0), outs.pop(0)) if ranges is not None else (None, None)
+  if parts != "rows":   # contiguous: reshapes, no copies
+    q8 = q8.reshape(r, 2 if parts == "repeat" else 1, HEADS, d)
+    scale, qoff = scale.reshape(r, HEADS), qoff.reshape(r, HEADS)
+    koff = None if koff is None else koff.reshape(r, -1, HEADS)
   return Prologue(q8, scale, koff, qoff, bounds, limits)
 
 
-def decode_prologue_reference(q: Array, unrotation: Array, *, heads: int,
+def decode_prologue_reference(q: Array, unrotation: Array | None, *, heads: int,
                               key_groups: tuple[KeyGroup, ...],
                               key_mean: Array | None = None, ranges: Ranges | None = None,
+                              rotated: Array | None = None, parts: str = "rows",
                               **unused) -> Prologue:
   """`decode_prologue` in plain jnp: the ground truth of the tests."""
   del unused
   qf = q.astype(jnp.float32)
-  x = jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
+  x = (jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
+       if rotated is None else rotated.astype(jnp.float32))
+  if parts != "rows":   # rows 4-7 repeat rows 0-3
+    qf, x = (jnp.concatenate([a, a], axis=1) for a in (qf, x))
   hi, lo, scale = quantize_rotated(x)
   q8 = jnp.stack([hi, lo], axis=1).astype(jnp.int8)
+  if parts == "packed":
+    q8 = jnp.concatenate([q8[:, 0, :HEADS // 2], q8[:, 1, HEADS // 2:]], axis=1)[:, None]
   koff = None
   if any(g.offset for g in key_groups):
     units = hi + lo / 127.0

@@ -117,6 +117,14 @@ def test_errors_and_reasons():
   q, eye = jnp.zeros((8, 8, D)), jnp.eye(D)
   with pytest.raises(ValueError, match="8 rows"):
     dp.decode_prologue(jnp.zeros((8, 4, D)), eye, heads=8, key_groups=ONE)
+  with pytest.raises(ValueError, match="4 rows"):
+    dp.decode_prologue(q, None, rotated=q, parts="repeat", heads=8, key_groups=ONE)
+  with pytest.raises(ValueError, match="rotated by the caller"):
+    dp.decode_prologue(q[:, :4], eye, parts="packed", heads=8, key_groups=ONE)
+  with pytest.raises(ValueError, match="rotated must be"):
+    dp.decode_prologue(q, None, rotated=q[:, :4], heads=8, key_groups=ONE)
+  with pytest.raises(ValueError, match="parts must be"):
+    dp.decode_prologue(q, None, rotated=q, parts="twice", heads=8, key_groups=ONE)
   with pytest.raises(ValueError, match="batch entries"):
     dp.decode_prologue(q, eye, heads=3, key_groups=ONE)
   with pytest.raises(ValueError, match="unrotation"):
@@ -138,24 +146,47 @@ def test_errors_and_reasons():
   assert dp.unsupported(D, TWO, 256) is None
 
 
-def test_tf32x3_rotation_lowers_for_cuda_and_is_checked():
-  """precision="tf32x3" puts the TF32x3 algorithm on the rotation's product (interpret
-  mode keeps HIGHEST, so the reference comparisons above hold for it too); unknown
-  precisions are refused."""
-  s = jax.ShapeDtypeStruct
-  args = (s((16, 8, D), jnp.float32), s((D, D), jnp.float32))
+@pytest.mark.parametrize("parts", dp.PARTS)
+def test_rotated_by_the_caller(rng, parts):
+  """`rotated` (the XLA gemm's product): the same outputs as the reference in each layout;
+  "repeat" and "packed" take the 4 real rows and write each twice, "packed" as one
+  operand [high parts | low parts]; q (a bfloat16 one too) is read for q·μ only."""
+  q, unrot, kw = inputs(rng, 16, 8, 64, TWO, 90, gaps=1)
+  q = (q if parts == "rows" else q[:, :4]).astype(jnp.bfloat16)
+  x = jnp.einsum("rmd,ed->rme", q.astype(jnp.float32), unrot, precision="highest")
+  got = dp.decode_prologue(q, None, rotated=x, parts=parts, interpret=True, **kw)
+  ref = dp.decode_prologue_reference(q, None, rotated=x, parts=parts, **kw)
+  for name, a, b in zip(got._fields, got, ref):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-5, atol=1e-4, err_msg=name)
+  assert got.q.shape == (16, 1 if parts == "packed" else 2, 8, D)
+  if parts != "rows":   # each row's outputs twice
+    for a in (got.scale, got.qoff, got.key_offsets):
+      np.testing.assert_array_equal(np.asarray(a[..., 4:]), np.asarray(a[..., :4]))
+  # The layout against the rows' own parts: the same product, rows repeated by hand.
+  rows = dp.decode_prologue_reference(jnp.concatenate([q, q], 1) if parts != "rows" else q,
+                                      unrot, **kw)
+  hi, lo = np.asarray(rows.q[:, 0]), np.asarray(rows.q[:, 1])
+  want = {"rows": np.stack([hi, lo], 1), "repeat": np.stack([hi, lo], 1),
+          "packed": np.concatenate([hi[:, :4], lo[:, 4:]], 1)[:, None]}[parts]
+  assert np.max(np.abs(np.asarray(got.q, np.int32) - want)) <= 1   # summation order
 
-  def f(precision, interpret=False):
-    return lambda q, unrot: dp.decode_prologue(q, unrot, heads=8, key_groups=ONE,
-                                               precision=precision, interpret=interpret)
-  assert "TF32_TF32_F32_X3" in str(jax.make_jaxpr(f("tf32x3"))(*args))
-  assert "TF32_TF32_F32_X3" not in str(jax.make_jaxpr(f("ieee"))(*args))
-  assert "TF32_TF32_F32_X3" not in str(jax.make_jaxpr(f("tf32x3", True))(*args))
-  text = jax.jit(f("tf32x3")).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "turboquant_decode_prologue" in text
-  with pytest.raises(ValueError, match="precision"):
-    dp.decode_prologue(jnp.zeros((8, 8, D)), jnp.eye(D), heads=8, key_groups=ONE,
-                       precision="tf32")
+
+def test_rotated_lowers_for_cuda():
+  """The rotated kernel's Triton lowering takes every primitive in each layout."""
+  s = jax.ShapeDtypeStruct
+  for parts in dp.PARTS:
+    n = 8 if parts == "rows" else 4
+
+    def f(q, x, mean, lengths, pos, wpos, parts=parts):
+      return dp.decode_prologue(q, None, rotated=x, parts=parts, heads=8, key_groups=TWO,
+                                key_mean=mean, ranges=dp.Ranges(lengths, pos, wpos, 4, 4, 200))
+    text = jax.jit(f).trace(
+        s((16, n, D), jnp.bfloat16), s((16, n, D), jnp.float32), s((16, D), jnp.float32),
+        s((2,), jnp.int32), s((2,), jnp.int32), s((2, 64), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "turboquant_decode_prologue" in text
 
 
 def test_lowers_for_cuda():

@@ -53,6 +53,9 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   kw.pop("p_scale", None)
+  if operand == "int8" and q.shape[1] == 1:   # packed by the prologue: [hi 0-3 | lo 0-3]
+    hi, lo = q[:, 0, :dm.HEADS // 2], q[:, 0, dm.HEADS // 2:]
+    q = jnp.stack([jnp.concatenate([hi, hi], 1), jnp.concatenate([lo, lo], 1)], axis=1)
   koff = kw.pop("key_offsets", None)
   if koff is not None:   # `decode_prologue`'s: what the kernel would take from q itself
     units = q[:, 0].astype(jnp.float32) + q[:, 1].astype(jnp.float32) / 127.0
@@ -435,6 +438,53 @@ def test_prologue_default_and_errors(rng, monkeypatch):
   assert "int8 tiles" in ka.prologue_unsupported(tiles_cache(rng), "query")
   with pytest.raises(ValueError, match="prologue must be"):
     ka.attend(odd, q, mosaic=True, num_splits=2, prologue="yes")
+
+
+@pytest.mark.parametrize("prologue, hq, pack_q", [("all", 8, True), ("all", 6, False),
+                                                  ("query", 16, False)])
+def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
+  """prologue_rotation "xla" (an XLA gemm before the prologue; the default): the prologue
+  takes the real rows only and hands the kernel the same operands as Triton's dot in it
+  does ("dot": repeated rows, and the query's parts packed into one when asked); both
+  against the reference."""
+  cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                      window=64, dtype=jnp.bfloat16)
+  seen = []
+
+  def twin(*args, **k):
+    seen.append((args[4], args[6], k))
+    return kernel_twin(*args, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.bfloat16).astype(jnp.float32)
+  kw = dict(soft_cap=20.0, sliding_window=400, prologue=prologue, num_splits=2)
+  if hq // H <= dm.HEADS // 2:    # at most 4 rows per kv head: packed operands
+    kw.update(pack_p_parts=True, pack_q_parts=pack_q)
+  ref = cache.attend(q, implementation="reference", soft_cap=20.0, sliding_window=400)
+  assert ka.DEFAULT_PROLOGUE_ROTATION == "xla"
+  for rotation in (None, "dot"):
+    got = ka.attend(cache, q, mosaic=True, prologue_rotation=rotation, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  (q_xla, qoff_xla, k_xla), (q_ker, qoff_ker, k_ker) = seen
+  assert q_xla.shape[1] == (1 if pack_q else 2) and q_xla.dtype == jnp.int8
+  if pack_q:   # the kernel's own packing of the in-kernel rotation's parts
+    rows = np.arange(dm.HEADS)[None, :, None] < dm.HEADS // 2
+    q_ker = jnp.where(rows, q_ker[:, 0], q_ker[:, 1])[:, None]
+  # The same products up to summation order: the int8 parts agree within one low step.
+  units = lambda x: np.asarray(x[:, 0], np.float64) * (127 if x.shape[1] == 1 else 1) + (  # noqa: E731
+      0 if x.shape[1] == 1 else np.asarray(x[:, 1], np.float64) / 127)
+  if not pack_q:
+    assert np.max(np.abs(units(q_xla) - units(q_ker))) <= 1.01 / 127
+  else:
+    assert np.max(np.abs(np.asarray(q_xla, np.int32) - np.asarray(q_ker, np.int32))) <= 1
+  np.testing.assert_allclose(np.asarray(k_xla["q_scale"]), np.asarray(k_ker["q_scale"]),
+                             rtol=1e-5)
+  # Each from its own parts (the twin checks that): a low step apart in a few channels.
+  np.testing.assert_allclose(np.asarray(k_xla["key_offsets"]),
+                             np.asarray(k_ker["key_offsets"]), rtol=0, atol=0.5 * 8 / 127)
+  np.testing.assert_allclose(np.asarray(qoff_xla), np.asarray(qoff_ker), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="prologue_rotation must be"):
+    ka.attend(cache, q, mosaic=True, prologue_rotation="cublas", **kw)
 
 
 def test_fused_merge_takes_exact_splits(rng):

@@ -307,14 +307,24 @@ DEFAULT_PACK_P_PARTS = True
 # (bimodal, `decode_e2e_paired_packed_q_8x32k_gpu.json`), at 8 x 4K 6.87 -> 6.92. Default
 # from this many steps per split of the cache's capacity.
 PACK_Q_MIN_STEPS = 16
+# Where the prologue's query is rotated: "xla", an XLA gemm before it (the prologue takes
+# the query's real rows and repeats and packs them for the packed operands itself);
+# "dot", Triton's dot inside it (float32 FMAs). H200, Llama-3-8B shapes, K4/V3, one
+# layer's attention in the decode step (`step_profile_prologue_rotation_*_gpu.json`):
+# the prologue 8.5-9.8 -> 2.0-2.4 us, the gemm and its split-K sum and a convert adding
+# 3.5-6 us: 1 x 4K 22.8 -> 19.6 us, 8 x 4K 44.9 -> 42.6, 8 x 32K 118.8 -> 115.8.
+# (Broadcast products summed in the prologue instead of the dot took 16-26 us.)
+PROLOGUE_ROTATIONS = ("xla", "dot")
+DEFAULT_PROLOGUE_ROTATION = "xla"
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
                      everything: bool, interpret: bool, num_warps: int = 4,
-                     precision: str = "ieee") -> decode_prologue.Prologue:
-  """`decode_prologue` of qf [B, H, 8, D] (rows padded) for a decode query at pos [B]:
-  the query's parts, offsets and q·μ; everything: the ranges too (the value bound is the
-  cache's own, `_value_bound`)."""
+                     rotation: str = "xla", parts: str = "rows") -> decode_prologue.Prologue:
+  """`decode_prologue` of qf [B, H, n, D] (rows padded: n = 8, or 4 for parts "repeat"
+  and "packed") for a decode query at pos [B]: the query's parts, offsets and q·μ;
+  everything: the ranges too (the value bound is the cache's own, `_value_bound`).
+  rotation: `PROLOGUE_ROTATIONS` ("dot": parts "rows" only)."""
   b, h, rows, d = qf.shape
   q = permute_channels(qf, cache.key_perm).reshape(b * h, rows, d)
   mean = None
@@ -323,10 +333,15 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
   ranges = decode_prologue.Ranges(
       cache.lengths, pos, cache.window_positions, cache.config.num_sinks,
       cache.sink_keys.shape[2], sliding_window) if everything else None
+  unrotation = cache.key_quantizer.unrotation_matrix()
+  rotated = None
+  if rotation == "xla":
+    rotated = jnp.einsum("rmd,ed->rme", q.astype(jnp.float32),
+                         unrotation.astype(jnp.float32), precision=_HIGHEST)
+    unrotation = None
   return decode_prologue.decode_prologue(
-      q, cache.key_quantizer.unrotation_matrix(), heads=h, key_groups=_key_groups(cache),
-      key_mean=mean, ranges=ranges, interpret=interpret, num_warps=num_warps,
-      precision=precision)
+      q, unrotation, heads=h, key_groups=_key_groups(cache), key_mean=mean, ranges=ranges,
+      rotated=rotated, parts=parts, interpret=interpret, num_warps=num_warps)
 
 
 def _value_bound(cache) -> Array:
@@ -346,7 +361,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             exact_in_kernel: bool = False, exact_blocks=None,
                             prologue: str | None = None,
                             prologue_interpret: bool | None = None,
-                            prologue_warps: int = 4, prologue_precision: str = "ieee",
+                            prologue_warps: int = 4,
+                            prologue_rotation: str | None = None,
                             pack_p_parts: bool | None = None,
                             pack_q_parts: bool | None = None, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
@@ -361,8 +377,9 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   the query's int8 parts, offsets and q·μ (one launch for six XLA kernels); "all", the
   ranges too; "off": all in jnp; None: `DEFAULT_PROLOGUE` where it applies, else "off".
   The value bound of the int8 kernel's p·‖v‖ scale is the cache's (`_value_bound`).
-  prologue_interpret: its interpret mode (default: off the GPU); prologue_warps,
-  prologue_precision: its `num_warps` and rotation `precision`.
+  prologue_interpret: its interpret mode (default: off the GPU); prologue_warps: its
+  `num_warps`; prologue_rotation: where the query is rotated (`PROLOGUE_ROTATIONS`;
+  None: `DEFAULT_PROLOGUE_ROTATION`).
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
@@ -393,11 +410,11 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   elif pack_q_parts and not pack_p_parts:
     raise ValueError("pack_q_parts needs the p parts packed (pack_p_parts)")
   if pack_p_parts:   # rows 4-7 repeat rows 0-3 (zero rows up to 4 first)
-    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS // 2 - rows), (0, 0)))
-    qf = jnp.broadcast_to(qf[:, :, None], (b, h, 2, *qf.shape[2:])).reshape(
+    q_rows = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS // 2 - rows), (0, 0)))
+    qf = jnp.broadcast_to(q_rows[:, :, None], (b, h, 2, *q_rows.shape[2:])).reshape(
         b, h, mosaic.HEADS, d)
   else:   # zero query rows up to wgmma's N = 8, once here (their transforms are zeros)
-    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
+    qf = q_rows = jnp.pad(qf, ((0, 0), (0, 0), (0, mosaic.HEADS - rows), (0, 0)))
   # The groups' rotated queries side by side, one array: the kernel reads each group's
   # columns (no slices after the product).
   if prologue not in (None, *PROLOGUES):
@@ -413,9 +430,18 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     if prologue_interpret is None:
       prologue_interpret = jax.default_backend() != "gpu"
     everything = prologue == "all"
-    pro = _prologue_inputs(cache, qf, q_positions[:, 0], sliding_window,
+    if prologue_rotation is None:
+      prologue_rotation = DEFAULT_PROLOGUE_ROTATION
+    if prologue_rotation not in PROLOGUE_ROTATIONS:
+      raise ValueError(f"prologue_rotation must be one of {PROLOGUE_ROTATIONS}, got "
+                       f"{prologue_rotation!r}")
+    parts, q_in = "rows", qf
+    if prologue_rotation == "xla" and pack_p_parts:
+      parts, q_in = ("packed" if pack_q_parts else "repeat"), q_rows
+    pro = _prologue_inputs(cache, q_in, q_positions[:, 0], sliding_window,
                            everything=everything, interpret=prologue_interpret,
-                           num_warps=prologue_warps, precision=prologue_precision)
+                           num_warps=prologue_warps, rotation=prologue_rotation,
+                           parts=parts)
     q, qoff = pro.q, pro.qoff
     if everything:
       bounds, limits = pro.bounds, pro.limits
@@ -709,4 +735,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
     "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
-    "prologue_precision", "pack_p_parts", "pack_q_parts"))
+    "prologue_rotation", "pack_p_parts", "pack_q_parts"))
