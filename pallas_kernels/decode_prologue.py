@@ -12,7 +12,13 @@ the bound): one layer's attention at 8 x 4K takes 9 kernels and 45.1 us of devic
 against 18 and 49.2 (this kernel 10.0 us there, 4-6 us alone with its operands in L2);
 the decode step, run as CUDA graphs, moves within its noise (0.96-1.04x of the jnp
 glue's step time). Without the bound, 9.8 us in the 8 x 32K step
-(`step_profile_cache_bound_8x32k_gpu.json`).
+(`step_profile_cache_bound_8x32k_gpu.json`), 8.5-9.7 us at 8 x 4K and 1 x 4K alike
+(`step_profile_prologue_rotation_*_gpu.json`): the rotation's dot is most of it (with the
+query rotated by the caller, `rotated`, the kernel takes 2.0-2.4 us). Triton's float32
+dot with 8 columns runs on FMAs; neither TF32x3 nor 8 warps moved it
+(`step_profile_prologue_variants_8x4k_gpu.json`: 43.1 / 45.5 against 44.2 us of attention
+at 8 x 4K; alone, `decode_prologue_micro_tf32x3_gpu.json`), nor did broadcast products
+summed 16 channels at a time (16-26 us).
 
 Every output equals its jnp form (`decode_prologue_reference`, the functions the cache
 used before): the rotation is a float32 product (IEEE), the int8 parts round half away
@@ -320,9 +326,9 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
     key_mean: float32 [R, D] in q's channel order, or None: qoff = q·μ per head.
     ranges: `Ranges` (per batch entry), or None: no bounds or limits.
     rotated: float32 [R, n, D], q @ unrotation^T made by the caller (an XLA gemm), or
-      None: the kernel rotates q itself by Triton's dot (float32 FMAs, rows [D, 8]; 4-8
-      us per program on the H200 where the XLA gemm and this kernel take 5-6 together).
-      With it q is read only for q·μ.
+      None: the kernel rotates q itself by Triton's dot (float32 FMAs, rows [D, 8]: 8.5-9.8
+      us in the H200 decode step, 2.0-2.4 without it; the gemm before it costs as much,
+      `kernel_attention.PROLOGUE_ROTATIONS`). With it q is read only for q·μ.
     parts: the layout of the outputs (without `rotated`: "rows" only): "rows", as q's
       rows; "repeat",
       q's 4 rows then the same 4 again (the Mosaic kernel's `pack_p_parts`), scale,

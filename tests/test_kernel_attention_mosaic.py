@@ -443,10 +443,10 @@ def test_prologue_default_and_errors(rng, monkeypatch):
 @pytest.mark.parametrize("prologue, hq, pack_q", [("all", 8, True), ("all", 6, False),
                                                   ("query", 16, False)])
 def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
-  """prologue_rotation "xla" (an XLA gemm before the prologue; the default): the prologue
-  takes the real rows only and hands the kernel the same operands as Triton's dot in it
-  does ("dot": repeated rows, and the query's parts packed into one when asked); both
-  against the reference."""
+  """prologue_rotation "xla" (an XLA gemm before the prologue): the prologue takes the
+  real rows only and hands the kernel the same operands as Triton's dot in it does
+  ("dot", the default: repeated rows, and the query's parts packed into one when asked);
+  both against the reference."""
   cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
                       window=64, dtype=jnp.bfloat16)
   seen = []
@@ -461,8 +461,8 @@ def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
   if hq // H <= dm.HEADS // 2:    # at most 4 rows per kv head: packed operands
     kw.update(pack_p_parts=True, pack_q_parts=pack_q)
   ref = cache.attend(q, implementation="reference", soft_cap=20.0, sliding_window=400)
-  assert ka.DEFAULT_PROLOGUE_ROTATION == "xla"
-  for rotation in (None, "dot"):
+  assert ka.DEFAULT_PROLOGUE_ROTATION == "dot"
+  for rotation in ("xla", None):
     got = ka.attend(cache, q, mosaic=True, prologue_rotation=rotation, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
   (q_xla, qoff_xla, k_xla), (q_ker, qoff_ker, k_ker) = seen

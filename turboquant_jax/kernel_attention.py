@@ -307,15 +307,18 @@ DEFAULT_PACK_P_PARTS = True
 # (bimodal, `decode_e2e_paired_packed_q_8x32k_gpu.json`), at 8 x 4K 6.87 -> 6.92. Default
 # from this many steps per split of the cache's capacity.
 PACK_Q_MIN_STEPS = 16
-# Where the prologue's query is rotated: "xla", an XLA gemm before it (the prologue takes
-# the query's real rows and repeats and packs them for the packed operands itself);
-# "dot", Triton's dot inside it (float32 FMAs). H200, Llama-3-8B shapes, K4/V3, one
-# layer's attention in the decode step (`step_profile_prologue_rotation_*_gpu.json`):
-# the prologue 8.5-9.8 -> 2.0-2.4 us, the gemm and its split-K sum and a convert adding
-# 3.5-6 us: 1 x 4K 22.8 -> 19.6 us, 8 x 4K 44.9 -> 42.6, 8 x 32K 118.8 -> 115.8.
+# Where the prologue's query is rotated: "dot", Triton's dot inside it (float32 FMAs);
+# "xla", an XLA gemm before it (the prologue then takes the query's real rows and repeats
+# and packs them for the packed operands itself). H200, Llama-3-8B shapes, K4/V3: in one
+# layer's attention the prologue drops 8.5-9.8 -> 2.0-2.4 us, but the gemm, its split-K
+# sum and a convert add 3.5-6 us in three more kernels (attention 1 x 4K 22.8 -> 19.6 us,
+# 8 x 4K 44.9 -> 42.6, 8 x 32K 118.8 -> 115.8, `step_profile_prologue_rotation_*_gpu.json`),
+# and in the whole step the kernels' sum is the same (8 x 4K 601.7 / 601.9 us per two
+# layers, 1 x 4K 627.5 / 626.3) and the decode loop no faster (paired, 1 x 4K 7.19 /
+# 7.24 ms; 8 x 4K bimodal, `decode_e2e_paired_prologue_rotation_4k_gpu.json`): "dot" stays.
 # (Broadcast products summed in the prologue instead of the dot took 16-26 us.)
-PROLOGUE_ROTATIONS = ("xla", "dot")
-DEFAULT_PROLOGUE_ROTATION = "xla"
+PROLOGUE_ROTATIONS = ("dot", "xla")
+DEFAULT_PROLOGUE_ROTATION = "dot"
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
