@@ -54,23 +54,17 @@ VARIANTS = [("jnp glue", dict(prologue="off")), ("prologue", dict(prologue="all"
             ("query prologue", dict(prologue="query")),
             ("prologue+merge", dict(prologue="all", fused_merge=True)),
             ("prologue dot rotation", dict(prologue="all", prologue_rotation="dot"))]
-# The query rotated by XLA before the prologue, in each packing of the kernel's operands.
-ROTATION_VARIANTS = [
-    ("xla rotation, rows", dict(prologue="all", prologue_rotation="xla",
-                                pack_p_parts=False)),
-    ("xla rotation, repeat", dict(prologue="all", prologue_rotation="xla",
-                                  pack_p_parts=True, pack_q_parts=False)),
-    ("xla rotation, packed", dict(prologue="all", prologue_rotation="xla",
-                                  pack_p_parts=True, pack_q_parts=True)),
-    ("xla rotation, query", dict(prologue="query", prologue_rotation="xla")),
-    ("mma rotation, rows", dict(prologue="all", prologue_rotation="mma",
-                                pack_p_parts=False)),
-    ("mma rotation, repeat", dict(prologue="all", prologue_rotation="mma",
-                                  pack_p_parts=True, pack_q_parts=False)),
-    ("mma rotation, packed", dict(prologue="all", prologue_rotation="mma",
-                                  pack_p_parts=True, pack_q_parts=True)),
-    ("dot rotation, packed", dict(prologue="all", prologue_rotation="dot",
-                                  pack_p_parts=True, pack_q_parts=True))]
+# The query rotated by XLA before the prologue or by tensor-core products in it, in each
+# packing of the kernel's operands; Triton's dot with both packings.
+PACKINGS = {"rows": dict(pack_p_parts=False),
+            "repeat": dict(pack_p_parts=True, pack_q_parts=False),
+            "packed": dict(pack_p_parts=True, pack_q_parts=True)}
+ROTATION_VARIANTS = (
+    [(f"{rot} rotation, {name}", dict(prologue="all", prologue_rotation=rot, **packing))
+     for rot in ("xla", "mma") for name, packing in PACKINGS.items()]
+    + [("xla rotation, query", dict(prologue="query", prologue_rotation="xla")),
+       ("dot rotation, packed", dict(prologue="all", prologue_rotation="dot",
+                                     **PACKINGS["packed"]))])
 
 
 def ring(lengths, w):
