@@ -201,7 +201,8 @@ def rotation_checks(only: str | None = None) -> None:
     usable = [c for c in cases if c[2] // ma.HKV <= 4 or not kernel.get("pack_p_parts")]
     for row in ma.run_checks(usable, 500, kernel=kernel):
       checks.append(dict(row, variant=label))
-  print(f"wrote {common.write_result('decode_prologue_rotation', dict(prologue=prologue, checks=checks))}")
+  path = common.write_result("decode_prologue_rotation", dict(prologue=prologue, checks=checks))
+  print(f"wrote {path}")
   common.print_table(prologue, ["r", "w", "groups", "rotation", "parts", "q_err_units",
                                 "koff", "ranges", "us", "ok"])
   common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])

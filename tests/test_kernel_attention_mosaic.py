@@ -479,21 +479,22 @@ def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
   if pack_q:   # the kernel's own packing of the in-kernel rotation's parts
     rows = np.arange(dm.HEADS)[None, :, None] < dm.HEADS // 2
     q_ker = jnp.where(rows, q_ker[:, 0], q_ker[:, 1])[:, None]
-  # The same products up to summation order: the int8 parts agree within one low step.
-  units = lambda x: np.asarray(x[:, 0], np.float64) * (127 if x.shape[1] == 1 else 1) + (  # noqa: E731
-      0 if x.shape[1] == 1 else np.asarray(x[:, 1], np.float64) / 127)
-  if not pack_q:
-    assert np.max(np.abs(units(q_xla) - units(q_ker))) <= 1.01 / 127
-  else:
-    assert np.max(np.abs(np.asarray(q_xla, np.int32) - np.asarray(q_ker, np.int32))) <= 1
+  # The same products up to summation order: the query within one low step (a carry
+  # between the parts aside: compared as hi + lo/127), a packed one part by part.
+  def units(x):
+    x = np.asarray(x, np.float64)
+    return x[:, 0] if x.shape[1] == 1 else x[:, 0] + x[:, 1] / 127
+  assert np.max(np.abs(units(q_xla) - units(q_ker))) <= (1 if pack_q else 1.01 / 127)
   np.testing.assert_allclose(np.asarray(k_xla["q_scale"]), np.asarray(k_ker["q_scale"]),
                              rtol=1e-5)
   # Each from its own parts (the twin checks that): a low step apart in a few channels.
   np.testing.assert_allclose(np.asarray(k_xla["key_offsets"]),
                              np.asarray(k_ker["key_offsets"]), rtol=0, atol=0.5 * 8 / 127)
   np.testing.assert_allclose(np.asarray(qoff_xla), np.asarray(qoff_ker), rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="prologue_rotation must be"):
-    ka.attend(cache, q, mosaic=True, prologue_rotation="cublas", **kw)
+  for prologue in ("all", "off"):   # refused even where no prologue runs
+    with pytest.raises(ValueError, match="prologue_rotation must be"):
+      ka.attend(cache, q, mosaic=True, prologue_rotation="cublas",
+                **dict(kw, prologue=prologue))
 
 
 def test_fused_merge_takes_exact_splits(rng):

@@ -427,6 +427,11 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   # columns (no slices after the product).
   if prologue not in (None, *PROLOGUES):
     raise ValueError(f"prologue must be one of {PROLOGUES} or None, got {prologue!r}")
+  if prologue_rotation is None:
+    prologue_rotation = DEFAULT_PROLOGUE_ROTATION
+  if prologue_rotation not in PROLOGUE_ROTATIONS:
+    raise ValueError(f"prologue_rotation must be one of {PROLOGUE_ROTATIONS}, got "
+                     f"{prologue_rotation!r}")
   if prologue not in (None, "off"):
     why = prologue_unsupported(cache, prologue)
     if why is not None:
@@ -438,11 +443,6 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     if prologue_interpret is None:
       prologue_interpret = jax.default_backend() != "gpu"
     everything = prologue == "all"
-    if prologue_rotation is None:
-      prologue_rotation = DEFAULT_PROLOGUE_ROTATION
-    if prologue_rotation not in PROLOGUE_ROTATIONS:
-      raise ValueError(f"prologue_rotation must be one of {PROLOGUE_ROTATIONS}, got "
-                       f"{prologue_rotation!r}")
     parts, q_in = "rows", qf
     if prologue_rotation != "dot" and pack_p_parts:
       parts, q_in = ("packed" if pack_q_parts else "repeat"), q_rows
