@@ -298,11 +298,7 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
     else:
       ref[...] = v
 
-  scale = jnp.max(jnp.abs(x), axis=1) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  y = x / scale[:, None]
-  hi = round_half_away(y)
-  lo = round_half_away((y - hi) * 127.0)
+  hi, lo, scale = quantize_rotated(x)
   if parts == "repeat":
     for i, part in enumerate((hi, lo)):
       q8_ref[i, 0, :, :] = part.astype(jnp.int8)
