@@ -151,9 +151,6 @@ VARIANTS = [
     ("tq3.5-k4v3-int8-prologue-xla", "tq3.5-k4v3-int8",
      "the query rotated by an XLA gemm before the prologue (which then only quantizes, "
      "repeats and packs its real rows)", dict(prologue_rotation="xla")),
-    ("tq3.5-k4v3-int8-prologue-mma", "tq3.5-k4v3-int8",
-     "the query rotated inside the prologue by bfloat16 tensor-core products (the rotation "
-     "as three bfloat16 terms)", dict(prologue_rotation="mma")),
     ("tq3.5-k4v3-int8-prologue-dot", "tq3.5-k4v3-int8",
      "the query rotated inside the prologue by Triton's dot (float32 FMAs)",
      dict(prologue_rotation="dot")),

@@ -54,14 +54,14 @@ VARIANTS = [("jnp glue", dict(prologue="off")), ("prologue", dict(prologue="all"
             ("query prologue", dict(prologue="query")),
             ("prologue+merge", dict(prologue="all", fused_merge=True)),
             ("prologue dot rotation", dict(prologue="all", prologue_rotation="dot"))]
-# The query rotated by XLA before the prologue or by tensor-core products in it, in each
-# packing of the kernel's operands; Triton's dot with both packings.
+# The query rotated by XLA before the prologue, in each packing of the kernel's operands;
+# Triton's dot with both packings.
 PACKINGS = {"rows": dict(pack_p_parts=False),
             "repeat": dict(pack_p_parts=True, pack_q_parts=False),
             "packed": dict(pack_p_parts=True, pack_q_parts=True)}
 ROTATION_VARIANTS = (
-    [(f"{rot} rotation, {name}", dict(prologue="all", prologue_rotation=rot, **packing))
-     for rot in ("xla", "mma") for name, packing in PACKINGS.items()]
+    [(f"xla rotation, {name}", dict(prologue="all", prologue_rotation="xla", **packing))
+     for name, packing in PACKINGS.items()]
     + [("xla rotation, query", dict(prologue="query", prologue_rotation="xla")),
        ("dot rotation, packed", dict(prologue="all", prologue_rotation="dot",
                                      **PACKINGS["packed"]))])
@@ -86,25 +86,18 @@ def prologue_inputs(seed, r, w, groups, sliding, heads=8):
                       ranges=dp.Ranges(lengths, lengths - 1, wpos, 4, 4, sliding))
 
 
-def prologue_case(seed, r, w, groups, sliding, parts=None, rotation="xla") -> dict:
+def prologue_case(seed, r, w, groups, sliding, parts=None) -> dict:
   """parts None: Triton's dot in the kernel; else the query rotated by XLA before the
-  kernel (rotation "xla") or by tensor-core products in it ("mma", a bfloat16 query as
-  the model's), outputs in that `decode_prologue` layout (rows 4-7 zero in the inputs)."""
+  kernel, outputs in that `decode_prologue` layout (rows 4-7 zero in the inputs)."""
   q, rot, kw = prologue_inputs(seed, r, w, groups, sliding)
   jax.block_until_ready(jnp.full((8, r, 2, 8, D), 77, jnp.int8))   # poison freed memory
   if parts is None:
     fn = jax.jit(lambda q, rot: dp.decode_prologue(q, rot, **kw))
   else:
     q = q[:, :4] if parts != "rows" else q
-    if rotation == "mma":
-      q = q.astype(jnp.bfloat16)
-      fn = jax.jit(lambda q, rot: dp.decode_prologue(
-          jnp.pad(q, ((0, 0), (0, dp.MMA_ROWS - q.shape[1]), (0, 0))), rot, rotation="mma",
-          parts=parts, **kw))
-    else:
-      fn = jax.jit(lambda q, rot: dp.decode_prologue(
-          q, None, rotated=jnp.einsum("rmd,ed->rme", q, rot, precision="highest"),
-          parts=parts, **kw))
+    fn = jax.jit(lambda q, rot: dp.decode_prologue(
+        q, None, rotated=jnp.einsum("rmd,ed->rme", q, rot, precision="highest"),
+        parts=parts, **kw))
   got = fn(q, rot)
   ref = dp.decode_prologue_reference(q, rot, **kw, parts=parts or "rows")   # HIGHEST
   x = jnp.einsum("rmd,ed->rme", q, rot, precision="highest")
@@ -116,7 +109,7 @@ def prologue_case(seed, r, w, groups, sliding, parts=None, rotation="xla") -> di
     q8 = jnp.stack([jnp.concatenate([hi, hi], 1), jnp.concatenate([lo, lo], 1)], 1)
   deq = got.scale[..., None] * (q8[:, 0].astype(jnp.float32) + q8[:, 1] / 127.0)
   row = dict(r=r, w=w, groups=len(groups), sliding=sliding,
-             parts=parts or "rows", rotation="dot" if parts is None else rotation,
+             parts=parts or "rows", rotation="dot" if parts is None else "xla",
              q_err_units=float(jnp.max(jnp.abs(deq - x) / got.scale[..., None])),
              koff=float(jnp.max(jnp.abs(got.key_offsets - ref.key_offsets))
                         / jnp.max(jnp.abs(ref.key_offsets))),
@@ -156,16 +149,10 @@ def micro() -> None:
   for rep in range(2):
     for name, p in parts.items():
       for warps in (4, 8):
-        for rotation in ("dot", "xla", "mma"):
-          def fn(q, rot, p=p, w=warps, how=rotation):
-            if how == "mma":   # a bfloat16 query, as the model's, in 16 rows
-              q = jnp.pad(q.astype(jnp.bfloat16), ((0, 0), (0, dp.MMA_ROWS - 8), (0, 0)))
-              return dp.decode_prologue(q, rot, **p, num_warps=w, rotation="mma")
-            return dp.decode_prologue(q, None if how == "xla" else rot, **p, num_warps=w,
-                                      rotated=jnp.einsum("rmd,ed->rme", q, rot,
-                                                         precision="highest")
-                                      if how == "xla" else None)
-          fn = jax.jit(fn)
+        for rotation in ("dot", "xla"):
+          fn = jax.jit(lambda q, rot, p=p, w=warps, xla=rotation == "xla": dp.decode_prologue(
+              q, None if xla else rot, **p, num_warps=w, rotated=jnp.einsum(
+                  "rmd,ed->rme", q, rot, precision="highest") if xla else None))
           rows.append(dict(variant=f"{name} {warps}w {rotation}", rep=rep, us=1e6 *
                            common.device_time_chained(fn, (q, rot), 0, iters=16)))
           print(rows[-1], flush=True)
@@ -183,16 +170,14 @@ def micro() -> None:
 
 
 def rotation_checks(only: str | None = None) -> None:
-  """The prologue with the query rotated by XLA or by tensor-core products in it: each
-  output layout against the reference (and timed alone), then caches through each
-  rotation and packing against the jnp reference; only: one rotation's ("xla", "mma" or
-  "dot")."""
+  """The prologue with the query rotated by XLA: each output layout against the reference
+  (and timed alone), then caches through each rotation and packing against the jnp
+  reference; only: one rotation's ("xla" or "dot")."""
   prologue, checks = [], []
-  for rotation in [r for r in ("xla", "mma") if only in (None, r)]:
-    for parts in dp.PARTS:
-      for i, case in enumerate(PROLOGUE_CASES):
-        common.checked(prologue, prologue_case, 20 + i, *case, parts=parts,
-                       rotation=rotation, error_fields=dict(case=i, parts=parts))
+  for parts in dp.PARTS if only in (None, "xla") else ():
+    for i, case in enumerate(PROLOGUE_CASES):
+      common.checked(prologue, prologue_case, 20 + i, *case, parts=parts,
+                     error_fields=dict(case=i, parts=parts))
   # 1 and 4 rows per kv head (packable); 8 rows (q_heads 64 over 8 kv heads: rows only).
   cases = CACHE_CHECKS[:3] + [(4, 3, 64, dict(center_keys="plain", **ma.INT8))]
   for label, kernel in ROTATION_VARIANTS:
@@ -212,8 +197,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--micro", action="store_true", help="the prologue's parts alone")
   parser.add_argument("--rotation", nargs="?", const="all", default=None,
-                      help="checks of the prologue's rotations only (or of one: xla, mma, "
-                      "dot)")
+                      help="checks of the prologue's rotations only (or of one: xla, dot)")
   args = parser.parse_args(argv)
   if args.micro:
     return micro()

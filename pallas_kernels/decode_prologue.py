@@ -237,46 +237,14 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
                   sliding_window=sliding_window)
 
 
-def _bf16_parts(x: Array, parts: int) -> list[Array]:
-  """x float32 as `parts` bfloat16 terms, x ≈ Σ terms (8 more mantissa bits each)."""
-  out, rest = [], x.astype(jnp.float32)
-  for _ in range(parts):
-    out.append(rest.astype(jnp.bfloat16))
-    rest = rest - out[-1].astype(jnp.float32)
-  return out
-
-
-def _rotate_by_mma(q: Array, rot: Array, n: int) -> Array:
-  """[n, D] float32: the first n rows of q @ rot^T, q [16, D] (rows n.. zero), as
-  bfloat16 tensor-core products with float32 sums: rot as three bfloat16 terms (its 24
-  bits) times q's one (a bfloat16 q, exact: three products) or three (float32: six, the
-  products of terms below 2^-24 left out). Sixteen rows: Triton's tensor-core dot takes
-  M >= 16."""
-  dot = lambda a, b: jax.lax.dot_general(  # noqa: E731
-      a, b, _NT, preferred_element_type=jnp.float32)
-  r = _bf16_parts(rot, 3)
-  qs = [q] if q.dtype == jnp.bfloat16 else _bf16_parts(q, 3)
-  x = None
-  for i, qi in enumerate(qs):
-    for rj in r[:3 - i]:
-      x = dot(qi, rj) if x is None else x + dot(qi, rj)
-  # Rows n.. are zero: the first n as a sum of the 16 / n blocks (no slicing in Triton).
-  return jnp.sum(x.reshape(x.shape[0] // n, n, x.shape[1]), axis=0)
-
-
 def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
-                    num_sinks, sliding_window, parts, mma=False):
-  """`_kernel` for a query rotated by the caller (no product here) or here by tensor-core
-  products (mma: `_rotate_by_mma`), rows [n, D] in the natural orientation; parts
-  "repeat" and "packed" write each of the n = 4 rows twice (`decode_prologue`)."""
-  n = HEADS if parts == "rows" else HEADS // 2
+                    num_sinks, sliding_window, parts):
+  """`_kernel` for a query rotated by the caller (no product here), rows [n, D] in the
+  natural orientation; parts "repeat" and "packed" write each of the n = 4 rows twice
+  (`decode_prologue`)."""
   rest = list(refs)
-  if mma:
-    q_ref, rot_ref = rest.pop(0), rest.pop(0)              # [16, D], [D, D]
-    x = _rotate_by_mma(q_ref[...], rot_ref[...], n)
-  else:
-    x = rest.pop(0)[...].astype(jnp.float32)               # [n, D] rotated rows
-    q_ref = rest.pop(0) if has_mean else None              # [n, D] unrotated rows
+  x_ref = rest.pop(0)                                      # [n, D] rotated rows
+  q_ref = rest.pop(0) if has_mean else None                # [n, D] unrotated rows
   mean_ref = rest.pop(0) if has_mean else None             # [D]
   len_ref = pos_ref = wpos_ref = bounds_ref = limits_ref = None
   if has_ranges:
@@ -298,6 +266,7 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
     else:
       ref[...] = v
 
+  x = x_ref[...].astype(jnp.float32)
   hi, lo, scale = quantize_rotated(x)
   if parts == "repeat":
     for i, part in enumerate((hi, lo)):
@@ -323,10 +292,7 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
     else:
       koff_ref[...] = koff
   if has_mean:
-    qoff = jnp.sum(q_ref[...].astype(jnp.float32) * mean_ref[...][None, :], axis=1)
-    if mma:   # [16] -> the first n (the rest are zero rows)
-      qoff = jnp.sum(qoff.reshape(qoff.shape[0] // n, n), axis=0)
-    store(qoff_ref, qoff)
+    store(qoff_ref, jnp.sum(q_ref[...].astype(jnp.float32) * mean_ref[...][None, :], axis=1))
   else:
     store(qoff_ref, jnp.zeros(x.shape[:1], jnp.float32))
   if has_ranges:
@@ -336,23 +302,19 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
 
 
 PARTS = ("rows", "repeat", "packed")
-# Without `rotated`, the kernel's product: "dot", Triton's float32 dot (FMAs, [D, D] x
-# [D, 8]); "mma", bfloat16 tensor-core products of a 16-row q (`_rotate_by_mma`).
-ROTATIONS = ("dot", "mma")
-MMA_ROWS = 16
 
 
 def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
                     key_groups: tuple[KeyGroup, ...], key_mean: Array | None = None,
                     ranges: Ranges | None = None, rotated: Array | None = None,
-                    rotation: str = "dot", parts: str = "rows", interpret: bool = False,
+                    parts: str = "rows", interpret: bool = False,
                     num_warps: int = 4) -> Prologue:
   """The int8 decode kernel's per-row inputs in one launch (`Prologue`).
 
   Args:
     q: float [R, n, D], each kv head's query rows (q heads x query tokens, zeros past the
       real ones), unrotated, in the key quantizer's channel order; n = 8 for parts
-      "rows", 4 otherwise, and `MMA_ROWS` (zeros past n) for rotation "mma".
+      "rows", 4 otherwise.
     unrotation: float32 [D, D]: the rotated query is q @ unrotation^T (the key quantizer's
       `unrotation_matrix`: its groups' rotations side by side); None with `rotated`.
     heads: kv heads per batch entry (R = B x heads).
@@ -363,28 +325,23 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
       None: the kernel rotates q itself by Triton's dot (float32 FMAs, rows [D, 8]: 8.5-9.8
       us in the H200 decode step, 2.0-2.4 without it; the gemm before it costs as much,
       `kernel_attention.PROLOGUE_ROTATIONS`). With it q is read only for q·μ.
-    rotation: without `rotated`, the kernel's product (`ROTATIONS`).
-    parts: the layout of the outputs (rotation "dot": "rows" only): "rows", as q's
-      rows; "repeat", q's 4 rows then the same 4 again (the Mosaic kernel's
-      `pack_p_parts`), scale, offsets and q·μ likewise; "packed", that and the int8
-      parts as one operand, q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the
-      same rows] (`pack_q_parts`).
+    parts: the layout of the outputs (without `rotated`: "rows" only): "rows", as q's
+      rows; "repeat",
+      q's 4 rows then the same 4 again (the Mosaic kernel's `pack_p_parts`), scale,
+      offsets and q·μ likewise; "packed", that and the int8 parts as one operand,
+      q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the same rows]
+      (`pack_q_parts`).
   """
   if parts not in PARTS:
     raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
-  if rotation not in ROTATIONS:
-    raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-  dot = rotated is None and rotation == "dot"
-  mma = rotated is None and rotation == "mma"
+  dot = rotated is None
   if dot and parts != "rows":
-    raise ValueError(f"parts={parts!r} needs the query rotated by the caller (rotated) "
-                     "or by rotation='mma'")
+    raise ValueError(f"parts={parts!r} needs the query rotated by the caller (rotated)")
   n = HEADS if parts == "rows" else HEADS // 2
   r, rows, d = q.shape
-  if rows != (MMA_ROWS if mma else n):
-    raise ValueError(f"q must hold {MMA_ROWS if mma else n} rows per kv head (zero padded) "
-                     f"for parts={parts!r}" + (" and rotation 'mma'" if mma else "")
-                     + f", got {q.shape}")
+  if rows != n:
+    raise ValueError(f"q must hold {n} rows per kv head (zero padded) for parts={parts!r}, "
+                     f"got {q.shape}")
   if r % heads:
     raise ValueError(f"{r} rows do not split into batch entries of {heads} heads")
   if rotated is None and (unrotation is None or unrotation.shape != (d, d)):
@@ -406,10 +363,6 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
   if dot:
     in_specs = [rows_spec, pl.BlockSpec((d, d), lambda i: (0, 0))]
     args = [q.astype(jnp.float32), unrotation.astype(jnp.float32)]
-  elif mma:   # q in its own dtype (a bfloat16 q takes three products, a float32 one six)
-    in_specs = [pl.BlockSpec((None, MMA_ROWS, d), lambda i: (i, 0, 0)),
-                pl.BlockSpec((d, d), lambda i: (0, 0))]
-    args = [q, unrotation.astype(jnp.float32)]
   else:   # q in its own dtype, read for q·μ only (a bfloat16 q stays one XLA operand)
     in_specs, args = [rows_spec], [rotated.astype(jnp.float32)]
     if key_mean is not None:
@@ -461,7 +414,7 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
   if dot:
     kernel = functools.partial(_kernel, **common)
   else:
-    kernel = functools.partial(_kernel_rotated, **common, parts=parts, mma=mma)
+    kernel = functools.partial(_kernel_rotated, **common, parts=parts)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -488,7 +441,7 @@ def decode_prologue_reference(q: Array, unrotation: Array | None, *, heads: int,
                               **unused) -> Prologue:
   """`decode_prologue` in plain jnp: the ground truth of the tests."""
   del unused
-  qf = q.astype(jnp.float32)[:, :HEADS if parts == "rows" else HEADS // 2]   # "mma": 16
+  qf = q.astype(jnp.float32)
   x = (jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
        if rotated is None else rotated.astype(jnp.float32))
   if parts != "rows":   # rows 4-7 repeat rows 0-3

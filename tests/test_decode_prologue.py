@@ -173,42 +173,8 @@ def test_rotated_by_the_caller(rng, parts):
   assert np.max(np.abs(np.asarray(got.q, np.int32) - want)) <= 1   # summation order
 
 
-@pytest.mark.parametrize("parts, dtype", [("rows", jnp.float32), ("repeat", jnp.bfloat16),
-                                          ("packed", jnp.bfloat16)])
-def test_rotated_by_tensor_core_products(rng, parts, dtype):
-  """rotation="mma": a 16-row q (zeros past the real rows) times the rotation as three
-  bfloat16 terms (a float32 q as three too): the rotated query to float32's accuracy,
-  within half a low step of the exact product as the float32 dot's, in each layout."""
-  n = 8 if parts == "rows" else 4
-  q, unrot, kw = inputs(rng, 16, 8, 64, TWO, 90, gaps=1)
-  q = q[:, :n].astype(dtype)
-  q16 = jnp.pad(q, ((0, 0), (0, dp.MMA_ROWS - n), (0, 0)))
-  got = dp.decode_prologue(q16, unrot, rotation="mma", parts=parts, interpret=True, **kw)
-  ref = dp.decode_prologue_reference(q, unrot, parts=parts, **kw)
-  x = np.einsum("rmd,ed->rme", np.asarray(q, np.float64), np.asarray(unrot, np.float64))
-  q8 = np.asarray(got.q, np.float64)
-  if parts != "rows":
-    x = np.concatenate([x, x], 1)
-  if parts == "packed":
-    q8 = np.stack([np.concatenate([q8[:, 0, :4]] * 2, 1),
-                   np.concatenate([q8[:, 0, 4:]] * 2, 1)], 1)
-  scale = np.asarray(got.scale)[..., None]
-  assert np.max(np.abs(scale * (q8[:, 0] + q8[:, 1] / 127) - x) / scale) < 0.502 / 127
-  for name in ("scale", "qoff", "bounds", "limits"):
-    np.testing.assert_allclose(np.asarray(getattr(got, name), np.float64),
-                               np.asarray(getattr(ref, name), np.float64), rtol=1e-5,
-                               atol=1e-5, err_msg=name)
-  units = q8[:, 0] + q8[:, 1] / 127
-  want = np.stack([g.offset * units[..., g.start:g.start + g.cols].sum(-1) for g in TWO], 1)
-  np.testing.assert_allclose(np.asarray(got.key_offsets), want, rtol=1e-5, atol=1e-3)
-  with pytest.raises(ValueError, match="16 rows"):
-    dp.decode_prologue(q, unrot, rotation="mma", parts=parts, interpret=True, **kw)
-  with pytest.raises(ValueError, match="rotation must be"):
-    dp.decode_prologue(q16, unrot, rotation="wgmma", parts=parts, **kw)
-
-
 def test_rotated_lowers_for_cuda():
-  """The rotated kernels' Triton lowering takes every primitive in each layout."""
+  """The rotated kernel's Triton lowering takes every primitive in each layout."""
   s = jax.ShapeDtypeStruct
   for parts in dp.PARTS:
     n = 8 if parts == "rows" else 4
@@ -220,14 +186,6 @@ def test_rotated_lowers_for_cuda():
         s((16, n, D), jnp.bfloat16), s((16, n, D), jnp.float32), s((16, D), jnp.float32),
         s((2,), jnp.int32), s((2,), jnp.int32), s((2, 64), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert "turboquant_decode_prologue" in text
-
-    def g(q, rot, mean, parts=parts):   # the tensor-core rotation
-      return dp.decode_prologue(q, rot, rotation="mma", parts=parts, heads=8,
-                                key_groups=TWO, key_mean=mean)
-    text = jax.jit(g).trace(s((16, dp.MMA_ROWS, D), jnp.bfloat16), s((D, D), jnp.float32),
-                            s((16, D), jnp.float32)).lower(
-                                lowering_platforms=("cuda",)).as_text()
     assert "turboquant_decode_prologue" in text
 
 

@@ -316,10 +316,10 @@ PACK_Q_MIN_STEPS = 16
 # and in the whole step the kernels' sum is the same (8 x 4K 601.7 / 601.9 us per two
 # layers, 1 x 4K 627.5 / 626.3) and the decode loop no faster (paired, 1 x 4K 7.19 /
 # 7.24 ms; 8 x 4K bimodal, `decode_e2e_paired_prologue_rotation_4k_gpu.json`): "dot" stays.
-# (Broadcast products summed in the prologue instead of the dot took 16-26 us.)
-# "mma": in the prologue as bfloat16 tensor-core products of a 16-row query (the rotation
-# as three bfloat16 terms), no extra kernel; not measured on the GPU yet.
-PROLOGUE_ROTATIONS = ("dot", "xla", "mma")
+# (Broadcast products summed in the prologue instead of the dot took 16-26 us; bfloat16
+# tensor-core products of a 16-row query in it, 11.3-12.7 us against the dot's 8.8-9.6,
+# `step_profile_prologue_mma_*_gpu.json`.)
+PROLOGUE_ROTATIONS = ("dot", "xla")
 DEFAULT_PROLOGUE_ROTATION = "dot"
 
 
@@ -340,16 +340,13 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
       cache.sink_keys.shape[2], sliding_window) if everything else None
   unrotation = cache.key_quantizer.unrotation_matrix()
   rotated = None
-  if rotation == "mma":   # 16 rows for Triton's tensor-core dot (zeros past the n)
-    q = jnp.pad(q, ((0, 0), (0, decode_prologue.MMA_ROWS - rows), (0, 0)))
   if rotation == "xla":
     rotated = jnp.einsum("rmd,ed->rme", q.astype(jnp.float32),
                          unrotation.astype(jnp.float32), precision=_HIGHEST)
     unrotation = None
   return decode_prologue.decode_prologue(
       q, unrotation, heads=h, key_groups=_key_groups(cache), key_mean=mean, ranges=ranges,
-      rotated=rotated, rotation="mma" if rotation == "mma" else "dot", parts=parts,
-      interpret=interpret, num_warps=num_warps)
+      rotated=rotated, parts=parts, interpret=interpret, num_warps=num_warps)
 
 
 def _value_bound(cache) -> Array:
@@ -444,7 +441,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
       prologue_interpret = jax.default_backend() != "gpu"
     everything = prologue == "all"
     parts, q_in = "rows", qf
-    if prologue_rotation != "dot" and pack_p_parts:
+    if prologue_rotation == "xla" and pack_p_parts:
       parts, q_in = ("packed" if pack_q_parts else "repeat"), q_rows
     pro = _prologue_inputs(cache, q_in, q_positions[:, 0], sliding_window,
                            everything=everything, interpret=prologue_interpret,
