@@ -31,10 +31,12 @@ import glob
 import re
 import tempfile
 
-def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, filled: int):
-  """(config, decoder, caches): Llama-3-8B shapes with `layers` layers (random bf16
-  weights; every layer costs the same) and its `decode_e2e` caches of `cache_name` (a
-  `decode_e2e.CACHES` name, no suffix), `filled` random tokens per row."""
+def model_with_caches(cache_name: str, layers: int, batch: int, context: int, filled: int,
+                      model: str = "llama3_8b"):
+  """(config, decoder, caches): a `decode_e2e.MODELS` model's shapes (default Llama-3-8B)
+  with `layers` layers (random bf16 weights; every layer costs the same) and its
+  `decode_e2e` caches of `cache_name` (a `decode_e2e.CACHES` name, no suffix), `filled`
+  random tokens per row."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -42,14 +44,15 @@ def llama_with_caches(cache_name: str, layers: int, batch: int, context: int, fi
   from benchmarks import decode_e2e
   from models.decoder import Decoder
 
-  cfg = dataclasses.replace(decode_e2e.MODELS["llama3_8b"](), num_layers=layers)
+  cfg = dataclasses.replace(decode_e2e.MODELS[model](), num_layers=layers)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   caches = model.init_caches(batch, context, decode_e2e.layer_caches(
       cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
   return cfg, model, decode_e2e.fill_caches(cfg, caches, jax.random.PRNGKey(0), filled)
 
 
-def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> dict:
+def profile_phases(cache_name: str, layers: int, batch: int, context: int,
+                   model: str = "llama3_8b") -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -57,7 +60,7 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int) -> di
   from models.generate import decode_loop
 
   base, options = decode_e2e.loop_variant(cache_name)
-  cfg, model, caches = llama_with_caches(base, layers, batch, context, context - 16)
+  cfg, model, caches = model_with_caches(base, layers, batch, context, context - 16, model)
   key = jax.random.PRNGKey(1)
   tokens = jnp.zeros((batch,), jnp.int32)
   k = jax.random.normal(key, (batch, 1, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
@@ -93,7 +96,7 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
   from models.generate import decode_loop
 
   base, options = decode_e2e.loop_variant(cache_name)
-  _, model, caches = llama_with_caches(base, layers, batch, context,
+  _, model, caches = model_with_caches(base, layers, batch, context,
                                        context - (2 + calls) * steps - 16)
   tokens = jnp.zeros((batch,), jnp.int32)
   decode = decode_loop(model, steps, graphs=graphs and options["graphs"],
@@ -211,6 +214,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--caches", default="bf16,tq3-tiles-rope")
+  parser.add_argument("--model", default="llama3_8b", help="a decode_e2e.MODELS name (not "
+                      "with --timeline)")
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--context", type=int, default=32768)
@@ -224,12 +229,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from benchmarks import common
   if args.timeline:
+    if args.model != "llama3_8b":
+      raise ValueError("--timeline runs Llama-3-8B shapes only")
     return main_timeline(args)
-  results = {"settings": {"model": "llama3_8b shapes", "layers": args.layers,
+  results = {"settings": {"model": f"{args.model} shapes", "layers": args.layers,
                           "batch": args.batch, "context": args.context},
              "profiles": {}}
   for name in args.caches.split(","):
-    for phase, rows in profile_phases(name, args.layers, args.batch, args.context).items():
+    for phase, rows in profile_phases(name, args.layers, args.batch, args.context,
+                                      args.model).items():
       results["profiles"][f"{name}/{phase}"] = summarize([(n, us) for n, _, us in rows])
       if phase == "attend":   # in launch order, full names: they match an XLA dump's fusions
         results["profiles"][f"{name}/{phase}"]["launches"] = [
