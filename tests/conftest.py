@@ -14,9 +14,12 @@ if "xla_backend_optimization_level" not in _flags:
   _flags = f"{_flags} --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 
 @pytest.fixture
@@ -51,3 +54,11 @@ _LONG_FILES_FIRST = ("test_real_models.py", "test_turboquant_cache.py", "test_sh
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files intact
+
+
+@functools.partial(nnx.jit, static_argnames="prefill")
+def forward(model, tokens, caches=None, *, num_tokens=None, prefill=False):
+  """`model(tokens, caches=caches, ...)` as one compiled program per shape. Called eagerly,
+  a decoder's forward compiles each of its several hundred ops on its own, for each new
+  shape: on the CPU that was most of a model test's time."""
+  return model(tokens, caches=caches, num_tokens=num_tokens, prefill=prefill)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import forward
 from models import Decoder, evaluation
 from tests.test_decoder import TINY
 from turboquant_jax import TurboQuantConfig, turboquant_per_layer
@@ -70,7 +71,7 @@ def test_decoder_caches_record_the_choice_and_cost_what_was_budgeted():
   coords = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
   assert per_token * 8 / coords == pytest.approx(mean_stored_bits(bits, cfg.head_dim, base))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, cfg.vocab_size)
-  logits, _ = model(tokens, caches=caches)
+  logits, _ = forward(model, tokens, caches)
   assert bool(jnp.all(jnp.isfinite(logits)))
   # The global layer (index 2) is at least as wide as the local ones, on both sides.
   assert all(bits[2][s] >= bits[i][s] for i in (0, 1) for s in (0, 1))
@@ -248,7 +249,7 @@ def test_ring_budget_buys_finer_rings_as_capacity_grows_and_meets_the_budget(max
     assert (kb + vb) / 2 >= 3.0
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 7), 0, cfg.vocab_size)
   for t in range(7):              # past the window: the rings wrap
-    logits, caches = model(tokens[:, t:t + 1], caches=caches)
+    logits, caches = forward(model, tokens[:, t:t + 1], caches)
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import forward
 from models import Decoder, DecoderConfig, apply_rope
 from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
 
@@ -43,7 +44,7 @@ def decode_step(model, token, caches):
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_step_by_step_dense_decode_equals_full_forward(name):
   model, tokens = model_and_tokens(name)
-  full, _ = model(tokens)
+  full, _ = forward(model, tokens)
   caches = model.init_caches(B, MAX_LEN, DenseKVCache.create)
   steps = []
   for t in range(T):
@@ -52,7 +53,7 @@ def test_step_by_step_dense_decode_equals_full_forward(name):
   assert rel(jnp.concatenate(steps, axis=1), full) <= 1e-5
   # Prefill (exact over the prompt, then the cache filled) and decode the rest.
   caches = model.init_caches(B, MAX_LEN, DenseKVCache.create)
-  pre, caches = model(tokens[:, :7], caches=caches, prefill=True)
+  pre, caches = forward(model, tokens[:, :7], caches, prefill=True)
   rest = [decode_step(model, tokens[:, t:t + 1], caches)[0] for t in range(7, 8)]
   assert rel(pre, full[:, :7]) <= 1e-5
   assert rel(rest[0], full[:, 7:8]) <= 1e-5
@@ -65,14 +66,14 @@ def test_compressed_cache_stays_close_and_improves_with_bits(name):
   attention output carries ~√D_mse(4) ≈ 0.1, over 2-3 layers; measured 0.15-0.21 over
   two seeds), and the error shrinks as bits grow."""
   model, tokens = model_and_tokens(name)
-  full, _ = model(tokens)
+  full, _ = forward(model, tokens)
   centred = full - full.mean(-1, keepdims=True)
   errors = []
   for bits in (2, 3, 4):
     make = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
         key_bits=bits, value_bits=bits, window=0, num_sinks=0))
     caches = model.init_caches(B, MAX_LEN, make)
-    _, caches = model(tokens[:, :6], caches=caches, prefill=True)
+    _, caches = forward(model, tokens[:, :6], caches, prefill=True)
     worst = 0.0
     for t in range(6, T):
       logits, caches = decode_step(model, tokens[:, t:t + 1], caches)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import forward
 from models import Decoder, evaluation
 from models.generate import generate
 from tests.test_decoder import TINY
@@ -34,7 +35,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_decode_nll_with_a_dense_cache_is_the_full_forward_nll(name):
   model, tokens = tiny(name)
-  logits, _ = model(tokens)
+  logits, _ = forward(model, tokens)
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   np.testing.assert_allclose(evaluation.decode_nll(model, tokens, DenseKVCache.create), want,
@@ -136,7 +137,7 @@ def test_layer_fidelity_is_one_for_dense_and_below_one_compressed():
 def test_hidden_states_times_unembedding_are_the_logits(name):
   model, tokens = tiny(name)
   cfg = TINY[name]
-  logits, _ = model(tokens)
+  logits, _ = forward(model, tokens)
   got = evaluation.final_hidden_states(model, tokens) @ evaluation.unembedding(model).T
   if cfg.final_soft_cap is not None:
     got = cfg.final_soft_cap * jnp.tanh(got / cfg.final_soft_cap)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from conftest import forward
 from models import Decoder
 from tests.test_decoder import TINY
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
@@ -29,8 +30,8 @@ def test_turboquant_per_layer_bits_and_a_decoder_runs_with_mixed_caches():
   assert (caches[0].config.key_bits, caches[1].config.key_bits) == (3, 4)
   assert caches[1].config.value_bits == 2.5 and isinstance(caches[2], DenseKVCache)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 10), 0, TINY["gemma"].vocab_size)
-  logits, caches = model(tokens, caches=caches)
-  logits, caches = model(tokens[:, :1], caches=caches)
+  logits, caches = forward(model, tokens, caches)
+  logits, caches = forward(model, tokens[:, :1], caches)
   assert logits.shape == (2, 1, TINY["gemma"].vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
   assert [int(c.lengths[0]) for c in caches] == [11, 11, 11]
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
+from conftest import forward
 from models import Decoder, decode_steps
 from models.config import DecoderConfig
 from models.generate import _decode_steps
@@ -36,15 +37,15 @@ def mesh():
 def test_tensor_parallel_decode_equals_one_device(make, rng):
   prompts = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, 20)), jnp.int32)
   model = Decoder(CFG, rngs=nnx.Rngs(0))
-  logits, caches = model(prompts, caches=model.init_caches(B, 64, make), prefill=True)
+  logits, caches = forward(model, prompts, model.init_caches(B, 64, make), prefill=True)
   want, _ = decode_steps(model, jnp.argmax(logits[:, -1], -1), caches, 12)
 
   m = mesh()
   tp = shard_decoder(Decoder(CFG, rngs=nnx.Rngs(0)), m)
   assert tp.layers[0].attn.q_proj.kernel[...].sharding.spec == P(None, "model")
   assert tp.layers[0].mlp.down_proj.kernel[...].sharding.spec == P("model", None)
-  tp_logits, caches = tp(prompts, caches=tp.init_caches(B, 64, sharded(make, m)),
-                         prefill=True)
+  tp_logits, caches = forward(tp, prompts, tp.init_caches(B, 64, sharded(make, m)),
+                              prefill=True)
   np.testing.assert_allclose(tp_logits, logits, rtol=1e-4, atol=1e-4)
   # One compile of the sharded loop, run and read (its collectives) both.
   graphdef, state = nnx.split(tp)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import forward
 from models import Decoder
 from tests.test_decoder import TINY, decode_step
 from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
@@ -102,8 +103,8 @@ def test_decoder_with_rings_on_local_layers_equals_full_caches():
     kinds = [type(c).__name__ for c in rings]
     assert kinds.count("RingKVCache") == sum(cfg.layer_window(i) is not None
                                              for i in range(cfg.num_layers)) >= 1
-    _, full = model(tokens[:, :10], caches=full, prefill=True)
-    _, rings = model(tokens[:, :10], caches=rings, prefill=True)
+    _, full = forward(model, tokens[:, :10], full, prefill=True)
+    _, rings = forward(model, tokens[:, :10], rings, prefill=True)
     for i in range(10, 24):
       a, full = decode_step(model, tokens[:, i:i + 1], full)
       b, rings = decode_step(model, tokens[:, i:i + 1], rings)
@@ -188,8 +189,8 @@ def test_decoder_with_int8_rings_stays_close_to_exact_rings():
                                                 ring_dtype=jnp.int8))
   assert any(isinstance(c, RingKVCache) and c.quantized for c in rings)
   assert all(not c.quantized for c in exact if isinstance(c, RingKVCache))
-  _, exact = model(tokens[:, :8], caches=exact, prefill=True)
-  _, rings = model(tokens[:, :8], caches=rings, prefill=True)
+  _, exact = forward(model, tokens[:, :8], exact, prefill=True)
+  _, rings = forward(model, tokens[:, :8], rings, prefill=True)
   for i in range(8, 20):
     a, exact = decode_step(model, tokens[:, i:i + 1], exact)
     b, rings = decode_step(model, tokens[:, i:i + 1], rings)

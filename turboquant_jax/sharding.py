@@ -87,6 +87,32 @@ def _place(mesh: Mesh, spec: P, x: Array | None) -> Array | None:
   return None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
 
 
+def _local_update(cache, k, v, positions, num_tokens):
+  return cache.update(k, v, positions=positions, num_tokens=num_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalAttend:
+  """A device's `attend`, its settings compared by value (a static argument of jit)."""
+  scale: float | None
+  sliding_window: int | None
+  soft_cap: float | None
+  kwargs: tuple[tuple[str, Any], ...]
+
+  def __call__(self, cache, q, q_positions):
+    return cache.attend(q, q_positions=q_positions, scale=self.scale,
+                        sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                        **dict(self.kwargs))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _shard_mapped(fn, mesh, in_specs, out_specs, *args):
+  # Jitted so that an eager call compiles one program per shape: shard_map run eagerly
+  # compiled each of the wrapped cache's ops on its own (hundreds per call on the CPU).
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
 @flax.struct.dataclass
 class ShardedKVCache:
   """A cache split over a mesh, with the cache protocol (`update`, `attend`,
@@ -164,8 +190,12 @@ class ShardedKVCache:
     None, spec) pairs; each array is laid out as its spec says before the call."""
     in_specs = (self._specs(),) + tuple(P() if x is None else spec for x, spec in args)
     values = tuple(_place(self.mesh, spec, x) for x, spec in args)
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(self.cache, *values)
+    try:
+      hash((fn, in_specs, out_specs))
+    except TypeError:   # settings jit cannot key on (an unhashable attend option)
+      return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=False)(self.cache, *values)
+    return _shard_mapped(fn, self.mesh, in_specs, out_specs, self.cache, *values)
 
   def update(self, k: Array, v: Array, positions: Array | None = None,
              num_tokens: Array | None = None) -> "ShardedKVCache":
@@ -178,8 +208,7 @@ class ShardedKVCache:
         jnp.asarray(x, jnp.int32), (c.batch,))
     kv, rows = _kv_spec(self.data_axis, self.model_axis), P(self.data_axis)
     new = self._per_device(
-        lambda cache, k, v, p, n: cache.update(k, v, positions=p, num_tokens=n),
-        self._specs(), (k, kv), (v, kv), (row(positions), rows), (row(num_tokens), rows))
+        _local_update, self._specs(), (k, kv), (v, kv), (row(positions), rows), (row(num_tokens), rows))
     return self.replace(cache=new)
 
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
@@ -192,11 +221,9 @@ class ShardedKVCache:
     if q.shape[2] % _axis_size(self.mesh, self.model_axis):
       raise ValueError(f"{q.shape[2]} q heads do not split over axis {self.model_axis!r}")
     spec = _kv_spec(self.data_axis, self.model_axis)
+    local = _LocalAttend(scale, sliding_window, soft_cap, tuple(sorted(kwargs.items())))
     return self._per_device(
-        lambda cache, q, qp: cache.attend(q, q_positions=qp, scale=scale,
-                                          sliding_window=sliding_window, soft_cap=soft_cap,
-                                          **kwargs),
-        spec, (q, spec), (q_positions, P(self.data_axis, None)))
+        local, spec, (q, spec), (q_positions, P(self.data_axis, None)))
 
   def memory_report(self) -> dict[str, Any]:
     """The wrapped cache's report (global bytes, all devices together), plus per device."""
