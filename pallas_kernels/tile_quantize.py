@@ -88,12 +88,22 @@ def pack_fields(spec: register_codes.TileSpec) -> tuple[PackField, ...]:
   return tuple(fields)
 
 
-def unsupported(spec: register_codes.TileSpec) -> str | None:
-  """Why the kernel cannot write `spec`'s tiles (None: it can): Triton tensors are
-  power-of-two sized, so the tile's rows and columns must be."""
+# Shared memory per block on Hopper (H100 / H200: 227 KB).
+SHARED_MEMORY_BYTES = 232448
+
+
+def unsupported(spec: register_codes.TileSpec, dim: int | None = None) -> str | None:
+  """Why the kernel cannot write `spec`'s tiles of `dim`-dimensional vectors (None: it
+  can): Triton tensors are power-of-two sized, so the tile's rows and columns must be;
+  and a program holds its float32 [tokens, dim] block and the [dim, dim] rotation in
+  shared memory (at dim 256, Gemma 3's heads, Triton asked for 384 KB on the H200)."""
   for name, n in (("rows", spec.rows), ("cols", spec.cols)):
     if n & (n - 1):
       return f"a tile's {name} ({n}) is not a power of two"
+  if dim is not None and 4 * (spec.rows * spec.cols + dim * dim) > SHARED_MEMORY_BYTES:
+    return (f"its float32 block and [{dim}, {dim}] rotation need "
+            f"{4 * (spec.rows * spec.cols + dim * dim)} bytes of shared memory, more than "
+            f"a GPU block's {SHARED_MEMORY_BYTES}")
   return None
 
 

@@ -86,6 +86,10 @@ def test_kernel_rejects_bad_input():
                                  q.boundaries, bits=3, tokens=256, transposed=False,
                                  interpret=True)
   assert tile_quantize.unsupported(register_codes.TileSpec(4, 192, 64)) is not None
+  # Shared memory: 128 tokens of d = 128 fit (128 KB), of d = 256 (Gemma 3) do not (384).
+  assert tile_quantize.unsupported(register_codes.TileSpec(3, 128, 128), 128) is None
+  assert "shared memory" in tile_quantize.unsupported(register_codes.TileSpec(3, 128, 256),
+                                                      256)
 
 
 def test_write_tiles_matches_write_run():
@@ -167,6 +171,10 @@ def test_append_kernel_config_errors():
   cache = TurboQuantKVCache.create(1, 512, 1, 64, config=TurboQuantConfig(
       key_bits=3, value_bits=3, layout="tiles"))
   assert not cache.fused_append      # the default: GPUs only
+  # Gemma 3's 256-channel heads: refused when asked, and left to jnp by default.
+  with pytest.raises(ValueError, match="shared memory"):
+    TurboQuantKVCache.create(1, 512, 1, 256, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, layout="tiles", append_kernel=True))
 
 
 def test_default_use_is_gpu_and_large_writes_only(monkeypatch):

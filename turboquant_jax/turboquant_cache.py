@@ -236,7 +236,7 @@ def append_kernel_unsupported(quantizer: channel_split.SplitQuantizer,
   for g, c in zip(quantizer.groups, codes):
     if not isinstance(g.rotation, rotation_lib.HaarRotation):
       return "it takes dense (Haar) rotations"
-    why = tile_quantize.unsupported(c.layout.spec)
+    why = tile_quantize.unsupported(c.layout.spec, g.dim)
     if why is not None:
       return why
   return None
