@@ -326,11 +326,10 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
       us in the H200 decode step, 2.0-2.4 without it; the gemm before it costs as much,
       `kernel_attention.PROLOGUE_ROTATIONS`). With it q is read only for q·μ.
     parts: the layout of the outputs (without `rotated`: "rows" only): "rows", as q's
-      rows; "repeat",
-      q's 4 rows then the same 4 again (the Mosaic kernel's `pack_p_parts`), scale,
-      offsets and q·μ likewise; "packed", that and the int8 parts as one operand,
-      q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the same rows]
-      (`pack_q_parts`).
+      rows; "repeat", q's 4 rows then the same 4 again (the Mosaic kernel's
+      `pack_p_parts`), scale, offsets and q·μ likewise; "packed", that and the int8
+      parts as one operand, q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the
+      same rows] (`pack_q_parts`).
   """
   if parts not in PARTS:
     raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
