@@ -132,6 +132,10 @@ VARIANTS = [
     ("tq3.5-quintic-rope-jnp-exact", "tq3.5-quintic-rope",
      "attends over the exact window and sinks in jnp (float32 products after the kernel) "
      "instead of in the kernel's last splits", dict(exact_in_kernel=False)),
+    ("tq3.5-k4v3-int8-merge-kernel", "tq3.5-k4v3-int8",
+     "ends in `pallas_kernels.merge_exact` (one launch for the split merge and the inverse "
+     "rotation, the kernel's exact splits merged as unrotated ones) instead of jnp",
+     dict(fused_merge=True)),
     ("tq3.5-k4v3-int8-query-prologue", "tq3.5-k4v3-int8",
      "the query's int8 parts, offsets and q·μ from `decode_prologue`, the ranges in jnp",
      dict(prologue="query")),
