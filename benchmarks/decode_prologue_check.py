@@ -150,9 +150,12 @@ def micro() -> None:
     for name, p in parts.items():
       for warps in (4, 8):
         for rotation in ("dot", "xla"):
-          fn = jax.jit(lambda q, rot, p=p, w=warps, xla=rotation == "xla": dp.decode_prologue(
-              q, None if xla else rot, **p, num_warps=w, rotated=jnp.einsum(
-                  "rmd,ed->rme", q, rot, precision="highest") if xla else None))
+          def fn(q, rot, p=p, w=warps, xla=rotation == "xla"):
+            if not xla:
+              return dp.decode_prologue(q, rot, **p, num_warps=w)
+            rotated = jnp.einsum("rmd,ed->rme", q, rot, precision="highest")
+            return dp.decode_prologue(q, None, **p, num_warps=w, rotated=rotated)
+          fn = jax.jit(fn)
           rows.append(dict(variant=f"{name} {warps}w {rotation}", rep=rep, us=1e6 *
                            common.device_time_chained(fn, (q, rot), 0, iters=16)))
           print(rows[-1], flush=True)

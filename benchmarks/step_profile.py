@@ -32,7 +32,7 @@ import re
 import tempfile
 
 def model_with_caches(cache_name: str, layers: int, batch: int, context: int, filled: int,
-                      model: str = "llama3_8b"):
+                      model_name: str = "llama3_8b"):
   """(config, decoder, caches): a `decode_e2e.MODELS` model's shapes (default Llama-3-8B)
   with `layers` layers (random bf16 weights; every layer costs the same) and its
   `decode_e2e` caches of `cache_name` (a `decode_e2e.CACHES` name, no suffix), `filled`
@@ -44,7 +44,7 @@ def model_with_caches(cache_name: str, layers: int, batch: int, context: int, fi
   from benchmarks import decode_e2e
   from models.decoder import Decoder
 
-  cfg = dataclasses.replace(decode_e2e.MODELS[model](), num_layers=layers)
+  cfg = dataclasses.replace(decode_e2e.MODELS[model_name](), num_layers=layers)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   caches = model.init_caches(batch, context, decode_e2e.layer_caches(
       cfg, decode_e2e.CACHES[cache_name]), jnp.bfloat16)
@@ -52,7 +52,7 @@ def model_with_caches(cache_name: str, layers: int, batch: int, context: int, fi
 
 
 def profile_phases(cache_name: str, layers: int, batch: int, context: int,
-                   model: str = "llama3_8b") -> dict:
+                   model_name: str = "llama3_8b") -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -60,7 +60,8 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int,
   from models.generate import decode_loop
 
   base, options = decode_e2e.loop_variant(cache_name)
-  cfg, model, caches = model_with_caches(base, layers, batch, context, context - 16, model)
+  cfg, model, caches = model_with_caches(base, layers, batch, context, context - 16,
+                                         model_name)
   key = jax.random.PRNGKey(1)
   tokens = jnp.zeros((batch,), jnp.int32)
   k = jax.random.normal(key, (batch, 1, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)

@@ -36,11 +36,6 @@ def rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@nnx.jit
-def decode_step(model, token, caches):
-  return model(token, caches=caches)
-
-
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_step_by_step_dense_decode_equals_full_forward(name):
   model, tokens = model_and_tokens(name)
@@ -48,13 +43,13 @@ def test_step_by_step_dense_decode_equals_full_forward(name):
   caches = model.init_caches(B, MAX_LEN, DenseKVCache.create)
   steps = []
   for t in range(T):
-    logits, caches = decode_step(model, tokens[:, t:t + 1], caches)
+    logits, caches = forward(model, tokens[:, t:t + 1], caches)
     steps.append(logits)
   assert rel(jnp.concatenate(steps, axis=1), full) <= 1e-5
   # Prefill (exact over the prompt, then the cache filled) and decode the rest.
   caches = model.init_caches(B, MAX_LEN, DenseKVCache.create)
   pre, caches = forward(model, tokens[:, :7], caches, prefill=True)
-  rest = [decode_step(model, tokens[:, t:t + 1], caches)[0] for t in range(7, 8)]
+  rest = [forward(model, tokens[:, t:t + 1], caches)[0] for t in range(7, 8)]
   assert rel(pre, full[:, :7]) <= 1e-5
   assert rel(rest[0], full[:, 7:8]) <= 1e-5
 
@@ -76,7 +71,7 @@ def test_compressed_cache_stays_close_and_improves_with_bits(name):
     _, caches = forward(model, tokens[:, :6], caches, prefill=True)
     worst = 0.0
     for t in range(6, T):
-      logits, caches = decode_step(model, tokens[:, t:t + 1], caches)
+      logits, caches = forward(model, tokens[:, t:t + 1], caches)
       worst = max(worst, float(jnp.linalg.norm(logits[:, 0] - full[:, t])
                                / jnp.linalg.norm(centred[:, t])))
     errors.append(worst)
@@ -115,7 +110,7 @@ def test_sliding_window_layers_forget_old_tokens():
       for toks in (tokens, other):
         caches = model.init_caches(1, MAX_LEN, make)
         for t in range(T):
-          logits, caches = decode_step(model, toks[:, t:t + 1], caches)
+          logits, caches = forward(model, toks[:, t:t + 1], caches)
         last.append(logits)
       outs[kind, make] = last
   for make in (DenseKVCache.create, TurboQuantKVCache.create):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import forward
 from models import Decoder
-from tests.test_decoder import TINY, decode_step
+from tests.test_decoder import TINY
 from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
 from turboquant_jax.layer_policy import per_layer, window_rings
 from turboquant_jax.ring_cache import RingKVCache
@@ -106,8 +106,8 @@ def test_decoder_with_rings_on_local_layers_equals_full_caches():
     _, full = forward(model, tokens[:, :10], full, prefill=True)
     _, rings = forward(model, tokens[:, :10], rings, prefill=True)
     for i in range(10, 24):
-      a, full = decode_step(model, tokens[:, i:i + 1], full)
-      b, rings = decode_step(model, tokens[:, i:i + 1], rings)
+      a, full = forward(model, tokens[:, i:i + 1], full)
+      b, rings = forward(model, tokens[:, i:i + 1], rings)
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
@@ -192,6 +192,6 @@ def test_decoder_with_int8_rings_stays_close_to_exact_rings():
   _, exact = forward(model, tokens[:, :8], exact, prefill=True)
   _, rings = forward(model, tokens[:, :8], rings, prefill=True)
   for i in range(8, 20):
-    a, exact = decode_step(model, tokens[:, i:i + 1], exact)
-    b, rings = decode_step(model, tokens[:, i:i + 1], rings)
+    a, exact = forward(model, tokens[:, i:i + 1], exact)
+    b, rings = forward(model, tokens[:, i:i + 1], rings)
     assert float(jnp.max(jnp.abs(b - a))) < 0.02 * float(jnp.max(jnp.abs(a)))

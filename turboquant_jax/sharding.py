@@ -187,14 +187,11 @@ class ShardedKVCache:
 
   def _per_device(self, fn, out_specs, *args):
     """fn(local cache, *local args) on every device under `shard_map`. args: (array or
-    None, spec) pairs; each array is laid out as its spec says before the call."""
+    None, spec) pairs; each array is laid out as its spec says before the call. fn, the
+    mesh and the specs are jit's static arguments (hashable: module-level functions,
+    `_LocalAttend`)."""
     in_specs = (self._specs(),) + tuple(P() if x is None else spec for x, spec in args)
     values = tuple(_place(self.mesh, spec, x) for x, spec in args)
-    try:
-      hash((fn, in_specs, out_specs))
-    except TypeError:   # settings jit cannot key on (an unhashable attend option)
-      return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)(self.cache, *values)
     return _shard_mapped(fn, self.mesh, in_specs, out_specs, self.cache, *values)
 
   def update(self, k: Array, v: Array, positions: Array | None = None,
@@ -207,8 +204,8 @@ class ShardedKVCache:
     row = lambda x: None if x is None else jnp.broadcast_to(  # noqa: E731
         jnp.asarray(x, jnp.int32), (c.batch,))
     kv, rows = _kv_spec(self.data_axis, self.model_axis), P(self.data_axis)
-    new = self._per_device(
-        _local_update, self._specs(), (k, kv), (v, kv), (row(positions), rows), (row(num_tokens), rows))
+    new = self._per_device(_local_update, self._specs(), (k, kv), (v, kv),
+                           (row(positions), rows), (row(num_tokens), rows))
     return self.replace(cache=new)
 
   def attend(self, q: Array, *, q_positions: Array | None = None, scale: float | None = None,
