@@ -136,6 +136,10 @@ VARIANTS = [
      "ends in `pallas_kernels.merge_exact` (one launch for the split merge and the inverse "
      "rotation, the kernel's exact splits merged as unrotated ones) instead of jnp",
      dict(fused_merge=True)),
+    ("tq3.5-k4v3-int8-jnp-merge", "tq3.5-k4v3-int8",
+     "ends in XLA's merge (the split merge and the inverse rotation in jnp), at every head "
+     "dim (the default ends in `merge_exact` up to FUSED_MERGE_MAX_HEAD_DIM)",
+     dict(fused_merge=False)),
     ("tq3.5-k4v3-int8-query-prologue", "tq3.5-k4v3-int8",
      "the query's int8 parts, offsets and q·μ from `decode_prologue`, the ranges in jnp",
      dict(prologue="query")),

@@ -132,6 +132,24 @@ def test_step_profile_groups_kernels_by_family():
                            {"kernel": "a_fusion", "launches": 2, "us": 3.5}]
 
 
+def test_kernel_sweep_options_are_whole_splits():
+  """ctas_per_sm and splits_x become a number of splits that divides the tile steps (the
+  kernel's own rule for the CTAs), or an error, never a silently different setting."""
+  from benchmarks import kernel_sweep
+  from turboquant_jax import kernel_attention as ka
+  cache = kernel_sweep.TurboQuantKVCache.create(8, 4096, 3, 64, config=kernel_sweep.CONFIG)
+  steps = 4096 // cache.key_codes[0].layout.tokens
+  assert kernel_sweep.kernel_options(dict(max_concurrent_steps=3), cache, 8, 3) == dict(
+      max_concurrent_steps=3)
+  for ctas in (2, 4, 6):
+    got = kernel_sweep.kernel_options(dict(ctas_per_sm=ctas), cache, 8, 3)
+    assert got == dict(num_splits=ka._mosaic_splits(steps, 24, ctas_per_sm=ctas))
+  half = kernel_sweep.kernel_options(dict(splits_x=0.5), cache, 8, 3)["num_splits"]
+  assert half == ka._mosaic_splits(steps, 24, ctas_per_sm=3) // 2 and steps % half == 0
+  with pytest.raises(ValueError, match="do not divide"):
+    kernel_sweep.kernel_options(dict(splits_x=64), cache, 8, 3)
+
+
 def test_step_timeline_splits_span_into_kernels_and_gaps():
   """Overlapping kernels count once; each gap is charged to the kernel that ends it."""
   from benchmarks import step_profile

@@ -360,10 +360,21 @@ def test_int8_tiles_glue_at_head_dim_64(rng, monkeypatch):
     seen.append(kw["operand"])
     return kernel_twin(*args, **kw)
   monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  merges = []
+  merge = ka.merge_exact.merge_exact
+
+  def merge_spy(*args, **kw):
+    merges.append(args[1].shape)
+    return merge(*args, **kw)
+  monkeypatch.setattr(ka.merge_exact, "merge_exact", merge_spy)
   q = jnp.asarray(rng.standard_normal((B, 1, 8, d)), jnp.float32)
-  got = ka.attend(cache, q, mosaic=True, num_splits=2)
   ref = cache.attend(q, implementation="reference")
-  assert seen == ["int8"]
+  got = ka.attend(cache, q, mosaic=True, num_splits=2)
+  # Up to FUSED_MERGE_MAX_HEAD_DIM the default ends in merge_exact; False: the jnp merge.
+  assert seen == ["int8"] and len(merges) == 1 and d <= ka.FUSED_MERGE_MAX_HEAD_DIM
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=False)
+  assert seen == ["int8"] * 2 and len(merges) == 1
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 

@@ -321,6 +321,13 @@ PACK_Q_MIN_STEPS = 16
 # `step_profile_prologue_mma_*_gpu.json`.)
 PROLOGUE_ROTATIONS = ("dot", "xla")
 DEFAULT_PROLOGUE_ROTATION = "dot"
+# `attend(fused_merge=None)` ends in `merge_exact` at head dims up to this. H200, SmolLM2
+# heads (9 q / 3 kv of 64), K4/V3 int8, one layer's attention in device time
+# (`kernel_sweep_smollm2_135m_gpu.json`): 8 x 32K 44.8 -> 42.1 us, 8 x 4K 22.2 -> 20.0,
+# 1 x 4K 16.5 either way, one kernel fewer; the decode loop at 8 x 32K 0.87x -> 0.93x bf16
+# (`decode_e2e_paired_smollm2_merge_kernel_gpu.json`). At Llama-3-8B heads (128) it
+# loses: 1 x 4K 22.7 -> 26.0 us, 8 x 4K 43.5 -> 47.4 (`step_profile_merge_kernel_*`).
+FUSED_MERGE_MAX_HEAD_DIM = 64
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -660,7 +667,7 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
 
 def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | None = None,
            sliding_window: int | None = None, soft_cap: float | None = None,
-           use_kernel: bool = True, mosaic: bool = False, fused_merge: bool = False,
+           use_kernel: bool = True, mosaic: bool = False, fused_merge: bool | None = None,
            merge_interpret: bool | None = None, exact_in_kernel: bool | None = None,
            **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
@@ -670,10 +677,8 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   fused_merge: with mosaic, finish in `pallas_kernels.merge_exact` where it applies
   (`merge_unsupported`; with exact_in_kernel it merges the kernel's exact splits as
   unrotated ones), else in jnp; merge_interpret: its interpret mode (default: off the
-  GPU). Off by default: on the H200 it tied with the jnp merge when it attended the exact
-  tokens itself (whole attention within +-5%, `mosaic_attend_splits_gpu.json`), and with
-  the exact tokens in the kernel it takes 64-87 us alone where XLA merges the same
-  partials in 3-4 (`decode_prologue_gpu.json`).
+  GPU). None: at head dims up to `FUSED_MERGE_MAX_HEAD_DIM` (one launch fewer pays
+  there; at 128 the kernel's 7.5-8 us lose to XLA's merge).
 
   exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
   as more splits of its launch, one per 64- or 128-token block (`_exact_tokens`; bf16
@@ -700,6 +705,8 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
     exact_in_kernel = why is None
   if mosaic and use_kernel and exact_in_kernel and why is not None:
     raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
+  if fused_merge is None:
+    fused_merge = d <= FUSED_MERGE_MAX_HEAD_DIM
   if (mosaic and fused_merge
       and merge_unsupported(cache, g * tq, exact=not exact_in_kernel) is None):
     out = _attend_mosaic_fused(cache, qf, row_pos, **common, use_kernel=use_kernel,

@@ -1,0 +1,186 @@
+"""The Mosaic kernel's pipeline settings at a model's head shapes: GPU check and speed.
+
+The defaults of `decode_attention_mgpu.decode_partials` (128 tokens per pipeline step, two
+steps in flight, splits in waves of three CTAs per SM) were tuned at Llama-3-8B's heads
+(8 kv heads of 128). Smaller heads (SmolLM2: 3 kv heads of 64) move half the bytes per
+step, so per-step costs weigh more. This times the whole `TurboQuantKVCache.attend`
+(implementation="mosaic", K4/V3 int8 tiles) per setting beside cuDNN bf16 on the same
+shapes (the kernels' device time per call, from the profiler; ceiling_frac: the Mosaic
+kernel's read of the cache against the HBM ceiling), each setting first checked against the jnp reference (NaN-poisoned output).
+
+    python -m benchmarks.kernel_sweep --model smollm2_135m --points 8x32768,1x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+import tempfile
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.decode_e2e import MODELS
+from benchmarks.mgpu_decode import read_ceiling
+from turboquant_jax import kernel_attention
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+
+CALLS = 5
+CONFIG = TurboQuantConfig(key_bits=4, value_bits=3, levels="int8", layout="tiles",
+                          tile_operand="int8", center_keys="plain")
+# `attend` options; ctas_per_sm: the splits `kernel_attention._mosaic_splits` picks for
+# that many resident CTAs per SM (the int8 default assumes three); splits_x: that many
+# times the default's splits.
+GRID = [dict(), dict(max_concurrent_steps=3), dict(max_concurrent_steps=4),
+        dict(ctas_per_sm=2), dict(ctas_per_sm=4), dict(ctas_per_sm=6),
+        dict(splits_x=0.5), dict(splits_x=2), dict(splits_x=4),
+        dict(fused_merge=True), dict(fused_merge=False),
+        dict(fused_merge=True, ctas_per_sm=6)]
+
+
+def shapes(model: str) -> tuple[int, int, int]:
+  cfg = MODELS[model]()
+  return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+
+def make_cache(key, b: int, t: int, hkv: int, d: int) -> TurboQuantKVCache:
+  """A full cache of random keys and values (t tokens per entry)."""
+  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=CONFIG)
+  update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
+  chunk = max(1, 2**21 // (b * hkv * d)) // 128 * 128 or 128
+  for start in range(0, t, chunk):
+    kk, kv = jax.random.split(jax.random.fold_in(key, start))
+    n = min(chunk, t - start)
+    cache = update(cache, jax.random.normal(kk, (b, n, hkv, d), jnp.bfloat16),
+                   jax.random.normal(kv, (b, n, hkv, d), jnp.bfloat16))
+  return cache
+
+
+def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
+  """`attend` options of a GRID setting (ctas_per_sm becomes a number of splits)."""
+  kw = dict(setting)
+  ctas, times = kw.pop("ctas_per_sm", None), kw.pop("splits_x", None)
+  if ctas is None and times is None:
+    return kw
+  steps = cache.max_len // cache.key_codes[0].layout.tokens   # one tile per step
+  splits = kernel_attention._mosaic_splits(steps, b * hkv, ctas_per_sm=ctas or 3,
+                                           sms=kernel_attention._multiprocessors())
+  splits = int(splits * (times or 1))
+  if splits < 1 or steps % splits:
+    raise ValueError(f"{splits} splits do not divide {steps} steps")
+  kw["num_splits"] = splits
+  return kw
+  steps = cache.max_len // kw.get("tokens_per_step", 128)
+  splits = kernel_attention._mosaic_splits(cache.max_len // 128, b * hkv,
+                                           ctas_per_sm=ctas or 3,
+                                           sms=kernel_attention._multiprocessors())
+  while steps % splits:   # whole pipeline steps per split
+    splits //= 2
+  kw["num_splits"] = splits
+  return kw
+
+
+def check(seed: int, hq: int, hkv: int, d: int, kw: dict) -> dict:
+  """The setting against the jnp reference on a ragged 3-entry cache."""
+  rng = np.random.default_rng(seed)
+  b, t = 3, 2048
+  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=CONFIG)
+  k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) + 1.5, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+  cache = cache.update(k, v, num_tokens=jnp.array([t, 1500, 700]))
+  q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.float32)
+  ref = cache.attend(q, implementation="reference")
+  jax.block_until_ready(jnp.full((4, *ref.shape), jnp.nan, ref.dtype))
+  got = cache.attend(q, implementation="mosaic", **kernel_options(kw, cache, b, hkv))
+  err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+  nan = bool(jnp.any(jnp.isnan(got)))
+  return dict(setting=str(kw), rel_err=err, nan=nan, ok=err <= 3e-3 and not nan)
+
+
+def kernel_time(fn, *args, calls: int = CALLS) -> dict:
+  """Device time of one call of jitted fn, from the profiler: the kernels' summed
+  durations per call (what a CUDA-graphed decode loop pays, launch gaps aside; back-to-back
+  calls timed on the host clock count XLA's launches instead, ~5 us each without graphs),
+  the Mosaic kernel's share, and the kernels per call. Median over `calls` traced calls."""
+  from benchmarks.step_profile import device_kernels
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  per_call = []
+  for _ in range(calls):
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir):
+        jax.block_until_ready(fn(*args))
+      per_call.append(device_kernels(glob.glob(f"{trace_dir}/**/*.xplane.pb",
+                                               recursive=True)))
+  total = statistics.median(sum(us for _, _, us in rows) for rows in per_call)
+  mosaic = statistics.median(sum(us for name, _, us in rows if "mosaic" in name)
+                             for rows in per_call)
+  return dict(us=total, kernel_us=mosaic, kernels=statistics.median(map(len, per_call)))
+
+
+def cudnn_time(key, b, t, hq, hkv, d) -> tuple[dict, int]:
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (b, 1, hq, d), jnp.bfloat16)
+  k = jax.random.normal(kk, (b, t, hkv, d), jnp.bfloat16)
+  v = jax.random.normal(kv, (b, t, hkv, d), jnp.bfloat16)
+  f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+  return kernel_time(f, q, k, v), k.nbytes + v.nbytes
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="smollm2_135m", choices=sorted(MODELS))
+  p.add_argument("--points", default="8x32768,1x4096")
+  p.add_argument("--settings", default=None,
+                 help="indices into GRID, e.g. 0,3,5 (default: all)")
+  args = p.parse_args(argv)
+  hq, hkv, d = shapes(args.model)
+  grid = ([GRID[int(i)] for i in args.settings.split(",")] if args.settings else GRID)
+  ceiling = read_ceiling()
+  checks, rows = [], []
+
+  def save():
+    return common.write_result(f"kernel_sweep_{args.model}", dict(
+        shape=dict(q_heads=hq, kv_heads=hkv, head_dim=d), config=repr(CONFIG),
+        read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
+
+  for i, kw in enumerate(grid):
+    common.checked(checks, check, 500 + i, hq, hkv, d, kw,
+                   error_fields=dict(setting=str(kw)))
+  save()
+  key = jax.random.PRNGKey(3)
+  for b, t in (tuple(int(x) for x in pt.split("x")) for pt in args.points.split(",")):
+    key, sub = jax.random.split(key)
+    base, base_bytes = cudnn_time(sub, b, t, hq, hkv, d)
+    rows.append(dict(batch=b, tokens=t, setting="cudnn bf16", **base, speedup=1.0,
+                     ceiling_frac=base_bytes / base["us"] / 1e-6 / ceiling))
+    print(rows[-1], flush=True)
+    cache = make_cache(sub, b, t, hkv, d)
+    q = jax.random.normal(sub, (b, 1, hq, d), jnp.bfloat16)
+    nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
+    for kw in grid:
+      try:
+        opts = kernel_options(kw, cache, b, hkv)
+        f = jax.jit(lambda q, c, opts=opts: c.attend(q, implementation="mosaic", **opts))
+        got = kernel_time(f, q, cache)
+        rows.append(dict(batch=b, tokens=t, setting=str(kw), splits=opts.get("num_splits"),
+                         **got, speedup=base["us"] / got["us"],
+                         ceiling_frac=nbytes / got["kernel_us"] / 1e-6 / ceiling))
+      except Exception as e:  # noqa: BLE001 - report every setting
+        traceback.print_exc()
+        rows.append(dict(batch=b, tokens=t, setting=str(kw), error=repr(e)[:300]))
+      print(rows[-1], flush=True)
+    del cache
+    save()
+  print(f"wrote {save()}")
+  common.print_table(checks, ["setting", "rel_err", "ok"])
+  common.print_table(rows, ["batch", "tokens", "setting", "splits", "us", "kernel_us",
+                            "kernels", "speedup", "ceiling_frac"])
+
+
+if __name__ == "__main__":
+  main()
