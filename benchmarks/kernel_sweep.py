@@ -30,8 +30,15 @@ from turboquant_jax import kernel_attention
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
 CALLS = 5
-CONFIG = TurboQuantConfig(key_bits=4, value_bits=3, levels="int8", layout="tiles",
-                          tile_operand="int8", center_keys="plain")
+# The caches timed: K4/V3 int8 tiles (the int8 path), and with fp16 tiles and quintic
+# levels where int8 tiles do not serve the heads (head_dim 256: Gemma 3).
+CONFIGS = {
+    "k4v3-int8": TurboQuantConfig(key_bits=4, value_bits=3, levels="int8", layout="tiles",
+                                  tile_operand="int8", center_keys="plain"),
+    "k4v3-quintic": TurboQuantConfig(key_bits=4, value_bits=3, levels="quintic",
+                                     layout="tiles", center_keys="plain"),
+}
+CONFIG = CONFIGS["k4v3-int8"]
 # `attend` options; ctas_per_sm: the splits `kernel_attention._mosaic_splits` picks for
 # that many resident CTAs per SM (the int8 default assumes three); splits_x: that many
 # times the default's splits.
@@ -47,9 +54,9 @@ def shapes(model: str) -> tuple[int, int, int]:
   return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
 
-def make_cache(key, b: int, t: int, hkv: int, d: int) -> TurboQuantKVCache:
+def make_cache(key, b: int, t: int, hkv: int, d: int, config=CONFIG) -> TurboQuantKVCache:
   """A full cache of random keys and values (t tokens per entry)."""
-  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=CONFIG)
+  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=config)
   update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
   chunk = max(1, 2**21 // (b * hkv * d)) // 128 * 128 or 128
   for start in range(0, t, chunk):
@@ -61,14 +68,18 @@ def make_cache(key, b: int, t: int, hkv: int, d: int) -> TurboQuantKVCache:
 
 
 def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
-  """`attend` options of a GRID setting (ctas_per_sm becomes a number of splits)."""
+  """`attend` options of a GRID setting (ctas_per_sm becomes a number of splits; splits_x
+  multiplies the cache's default, `kernel_attention._mosaic_splits` by its tile operand)."""
   kw = dict(setting)
   ctas, times = kw.pop("ctas_per_sm", None), kw.pop("splits_x", None)
   if ctas is None and times is None:
     return kw
   steps = cache.max_len // cache.key_codes[0].layout.tokens   # one tile per step
-  splits = kernel_attention._mosaic_splits(steps, b * hkv, ctas_per_sm=ctas or 3,
-                                           sms=kernel_attention._multiprocessors())
+  if ctas is None and cache.config.tile_operand != "int8":   # the fp16 path's own rule
+    splits = kernel_attention._mosaic_splits(steps, b * hkv)
+  else:
+    splits = kernel_attention._mosaic_splits(steps, b * hkv, ctas_per_sm=ctas or 3,
+                                             sms=kernel_attention._multiprocessors())
   splits = int(splits * (times or 1))
   if splits < 1 or steps % splits:
     raise ValueError(f"{splits} splits do not divide {steps} steps")
@@ -84,11 +95,11 @@ def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
   return kw
 
 
-def check(seed: int, hq: int, hkv: int, d: int, kw: dict) -> dict:
+def check(seed: int, hq: int, hkv: int, d: int, kw: dict, config=CONFIG) -> dict:
   """The setting against the jnp reference on a ragged 3-entry cache."""
   rng = np.random.default_rng(seed)
   b, t = 3, 2048
-  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=CONFIG)
+  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=config)
   k = jnp.asarray(rng.standard_normal((b, t, hkv, d)) + 1.5, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
   cache = cache.update(k, v, num_tokens=jnp.array([t, 1500, 700]))
@@ -135,21 +146,24 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="smollm2_135m", choices=sorted(MODELS))
   p.add_argument("--points", default="8x32768,1x4096")
+  p.add_argument("--config", default="k4v3-int8", choices=sorted(CONFIGS))
   p.add_argument("--settings", default=None,
                  help="indices into GRID, e.g. 0,3,5 (default: all)")
   args = p.parse_args(argv)
   hq, hkv, d = shapes(args.model)
+  config = CONFIGS[args.config]
   grid = ([GRID[int(i)] for i in args.settings.split(",")] if args.settings else GRID)
   ceiling = read_ceiling()
   checks, rows = [], []
 
   def save():
-    return common.write_result(f"kernel_sweep_{args.model}", dict(
-        shape=dict(q_heads=hq, kv_heads=hkv, head_dim=d), config=repr(CONFIG),
+    suffix = "" if args.config == "k4v3-int8" else "_" + args.config.replace("-", "_")
+    return common.write_result(f"kernel_sweep_{args.model}{suffix}", dict(
+        shape=dict(q_heads=hq, kv_heads=hkv, head_dim=d), config=repr(config),
         read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))
 
   for i, kw in enumerate(grid):
-    common.checked(checks, check, 500 + i, hq, hkv, d, kw,
+    common.checked(checks, check, 500 + i, hq, hkv, d, kw, config,
                    error_fields=dict(setting=str(kw)))
   save()
   key = jax.random.PRNGKey(3)
@@ -159,7 +173,7 @@ def main(argv=None) -> None:
     rows.append(dict(batch=b, tokens=t, setting="cudnn bf16", **base, speedup=1.0,
                      ceiling_frac=base_bytes / base["us"] / 1e-6 / ceiling))
     print(rows[-1], flush=True)
-    cache = make_cache(sub, b, t, hkv, d)
+    cache = make_cache(sub, b, t, hkv, d, config)
     q = jax.random.normal(sub, (b, 1, hq, d), jnp.bfloat16)
     nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
     for kw in grid:

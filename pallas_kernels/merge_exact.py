@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import tile_quantize
 from pallas_kernels.decode_prologue import is_pow2 as _pow2
 
 Array = jax.Array
@@ -47,10 +48,17 @@ _TN = (((0,), (0,)), ((), ()))     # [k, a] x [k, b] -> [a, b]
 _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
 
 
+# Shared memory beside the [D, D] unrotation: H200, head_dim 256, Triton asked for 270,336
+# bytes (4·256² + 8,192) and the launch failed (`kernel_sweep_gemma3_270m_k4v3_quintic_gpu
+# .json`).
+SCRATCH_BYTES = 8192
+
+
 def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str | None:
   """Why the kernel cannot merge this call (None: it can). Triton tensors have
   power-of-two sizes: the query rows (padded up by the caller), head_dim and every exact
-  part's slot count."""
+  part's slot count; and a program holds the float32 [head_dim, head_dim] unrotation in
+  shared memory (head_dim 256, Gemma 3's, does not fit)."""
   if not _pow2(head_dim):
     return f"head_dim {head_dim} is not a power of two"
   for n in exact_sizes:
@@ -58,6 +66,10 @@ def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str |
       return f"an exact part of {n} slots (window or sinks) is not a power of two"
   if rows > 128:
     return f"{rows} query rows per kv head is more than 128"
+  need = 4 * head_dim * head_dim + SCRATCH_BYTES
+  if need > tile_quantize.SHARED_MEMORY_BYTES:
+    return (f"the float32 [{head_dim}, {head_dim}] unrotation needs {need} bytes of shared "
+            f"memory, more than a GPU block's {tile_quantize.SHARED_MEMORY_BYTES}")
   return None
 
 
