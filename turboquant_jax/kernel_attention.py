@@ -324,9 +324,10 @@ DEFAULT_PROLOGUE_ROTATION = "dot"
 # `attend(fused_merge=None)` ends in `merge_exact` at head dims up to this. H200, SmolLM2
 # heads (9 q / 3 kv of 64), K4/V3 int8, one layer's attention in device time
 # (`kernel_sweep_smollm2_135m_gpu.json`): 8 x 32K 44.8 -> 42.1 us, 8 x 4K 22.2 -> 20.0,
-# 1 x 4K 16.5 either way, one kernel fewer; the decode loop at 8 x 32K 0.87x -> 0.93x bf16
-# (`decode_e2e_paired_smollm2_merge_kernel_gpu.json`). At Llama-3-8B heads (128) it
-# loses: 1 x 4K 22.7 -> 26.0 us, 8 x 4K 43.5 -> 47.4 (`step_profile_merge_kernel_*`).
+# 1 x 4K 16.5 either way, one kernel fewer; the decode loop, paired, 8 x 32K 0.87x -> 0.94x
+# bf16, 1 x 4K 0.82x -> 0.85x (`decode_e2e_paired_smollm2_fused_default_gpu.json`). At
+# Llama-3-8B heads (128) it loses: 1 x 4K 22.7 -> 26.0 us, 8 x 4K 43.5 -> 47.4
+# (`step_profile_merge_kernel_*`).
 FUSED_MERGE_MAX_HEAD_DIM = 64
 
 
