@@ -262,6 +262,9 @@ def methods() -> list[Method]:
       tq(3.5, levels="quintic", center_keys="rope", num_sinks=0),
       # 8-bit norms (float8_e4m3fn): half the norms' bits for ~3.6% RMS error on them.
       tq(3.5, center_keys="rope", norm_dtype=jnp.float8_e4m3fn),
+      # ... at the default window: how much of a budget's loss is the norms' format
+      # (`quality_norms` simulates a finer 8-bit norm against it).
+      tq(3.5, center_keys="rope", window=256, norm_dtype=jnp.float8_e4m3fn),
       # Which side a budget's half bit serves (the same stored bits either way: 3.44 on
       # SmolLM2's d = 64, 3.30 on Gemma 3's 256).
       *[tq(k, v, center_keys="rope", window=256, norm_dtype=jnp.float8_e4m3fn)

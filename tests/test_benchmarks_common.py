@@ -265,3 +265,23 @@ def test_checked_reports_every_case_and_its_errors():
   failed = common.checked(rows, check, -1, error_fields=dict(x=-1))
   assert failed["ok"] is False and failed["x"] == -1 and "negative" in failed["error"]
   assert rows == [dict(x=6, ok=True), failed]
+
+
+def test_quality_norms_log_grid_is_256_codes_within_half_a_step():
+  import jax.numpy as jnp
+
+  from benchmarks import quality_norms as qn
+  norms = jnp.asarray([0.0, 2.0**-9, 0.37, 1.0, 5.5, 123.4, 300.0, jnp.nan], jnp.float32)
+  got = np.asarray(qn.log_grid_norms(norms, jnp.float16), np.float64)
+  assert got[0] == 0 and np.isnan(got[-1])
+  codes = (np.log2(got[1:-1]) - qn.LOG_LO) * qn.LOG_STEPS
+  np.testing.assert_allclose(codes, np.round(codes), atol=0.02)   # on the grid (fp16)
+  assert codes.min() >= 0 and codes.max() <= 255                # 8 bits, saturating
+  inside = np.asarray(norms[2:6], np.float64)
+  half_step = 2 ** (0.5 / qn.LOG_STEPS) - 1
+  assert np.all(np.abs(got[2:6] / inside - 1) <= half_step + 1e-3)
+  # float8_e4m3fn norms are untouched (the probe changes float16 storage only).
+  f8 = qn.log_grid_norms(norms[2:6], jnp.float8_e4m3fn)
+  assert f8.dtype == jnp.float8_e4m3fn
+  with pytest.raises(ValueError, match="smollm2"):
+    qn.main(["uniform", "--model", "gemma3", "--out", "/tmp/x"])
