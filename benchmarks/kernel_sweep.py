@@ -1,14 +1,16 @@
 """The Mosaic kernel's pipeline settings at a model's head shapes: GPU check and speed.
 
-The defaults of `decode_attention_mgpu.decode_partials` (128 tokens per pipeline step, two
-steps in flight, splits in waves of three CTAs per SM) were tuned at Llama-3-8B's heads
-(8 kv heads of 128). Smaller heads (SmolLM2: 3 kv heads of 64) move half the bytes per
-step, so per-step costs weigh more. This times the whole `TurboQuantKVCache.attend`
-(implementation="mosaic", K4/V3 int8 tiles) per setting beside cuDNN bf16 on the same
-shapes (the kernels' device time per call, from the profiler; ceiling_frac: the Mosaic
-kernel's read of the cache against the HBM ceiling), each setting first checked against the jnp reference (NaN-poisoned output).
+The defaults of `decode_attention_mgpu.decode_partials` (one tile per pipeline step, two
+steps in flight, int8 splits in waves of three CTAs per SM) were tuned at Llama-3-8B's
+heads (8 kv heads of 128). Other heads (SmolLM2: 3 kv heads of 64; Gemma 3: 1 of 256)
+move other bytes per step. This times the whole `TurboQuantKVCache.attend`
+(implementation="mosaic"; `CONFIGS`) per setting beside cuDNN bf16 on the same shapes
+(the kernels' device time per call, from the profiler; ceiling_frac: the Mosaic kernel's
+read of the cache against the HBM ceiling), each setting first checked against the jnp
+reference (NaN-poisoned output).
 
     python -m benchmarks.kernel_sweep --model smollm2_135m --points 8x32768,1x4096
+    python -m benchmarks.kernel_sweep --model gemma3_270m --config k4v3-quintic
 """
 
 from __future__ import annotations
