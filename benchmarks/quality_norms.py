@@ -10,6 +10,8 @@ log code would store) by rounding every float16-stored norm onto that grid, and 
   uniform   3.5/3.5 bits, keys centred before RoPE, window 256 (the default config)
   budget    the 3.5 budget as chosen for float8 norms (`budget_layer_bits`: 3.50 stored
             bits with 8-bit norms), its norms on the log grid instead
+  kv        uniform's cache with float16 key norms and float8_e4m3fn value norms (3.875
+            stored bits at d = 64): which side's norms the 8-bit format costs
 
     python -m benchmarks.quality_norms uniform --model smollm2 --text <file> \\
         [--text-lines a:b] --out <folder> --needle-lengths ""
@@ -57,11 +59,41 @@ def budget_method(budget: float = 3.5) -> quality.Method:
                         bits=quality.mean_stored_bits(layer_bits, cfg.head_dim, fp8))
 
 
+def value_norms_8bit():
+  """Context for the "kv" probe: every cache made inside stores its values' norms as
+  float8_e4m3fn and its keys' as configured (`TurboQuantKVCache.create` makes the keys'
+  quantizer, then the values')."""
+  import contextlib
+  import itertools
+
+  from turboquant_jax import channel_split
+
+  @contextlib.contextmanager
+  def patched():
+    orig = channel_split.SplitQuantizer.create.__func__
+    calls = itertools.count()
+
+    def create(cls, *args, **kw):
+      if next(calls) % 2:
+        kw["norm_dtype"] = jnp.float8_e4m3fn
+      return orig(cls, *args, **kw)
+    channel_split.SplitQuantizer.create = classmethod(create)
+    try:
+      yield
+    finally:
+      channel_split.SplitQuantizer.create = classmethod(orig)
+  return patched()
+
+
 def main(argv=None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   probe, rest = argv[0], argv[1:]
   if "--model" not in rest or rest[rest.index("--model") + 1] != "smollm2" or "--out" not in rest:
     raise ValueError("quality_norms runs --model smollm2 into an --out folder of its own")
+  if probe == "kv":
+    with value_norms_8bit():
+      quality.main([*rest, "--exact", "turboquant 3.5 rope-centred window 256"])
+    return
   quantizers.store_norms = log_grid_norms
   try:
     if probe == "uniform":
@@ -74,7 +106,7 @@ def main(argv=None) -> None:
       finally:
         quality.methods = base
     else:
-      raise ValueError(f"probe must be 'uniform' or 'budget', got {probe!r}")
+      raise ValueError(f"probe must be 'uniform', 'budget' or 'kv', got {probe!r}")
   finally:
     quantizers.store_norms = _store_norms
 

@@ -285,3 +285,19 @@ def test_quality_norms_log_grid_is_256_codes_within_half_a_step():
   assert f8.dtype == jnp.float8_e4m3fn
   with pytest.raises(ValueError, match="smollm2"):
     qn.main(["uniform", "--model", "gemma3", "--out", "/tmp/x"])
+
+
+def test_quality_norms_kv_probe_stores_only_value_norms_in_8_bits():
+  import jax.numpy as jnp
+
+  from benchmarks import quality_norms as qn
+  from turboquant_jax import TurboQuantConfig, TurboQuantKVCache
+  cfg = TurboQuantConfig(key_bits=3.5, value_bits=3.5, window=32)
+  dtypes = lambda c: ({g.norm_dtype for g in c.key_quantizer.groups},  # noqa: E731
+                      {g.norm_dtype for g in c.value_quantizer.groups})
+  with qn.value_norms_8bit():
+    for _ in range(2):   # every cache made inside, not only the first
+      cache = TurboQuantKVCache.create(1, 64, 2, 64, config=cfg)
+      assert dtypes(cache) == ({jnp.float16}, {jnp.float8_e4m3fn})
+  assert dtypes(TurboQuantKVCache.create(1, 64, 2, 64, config=cfg)) == (
+      {jnp.float16}, {jnp.float16})
