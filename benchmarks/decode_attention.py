@@ -66,15 +66,16 @@ def pallas_bf16_attention(q, k, v):
   return jax.vmap(jax_decode.mqa, in_axes=(1, 1, 1), out_axes=1)(qg, k, v).reshape(b, HQ, d)
 
 
-def make_cache(key, batch, t, config, chunk=8192, rope=None):
+def make_cache(key, batch, t, config, chunk=8192, rope=None, *, kv_heads=HKV, head_dim=D):
   """A cache of random keys and values; `rope` (a `RopeSpec`) for center_keys="rope"."""
-  cache = TurboQuantKVCache.create(batch, t, HKV, D, jnp.bfloat16, config=config, rope=rope)
+  cache = TurboQuantKVCache.create(batch, t, kv_heads, head_dim, jnp.bfloat16, config=config,
+                                   rope=rope)
   update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
   for start in range(0, t, chunk):
     n = min(chunk, t - start)
     kk, kv = jax.random.split(jax.random.fold_in(key, start))
-    k = jax.random.normal(kk, (batch, n, HKV, D), jnp.bfloat16)
-    v = jax.random.normal(kv, (batch, n, HKV, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, n, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, n, kv_heads, head_dim), jnp.bfloat16)
     cache = update(cache, k, v)
   return cache
 

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks import mgpu_decode as md
+from benchmarks.decode_attention import make_cache
 from benchmarks.decode_e2e import MODELS
-from benchmarks.mgpu_decode import read_ceiling
 from turboquant_jax import kernel_attention
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 
@@ -56,19 +57,6 @@ def shapes(model: str) -> tuple[int, int, int]:
   return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
 
-def make_cache(key, b: int, t: int, hkv: int, d: int, config=CONFIG) -> TurboQuantKVCache:
-  """A full cache of random keys and values (t tokens per entry)."""
-  cache = TurboQuantKVCache.create(b, t, hkv, d, jnp.bfloat16, config=config)
-  update = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
-  chunk = max(1, 2**21 // (b * hkv * d)) // 128 * 128 or 128
-  for start in range(0, t, chunk):
-    kk, kv = jax.random.split(jax.random.fold_in(key, start))
-    n = min(chunk, t - start)
-    cache = update(cache, jax.random.normal(kk, (b, n, hkv, d), jnp.bfloat16),
-                   jax.random.normal(kv, (b, n, hkv, d), jnp.bfloat16))
-  return cache
-
-
 def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
   """`attend` options of a GRID setting (ctas_per_sm becomes a number of splits; splits_x
   multiplies the cache's default, `kernel_attention._mosaic_splits` by its tile operand)."""
@@ -85,14 +73,6 @@ def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
   splits = int(splits * (times or 1))
   if splits < 1 or steps % splits:
     raise ValueError(f"{splits} splits do not divide {steps} steps")
-  kw["num_splits"] = splits
-  return kw
-  steps = cache.max_len // kw.get("tokens_per_step", 128)
-  splits = kernel_attention._mosaic_splits(cache.max_len // 128, b * hkv,
-                                           ctas_per_sm=ctas or 3,
-                                           sms=kernel_attention._multiprocessors())
-  while steps % splits:   # whole pipeline steps per split
-    splits //= 2
   kw["num_splits"] = splits
   return kw
 
@@ -136,12 +116,8 @@ def kernel_time(fn, *args, calls: int = CALLS) -> dict:
 
 
 def cudnn_time(key, b, t, hq, hkv, d) -> tuple[dict, int]:
-  kq, kk, kv = jax.random.split(key, 3)
-  q = jax.random.normal(kq, (b, 1, hq, d), jnp.bfloat16)
-  k = jax.random.normal(kk, (b, t, hkv, d), jnp.bfloat16)
-  v = jax.random.normal(kv, (b, t, hkv, d), jnp.bfloat16)
-  f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-  return kernel_time(f, q, k, v), k.nbytes + v.nbytes
+  q, k, v = md.cudnn_inputs(key, b, t, hq, hkv, d)
+  return kernel_time(jax.jit(md.cudnn_attention), q, k, v), k.nbytes + v.nbytes
 
 
 def main(argv=None) -> None:
@@ -155,7 +131,7 @@ def main(argv=None) -> None:
   hq, hkv, d = shapes(args.model)
   config = CONFIGS[args.config]
   grid = ([GRID[int(i)] for i in args.settings.split(",")] if args.settings else GRID)
-  ceiling = read_ceiling()
+  ceiling = md.read_ceiling()
   checks, rows = [], []
 
   def save():
@@ -175,7 +151,7 @@ def main(argv=None) -> None:
     rows.append(dict(batch=b, tokens=t, setting="cudnn bf16", **base, speedup=1.0,
                      ceiling_frac=base_bytes / base["us"] / 1e-6 / ceiling))
     print(rows[-1], flush=True)
-    cache = make_cache(sub, b, t, hkv, d, config)
+    cache = make_cache(sub, b, t, config, kv_heads=hkv, head_dim=d)
     q = jax.random.normal(sub, (b, 1, hq, d), jnp.bfloat16)
     nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
     for kw in grid:

@@ -139,13 +139,22 @@ def read_ceiling(gib: float = 4.0) -> float:
   return x.nbytes / common.device_time(f, x, calls=10, repeats=9)
 
 
-def time_cudnn(key, b, t):
+def cudnn_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def cudnn_inputs(key, b, t, hq=HQ, hkv=HKV, d=D):
+  """Random bf16 q [b, 1, hq, d], k and v [b, t, hkv, d]: one decode step's attention."""
   kq, kk, kv = jax.random.split(key, 3)
-  q = jax.random.normal(kq, (b, 1, HQ, D), jnp.bfloat16)
-  k = jax.random.normal(kk, (b, t, HKV, D), jnp.bfloat16)
-  v = jax.random.normal(kv, (b, t, HKV, D), jnp.bfloat16)
-  f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
-  return common.device_time_chained(f, (q, k, v), 0, iters=8), k.nbytes + v.nbytes
+  return (jax.random.normal(kq, (b, 1, hq, d), jnp.bfloat16),
+          jax.random.normal(kk, (b, t, hkv, d), jnp.bfloat16),
+          jax.random.normal(kv, (b, t, hkv, d), jnp.bfloat16))
+
+
+def time_cudnn(key, b, t):
+  q, k, v = cudnn_inputs(key, b, t)
+  return (common.device_time_chained(cudnn_attention, (q, k, v), 0, iters=8),
+          k.nbytes + v.nbytes)
 
 
 def time_ours(key, b, t, bits_k, bits_v, splits, stages, overlap=True, step=128,

@@ -23,14 +23,16 @@ float16 row's name: give it an --out folder of its own. SmolLM2 only (the budget
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import sys
 
 import jax.numpy as jnp
 
 from benchmarks import quality
 from models import config as model_config
-from turboquant_jax import quantizers
+from turboquant_jax import channel_split, quantizers
 
 LOG_LO, LOG_STEPS = -8.0, 16    # 2^-8 .. 2^8, 16 steps per octave: 256 codes
 _store_norms = quantizers.store_norms
@@ -59,57 +61,51 @@ def budget_method(budget: float = 3.5) -> quality.Method:
                         bits=quality.mean_stored_bits(layer_bits, cfg.head_dim, fp8))
 
 
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+  """owner.name = value inside the context (the probes' one lever on library internals)."""
+  old = getattr(owner, name)
+  setattr(owner, name, value)
+  try:
+    yield
+  finally:
+    setattr(owner, name, old)
+
+
 def value_norms_8bit():
   """Context for the "kv" probe: every cache made inside stores its values' norms as
   float8_e4m3fn and its keys' as configured (`TurboQuantKVCache.create` makes the keys'
   quantizer, then the values')."""
-  import contextlib
-  import itertools
+  create = channel_split.SplitQuantizer.create.__func__
+  calls = itertools.count()
 
-  from turboquant_jax import channel_split
-
-  @contextlib.contextmanager
-  def patched():
-    orig = channel_split.SplitQuantizer.create.__func__
-    calls = itertools.count()
-
-    def create(cls, *args, **kw):
-      if next(calls) % 2:
-        kw["norm_dtype"] = jnp.float8_e4m3fn
-      return orig(cls, *args, **kw)
-    channel_split.SplitQuantizer.create = classmethod(create)
-    try:
-      yield
-    finally:
-      channel_split.SplitQuantizer.create = classmethod(orig)
-  return patched()
+  def values_in_8_bits(cls, *args, **kw):
+    if next(calls) % 2:
+      kw["norm_dtype"] = jnp.float8_e4m3fn
+    return create(cls, *args, **kw)
+  return patched(channel_split.SplitQuantizer, "create", classmethod(values_in_8_bits))
 
 
 def main(argv=None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   probe, rest = argv[0], argv[1:]
+  if probe not in ("uniform", "budget", "kv"):
+    raise ValueError(f"probe must be 'uniform', 'budget' or 'kv', got {probe!r}")
   if "--model" not in rest or rest[rest.index("--model") + 1] != "smollm2" or "--out" not in rest:
     raise ValueError("quality_norms runs --model smollm2 into an --out folder of its own")
+  uniform = [*rest, "--exact", "turboquant 3.5 rope-centred window 256"]
   if probe == "kv":
     with value_norms_8bit():
-      quality.main([*rest, "--exact", "turboquant 3.5 rope-centred window 256"])
+      quality.main(uniform)
     return
-  quantizers.store_norms = log_grid_norms
-  try:
+  with patched(quantizers, "store_norms", log_grid_norms):
     if probe == "uniform":
-      quality.main([*rest, "--exact", "turboquant 3.5 rope-centred window 256"])
-    elif probe == "budget":
-      base = quality.methods
-      quality.methods = lambda: base() + [budget_method()]
-      try:
-        quality.main([*rest, "--exact", "turboquant budget 3.5 log8 norms window 256"])
-      finally:
-        quality.methods = base
+      quality.main(uniform)
     else:
-      raise ValueError(f"probe must be 'uniform', 'budget' or 'kv', got {probe!r}")
-  finally:
-    quantizers.store_norms = _store_norms
-
+      method = budget_method()
+      base = quality.methods
+      with patched(quality, "methods", lambda: base() + [method]):
+        quality.main([*rest, "--exact", method.name])
 
 if __name__ == "__main__":
   main()

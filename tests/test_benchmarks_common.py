@@ -285,6 +285,8 @@ def test_quality_norms_log_grid_is_256_codes_within_half_a_step():
   assert f8.dtype == jnp.float8_e4m3fn
   with pytest.raises(ValueError, match="smollm2"):
     qn.main(["uniform", "--model", "gemma3", "--out", "/tmp/x"])
+  with pytest.raises(ValueError, match="probe must be"):
+    qn.main(["values", "--model", "smollm2", "--out", "/tmp/x"])
 
 
 def test_quality_norms_kv_probe_stores_only_value_norms_in_8_bits():
