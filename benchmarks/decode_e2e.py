@@ -102,10 +102,17 @@ CACHES = {
     # 3.5 bits as 4-bit keys and 3-bit values: 128-token tiles, no channel groups (the
     # groups' 256-token tiles and serial passes cost the kernel time).
     "tq3.5-k4v3-int8": tiles(4, 3, "int8", "plain", **INT8),
+    # The same with values the decoder rotated (`values_prerotated`): no inverse rotation
+    # after the kernel. A model serving it folds `value_rotation` into its value and output
+    # projections (`models.decoder.fold_value_rotations`): their values change, not their
+    # shapes or cost, so the timed model is the unfolded one.
+    "tq3.5-k4v3-int8-prerotated": tiles(4, 3, "int8", "plain", values_prerotated=True,
+                                        **INT8),
     # The same with the 128-token window of the results before the default became 256.
     "tq3.5-k4v3-int8-w128": tiles(4, 3, "int8", "plain", window=128, **INT8),
     "tq3.5-k4v3-int8-rope": tiles(4, 3, "int8", "rope", **INT8),
     "tq3.5-k4v3-quintic": tiles(4, 3, "quintic", "plain"),
+    "tq3.5-k4v3-quintic-prerotated": tiles(4, 3, "quintic", "plain", values_prerotated=True),
     "tq3.5-quintic": tiles(3.5, 3.5, "quintic", "plain"),
     "tq4-tiles-rope": tiles(4, 4, "cubic", "rope"),
     # 3.5-bit tiles hold 256 tokens, so the default window is 256 (decode steps defer their

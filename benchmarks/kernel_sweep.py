@@ -16,6 +16,7 @@ reference (NaN-poisoned output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import statistics
 import tempfile
@@ -41,6 +42,10 @@ CONFIGS = {
     "k4v3-quintic": TurboQuantConfig(key_bits=4, value_bits=3, levels="quintic",
                                      layout="tiles", center_keys="plain"),
 }
+# The same with values the decoder rotated (`values_prerotated`: no inverse rotation after
+# the kernel; the folded projections cost what the plain ones do).
+CONFIGS.update({f"{name}-prerotated": dataclasses.replace(cfg, values_prerotated=True)
+                for name, cfg in list(CONFIGS.items())})
 CONFIG = CONFIGS["k4v3-int8"]
 # `attend` options; ctas_per_sm: the splits `kernel_attention._mosaic_splits` picks for
 # that many resident CTAs per SM (the int8 default assumes three); splits_x: that many
@@ -99,7 +104,7 @@ def kernel_time(fn, *args, calls: int = CALLS) -> dict:
   durations per call (what a CUDA-graphed decode loop pays, launch gaps aside; back-to-back
   calls timed on the host clock count XLA's launches instead, ~5 us each without graphs),
   the Mosaic kernel's share, and the kernels per call. Median over `calls` traced calls."""
-  from benchmarks.step_profile import device_kernels
+  from benchmarks.step_profile import device_kernels, kernel_group
   for _ in range(2):
     jax.block_until_ready(fn(*args))
   per_call = []
@@ -109,10 +114,16 @@ def kernel_time(fn, *args, calls: int = CALLS) -> dict:
         jax.block_until_ready(fn(*args))
       per_call.append(device_kernels(glob.glob(f"{trace_dir}/**/*.xplane.pb",
                                                recursive=True)))
-  total = statistics.median(sum(us for _, _, us in rows) for rows in per_call)
+  totals = [sum(us for _, _, us in rows) for rows in per_call]
+  total = statistics.median(totals)
   mosaic = statistics.median(sum(us for name, _, us in rows if "mosaic" in name)
                              for rows in per_call)
-  return dict(us=total, kernel_us=mosaic, kernels=statistics.median(map(len, per_call)))
+  # The median call's kernels in launch order: where the time outside the kernel goes.
+  median_call = per_call[sorted(range(calls), key=totals.__getitem__)[calls // 2]]
+  breakdown = [(kernel_group(name), round(us, 2))
+               for name, _, us in sorted(median_call, key=lambda r: r[1])]
+  return dict(us=total, kernel_us=mosaic, kernels=statistics.median(map(len, per_call)),
+              breakdown=breakdown)
 
 
 def cudnn_time(key, b, t, hq, hkv, d) -> tuple[dict, int]:

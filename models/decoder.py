@@ -205,3 +205,42 @@ class Decoder(nnx.Module):
     if cfg.final_soft_cap is not None:
       logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
     return logits, new_caches
+
+
+def fold_value_rotations(model: Decoder, rotations: Sequence[Array | None]) -> Decoder:
+  """Folds each layer's value rotation Π into its projections, in place; returns the model.
+
+  The value projection then yields Π·v for each kv head and the output projection takes
+  each query head's output in Π's domain (Πᵀ folded into it), so the model computes the
+  same function, up to float rounding, with its values and attention outputs rotated.
+  A `TurboQuantKVCache` with `values_prerotated=True` and the same Π
+  (`turboquant_jax.value_rotation(config, layer, head_dim)`) then quantizes values without
+  rotating them and attends without rotating the output back; any other cache attends as
+  before (attention is linear in the values).
+
+  Args:
+    model: a `Decoder`.
+    rotations: one per layer, an orthogonal float32 [head_dim, head_dim] or None (the
+      layer is left as it is).
+  """
+  cfg = model.cfg
+  if len(rotations) != cfg.num_layers:
+    raise ValueError(f"need one rotation (or None) per layer ({cfg.num_layers}), got "
+                     f"{len(rotations)}")
+  d = cfg.head_dim
+  for i, rot in enumerate(rotations):
+    if rot is None:
+      continue
+    rot = jnp.asarray(rot, jnp.float32)
+    if rot.shape != (d, d):
+      raise ValueError(f"layer {i}: a rotation must be [{d}, {d}], got {list(rot.shape)}")
+    attn = model.layers[i].attn
+    wv, wo = attn.v_proj.kernel, attn.o_proj.kernel
+    v = wv[...].astype(jnp.float32).reshape(cfg.d_model, cfg.num_kv_heads, d)
+    o = wo[...].astype(jnp.float32).reshape(cfg.num_heads, d, cfg.d_model)
+    hi = jax.lax.Precision.HIGHEST
+    wv[...] = jnp.einsum("mhd,ed->mhe", v, rot, precision=hi).reshape(
+        wv.shape).astype(wv.dtype)                                   # v -> Π·v
+    wo[...] = jnp.einsum("ed,hdm->hem", rot, o, precision=hi).reshape(
+        wo.shape).astype(wo.dtype)                                   # Π·o -> o, then W_o
+  return model

@@ -54,11 +54,14 @@ _NT = (((1,), (1,)), ((), ()))     # [a, k] x [b, k] -> [a, b]
 SCRATCH_BYTES = 8192
 
 
-def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str | None:
+def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...],
+                rotated: bool = True) -> str | None:
   """Why the kernel cannot merge this call (None: it can). Triton tensors have
   power-of-two sizes: the query rows (padded up by the caller), head_dim and every exact
   part's slot count; and a program holds the float32 [head_dim, head_dim] unrotation in
-  shared memory (head_dim 256, Gemma 3's, does not fit)."""
+  shared memory (head_dim 256, Gemma 3's, does not fit) unless the partials need none
+  (rotated=False: values the decoder rotated, `TurboQuantConfig.values_prerotated`) and
+  the call has no exact parts (the Mosaic kernel attended them)."""
   if not _pow2(head_dim):
     return f"head_dim {head_dim} is not a power of two"
   for n in exact_sizes:
@@ -67,8 +70,11 @@ def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...]) -> str |
   if rows > 128:
     return f"{rows} query rows per kv head is more than 128"
   need = 4 * head_dim * head_dim + SCRATCH_BYTES
-  if need > tile_quantize.SHARED_MEMORY_BYTES:
-    return (f"the float32 [{head_dim}, {head_dim}] unrotation needs {need} bytes of shared "
+  # Without the unrotation the exact parts' float32 operands are as large (window 256):
+  # only a call with neither is known to fit at 256 (H200, `kernel_sweep_*_prerotated`).
+  if (rotated or exact_sizes) and need > tile_quantize.SHARED_MEMORY_BYTES:
+    what = "unrotation" if rotated else "exact parts' operands"
+    return (f"the float32 [{head_dim}, {head_dim}] {what} need {need} bytes of shared "
             f"memory, more than a GPU block's {tile_quantize.SHARED_MEMORY_BYTES}")
   return None
 
@@ -89,10 +95,12 @@ def _unrolled(n, body, init):
 
 
 def _kernel(*refs, num_parts, num_splits, unrotated_splits, scale, soft_cap, sliding_window,
-            has_mean, has_perm):
-  q_ref, o_ref, l_ref, m_ref, qpos_ref, rot_ref = refs[:6]
-  parts = [refs[6 + 3 * i: 9 + 3 * i] for i in range(num_parts)]
-  rest = list(refs[6 + 3 * num_parts:])
+            has_mean, has_perm, has_rotation):
+  q_ref, o_ref, l_ref, m_ref, qpos_ref = refs[:5]
+  rest = list(refs[5:])
+  rot_ref = rest.pop(0) if has_rotation else None
+  parts = [rest[3 * i: 3 * i + 3] for i in range(num_parts)]
+  rest = rest[3 * num_parts:]
   mean_ref = rest.pop(0) if has_mean else None
   perm_ref = rest.pop(0) if has_perm else None
   out_ref = rest[-1]
@@ -142,7 +150,7 @@ def _kernel(*refs, num_parts, num_splits, unrotated_splits, scale, soft_cap, sli
 
   zeros = (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
   acc, l_total = over_splits(0, num_splits - unrotated_splits, add_chunk, zeros)
-  out = dot(rot_ref[...], acc, _TN)           # rotated back
+  out = dot(rot_ref[...], acc, _TN) if has_rotation else acc   # rotated back
   if has_perm:   # rotated channel i is output channel perm[i]: a one-hot product
     perm = perm_ref[...]
     onehot = (perm[:, None] == jax.lax.broadcasted_iota(jnp.int32, (d, d), 1))
@@ -162,7 +170,7 @@ def _kernel(*refs, num_parts, num_splits, unrotated_splits, scale, soft_cap, sli
 
 
 def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
-                unrotation: Array, exact: tuple[tuple[Array, Array, Array], ...], *,
+                unrotation: Array | None, exact: tuple[tuple[Array, Array, Array], ...], *,
                 heads: int, scale: float, soft_cap: float | None = None,
                 sliding_window: int | None = None, value_mean: Array | None = None,
                 value_perm: Array | None = None, unrotated_splits: int = 0,
@@ -180,7 +188,8 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
     q_positions: int32 [B, M], each row's position.
     unrotation: float32 [D, D]: a rotated-domain row vector x maps to x @ unrotation in
       the output's channel order (or value_perm's order; block-diagonal for channel
-      groups).
+      groups); None: the output stays in the partials' domain (the decoder rotates it
+      back: `TurboQuantConfig.values_prerotated`).
     exact: per exact part (window, sinks), keys and values [R, n, D] (any float dtype) and
       int32 positions [B, n] (HIDDEN for a slot no query may see: a slot is seen by a row
       at position p when its position is <= p and, with a sliding window, > p - window).
@@ -202,7 +211,10 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
       or m.shape != l.shape or q_positions.shape != (b, rows)):
     raise ValueError(f"q {q.shape}, o {o.shape}, q_positions {q_positions.shape} and "
                      f"heads={heads} do not fit together")
-  why = unsupported(rows, d, tuple(k.shape[1] for k, _, _ in exact))
+  if unrotation is not None and unrotation.shape != (d, d):
+    raise ValueError(f"unrotation must be [{d}, {d}], got {list(unrotation.shape)}")
+  why = unsupported(rows, d, tuple(k.shape[1] for k, _, _ in exact),
+                    rotated=unrotation is not None)
   if why is not None:
     raise ValueError(f"merge_exact cannot take this call: {why}")
   if not 0 <= unrotated_splits <= s_splits:
@@ -213,9 +225,11 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
               pl.BlockSpec((None, s_splits, d, rows), lambda i: (i, 0, 0, 0)),
               pl.BlockSpec((None, s_splits, rows), row),
               pl.BlockSpec((None, s_splits, rows), row),
-              pl.BlockSpec((None, rows), batch),
-              pl.BlockSpec((d, d), lambda i: (0, 0))]
-  args = [q, o, l, m, q_positions.astype(jnp.int32), unrotation.astype(jnp.float32)]
+              pl.BlockSpec((None, rows), batch)]
+  args = [q, o, l, m, q_positions.astype(jnp.int32)]
+  if unrotation is not None:
+    in_specs.append(pl.BlockSpec((d, d), lambda i: (0, 0)))
+    args.append(unrotation.astype(jnp.float32))
   for keys, values, pos in exact:
     n = keys.shape[1]
     if keys.shape != (r, n, d) or values.shape != (r, n, d) or pos.shape != (b, n):
@@ -235,7 +249,7 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
       _kernel, num_parts=len(exact), num_splits=s_splits, unrotated_splits=unrotated_splits,
       scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, has_mean=value_mean is not None,
-      has_perm=value_perm is not None)
+      has_perm=value_perm is not None, has_rotation=unrotation is not None)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -272,7 +286,8 @@ def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, 
   sc = o.shape[1] - unrotated_splits
   l_total = (l[:, :sc] * w[:, :sc]).sum(axis=1)
   acc = (o[:, :sc] * w[:, :sc, None, :]).sum(axis=1)                # [R, D, M]
-  out = jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST)
+  out = (jnp.swapaxes(acc, 1, 2) if unrotation is None else
+         jnp.einsum("rdm,de->rme", acc, unrotation, precision=_HIGHEST))
   if value_perm is not None:
     idx = jnp.broadcast_to(value_perm[:, None, :], out.shape)
     out = jnp.put_along_axis(jnp.zeros_like(out), idx, out, axis=-1, inplace=False)

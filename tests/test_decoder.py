@@ -10,7 +10,8 @@ from flax import nnx
 
 from conftest import forward
 from models import Decoder, DecoderConfig, apply_rope
-from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
+from models.decoder import fold_value_rotations
+from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache, value_rotation
 
 TINY = {
     "llama": DecoderConfig(vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -135,6 +136,61 @@ def test_wrong_number_of_caches():
   model, tokens = model_and_tokens("llama")
   with pytest.raises(ValueError, match="one cache per layer"):
     model(tokens, caches=[None])
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_folded_value_rotations_keep_the_function(name):
+  """Π folded into the value and output projections: the same logits, without a cache and
+  decoding through dense caches (values and outputs live in Π's domain in between)."""
+  model, tokens = model_and_tokens(name)
+  full, _ = forward(model, tokens)
+  cfg = TINY[name]
+  rots = [value_rotation(TurboQuantConfig(key_bits=3, value_bits=3), i, cfg.head_dim)
+          for i in range(cfg.num_layers)]
+  folded = fold_value_rotations(model_and_tokens(name)[0], rots)
+  assert not np.allclose(folded.layers[0].attn.v_proj.kernel[...],
+                         model.layers[0].attn.v_proj.kernel[...])
+  assert rel(forward(folded, tokens)[0], full) <= 1e-5
+  caches = folded.init_caches(B, MAX_LEN, DenseKVCache.create)
+  _, caches = forward(folded, tokens[:, :6], caches, prefill=True)
+  logits, _ = forward(folded, tokens[:, 6:7], caches)
+  assert rel(logits, full[:, 6:7]) <= 1e-5
+  with pytest.raises(ValueError, match="one rotation"):
+    fold_value_rotations(folded, rots[:1])
+  with pytest.raises(ValueError, match="must be"):
+    fold_value_rotations(folded, [jnp.eye(8)] * cfg.num_layers)
+
+
+@pytest.mark.parametrize("layout", ["planes", "tiles"])
+def test_prerotated_caches_on_a_folded_model_decode_as_rotating_caches(layout):
+  """A folded model with values_prerotated caches quantizes the same rotated values as
+  the unfolded model's caches (Π·v from the projection instead of the cache) and skips
+  the inverse rotation: the same decode logits up to float rounding. Values are read from
+  their codes (no window, no sinks), so a missing or doubled rotation would show."""
+  cfg = DecoderConfig(**{**TINY["llama"].__dict__, "head_dim": 64})   # tiles: D >= 64
+  base = dict(key_bits=3, value_bits=3, window=0, num_sinks=0, layout=layout,
+              **({"levels": "quintic"} if layout == "tiles" else {}))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, cfg.vocab_size)
+
+  def decode(model, config, steps=3):
+    max_len = 256 if layout == "tiles" else MAX_LEN    # one 256-token tile of 3 bits
+    caches = model.init_caches(B, max_len, functools.partial(TurboQuantKVCache.create,
+                                                             config=config))
+    _, caches = forward(model, tokens[:, :6], caches, prefill=True)
+    out = []
+    for t in range(6, 6 + steps):
+      logits, caches = forward(model, tokens[:, t:t + 1], caches)
+      out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+  plain = TurboQuantConfig(**base)
+  pre = TurboQuantConfig(**base, values_prerotated=True)
+  want = decode(Decoder(cfg, rngs=nnx.Rngs(0)), plain)
+  folded = fold_value_rotations(Decoder(cfg, rngs=nnx.Rngs(0)), [
+      value_rotation(pre, i, cfg.head_dim) for i in range(cfg.num_layers)])
+  assert rel(decode(folded, pre), want) <= 1e-4
+  # The same caches on the unfolded model quantize other (unrotated) values.
+  assert rel(decode(Decoder(cfg, rngs=nnx.Rngs(0)), pre), want) > 1e-2
 
 
 def test_caches_get_each_layers_rope():

@@ -157,6 +157,42 @@ def test_mosaic_exact_split_glue(rng, monkeypatch, bits_k, bits_v, hq, centering
   np.testing.assert_allclose(np.asarray(off), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
+# Values the decoder rotated (`values_prerotated`): no inverse rotation after the kernel,
+# in the jnp merge or merge_exact, with the exact tokens in jnp (float32 cache) or as the
+# kernel's last splits (bfloat16); the output stays in the values' rotated domain, as the
+# cache's reference returns it.
+@pytest.mark.parametrize("dtype, fused_merge", [
+    (jnp.float32, False), (jnp.float32, True), (jnp.bfloat16, False), (jnp.bfloat16, True)])
+def test_mosaic_glue_prerotated_values(rng, monkeypatch, dtype, fused_merge):
+  cache = tiles_cache(rng, 4, 3, dtype=dtype, levels="quintic", values_prerotated=True,
+                      window=64)
+  assert (ka.exact_unsupported(cache) is None) == (dtype == jnp.bfloat16)
+  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
+  merge, unrotations = ka.merge_exact.merge_exact, []
+
+  def merge_spy(q, o, l, m, qpos, unrotation, *args, **kw):
+    unrotations.append(unrotation)
+    return merge(q, o, l, m, qpos, unrotation, *args, **kw)
+
+  monkeypatch.setattr(ka.merge_exact, "merge_exact", merge_spy)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), dtype).astype(jnp.float32)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, fused_merge=fused_merge)
+  ref = cache.attend(q, implementation="reference")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  assert unrotations == ([None] if fused_merge else [])   # no [D, D] operand
+
+
+def test_merge_fits_head_dim_256_only_without_rotation():
+  """merge_exact holds a float32 [D, D] unrotation in shared memory: at head_dim 256 only
+  prerotated values (and the exact tokens attended by the kernel) leave it out."""
+  for pre in (False, True):
+    cfg = TurboQuantConfig(key_bits=4, value_bits=3, layout="tiles", levels="quintic",
+                           center_keys="plain", values_prerotated=pre)
+    cache = TurboQuantKVCache.create(1, 256, 1, 256, jnp.bfloat16, config=cfg)
+    assert (ka.merge_unsupported(cache, 4, exact=False) is None) == pre
+    assert "shared memory" in ka.merge_unsupported(cache, 4, exact=True)
+
+
 def test_exact_split_reasons_and_errors(rng):
   f32 = tiles_cache(rng, window=64)
   assert "bfloat16" in ka.exact_unsupported(f32)

@@ -35,6 +35,8 @@ def inputs(rng, rows=4, splits=5, sizes=(16, 4)):
     (8, 12, (32,), dict(soft_cap=3.0, sliding_window=25)),
     (2, 32, (16, 1), dict(mean=True)),
     (4, 3, (16, 4), dict(mean=True, perm=True)),    # channel groups' outlier order
+    (4, 6, (16,), dict(mean=True, prerotated=True)),  # no unrotation operand
+    (8, 4, (), dict(prerotated=True)),
 ])
 def test_merge_matches_reference(rng, rows, splits, sizes, kw):
   q, o, l, m, qpos, rot, exact = inputs(rng, rows=rows, splits=splits, sizes=sizes)
@@ -43,6 +45,8 @@ def test_merge_matches_reference(rng, rows, splits, sizes, kw):
   if kw.pop("perm", False):
     kw["value_perm"] = jnp.asarray(np.stack([rng.permutation(D) for _ in range(B * H)]),
                                    jnp.int32)
+  if kw.pop("prerotated", False):
+    rot = None
   got = me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, interpret=True,
                        **kw)
   ref = me.merge_exact_reference(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3, **kw)
@@ -113,6 +117,11 @@ def test_errors(rng):
   # Gemma 3's head_dim 256: the unrotation alone takes more than a block's shared memory
   # (the H200 refused the launch), so the caller keeps its jnp merge.
   assert "shared memory" in me.unsupported(4, 256, ())
+  # Values the decoder rotated need no unrotation: 256 fits without exact parts.
+  assert me.unsupported(4, 256, (), rotated=False) is None
+  assert "shared memory" in me.unsupported(4, 256, (256,), rotated=False)
+  with pytest.raises(ValueError, match="unrotation must be"):
+    me.merge_exact(q, o, l, m, qpos, rot[:8], exact, heads=H, scale=1.0, interpret=True)
 
 
 @pytest.mark.parametrize("splits, unrotated, sizes", [(12, 4, ()), (6, 1, (16,)), (3, 3, ())])

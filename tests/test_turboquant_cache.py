@@ -598,3 +598,32 @@ def test_deferred_appends_flushed_equal_appends(config, rng):
   cache = kv_cache.deferring([start])[0].update(k[:, 5:6], v[:, 5:6])
   with pytest.raises(ValueError, match="flush"):
     cache.update(k[:, 6:7], v[:, 6:7])
+
+
+@pytest.mark.parametrize("layout", ["planes", "tiles"])
+def test_prerotated_values_give_the_rotated_output(layout, rng):
+  """A values_prerotated cache fed Π·v (Π = `value_rotation`, the rotation a plain cache
+  applies itself) stores the plain cache's value codes and returns its output times Πᵀ
+  (row vectors): the decoder's folded output projection rotates it back."""
+  from turboquant_jax import value_rotation
+  b, t, h, d = 2, 300, 2, 64
+  base = dict(key_bits=3, value_bits=3, window=32, num_sinks=2, layout=layout,
+              **({"levels": "quintic"} if layout == "tiles" else {}))
+  plain, pre = TurboQuantConfig(**base), TurboQuantConfig(**base, values_prerotated=True)
+  rot = value_rotation(plain, 1, d)
+  np.testing.assert_allclose(rot @ rot.T, np.eye(d), atol=1e-5)
+  np.testing.assert_array_equal(rot, value_rotation(pre, 1, d))
+  k = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((b, 1, 2 * h, d)), jnp.float32)
+  lengths = jnp.array([t, 200])
+  outs = []
+  for config, values in ((plain, v), (pre, v @ rot.T)):
+    cache = TurboQuantKVCache.create(b, 512, h, d, config=config, layer=1)
+    cache = cache.update(k, values, num_tokens=lengths)
+    outs.append(cache.attend(q))
+  np.testing.assert_allclose(outs[1], outs[0] @ rot.T, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="integer value_bits"):
+    TurboQuantConfig(value_bits=3.5, values_prerotated=True)
+  with pytest.raises(ValueError, match="integer value_bits"):
+    value_rotation(TurboQuantConfig(value_bits=2.5), 0, d)

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from turboquant_jax.channel_split import SplitQuantizer, outlier_permutation
 from turboquant_jax.kv_cache import DenseKVCache, KVCache
 from turboquant_jax.ring_cache import RingKVCache
-from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
+from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache, value_rotation
 from turboquant_jax.flax_attention import (
     TurboQuantMultiHeadAttention,
     TurboQuantMultiHeadDotProductAttention,

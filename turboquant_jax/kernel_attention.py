@@ -327,7 +327,11 @@ DEFAULT_PROLOGUE_ROTATION = "dot"
 # 1 x 4K 16.5 either way, one kernel fewer; the decode loop, paired, 8 x 32K 0.87x -> 0.94x
 # bf16, 1 x 4K 0.82x -> 0.85x (`decode_e2e_paired_smollm2_fused_default_gpu.json`). At
 # Llama-3-8B heads (128) it loses: 1 x 4K 22.7 -> 26.0 us, 8 x 4K 43.5 -> 47.4
-# (`step_profile_merge_kernel_*`).
+# (`step_profile_merge_kernel_*`). With prerotated values (no unrotation to fuse) XLA's
+# merge is as fast or faster at every head dim: SmolLM2 1 x 4K 14.9 us with the kernel
+# against 14.1 without, 8 x 32K 41.1 / 41.2; Llama-3-8B 1 x 4K 23.8 / 21.1; Gemma 3 (256,
+# fits once unrotated) 1 x 4K 23.6 / 19.6, 8 x 32K 67.1 / 57.9
+# (`kernel_sweep_*_prerotated_gpu.json`): then the jnp merge.
 FUSED_MERGE_MAX_HEAD_DIM = 64
 
 
@@ -619,7 +623,8 @@ def merge_unsupported(cache, rows: int, exact: bool = True) -> str | None:
   over this cache (None: it can); exact=False: the kernel attended the exact tokens."""
   sizes = tuple(n for n in (cache.window_keys.shape[2], cache.sink_keys.shape[2])
                 if n and exact)
-  return merge_exact.unsupported(decode_prologue.pow2_at_least(rows), cache.head_dim, sizes)
+  return merge_exact.unsupported(decode_prologue.pow2_at_least(rows), cache.head_dim, sizes,
+                                 rotated=not cache.config.values_prerotated)
 
 
 def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
@@ -659,8 +664,10 @@ def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
   if merge_interpret is None:
     merge_interpret = jax.default_backend() != "gpu"
   perm = None if cache.value_perm is None else cache.value_perm.reshape(b * h, d)
+  unrotation = (None if cache.config.values_prerotated
+                else cache.value_quantizer.unrotation_matrix())
   out = merge_exact.merge_exact(
-      q, o, l, m, qpos, cache.value_quantizer.unrotation_matrix(), exact, heads=h,
+      q, o, l, m, qpos, unrotation, exact, heads=h,
       value_mean=mean, value_perm=perm, unrotated_splits=e, interpret=merge_interpret,
       **common)
   return jnp.swapaxes(out, 1, 2)[:, :rows].reshape(b, h, rows, d)
@@ -679,7 +686,9 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   (`merge_unsupported`; with exact_in_kernel it merges the kernel's exact splits as
   unrotated ones), else in jnp; merge_interpret: its interpret mode (default: off the
   GPU). None: at head dims up to `FUSED_MERGE_MAX_HEAD_DIM` (one launch fewer pays
-  there; at 128 the kernel's 7.5-8 us lose to XLA's merge).
+  there; at 128 the kernel's 7.5-8 us lose to XLA's merge), unless values are
+  prerotated (`TurboQuantConfig.values_prerotated`: nothing to rotate back, and XLA's
+  merge is faster).
 
   exact_in_kernel: with mosaic, the Mosaic kernel attends over the exact window and sinks
   as more splits of its launch, one per 64- or 128-token block (`_exact_tokens`; bf16
@@ -707,7 +716,7 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   if mosaic and use_kernel and exact_in_kernel and why is not None:
     raise ValueError(f"the Mosaic kernel cannot attend over the exact tokens: {why}")
   if fused_merge is None:
-    fused_merge = d <= FUSED_MERGE_MAX_HEAD_DIM
+    fused_merge = d <= FUSED_MERGE_MAX_HEAD_DIM and not cache.config.values_prerotated
   if (mosaic and fused_merge
       and merge_unsupported(cache, g * tq, exact=not exact_in_kernel) is None):
     out = _attend_mosaic_fused(cache, qf, row_pos, **common, use_kernel=use_kernel,
@@ -729,7 +738,7 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   weight = jnp.exp(m_c - m_all[:, :, None])                # [B, H, S, M]
   l_total = jnp.sum(l_c * weight, axis=2)
   rotated = tuple(jnp.sum(o * weight[..., None], axis=2) for o in o_c)
-  out = unpermute_channels(cache.value_quantizer.unrotate(rotated), cache.value_perm)
+  out = unpermute_channels(cache.unrotate_values(rotated), cache.value_perm)
   if cache.value_mean is not None:   # the compressed tokens' share of the mean
     out = out + l_total[..., None] * cache.value_mean[:, :, None, :]
   if exact is not None:

@@ -131,6 +131,13 @@ class TurboQuantConfig:
       3 bits centred after RoPE: attention 0.129 ms against the fp16 path's 0.150, decode
       step 1.30x bf16; at 3.5 bits slower than fp16 quintic, 0.314 against 0.241 ms,
       README).
+    values_prerotated: values arrive already rotated, because the decoder folded the
+      value quantizer's rotation into its value and output projections (`value_rotation`
+      gives the matrix; `models.decoder.fold_value_rotations` folds it): the cache
+      quantizes values as they come and attention returns its output in that rotated
+      domain, so no decode step pays the inverse rotation (a [D, D] product per layer
+      after the kernel). Integer value_bits only: fractional widths order each row's
+      channels from its data, which no weight can hold.
   """
 
   key_bits: float = 3.5
@@ -148,6 +155,7 @@ class TurboQuantConfig:
   append_kernel: bool | None = None
   tile_operand: str = "fp16"
   calibration_tokens: int | None = None
+  values_prerotated: bool = False
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -197,11 +205,40 @@ class TurboQuantConfig:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if self.values_prerotated not in (True, False):
+      raise ValueError(f"values_prerotated must be a bool, got {self.values_prerotated!r}")
+    if self.values_prerotated and not float(self.value_bits).is_integer():
+      raise ValueError("values_prerotated takes integer value_bits (one channel group, "
+                       f"one rotation to fold), got value_bits={self.value_bits}")
     if self.calibration_tokens is not None and not (
         1 <= self.calibration_tokens <= (WINDOW if self.window is None else self.window)):
       raise ValueError(f"calibration_tokens must lie in [1, window]: tokens leave the window "
                        f"for their codes only after calibration; got "
                        f"{self.calibration_tokens} for window {self.window}")
+
+
+def _quantizers(config: TurboQuantConfig, layer: int, head_dim: int
+                ) -> tuple[channel_split.SplitQuantizer, channel_split.SplitQuantizer]:
+  """(key, value) quantizers of a layer's cache, from PRNGKey(config.seed) and the layer;
+  the value quantizer rotates values itself (values_prerotated aside)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
+  k_key, v_key = jax.random.split(key)
+  make = lambda k, bits, kind: channel_split.SplitQuantizer.create(  # noqa: E731
+      k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=config.norm_dtype,
+      levels=config.levels)
+  return make(k_key, config.key_bits, config.key_quantizer), make(v_key, config.value_bits,
+                                                                 "mse")
+
+
+def value_rotation(config: TurboQuantConfig, layer: int, head_dim: int) -> Array:
+  """float32 [head_dim, head_dim], Π: the rotation a layer's cache applies to each value v
+  (Π·v) before quantizing it. A decoder that folds Π into its projections (Π·v from the
+  value projection, Πᵀ before the output projection) and runs caches with
+  values_prerotated=True computes the same attention with the same quantization, less
+  one inverse rotation per decode step. Integer value_bits (one rotation)."""
+  if not float(config.value_bits).is_integer():
+    raise ValueError(f"one value rotation needs integer value_bits, got {config.value_bits}")
+  return _quantizers(config, layer, head_dim)[1].groups[0].rotation.as_matrix()
 
 
 def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...],
@@ -343,13 +380,10 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     """An empty cache. `dtype` is that of the exact parts (window, sinks): fp32 or bf16.
     `rope` is the layer's RoPE (decoders pass it), used by center_keys="rope"."""
     kv_cache._check_dims(batch, max_len, num_kv_heads, head_dim)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
-    k_key, v_key = jax.random.split(key)
-    make = lambda k, bits, kind: channel_split.SplitQuantizer.create(  # noqa: E731
-        k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=config.norm_dtype,
-        levels=config.levels)
-    kq = make(k_key, config.key_bits, config.key_quantizer)
-    vq = make(v_key, config.value_bits, "mse")
+    kq, vq = _quantizers(config, layer, head_dim)
+    if config.values_prerotated:   # values come as Π·v: the identity rotates no further
+      eye = rotation_lib.HaarRotation(jnp.eye(head_dim, dtype=jnp.float32))
+      vq = vq.replace(groups=(vq.groups[0].replace(rotation=eye),))
     lead = (batch, num_kv_heads, max_len)
     tiles = None
     if config.layout == "tiles":
@@ -823,7 +857,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     # Compressed values: weighted sums in the rotated domain, one inverse rotation.
     vq = self.value_quantizer
     p_c = probs[0].reshape(b, h, g * tq, self.max_len)
-    out = vq.unrotate(vq.weighted_sums_rotated(p_c, value_codes))
+    out = self.unrotate_values(vq.weighted_sums_rotated(p_c, value_codes))
     out = unpermute_channels(out, self.value_perm)
     if self.value_mean is not None:   # the compressed tokens' share of the mean
       out = out + p_c.sum(axis=-1, keepdims=True) * self.value_mean[:, :, None, :]
@@ -832,6 +866,14 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       out = out + attention.grouped_values(p, values)
     out = jnp.where(self.overflowed[:, None, None, None, None], jnp.nan, out)
     return attention.ungroup_output(out).astype(q.dtype)
+
+  def unrotate_values(self, parts: tuple[Array, ...]) -> Array:
+    """[..., D]: the value groups' rotated-domain sums (`SplitQuantizer.unrotate`'s parts)
+    in the output's domain: rotated back, or as they are for values_prerotated (the
+    decoder's output projection rotates them back)."""
+    if self.config.values_prerotated:
+      return parts[0]
+    return self.value_quantizer.unrotate(parts)
 
   # -- memory ----------------------------------------------------------------------------
 
