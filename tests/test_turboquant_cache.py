@@ -627,3 +627,28 @@ def test_prerotated_values_give_the_rotated_output(layout, rng):
     TurboQuantConfig(value_bits=3.5, values_prerotated=True)
   with pytest.raises(ValueError, match="integer value_bits"):
     value_rotation(TurboQuantConfig(value_bits=2.5), 0, d)
+
+
+def test_norm_dtype_per_side(rng):
+  """norm_dtype as a (keys, values) pair: each side stores its own, the memory report
+  counts each, and the pair behaves as one dtype where both sides agree."""
+  f16, f8 = jnp.float16, jnp.float8_e4m3fn
+  d = 64
+  pair = TurboQuantConfig(key_bits=3, value_bits=3, norm_dtype=(f16, f8))
+  cache = TurboQuantKVCache.create(1, 256, 2, d, config=pair)
+  assert {g.norm_dtype for g in cache.key_quantizer.groups} == {f16}
+  assert {g.norm_dtype for g in cache.value_quantizer.groups} == {f8}
+  rep = cache.memory_report()
+  assert rep["key_norms"] == 2 * rep["value_norms"] == 2 * 2 * 256
+  same = TurboQuantConfig(key_bits=3, value_bits=3, norm_dtype=[f16, f16])
+  assert same.norm_dtype == (f16, f16) and hash(same) is not None   # static: hashable
+  k = jnp.asarray(rng.standard_normal((1, 200, 2, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((1, 200, 2, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((1, 1, 4, d)), jnp.float32)
+  one = TurboQuantConfig(key_bits=3, value_bits=3, norm_dtype=f16)
+  outs = [TurboQuantKVCache.create(1, 256, 2, d, config=c).update(k, v).attend(q)
+          for c in (same, one)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  for bad in ((f16,), (f16, f8, f8), (f16, jnp.int8)):
+    with pytest.raises(ValueError, match="norm_dtype"):
+      TurboQuantConfig(norm_dtype=bad)
