@@ -12,6 +12,9 @@ log code would store) by rounding every float16-stored norm onto that grid, and 
             bits with 8-bit norms), its norms on the log grid instead
   kv        uniform's cache with float16 key norms and float8_e4m3fn value norms (3.875
             stored bits at d = 64): which side's norms the 8-bit format costs
+  budget-kv the budget's widths with float16 key norms and float8_e4m3fn value norms
+            (3.60 stored bits: fractional widths hold two key norms): what 16-bit key
+            norms buy at the budget (`norm_dtype` as a pair, not simulated)
 
     python -m benchmarks.quality_norms uniform --model smollm2 --text <file> \\
         [--text-lines a:b] --out <folder> --needle-lengths ""
@@ -47,18 +50,21 @@ def log_grid_norms(norms, dtype):
   return _store_norms(norms, dtype)
 
 
-def budget_method(budget: float = 3.5) -> quality.Method:
-  """The budget chosen for float8 norms, stored as float16 on the log grid."""
+def budget_method(budget: float = 3.5, key_norms_16: bool = False) -> quality.Method:
+  """The budget chosen for float8 norms, stored as float16 on the log grid, or with
+  key_norms_16 with float16 key norms (8 bits more per key norm: 3.60 stored bits)."""
   cfg = model_config.smollm2_135m()
   fp8 = quality.tq_config(norm_dtype=jnp.float8_e4m3fn, window=256)
   layer_bits = quality.budget_layer_bits(budget, cfg.num_layers, cfg.head_dim,
                                          layer_window=cfg.layer_window, config=fp8)
-  c16 = dataclasses.replace(fp8, norm_dtype=jnp.float16)
+  stored = dataclasses.replace(fp8, norm_dtype=(jnp.float16, jnp.float8_e4m3fn)
+                               if key_norms_16 else jnp.float16)
   make = lambda seed: quality.turboquant_per_layer(  # noqa: E731
-      dataclasses.replace(c16, seed=seed), layer_bits=layer_bits)
-  return quality.Method(f"turboquant budget {budget} log8 norms window 256", "budget", make,
-                        seeded=True,
-                        bits=quality.mean_stored_bits(layer_bits, cfg.head_dim, fp8))
+      dataclasses.replace(stored, seed=seed), layer_bits=layer_bits)
+  bits = quality.mean_stored_bits(layer_bits, cfg.head_dim, stored if key_norms_16 else fp8)
+  what = "float16 key norms" if key_norms_16 else "log8 norms"
+  return quality.Method(f"turboquant budget {budget} {what} window 256", "budget", make,
+                        seeded=True, bits=bits)
 
 
 @contextlib.contextmanager
@@ -86,17 +92,25 @@ def value_norms_8bit():
   return patched(channel_split.SplitQuantizer, "create", classmethod(values_in_8_bits))
 
 
+PROBES = ("uniform", "budget", "kv", "budget-kv")
+
+
 def main(argv=None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   probe, rest = argv[0], argv[1:]
-  if probe not in ("uniform", "budget", "kv"):
-    raise ValueError(f"probe must be 'uniform', 'budget' or 'kv', got {probe!r}")
+  if probe not in PROBES:
+    raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
   if "--model" not in rest or rest[rest.index("--model") + 1] != "smollm2" or "--out" not in rest:
     raise ValueError("quality_norms runs --model smollm2 into an --out folder of its own")
   uniform = [*rest, "--exact", "turboquant 3.5 rope-centred window 256"]
   if probe == "kv":
     with value_norms_8bit():
       quality.main(uniform)
+    return
+  if probe == "budget-kv":   # a config the cache takes (norm_dtype per side): no patch
+    method, base = budget_method(key_norms_16=True), quality.methods
+    with patched(quality, "methods", lambda: base() + [method]):
+      quality.main([*rest, "--exact", method.name])
     return
   with patched(quantizers, "store_norms", log_grid_norms):
     if probe == "uniform":

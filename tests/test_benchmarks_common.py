@@ -303,3 +303,16 @@ def test_quality_norms_kv_probe_stores_only_value_norms_in_8_bits():
       assert dtypes(cache) == ({jnp.float16}, {jnp.float8_e4m3fn})
   assert dtypes(TurboQuantKVCache.create(1, 64, 2, 64, config=cfg)) == (
       {jnp.float16}, {jnp.float16})
+
+
+def test_quality_norms_budget_kv_stores_float16_key_norms():
+  """The budget-kv probe: the float8 budget's widths with float16 key norms, a config the
+  cache takes (no patch), its stored bits counting both key norms of a fractional width."""
+  import jax.numpy as jnp
+
+  from benchmarks import quality_norms as qn
+  method = qn.budget_method(key_norms_16=True)
+  caches = method.make(0)(1, 256, 3, 64, jnp.float32, layer=0)
+  assert {g.norm_dtype for g in caches.key_quantizer.groups} == {jnp.float16}
+  assert {g.norm_dtype for g in caches.value_quantizer.groups} == {jnp.float8_e4m3fn}
+  assert 3.5 < method.bits < 3.61
