@@ -120,3 +120,14 @@ def test_linen_drop_in_matches_stock_layer(rng):
   np.testing.assert_allclose(plain.apply({"params": s_params}, xs),
                              LinenDecoder(decode=False).apply({"params": s_params}, xs),
                              atol=1e-6)
+
+
+def test_drop_ins_refuse_prerotated_values():
+  """Their projections are the stock ones, not folded: a prerotated cache would return
+  attention in the values' rotated domain."""
+  pre = TurboQuantConfig(key_bits=3, value_bits=3, values_prerotated=True)
+  with pytest.raises(ValueError, match="values_prerotated"):
+    TinyDecoder(TurboQuantMultiHeadAttention, kv_config=pre)
+  xs = jnp.ones((B, T, F))
+  with pytest.raises(ValueError, match="values_prerotated"):
+    LinenDecoder(TurboQuantMultiHeadDotProductAttention, pre).init(jax.random.PRNGKey(0), xs)

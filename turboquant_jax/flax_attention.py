@@ -27,6 +27,14 @@ from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
 Array = jax.Array
 
 
+def _refuse_prerotated(config: TurboQuantConfig) -> None:
+  # The stock layers' projections are not folded: their decode would return rotated values.
+  if config.values_prerotated:
+    raise ValueError("values_prerotated needs the value rotation folded into the value and "
+                     "output projections (as models.decoder.fold_value_rotations does for "
+                     "its decoders); these drop-ins keep the stock projections")
+
+
 def _refuse_mask(mask: Any) -> None:
   if mask is not None:
     raise ValueError("decode mode masks by position inside the compressed cache; "
@@ -38,6 +46,7 @@ class TurboQuantMultiHeadAttention(nnx.MultiHeadAttention):
 
   def __init__(self, *args, kv_config: TurboQuantConfig = TurboQuantConfig(), layer: int = 0,
                **kwargs):
+    _refuse_prerotated(kv_config)
     super().__init__(*args, **kwargs)
     self.kv_config = kv_config
     self.layer = layer
@@ -62,6 +71,7 @@ class TurboQuantMultiHeadAttention(nnx.MultiHeadAttention):
     if self.kv_cache is None:
       raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
     _refuse_mask(mask)
+    _refuse_prerotated(self.kv_config)
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
@@ -86,6 +96,7 @@ class TurboQuantMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                               deterministic=deterministic, dropout_rng=dropout_rng,
                               sow_weights=sow_weights, **kwargs)
     _refuse_mask(mask)
+    _refuse_prerotated(self.kv_config)
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     features = self.out_features or inputs_q.shape[-1]
