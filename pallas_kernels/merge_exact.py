@@ -74,7 +74,7 @@ def unsupported(rows: int, head_dim: int, exact_sizes: tuple[int, ...],
   # only a call with neither is known to fit at 256 (H200, `kernel_sweep_*_prerotated`).
   if (rotated or exact_sizes) and need > tile_quantize.SHARED_MEMORY_BYTES:
     what = "unrotation" if rotated else "exact parts' operands"
-    return (f"the float32 [{head_dim}, {head_dim}] {what} need {need} bytes of shared "
+    return (f"the float32 [{head_dim}, {head_dim}] {what} take {need} bytes of shared "
             f"memory, more than a GPU block's {tile_quantize.SHARED_MEMORY_BYTES}")
   return None
 
