@@ -109,8 +109,10 @@ def _bound_loop(model, entry: str, num_steps: int):
 
 @pytest.mark.parametrize("entry", ["decode_steps", "decode_loop"])
 @pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
-    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1))],
-    ids=["dense", "turboquant"])
+    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1)),
+    functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+        key_bits=3, value_bits=3, window=4, num_sinks=1, values_prerotated=True))],
+    ids=["dense", "turboquant", "prerotated"])
 def test_decode_loops_continue_generate_compile_once_and_donate(model, make, entry):
   prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
   out, _ = generate(model, prompts, None, 1, make)
