@@ -23,6 +23,13 @@ def test_stored_bits_count_norms():
   kb, vb = stored_bits(cfg, 64)
   assert kb == 3 + 16 / 64                   # one fp16 norm per vector
   assert vb == 3.5 + 2 * 16 / 64             # two groups, a norm each
+  # Norms per side: 16-bit key norms, 8-bit value norms.
+  pair = TurboQuantConfig(key_bits=3.5, value_bits=3, norm_dtype=(jnp.float16,
+                                                                   jnp.float8_e4m3fn))
+  assert stored_bits(pair, 64) == (3.5 + 2 * 16 / 64, 3 + 8 / 64)
+  # ... and a budget over them is met: 16-bit key norms paid from the codes.
+  bits = budget_layer_bits(3.5, 30, 64, config=pair)
+  assert 3.5 - 1 / 30 < mean_stored_bits(bits, 64, pair) <= 3.5 + 1e-9
 
 
 @pytest.mark.parametrize("budget, head_dim", [(3.0, 64), (3.5, 64), (2.5, 256), (3.5, 256),
