@@ -369,6 +369,8 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
                                              window=256),
                      " fp16 key fp8 value norms window 256") for b in (3.0, 3.5)]
+  # ... against 16-bit norms on both sides (the library's default norms) at that window.
+  extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
   extra += [budgeted(model.cfg, 3.5, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256),
                      " fp8 norms window 256 to 5 bits", widths=CACHE_BITS)]
