@@ -102,9 +102,8 @@ def tq(bits_k, bits_v=None, key_quantizer="mse", **kw):
     name += " centred values"
     family += " centred values"
   if "norm_dtype" in kw:
-    name += " " + "/".join(jnp.dtype(d).name for d in TurboQuantConfig(
-        norm_dtype=kw["norm_dtype"]).norm_dtypes[:1 + isinstance(kw["norm_dtype"], tuple)])
-    name += " norms"
+    dtypes = kw["norm_dtype"] if isinstance(kw["norm_dtype"], tuple) else (kw["norm_dtype"],)
+    name += " " + "/".join(jnp.dtype(d).name for d in dtypes) + " norms"
     family += " 8-bit norms"
   if "num_sinks" in kw:
     name += f" sinks {kw['num_sinks']}"
@@ -267,6 +266,8 @@ def methods() -> list[Method]:
       # ... at the default window: how much of a budget's loss is the norms' format
       # (`quality_norms` simulates a finer 8-bit norm against it).
       tq(3.5, center_keys="rope", window=256, norm_dtype=jnp.float8_e4m3fn),
+      # ... with float16 key norms (`quality_norms kv`: which side's norms the format costs).
+      tq(3.5, center_keys="rope", window=256, norm_dtype=(jnp.float16, jnp.float8_e4m3fn)),
       # Which side a budget's half bit serves (the same stored bits either way: 3.44 on
       # SmolLM2's d = 64, 3.30 on Gemma 3's 256).
       *[tq(k, v, center_keys="rope", window=256, norm_dtype=jnp.float8_e4m3fn)

@@ -292,17 +292,15 @@ def test_quality_norms_log_grid_is_256_codes_within_half_a_step():
 def test_quality_norms_kv_probe_stores_only_value_norms_in_8_bits():
   import jax.numpy as jnp
 
+  from benchmarks import quality
   from benchmarks import quality_norms as qn
-  from turboquant_jax import TurboQuantConfig, TurboQuantKVCache
-  cfg = TurboQuantConfig(key_bits=3.5, value_bits=3.5, window=32)
   dtypes = lambda c: ({g.norm_dtype for g in c.key_quantizer.groups},  # noqa: E731
                       {g.norm_dtype for g in c.value_quantizer.groups})
-  with qn.value_norms_8bit():
-    for _ in range(2):   # every cache made inside, not only the first
-      cache = TurboQuantKVCache.create(1, 64, 2, 64, config=cfg)
-      assert dtypes(cache) == ({jnp.float16}, {jnp.float8_e4m3fn})
-  assert dtypes(TurboQuantKVCache.create(1, 64, 2, 64, config=cfg)) == (
-      {jnp.float16}, {jnp.float16})
+  (method,) = [m for m in quality.methods() if m.name == qn.KV_METHOD]
+  for seed in range(2):   # every cache the row makes, not only the first
+    cache = method.make(seed)(1, 64, 2, 64, jnp.float32, layer=seed)
+    assert dtypes(cache) == ({jnp.float16}, {jnp.float8_e4m3fn})
+    assert cache.config.window == 64 and cache.config.center_keys == "rope"   # 256, capped
 
 
 def test_quality_norms_budget_kv_stores_float16_key_norms():

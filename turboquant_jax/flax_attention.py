@@ -71,7 +71,6 @@ class TurboQuantMultiHeadAttention(nnx.MultiHeadAttention):
     if self.kv_cache is None:
       raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
     _refuse_mask(mask)
-    _refuse_prerotated(self.kv_config)
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
