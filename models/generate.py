@@ -178,22 +178,100 @@ def generate(model, prompts: Array, prompt_lengths: Array | None, max_new_tokens
 
 
 def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
-                defer_appends: bool = True) -> tuple[Array, list[Any]]:
+                defer_appends: bool = True, lazy_codes: bool = True) -> tuple[Array, list[Any]]:
   """The greedy decode loop as a `lax.scan` (call it under jit): tokens [B] -> (generated
-  [B, num_steps], caches)."""
+  [B, num_steps], caches).
+
+  lazy_codes (with defer_appends): runs of up to `kv_cache.lazy_code_steps(caches)` steps
+  in which no row calibrates are decoded by `lazy_greedy_scan` (no conditional per step);
+  one conditional per run picks that or the step-by-step flush (`model_step`). The tokens
+  and caches are the same either way. `decode_loop` makes that choice on the host instead,
+  with no conditional at all.
+  """
+  runs = kv_cache.lazy_code_steps(caches) if defer_appends and lazy_codes else None
+  if not runs:
+    return _greedy_steps(model, tokens, caches, num_steps, defer_appends=defer_appends)
+
+  def run(tokens, caches, steps):
+    return jax.lax.cond(
+        kv_cache.skip_rare_work(caches, steps),
+        lambda args: lazy_greedy_scan(model, *args, steps),
+        lambda args: _greedy_steps(model, *args, steps, defer_appends=True),
+        (tokens, list(caches)))
+
+  return _in_runs(run, tokens, caches, num_steps, min(runs, num_steps))
+
+
+def lazy_greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
+                     codes_when_due: bool = True) -> tuple[Array, list[Any]]:
+  """`greedy_scan` for steps in which no row calibrates (`kv_cache.skip_rare_work(caches,
+  num_steps)` holds: the caller's to check): the caches' rare append work is dropped and
+  the blocks it would have coded are coded after every `kv_cache.lazy_code_steps(caches)`
+  steps (`code_completed`, under one conditional per run unless codes_when_due=False),
+  while the window still holds them. No conditional per step: on an H200 the one after
+  every step cost a 32-layer Llama-3-8B-shaped step 0.25-1.25 ms (6.3-6.7 ms without it;
+  8 x 4K, K4/V3, 16 steps per call), and this loop decodes at 0.94x the bf16 cache's
+  tokens/s against 0.78-0.90x (`benchmarks/results/decode_e2e_paired_lazy_gpu.json`)."""
+  runs = kv_cache.lazy_code_steps(caches)
+  if not runs:
+    raise ValueError("these caches cannot code lazily (kv_cache.lazy_code_steps is "
+                     f"{runs}): decode with greedy_scan")
+
+  def run(tokens, caches, steps):
+    since = [getattr(c, "lengths", None) for c in caches]
+    out, caches = _greedy_steps(model, tokens, caches, steps, defer_appends=True, flush=False)
+    return out, kv_cache.code_completed(caches, since, when_due=codes_when_due)
+
+  return _in_runs(run, tokens, caches, num_steps, min(runs, num_steps))
+
+
+def _in_runs(run, tokens: Array, caches: Sequence[Any], num_steps: int, runs: int
+             ) -> tuple[Array, list[Any]]:
+  """run(tokens, caches, steps) over num_steps in runs of `runs` steps (a scan), then the
+  rest."""
+  full, rest = divmod(num_steps, runs)
+  if full == 1:
+    out, caches = run(tokens, list(caches), runs)
+  else:
+    def body(carry, _):
+      out, caches = run(*carry, runs)
+      return (out[:, -1], caches), out
+
+    (tokens, caches), outs = jax.lax.scan(body, (tokens, list(caches)), None, length=full)
+    out = jnp.moveaxis(outs, 0, 1).reshape(outs.shape[1], full * runs)
+  if rest:
+    more, caches = run(out[:, -1], caches, rest)
+    out = jnp.concatenate([out, more], axis=1)
+  return out, caches
+
+
+def _greedy_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
+                  defer_appends: bool, flush: bool = True) -> tuple[Array, list[Any]]:
+  """num_steps greedy steps in a `lax.scan`; flush=False drops the deferred append work
+  (`greedy_scan` codes what it owed afterwards)."""
   def body(carry, _):
     token, caches = carry
-    logits, caches = model_step(model, token[:, None], caches, defer_appends=defer_appends)
+    if flush:
+      logits, caches = model_step(model, token[:, None], caches, defer_appends=defer_appends)
+    else:
+      logits, caches = model(token[:, None], caches=kv_cache.deferring(caches))
+      caches = [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
     token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return (token, caches), token
 
-  (_, caches), out = jax.lax.scan(body, (tokens, caches), None, length=num_steps)
+  (_, caches), out = jax.lax.scan(body, (tokens, list(caches)), None, length=num_steps)
   return out.T, caches
 
 
-def _decode_loop(graphdef, state, tokens, caches, *, num_steps, defer_appends=True):
+def _lazy_decode_loop(graphdef, state, tokens, caches, *, num_steps, codes_when_due=True):
+  return lazy_greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps,
+                          codes_when_due=codes_when_due)
+
+
+def _decode_loop(graphdef, state, tokens, caches, *, num_steps, defer_appends=True,
+                 lazy_codes=True):
   return greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps,
-                     defer_appends=defer_appends)
+                     defer_appends=defer_appends, lazy_codes=lazy_codes)
 
 
 _decode_steps = jax.jit(_decode_loop, static_argnames=("graphdef", "num_steps"),
@@ -202,7 +280,8 @@ _decode_steps_default = jax.jit(_decode_loop, static_argnames=("graphdef", "num_
                                 donate_argnames=("caches",))
 
 
-def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bool = True
+def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bool = True,
+                lazy_codes: bool = True, codes_when_due: bool = True
                 ) -> Callable[[Array, Sequence[Any]], tuple[Array, list[Any]]]:
   """`decode_steps` bound to a model and a number of steps, for a serving loop.
 
@@ -216,7 +295,14 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
     out, caches = step(tokens, caches)      # out [B, 16]; caches donated
 
   graphs: compile with `GRAPH_OPTIONS`. defer_appends: one conditional per step for the
-  caches' rare append work (`model_step`), not one per layer.
+  caches' rare append work (`model_step`), not one per layer. lazy_codes (with
+  defer_appends): a call in which no row calibrates runs `lazy_greedy_scan`, a loop with no
+  conditional at all; the others `greedy_scan`. The choice is made on the host: once the
+  caches passed in are known to be calibrated in every row (the outputs of a call whose
+  inputs were), without reading the device; otherwise by reading their lengths and
+  calibration flags (a few bytes, which waits for the caches to be ready).
+  codes_when_due: the lazy loop codes completed blocks under a conditional per 128 steps
+  (or per call when shorter), skipped when none completed (`lazy_greedy_scan`).
 
   Returns:
     run(tokens [B] int32, caches) -> (generated [B, num_steps] int32, updated caches).
@@ -224,16 +310,34 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   graphdef, state = nnx.split(model)
+  options = dict(donate_argnames=("caches",), compiler_options=GRAPH_OPTIONS if graphs else None)
   loop = jax.jit(functools.partial(_decode_loop, graphdef, num_steps=num_steps,
-                                   defer_appends=defer_appends),
-                 donate_argnames=("caches",),
-                 compiler_options=GRAPH_OPTIONS if graphs else None)
+                                   defer_appends=defer_appends, lazy_codes=lazy_codes),
+                 **options)
+  lazy_loop = jax.jit(functools.partial(_lazy_decode_loop, graphdef, num_steps=num_steps,
+                                        codes_when_due=codes_when_due), **options)
+  calibrated = []       # the flags of the last outputs known calibrated in every row
 
   def run(tokens: Array, caches: Sequence[Any]) -> tuple[Array, list[Any]]:
     tokens = _check_tokens(tokens, caches)
-    return loop(state, tokens, list(caches))
+    caches = list(caches)
+    if not (defer_appends and lazy_codes and kv_cache.lazy_code_steps(caches)):
+      return loop(state, tokens, caches)
+    flags = [c.calibrated for c in caches if hasattr(c, "skips_rare_work")]
+    known = len(flags) == len(calibrated) and all(a is b for a, b in zip(flags, calibrated))
+    if not known:
+      known, lazy = jax.device_get((jnp.all(jnp.stack([jnp.all(f) for f in flags])),
+                                    kv_cache.skip_rare_work(caches, num_steps)))
+      if not lazy:
+        calibrated.clear()
+        return loop(state, tokens, caches)
+    out, caches = lazy_loop(state, tokens, caches)
+    calibrated[:] = ([c.calibrated for c in caches if hasattr(c, "skips_rare_work")]
+                     if known else [])
+    return out, caches
 
-  run.jitted = loop   # the compiled loop, for inspection (e.g. its cache size)
+  run.jitted = loop   # the compiled loops, for inspection (e.g. their cache sizes)
+  run.lazy_jitted = lazy_loop
   return run
 
 

@@ -195,3 +195,70 @@ def test_model_step_holds_one_conditional_for_every_layers_appends(model):
   np.testing.assert_array_equal(got, want)
   for a, b in zip(jax.tree.leaves(deferred), jax.tree.leaves(eager)):
     np.testing.assert_array_equal(a, b)
+
+
+def _prefilled_ragged(model):
+  """Caches whose row 0 (10 tokens) calibrates only after 246 more, row 1 (270) already."""
+  caches = model.init_caches(2, 800, TurboQuantKVCache.create, jnp.float32)
+  prompts = jax.random.randint(jax.random.PRNGKey(3), (2, 270), 0, TINY["llama"].vocab_size)
+  _, caches = model(prompts, caches=caches, num_tokens=jnp.array([10, 270]), prefill=True)
+  assert list(caches[0].calibrated) == [False, True]
+  return caches
+
+
+def test_lazy_runs_drop_the_per_step_conditional_and_decode_as_step_by_step(model):
+  """In runs of steps where no row calibrates, greedy_scan appends with the rare work
+  dropped (no conditional per step) and codes the completed blocks once after the run;
+  runs where a row calibrates flush step by step. Tokens and every cache buffer equal the
+  step-by-step loop's: row 0 calibrates in the second run, row 1 before the first, both
+  complete blocks, 300 steps = two runs of 128 and one of 44."""
+  from models.generate import _greedy_steps, greedy_scan
+  from turboquant_jax import kv_cache
+  caches = _prefilled_ragged(model)
+  assert kv_cache.lazy_code_steps(caches) == 128
+  assert bool(kv_cache.skip_rare_work(caches, 128))       # row 0 is far from calibrating
+  tokens = jnp.array([3, 5], jnp.int32)
+  run = jax.jit(lambda c, lazy: greedy_scan(model, tokens, c, 300, lazy_codes=lazy),
+                static_argnums=1)
+  (got, lazy), (want, stepwise) = run(caches, True), run(caches, False)
+  np.testing.assert_array_equal(got, want)
+  assert list(lazy[0].calibrated) == [True, True]
+  for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(stepwise)):
+    np.testing.assert_array_equal(a, b)
+  dropped = jax.make_jaxpr(lambda c: _greedy_steps(model, tokens, c, 3, defer_appends=True,
+                                                   flush=False))(caches).jaxpr
+  assert _top_level_conds(dropped) == 0
+  # A run in which a row calibrates cannot drop its work.
+  assert not bool(caches[0].replace(lengths=jnp.array([200, 300])).skips_rare_work(100))
+  with pytest.raises(ValueError, match="num_steps"):
+    caches[0].skips_rare_work(0)
+
+
+def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unknown(
+    model, monkeypatch):
+  """decode_loop runs calls in which no row calibrates with no conditional at all
+  (lazy_greedy_scan), the others with greedy_scan; it reads the caches' flags only until
+  their outputs are known calibrated. Five calls of 100 steps (the third calibrates row
+  0) decode the tokens and caches of the step-by-step flush."""
+  from models import decode_loop
+  reads = []
+  device_get = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+  tokens = jnp.array([3, 5], jnp.int32)
+  got = {}
+  for lazy in (True, False):
+    step, caches, t, outs = decode_loop(model, 100, lazy_codes=lazy), _prefilled_ragged(model), tokens, []
+    counts = []
+    for _ in range(5):
+      out, caches = step(t, caches)
+      t = out[:, -1]
+      outs.append(out)
+      counts.append(len(reads))
+    got[lazy] = (jnp.concatenate(outs, axis=1), caches, counts, step)
+    reads.clear()
+  (a, lazy, counts, step), (b, stepwise, _, _) = got[True], got[False]
+  np.testing.assert_array_equal(a, b)
+  for x, y in zip(jax.tree.leaves(lazy), jax.tree.leaves(stepwise)):
+    np.testing.assert_array_equal(x, y)
+  assert counts == [1, 2, 3, 4, 4]   # the fourth call's inputs were read calibrated
+  assert step.jitted._cache_size() == 1 and step.lazy_jitted._cache_size() == 1

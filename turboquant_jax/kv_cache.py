@@ -13,6 +13,8 @@ Writes are scatters of the new tokens only: O(new tokens), whatever max_len is.
 A decode loop over many layers may run each cache's rare append work (TurboQuant's
 calibration and block coding) for all layers at once after the step: `deferring(caches)`
 before the model, `flush_caches(caches)` after it, one conditional instead of one per layer.
+Or, for up to `lazy_code_steps(caches)` appends in which `skip_rare_work` holds (no row
+calibrates), no conditional at all: the work dropped, then `code_completed` once.
 
 A full cache never wraps or drops tokens silently. Eagerly (concrete arrays) an update
 past max_len raises ValueError. Under `jit` nothing can raise: the row's update is not
@@ -69,6 +71,40 @@ def flush_caches(caches: Sequence[Any]) -> list[Any]:
   due = jnp.any(jnp.stack([caches[i].flush_due for i in at]))
   done = jax.lax.cond(due, lambda cs: [c.flush() for c in cs],
                       lambda cs: [c.skip_flush() for c in cs], [caches[i] for i in at])
+  for i, c in zip(at, done):
+    out[i] = c
+  return out
+
+
+def lazy_code_steps(caches: Sequence[Any]) -> int | None:
+  """Single-token appends every cache can take before its completed blocks need codes
+  (`lazy_code_steps` of those that code lazily; 0 if one cannot wait), or None when no
+  cache has rare append work."""
+  steps = [c.lazy_code_steps for c in caches if hasattr(c, "lazy_code_steps")]
+  return min(steps) if steps else None
+
+
+def skip_rare_work(caches: Sequence[Any], num_steps: int) -> Array:
+  """[] bool: whether the next num_steps single-token appends need no rare work in any
+  cache but block codes (`skips_rare_work`), which `code_completed` then writes once."""
+  ok = [c.skips_rare_work(num_steps) for c in caches if hasattr(c, "skips_rare_work")]
+  return jnp.all(jnp.stack(ok)) if ok else jnp.ones((), bool)
+
+
+def code_completed(caches: Sequence[Any], since: Sequence[Array | None], *,
+                   when_due: bool = True) -> list[Any]:
+  """Each cache's `code_completed(since)` (lengths before the appends), others as they
+  are; when_due: under one conditional, skipped when no cache completed a block."""
+  at = [i for i, c in enumerate(caches) if hasattr(c, "code_completed")]
+  out = list(caches)
+  if not at:
+    return out
+  code = lambda cs: [c.code_completed(since[i]) for c, i in zip(cs, at)]  # noqa: E731
+  if when_due:
+    due = jnp.any(jnp.stack([caches[i].completed_since(since[i]) for i in at]))
+    done = jax.lax.cond(due, code, lambda cs: list(cs), [caches[i] for i in at])
+  else:
+    done = code([caches[i] for i in at])
   for i, c in zip(at, done):
     out[i] = c
   return out

@@ -15,7 +15,10 @@ Storage (head-major, preallocated for max_len, every code packed):
   positions) code the pending tokens and their own at once, so after them every position
   has its codes. Codes of the pending tokens come from the window's copy (its dtype). A
   decode loop may defer that rare work of every layer to one conditional after the step
-  (`deferring`, `flush`; `kv_cache.flush_caches`).
+  (`deferring`, `flush`; `kv_cache.flush_caches`), or, in runs of up to `lazy_code_steps`
+  appends in which no row calibrates, drop it and code the completed blocks after the run
+  while the window still holds them (`skips_rare_work`, `code_completed`;
+  `models.generate.lazy_greedy_scan`): no conditional per step.
 - Attention sinks: the first `num_sinks` tokens in full precision, [B, H, S, D].
 - Key centering: a per-(sequence, kv head) channel mean μ, kept in float32, of the keys a
   row holds when it first holds a window's worth of tokens (a long prefill, or the first
@@ -508,6 +511,43 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
   def skip_flush(self) -> "TurboQuantKVCache":
     """`flush` where `flush_due` is False: drops the (empty) pending work."""
     return self.replace(pending=None, defer=False)
+
+  @property
+  def lazy_code_steps(self) -> int:
+    """Single-token appends after which a completed block still needs no codes: the window
+    keeps it exact until its first token leaves, window - code_block appends later (and at
+    most one block completes in code_block appends). 0 where codes cannot wait."""
+    if not self.defers_codes:
+      return 0
+    return min(self.config.window - self.code_block, self.code_block)
+
+  def skips_rare_work(self, num_steps: int) -> Array:
+    """[] bool: whether the next num_steps single-token appends, each at its row's length,
+    need no rare work but the codes of completed blocks: no row calibrates among them
+    (every row is calibrated, or still short of `calibration_length` after them). Then a
+    decode loop may append them with the work dropped (`deferring` + `skip_flush`) and code
+    the completed blocks after every lazy_code_steps of them (`code_completed`)."""
+    if num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return jnp.all(self.calibrated | (self.lengths + num_steps < self.calibration_length))
+
+  def completed_since(self, since: Array) -> Array:
+    """[] bool: whether appends since lengths `since` [B] completed a block in some row."""
+    n = self.code_block
+    return jnp.any(self.lengths - self.lengths % n > since - since % n)
+
+  def code_completed(self, since: Array) -> "TurboQuantKVCache":
+    """Codes the block that single-token appends since lengths `since` [B] completed, from
+    the window (no code otherwise): what their dropped rare work would have written, when
+    `skips_rare_work` held for them and they were at most lazy_code_steps."""
+    n = self.code_block
+    start = jnp.maximum(since - since % n, self.exact_window_start())
+    count = jnp.clip(self.lengths - self.lengths % n - start, 0, n)
+    centring = (self.key_mean, self.value_mean, self.key_perm, self.value_perm)
+    key_codes, value_codes = self._code_from_window(
+        self.key_codes, self.value_codes, self.window_keys, self.window_values, start, count,
+        centring)
+    return self.replace(key_codes=key_codes, value_codes=value_codes)
 
   @property
   def code_block(self) -> int:
