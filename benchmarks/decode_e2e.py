@@ -68,18 +68,103 @@ def tiles(key_bits, value_bits, levels, center_keys, **kw):
 INT8 = dict(tile_operand="int8")
 NO_GRAPHS = "@nographs"   # a paired name's suffix: decode without GRAPH_OPTIONS
 LAYER_CONDS = "@layerconds"   # ... and one conditional per layer (defer_appends=False)
+# Timing probes of what the deferred work's conditional costs (`make_loop`): no flush at
+# all, one conditional per 8 steps, the flush under a 0-or-1-trip while loop, and the
+# flush after every step (`decode_loop`'s lazy_codes=False: how decode ran before), the
+# lazy loop coding completed blocks after every run without a conditional. The
+# first two drop deferred work (their caches are wrong once a block completes: a bound,
+# never a result).
+FLUSH_PROBES = {"@noflush": "none", "@flush8": "every8", "@whileflush": "while",
+                "@stepflush": "step", "@codealways": "lazy-always"}
+# ... and the loop compiled with XLA's Triton gemms for every dot (no cuBLAS calls, which
+# a CUDA graph records by tracing them).
+TRITON_GEMM = "@tritongemm"
 
 
-def loop_variant(name: str) -> tuple[str, dict[str, bool]]:
-  """A decode name's cache and its `decode_loop` options, from its suffixes."""
-  options = {"graphs": True, "defer_appends": True}
+def loop_variant(name: str) -> tuple[str, dict]:
+  """A decode name's cache and its `make_loop` options, from its suffixes."""
+  options = {"graphs": True, "defer_appends": True, "flush": "cond"}
   for suffix, option in ((NO_GRAPHS, "graphs"), (LAYER_CONDS, "defer_appends")):
     if suffix in name:
       name = name.replace(suffix, "")
       options[option] = False
+  if TRITON_GEMM in name:
+    name = name.replace(TRITON_GEMM, "")
+    options["triton_gemm"] = True
+  for suffix, how in FLUSH_PROBES.items():
+    if suffix in name:
+      name = name.replace(suffix, "")
+      options["flush"] = how
   if name not in CACHES:
     raise ValueError(f"unknown cache {name!r}; known: {sorted(CACHES)}")
   return name, options
+
+
+def _drop_pending(caches):
+  return [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
+
+
+def _while_flush(caches):
+  """flush_caches with a while loop of 0 or 1 trips instead of a conditional."""
+  at = [i for i, c in enumerate(caches) if getattr(c, "pending", None) is not None]
+  if not at:
+    return _drop_pending(caches)
+  due = jnp.any(jnp.stack([caches[i].flush_due for i in at]))
+
+  def body(state):
+    _, cs = state
+    return jnp.zeros((), bool), [c.flush().replace(pending=c.pending, defer=True) for c in cs]
+
+  _, done = jax.lax.while_loop(lambda s: s[0], body, (due, [caches[i] for i in at]))
+  out = list(caches)
+  for i, c in zip(at, done):
+    out[i] = c
+  return _drop_pending(out)
+
+
+def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True,
+              flush: str = "cond", triton_gemm: bool = False):
+  """`models.decode_loop` with a `loop_variant`'s options; other `flush` values build the
+  FLUSH_PROBES loops."""
+  if flush in ("cond", "step", "lazy-always") and not triton_gemm:
+    return decode_loop(model, steps, graphs=graphs, defer_appends=defer_appends,
+                       lazy_codes=flush != "step", codes_when_due=flush != "lazy-always")
+  from models.generate import _check_tokens
+  from turboquant_jax import kv_cache
+  graphdef, state = nnx.split(model)
+  group = 8 if flush == "every8" else 1
+  if steps % group:
+    raise ValueError(f"{flush} decodes {group} steps at a time, not {steps}")
+
+  def loop(state, tokens, caches):
+    model = nnx.merge(graphdef, state)
+
+    def body(carry, _):
+      token, caches = carry
+      out = []
+      for i in range(group):
+        logits, caches = model(token[:, None], caches=kv_cache.deferring(caches))
+        if flush == "cond":
+          caches = kv_cache.flush_caches(caches)
+        elif flush == "while":
+          caches = _while_flush(caches)
+        elif flush == "every8" and i == group - 1:
+          caches = kv_cache.flush_caches(caches)
+        else:
+          caches = _drop_pending(caches)
+        token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        out.append(token)
+      return (token, caches), jnp.stack(out)
+
+    (_, caches), out = jax.lax.scan(body, (tokens, caches), None, length=steps // group)
+    return out.reshape(steps, -1).T, caches
+
+  options = dict(GRAPH_OPTIONS) if graphs else {}
+  if triton_gemm:
+    options["xla_gpu_triton_gemm_any"] = True
+  jitted = jax.jit(loop, donate_argnames=("caches",), compiler_options=options or None)
+  return lambda tokens, caches: jitted(state, _check_tokens(tokens, caches), list(caches))
+
 
 CACHES = {
     "bf16": DenseKVCache.create,
@@ -380,7 +465,7 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
     caches = model.init_caches(batch, context, layer_caches(cfg, make), jnp.bfloat16)
     caches = fill_caches(cfg, caches, jax.random.fold_in(key, i), prefix)
     tokens = jnp.zeros((batch,), jnp.int32)
-    loops[name] = decode_loop(model, steps, **options)
+    loops[name] = make_loop(model, steps, **options)
     for _ in range(2):                 # compile, and settle buffer placements
       out, caches = loops[name](tokens, caches)
       tokens = out[:, -1]

@@ -57,7 +57,6 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int,
   import jax.numpy as jnp
 
   from benchmarks import decode_e2e
-  from models.generate import decode_loop
 
   base, options = decode_e2e.loop_variant(cache_name)
   cfg, model, caches = model_with_caches(base, layers, batch, context, context - 16,
@@ -67,7 +66,7 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int,
   k = jax.random.normal(key, (batch, 1, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
   q = jax.random.normal(key, (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
   attend = jax.jit(lambda c, q: c.attend(q, scale=cfg.scale))
-  step = decode_loop(model, 1, **options)
+  step = decode_e2e.make_loop(model, 1, **options)
   phases = {
       "step": lambda c: step(tokens, c)[1],
       "append": lambda c: [decode_e2e.appends(c[0], k, 1)] + c[1:],
@@ -94,14 +93,13 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
   import numpy as np
 
   from benchmarks import decode_e2e
-  from models.generate import decode_loop
 
   base, options = decode_e2e.loop_variant(cache_name)
   _, model, caches = model_with_caches(base, layers, batch, context,
                                        context - (2 + calls) * steps - 16)
   tokens = jnp.zeros((batch,), jnp.int32)
-  decode = decode_loop(model, steps, graphs=graphs and options["graphs"],
-                       defer_appends=options["defer_appends"])
+  decode = decode_e2e.make_loop(model, steps, **{**options,
+                                                 "graphs": graphs and options["graphs"]})
   for _ in range(2):                # compiles the loop and the token slice, untraced
     out, caches = jax.block_until_ready(decode(tokens, caches))
     tokens = out[:, -1]

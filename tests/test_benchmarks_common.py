@@ -168,9 +168,11 @@ def test_step_timeline_splits_span_into_kernels_and_gaps():
 
 def test_loop_variants_and_same_tokens_group_a_caches_runs():
   from benchmarks import decode_e2e, step_profile
-  assert decode_e2e.loop_variant("tq3") == ("tq3", {"graphs": True, "defer_appends": True})
+  assert decode_e2e.loop_variant("tq3") == (
+      "tq3", {"graphs": True, "defer_appends": True, "flush": "cond"})
   assert decode_e2e.loop_variant("tq3@layerconds@nographs") == (
-      "tq3", {"graphs": False, "defer_appends": False})
+      "tq3", {"graphs": False, "defer_appends": False, "flush": "cond"})
+  assert decode_e2e.loop_variant("tq3@noflush")[1]["flush"] == "none"
   with pytest.raises(ValueError, match="unknown cache"):
     decode_e2e.loop_variant("tq3@graphs")
   runs = {"tq3 graphs on": {"tokens": [[1, 2]]}, "tq3@layerconds graphs on": {"tokens": [[1, 2]]},
