@@ -22,7 +22,10 @@ which separate runs (drift of several percent between them) cannot give. A name 
 in `@nographs` decodes with XLA's default compiler options instead of
 `models.generate.GRAPH_OPTIONS` (e.g. `--caches bf16,tq3-int8,tq3-int8@nographs`); in
 `@layerconds`, with each layer's rare append work under its own conditional instead of
-one per step (`models.generate.model_step`'s defer_appends=False).
+one per step (`models.generate.model_step`'s defer_appends=False); `@stepflush`, with
+one conditional after every step (`decode_loop`'s lazy_codes=False, how decode ran before
+lazy block codes); the probes of `FLUSH_PROBES` and `TRITON_GEMM` (`make_loop`) bound or
+vary what that conditional costs.
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
