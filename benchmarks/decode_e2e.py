@@ -52,6 +52,7 @@ from benchmarks import common
 from models import config as model_config
 from models.decoder import Decoder
 from models.generate import GRAPH_OPTIONS, decode_loop
+from turboquant_jax import kv_cache
 from turboquant_jax.kv_cache import DenseKVCache
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
@@ -103,15 +104,11 @@ def loop_variant(name: str) -> tuple[str, dict]:
   return name, options
 
 
-def _drop_pending(caches):
-  return [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
-
-
 def _while_flush(caches):
   """flush_caches with a while loop of 0 or 1 trips instead of a conditional."""
   at = [i for i, c in enumerate(caches) if getattr(c, "pending", None) is not None]
   if not at:
-    return _drop_pending(caches)
+    return kv_cache.drop_deferred(caches)
   due = jnp.any(jnp.stack([caches[i].flush_due for i in at]))
 
   def body(state):
@@ -122,7 +119,7 @@ def _while_flush(caches):
   out = list(caches)
   for i, c in zip(at, done):
     out[i] = c
-  return _drop_pending(out)
+  return kv_cache.drop_deferred(out)
 
 
 def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True,
@@ -133,7 +130,6 @@ def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True
     return decode_loop(model, steps, graphs=graphs, defer_appends=defer_appends,
                        lazy_codes=flush != "step", codes_when_due=flush != "lazy-always")
   from models.generate import _check_tokens
-  from turboquant_jax import kv_cache
   graphdef, state = nnx.split(model)
   group = 8 if flush == "every8" else 1
   if steps % group:
@@ -154,7 +150,7 @@ def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True
         elif flush == "every8" and i == group - 1:
           caches = kv_cache.flush_caches(caches)
         else:
-          caches = _drop_pending(caches)
+          caches = kv_cache.drop_deferred(caches)
         token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         out.append(token)
       return (token, caches), jnp.stack(out)

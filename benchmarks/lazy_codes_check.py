@@ -56,7 +56,8 @@ def run(cache_name: str, batch: int = 8, context: int = 2048, filled: int = 1000
                                                                 t_step[:, :before])),
           "tokens_equal": bool(np.array_equal(t_lazy, t_step)),
           "tokens_equal_fraction": float(np.mean(t_lazy == t_step)),
-          "buffers": len(c_lazy), "differing_byte_fraction": differ}
+          "buffers": len(c_lazy), "steps_compared": before,
+          "differing_byte_fraction": differ}
 
 
 def main():
@@ -70,7 +71,7 @@ def main():
   print(f"{row['cache']}: tokens equal {row['tokens_equal']} "
         f"({row['tokens_equal_fraction']:.4f}; before codes are read "
         f"{row['tokens_equal_before_codes_read']}); buffers differing after "
-        f"{128 * 2} steps: {row['differing_byte_fraction'] or 'none'}")
+        f"{row['steps_compared']} steps: {row['differing_byte_fraction'] or 'none'}")
   print(path)
 
 

@@ -255,7 +255,7 @@ def _greedy_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int, *
       logits, caches = model_step(model, token[:, None], caches, defer_appends=defer_appends)
     else:
       logits, caches = model(token[:, None], caches=kv_cache.deferring(caches))
-      caches = [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
+      caches = kv_cache.drop_deferred(caches)
     token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return (token, caches), token
 

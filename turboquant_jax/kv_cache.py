@@ -64,7 +64,7 @@ def flush_caches(caches: Sequence[Any]) -> list[Any]:
   """Does the work the caches' last appends deferred, all under one conditional (skipped
   in the steps where no cache has any), and stops their deferring. Caches that cannot
   defer pass through."""
-  out = [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
+  out = drop_deferred(caches)
   at = [i for i, c in enumerate(caches) if getattr(c, "pending", None) is not None]
   if not at:
     return out
@@ -74,6 +74,12 @@ def flush_caches(caches: Sequence[Any]) -> list[Any]:
   for i, c in zip(at, done):
     out[i] = c
   return out
+
+
+def drop_deferred(caches: Sequence[Any]) -> list[Any]:
+  """The caches with their last appends' deferred work dropped (`skip_flush`), others as
+  they are: what a step with nothing due, or a lazy run (`code_completed` after it), keeps."""
+  return [c.skip_flush() if hasattr(c, "skip_flush") else c for c in caches]
 
 
 def lazy_code_steps(caches: Sequence[Any]) -> int | None:
