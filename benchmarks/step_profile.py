@@ -84,7 +84,7 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int,
 
 
 def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
-             graphs: bool = True, calls: int = 1) -> dict:
+             graphs: bool = True, calls: int = 1, sequence: int = 90) -> dict:
   """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time,
   and the tokens they generated (greedy, from caches filled the same way on every call).
   cache_name may carry `decode_e2e.loop_variant` suffixes; `@nographs` overrides graphs."""
@@ -95,8 +95,8 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
   from benchmarks import decode_e2e
 
   base, options = decode_e2e.loop_variant(cache_name)
-  _, model, caches = model_with_caches(base, layers, batch, context,
-                                       context - (2 + calls) * steps - 16)
+  _, model, caches = model_with_caches(base, layers, batch, context, decode_e2e.warm_start(
+      context - (2 + calls) * steps - 16))
   tokens = jnp.zeros((batch,), jnp.int32)
   decode = decode_e2e.make_loop(model, steps, **{**options,
                                                  "graphs": graphs and options["graphs"]})
@@ -116,7 +116,7 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
     rows = device_kernels(paths)
     host = host_events(paths)
   tokens_out = np.concatenate([np.asarray(o) for o in outs], axis=1).tolist()
-  out = idle_split(rows, steps * calls)
+  out = idle_split(rows, steps * calls, sequence)
   out["calls"] = calls
   out["tokens"] = tokens_out
   out["host_events"] = [{"event": k, "count_per_step": n / (steps * calls),
@@ -143,7 +143,7 @@ def host_events(paths: list[str]) -> list[tuple[str, tuple[int, float]]]:
   return sorted(((k, tuple(v)) for k, v in groups.items()), key=lambda kv: -kv[1][1])
 
 
-def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
+def idle_split(rows: list[tuple[str, float, float]], steps: int, sequence: int = 90) -> dict:
   """Span, busy and idle µs per step of kernels given as (name, start µs, µs); idle
   time is where no kernel runs, summed by the kernel that ends each gap; the largest
   gaps with the kernels on either side."""
@@ -162,7 +162,7 @@ def idle_split(rows: list[tuple[str, float, float]], steps: int) -> dict:
   top = sorted(idle.items(), key=lambda kv: -kv[1])[:12]
   first = len(rows) // steps          # the second step's kernels in order, with gaps
   sequence = [[rows[i][0][:60], round(rows[i][1] - rows[i - 1][1] - rows[i - 1][2], 2),
-               round(rows[i][2], 2)] for i in range(first, min(len(rows), first + 90))]
+               round(rows[i][2], 2)] for i in range(first, min(len(rows), first + sequence))]
   return {"steps": steps, "kernels_per_step": len(rows) / steps,
           "span_us_per_step": span / steps, "busy_us_per_step": busy / steps,
           "idle_us_per_step": (span - busy) / steps,
@@ -222,6 +222,8 @@ def main(argv=None):
                       help="trace STEPS decode steps: kernel vs idle time per step")
   parser.add_argument("--calls", type=int, default=1,
                       help="with --timeline: calls traced back to back (gaps between count)")
+  parser.add_argument("--sequence", type=int, default=90,
+                      help="with --timeline: kernels of the second step kept in order")
   parser.add_argument("--graphs", default="on", help="with --timeline: on, off or on,off "
                       "(decode with or without models.generate.GRAPH_OPTIONS)")
   parser.add_argument("--out", default=None, help="results folder for the JSON")
@@ -274,7 +276,7 @@ def main_timeline(args):
         raise ValueError(f"--graphs takes on and/or off, got {graphs!r}")
       results["timelines"][f"{name} graphs {graphs}"] = timeline(
           name, args.layers, args.batch, args.context, args.timeline, graphs == "on",
-          args.calls)
+          args.calls, args.sequence)
       common.write_result("step_timeline", results, args.out)
     same = same_tokens(results["timelines"])
     if same:                      # variants of one cache (options, suffixes): same tokens?
