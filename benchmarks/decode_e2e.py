@@ -340,6 +340,16 @@ def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
 
 # -- one point ------------------------------------------------------------------------------
 
+def warm_start(limit: int, block: int = 128) -> int:
+  """The longest prefix up to `limit` tokens that is one token short of a `block`-token
+  block: a decode loop's first call from there completes a block (for steps < block) and
+  its second does not, so two untimed calls compile both of `decode_loop`'s lazy loops
+  (with and without block codes) before any call is timed."""
+  if limit < block - 1:
+    raise ValueError(f"{limit} tokens hold no prefix one short of a {block}-token block")
+  return limit - (limit - (block - 1)) % block
+
+
 def fill_caches(cfg, caches, key, length: int):
   """Appends random K/V until every cache holds `length` tokens (a prefill's state)."""
   batch = caches[0].batch
@@ -396,7 +406,8 @@ def run_point(model, cfg, make_cache, batch, context, key) -> dict:
   """One (cache, batch, context): fill, time appends and attention, then decode steps.
   make_cache: a `make_cache` (`CACHES[name]`, or `sharded(...)` of one on a mesh)."""
   caches = model.init_caches(batch, context, layer_caches(cfg, make_cache), jnp.bfloat16)
-  prefix = context - (2 * APPENDS - 2) - STEPS * (2 + REPEATS)
+  # The decode loop starts after the appends timed below (2 * APPENDS - 2 tokens).
+  prefix = warm_start(context - STEPS * (2 + REPEATS)) - (2 * APPENDS - 2)
   t0 = time.perf_counter()
   caches = fill_caches(cfg, caches, key, prefix)
   jax.block_until_ready(caches)
@@ -445,7 +456,7 @@ def run_point(model, cfg, make_cache, batch, context, key) -> dict:
 
 
 def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int = 8,
-                 steps: int = STEPS) -> dict:
+                 steps: int = STEPS, queue: int = 0) -> dict:
   """Decode steps of several caches timed in alternation, for ratios that drift between
   separate runs cannot move (one run per cache put the same code at 0.97x and 1.08x).
 
@@ -453,10 +464,17 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
   once; then each round times one call of `steps` greedy tokens per cache, in an order
   that reverses every round. Per cache: the median step over rounds; per cache against
   the first name: the median (and range) of the per-round tokens/s ratios.
+
+  A call timed alone (as a server that reads each call's tokens before the next) counts
+  the host's dispatch of the call besides its device time. queue > 0: each round also
+  queues `queue` calls and blocks once, so every call's dispatch overlaps the one
+  before it (device time, the `queued_*` keys), and records how long the first call took
+  to return to the host (`dispatch_ms`, the median over rounds).
   """
-  prefix = context - steps * (2 + rounds) - 1
-  if prefix < 1:
+  limit = context - steps * (2 + rounds * (1 + queue)) - 1
+  if limit < 127:
     raise ValueError(f"context {context} is too short for {rounds} rounds of {steps} steps")
+  prefix = warm_start(limit)
   states, loops = {}, {}
   for i, name in enumerate(names):
     cache_name, options = loop_variant(name)
@@ -470,6 +488,8 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
       tokens = out[:, -1]
     states[name] = jax.block_until_ready((tokens, caches))
   samples = {name: [] for name in names}
+  queued = {name: [] for name in names}
+  dispatch = {name: [] for name in names}
   for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       tokens, caches = states[name]
@@ -477,20 +497,39 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
       out, caches = loops[name](tokens, caches)
       tokens = jax.block_until_ready(out[:, -1])
       samples[name].append((time.perf_counter() - start) / steps)
+      if queue:
+        start = time.perf_counter()
+        for i in range(queue):
+          out, caches = loops[name](tokens, caches)
+          if i == 0:
+            dispatch[name].append(time.perf_counter() - start)
+          tokens = out[:, -1]
+        tokens = jax.block_until_ready(tokens)
+        queued[name].append((time.perf_counter() - start) / (queue * steps))
       states[name] = (tokens, caches)
   ok = {name: not bool(jnp.any(jnp.stack([c.overflowed for c in states[name][1]])))
         for name in names}
   del states
-  base = samples[names[0]]
   out = {}
   for name in names:
-    ratios = sorted(b / x for b, x in zip(base, samples[name]))
-    step = float(np.median(samples[name]))
-    out[name] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
-                 "step_ms_samples": [x * 1e3 for x in samples[name]],
-                 f"x_{names[0]}_median": float(np.median(ratios)),
-                 f"x_{names[0]}_range": [ratios[0], ratios[-1]], "no_overflow": ok[name]}
+    out[name] = {**_paired_stats(samples, name, names[0], batch), "no_overflow": ok[name]}
+    if queue:
+      out[name].update({f"queued_{k}": v for k, v in
+                        _paired_stats(queued, name, names[0], batch).items()})
+      out[name]["queued_calls"] = queue
+      out[name]["dispatch_ms"] = float(np.median(dispatch[name])) * 1e3
   return out
+
+
+def _paired_stats(samples: dict, name: str, base: str, batch: int) -> dict:
+  """tokens/s, the median step and its samples, and the median and range of the
+  per-round ratios to `base`, from per-round seconds per step."""
+  ratios = sorted(b / x for b, x in zip(samples[base], samples[name]))
+  step = float(np.median(samples[name]))
+  return {"tokens_per_s": batch / step, "step_ms": step * 1e3,
+          "step_ms_samples": [x * 1e3 for x in samples[name]],
+          f"x_{base}_median": float(np.median(ratios)),
+          f"x_{base}_range": [ratios[0], ratios[-1]]}
 
 
 def time_prefill_append(cfg, cache_name, batch, chunk, max_len, key, ceiling) -> dict:
@@ -633,6 +672,9 @@ def main(argv=None):
                       help="only decode steps, the caches timed in alternation at each point "
                            "(paired_steps), written to decode_e2e_paired_<platform>.json")
   parser.add_argument("--rounds", type=int, default=8, help="rounds of --paired")
+  parser.add_argument("--queue", type=int, default=0,
+                      help="--paired: also time this many calls queued per round, blocked "
+                           "on once (device time; the queued_* keys)")
   parser.add_argument("--check-only", action="store_true",
                       help="only the correctness check, written to decode_e2e_check_<platform>"
                            ".json")
@@ -649,6 +691,7 @@ def main(argv=None):
   if args.paired:
     names = (args.caches or ",".join(DEFAULT_CACHES)).split(",")
     rows, results = [], {"caches": names, "rounds": args.rounds, "steps_per_call": STEPS,
+                         "queued_calls": args.queue,
                          "weights": "random, bf16", "graph_options": GRAPH_OPTIONS,
                          "points": {}}
     for m in args.models.split(","):
@@ -658,13 +701,17 @@ def main(argv=None):
           tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
       for b, t in pts:
         point = paired_steps(model, cfg, names, b, t, jax.random.PRNGKey(b * 7 + t),
-                             rounds=args.rounds)
+                             rounds=args.rounds, queue=args.queue)
         results["points"][f"{m} {b}x{t}"] = point
         common.write_result("decode_e2e_paired", results, out_dir)
         for name, r in point.items():
           rows.append({"model": m, "B": b, "T": t, "cache": name, "tok_s": r["tokens_per_s"],
                        "step_ms": r["step_ms"], f"x_{names[0]}": r[f"x_{names[0]}_median"],
                        "range": "%.3f-%.3f" % tuple(r[f"x_{names[0]}_range"])})
+          if args.queue:
+            rows[-1].update({"queued_ms": r["queued_step_ms"],
+                             f"queued_x_{names[0]}": r[f"queued_x_{names[0]}_median"],
+                             "dispatch_ms": r["dispatch_ms"]})
     common.print_table(rows, list(rows[0]))
     return
   if args.check_only:

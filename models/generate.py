@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from turboquant_jax import kv_cache
@@ -202,27 +203,52 @@ def greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
   return _in_runs(run, tokens, caches, num_steps, min(runs, num_steps))
 
 
+CODES = ("when_due", "always", "never")
+
+
 def lazy_greedy_scan(model, tokens: Array, caches: Sequence[Any], num_steps: int, *,
-                     codes_when_due: bool = True) -> tuple[Array, list[Any]]:
+                     codes: str = "when_due") -> tuple[Array, list[Any]]:
   """`greedy_scan` for steps in which no row calibrates (`kv_cache.skip_rare_work(caches,
   num_steps)` holds: the caller's to check): the caches' rare append work is dropped and
   the blocks it would have coded are coded after every `kv_cache.lazy_code_steps(caches)`
-  steps (`code_completed`, under one conditional per run unless codes_when_due=False),
-  while the window still holds them. No conditional per step: on an H200 the one after
-  every step cost a 32-layer Llama-3-8B-shaped step 0.25-1.25 ms (6.3-6.7 ms without it;
-  8 x 4K, K4/V3, 16 steps per call), and this loop decodes at 0.94x the bf16 cache's
-  tokens/s against 0.78-0.90x (`benchmarks/results/decode_e2e_paired_lazy_gpu.json`)."""
+  steps (`code_completed`), while the window still holds them. No conditional per step: on
+  an H200 the one after every step cost a 32-layer Llama-3-8B-shaped step 0.25-1.25 ms
+  (6.3-6.7 ms without it; 8 x 4K, K4/V3, 16 steps per call), and this loop decodes at
+  0.94x the bf16 cache's tokens/s against 0.78-0.90x
+  (`benchmarks/results/decode_e2e_paired_lazy_gpu.json`).
+
+  codes: "when_due", after each run under one conditional, skipped when no block completed
+  in it; "always", after each run unconditionally; "never", not at all: the steps run as
+  one scan, for a caller that knows no block completes in them (`decode_loop`, which
+  tracks the lengths on the host: a conditional the GPU cannot keep in its CUDA graph
+  makes the host wait for its predicate, which at batch 1 made every call synchronous).
+  """
+  if codes not in CODES:
+    raise ValueError(f"codes must be one of {CODES}, got {codes!r}")
   runs = kv_cache.lazy_code_steps(caches)
   if not runs:
     raise ValueError("these caches cannot code lazily (kv_cache.lazy_code_steps is "
                      f"{runs}): decode with greedy_scan")
+  if codes == "never":
+    return _greedy_steps(model, tokens, caches, num_steps, defer_appends=True, flush=False)
 
   def run(tokens, caches, steps):
     since = [getattr(c, "lengths", None) for c in caches]
     out, caches = _greedy_steps(model, tokens, caches, steps, defer_appends=True, flush=False)
-    return out, kv_cache.code_completed(caches, since, when_due=codes_when_due)
+    return out, kv_cache.code_completed(caches, since, when_due=codes == "when_due")
 
   return _in_runs(run, tokens, caches, num_steps, min(runs, num_steps))
+
+
+def blocks_complete(caches: Sequence[Any], lengths: Sequence[np.ndarray | None],
+                    num_steps: int) -> bool:
+  """Whether num_steps single-token appends from `lengths` (host copies of the caches'
+  lengths [B], None for caches that do not code lazily) complete a block in some row of
+  some cache (`TurboQuantKVCache.completed_since`, on the host)."""
+  for c, n in zip(caches, lengths):
+    if n is not None and np.any((n + num_steps) // c.code_block > n // c.code_block):
+      return True
+  return False
 
 
 def _in_runs(run, tokens: Array, caches: Sequence[Any], num_steps: int, runs: int
@@ -263,9 +289,9 @@ def _greedy_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int, *
   return out.T, caches
 
 
-def _lazy_decode_loop(graphdef, state, tokens, caches, *, num_steps, codes_when_due=True):
+def _lazy_decode_loop(graphdef, state, tokens, caches, *, num_steps, codes="when_due"):
   return lazy_greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps,
-                          codes_when_due=codes_when_due)
+                          codes=codes)
 
 
 def _decode_loop(graphdef, state, tokens, caches, *, num_steps, defer_appends=True,
@@ -297,12 +323,15 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
   graphs: compile with `GRAPH_OPTIONS`. defer_appends: one conditional per step for the
   caches' rare append work (`model_step`), not one per layer. lazy_codes (with
   defer_appends): a call in which no row calibrates runs `lazy_greedy_scan`, a loop with no
-  conditional at all; the others `greedy_scan`. The choice is made on the host: once the
-  caches passed in are known to be calibrated in every row (the outputs of a call whose
-  inputs were), without reading the device; otherwise by reading their lengths and
-  calibration flags (a few bytes, which waits for the caches to be ready).
-  codes_when_due: the lazy loop codes completed blocks under a conditional per 128 steps
-  (or per call when shorter), skipped when none completed (`lazy_greedy_scan`).
+  conditional at all; the others `greedy_scan`. The choice is made on the host, and so is
+  whether the call completes a block to code (two compilations of the lazy loop, with and
+  without the codes): once the caches passed in are the outputs of a call whose inputs were
+  known (calibrated in every row, their lengths), from what the host knows, without
+  reading the device; otherwise by reading their lengths and calibration flags (a few
+  bytes, which waits for the caches to be ready). A call longer than lazy_code_steps (128
+  for the default tiles) codes under one conditional per run instead.
+  codes_when_due=False: the lazy loop codes after every run whether a block completed or
+  not (a probe of what the codes cost).
 
   Returns:
     run(tokens [B] int32, caches) -> (generated [B, num_steps] int32, updated caches).
@@ -314,30 +343,53 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
   loop = jax.jit(functools.partial(_decode_loop, graphdef, num_steps=num_steps,
                                    defer_appends=defer_appends, lazy_codes=lazy_codes),
                  **options)
-  lazy_loop = jax.jit(functools.partial(_lazy_decode_loop, graphdef, num_steps=num_steps,
-                                        codes_when_due=codes_when_due), **options)
-  calibrated = []       # the flags of the last outputs known calibrated in every row
+  lazy_loops = {codes: jax.jit(functools.partial(_lazy_decode_loop, graphdef,
+                                                 num_steps=num_steps, codes=codes), **options)
+                for codes in CODES}
+  # What the host knows of the last outputs, valid while the next inputs are those arrays:
+  # (their calibrated flags and lengths, the lengths' values) of the lazily coding caches.
+  known: dict[str, list] = {}
+
+  def lazy_caches(caches):
+    return [c if hasattr(c, "skips_rare_work") else None for c in caches]
 
   def run(tokens: Array, caches: Sequence[Any]) -> tuple[Array, list[Any]]:
     tokens = _check_tokens(tokens, caches)
     caches = list(caches)
-    if not (defer_appends and lazy_codes and kv_cache.lazy_code_steps(caches)):
+    runs = kv_cache.lazy_code_steps(caches) if defer_appends and lazy_codes else None
+    if not runs:
       return loop(state, tokens, caches)
-    flags = [c.calibrated for c in caches if hasattr(c, "skips_rare_work")]
-    known = len(flags) == len(calibrated) and all(a is b for a, b in zip(flags, calibrated))
-    if not known:
-      known, lazy = jax.device_get((jnp.all(jnp.stack([jnp.all(f) for f in flags])),
-                                    kv_cache.skip_rare_work(caches, num_steps)))
-      if not lazy:
-        calibrated.clear()
+    lazy = lazy_caches(caches)
+    arrays = [(c.calibrated, c.lengths) for c in lazy if c is not None]
+    if not (known and len(arrays) == len(known["arrays"]) and all(
+        a is x and b is y for (a, b), (x, y) in zip(arrays, known["arrays"]))):
+      known.clear()
+      calibrated, ok, lengths = jax.device_get((
+          jnp.all(jnp.stack([jnp.all(a) for a, _ in arrays])),
+          kv_cache.skip_rare_work(caches, num_steps),
+          [None if c is None else c.lengths for c in lazy]))
+      if not ok:
         return loop(state, tokens, caches)
-    out, caches = lazy_loop(state, tokens, caches)
-    calibrated[:] = ([c.calibrated for c in caches if hasattr(c, "skips_rare_work")]
-                     if known else [])
+      if calibrated:
+        known["lengths"] = lengths
+    lengths = known.get("lengths")
+    if not codes_when_due:
+      codes = "always"
+    elif lengths is None:
+      codes = "when_due"    # rows not yet calibrated: the lengths are read every call
+    elif not blocks_complete(caches, lengths, num_steps):
+      codes = "never"
+    else:
+      codes = "when_due" if num_steps > runs else "always"
+    out, caches = lazy_loops[codes](state, tokens, caches)
+    if lengths is not None:
+      known["arrays"] = [(c.calibrated, c.lengths) for c in lazy_caches(caches)
+                         if c is not None]
+      known["lengths"] = [None if n is None else n + num_steps for n in lengths]
     return out, caches
 
   run.jitted = loop   # the compiled loops, for inspection (e.g. their cache sizes)
-  run.lazy_jitted = lazy_loop
+  run.lazy_jitted = lazy_loops
   return run
 
 

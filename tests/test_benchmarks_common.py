@@ -183,8 +183,9 @@ def test_loop_variants_and_same_tokens_group_a_caches_runs():
 
 
 def test_paired_steps_times_every_cache_in_each_round():
-  """The alternating A/B of decode steps: every cache decodes every round, the ratios are
-  against the first cache (1 for itself), and the caches are not overflowed."""
+  """The alternating A/B of decode steps: every cache decodes every round (a call alone,
+  then `queue` calls queued), the ratios are against the first cache (1 for itself), and
+  the caches are not overflowed."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -195,13 +196,19 @@ def test_paired_steps_times_every_cache_in_each_round():
                       head_dim=64, ffn_dim=128)
   model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   out = decode_e2e.paired_steps(model, cfg, ["bf16", "tq3"], 2, 256, jax.random.PRNGKey(0),
-                                rounds=3, steps=4)
+                                rounds=3, steps=4, queue=2)
   assert list(out) == ["bf16", "tq3"]
   for r in out.values():
     assert len(r["step_ms_samples"]) == 3 and r["no_overflow"] and r["tokens_per_s"] > 0
-  assert out["bf16"]["x_bf16_median"] == 1.0
-  lo, hi = out["tq3"]["x_bf16_range"]
-  assert lo <= out["tq3"]["x_bf16_median"] <= hi
+    assert len(r["queued_step_ms_samples"]) == 3 and r["queued_calls"] == 2
+    assert 0 < r["dispatch_ms"] < 2 * 4 * r["queued_step_ms"]
+  assert [decode_e2e.warm_start(n) for n in (127, 254, 255, 300)] == [127, 127, 255, 255]
+  with pytest.raises(ValueError, match="one short"):
+    decode_e2e.warm_start(100)
+  for prefix in ("", "queued_"):
+    assert out["bf16"][f"{prefix}x_bf16_median"] == 1.0
+    lo, hi = out["tq3"][f"{prefix}x_bf16_range"]
+    assert lo <= out["tq3"][f"{prefix}x_bf16_median"] <= hi
 
 
 def test_print_table_aligns_columns_and_takes_no_rows(capsys):

@@ -237,9 +237,10 @@ def test_lazy_runs_drop_the_per_step_conditional_and_decode_as_step_by_step(mode
 def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unknown(
     model, monkeypatch):
   """decode_loop runs calls in which no row calibrates with no conditional at all
-  (lazy_greedy_scan), the others with greedy_scan; it reads the caches' flags only until
-  their outputs are known calibrated. Five calls of 100 steps (the third calibrates row
-  0) decode the tokens and caches of the step-by-step flush."""
+  (lazy_greedy_scan), the others with greedy_scan; it reads the caches' flags and lengths
+  only until their outputs are known calibrated, and then codes blocks only in calls that
+  complete one. Five calls of 90 steps (the third calibrates row 0; the fourth completes
+  no block, the fifth one) decode the tokens and caches of the step-by-step flush."""
   from models import decode_loop
   reads = []
   device_get = jax.device_get
@@ -247,7 +248,7 @@ def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unkno
   tokens = jnp.array([3, 5], jnp.int32)
   got = {}
   for lazy in (True, False):
-    step, caches, t, outs = decode_loop(model, 100, lazy_codes=lazy), _prefilled_ragged(model), tokens, []
+    step, caches, t, outs = decode_loop(model, 90, lazy_codes=lazy), _prefilled_ragged(model), tokens, []
     counts = []
     for _ in range(5):
       out, caches = step(t, caches)
@@ -261,4 +262,6 @@ def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unkno
   for x, y in zip(jax.tree.leaves(lazy), jax.tree.leaves(stepwise)):
     np.testing.assert_array_equal(x, y)
   assert counts == [1, 2, 3, 4, 4]   # the fourth call's inputs were read calibrated
-  assert step.jitted._cache_size() == 1 and step.lazy_jitted._cache_size() == 1
+  assert step.jitted._cache_size() == 1     # the third call
+  assert {k: f._cache_size() for k, f in step.lazy_jitted.items()} == {
+      "when_due": 1, "never": 1, "always": 1}   # calls 1-2 (uncalibrated), 4, 5
