@@ -189,9 +189,13 @@ def test_model_step_holds_one_conditional_for_every_layers_appends(model):
       lambda c, d=d: model_step(model, tokens, c, defer_appends=d))(caches).jaxpr)
       for d in (True, False)}
   assert conds == {True: 1, False: TINY["llama"].num_layers}
-  run = jax.jit(lambda c, d: greedy_scan(model, tokens[:, 0], c, 130, defer_appends=d),
+  # From 120 prompt tokens, 10 steps complete the first 128-token block.
+  prompts = jax.random.randint(jax.random.PRNGKey(4), (2, 120), 0, TINY["llama"].vocab_size)
+  _, caches = model(prompts, caches=caches, prefill=True)
+  run = jax.jit(lambda c, d: greedy_scan(model, tokens[:, 0], c, 10, defer_appends=d),
                 static_argnums=1)
   (got, deferred), (want, eager) = run(caches, True), run(caches, False)
+  assert list(deferred[0].lengths) == [130, 130]
   np.testing.assert_array_equal(got, want)
   for a, b in zip(jax.tree.leaves(deferred), jax.tree.leaves(eager)):
     np.testing.assert_array_equal(a, b)
@@ -211,14 +215,14 @@ def test_lazy_runs_drop_the_per_step_conditional_and_decode_as_step_by_step(mode
   dropped (no conditional per step) and codes the completed blocks once after the run;
   runs where a row calibrates flush step by step. Tokens and every cache buffer equal the
   step-by-step loop's: row 0 calibrates in the second run, row 1 before the first, both
-  complete blocks, 300 steps = two runs of 128 and one of 44."""
+  complete blocks, 260 steps = two runs of 128 and one of 4."""
   from models.generate import _greedy_steps, greedy_scan
   from turboquant_jax import kv_cache
   caches = _prefilled_ragged(model)
   assert kv_cache.lazy_code_steps(caches) == 128
   assert bool(kv_cache.skip_rare_work(caches, 128))       # row 0 is far from calibrating
   tokens = jnp.array([3, 5], jnp.int32)
-  run = jax.jit(lambda c, lazy: greedy_scan(model, tokens, c, 300, lazy_codes=lazy),
+  run = jax.jit(lambda c, lazy: greedy_scan(model, tokens, c, 260, lazy_codes=lazy),
                 static_argnums=1)
   (got, lazy), (want, stepwise) = run(caches, True), run(caches, False)
   np.testing.assert_array_equal(got, want)
