@@ -196,6 +196,9 @@ def test_model_step_holds_one_conditional_for_every_layers_appends(model):
                 static_argnums=1)
   (got, deferred), (want, eager) = run(caches, True), run(caches, False)
   assert list(deferred[0].lengths) == [130, 130]
+  # The steps coded the block (the prefill held none): equal caches mean equal codes.
+  assert not any(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(deferred[0].key_codes), jax.tree.leaves(caches[0].key_codes)))
   np.testing.assert_array_equal(got, want)
   for a, b in zip(jax.tree.leaves(deferred), jax.tree.leaves(eager)):
     np.testing.assert_array_equal(a, b)
