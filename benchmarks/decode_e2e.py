@@ -25,9 +25,8 @@ in `@nographs` decodes with XLA's default compiler options instead of
 one per step (`models.generate.model_step`'s defer_appends=False); `@stepflush`, with
 one conditional after every step (`decode_loop`'s lazy_codes=False, how decode ran before
 lazy block codes); the probes of `FLUSH_PROBES` and `TRITON_GEMM` (`make_loop`) bound or
-vary what that conditional costs; `@rotxla` / `@rotcolumns` rotate the decode prologue's
-query another way (`kernel_attention.PROLOGUE_ROTATIONS`). `--queue N` also times N calls
-queued per round (device time: each call's dispatch overlaps the one before).
+vary what that conditional costs. `--queue N` also times N calls queued per round (device
+time: each call's dispatch overlaps the one before).
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
@@ -85,9 +84,6 @@ FLUSH_PROBES = {"@noflush": "none", "@flush8": "every8", "@whileflush": "while",
 # ... and the loop compiled with XLA's Triton gemms for every dot (no cuBLAS calls, which
 # a CUDA graph records by tracing them).
 TRITON_GEMM = "@tritongemm"
-# ... and the decode prologue's query rotated by `kernel_attention.PROLOGUE_ROTATIONS`'
-# other ways ("@rotxla", "@rotcolumns"; the default is "dot").
-ROTATIONS = {f"@rot{r}": r for r in ("xla", "columns")}
 
 
 def loop_variant(name: str) -> tuple[str, dict]:
@@ -104,10 +100,6 @@ def loop_variant(name: str) -> tuple[str, dict]:
     if suffix in name:
       name = name.replace(suffix, "")
       options["flush"] = how
-  for suffix, rotation in ROTATIONS.items():
-    if suffix in name:
-      name = name.replace(suffix, "")
-      options["rotation"] = rotation
   if name not in CACHES:
     raise ValueError(f"unknown cache {name!r}; known: {sorted(CACHES)}")
   return name, options
@@ -132,22 +124,9 @@ def _while_flush(caches):
 
 
 def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True,
-              flush: str = "cond", triton_gemm: bool = False, rotation: str | None = None):
+              flush: str = "cond", triton_gemm: bool = False):
   """`models.decode_loop` with a `loop_variant`'s options; other `flush` values build the
-  FLUSH_PROBES loops. rotation: the prologue's (`kernel_attention.PROLOGUE_ROTATIONS`),
-  made the default while the loop runs (so while it traces)."""
-  if rotation is not None:
-    from turboquant_jax import kernel_attention
-    run = make_loop(model, steps, graphs, defer_appends, flush, triton_gemm)
-
-    def rotated(tokens, caches):
-      default = kernel_attention.DEFAULT_PROLOGUE_ROTATION
-      kernel_attention.DEFAULT_PROLOGUE_ROTATION = rotation
-      try:
-        return run(tokens, caches)
-      finally:
-        kernel_attention.DEFAULT_PROLOGUE_ROTATION = default
-    return rotated
+  FLUSH_PROBES loops."""
   if flush in ("cond", "step", "lazy-always") and not triton_gemm:
     return decode_loop(model, steps, graphs=graphs, defer_appends=defer_appends,
                        lazy_codes=flush != "step", codes_when_due=flush != "lazy-always")

@@ -301,43 +301,6 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
                   sliding_window=sliding_window)
 
 
-def _rotate_kernel(q_ref, rot_ref, out_ref):
-  # [cols, D] x [8, D] -> [cols, 8]: the orientation Triton's dot takes with 8 columns.
-  x = jax.lax.dot_general(rot_ref[...], q_ref[...], _NT, precision=_HIGHEST,
-                          preferred_element_type=jnp.float32)
-  out_ref[...] = x.T
-
-
-def rotate_queries(q: Array, unrotation: Array, *, cols: int = 32, interpret: bool = False,
-                   num_warps: int = 4) -> Array:
-  """q @ unrotation^T per row, float32 [R, 8, D] (the prologue's `rotated`), by programs
-  of `cols` output channels each: R x D / cols of them instead of `decode_prologue`'s R,
-  each with 1 / (D / cols) of the [D, D] product on its FMAs (the prologue's dot, 8.5-9.8
-  us on the H200 whether it runs 8 programs or 64, is bound by each program's share).
-
-  q: float [R, 8, D] (rows zero padded); unrotation: float32 [D, D]."""
-  r, rows, d = q.shape
-  if rows != HEADS:
-    raise ValueError(f"q must hold {HEADS} rows per kv head (zero padded), got {q.shape}")
-  if unrotation.shape != (d, d):
-    raise ValueError(f"unrotation must be [{d}, {d}], got {list(unrotation.shape)}")
-  if not is_pow2(cols) or cols < 16 or d % cols:
-    raise ValueError(f"cols must be a power of two >= 16 dividing {d}, got {cols}")
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  return pl.pallas_call(
-      _rotate_kernel, grid=(r, d // cols),
-      in_specs=[pl.BlockSpec((None, rows, d), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((cols, d), lambda i, j: (j, 0))],
-      out_specs=pl.BlockSpec((None, rows, cols), lambda i, j: (i, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((r, rows, d), jnp.float32),
-      compiler_params=compiler_params, interpret=interpret,
-      name="turboquant_rotate_queries")(q.astype(jnp.float32),
-                                        unrotation.astype(jnp.float32))
-
-
 PARTS = ("rows", "repeat", "packed")
 
 

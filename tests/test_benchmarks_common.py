@@ -173,8 +173,6 @@ def test_loop_variants_and_same_tokens_group_a_caches_runs():
   assert decode_e2e.loop_variant("tq3@layerconds@nographs") == (
       "tq3", {"graphs": False, "defer_appends": False, "flush": "cond"})
   assert decode_e2e.loop_variant("tq3@noflush")[1]["flush"] == "none"
-  assert decode_e2e.loop_variant("tq3@rotcolumns") == (
-      "tq3", {"graphs": True, "defer_appends": True, "flush": "cond", "rotation": "columns"})
   with pytest.raises(ValueError, match="unknown cache"):
     decode_e2e.loop_variant("tq3@graphs")
   runs = {"tq3 graphs on": {"tokens": [[1, 2]]}, "tq3@layerconds graphs on": {"tokens": [[1, 2]]},

@@ -202,18 +202,3 @@ def test_lowers_for_cuda():
       s((b,), jnp.int32), s((b,), jnp.int32), s((b, w), jnp.int32)).lower(
           lowering_platforms=("cuda",)).as_text()
   assert "turboquant_decode_prologue" in text
-
-
-def test_rotate_queries_matches_the_product_and_refuses_bad_shapes(rng):
-  """`rotate_queries` (programs of 32 output channels) is q @ unrotation^T per row."""
-  q, unrot, _ = inputs(rng, 6, 2, 0, ONE)
-  got = dp.rotate_queries(q, unrot, interpret=True)
-  want = np.einsum("rmd,ed->rme", np.asarray(q, np.float64), np.asarray(unrot, np.float64))
-  assert got.shape == q.shape and got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="8 rows"):
-    dp.rotate_queries(q[:, :4], unrot, interpret=True)
-  with pytest.raises(ValueError, match="unrotation"):
-    dp.rotate_queries(q, unrot[:64], interpret=True)
-  with pytest.raises(ValueError, match="cols"):
-    dp.rotate_queries(q, unrot, cols=48, interpret=True)

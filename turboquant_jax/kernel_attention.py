@@ -319,13 +319,11 @@ PACK_Q_MIN_STEPS = 16
 # (Broadcast products summed in the prologue instead of the dot took 16-26 us; bfloat16
 # tensor-core products of a 16-row query in it, 11.3-12.7 us against the dot's 8.8-9.6,
 # `step_profile_prologue_mma_*_gpu.json`.)
-# "columns": a Pallas kernel before it, each program rotating 32 channels of a row
-# (`decode_prologue.rotate_queries`), then the prologue with the rotated query: the same
-# outputs (on the H200 its parts and scales equal the dot's) and the same step, paired
-# (`decode_e2e_paired_rotcolumns_4k_gpu.json`, a call at a time / queued: 1 x 4K 0.935x /
-# 0.924x bf16 against the dot's 0.941x / 0.926x; 8 x 4K 0.961x / 0.945x against 0.950x /
-# 0.946x): the dot's program count is not what bounds the prologue's share of the step.
-PROLOGUE_ROTATIONS = ("dot", "xla", "columns")
+# Nor did a Pallas kernel before it, each program rotating 32 channels of a row (R x D/32
+# programs against the dot's R): the same step, paired (1 x 4K 0.935x bf16 against the
+# dot's 0.941x, 8 x 4K 0.961x against 0.950x, `decode_e2e_paired_rotcolumns_4k_gpu.json`;
+# the kernel, `decode_prologue.rotate_queries`, was removed again: see commit c2a0bba).
+PROLOGUE_ROTATIONS = ("dot", "xla")
 DEFAULT_PROLOGUE_ROTATION = "dot"
 # `attend(fused_merge=None)` ends in `merge_exact` at head dims up to this. H200, SmolLM2
 # heads (9 q / 3 kv of 64), K4/V3 int8, one layer's attention in device time
@@ -347,7 +345,7 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
   """`decode_prologue` of qf [B, H, n, D] (rows padded: n = 8, or 4 for parts "repeat"
   and "packed") for a decode query at pos [B]: the query's parts, offsets and q·μ;
   everything: the ranges too (the value bound is the cache's own, `_value_bound`).
-  rotation: `PROLOGUE_ROTATIONS` ("dot" and "columns": parts "rows" only)."""
+  rotation: `PROLOGUE_ROTATIONS` ("dot": parts "rows" only)."""
   b, h, rows, d = qf.shape
   q = permute_channels(qf, cache.key_perm).reshape(b * h, rows, d)
   mean = None
@@ -361,9 +359,6 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
   if rotation == "xla":
     rotated = jnp.einsum("rmd,ed->rme", q.astype(jnp.float32),
                          unrotation.astype(jnp.float32), precision=_HIGHEST)
-    unrotation = None
-  elif rotation == "columns":
-    rotated = decode_prologue.rotate_queries(q, unrotation, interpret=interpret)
     unrotation = None
   return decode_prologue.decode_prologue(
       q, unrotation, heads=h, key_groups=_key_groups(cache), key_mean=mean, ranges=ranges,
