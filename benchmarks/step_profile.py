@@ -84,7 +84,8 @@ def profile_phases(cache_name: str, layers: int, batch: int, context: int,
 
 
 def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
-             graphs: bool = True, calls: int = 1, sequence: int = 90) -> dict:
+             graphs: bool = True, calls: int = 1, sequence: int = 90,
+             model_name: str = "llama3_8b") -> dict:
   """`calls` traced calls of `steps` decode steps: their kernels' span, busy and idle time,
   and the tokens they generated (greedy, from caches filled the same way on every call).
   cache_name may carry `decode_e2e.loop_variant` suffixes; `@nographs` overrides graphs."""
@@ -96,7 +97,7 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
 
   base, options = decode_e2e.loop_variant(cache_name)
   _, model, caches = model_with_caches(base, layers, batch, context, decode_e2e.warm_start(
-      context - (2 + calls) * steps - 16))
+      context - (2 + calls) * steps - 16), model_name)
   tokens = jnp.zeros((batch,), jnp.int32)
   decode = decode_e2e.make_loop(model, steps, **{**options,
                                                  "graphs": graphs and options["graphs"]})
@@ -213,8 +214,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--caches", default="bf16,tq3-tiles-rope")
-  parser.add_argument("--model", default="llama3_8b", help="a decode_e2e.MODELS name (not "
-                      "with --timeline)")
+  parser.add_argument("--model", default="llama3_8b", help="a decode_e2e.MODELS name")
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--context", type=int, default=32768)
@@ -230,8 +230,6 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from benchmarks import common
   if args.timeline:
-    if args.model != "llama3_8b":
-      raise ValueError("--timeline runs Llama-3-8B shapes only")
     return main_timeline(args)
   results = {"settings": {"model": f"{args.model} shapes", "layers": args.layers,
                           "batch": args.batch, "context": args.context},
@@ -265,7 +263,7 @@ def main_timeline(args):
   import os
 
   from benchmarks import common
-  results = {"settings": {"model": "llama3_8b shapes", "layers": args.layers,
+  results = {"settings": {"model": f"{args.model} shapes", "layers": args.layers,
                           "batch": args.batch, "context": args.context,
                           "steps": args.timeline, "calls": args.calls,
                           "xla_flags": os.environ.get("XLA_FLAGS", "")},
@@ -276,7 +274,7 @@ def main_timeline(args):
         raise ValueError(f"--graphs takes on and/or off, got {graphs!r}")
       results["timelines"][f"{name} graphs {graphs}"] = timeline(
           name, args.layers, args.batch, args.context, args.timeline, graphs == "on",
-          args.calls, args.sequence)
+          args.calls, args.sequence, args.model)
       common.write_result("step_timeline", results, args.out)
     same = same_tokens(results["timelines"])
     if same:                      # variants of one cache (options, suffixes): same tokens?
