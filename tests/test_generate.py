@@ -247,7 +247,8 @@ def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unkno
   (lazy_greedy_scan), the others with greedy_scan; it reads the caches' flags and lengths
   only until their outputs are known calibrated, and then codes blocks only in calls that
   complete one. Five calls of 90 steps (the third calibrates row 0; the fourth completes
-  no block, the fifth one) decode the tokens and caches of the step-by-step flush."""
+  no block, the fifth one) decode the tokens and caches of the step-by-step flush; the
+  fourth passes what it leaves as it is undonated and gets it back untouched."""
   from models import decode_loop
   reads = []
   device_get = jax.device_get
@@ -257,8 +258,14 @@ def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unkno
   for lazy in (True, False):
     step, caches, t, outs = decode_loop(model, 90, lazy_codes=lazy), _prefilled_ragged(model), tokens, []
     counts = []
-    for _ in range(5):
+    for i in range(5):
+      before = caches
       out, caches = step(t, caches)
+      if lazy and i == 3:    # no block coded: codes and quantizers went in undonated
+        for field in ("key_codes", "value_quantizer", "calibrated"):
+          assert all(x is y for x, y in zip(jax.tree.leaves(getattr(caches[0], field)),
+                                            jax.tree.leaves(getattr(before[0], field))))
+        assert before[0].window_keys.is_deleted()   # the rest donated
       t = out[:, -1]
       outs.append(out)
       counts.append(len(reads))

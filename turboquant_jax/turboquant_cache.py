@@ -60,6 +60,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import tile_quantize
 from turboquant_jax import attention
@@ -530,6 +531,22 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return jnp.all(self.calibrated | (self.lengths + num_steps < self.calibration_length))
+
+  def lazy_constants(self, *, codes: bool, lengths: np.ndarray | None = None
+                     ) -> tuple[str, ...]:
+    """Fields that appends under `skips_rare_work` (no row calibrates) leave as they are:
+    the quantizers and the calibration (means, channel orders, flags); the sinks too when
+    every row already holds them (`lengths` [B], the rows' lengths as the host knows them),
+    and the codes when no block is coded (codes=False). A decode loop passes them to its
+    jitted call undonated and gets back only the other fields: at 30 layers an output
+    buffer less per field and layer, each of which costs the call's dispatch."""
+    fields = ["key_quantizer", "value_quantizer", "key_mean", "value_mean", "key_perm",
+              "value_perm", "calibrated"]
+    if lengths is not None and np.min(lengths) >= self.config.num_sinks:
+      fields += ["sink_keys", "sink_values"]
+    if not codes:
+      fields += ["key_codes", "value_codes"]
+    return tuple(fields)
 
   def completed_since(self, since: Array) -> Array:
     """[] bool: whether appends since lengths `since` [B] completed a block in some row."""
