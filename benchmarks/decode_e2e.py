@@ -202,6 +202,11 @@ CACHES = {
     # shapes or cost, so the timed model is the unfolded one.
     "tq3.5-k4v3-int8-prerotated": tiles(4, 3, "int8", "plain", values_prerotated=True,
                                         **INT8),
+    # The same with a 512-token window: where tiles hold 256 tokens (head_dim 64, SmolLM2)
+    # the default window (256) holds one tile, so decode codes every completed block in
+    # the step that completes it (a conditional every step); 512 lets it code lazily.
+    "tq3.5-k4v3-int8-prerotated-w512": tiles(4, 3, "int8", "plain", values_prerotated=True,
+                                             window=512, **INT8),
     # The same with the 128-token window of the results before the default became 256.
     "tq3.5-k4v3-int8-w128": tiles(4, 3, "int8", "plain", window=128, **INT8),
     "tq3.5-k4v3-int8-rope": tiles(4, 3, "int8", "rope", **INT8),
@@ -350,7 +355,7 @@ def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
 
 # -- one point ------------------------------------------------------------------------------
 
-def warm_start(limit: int, block: int = 128) -> int:
+def warm_start(limit: int, block: int = 256) -> int:
   """The longest prefix up to `limit` tokens that is one token short of a `block`-token
   block: a decode loop's first call from there completes a block (for steps < block) and
   its second does not, so two untimed calls compile both of `decode_loop`'s lazy loops

@@ -62,15 +62,16 @@ def test_tile_lengths_and_errors():
 @pytest.mark.parametrize("kw", [dict(key_bits=3, value_bits=4, levels="cubic"),
                                 dict(key_bits=2, value_bits=3, center_keys=False, window=16,
                                      num_sinks=0),
-                                # Fractional: two channel groups of 64, 256-token tiles.
-                                dict(key_bits=3.5, value_bits=2.5)])
+                                # Fractional: two channel groups of 64, 256-token tiles
+                                # (a window of one, so the prefill calibrates).
+                                dict(key_bits=3.5, value_bits=2.5, window=256)])
 def test_tiles_cache_equals_planes_cache(rng, kw):
   """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
   codes, so the same reconstruction and attention; memory counted the same (but for the
 tiles' norm bound)."""
   b, length, h, d = 2, 512, 2, 128
   tiles = TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout="tiles", **kw))
-  # The same window (by default the tiles' length where that is longer than 128 tokens).
+  # The same window (by default two tiles where those are longer than 128 tokens).
   kw = dict(kw, window=tiles.config.window)
   caches = [TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(**kw)), tiles]
   k = jnp.asarray(rng.standard_normal((b, 300, h, d)) + 0.5, jnp.float32)

@@ -136,9 +136,10 @@ STEPS = [(300, [0, 0], [300, 180]), (300, [300, 180], [212, 120]),
 
 def test_cache_with_append_kernel_equals_jnp(monkeypatch):
   """3.5 bits (two channel groups, each its own rotation and tiles), keys centred before
-  RoPE (the Mosaic kernel's default cache)."""
+  RoPE (the Mosaic kernel's default cache, but a window of one 256-token tile: the prefill
+  calibrates)."""
   config = TurboQuantConfig(key_bits=3.5, value_bits=3.5, layout="tiles",
-                            levels="cubic", center_keys="rope")
+                            levels="cubic", center_keys="rope", window=256)
   with_kernel = lambda on: dataclasses.replace(config, append_kernel=on)  # noqa: E731
   fused = _fill(with_kernel(True), STEPS)
   plain = _fill(with_kernel(False), STEPS)

@@ -528,13 +528,15 @@ def test_appends_code_whole_blocks_from_the_window(layout, rng):
 
 @pytest.mark.parametrize("bits, layout, window, expected", [
     (3.5, "planes", None, 256), (3, "tiles", None, 256),   # `WINDOW`
-    (3.5, "tiles", None, 256),      # 256-token tiles: a window of one tile, so codes defer
+    (3.5, "tiles", None, 512),      # 256-token tiles: two, so decode codes them lazily
     (3.5, "tiles", 128, 128), (3, "tiles", 300, 300)])
 def test_default_window_holds_a_block(bits, layout, window, expected):
   cfg = TurboQuantConfig(key_bits=bits, value_bits=bits, layout=layout, window=window)
   cache = TurboQuantKVCache.create(1, 1024, HKV, 128, config=cfg)   # 3-bit tiles: 128 tokens
   assert cache.config.window == expected == cache.window_keys.shape[2]
   assert cache.defers_codes == (expected >= cache.code_block)
+  assert cache.lazy_code_steps == min(max(expected - cache.code_block, 0), cache.code_block) * (
+      expected >= cache.code_block)
   short = TurboQuantKVCache.create(1, 256, HKV, 128, config=cfg)   # never past the cache
   assert short.config.window == min(expected, 256)
 
@@ -551,7 +553,8 @@ def test_windows_shorter_than_a_block_code_every_append(rng):
 
 @pytest.mark.parametrize("config", [
     TurboQuantConfig(key_bits=3.5, value_bits=3),    # planes, RoPE-free centring, groups
-    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels="cubic")])
+    # 256-token tiles at d = 64; a window of one tile, so 256 tokens calibrate.
+    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels="cubic", window=256)])
 def test_deferred_appends_flushed_equal_appends(config, rng):
   """Appends that defer their rare work (`deferring`) and are flushed after each step
   (`kv_cache.flush_caches`) build the same cache, leaf for leaf, and attend the same,
