@@ -355,14 +355,21 @@ def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
 
 # -- one point ------------------------------------------------------------------------------
 
-def warm_start(limit: int, block: int = 256) -> int:
+def warm_start(limit: int, block: int = 128) -> int:
   """The longest prefix up to `limit` tokens that is one token short of a `block`-token
-  block: a decode loop's first call from there completes a block (for steps < block) and
-  its second does not, so two untimed calls compile both of `decode_loop`'s lazy loops
-  (with and without block codes) before any call is timed."""
+  block (the caches' `code_block`, `largest_block`): a decode loop's first call from
+  there completes a block (for steps < block) and its second does not, so two untimed
+  calls compile both of `decode_loop`'s lazy loops (with and without block codes) before
+  any call is timed."""
   if limit < block - 1:
     raise ValueError(f"{limit} tokens hold no prefix one short of a {block}-token block")
   return limit - (limit - (block - 1)) % block
+
+
+def largest_block(caches) -> int:
+  """The longest `code_block` of the caches (128 where none codes in blocks): a prefix
+  one short of such a block is one short of every shorter one (they divide it)."""
+  return max([getattr(c, "code_block", 128) for c in caches] + [128])
 
 
 def fill_caches(cfg, caches, key, length: int):
@@ -422,7 +429,8 @@ def run_point(model, cfg, make_cache, batch, context, key) -> dict:
   make_cache: a `make_cache` (`CACHES[name]`, or `sharded(...)` of one on a mesh)."""
   caches = model.init_caches(batch, context, layer_caches(cfg, make_cache), jnp.bfloat16)
   # The decode loop starts after the appends timed below (2 * APPENDS - 2 tokens).
-  prefix = warm_start(context - STEPS * (2 + REPEATS)) - (2 * APPENDS - 2)
+  prefix = (warm_start(context - STEPS * (2 + REPEATS), largest_block(caches))
+            - (2 * APPENDS - 2))
   t0 = time.perf_counter()
   caches = fill_caches(cfg, caches, key, prefix)
   jax.block_until_ready(caches)
@@ -489,13 +497,13 @@ def paired_steps(model, cfg, names, batch: int, context: int, key, rounds: int =
   limit = context - steps * (2 + rounds * (1 + queue)) - 1
   if limit < 127:
     raise ValueError(f"context {context} is too short for {rounds} rounds of {steps} steps")
-  prefix = warm_start(limit)
+  empty = {name: model.init_caches(batch, context, layer_caches(cfg, CACHES[loop_variant(
+      name)[0]]), jnp.bfloat16) for name in names}
+  prefix = warm_start(limit, max(largest_block(c) for c in empty.values()))
   states, loops = {}, {}
   for i, name in enumerate(names):
-    cache_name, options = loop_variant(name)
-    make = CACHES[cache_name]
-    caches = model.init_caches(batch, context, layer_caches(cfg, make), jnp.bfloat16)
-    caches = fill_caches(cfg, caches, jax.random.fold_in(key, i), prefix)
+    options = loop_variant(name)[1]
+    caches = fill_caches(cfg, empty.pop(name), jax.random.fold_in(key, i), prefix)
     tokens = jnp.zeros((batch,), jnp.int32)
     loops[name] = make_loop(model, steps, **options)
     for _ in range(2):                 # compile, and settle buffer placements

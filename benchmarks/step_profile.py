@@ -97,7 +97,7 @@ def timeline(cache_name: str, layers: int, batch: int, context: int, steps: int,
 
   base, options = decode_e2e.loop_variant(cache_name)
   _, model, caches = model_with_caches(base, layers, batch, context, decode_e2e.warm_start(
-      context - (2 + calls) * steps - 16), model_name)
+      context - (2 + calls) * steps - 16, 256), model_name)   # 256: any cache's block
   tokens = jnp.zeros((batch,), jnp.int32)
   decode = decode_e2e.make_loop(model, steps, **{**options,
                                                  "graphs": graphs and options["graphs"]})

@@ -203,6 +203,7 @@ def test_paired_steps_times_every_cache_in_each_round():
     assert len(r["queued_step_ms_samples"]) == 3 and r["queued_calls"] == 2
     assert 0 < r["dispatch_ms"] < 2 * 4 * r["queued_step_ms"]
   assert [decode_e2e.warm_start(n) for n in (127, 254, 255, 300)] == [127, 127, 255, 255]
+  assert decode_e2e.warm_start(600, 256) == 511    # one short of a 128-token block too
   with pytest.raises(ValueError, match="one short"):
     decode_e2e.warm_start(100)
   for prefix in ("", "queued_"):
