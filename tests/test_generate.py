@@ -107,12 +107,18 @@ def _bound_loop(model, entry: str, num_steps: int):
   return step, step.jitted._cache_size
 
 
-@pytest.mark.parametrize("entry", ["decode_steps", "decode_loop"])
-@pytest.mark.parametrize("make", [DenseKVCache.create, functools.partial(
-    TurboQuantKVCache.create, config=TurboQuantConfig(window=4, num_sinks=1)),
-    functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
-        key_bits=3, value_bits=3, window=4, num_sinks=1, values_prerotated=True))],
-    ids=["dense", "turboquant", "prerotated"])
+_TQ = functools.partial(TurboQuantKVCache.create,
+                        config=TurboQuantConfig(window=4, num_sinks=1))
+_PREROTATED = functools.partial(TurboQuantKVCache.create, config=TurboQuantConfig(
+    key_bits=3, value_bits=3, window=4, num_sinks=1, values_prerotated=True))
+
+
+# Both entries share `_decode_loop`: decode_steps once, decode_loop with every cache.
+@pytest.mark.parametrize("make, entry", [
+    (DenseKVCache.create, "decode_steps"), (DenseKVCache.create, "decode_loop"),
+    (_TQ, "decode_loop"), (_PREROTATED, "decode_loop")],
+    ids=["dense-decode_steps", "dense-decode_loop", "turboquant-decode_loop",
+         "prerotated-decode_loop"])
 def test_decode_loops_continue_generate_compile_once_and_donate(model, make, entry):
   prompts = jnp.asarray([[5, 9, 14, 3, 7, 1, 2, 3], [4, 4, 8, 1, 0, 6, 2, 9]])
   out, _ = generate(model, prompts, None, 1, make)
@@ -192,8 +198,10 @@ def test_model_step_holds_one_conditional_for_every_layers_appends(model):
   # From 120 prompt tokens, 10 steps complete the first 128-token block.
   prompts = jax.random.randint(jax.random.PRNGKey(4), (2, 120), 0, TINY["llama"].vocab_size)
   _, caches = model(prompts, caches=caches, prefill=True)
-  run = jax.jit(lambda c, d: greedy_scan(model, tokens[:, 0], c, 10, defer_appends=d),
-                static_argnums=1)
+  # lazy_codes=False: the flush after every step (lazy runs would drop it: no row
+  # calibrates here; test_lazy_runs_* covers them).
+  run = jax.jit(lambda c, d: greedy_scan(model, tokens[:, 0], c, 10, defer_appends=d,
+                                         lazy_codes=False), static_argnums=1)
   (got, deferred), (want, eager) = run(caches, True), run(caches, False)
   assert list(deferred[0].lengths) == [130, 130]
   # The steps coded the block (the prefill held none): equal caches mean equal codes.
