@@ -50,9 +50,9 @@ def unit_vectors(key, n, d):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-# The longest files first: `--dist loadfile` hands files to the two CI workers in
-# collection order, and alphabetically the longest ones came last, so their final
-# minutes ran on one worker while the other idled.
+# The longest files first: the two CI workers start from the two halves of the collection
+# order (`--dist worksteal`), and alphabetically the longest files came last, so their
+# slowest tests were the last to start.
 _LONG_FILES_FIRST = ("test_real_models.py", "test_turboquant_cache.py", "test_sharding.py",
                      "test_models_sharding.py", "test_tile_codes.py",
                      "test_kernel_attention_mosaic.py", "test_decode_attention.py")
