@@ -26,8 +26,8 @@ one per step (`models.generate.model_step`'s defer_appends=False); `@stepflush`,
 one conditional after every step (`decode_loop`'s lazy_codes=False, how decode ran before
 lazy block codes); the probes of `FLUSH_PROBES` and `TRITON_GEMM` (`make_loop`) bound or
 vary what that conditional costs; `@donateall`, with the lazy loop donating and returning
-every cache array (`decode_loop`'s undonated_constants=False). `--queue N` also times N calls queued per round (device
-time: each call's dispatch overlaps the one before).
+every cache array (`decode_loop`'s undonated_constants=False). `--queue N` also times N
+calls queued per round (device time: each call's dispatch overlaps the one before).
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
 skips the points already there (a long sweep spans several calls), then prints the table
