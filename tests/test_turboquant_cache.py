@@ -541,6 +541,44 @@ def test_default_window_holds_a_block(bits, layout, window, expected):
   assert short.config.window == min(expected, 256)
 
 
+def test_lazy_constants_are_what_lazy_appends_leave_as_they_are(rng):
+  """The fields `lazy_constants` names are those that single-token appends with their rare
+  work dropped (a lazy run: `deferring`, then `drop_deferred`) and `code_completed` leave
+  untouched: decode_loop passes them undonated and never gets them back."""
+  from turboquant_jax import kv_cache
+  cache = TurboQuantKVCache.create(B, 512, HKV, D, config=TurboQuantConfig(window=256))
+  k, v = outlier_kv(rng, B, 520, HKV, D)
+  update = jax.jit(lambda c, kk, vv, n: c.update(kk, vv, num_tokens=n))
+  cache = update(cache, k[:, :256], v[:, :256], jnp.array([250, 246]))
+  cache = update(cache, k[:, 250:506], v[:, 250:506], jnp.array([10, 10]))  # calibrate
+  cache = update(cache, k[:, 260:516], v[:, 260:516], jnp.array([120, 0]))
+  assert list(cache.lengths) == [380, 256] and bool(jnp.all(cache.calibrated))
+  assert bool(cache.skips_rare_work(20))
+  lengths = np.asarray(cache.lengths)
+
+  append = jax.jit(lambda c, kk, vv: kv_cache.drop_deferred(
+      [kv_cache.deferring([c])[0].update(kk, vv)])[0])
+
+  def lazy_run(c, steps):
+    since = c.lengths
+    for t in range(steps):
+      c = append(c, k[:, 380 + t:381 + t], v[:, 380 + t:381 + t])
+    return c, c.code_completed(since)
+
+  for steps, codes in ((2, False), (20, True)):     # 380 + 20 completes row 0's block
+    ran, coded = lazy_run(cache, steps)
+    assert (not codes) == all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(coded.key_codes), jax.tree.leaves(ran.key_codes)))
+    named = cache.lazy_constants(codes=codes, lengths=lengths)
+    assert ("key_codes" in named) == (not codes) and "sink_keys" in named
+    assert "sink_keys" not in cache.lazy_constants(codes=codes, lengths=np.array([2, 9]))
+    for field in named:
+      for a, b in zip(jax.tree.leaves(getattr(coded, field)),
+                      jax.tree.leaves(getattr(cache, field))):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(coded.window_keys, cache.window_keys)
+
+
 def test_windows_shorter_than_a_block_code_every_append(rng):
   cache = TurboQuantKVCache.create(1, 256, HKV, D, config=TurboQuantConfig(window=64))
   assert not cache.defers_codes
