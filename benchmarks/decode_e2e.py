@@ -202,9 +202,9 @@ CACHES = {
     # shapes or cost, so the timed model is the unfolded one.
     "tq3.5-k4v3-int8-prerotated": tiles(4, 3, "int8", "plain", values_prerotated=True,
                                         **INT8),
-    # The same with a 512-token window: where tiles hold 256 tokens (head_dim 64, SmolLM2)
-    # the default window (256) holds one tile, so decode codes every completed block in
-    # the step that completes it (a conditional every step); 512 lets it code lazily.
+    # The same with the window pinned at 512 tokens: where tiles hold 256 tokens (head_dim
+    # 64, SmolLM2) the default since 2026-12-01 (two tiles, so decode codes lazily); the
+    # runs that chose it were timed under this name, beside the 256-token window of before.
     "tq3.5-k4v3-int8-prerotated-w512": tiles(4, 3, "int8", "plain", values_prerotated=True,
                                              window=512, **INT8),
     # The same with the 128-token window of the results before the default became 256.
