@@ -26,7 +26,8 @@ one per step (`models.generate.model_step`'s defer_appends=False); `@stepflush`,
 one conditional after every step (`decode_loop`'s lazy_codes=False, how decode ran before
 lazy block codes); the probes of `FLUSH_PROBES` and `TRITON_GEMM` (`make_loop`) bound or
 vary what that conditional costs; `@donateall`, with the lazy loop donating and returning
-every cache array (`decode_loop`'s undonated_constants=False). `--queue N` also times N
+every cache array (`decode_loop`'s undonated_constants=False); `@sinkwrites`, with its
+appends writing the sinks every step (hold_sinks=False). `--queue N` also times N
 calls queued per round (device time: each call's dispatch overlaps the one before).
 
 Results go to benchmarks/results/decode_e2e_<platform>.json after every point; a rerun
@@ -88,6 +89,7 @@ TRITON_GEMM = "@tritongemm"
 
 
 DONATE_ALL = "@donateall"   # the lazy loop donates and returns every cache array
+SINK_WRITES = "@sinkwrites"   # the lazy loop's appends write the sinks (hold_sinks=False)
 
 
 def loop_variant(name: str) -> tuple[str, dict]:
@@ -96,6 +98,9 @@ def loop_variant(name: str) -> tuple[str, dict]:
   if DONATE_ALL in name:
     name = name.replace(DONATE_ALL, "")
     options["undonated_constants"] = False
+  if SINK_WRITES in name:
+    name = name.replace(SINK_WRITES, "")
+    options["hold_sinks"] = False
   for suffix, option in ((NO_GRAPHS, "graphs"), (LAYER_CONDS, "defer_appends")):
     if suffix in name:
       name = name.replace(suffix, "")
@@ -132,13 +137,13 @@ def _while_flush(caches):
 
 def make_loop(model, steps: int, graphs: bool = True, defer_appends: bool = True,
               flush: str = "cond", triton_gemm: bool = False,
-              undonated_constants: bool = True):
+              undonated_constants: bool = True, hold_sinks: bool = True):
   """`models.decode_loop` with a `loop_variant`'s options; other `flush` values build the
   FLUSH_PROBES loops."""
   if flush in ("cond", "step", "lazy-always") and not triton_gemm:
     return decode_loop(model, steps, graphs=graphs, defer_appends=defer_appends,
                        lazy_codes=flush != "step", codes_when_due=flush != "lazy-always",
-                       undonated_constants=undonated_constants)
+                       undonated_constants=undonated_constants, hold_sinks=hold_sinks)
   from models.generate import _check_tokens
   graphdef, state = nnx.split(model)
   group = 8 if flush == "every8" else 1

@@ -290,9 +290,15 @@ def _greedy_steps(model, tokens: Array, caches: Sequence[Any], num_steps: int, *
 
 
 def _lazy_decode_loop(graphdef, state, tokens, caches, constants, *, num_steps,
-                      codes="when_due"):
-  out, caches = lazy_greedy_scan(nnx.merge(graphdef, state), tokens,
-                                 _with_fields(caches, constants), num_steps, codes=codes)
+                      codes="when_due", hold_sinks=True):
+  caches = _with_fields(caches, constants)
+  # Sinks passed as constants are held by every row (the host's lengths): appends that
+  # know it skip their scatters (two kernels per layer and step).
+  held = [hold_sinks and f is not None and "sink_keys" in f for f in constants]
+  caches = [c.holding_sinks() if h else c for c, h in zip(caches, held)]
+  out, caches = lazy_greedy_scan(nnx.merge(graphdef, state), tokens, caches, num_steps,
+                                 codes=codes)
+  caches = [c.holding_sinks(False) if h else c for c, h in zip(caches, held)]
   return out, _without_fields(caches, constants)
 
 
@@ -320,7 +326,7 @@ _decode_steps_default = jax.jit(_decode_loop, static_argnames=("graphdef", "num_
 
 def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bool = True,
                 lazy_codes: bool = True, codes_when_due: bool = True,
-                undonated_constants: bool = True
+                undonated_constants: bool = True, hold_sinks: bool = True
                 ) -> Callable[[Array, Sequence[Any]], tuple[Array, list[Any]]]:
   """`decode_steps` bound to a model and a number of steps, for a serving loop.
 
@@ -348,6 +354,9 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
   as they are (`TurboQuantKVCache.lazy_constants`: quantizers, calibration, the codes when
   it codes no block) go in undonated and do not come back, so the call returns about a
   quarter of the arrays; False donates and returns them all (how it ran before).
+  hold_sinks (with undonated_constants): once the host's lengths show every row past its
+  sinks, the lazy loop's appends skip the sinks' scatters (`holding_sinks`; False: a
+  probe of what they cost).
 
   Returns:
     run(tokens [B] int32, caches) -> (generated [B, num_steps] int32, updated caches).
@@ -360,7 +369,8 @@ def decode_loop(model, num_steps: int, *, graphs: bool = True, defer_appends: bo
                                    defer_appends=defer_appends, lazy_codes=lazy_codes),
                  **options)
   lazy_loops = {codes: jax.jit(functools.partial(_lazy_decode_loop, graphdef,
-                                                 num_steps=num_steps, codes=codes), **options)
+                                                 num_steps=num_steps, codes=codes,
+                                                 hold_sinks=hold_sinks), **options)
                 for codes in CODES}
   # What the host knows of the last outputs, valid while the next inputs are those arrays:
   # (their calibrated flags and lengths, the lengths' values) of the lazily coding caches.

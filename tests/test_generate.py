@@ -274,6 +274,7 @@ def test_decode_loop_chooses_the_lazy_loop_on_the_host_and_reads_only_when_unkno
           assert all(x is y for x, y in zip(jax.tree.leaves(getattr(caches[0], field)),
                                             jax.tree.leaves(getattr(before[0], field))))
         assert before[0].window_keys.is_deleted()   # the rest donated
+        assert not caches[0].sinks_held   # held inside the call only
       t = out[:, -1]
       outs.append(out)
       counts.append(len(reads))

@@ -372,6 +372,8 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     defer: whether single-token appends leave their rare work (calibration, the codes of a
       completed block) to `flush` (static; `deferring`, `kv_cache.flush_caches`).
     pending: that work's inputs after such an append (`PendingWork`), else None.
+    sinks_held: every row holds its sinks and appends go past them (static; `holding_sinks`):
+      appends write no sinks.
   """
 
   key_quantizer: channel_split.SplitQuantizer
@@ -394,6 +396,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
   rope: rope_lib.RopeSpec | None = flax.struct.field(pytree_node=False, default=None)
   defer: bool = flax.struct.field(pytree_node=False, default=False)
   pending: PendingWork | None = None
+  sinks_held: bool = flax.struct.field(pytree_node=False, default=False)
 
   _shape_buffer = "window_keys"   # [B, H, W, D], present even when W = 0
 
@@ -493,6 +496,14 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     shapes, 8 x 32K, K4/V3 int8: 16-33 µs per layer; one after the layers about 340 µs
     with the loop's own step), and the step went from 10.44 to 9.96 ms (README)."""
     return self.replace(defer=True)
+
+  def holding_sinks(self, held: bool = True) -> "TurboQuantKVCache":
+    """This cache with its appends known (by the caller, e.g. from the host's copy of the
+    lengths) to fall past the sinks in every row, so they write none: a decode step then
+    drops the sinks' two scatters per layer (on an H200 each is a kernel of the step's CUDA
+    graph, ~2 us at batch 1). held=False undoes it. It is the caller's promise: an append
+    at a sink position under it is not written to the sinks."""
+    return self.replace(sinks_held=held)
 
   @property
   def flush_due(self) -> Array:
@@ -643,17 +654,21 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       to_sinks = plan.indices[:, 0] < self.config.num_sinks
       if defer:
         # The sinks now: attention reads positions below num_sinks from them only.
-        sink_keys, sink_values = exact_tokens.write_sinks(self.sink_keys, self.sink_values,
-                                                          kh, vh, plan)
+        sink_keys, sink_values = (self.sink_keys, self.sink_values) if self.sinks_held else (
+            exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
         return windowed.replace(
             sink_keys=sink_keys, sink_values=sink_values,
             overflowed=self.overflowed | ~plan.ok,
             pending=PendingWork(kh=kh, vh=vh, valid=valid, plan=plan, first=first, due=due,
                                 completes=completes))
 
+      if self.sinks_held:
+        to_sinks = jnp.zeros_like(to_sinks)
+
       def rare():
         fields = _rare_work(windowed, kh, vh, valid, plan, first, due, completes)
-        sinks = exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan)
+        sinks = (self.sink_keys, self.sink_values) if self.sinks_held else (
+            exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
         return (*(fields[f] for f in _RARE_FIELDS), *sinks)
 
       (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes, sink_keys,
@@ -680,8 +695,8 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       key_codes, value_codes = self._code_tokens(
           key_codes, value_codes, kh, vh, new_pos, jnp.where(plan.ok, plan.num_tokens, 0),
           centring)
-      sink_keys, sink_values = exact_tokens.update_sinks(self.sink_keys, self.sink_values,
-                                                         kh, vh, plan)
+      sink_keys, sink_values = (self.sink_keys, self.sink_values) if self.sinks_held else (
+          exact_tokens.update_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
 
     return self.replace(
         key_codes=key_codes, value_codes=value_codes,
