@@ -55,7 +55,7 @@ from benchmarks import common
 from models import config as model_config
 from models.decoder import Decoder
 from models.generate import GRAPH_OPTIONS, decode_loop
-from turboquant_jax import kv_cache
+from turboquant_jax import exact_tokens, kv_cache
 from turboquant_jax.kv_cache import DenseKVCache
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.turboquant_cache import TurboQuantConfig, TurboQuantKVCache
@@ -708,7 +708,12 @@ def main(argv=None):
                            ".json")
   parser.add_argument("--report-only", action="store_true",
                       help="no measuring: the table and plot of the results file")
+  parser.add_argument("--ring-select-bytes", type=int, default=None,
+                      help="exact_tokens.RING_SELECT_BYTES for this run (0: decode steps "
+                           "scatter into every window ring)")
   args = parser.parse_args(argv)
+  if args.ring_select_bytes is not None:
+    exact_tokens.RING_SELECT_BYTES = args.ring_select_bytes
   if args.report_only:
     platform = "gpu"
     results = load(pathlib.Path(args.out or common.RESULTS_DIR) / f"decode_e2e_{platform}.json")
@@ -721,7 +726,7 @@ def main(argv=None):
     rows, results = [], {"caches": names, "rounds": args.rounds, "steps_per_call": STEPS,
                          "queued_calls": args.queue,
                          "weights": "random, bf16", "graph_options": GRAPH_OPTIONS,
-                         "points": {}}
+                         "ring_select_bytes": exact_tokens.RING_SELECT_BYTES, "points": {}}
     for m in args.models.split(","):
       cfg = MODELS[m]()
       model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

@@ -19,6 +19,10 @@ from turboquant_jax import kv_cache
 
 Array = jax.Array
 
+# Rings up to this many bytes (keys or values) take a decode step's token by a select over
+# the whole ring rather than a scatter (`update_window`).
+RING_SELECT_BYTES = 1 << 20
+
 
 def update_window(keys: Array, values: Array, positions: Array, kh: Array, vh: Array,
                   plan: kv_cache.UpdatePlan) -> tuple[Array, Array, Array]:
@@ -29,13 +33,19 @@ def update_window(keys: Array, values: Array, positions: Array, kh: Array, vh: A
     return keys, values, positions
   t = kh.shape[2]
   if t == 1:
-    # A decode step writes one slot per row: a scatter, not a select over the whole ring.
+    # A decode step writes one slot per row. A scatter is two XLA kernels (the new token
+    # or the old one, then the update); a select over the whole ring is one, with the
+    # token's producer fused in: taken where the ring is small (the positions always).
     write = plan.ok & (plan.num_tokens > 0)
     slot = jnp.where(write, jnp.mod(plan.positions, w), w)              # w: dropped
-    rows = jnp.arange(positions.shape[0])
+    hit = jnp.arange(w, dtype=jnp.int32)[None, :] == slot[:, None]
+    positions = jnp.where(hit, plan.positions[:, None].astype(positions.dtype), positions)
+    if keys.size * keys.dtype.itemsize <= RING_SELECT_BYTES:
+      at = hit[:, None, :, None]
+      return (jnp.where(at, kh.astype(keys.dtype), keys),
+              jnp.where(at, vh.astype(values.dtype), values), positions)
     return (kv_cache.scatter_tokens(keys, kh, slot[:, None]),
-            kv_cache.scatter_tokens(values, vh, slot[:, None]),
-            positions.at[rows, slot].set(plan.positions, mode="drop"))
+            kv_cache.scatter_tokens(values, vh, slot[:, None]), positions)
   slots = jnp.arange(w, dtype=jnp.int32)
   end = plan.new_lengths[:, None] - 1
   target = end - jnp.mod(end - slots[None, :], w)  # [B, W]
