@@ -1,6 +1,7 @@
 """The decode loop's lazy block codes against the step-by-step flush, on the device.
 
-    python -m benchmarks.lazy_codes_check [--cache tq3.5-k4v3-int8-prerotated] [--out DIR]
+    python -m benchmarks.lazy_codes_check [--cache tq3.5-k4v3-int8-prerotated] [--batch 8]
+        [--steps 128] [--out DIR]
 
 A decoder of Llama-3-8B's shapes with 2 layers (random bf16 weights) and caches of
 `--cache` (a `decode_e2e.CACHES` name) filled with random keys and values to 1,000 tokens
@@ -71,9 +72,12 @@ def main():
   parser.add_argument("--steps", type=int, default=128,
                       help="steps per call (a divisor of 128; 16: most calls complete no "
                            "block, and decode_loop codes only in those that do)")
+  parser.add_argument("--batch", type=int, default=8,
+                      help="rows (1: a ring small enough to take tokens by a select, "
+                           "exact_tokens.RING_SELECT_BYTES)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  row = run(args.cache, steps=args.steps)
+  row = run(args.cache, batch=args.batch, steps=args.steps)
   path = common.write_result("lazy_codes_check", {"rows": [row]},
                              pathlib.Path(args.out) if args.out else None)
   print(f"{row['cache']}: tokens equal {row['tokens_equal']} "
