@@ -127,10 +127,10 @@ def _fill(config, steps, key=jax.random.PRNGKey(0), b=2, h=1, d=128, length=1024
 
 
 # A prefill that starts on a tile (ragged: one row shorter), one that does not, an aligned
-# chunk past the calibration, a rewrite of earlier positions, then single tokens. Three
+# chunk past the calibration, a rewrite of earlier positions, then single tokens. Two
 # shapes (num_tokens cuts the rest): each shape compiles the update once per config.
 STEPS = [(300, [0, 0], [300, 180]), (300, [300, 180], [212, 120]),
-         (256, [512, 256], [256, 256]), (256, [256, 64], [64, 64]),
+         (300, [512, 256], [256, 256]), (300, [256, 64], [64, 64]),
          (1, [768, 512], [1, 1])]
 
 
@@ -155,8 +155,9 @@ def test_cache_with_append_kernel_equals_jnp(monkeypatch):
   # traces it again, with the broken kernel, where jax.clear_caches() cost later tests
   # their compiles.
   config = dataclasses.replace(config, seed=config.seed + 1)
-  broken = _fill(with_kernel(True), STEPS[:1])
-  plain1 = _fill(with_kernel(False), STEPS[:1])
+  one_tile = [(256, [0], [256])]       # the smallest fused write: one row, one tile
+  broken = _fill(with_kernel(True), one_tile, b=1, length=512)
+  plain1 = _fill(with_kernel(False), one_tile, b=1, length=512)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(broken.key_codes),
                                                        jax.tree.leaves(plain1.key_codes)))
 
