@@ -337,12 +337,13 @@ def test_sinks_stay_bit_exact_after_many_appends(rng):
 
 
 def test_holding_sinks_drops_their_writes_and_nothing_else(rng):
-  """Deferred appends (the decode loop's) of a cache `holding_sinks` write no sink: past
-  the sinks they equal a plain append leaf for leaf (and compile fewer scatters); at a
-  sink position the sinks stay."""
+  """Appends of a cache `holding_sinks` write no sink: deferred ones (the decode loop's)
+  past the sinks equal a plain append leaf for leaf (and compile fewer scatters); at a
+  sink position the sinks stay, deferred or not, whether the window defers codes or not."""
   from turboquant_jax import kv_cache
-  k, v = rand(rng, B, 40, HKV, D), rand(rng, B, 40, HKV, D)
-  cache = TurboQuantKVCache.create(B, L, HKV, D, config=TurboQuantConfig(window=32))
+  k, v = rand(rng, B, 140, HKV, D), rand(rng, B, 140, HKV, D)
+  cache = TurboQuantKVCache.create(B, 256, HKV, D, config=TurboQuantConfig(window=128))
+  assert cache.defers_codes
 
   def append(c, kk, vv):
     return kv_cache.flush_caches([kv_cache.deferring([c])[0].update(kk, vv)])[0]
@@ -351,12 +352,22 @@ def test_holding_sinks_drops_their_writes_and_nothing_else(rng):
   short = step(cache, k[:, :1], v[:, :1])
   held = step(short.holding_sinks(), k[:, 1:2], v[:, 1:2])
   assert held.sinks_held and not np.any(held.sink_keys[:, :, 1])
-  full = cache.update(k[:, :39], v[:, :39])
-  plain, held = step(full, k[:, 39:], v[:, 39:]), step(full.holding_sinks(), k[:, 39:],
-                                                         v[:, 39:])
+  # Appends that do their rare work at once (the sinks under its conditional) too, and a
+  # window too short to defer codes (the sinks under a conditional of their own).
+  small = TurboQuantKVCache.create(B, L, HKV, D, config=TurboQuantConfig(window=32))
+  for c in (short, small.update(k[:, :1], v[:, :1])):
+    undeferred = c.holding_sinks().update(k[:, 1:2], v[:, 1:2])
+    assert not np.any(undeferred.sink_keys[:, :, 1])
+    np.testing.assert_array_equal(undeferred.window_keys[:, :, 1:2], kv_head_major(k[:, 1:2]))
+    # A rewrite (its rare work runs: it codes the rewritten token) leaves them too.
+    rewritten = c.holding_sinks().update(k[:, 5:6], v[:, 5:6], positions=0)
+    np.testing.assert_array_equal(rewritten.sink_keys[:, :, :1], kv_head_major(k[:, :1]))
+  full = cache.update(k[:, :139], v[:, :139])
+  plain, held = step(full, k[:, 139:], v[:, 139:]), step(full.holding_sinks(), k[:, 139:],
+                                                           v[:, 139:])
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(held)):
     np.testing.assert_array_equal(a, b)
-  scatters = lambda c: step.lower(c, k[:, 39:], v[:, 39:]).as_text().count("scatter")  # noqa: E731
+  scatters = lambda c: step.lower(c, k[:, 139:], v[:, 139:]).as_text().count("scatter")  # noqa: E731
   assert scatters(full.holding_sinks()) < scatters(full)
 
 
