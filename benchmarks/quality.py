@@ -370,6 +370,13 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
                                              window=256),
                      " fp16 key fp8 value norms window 256") for b in (2.5, 3.0, 3.5)]
+  # ... with integer widths only: at head_dim 64 a fractional key width stores two float16
+  # norms (K3.5 costs 4.0 stored bits, K4 4.25), so the budget's K3.5 layers become K4 on
+  # the earlier layers and K3 on the rest.
+  extra += [budgeted(model.cfg, b, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
+                                             window=256),
+                     " fp16 key fp8 value norms window 256 integer", widths=(2, 3, 4))
+            for b in (3.0, 3.5)]
   # ... against 16-bit norms on both sides (the library's default norms) at that window.
   extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
