@@ -1,9 +1,12 @@
-"""`exact_tokens.window_start`: the exact trailing run of a window ring, against a
-brute-force count on random rings (stale, empty and missing slots)."""
+"""`exact_tokens`: the exact trailing run of a window ring against a brute-force count on
+random rings (stale, empty and missing slots); a decode step's ring write, by select and
+by scatter, against a numpy ring."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from turboquant_jax import exact_tokens
+from turboquant_jax import exact_tokens, kv_cache
 
 
 def test_window_start_is_the_trailing_run(rng):
@@ -28,10 +31,6 @@ def test_decode_step_write_is_the_same_by_select_or_scatter(rng, monkeypatch):
   """One token per row into the ring, by the small rings' select and the large rings'
   scatter: both put each written row's token in slot position mod W, and leave rows that
   write nothing (a full cache, num_tokens 0) as they were."""
-  import jax
-  import jax.numpy as jnp
-
-  from turboquant_jax import kv_cache
   b, h, w, d, max_len = 4, 2, 8, 16, 20
   keys = jnp.asarray(rng.standard_normal((b, h, w, d)), jnp.float32)
   values = jnp.asarray(rng.standard_normal((b, h, w, d)), jnp.float32)

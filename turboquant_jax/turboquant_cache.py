@@ -651,24 +651,20 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       appended = plan.ok & (plan.num_tokens > 0)
       completes = lengths % n == 0
       due = appended & (completes | (plan.positions < self.lengths))
-      to_sinks = plan.indices[:, 0] < self.config.num_sinks
+      # A cache holding its sinks has no sink to write (no reason to run the conditional).
+      to_sinks = (plan.indices[:, 0] < self.config.num_sinks) & (not self.sinks_held)
       if defer:
         # The sinks now: attention reads positions below num_sinks from them only.
-        sink_keys, sink_values = (self.sink_keys, self.sink_values) if self.sinks_held else (
-            exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
+        sink_keys, sink_values = self._sinks_after(kh, vh, plan)
         return windowed.replace(
             sink_keys=sink_keys, sink_values=sink_values,
             overflowed=self.overflowed | ~plan.ok,
             pending=PendingWork(kh=kh, vh=vh, valid=valid, plan=plan, first=first, due=due,
                                 completes=completes))
 
-      if self.sinks_held:
-        to_sinks = jnp.zeros_like(to_sinks)
-
       def rare():
         fields = _rare_work(windowed, kh, vh, valid, plan, first, due, completes)
-        sinks = (self.sink_keys, self.sink_values) if self.sinks_held else (
-            exact_tokens.write_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
+        sinks = self._sinks_after(kh, vh, plan)
         return (*(fields[f] for f in _RARE_FIELDS), *sinks)
 
       (key_mean, value_mean, key_perm, value_perm, key_codes, value_codes, sink_keys,
@@ -695,8 +691,7 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
       key_codes, value_codes = self._code_tokens(
           key_codes, value_codes, kh, vh, new_pos, jnp.where(plan.ok, plan.num_tokens, 0),
           centring)
-      sink_keys, sink_values = (self.sink_keys, self.sink_values) if self.sinks_held else (
-          exact_tokens.update_sinks(self.sink_keys, self.sink_values, kh, vh, plan))
+      sink_keys, sink_values = self._sinks_after(kh, vh, plan, conditional=True)
 
     return self.replace(
         key_codes=key_codes, value_codes=value_codes,
@@ -708,6 +703,15 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
         lengths=lengths,
         overflowed=self.overflowed | ~plan.ok,
     )
+
+  def _sinks_after(self, kh: Array, vh: Array, plan: kv_cache.UpdatePlan,
+                   conditional: bool = False) -> tuple[Array, Array]:
+    """(sink keys, values) after an append of kh, vh: as they are where `sinks_held`,
+    else written (conditional: under a conditional of their own, `update_sinks`)."""
+    if self.sinks_held:
+      return self.sink_keys, self.sink_values
+    write = exact_tokens.update_sinks if conditional else exact_tokens.write_sinks
+    return write(self.sink_keys, self.sink_values, kh, vh, plan)
 
   def _code_tokens(self, key_codes, value_codes, keys: Array, values: Array,
                    positions: Array, count: Array, centring
