@@ -166,8 +166,21 @@ class GGUFFile:
 
   def tensor(self, name: str) -> np.ndarray:
     t = self.tensors[name]
+    shape = tuple(int(x) for x in reversed(t.shape))
+    if t.tensor_type == self._gguf.GGMLQuantizationType.Q8_0:
+      return dequantize_q8_0(t.data).reshape(shape)
     data = self._gguf.quants.dequantize(t.data, t.tensor_type)
-    return np.asarray(data, np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+    return np.asarray(data, np.float32).reshape(shape)
+
+
+def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+  """float32 [blocks · 32]: Q8_0 blocks (an fp16 scale, then 32 int8 codes; 34 bytes each)
+  as scale · code, what `gguf.quants.dequantize` gives, written once: gguf's own path
+  allocates several temporaries the size of the output, and fresh memory is slow on
+  small VMs (Gemma 3's 169M-value embedding: ~7 s there against ~0.5 s)."""
+  blocks = np.asarray(data).view(np.uint8).reshape(-1, 34)
+  scales = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+  return np.multiply(blocks[:, 2:].view(np.int8), scales, dtype=np.float32).reshape(-1)
 
 
 def config_from_gguf(f: GGUFFile) -> DecoderConfig:

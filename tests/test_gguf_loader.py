@@ -59,6 +59,10 @@ def test_header_parser_equals_the_gguf_reader(tmp_path, rng):
   for name, x in tensors.items():
     np.testing.assert_array_equal(f.tensor(name), x.astype(np.float32))
   np.testing.assert_allclose(f.tensor("q8"), q, atol=np.abs(q).max() / 100)
+  # Our Q8_0 path (one output array written once) gives gguf's values exactly.
+  q8 = next(t for t in ref.tensors if t.name == "q8")
+  np.testing.assert_array_equal(f.tensor("q8"), gguf.quants.dequantize(
+      q8.data, gguf.GGMLQuantizationType.Q8_0).reshape(q.shape))
 
 
 def test_header_parser_refuses_other_files(tmp_path):
