@@ -335,12 +335,15 @@ def max_batch(free: float, cost: tuple[float, float, float], context: int) -> in
   return max(int((free - per_model) // (per_token * context + per_sequence)), 0)
 
 
-def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
-  """Largest batch per context for each cache, and batch×context against bf16."""
+def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts, names=None) -> dict:
+  """Largest batch per context for each cache (`names`, default all; bf16 always), and
+  batch×context against bf16."""
   free = memory_bytes - weights_bytes - RESERVE_BYTES
   out = {"memory_bytes": memory_bytes, "weights_bytes": weights_bytes,
          "reserve_bytes": RESERVE_BYTES, "caches": {}}
-  for name, make in CACHES.items():
+  names = list(CACHES) if names is None else ["bf16"] + [n for n in names if n != "bf16"]
+  for name in names:
+    make = CACHES[name]
     try:
       cost = cache_cost(cfg, make)
     except ValueError as e:   # e.g. fractional widths in tiles at head_dim 64
@@ -355,6 +358,25 @@ def capacity(cfg, weights_bytes: int, memory_bytes: int, contexts) -> dict:
       continue
     c["batch_x_context_vs_bf16"] = {
         t: b / max(out["caches"]["bf16"]["max_batch"][t], 1e-9) for t, b in c["max_batch"].items()}
+  return out
+
+
+def capacity_only(models, names, memory_bytes: int) -> dict:
+  """`capacity` of the caches `names` (bf16 first: the ratios' base) per model, on a
+  device of memory_bytes, from shapes alone (no device needed): what a run on that device
+  records. Prints one row per model and cache."""
+  out = {"memory_bytes": memory_bytes, "reserve_bytes": RESERVE_BYTES, "models": {}}
+  for m in models:
+    cfg = MODELS[m]()
+    weights = tree_bytes(nnx.state(nnx.eval_shape(lambda: Decoder(  # noqa: B023
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))))
+    cap = capacity(cfg, weights, memory_bytes, (4096, 32768, 131072), names)
+    out["models"][m] = cap
+    for name, c in cap["caches"].items():
+      if "max_batch" in c:
+        log(f"{m:13s} {name:32s} bytes/token {c['bytes_per_token_all_layers']:9.0f}  "
+            f"max batch {c['max_batch']}  x bf16 "
+            f"{ {k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()} }")
   return out
 
 
@@ -711,9 +733,18 @@ def main(argv=None):
   parser.add_argument("--ring-select-bytes", type=int, default=None,
                       help="exact_tokens.RING_SELECT_BYTES for this run (0: decode steps "
                            "scatter into every window ring)")
+  parser.add_argument("--capacity-gib", type=float, default=None,
+                      help="no measuring: the largest batch per context for --caches on a "
+                           "device of this many GiB of usable memory, from the caches' "
+                           "shapes (decode_e2e_capacity_<platform>.json)")
   args = parser.parse_args(argv)
   if args.ring_select_bytes is not None:
     exact_tokens.RING_SELECT_BYTES = args.ring_select_bytes
+  if args.capacity_gib is not None:
+    names = (args.caches or ",".join(DEFAULT_CACHES)).split(",")
+    results = capacity_only(args.models.split(","), names, int(args.capacity_gib * 2**30))
+    common.write_result("decode_e2e_capacity", results, args.out)
+    return
   if args.report_only:
     platform = "gpu"
     results = load(pathlib.Path(args.out or common.RESULTS_DIR) / f"decode_e2e_{platform}.json")

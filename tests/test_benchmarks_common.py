@@ -83,6 +83,12 @@ def test_decode_e2e_capacity_counts_every_buffer():
   assert "no tile length" in cap["caches"]["tq3.5-quintic-rope"]["unsupported"]
   ratio = cap["caches"]["tq3.5"]["batch_x_context_vs_bf16"]["4096"]
   assert 3.0 < ratio < 3.8  # d = 64: two fp16 norms per vector cost more than at d = 128
+  # Named caches only (bf16 always, as the ratios' base), with the same figures.
+  named = decode_e2e.capacity(cfg, weights_bytes=0,
+                              memory_bytes=decode_e2e.RESERVE_BYTES + 2**30, contexts=(4096,),
+                              names=["tq3.5"])
+  assert list(named["caches"]) == ["bf16", "tq3.5"]
+  assert named["caches"]["tq3.5"] == cap["caches"]["tq3.5"]
 
 
 def test_decode_e2e_local_layers_keep_a_ring():
