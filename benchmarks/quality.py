@@ -200,6 +200,16 @@ def budgeted(cfg, budget: float, config: TurboQuantConfig = tq_config(),
                 bits=mean_stored_bits(layer_bits, cfg.head_dim, config))
 
 
+def by_hand(name: str, layer_bits: dict[int, tuple[float, float]], head_dim: int,
+            config: TurboQuantConfig = tq_config()) -> Method:
+  """TurboQuant with widths per layer given by hand (a probe of where bits help, not a
+  policy: a policy must find such layers itself); its bits are what it stores."""
+  make = lambda seed: turboquant_per_layer(  # noqa: E731
+      dataclasses.replace(config, seed=seed), layer_bits=layer_bits)
+  return Method(f"turboquant {name}", "by hand", make, seeded=True,
+                bits=mean_stored_bits(layer_bits, head_dim, config))
+
+
 def measured(model, prompt, budget: float, config: TurboQuantConfig = tq_config(),
              suffix: str = "") -> Method:
   """TurboQuant with a stored-bits budget spread over the layers by what the sequence's
@@ -377,6 +387,14 @@ def run_model(name: str, args, out: dict, save) -> None:
                                              window=256),
                      " fp16 key fp8 value norms window 256 integer", widths=(2, 3, 4))
             for b in (3.0, 3.5)]
+  # SmolLM2's attention-output cosines put its loss in layers 3-8: 5-bit keys there, 4 on
+  # the three layers either side, 3 elsewhere, 3-bit values (3.49 stored bits at d = 64,
+  # fp16 key / fp8 value norms): whether the budget's half bit belongs in a few layers.
+  if model.cfg.num_layers == 30:
+    extra += [by_hand("3.5 K5 on layers 3-8 fp16 key fp8 value norms window 256",
+                      {i: (5 if 3 <= i <= 8 else 4 if i in (0, 1, 2, 9, 10, 11) else 3, 3)
+                       for i in range(30)}, model.cfg.head_dim,
+                      tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256))]
   # ... against 16-bit norms on both sides (the library's default norms) at that window.
   extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
