@@ -370,14 +370,20 @@ def capacity_only(models, names, memory_bytes: int) -> dict:
     cfg = MODELS[m]()
     weights = tree_bytes(nnx.state(nnx.eval_shape(lambda: Decoder(  # noqa: B023
         cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))))
-    cap = capacity(cfg, weights, memory_bytes, (4096, 32768, 131072), names)
-    out["models"][m] = cap
-    for name, c in cap["caches"].items():
-      if "max_batch" in c:
-        log(f"{m:13s} {name:32s} bytes/token {c['bytes_per_token_all_layers']:9.0f}  "
-            f"max batch {c['max_batch']}  x bf16 "
-            f"{ {k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()} }")
+    out["models"][m] = capacity(cfg, weights, memory_bytes, (4096, 32768, 131072), names)
+    log_capacity(m, out["models"][m])
   return out
+
+
+def log_capacity(model: str, cap: dict) -> None:
+  """One line per cache of a `capacity` result (caches it could not build: their reason)."""
+  for name, c in cap["caches"].items():
+    if "max_batch" not in c:
+      log(f"capacity {model} {name}: {c.get('unsupported')}")
+      continue
+    log(f"capacity {model} {name}: {c['bytes_per_token_all_layers']:.0f} bytes per token, "
+        f"max batch {c['max_batch']}, "
+        f"x bf16 {({k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()})}")
 
 
 # -- one point ------------------------------------------------------------------------------
@@ -878,10 +884,8 @@ def main(argv=None):
 def report(results, out_dir: pathlib.Path, platform: str) -> None:
   plot(results, out_dir / f"decode_e2e_{platform}.png")
   for m, mres in results["models"].items():
-    cap = mres.get("capacity", {}).get("caches", {})
-    for name, c in cap.items():
-      log(f"capacity {m} {name}: max batch {c['max_batch']}, "
-          f"x bf16 {({k: round(v, 2) for k, v in c['batch_x_context_vs_bf16'].items()})}")
+    if "capacity" in mres:
+      log_capacity(m, mres["capacity"])
   common.print_table(summarize(results), ["model", "B", "T", "cache", "tok_s", "x_bf16",
                                           "step_ms", "attn_ms", "append_ms", "rest_ms"])
 

@@ -390,7 +390,7 @@ def run_model(name: str, args, out: dict, save) -> None:
   # SmolLM2's attention-output cosines put its loss in layers 3-8: 5-bit keys there, 4 on
   # the three layers either side, 3 elsewhere, 3-bit values (3.49 stored bits at d = 64,
   # fp16 key / fp8 value norms): whether the budget's half bit belongs in a few layers.
-  if model.cfg.num_layers == 30:
+  if name == "smollm2":
     extra += [by_hand("3.5 K5 on layers 3-8 fp16 key fp8 value norms window 256",
                       {i: (5 if 3 <= i <= 8 else 4 if i in (0, 1, 2, 9, 10, 11) else 3, 3)
                        for i in range(30)}, model.cfg.head_dim,
