@@ -29,6 +29,11 @@ every word bit holds a code bit:
   (from w and w << 4, constant selectors), one XOR applies them: 9 per 8 codes (13 with
   two tables and a byte mask, which also took two more registers per thread). The 1/2
   is the kernel's: it adds 1/2·Σq to a key's dot and 1/2·Σp·‖v‖ to a value's output.
+- 4 bits, plain (`plain=True`, for evenly spaced levels, `codebook.uniform_codebook`): a
+  nibble holds the level index n itself, register 2k + h's byte j in word k's nibble
+  2j + h, so ``w & 0x0F0F0F0F`` and ``(w >> 4) & 0x0F0F0F0F`` are the two registers (3
+  per 8 codes, no table): the level is (n - 15/2)·Δ, the -15/2 the kernel's as the 1/2
+  above (H200, K4/V3 at 8 x 32K: the kernel 89 -> 78 us, `key_decode_probe_gpu.json`).
 
 `bit_sources` maps every bit of the word array to its (row, col, code bit); `pack_tile`
 and `unpack_tile` follow from it, and `decode_words` runs the decode in numpy, instruction
@@ -94,9 +99,17 @@ def _out_register(w: int, lane: int, n: int, cols: int = COLS) -> tuple[int, int
   return 64 * mt + 16 * w + 8 * rh + r8, 16 * kt + 4 * c
 
 
-def code_bit(bits: int, n: int, j: int, b: int) -> tuple[int, int]:
+PLAIN_MASK = 0x0F0F0F0F
+
+
+def code_bit(bits: int, n: int, j: int, b: int, plain: bool = False) -> tuple[int, int]:
   """Where bit b of the code decoded into byte j of output register n lives: (the
-  thread's word index, bit position in that word)."""
+  thread's word index, bit position in that word); plain: 4-bit plain nibbles."""
+  if plain:
+    if bits != 4:
+      raise ValueError(f"plain nibbles are 4-bit codes, got {bits} bits")
+    k, half = divmod(n, 2)
+    return k, 4 * (2 * j + half) + b
   if bits == 2:
     k, r = divmod(n, 4)
     sel, half = divmod(r, 2)
@@ -111,9 +124,10 @@ def code_bit(bits: int, n: int, j: int, b: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def bit_sources(bits: int, shape=(ROWS, COLS)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bit_sources(bits: int, shape=(ROWS, COLS), plain: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """For every bit of the word array, flattened [64·C·32]: the (row, col) of the tile
-  (of `shape`) whose code it holds and which code bit."""
+  (of `shape`) whose code it holds and which code bit (plain: 4-bit plain nibbles)."""
   _, cols = check_shape(shape)
   c = words_per_row(bits)
   src = np.full((WORD_ROWS, c, 32, 3), -1, np.int64)
@@ -123,7 +137,7 @@ def bit_sources(bits: int, shape=(ROWS, COLS)) -> tuple[np.ndarray, np.ndarray, 
         row, col = _out_register(w, lane, n, cols)
         for j in range(4):
           for b in range(bits):
-            k, pos = code_bit(bits, n, j, b)
+            k, pos = code_bit(bits, n, j, b, plain)
             r, cc = _thread_word(w, lane, k)
             if src[r, cc, pos, 0] >= 0:
               raise AssertionError(f"word ({r}, {cc}) bit {pos} claimed twice")
@@ -141,16 +155,16 @@ def sign_magnitude(codes, inverse: bool = False):
   return codes ^ ((1 - (codes >> 3)) * 7 + 8)   # n >= 8: n ^ 8; n < 8: n ^ 15
 
 
-def pack_tile(codes: Array, bits: int, mask: bool = False) -> Array:
+def pack_tile(codes: Array, bits: int, mask: bool = False, plain: bool = False) -> Array:
   """Level indices [..., rows, cols] (integers < 2^bits; a shape of `SHAPES`) -> int32
-  words [..., 64, 8·bits] (4 bits: in `sign_magnitude`); mask: the values are bit masks
-  of a tile's slots, packed as they are."""
+  words [..., 64, 8·bits] (4 bits: in `sign_magnitude`, or as they are with plain);
+  mask: the values are bit masks of a tile's slots, packed as they are."""
   if tuple(codes.shape[-2:]) not in SHAPES:
     raise ValueError(f"expected [..., rows, cols] codes of {SHAPES}, got {codes.shape}")
   rows, cols = codes.shape[-2:]
-  src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
+  src_row, src_col, src_bit = bit_sources(bits, (rows, cols), plain)
   flat = codes.reshape(*codes.shape[:-2], rows * cols).astype(jnp.uint32)
-  if bits == 4 and not mask:
+  if bits == 4 and not mask and not plain:
     flat = sign_magnitude(flat)
   bit = (flat[..., src_row * cols + src_col] >> jnp.asarray(src_bit, jnp.uint32)) & 1
   bit = bit.reshape(*codes.shape[:-2], WORD_ROWS, words_per_row(bits), 32)
@@ -158,21 +172,21 @@ def pack_tile(codes: Array, bits: int, mask: bool = False) -> Array:
   return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
-def unpack_tile(words: Array, bits: int, shape=(ROWS, COLS)) -> Array:
+def unpack_tile(words: Array, bits: int, shape=(ROWS, COLS), plain: bool = False) -> Array:
   """Inverse of `pack_tile`: int32 [..., 64, 8·bits] -> uint8 level indices
   [..., rows, cols] of `shape`."""
   c = words_per_row(bits)
   if words.shape[-2:] != (WORD_ROWS, c):
     raise ValueError(f"expected [..., {WORD_ROWS}, {c}] words, got {words.shape}")
   rows, cols = check_shape(shape)
-  src_row, src_col, src_bit = bit_sources(bits, (rows, cols))
+  src_row, src_col, src_bit = bit_sources(bits, (rows, cols), plain)
   u = jax.lax.bitcast_convert_type(words, jnp.uint32)
   bit = ((u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(
       *words.shape[:-2], -1)
   order = np.argsort((src_row * cols + src_col) * bits + src_bit)
   gathered = bit[..., order].reshape(*words.shape[:-2], rows * cols, bits)
   codes = jnp.sum(gathered << jnp.arange(bits, dtype=jnp.uint32), axis=-1)
-  if bits == 4:
+  if bits == 4 and not plain:
     codes = sign_magnitude(codes, inverse=True)
   return codes.reshape(*words.shape[:-2], rows, cols).astype(jnp.uint8)
 
@@ -229,13 +243,28 @@ def selectors(bits: int, words: list[int]) -> list[tuple[int, ...]]:
   return [(w & m7, w, (w << 4) & 0xFFFFFFFF) for w in words]
 
 
-def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS)) -> np.ndarray:
+def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS),
+                 plain: bool = False) -> np.ndarray:
   """Runs the kernel's decode in numpy: int32 words [64, 8·bits] -> int8 levels of
-  `shape`, thread by thread, with PTX's PRMT and the kernel's selectors."""
+  `shape`, thread by thread, with PTX's PRMT and the kernel's selectors; plain: the
+  4-bit plain nibbles' masks (levels must then be 0..15: the bytes are the indices)."""
   w = np.asarray(words).view(np.uint32).astype(np.int64)
-  pools = level_pools(levels, bits)
   rows, cols = check_shape(shape)
   out = np.zeros((rows, cols), np.int8)
+  if plain:
+    if bits != 4 or tuple(levels) != tuple(range(16)):
+      raise ValueError(f"plain nibbles decode 4-bit codes to 0..15, got {bits} bits, "
+                       f"levels {levels!r}")
+    for wp in range(4):
+      for lane in range(32):
+        for k in range(thread_words(bits)):
+          word = int(w[_thread_word(wp, lane, k)])
+          for half in range(2):
+            r = (word >> (4 * half)) & PLAIN_MASK
+            row, col = _out_register(wp, lane, 2 * k + half, cols)
+            out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
+    return out
+  pools = level_pools(levels, bits)
   for wp in range(4):
     for lane in range(32):
       tw = [int(w[_thread_word(wp, lane, k)]) for k in range(thread_words(bits))]

@@ -254,20 +254,38 @@ def tile_decoder(spec: register_codes.TileSpec, variant: str = "affine", count: 
 class ByteLevels(NamedTuple):
   """A side's levels for the int8 operand path (`decode_partials(operand="int8")`): level
   n is (table[n] + offset)·scale, table 2^bits int8 integers in level-index order; at 4
-  bits sign-magnitude with offset 1/2 (`byte_codes.level_pools`), else offset 0."""
+  bits sign-magnitude with offset 1/2 (`byte_codes.level_pools`), or evenly spaced levels
+  as plain nibbles: table 0..15, offset -15/2 (`PLAIN_TABLE`); else offset 0."""
 
   table: tuple[int, ...]
   scale: float
   offset: float = 0.0
 
 
-def byte_levels(levels) -> ByteLevels:
+PLAIN_TABLE = tuple(range(16))   # 4-bit plain nibbles: the bytes are the level indices
+PLAIN_OFFSET = -7.5
+
+
+def is_plain(levels: ByteLevels) -> bool:
+  """Whether the levels are 4-bit plain nibbles' (decoded by masks, no table)."""
+  return tuple(levels.table) == PLAIN_TABLE and levels.offset == PLAIN_OFFSET
+
+
+def byte_levels(levels, plain: bool = False) -> ByteLevels:
   """`ByteLevels` nearest to the float levels [2^bits] (increasing): 2-3 bits integers
   times max|L|/127; 16 levels symmetric (the mean of each level and its mirror's
   negation) half-integers times max|L|/(T + 1/2), T the largest magnitude in 127 down to
   64 that puts every level on the grid (`codebook.int8_codebook`'s), else 127. Exact only
-  for levels on such a grid."""
+  for levels on such a grid. plain: 16 evenly spaced levels (n - 15/2)·Δ as
+  `PLAIN_TABLE` and Δ (`codebook.uniform_codebook`'s; exact for evenly spaced levels)."""
   lv = np.asarray(levels, np.float64)
+  if plain:
+    if lv.shape != (16,):
+      raise ValueError(f"plain nibbles take 16 levels, got {levels!r}")
+    step = float(np.mean(np.diff(lv)))
+    if not (np.isfinite(step) and step > 0):
+      raise ValueError(f"plain nibbles take increasing levels, got {levels!r}")
+    return ByteLevels(PLAIN_TABLE, step, PLAIN_OFFSET)
   peak = float(np.max(np.abs(lv))) if lv.size else 0.0
   if not np.isfinite(peak) or peak <= 0:
     raise ValueError(f"levels must be finite and not all zero, got {levels!r}")
@@ -298,7 +316,8 @@ def byte_decoder(bits: int, table, raw: bool = False,
   `plgpu.Layout.WGMMA_8BIT`, to call inside a Mosaic GPU kernel: the levels `table`
   (2^bits integers in [-127, 127]) of the codes of a `byte_codes` tile, words int32
   [64, 8·bits] loaded in `plgpu.Layout.WGMMA`, by byte permutes (`byte_codes.decode_words`
-  is the same in numpy); raw: the words' bytes reinterpreted (a speed probe's floor)."""
+  is the same in numpy), or at 4 bits with table `PLAIN_TABLE` from plain nibbles by two
+  masks; raw: the words' bytes reinterpreted (a speed probe's floor)."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
@@ -306,7 +325,8 @@ def byte_decoder(bits: int, table, raw: bool = False,
 
   out_shape = byte_codes.check_shape(shape)
   out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
-  pools = byte_codes.level_pools(table, bits)
+  plain = bits == 4 and tuple(table) == PLAIN_TABLE
+  pools = () if plain else byte_codes.level_pools(table, bits)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=out_type)
   def decode(ctx, words):
@@ -334,6 +354,11 @@ def byte_decoder(bits: int, table, raw: bool = False,
     outs = []
     if raw:
       outs = [tw[n % len(tw)] for n in range(byte_codes.REGISTERS)]
+    elif plain:   # register 2k + h: nibbles h, h + 2, h + 4, h + 6 of word k
+      mask = c(byte_codes.PLAIN_MASK)
+      for w in tw:
+        outs.append(asm("and.b32 $0, $1, $2;", [w, mask]))
+        outs.append(asm("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, $2; }", [w, mask]))
     else:
       sels = []       # `byte_codes.selectors`, in the same order
       if bits == 2:
@@ -725,10 +750,13 @@ def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, toke
       if not isinstance(lv, ByteLevels) or len(lv.table) != 1 << spec.bits:
         raise ValueError(f"operand='int8' takes ByteLevels of {1 << spec.bits} levels for "
                          f"the {side}s, got {lv!r}")
+      if spec.bits == 4 and is_plain(lv):
+        continue
       byte_codes.level_pools(lv.table, spec.bits)   # int8 (4 bits: sign-magnitude)
       if lv.offset != (0.5 if spec.bits == 4 else 0.0):
         raise ValueError(f"operand='int8' takes {spec.bits}-bit levels with offset "
-                         f"{0.5 if spec.bits == 4 else 0.0}, got {lv!r}")
+                         f"{0.5 if spec.bits == 4 else 0.0} (or 4-bit plain nibbles' "
+                         f"{PLAIN_OFFSET}), got {lv!r}")
   if q_scale is None:
     raise ValueError("operand='int8' needs q_scale (see quantize_query_s8)")
   if tokens_per_step > key_specs[0].rows or sub_steps not in (None, 1):

@@ -75,3 +75,25 @@ def test_errors():
     bc.level_pools(np.arange(-8, 8) * 15, 4)                  # symmetric, no ~T
   with pytest.raises(ValueError, match="2, 3 or 4 bits"):
     bc.words_per_row(5)
+
+
+@pytest.mark.parametrize("shape", bc.SHAPES)
+def test_plain_nibbles_decode_by_two_masks_to_each_codes_index(shape):
+  """4-bit plain nibbles: the level index itself, register 2k + h's byte j in nibble
+  2j + h of word k, so w & 0x0F0F0F0F and (w >> 4) & 0x0F0F0F0F are the registers."""
+  rows, cols, which = bc.bit_sources(4, shape, True)
+  target = (rows * shape[1] + cols) * 4 + which
+  assert np.array_equal(np.sort(target), np.arange(shape[0] * shape[1] * 4))
+  codes = np.random.default_rng(7).integers(0, 16, shape)
+  words = np.asarray(bc.pack_tile(jnp.asarray(codes), 4, plain=True))
+  assert not np.array_equal(words, np.asarray(bc.pack_tile(jnp.asarray(codes), 4)))
+  np.testing.assert_array_equal(bc.unpack_tile(words, 4, shape, plain=True), codes)
+  np.testing.assert_array_equal(bc.decode_words(words, range(16), 4, shape, plain=True),
+                                codes)
+  flipped = words.copy()
+  flipped[3, 9] ^= 1 << 22
+  assert np.sum(bc.decode_words(flipped, range(16), 4, shape, plain=True) != codes) == 1
+  with pytest.raises(ValueError, match="0..15"):
+    bc.decode_words(words, np.arange(16) - 8, 4, shape, plain=True)
+  with pytest.raises(ValueError, match="4-bit"):
+    bc.bit_sources(3, shape, True)

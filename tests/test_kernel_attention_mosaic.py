@@ -33,11 +33,12 @@ def tiles_cache(rng, bits_k=3, bits_v=4, lengths=(500, 300), dtype=jnp.float32, 
   return cache.update(k, v, num_tokens=jnp.asarray(lengths))
 
 
-def _unpack(words, spec, transposed, operand="fp16"):
+def _unpack(words, spec, transposed, operand="fp16", levels=None):
   from pallas_kernels import byte_codes
   r = words.shape[0]
   words = words.reshape(r, -1, rc.WORD_ROWS, words.shape[-1])
-  tiles = (byte_codes.unpack_tile(words, spec.bits, (spec.rows, spec.cols))
+  plain = levels is not None and dm.is_plain(levels)   # as the kernel's decoder reads them
+  tiles = (byte_codes.unpack_tile(words, spec.bits, (spec.rows, spec.cols), plain=plain)
            if operand == "int8" else rc.unpack_tile(words, spec))
   if transposed:
     tiles = jnp.swapaxes(tiles, -1, -2)
@@ -69,9 +70,13 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     np.testing.assert_array_equal(np.asarray(bound), np.asarray(want))
   if operand != "int8":
     q = tuple(x.astype(jnp.float32) for x in dm._groups(q))
+  side_levels = {k: (dm._s8_levels(kw[k]) if operand == "int8" else [None] * 8)
+                 for k in ("key_levels", "value_levels")}
   o, l, m = dm.decode_partials_reference(
-      tuple(_unpack(w, s, False, operand) for w, s in zip(dm._groups(k_words), ks)), k_norms,
-      tuple(_unpack(w, s, True, operand) for w, s in zip(dm._groups(v_words), vs)), v_norms,
+      tuple(_unpack(w, s, False, operand, lv) for w, s, lv in zip(
+          dm._groups(k_words), ks, side_levels["key_levels"])), k_norms,
+      tuple(_unpack(w, s, True, operand, lv) for w, s, lv in zip(
+          dm._groups(v_words), vs, side_levels["value_levels"])), v_norms,
       q, bounds, qoff, bits_k=tuple(s.bits for s in ks), bits_v=tuple(s.bits for s in vs),
       **kw)
   return o, l, m
@@ -92,10 +97,15 @@ GLUE_CASES = [
 ]
 
 
-# Every case with the jnp merge; merge_exact (interpret mode, slow on the CPU) on one case
-# per feature: soft-cap and a window with RoPE offsets, value groups, value centering.
+# Cases 0, 4 and 7 run with the jnp merge in test_mosaic_exact_split_glue (its second
+# call: the exact tokens' jnp partial, as a float32 cache's), on bf16 caches; the others
+# here. merge_exact (interpret mode, slow on the CPU) on one case per feature: soft-cap and
+# a window with RoPE offsets, value groups, value centering.
+_IN_EXACT_SPLIT_GLUE = (0, 4, 7)
+
+
 @pytest.mark.parametrize("bits_k, bits_v, hq, centering, kw, fused_merge", [
-    *[(*case, False) for case in GLUE_CASES],
+    *[(*case, False) for i, case in enumerate(GLUE_CASES) if i not in _IN_EXACT_SPLIT_GLUE],
     *[(*GLUE_CASES[i], True) for i in (4, 5, 1)]])
 def test_mosaic_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering, kw,
                                        fused_merge):
@@ -316,13 +326,16 @@ def test_mosaic_reasons_and_errors(rng):
     (3.5, 3.5, 8, "rope", dict(soft_cap=None, sliding_window=None, window=256,
                                dtype=jnp.bfloat16)),
     (2.5, 3.5, 4, "plain", dict(soft_cap=5.0, sliding_window=None)),
+    # 4-bit keys of evenly spaced levels as plain nibbles (offset -15/2·Σq), int8 values.
+    (4, 3, 4, "plain", dict(soft_cap=None, sliding_window=None, window=128,
+                            dtype=jnp.bfloat16, levels=("uniform", "int8"))),
 ])
 def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq, centering,
                                            kw):
   kw = dict(kw)
-  cfg = {k: kw.pop(k) for k in ("window", "dtype") if k in kw}
-  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, levels="int8",
-                      tile_operand="int8", **cfg)
+  cfg = {k: kw.pop(k) for k in ("window", "dtype", "levels") if k in kw}
+  cache = tiles_cache(rng, bits_k, bits_v, center_keys=centering, tile_operand="int8",
+                      **{"levels": "int8", **cfg})
   assert cache.key_codes[0].layout.operand == "int8"
   assert ka.mosaic_unsupported(cache, hq // H) is None
   seen = []
@@ -341,12 +354,28 @@ def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq,
   assert seen[0]["q_scale"].shape == (B * H, dm.HEADS)
   assert all(isinstance(x, dm.ByteLevels) for x in seen[0]["key_levels"])
   assert len(seen[0]["key_levels"]) == len(cache.key_quantizer.groups)
+  plain = cfg.get("levels") == ("uniform", "int8")
+  assert [dm.is_plain(x) for x in seen[0]["key_levels"]] == [plain] * len(cache.key_codes)
+  assert cache.key_codes[0].layout.plain == plain
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
 def test_int8_tiles_config_errors_and_reasons(rng):
-  with pytest.raises(ValueError, match="levels='int8'"):
+  with pytest.raises(ValueError, match="levels 'int8'"):
     TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", tile_operand="int8")
+  # Evenly spaced levels: plain nibbles at 4 bits only (an int8 table holds no others).
+  with pytest.raises(ValueError, match="'uniform' on a 4-bit side"):
+    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels=("uniform", "int8"),
+                     tile_operand="int8")
+  with pytest.raises(ValueError, match="serves 1-4 bits"):
+    TurboQuantConfig(key_bits=5, value_bits=3, levels=("uniform", "int8"))
+  with pytest.raises(ValueError, match="pair"):
+    TurboQuantConfig(levels=("uniform",))
+  with pytest.raises(ValueError, match="levels must be one of"):
+    TurboQuantConfig(levels=("uniform", "linear"))
+  pair = TurboQuantConfig(levels=["uniform", "int8"])    # a list: kept hashable
+  assert pair.levels == ("uniform", "int8") and pair.levels_pair == ("uniform", "int8")
+  assert TurboQuantConfig(levels="cubic").levels_pair == ("cubic", "cubic")
   with pytest.raises(ValueError, match="both widths integer or both fractional"):
     TurboQuantConfig(key_bits=3.5, value_bits=3, layout="tiles", levels="int8",
                      tile_operand="int8")
@@ -365,16 +394,18 @@ def test_int8_tiles_config_errors_and_reasons(rng):
   assert "Lloyd-Max" in ka.mosaic_unsupported(fp16_tiles, 4)
 
 
-@pytest.mark.parametrize("bits", [3, 3.5])
-def test_int8_tiles_attend_lowers_for_cuda(rng, bits):
+@pytest.mark.parametrize("bits, levels", [((3, 3), "int8"), ((3.5, 3.5), "int8"),
+                                          ((4, 3), ("uniform", "int8"))])
+def test_int8_tiles_attend_lowers_for_cuda(rng, bits, levels):
   from benchmarks.mosaic_lowering import module_asm, smem_bytes
-  cache = tiles_cache(rng, bits, bits, levels="int8", tile_operand="int8", center_keys="rope",
-                      dtype=jnp.bfloat16, window=128 if bits == 3 else 256)
+  cache = tiles_cache(rng, *bits, levels=levels, tile_operand="int8", center_keys="rope",
+                      dtype=jnp.bfloat16, window=256 if bits[0] == 3.5 else 128)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True).lower(
       lowering_platforms=("cuda",)).as_text()
   asm = module_asm(text)
   assert "prmt.b32" in asm and "m64n8k32.s32.s8.s8" in asm
+  assert (str(0x0F0F0F0F) in asm) == (levels != "int8")   # plain nibbles' mask
   # Two CTAs per SM (228 KB, 1 KB reserved each): at 3.5 bits the fp16 RoPE operands and
   # 64-token exact blocks keep it there (128-token blocks: 116 KB, one CTA, 0.39 ms).
   assert 2 * (smem_bytes(asm) + 1024) <= 228 * 1024

@@ -57,6 +57,8 @@ def test_tile_lengths_and_errors():
     tile_codes.TileLayout(3, 64, 128, False, "int8")
   with pytest.raises(ValueError, match="operand must be"):
     tile_codes.TileLayout(3, 128, 128, False, "fp8")
+  with pytest.raises(ValueError, match="plain nibbles"):
+    tile_codes.TileLayout(3, 128, 128, False, "int8", plain=True)
 
 
 @pytest.mark.parametrize("kw", [dict(key_bits=3, value_bits=4, levels="cubic"),
@@ -64,7 +66,10 @@ def test_tile_lengths_and_errors():
                                      num_sinks=0),
                                 # Fractional: two channel groups of 64, 256-token tiles
                                 # (a window of one, so the prefill calibrates).
-                                dict(key_bits=3.5, value_bits=2.5, window=256)])
+                                dict(key_bits=3.5, value_bits=2.5, window=256),
+                                # int8 byte tiles: 4-bit keys as plain nibbles.
+                                dict(key_bits=4, value_bits=3, levels=("uniform", "int8"),
+                                     tile_operand="int8")])
 def test_tiles_cache_equals_planes_cache(rng, kw):
   """Prefill (calibration re-codes the window), ragged rows and decode steps: the same
   codes, so the same reconstruction and attention; memory counted the same (but for the
@@ -72,7 +77,9 @@ tiles' norm bound)."""
   b, length, h, d = 2, 512, 2, 128
   tiles = TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(layout="tiles", **kw))
   # The same window (by default two tiles where those are longer than 128 tokens).
+  assert tiles.key_codes[0].layout.plain == (kw.get("levels") == ("uniform", "int8"))
   kw = dict(kw, window=tiles.config.window)
+  kw.pop("tile_operand", None)
   caches = [TurboQuantKVCache.create(b, length, h, d, config=TurboQuantConfig(**kw)), tiles]
   k = jnp.asarray(rng.standard_normal((b, 300, h, d)) + 0.5, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, 300, h, d)), jnp.float32)

@@ -307,7 +307,8 @@ def _ring_widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> li
   serves (5 bits included, measured there; up to 4 for tiles, int8 levels, prod keys),
   the integer ones for tiles."""
   if widths is None:
-    widest = 4 if (config.layout == "tiles" or config.levels == "int8"
+    widest = 4 if (config.layout == "tiles" or "int8" in config.levels_pair
+                   or "uniform" in config.levels_pair
                    or config.key_quantizer == "prod") else 5
     widths = [b for b in CACHE_BITS if b <= widest
               and (config.layout != "tiles" or float(b).is_integer())]

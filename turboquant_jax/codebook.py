@@ -182,6 +182,50 @@ def _int8(d: int, bits: int, density: Density) -> LloydMaxCodebook:
   return LloydMaxCodebook(levels, boundaries, mse)
 
 
+def uniform_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMaxCodebook:
+  """2^bits evenly spaced levels (n - (2^bits - 1)/2)·Δ, Δ the step with the least D_mse
+  under the density (nearest-level cells). At 4 bits the Mosaic kernel's int8 path decodes
+  such codes with a mask and a shift per eight codes, where Lloyd-Max's levels take a
+  table lookup (`pallas_kernels.byte_codes`, plain nibbles); the price is D_mse: +18-21%
+  at 4 bits, +8% at 3 (for a Gaussian, Max's uniform quantizer: 0.01154 and 0.03744).
+  Bits 1..4.
+
+  Returns: a cached, read-only `LloydMaxCodebook`.
+  """
+  _validate(d, bits, density)
+  if not 1 <= bits <= 4:
+    raise ValueError(f"a uniform codebook takes 1 to 4 bits, got {bits}")
+  return _uniform(int(d), int(bits), density)
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform(d: int, bits: int, density: Density) -> LloydMaxCodebook:
+  u = np.arange(2**bits) - (2**bits - 1) / 2
+  mse = lambda step: _nearest_level_mse(u * step, d, density)[1]  # noqa: E731
+  # D_mse is unimodal in the step: golden-section search from Lloyd-Max's outermost level.
+  peak = float(_solve(d, bits, density, 1e-12, 200_000).centroids[-1])
+  lo, hi = 0.3 * peak / u[-1], 2.0 * peak / u[-1]
+  ratio = (math.sqrt(5) - 1) / 2
+  a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+  fa, fb = mse(a), mse(b)
+  for _ in range(200):
+    if hi - lo < 1e-13 * peak:
+      break
+    if fa < fb:
+      hi, b, fb = b, a, fa
+      a = hi - ratio * (hi - lo)
+      fa = mse(a)
+    else:
+      lo, a, fa = a, b, fb
+      b = lo + ratio * (hi - lo)
+      fb = mse(b)
+  levels = u * (0.5 * (lo + hi))
+  boundaries, mse_value = _nearest_level_mse(levels, d, density)
+  levels.setflags(write=False)
+  boundaries.setflags(write=False)
+  return LloydMaxCodebook(levels, boundaries, mse_value)
+
+
 class CubicCodebook(NamedTuple):
   """A codebook whose levels are an odd cubic of the centred code index.
 

@@ -21,6 +21,7 @@ from pallas_kernels import decode_prologue
 from pallas_kernels import merge_exact
 from turboquant_jax import attention
 from turboquant_jax import rope as rope_lib
+from turboquant_jax import tile_codes
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
 
 Array = jax.Array
@@ -124,10 +125,12 @@ def odd_levels(quantizer) -> tuple[float, ...] | None:
 
 
 def byte_levels(quantizer):
-  """The quantizer's levels as the int8 path's `ByteLevels` (an int8 table and a scale),
-  or None where no int8 table holds them exactly (levels other than "int8")."""
+  """The quantizer's levels as the int8 path's `ByteLevels` (an int8 table and a scale;
+  4-bit "uniform" levels as plain nibbles, as the cache's int8 tiles store them), or
+  None where no int8 table holds them exactly (levels other than "int8", "uniform")."""
   centroids = np.asarray(quantizer.static_codebook().centroids, np.float64)
-  table = mosaic.byte_levels(centroids)
+  table = mosaic.byte_levels(centroids, plain=tile_codes.plain_nibbles(
+      "int8", quantizer.bits, quantizer.levels))
   exact = (np.asarray(table.table, np.float64) + table.offset) * table.scale
   if not np.allclose(exact, centroids, rtol=1e-6, atol=1e-7 * abs(table.scale)):
     return None
@@ -153,7 +156,8 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
       return f"it reads float16 norms (norm_dtype), got {jnp.dtype(q.norm_dtype).name}"
     if _int8_tiles(cache):
       if byte_levels(q) is None:
-        return "its int8 path needs levels an int8 table represents (levels='int8')"
+        return ("its int8 path needs levels an int8 table represents (levels='int8', "
+                "or 'uniform' at 4 bits)")
       continue
     coefficients = odd_levels(q)
     if coefficients is None:

@@ -133,7 +133,7 @@ def level_of_code(bits: int) -> np.ndarray:
   return np.where(codes >= half, codes, half - 1 - codes)
 
 
-LEVELS = ("lloyd_max", "cubic", "quintic", "int8")
+LEVELS = ("lloyd_max", "cubic", "quintic", "int8", "uniform")
 
 
 def _codebook(d: int, bits: int, density, levels: str):
@@ -145,6 +145,10 @@ def _codebook(d: int, bits: int, density, levels: str):
     return codebook_lib.polynomial_codebook(d, bits, density, degree=5)
   if levels == "int8" and bits >= 1:
     return codebook_lib.int8_codebook(d, bits, density)
+  if levels == "uniform" and bits >= 1:
+    if bits > 4:
+      raise ValueError(f"levels='uniform' serves 1-4 bits, got {bits}")
+    return codebook_lib.uniform_codebook(d, bits, density)
   return codebook_lib.lloyd_max_codebook(d, bits, density)
 
 
@@ -213,7 +217,8 @@ class MSEQuantizer:
         polynomials without a table (and Lloyd-Max up to 2 bits, where it is a cubic);
         "int8" (`codebook.int8_codebook`: Lloyd-Max on an int8 grid, 0.05% at 3 bits,
         0.05% at 4: odd multiples of half a step, sign-magnitude) is what its int8
-        path looks up exactly.
+        path looks up exactly; "uniform" (`codebook.uniform_codebook`: evenly spaced,
+        +18-21% at 4 bits) what it decodes at 4 bits without a lookup (plain nibbles).
     """
     _validate_config(d, bits, MSE_BITS, "MSEQuantizer")
     return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype,

@@ -53,18 +53,26 @@ def tile_tokens(groups: tuple[tuple[int, int], ...]) -> int:
 OPERANDS = ("fp16", "int8")
 
 
+def plain_nibbles(operand: str, bits: int, levels: str) -> bool:
+  """Whether a group's tiles store plain nibbles: 4-bit int8 tiles of evenly spaced
+  ("uniform") levels, which the kernel decodes without a table."""
+  return operand == "int8" and bits == 4 and levels == "uniform"
+
+
 @dataclasses.dataclass(frozen=True)
 class TileLayout:
   """Static description of one side's tiles: width, head size, tokens per tile, whether
   tiles are [d, tokens] (values) or [tokens, d] (keys), and the kernel operand their
   words decode to: "fp16" (`register_codes` tiles) or "int8" (`byte_codes` tiles, 128
   tokens x 128 channels, or 256 x 64 for the 64-channel groups of fractional widths; 2-4
-  bits)."""
+  bits); plain: 4-bit int8 tiles hold the level indices as they are (evenly spaced
+  levels: `byte_codes` plain nibbles, decoded without a table; `plain_nibbles`)."""
   bits: int
   dim: int
   tokens: int
   transposed: bool
   operand: str = "fp16"
+  plain: bool = False
 
   def __post_init__(self):
     if self.operand not in OPERANDS:
@@ -74,6 +82,9 @@ class TileLayout:
       raise ValueError(f"int8 tiles are {byte_codes.SHAPES} (tokens x channels for keys, "
                        f"the transpose for values) at 2-4 bits, got {self.tokens} tokens x "
                        f"{self.dim} channels at {self.bits}")
+    if self.plain and (self.operand != "int8" or self.bits != 4):
+      raise ValueError(f"plain nibbles are 4-bit int8 tiles, got {self.bits}-bit "
+                       f"{self.operand} tiles")
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -92,12 +103,12 @@ class TileLayout:
     """Level indices [..., rows, cols] -> int32 words [..., 64, C]; mask: the values are
     bit masks (2^bits - 1 marks a slot), packed to the same bits as any code's."""
     if self.operand == "int8":
-      return byte_codes.pack_tile(tiles, self.bits, mask=mask)
+      return byte_codes.pack_tile(tiles, self.bits, mask=mask, plain=self.plain)
     return register_codes.pack_tile(tiles, self.spec)
 
   def unpack(self, words: Array) -> Array:
     if self.operand == "int8":
-      return byte_codes.unpack_tile(words, self.bits, self.shape)
+      return byte_codes.unpack_tile(words, self.bits, self.shape, plain=self.plain)
     return register_codes.unpack_tile(words, self.spec)
 
 
@@ -128,8 +139,8 @@ def empty(lead: tuple[int, int, int], layout: TileLayout, norm_dtype) -> TileCod
     raise ValueError(f"the tiles layout needs max_len divisible by {layout.tokens}, "
                      f"got {length}")
   rows = length // layout.tokens * register_codes.WORD_ROWS
-  # Level 0's bits: zeros, except 4-bit byte tiles (sign-magnitude: all ones).
-  fill = -1 if layout.operand == "int8" and layout.bits == 4 else 0
+  # Level 0's bits: zeros, except 4-bit sign-magnitude byte tiles (all ones).
+  fill = -1 if layout.operand == "int8" and layout.bits == 4 and not layout.plain else 0
   return TileCodes(words=jnp.full((b, h, rows, layout.spec.words_per_row), fill, jnp.int32),
                    norms=jnp.zeros((b, h, length), norm_dtype),
                    norm_max=jnp.zeros((b, h), jnp.float32), layout=layout)

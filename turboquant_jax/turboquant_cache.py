@@ -117,10 +117,13 @@ class TurboQuantConfig:
       bits: float8_e4m3fn norms on both sides +0.43% perplexity, float16 key norms with
       float8 value norms +0.04%, README).
     seed: rotations and sketches come from PRNGKey(seed) folded with the layer index.
-    levels: "lloyd_max", "quintic", "cubic" or "int8" reconstruction levels
-      (`MSEQuantizer.create`); the polynomials are what the Mosaic GPU kernel's fp16 path
-      decodes without a table (quintic: Lloyd-Max's D_mse within 0.16%), "int8" Lloyd-Max
-      on an int8 grid (within 0.1%) what its int8 path looks up (`tile_operand`).
+    levels: "lloyd_max", "quintic", "cubic", "int8" or "uniform" reconstruction levels
+      (`MSEQuantizer.create`), or a (keys, values) pair; the polynomials are what the
+      Mosaic GPU kernel's fp16 path decodes without a table (quintic: Lloyd-Max's D_mse
+      within 0.16%), "int8" Lloyd-Max on an int8 grid (within 0.1%) what its int8 path
+      looks up (`tile_operand`), "uniform" (evenly spaced, D_mse +18-21% at 4 bits) what
+      it decodes at 4 bits without a lookup: ("uniform", "int8") with 4-bit keys, H200
+      Llama-3-8B shapes 8 x 32K, the kernel 89 -> 78 us (`key_decode_probe_gpu.json`).
     center_values: subtract a per-head channel mean from values before quantizing (chosen
       with the key mean) and add it back to the compressed tokens' share of the output
       (off: at 3.5 bits it helped SmolLM2 and hurt Gemma 3 on the Debian manual, README).
@@ -159,7 +162,7 @@ class TurboQuantConfig:
   rotation: str = "haar"
   norm_dtype: Any = jnp.float16
   seed: int = 0
-  levels: str = "lloyd_max"
+  levels: Any = "lloyd_max"
   layout: str = "planes"
   center_values: bool = False
   append_kernel: bool | None = None
@@ -177,6 +180,13 @@ class TurboQuantConfig:
       return tuple(self.norm_dtype)
     return self.norm_dtype, self.norm_dtype
 
+  @property
+  def levels_pair(self) -> tuple[str, str]:
+    """(keys', values') levels (`levels`, one or a pair)."""
+    if isinstance(self.levels, tuple):
+      return self.levels
+    return self.levels, self.levels
+
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
       if getattr(self, name) not in channel_split.CACHE_BITS:
@@ -185,8 +195,14 @@ class TurboQuantConfig:
     if self.center_keys not in (True, False, "plain", "rope"):
       raise ValueError(f"center_keys must be 'rope', 'plain', True or False, "
                        f"got {self.center_keys!r}")
-    if self.levels not in LEVELS:
-      raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
+    if isinstance(self.levels, list):   # a static field: hashable
+      object.__setattr__(self, "levels", tuple(self.levels))
+    if isinstance(self.levels, tuple) and len(self.levels) != 2:
+      raise ValueError(f"levels must be one of {LEVELS} or a (keys, values) pair, got "
+                       f"{self.levels!r}")
+    for lv in self.levels_pair:
+      if lv not in LEVELS:
+        raise ValueError(f"levels must be one of {LEVELS} (or a pair), got {self.levels!r}")
     if isinstance(self.norm_dtype, list):   # a static field: hashable
       object.__setattr__(self, "norm_dtype", tuple(self.norm_dtype))
     for dtype in self.norm_dtypes:
@@ -200,8 +216,9 @@ class TurboQuantConfig:
             if getattr(self, n) > 4]
     if wide and self.layout == "tiles":
       raise ValueError(f"layout='tiles' serves 2-4 bits per side, got {', '.join(wide)}")
-    if wide and self.levels == "int8":
-      raise ValueError(f"levels='int8' serves 1-4 bits, got {', '.join(wide)}")
+    for n, lv in zip(("key_bits", "value_bits"), self.levels_pair):
+      if lv in ("int8", "uniform") and getattr(self, n) > 4:
+        raise ValueError(f"levels={lv!r} serves 1-4 bits, got {n}={getattr(self, n)}")
     if self.key_bits > 4 and self.key_quantizer == "prod":
       raise ValueError(f"key_quantizer='prod' serves up to 4 bits, got key_bits="
                        f"{self.key_bits}")
@@ -215,11 +232,15 @@ class TurboQuantConfig:
                        f"{self.tile_operand!r}")
     if self.tile_operand == "int8":
       widths = (self.key_bits, self.value_bits)
-      if (self.layout != "tiles" or self.levels != "int8"
+      # An int8 table holds Lloyd-Max's levels ("int8"), and evenly spaced ones at 4 bits.
+      levels_ok = all(lv == "int8" or (lv == "uniform" and b == 4)
+                      for lv, b in zip(self.levels_pair, widths))
+      if (self.layout != "tiles" or not levels_ok
           or len({float(b).is_integer() for b in widths}) > 1):
-        raise ValueError("tile_operand='int8' takes layout='tiles', levels='int8' and "
-                         "both widths integer or both fractional (one tile length), got "
-                         f"layout={self.layout!r}, levels={self.levels!r}, widths {widths}")
+        raise ValueError("tile_operand='int8' takes layout='tiles', levels 'int8' (or "
+                         "'uniform' on a 4-bit side) and both widths integer or both "
+                         f"fractional (one tile length), got layout={self.layout!r}, "
+                         f"levels={self.levels!r}, widths {widths}")
     if self.key_quantizer not in ("mse", "prod"):
       raise ValueError(f"key_quantizer must be 'mse' or 'prod', got {self.key_quantizer!r}")
     for name in ("window", "num_sinks", "calibration_tokens"):
@@ -246,12 +267,12 @@ def _quantizers(config: TurboQuantConfig, layer: int, head_dim: int
   the value quantizer rotates values itself (values_prerotated aside)."""
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
   k_key, v_key = jax.random.split(key)
-  make = lambda k, bits, kind, norms: channel_split.SplitQuantizer.create(  # noqa: E731
-      k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=norms,
-      levels=config.levels)
+  make = lambda k, bits, kind, norms, levels: channel_split.SplitQuantizer.create(  # noqa: E731
+      k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=norms, levels=levels)
   key_norms, value_norms = config.norm_dtypes
-  return (make(k_key, config.key_bits, config.key_quantizer, key_norms),
-          make(v_key, config.value_bits, "mse", value_norms))
+  key_levels, value_levels = config.levels_pair
+  return (make(k_key, config.key_bits, config.key_quantizer, key_norms, key_levels),
+          make(v_key, config.value_bits, "mse", value_norms, value_levels))
 
 
 def value_rotation(config: TurboQuantConfig, layer: int, head_dim: int) -> Array:
@@ -272,7 +293,9 @@ def _empty_codes(quantizer: channel_split.SplitQuantizer, lead: tuple[int, ...],
   tokens per tile of the tiles layout (None: bit-planes), `operand` their decode."""
   if tiles is not None:
     return tuple(tile_codes.empty(
-        lead, tile_codes.TileLayout(g.bits, g.dim, tiles, values, operand), g.norm_dtype)
+        lead, tile_codes.TileLayout(g.bits, g.dim, tiles, values, operand,
+                                    tile_codes.plain_nibbles(operand, g.bits, g.levels)),
+        g.norm_dtype)
         for g in quantizer.groups)
   shapes = jax.eval_shape(quantizer.quantize,
                           jax.ShapeDtypeStruct((*lead, quantizer.dim), jnp.float32))
