@@ -207,6 +207,10 @@ CACHES = {
     # shapes or cost, so the timed model is the unfolded one.
     "tq3.5-k4v3-int8-prerotated": tiles(4, 3, "int8", "plain", values_prerotated=True,
                                         **INT8),
+    # 4-bit keys of evenly spaced levels (`codebook.uniform_codebook`) as plain nibbles,
+    # decoded by two masks per word instead of a table lookup; values as above.
+    "tq3.5-k4uv3-int8-prerotated": tiles(4, 3, ("uniform", "int8"), "plain",
+                                         values_prerotated=True, **INT8),
     # The same with the window pinned at 512 tokens: where tiles hold 256 tokens (head_dim
     # 64, SmolLM2) the default since 2026-12-01 (two tiles, so decode codes lazily); the
     # runs that chose it were timed under this name, beside the 256-token window of before.

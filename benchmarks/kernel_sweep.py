@@ -41,6 +41,9 @@ CONFIGS = {
                                   tile_operand="int8", center_keys="plain"),
     "k4v3-quintic": TurboQuantConfig(key_bits=4, value_bits=3, levels="quintic",
                                      layout="tiles", center_keys="plain"),
+    # 4-bit keys of evenly spaced levels as plain nibbles (two masks per word, no table).
+    "k4uv3-int8": TurboQuantConfig(key_bits=4, value_bits=3, levels=("uniform", "int8"),
+                                   layout="tiles", tile_operand="int8", center_keys="plain"),
 }
 # The same with values the decoder rotated (`values_prerotated`: no inverse rotation after
 # the kernel; the folded projections cost what the plain ones do).
