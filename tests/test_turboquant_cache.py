@@ -251,7 +251,7 @@ def test_bad_config_and_inputs(rng):
   with pytest.raises(ValueError, match="window"):
     TurboQuantConfig(window=True)
   with pytest.raises(ValueError, match="levels"):
-    TurboQuantConfig(levels="uniform")
+    TurboQuantConfig(levels="linear")
   # 5 bits: planes and float levels only, MSE keys.
   with pytest.raises(ValueError, match="tiles' serves 2-4 bits per side, got value_bits=5"):
     TurboQuantConfig(value_bits=5, layout="tiles")
