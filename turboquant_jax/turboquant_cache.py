@@ -123,7 +123,8 @@ class TurboQuantConfig:
       within 0.16%), "int8" Lloyd-Max on an int8 grid (within 0.1%) what its int8 path
       looks up (`tile_operand`), "uniform" (evenly spaced, D_mse +18-21% at 4 bits) what
       it decodes at 4 bits without a lookup: ("uniform", "int8") with 4-bit keys, H200
-      Llama-3-8B shapes 8 x 32K, the kernel 89 -> 78 us (`key_decode_probe_gpu.json`).
+      Llama-3-8B shapes 8 x 32K, the kernel 90 -> 79 us, the decode step 1.49x -> 1.54x
+      bf16 (`kernel_sweep_llama3_8b_k4uv3_int8_prerotated_gpu.json`, README).
     center_values: subtract a per-head channel mean from values before quantizing (chosen
       with the key mean) and add it back to the compressed tokens' share of the output
       (off: at 3.5 bits it helped SmolLM2 and hurt Gemma 3 on the Debian manual, README).
