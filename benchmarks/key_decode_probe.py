@@ -29,7 +29,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
 from pallas_kernels import byte_codes
@@ -37,46 +36,6 @@ from pallas_kernels import decode_attention_mgpu as dm
 
 MODES = ("default", "plain", "raw", "allraw")
 _LIBRARY_DECODER = dm.byte_decoder
-
-
-def plain_nibble_decoder(shape=(byte_codes.ROWS, byte_codes.COLS)):
-  """f(words) -> int8 [rows, cols] in WGMMA_8BIT: byte j of a word's two registers from
-  nibbles 2j and 2j + 1, unsigned (0..15); 3 instructions per word."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import arith, llvm
-
-  out_shape = byte_codes.check_shape(shape)
-  out_type = plgpu.ShapeDtypeStruct(out_shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=out_type)
-  def decode(ctx, words):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    i8x4 = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
-    mask = arith.constant(i32, ir.IntegerAttr.get(i32, 0x0F0F0F0F))
-
-    def asm(text, args):
-      return llvm.inline_asm(i32, args, text, ",".join(["=r"] + ["r"] * len(args)))
-
-    layout = mgpu.WGMMA_LAYOUT_8BIT
-    regs_shape = layout.registers_shape(out_shape)
-    out = np.empty(regs_shape, dtype=object)
-    tw = [mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(k, k + 1)), i32)
-          for vec in words.registers.flat for k in range(2)]
-    outs = []
-    for w in tw:
-      outs.append(asm("and.b32 $0, $1, $2;", [w, mask]))
-      outs.append(asm("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, $2; }", [w, mask]))
-    if len(outs) != byte_codes.REGISTERS:
-      raise ValueError(f"{len(tw)} words per thread are not a 4-bit byte tile")
-    for idx, r in zip(np.ndindex(*regs_shape), outs):
-      out[idx] = mgpu_utils.bitcast(r, i8x4)
-    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=True)
-
-  return decode
 
 
 def patch(mode: str) -> None:
@@ -88,8 +47,8 @@ def patch(mode: str) -> None:
   def decoder(bits, table, raw=False, shape=(byte_codes.ROWS, byte_codes.COLS)):
     if mode == "allraw" or (mode == "raw" and bits == 4):
       return _LIBRARY_DECODER(bits, table, True, shape)
-    if mode == "plain" and bits == 4:
-      return plain_nibble_decoder(shape)
+    if mode == "plain" and bits == 4:   # the library's plain-nibble decode, on any tile
+      return _LIBRARY_DECODER(bits, dm.PLAIN_TABLE, False, shape)
     return _LIBRARY_DECODER(bits, table, raw, shape)
 
   dm.byte_decoder = _LIBRARY_DECODER if mode == "default" else decoder

@@ -255,7 +255,7 @@ def test_uniform_levels_distortion_matches_their_codebook(unit_data):
   d_mse = float(jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1)))
   assert d_mse == pytest.approx(cb.mse, rel=0.03)
   assert d_mse > 1.1 * codebook.lloyd_max_codebook(D, 4).mse
-  with pytest.raises(ValueError, match="1-4 bits"):
+  with pytest.raises(ValueError, match="1 to 4 bits"):
     MSEQuantizer.create(jax.random.PRNGKey(0), D, 5, levels="uniform")
 
 

@@ -146,8 +146,6 @@ def _codebook(d: int, bits: int, density, levels: str):
   if levels == "int8" and bits >= 1:
     return codebook_lib.int8_codebook(d, bits, density)
   if levels == "uniform" and bits >= 1:
-    if bits > 4:
-      raise ValueError(f"levels='uniform' serves 1-4 bits, got {bits}")
     return codebook_lib.uniform_codebook(d, bits, density)
   return codebook_lib.lloyd_max_codebook(d, bits, density)
 
