@@ -435,6 +435,69 @@ def fold_p_parts(o) -> Array:
   return jnp.where(col < HEADS // 2, o + y * (1 / 127), y + o * (1 / 127))
 
 
+COLUMN_MAX_SCRATCH = 32   # float32 words of SMEM `column_max` takes: 4 column pairs x 4 warps x 2
+
+
+def column_max(x, scratch) -> Array:
+  """Inside a Mosaic GPU kernel: x float32 [rows, 8] in `plgpu.Layout.WGMMA` -> its max
+  over the rows, float32 [8] in `plgpu.Layout.WGMMA.reduce(0)` (what ``x.max(axis=0)``
+  gives), through `scratch` (float32 [COLUMN_MAX_SCRATCH], SMEM) with one warpgroup
+  barrier where Mosaic's cross-warp reduction takes two: its second keeps the scratch
+  until every warp has read it, which the caller must do instead, by a warpgroup barrier
+  (a `plgpu.commit_smem`) before the next call on the same scratch.
+
+  Lanes 4·r + k of a warp hold columns 2k, 2k + 1 (of rows r, r + 8 of each 64-row tile's
+  16): a register max, three butterfly shuffles (lanes 4, 8, 16 apart), one vector store
+  per lane of the warp's pair to [k][warp], the barrier, and one 32-byte load of the four
+  warps' pairs."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, vector
+
+  out_type = plgpu.ShapeDtypeStruct((HEADS,), jnp.float32,
+                                    layout=plgpu.Layout.WGMMA.reduce(0))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=out_type)
+  def reduce(ctx, arr, ref):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    c = lambda v: arith.constant(i32, v)                # noqa: E731
+    at = lambda v: arith.index_cast(index, v)           # noqa: E731
+    acc = functools.reduce(arith.maximumf, list(arr.registers.flat))
+    for lanes in (4, 8, 16):
+      acc = arith.maximumf(acc, mgpu_utils.shfl_bfly(acc, lanes))
+    tid = arith.remui(mgpu_utils.thread_idx(), c(128))
+    warp, pair = arith.divui(tid, c(32)), arith.remui(tid, c(4))
+    vector.store(acc, ref, [at(arith.addi(arith.muli(pair, c(8)), arith.muli(warp, c(2))))])
+    mgpu_utils.warpgroup_barrier()
+    row = vector.load(ir.VectorType.get((8,), ir.F32Type.get()), ref,
+                      [at(arith.muli(pair, c(8)))])
+    out = functools.reduce(arith.maximumf, [mgpu_utils.vector_slice(row, slice(k, k + 2))
+                                            for k in range(0, 8, 2)])
+    layout = mgpu.WGMMA_LAYOUT.reduce((0,))
+    regs = np.empty(layout.registers_shape((HEADS,)), dtype=object)
+    if regs.size != 1:
+      raise ValueError(f"{layout} holds {regs.size} registers per thread, not one")
+    regs.flat[0] = out
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+  return reduce(x, scratch)
+
+
+def warpgroup_sync() -> None:
+  """Inside a Mosaic GPU kernel: a warpgroup barrier (no memory fence), where the kernel
+  places its own barriers (``unsafe_no_auto_barriers``)."""
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu()
+  def sync(ctx):
+    del ctx
+    mgpu_utils.warpgroup_barrier()
+
+  sync()
+
+
 def s8_transforms(cols: int = 128):
   """Shared-memory tiling of an int8 [8, cols] wgmma B operand, read as K-major (int8
   wgmma takes no transposed operands): a swizzle of the row's bytes, up to 128."""
@@ -774,7 +837,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     sliding_window: int | None = None, operand: str = "fp16",
                     q_scale: Array | None = None, p_scale: str = "bound",
                     value_bound: Array | None = None, key_offsets: Array | None = None,
-                    pack_p_parts: bool = False, pack_q_parts: bool = False):
+                    pack_p_parts: bool = False, pack_q_parts: bool = False,
+                    auto_barriers: bool = False):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -855,6 +919,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       shuffle per score register adds them): one key wgmma and accumulator per step and
       group instead of two. The operand is made here from q (one XLA fusion), or q comes
       as it: int8 [R, 1, 8, D] (`decode_prologue` parts="packed"; key_offsets given).
+    auto_barriers: Pallas's own warpgroup barriers (before and after every SMEM store,
+      before every TMA copy: 9 per step at K4/V3 int8, 6 of them for the stores and the
+      pipeline's four copies), else the kernel's: every pass commits its SMEM (one
+      barrier) after its last read of the step's buffers, so the pipeline's next copy into
+      them waits on nothing more, and the per-step max (`column_max`, one barrier) sits
+      between a pass's value wgmma and the next pass's store of p; a step whose values are
+      decoded after the commit (overlap_values=False, serial groups) ends on one more
+      barrier.
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -1017,9 +1089,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   off_scale = float(scale) * (1.0 if soft_cap is not None else log2e)
   value_rows = [s.rows for s in value_specs]
   value_starts = list(np.cumsum([0] + value_rows[:-1]))
+  # Value tiles decoded after a pass's commit: the step needs a barrier of its own before
+  # the pipeline's next copy into its buffers (without Pallas's automatic ones).
+  late_reads = not auto_barriers and (not overlap_values or serial_groups)
 
   def kernel(*refs):
     refs = list(refs)
+    max_smem = refs.pop()            # `column_max`'s scratch (the last one)
     kw_gmem, kn_gmem = refs[:gk], refs[gk:2 * gk]
     del refs[:2 * gk]
     vw_gmem, vn_gmem = refs[:gv], refs[gv:2 * gv]
@@ -1131,6 +1207,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
         for h in range(sub_steps):
           carry = step_pass(h, start + h * sub if h else start, kw_smem, kn_smem, vw_smem,
                             vn_smem, trig, carry)
+        if late_reads:   # value tiles read after the last commit: done before the next copy
+          warpgroup_sync()
         return carry
 
       def step_pass(h, start, kw_smem, kn_smem, vw_smem, vn_smem, trig, carry):
@@ -1212,10 +1290,13 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           s = (soft_cap * log2e) * jnp.tanh(s / soft_cap)
         pos = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
         valid = (pos >= lo) & (pos < hi)
-        s = jnp.where(valid, s, neg)
-        m_next = jnp.maximum(m_prev, s.max(axis=0))
+        # Masked scores below the running max's floor (neg): exp2 takes them to 0 even
+        # while no token has been seen, so p needs no mask of its own.
+        s = jnp.where(valid, s, 2 * neg)
+        # The commit below is the barrier column_max needs before its next call.
+        m_next = jnp.maximum(m_prev, column_max(s, max_smem))
         alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.where(valid, jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1])), 0.0)
+        p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_next, s.shape, [1]))
         # l is kept per row and summed over the tile's rows once, after the loop.
         l_rows = l_rows * jax.lax.broadcast_in_dim(alpha, s.shape, [1]) + p
         pmaxes, pvs = [], []
@@ -1373,7 +1454,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
           plgpu.SMEM((2, d, HEADS), rope.coef.dtype)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
          + [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if rope is not None else [])
-      + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else []),
+      + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else [])
+      + [plgpu.SMEM((COLUMN_MAX_SCRATCH,), f32)],
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=not auto_barriers),
   )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []),
     *([koff] if koff is not None else []), *([vbound] if p_bound else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),

@@ -371,6 +371,25 @@ def test_int8_p_scale_bound_drops_the_per_step_reduction():
   assert module_asm(given) == bound
 
 
+def test_int8_kernel_places_its_own_barriers(monkeypatch):
+  """Without Pallas's automatic barriers (around every SMEM store, before every TMA copy)
+  the kernel keeps the ones it needs: a commit per pass, `column_max`'s one exchange where
+  Mosaic's reduction takes two, and one more per step where the value tiles are decoded
+  after the commit (overlap_values=False). Their placement is checked on the GPU
+  (`benchmarks.barrier_probe --check`)."""
+  from benchmarks.mosaic_lowering import module_asm
+
+  def barriers(**options):
+    return module_asm(lowered_s8(4, 3, **options)).count('"bar.sync')
+  own = barriers()
+  assert own < barriers(auto_barriers=True) - 10
+  assert barriers(overlap_values=False) == own + 1
+  monkeypatch.setattr(dm, "column_max", lambda x, scratch: x.max(axis=0))
+  jax.clear_caches()
+  assert barriers() == own + 1
+  jax.clear_caches()
+
+
 def test_quantize_query_s8_keeps_about_14_bits(rng):
   q = jnp.asarray(rng.standard_normal((3, dm.HEADS, D)), jnp.float32)
   q = q.at[1, 2].set(0.0)                                     # a zero row stays zero
