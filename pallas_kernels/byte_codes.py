@@ -251,30 +251,24 @@ def decode_words(words: np.ndarray, levels, bits: int, shape=(ROWS, COLS),
   w = np.asarray(words).view(np.uint32).astype(np.int64)
   rows, cols = check_shape(shape)
   out = np.zeros((rows, cols), np.int8)
-  if plain:
-    if bits != 4 or tuple(levels) != tuple(range(16)):
-      raise ValueError(f"plain nibbles decode 4-bit codes to 0..15, got {bits} bits, "
-                       f"levels {levels!r}")
-    for wp in range(4):
-      for lane in range(32):
-        for k in range(thread_words(bits)):
-          word = int(w[_thread_word(wp, lane, k)])
-          for half in range(2):
-            r = (word >> (4 * half)) & PLAIN_MASK
-            row, col = _out_register(wp, lane, 2 * k + half, cols)
-            out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
-    return out
-  pools = level_pools(levels, bits)
+  if plain and (bits != 4 or tuple(levels) != tuple(range(16))):
+    raise ValueError(f"plain nibbles decode 4-bit codes to 0..15, got {bits} bits, "
+                     f"levels {levels!r}")
+  pools = None if plain else level_pools(levels, bits)
   for wp in range(4):
     for lane in range(32):
       tw = [int(w[_thread_word(wp, lane, k)]) for k in range(thread_words(bits))]
-      n = 0
-      for sel in selectors(bits, tw):
-        for half in range(2):
-          r = prmt(pools[0], pools[1], sel[0] >> (16 * half))
-          if bits == 4:   # ~T where the sign bytes are 0xFF
-            r ^= prmt(sel[1], sel[2], SIGN_SELECTORS[half])
-          row, col = _out_register(wp, lane, n, cols)
-          out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
-          n += 1
+      if plain:   # register 2k + h: word k's nibbles h, h + 2, h + 4, h + 6
+        regs = [(x >> (4 * half)) & PLAIN_MASK for x in tw for half in range(2)]
+      else:
+        regs = []
+        for sel in selectors(bits, tw):
+          for half in range(2):
+            r = prmt(pools[0], pools[1], sel[0] >> (16 * half))
+            if bits == 4:   # ~T where the sign bytes are 0xFF
+              r ^= prmt(sel[1], sel[2], SIGN_SELECTORS[half])
+            regs.append(r)
+      for n, r in enumerate(regs):
+        row, col = _out_register(wp, lane, n, cols)
+        out[row, col:col + 4] = np.array([r], np.uint32).view(np.int8)
   return out

@@ -89,6 +89,21 @@ def _validate(d: int, bits: int, density: str) -> None:
     raise ValueError(f"density must be 'sphere' or 'gaussian', got {density!r}")
 
 
+def _validate_table(d: int, bits: int, density: str, kind: str) -> None:
+  """`_validate`, and the 1-4 bits a kernel's table-free or int8 levels serve."""
+  _validate(d, bits, density)
+  if not 1 <= bits <= 4:
+    raise ValueError(f"{kind} codebook takes 1 to 4 bits, got {bits}")
+
+
+def _frozen_codebook(levels: np.ndarray, d: int, density: Density) -> LloydMaxCodebook:
+  """The read-only `LloydMaxCodebook` of nearest-level quantization to `levels`."""
+  boundaries, mse = _nearest_level_mse(levels, d, density)
+  levels.setflags(write=False)
+  boundaries.setflags(write=False)
+  return LloydMaxCodebook(levels, boundaries, mse)
+
+
 def _nearest_level_mse(levels: np.ndarray, d: int, density: Density):
   """(boundaries, D_mse of a unit vector) of nearest-level quantization to `levels`."""
   lo, hi = _support(d, density)
@@ -118,10 +133,7 @@ def _solve(d: int, bits: int, density: Density, tol: float, max_iter: int) -> Ll
       break
   else:
     raise RuntimeError(f"Lloyd-Max did not converge for d={d}, bits={bits}, {density}")
-  boundaries, mse = _nearest_level_mse(centroids, d, density)
-  centroids.setflags(write=False)
-  boundaries.setflags(write=False)
-  return LloydMaxCodebook(centroids, boundaries, mse)
+  return _frozen_codebook(centroids, d, density)
 
 
 def lloyd_max_codebook(
@@ -154,9 +166,7 @@ def int8_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMaxCod
 
   Returns: a cached, read-only `LloydMaxCodebook`.
   """
-  _validate(d, bits, density)
-  if not 1 <= bits <= 4:
-    raise ValueError(f"an int8 codebook takes 1 to 4 bits, got {bits}")
+  _validate_table(d, bits, density, "an int8")
   return _int8(int(d), int(bits), density)
 
 
@@ -176,10 +186,7 @@ def _int8(d: int, bits: int, density: Density) -> LloydMaxCodebook:
   else:
     step = float(np.max(np.abs(lm))) / 127.0
     levels = np.round(lm / step) * step
-  boundaries, mse = _nearest_level_mse(levels, d, density)
-  levels.setflags(write=False)
-  boundaries.setflags(write=False)
-  return LloydMaxCodebook(levels, boundaries, mse)
+  return _frozen_codebook(levels, d, density)
 
 
 def uniform_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMaxCodebook:
@@ -192,9 +199,7 @@ def uniform_codebook(d: int, bits: int, density: Density = "sphere") -> LloydMax
 
   Returns: a cached, read-only `LloydMaxCodebook`.
   """
-  _validate(d, bits, density)
-  if not 1 <= bits <= 4:
-    raise ValueError(f"a uniform codebook takes 1 to 4 bits, got {bits}")
+  _validate_table(d, bits, density, "a uniform")
   return _uniform(int(d), int(bits), density)
 
 
@@ -219,11 +224,7 @@ def _uniform(d: int, bits: int, density: Density) -> LloydMaxCodebook:
       lo, a, fa = a, b, fb
       b = lo + ratio * (hi - lo)
       fb = mse(b)
-  levels = u * (0.5 * (lo + hi))
-  boundaries, mse_value = _nearest_level_mse(levels, d, density)
-  levels.setflags(write=False)
-  boundaries.setflags(write=False)
-  return LloydMaxCodebook(levels, boundaries, mse_value)
+  return _frozen_codebook(u * (0.5 * (lo + hi)), d, density)
 
 
 class CubicCodebook(NamedTuple):
