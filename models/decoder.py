@@ -144,6 +144,14 @@ class Block(nnx.Module):
     return x + h, cache
 
 
+def _unembed(embed: nnx.Embed, x: Array) -> Array:
+  """x [..., d] times the tied embedding [vocab, d], contracted on d: `nnx.Embed.attend`
+  without its transposed operand, which XLA's CPU backend copies on every call (Gemma 3's
+  vocab: a 671 MB copy per decode step, 0.33 of its 0.38 s on 2 cores)."""
+  x, table = embed.promote_dtype((x, embed.embedding[...]), dtype=embed.dtype)
+  return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class Decoder(nnx.Module):
   """A decoder-only transformer; see the module docstring for the call pattern."""
 
@@ -198,7 +206,7 @@ class Decoder(nnx.Module):
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
-      logits = self.embed.attend(x.astype(jnp.float32))
+      logits = _unembed(self.embed, x.astype(jnp.float32))
     else:
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)
