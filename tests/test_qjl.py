@@ -12,7 +12,9 @@ def test_sign_estimator_is_unbiased_with_predicted_variance(rng):
   d, m, trials = 64, 64, 20000
   q = rng.standard_normal(d)
   r = rng.standard_normal(d)
-  keys = jax.random.split(jax.random.PRNGKey(0), trials)
+  # RBG keys (XLA's counter-based bit generator): the same draws' statistics, 2.7x faster
+  # on the CPU than threefry (0.8 against 2.1 s alone, 2 cores).
+  keys = jax.random.split(jax.random.key(0, impl="rbg"), trials)
 
   # 82M Gaussian draws: the one test here bound by run time, not compilation, so it asks
   # for LLVM's optimisation back (conftest.py sets level 0 for the suite): ~4x faster.
