@@ -12,7 +12,11 @@ lazy_codes=False (a conditional after every step). After 256 steps no code writt
 the fill has been read (the block completed at 1,024 leaves the 256-token window at
 1,281), so every code buffer should agree; so
 should the tokens, unless the two programs' numerics differ at a near-tie of the random
-model's greedy argmax (on the H200 they part ~225 steps in, every code buffer identical).
+model's greedy argmax (on the H200 they parted ~225 steps in on 2026-12-01, every code
+buffer identical; ~110 steps in on 2026-12-02, the kernel rounding differently since, so the
+blocks coded from the tokens after that differ too: `layers_together_gpu.json`, where
+`--compare same` shows the device's runs are otherwise identical, and `--compare codes`
+that the layers' flush vmapped together writes each layer's codes bit for bit).
 The last 128 steps read that block's codes. Reports the tokens' agreement and, per
 cache buffer that differs after 256 steps, the fraction of differing bytes, to
 lazy_codes_check_<platform>.json.
@@ -30,16 +34,25 @@ import numpy as np
 from benchmarks import common
 
 
+def _each_layer_alone(caches):
+  """`kv_cache._flush_grouped` as before the layers' flush went together: each cache
+  flushes alone (one compiled copy of the work per layer)."""
+  return [c.flush() for c in caches]
+
+
 def run(cache_name: str, batch: int = 8, context: int = 2048, filled: int = 1000,
-        steps: int = 128) -> dict:
-  """384 steps in calls of `steps` (a divisor of 128); the caches compared after 256."""
+        steps: int = 128, compare: str = "lazy") -> dict:
+  """384 steps in calls of `steps` (a divisor of 128); the caches compared after 256.
+  compare="lazy": lazy codes against the step-by-step flush; "same": the default loop
+  twice (the device's run-to-run numerics)."""
   if 128 % steps:
     raise ValueError(f"steps must divide 128, got {steps}")
   calls, compared = 384 // steps, 256
   from benchmarks import step_profile
   from models.generate import decode_loop
   got = {}
-  for lazy in (True, False):
+  for first in (True, False):
+    lazy = first or compare == "same"
     _, model, caches = step_profile.model_with_caches(cache_name, 2, batch, context, filled)
     loop = decode_loop(model, steps, lazy_codes=lazy)
     tokens, outs = jnp.zeros((batch,), jnp.int32), []
@@ -50,20 +63,57 @@ def run(cache_name: str, batch: int = 8, context: int = 2048, filled: int = 1000
       if (call + 1) * steps == compared:   # before a code written lazily is read
         leaves = [(jax.tree_util.keystr(p), np.asarray(x))
                   for p, x in jax.tree_util.tree_leaves_with_path(caches)]
-    got[lazy] = (np.concatenate(outs, axis=1), leaves)
+    got[first] = (np.concatenate(outs, axis=1), leaves)
   (t_lazy, c_lazy), (t_step, c_step) = got[True], got[False]
   differ = {}
   for (path, a), (_, b) in zip(c_lazy, c_step):
     if a.size and not np.array_equal(a, b):
       differ[path] = float(np.mean(a.view(np.uint8) != b.view(np.uint8)))
   before = compared
-  return {"cache": cache_name, "batch": batch, "filled": filled, "steps": steps * calls,
+  return {"cache": cache_name, "compare": compare, "batch": batch, "filled": filled,
+          "steps": steps * calls,
           "tokens_equal_before_codes_read": bool(np.array_equal(t_lazy[:, :before],
                                                                 t_step[:, :before])),
           "tokens_equal": bool(np.array_equal(t_lazy, t_step)),
           "tokens_equal_fraction": float(np.mean(t_lazy == t_step)),
           "buffers": len(c_lazy), "steps_compared": before,
           "differing_byte_fraction": differ}
+
+
+def codes_together_vs_each(cache_name: str, batch: int = 8, context: int = 2048,
+                           filled: int = 1000, steps: int = 40) -> dict:
+  """The same appends (random tokens, the step completing a block at 1,024 among them),
+  each step flushed by `kv_cache.flush_caches` with the layers' work vmapped together (the
+  default) and with each layer's own: the fraction of differing bytes per buffer (no
+  decoder, so no token can part the two runs' inputs)."""
+  import functools
+
+  from benchmarks import step_profile
+  from turboquant_jax import kv_cache
+  _, _, caches = step_profile.model_with_caches(cache_name, 2, batch, context, filled)
+  c0 = caches[0]
+  shape = (steps, len(caches), batch, 1, c0.num_kv_heads, c0.head_dim)
+  k = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.bfloat16)
+  v = jax.random.normal(jax.random.PRNGKey(2), shape, jnp.bfloat16)
+
+  def step(cs, kv):
+    cs = [c.update(kk, vv) for c, kk, vv in zip(kv_cache.deferring(cs), *kv)]
+    return kv_cache.flush_caches(cs), None
+
+  grouped, out = kv_cache._flush_grouped, {}
+  for name, fn in (("together", grouped), ("each", _each_layer_alone)):
+    kv_cache._flush_grouped = fn
+    try:
+      done, _ = jax.jit(functools.partial(jax.lax.scan, step))(caches, (k, v))
+    finally:
+      kv_cache._flush_grouped = grouped
+    out[name] = [(jax.tree_util.keystr(p), np.asarray(x))
+                 for p, x in jax.tree_util.tree_leaves_with_path(done)]
+  differ = {path: float(np.mean(a.view(np.uint8) != b.view(np.uint8)))
+            for (path, a), (_, b) in zip(out["together"], out["each"])
+            if a.size and not np.array_equal(a, b)}
+  return {"cache": cache_name, "compare": "codes", "batch": batch, "filled": filled,
+          "steps": steps, "buffers": len(out["each"]), "differing_byte_fraction": differ}
 
 
 def main():
@@ -75,12 +125,26 @@ def main():
   parser.add_argument("--batch", type=int, default=8,
                       help="rows (1: a ring small enough to take tokens by a select, "
                            "exact_tokens.RING_SELECT_BYTES)")
+  parser.add_argument("--compare", default="lazy", choices=("lazy", "codes", "same"),
+                      help="lazy: lazy codes against the step-by-step flush; codes: the "
+                           "layers' flush vmapped together against each layer's own, on "
+                           "random appends (no decoder); same: "
+                           "the default loop twice (how far the device's own run-to-run "
+                           "numerics part the tokens)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  row = run(args.cache, batch=args.batch, steps=args.steps)
+  if args.compare == "codes":
+    row = codes_together_vs_each(args.cache, batch=args.batch)
+    path = common.write_result("lazy_codes_check", {"rows": [row]},
+                               pathlib.Path(args.out) if args.out else None)
+    print(f"{row['cache']} (codes): buffers differing: "
+          f"{row['differing_byte_fraction'] or 'none'}")
+    print(path)
+    return
+  row = run(args.cache, batch=args.batch, steps=args.steps, compare=args.compare)
   path = common.write_result("lazy_codes_check", {"rows": [row]},
                              pathlib.Path(args.out) if args.out else None)
-  print(f"{row['cache']}: tokens equal {row['tokens_equal']} "
+  print(f"{row['cache']} ({row['compare']}): tokens equal {row['tokens_equal']} "
         f"({row['tokens_equal_fraction']:.4f}; before codes are read "
         f"{row['tokens_equal_before_codes_read']}); buffers differing after "
         f"{row['steps_compared']} steps: {row['differing_byte_fraction'] or 'none'}")

@@ -614,6 +614,59 @@ def test_lazy_constants_are_what_lazy_appends_leave_as_they_are(rng):
     assert not np.array_equal(coded.window_keys, cache.window_keys)
 
 
+@pytest.mark.parametrize("config", [
+    TurboQuantConfig(key_bits=3.5, value_bits=3),    # planes, channel groups
+    # 256-token tiles at d = 64, calibrating at 256 tokens.
+    TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels="cubic", window=256)])
+def test_layers_flush_together_as_each_alone(config, rng):
+  """A decoder's layers (caches of one structure, each its own rotations) flush their
+  deferred work as one vmapped copy (`kv_cache.flush_caches`): leaf for leaf what each
+  cache's own flush builds, through calibration and completed blocks at different steps
+  per row, with one copy of the work in the program."""
+  from turboquant_jax import kv_cache
+  layers, steps = 2, 100
+  k, v = outlier_kv(rng, layers * B, 300, HKV, D)
+  k, v = k.reshape(layers, B, 300, HKV, D), v.reshape(layers, B, 300, HKV, D)
+  start = [TurboQuantKVCache.create(B, 512, HKV, D, config=config, layer=i).update(
+      k[i, :, :200], v[i, :, :200], num_tokens=jnp.array([200, 180])) for i in range(layers)]
+
+  def step(together, caches, kv):
+    caches = kv_cache.deferring(caches)
+    caches = [c.update(kk[:, None], vv[:, None]) for c, kk, vv in zip(caches, *kv)]
+    due = jnp.any(jnp.stack([c.flush_due for c in caches]))
+    if together:
+      return kv_cache.flush_caches(caches), due
+    return jax.lax.cond(due, lambda cs: [c.flush() for c in cs],
+                        lambda cs: [c.skip_flush() for c in cs], caches), due
+
+  def run(together):
+    return jax.lax.scan(functools.partial(step, together), start,
+                        (k[:, :, 200:200 + steps].transpose(2, 0, 1, 3, 4),
+                         v[:, :, 200:200 + steps].transpose(2, 0, 1, 3, 4)))
+
+  (got, due), (want, _) = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
+  assert 2 <= int(due.sum()) < steps // 10      # calibrations and completed blocks
+  assert bool(jnp.all(jnp.stack([c.calibrated for c in got])))
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_array_equal(a, b)
+  # Layers differ (their rotations): equal codes across layers would mean a mix-up.
+  codes = lambda c: jax.tree.leaves(c.key_codes)  # noqa: E731
+  assert not all(np.array_equal(a, b) for a, b in zip(codes(got[0]), codes(got[1])))
+  # One copy of the work for both layers: its sorts (channel orders, ring order).
+  sorts = [_count_primitive(jax.make_jaxpr(functools.partial(run, t))().jaxpr, "sort")
+           for t in (True, False)]
+  assert 0 < layers * sorts[0] <= sorts[1]
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name`, through calls, loops and conditionals."""
+  import jax.extend
+  return sum((eqn.primitive.name == name) + sum(
+      _count_primitive(sub, name) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+      for eqn in jaxpr.eqns)
+
+
 def test_windows_shorter_than_a_block_code_every_append(rng):
   cache = TurboQuantKVCache.create(1, 256, HKV, D, config=TurboQuantConfig(window=64))
   assert not cache.defers_codes

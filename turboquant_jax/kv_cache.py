@@ -69,10 +69,29 @@ def flush_caches(caches: Sequence[Any]) -> list[Any]:
   if not at:
     return out
   due = jnp.any(jnp.stack([caches[i].flush_due for i in at]))
-  done = jax.lax.cond(due, lambda cs: [c.flush() for c in cs],
-                      lambda cs: [c.skip_flush() for c in cs], [caches[i] for i in at])
+  done = jax.lax.cond(due, _flush_grouped, lambda cs: [c.skip_flush() for c in cs],
+                      [caches[i] for i in at])
   for i, c in zip(at, done):
     out[i] = c
+  return out
+
+
+def _flush_grouped(caches: Sequence[Any]) -> list[Any]:
+  """Each cache's `flush`, where caches of one structure (a decoder's layers: same type,
+  static fields and shapes) go together through their class's `flush_together`: one
+  compiled copy of the work for the group, not one per cache."""
+  groups: dict[Any, list[int]] = {}
+  for i, c in enumerate(caches):
+    leaves, treedef = jax.tree.flatten(c)
+    groups.setdefault((type(c), treedef, tuple((x.shape, x.dtype) for x in leaves)),
+                      []).append(i)
+  out = list(caches)
+  for group in groups.values():
+    together = getattr(type(caches[group[0]]), "flush_together", None)
+    done = (together([caches[i] for i in group]) if together and len(group) > 1 else
+            [caches[i].flush() for i in group])
+    for i, c in zip(group, done):
+      out[i] = c
   return out
 
 
@@ -105,6 +124,9 @@ def code_completed(caches: Sequence[Any], since: Sequence[Array | None], *,
   out = list(caches)
   if not at:
     return out
+  # Each cache codes its own block: vmapped together like the flush, the H200's codes
+  # differed from each layer's own at float rounding (`layers_together_gpu.json`; the
+  # flush's were equal bit for bit), and the lazy loop is checked against the flush.
   code = lambda cs: [c.code_completed(since[i]) for c, i in zip(cs, at)]  # noqa: E731
   if when_due:
     due = jnp.any(jnp.stack([caches[i].completed_since(since[i]) for i in at]))
