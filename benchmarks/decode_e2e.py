@@ -207,6 +207,9 @@ CACHES = {
     # shapes or cost, so the timed model is the unfolded one.
     "tq3.5-k4v3-int8-prerotated": tiles(4, 3, "int8", "plain", values_prerotated=True,
                                         **INT8),
+    # 3 bits on both sides, values prerotated: the grid's 3-bit point of the int8 path
+    # (3-bit keys are looked up by byte permutes, no plain nibbles).
+    "tq3-int8-prerotated": tiles(3, 3, "int8", "plain", values_prerotated=True, **INT8),
     # 4-bit keys of evenly spaced levels (`codebook.uniform_codebook`) as plain nibbles,
     # decoded by two masks per word instead of a table lookup; values as above.
     "tq3.5-k4uv3-int8-prerotated": tiles(4, 3, ("uniform", "int8"), "plain",

@@ -330,3 +330,25 @@ def test_quality_norms_budget_kv_stores_float16_key_norms():
   assert {g.norm_dtype for g in caches.key_quantizer.groups} == {jnp.float16}
   assert {g.norm_dtype for g in caches.value_quantizer.groups} == {jnp.float8_e4m3fn}
   assert 3.5 < method.bits < 3.61
+
+
+def test_paired_grid_keeps_the_newest_run_of_each_point_and_cache(tmp_path):
+  from benchmarks import paired_grid
+
+  def run(name, date, points):
+    path = tmp_path / name
+    path.write_text(json.dumps({"environment": {"date": date}, "points": {
+        key: {"bf16": {"x_bf16_median": 1.0, "tokens_per_s": 100.0},
+              **{c: {"x_bf16_median": x, "x_bf16_range": [x - 0.1, x + 0.1],
+                     "tokens_per_s": 100.0 * x} for c, x in caches.items()}}
+        for key, caches in points.items()}}))
+    return path
+
+  old = run("a.json", "2026-12-01T00:00", {"llama 8x32768": {"tq": 1.4, "other": 9.0},
+                                           "llama 1x4096": {"tq": 0.9}})
+  new = run("b.json", "2026-12-02T00:00", {"llama 8x32768": {"tq": 1.5}})
+  (tmp_path / "c.json").write_text(json.dumps({"correctness": []}))   # not a paired run
+  rows = paired_grid.collect([new, old, tmp_path / "c.json"], ["tq"])
+  assert [(r["batch"], r["context"], r["x_bf16"], r["source"]) for r in rows] == [
+      (1, 4096, 0.9, "a.json"), (8, 32768, 1.5, "b.json")]
+  assert rows[1]["bf16_tokens_per_s"] == 100.0 and rows[1]["range"] == [1.4, 1.6]
