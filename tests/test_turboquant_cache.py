@@ -618,17 +618,21 @@ def test_lazy_constants_are_what_lazy_appends_leave_as_they_are(rng):
     TurboQuantConfig(key_bits=3.5, value_bits=3),    # planes, channel groups
     # 256-token tiles at d = 64, calibrating at 256 tokens.
     TurboQuantConfig(key_bits=3, value_bits=3, layout="tiles", levels="cubic", window=256)])
-def test_layers_flush_together_as_each_alone(config, rng):
+def test_layers_flush_together_as_each_alone(config, rng, monkeypatch):
   """A decoder's layers (caches of one structure, each its own rotations) flush their
-  deferred work as one vmapped copy (`kv_cache.flush_caches`): leaf for leaf what each
-  cache's own flush builds, through calibration and completed blocks at different steps
-  per row, with one copy of the work in the program."""
-  from turboquant_jax import kv_cache
-  layers, steps = 2, 100
+  deferred work as vmapped copies of at most FLUSH_TOGETHER_BYTES of stacked inputs (here
+  two layers and one: `kv_cache.flush_caches`): leaf for leaf what each cache's own flush
+  builds, through calibration and completed blocks at different steps per row, with two
+  copies of the work in the program instead of three."""
+  from turboquant_jax import kv_cache, turboquant_cache
+  layers, steps = 3, 100
   k, v = outlier_kv(rng, layers * B, 300, HKV, D)
   k, v = k.reshape(layers, B, 300, HKV, D), v.reshape(layers, B, 300, HKV, D)
   start = [TurboQuantKVCache.create(B, 512, HKV, D, config=config, layer=i).update(
       k[i, :, :200], v[i, :, :200], num_tokens=jnp.array([200, 180])) for i in range(layers)]
+  monkeypatch.setattr(turboquant_cache, "FLUSH_TOGETHER_BYTES",
+                      2 * turboquant_cache._small_bytes(start[0].deferring().update(
+                          k[0, :, 200:201], v[0, :, 200:201])))
 
   def step(together, caches, kv):
     caches = kv_cache.deferring(caches)
@@ -652,11 +656,12 @@ def test_layers_flush_together_as_each_alone(config, rng):
       np.testing.assert_array_equal(a, b)
   # Layers differ (their rotations): equal codes across layers would mean a mix-up.
   codes = lambda c: jax.tree.leaves(c.key_codes)  # noqa: E731
-  assert not all(np.array_equal(a, b) for a, b in zip(codes(got[0]), codes(got[1])))
-  # One copy of the work for both layers: its sorts (channel orders, ring order).
+  for i in range(1, layers):
+    assert not all(np.array_equal(a, b) for a, b in zip(codes(got[0]), codes(got[i])))
+  # Two copies of the work for three layers: its sorts (channel orders, ring order).
   sorts = [_count_primitive(jax.make_jaxpr(functools.partial(run, t))().jaxpr, "sort")
            for t in (True, False)]
-  assert 0 < layers * sorts[0] <= sorts[1]
+  assert 0 < 3 * sorts[0] == 2 * sorts[1]
 
 
 def _count_primitive(jaxpr, name: str) -> int:
