@@ -80,15 +80,15 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> bool:
         lo, hi = r["range"] or (r["x_bf16"], r["x_bf16"])
         ax.bar(i + (j - (len(shown) - 1) / 2) * width, r["x_bf16"], width,
                yerr=[[r["x_bf16"] - lo], [hi - r["x_bf16"]]], capsize=2,
-               color=f"C{names.index(name)}", label=name if i == 0 or not ax.patches else None)
+               color=f"C{names.index(name)}", label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(points)))
     ax.set_xticklabels([f"{b}x{t // 1024}K" for t, b in points], rotation=45, fontsize=8)
     ax.set_title(model)
     ax.set_ylabel("tokens/s / bf16 cache's (median of rounds)")
     handles, labels = ax.get_legend_handles_labels()
-    seen = dict(zip(labels, handles))
-    ax.legend(seen.values(), seen.keys(), fontsize=6)
+    one_each = dict(zip(labels, handles))     # a bar per point, one entry per cache
+    ax.legend(one_each.values(), one_each.keys(), fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   return True

@@ -555,10 +555,12 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
     append would have built without deferring."""
     if self.pending is None:
       return self.skip_flush()
-    p = self.pending
-    fields = _rare_work(self, p.kh, p.vh, p.valid, p.plan, p.first, p.due, p.completes)
-    return self.replace(**fields, calibrated=self.calibrated | p.first, pending=None,
-                        defer=False)
+    return self._flushed(_pending_work(self))
+
+  def _flushed(self, fields: dict[str, Any]) -> "TurboQuantKVCache":
+    """This cache with its pending work's results (`_RARE_FIELDS`) in, deferring no more."""
+    return self.replace(**fields, calibrated=self.calibrated | self.pending.first,
+                        pending=None, defer=False)
 
   def skip_flush(self) -> "TurboQuantKVCache":
     """`flush` where `flush_due` is False: drops the (empty) pending work."""
@@ -1114,6 +1116,13 @@ def _rare_work(cache: TurboQuantKVCache, kh: Array, vh: Array, valid: Array,
   return out
 
 
+def _pending_work(cache: TurboQuantKVCache, write=None) -> dict[str, Any]:
+  """`_rare_work` of the cache's deferred append (`pending`)."""
+  p = cache.pending
+  return _rare_work(cache, p.kh, p.vh, p.valid, p.plan, p.first, p.due, p.completes,
+                    write=write)
+
+
 def _records_writes(cache: TurboQuantKVCache) -> bool:
   """Whether `_flush_together` can take this cache: none of its flush's writes (a window's
   re-code, a block) goes through the fused append kernel."""
@@ -1136,10 +1145,10 @@ def _flush_together(caches: Sequence[TurboQuantKVCache]) -> list[TurboQuantKVCac
   """`flush` of each of caches of one structure (a decoder's layers), the work traced once
   and vmapped over them instead of once per cache: a decode step then compiles one copy
   (tiny Llama's `model_step`, lowered and compiled on 2 cores: 2 layers 3.6-3.9 ->
-  2.5-2.9 s, 8 layers 12.4-15.9 -> 6.8-7.6 s). Only the small inputs are stacked (windows, quantizers, means,
-  the pending tokens), not the code buffers: the work's writes (its `write`, in place of
-  `_write_codes`) are recorded, their codes computed under the vmap and written into each
-  cache's own buffers after it, in order. The same caches as flushing each (bit for bit on
+  2.5-2.9 s, 8 layers 12.4-15.9 -> 6.8-7.6 s). Only the small inputs are stacked
+  (windows, quantizers, means, the pending tokens), not the code buffers: the work's
+  writes (its `write`, in place of `_write_codes`) are recorded, their codes computed
+  under the vmap and written into each cache's own buffers after it, in order. The same caches as flushing each (bit for bit on
   the CPU and, `layers_together_gpu.json`, on the H200)."""
   if len(caches) < 2 or any(c.pending is None for c in caches) or not _records_writes(
       caches[0]):
@@ -1164,9 +1173,7 @@ def _flush_together(caches: Sequence[TurboQuantKVCache]) -> list[TurboQuantKVCac
         sides.append("key" if quantizer is cache.key_quantizer else "value")
       writes.append((_new_codes(quantizer, codes, x), indices, start, count))
       return codes
-    p = cache.pending
-    fields = _rare_work(cache, p.kh, p.vh, p.valid, p.plan, p.first, p.due, p.completes,
-                        write=write)
+    fields = _pending_work(cache, write)
     return {f: fields[f] for f in _RARE_FIELDS[:4]}, writes
 
   fields, writes = jax.vmap(one)(stacked)
@@ -1176,9 +1183,8 @@ def _flush_together(caches: Sequence[TurboQuantKVCache]) -> list[TurboQuantKVCac
     codes = {"key": c.key_codes, "value": c.value_codes}
     for side, (new, indices, start, count) in zip(sides, writes):
       codes[side] = _apply_codes(codes[side], at(new), indices[i], start[i], count[i])
-    out.append(c.replace(**at(fields), key_codes=codes["key"], value_codes=codes["value"],
-                         calibrated=c.calibrated | c.pending.first, pending=None,
-                         defer=False))
+    out.append(c._flushed({**at(fields), "key_codes": codes["key"],
+                           "value_codes": codes["value"]}))
   return out
 
 
