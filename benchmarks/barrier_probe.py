@@ -11,11 +11,13 @@ mode swapped in one process:
 - "auto": Pallas's barriers and Mosaic's max (the kernel before 2026-12-02);
 - "auto+colmax": Pallas's barriers, the kernel's one-barrier max;
 - "own+mosaicmax": the kernel's barriers, Mosaic's two-barrier max;
-- "own": the library's default (the kernel's barriers and max).
+- "own": the library's default (the kernel's barriers and max);
+- "edges": "own" with only the edge steps of a split's range masked (`mask_edges_only`:
+  a uniform branch skips the mask's compares and selects on every interior step).
 
-With --check the default is first checked against the jnp reference on the GPU: ragged
-caches of every kernel path (fp16 and int8 tiles, RoPE offsets, channel groups, exact
-windows), at Llama's heads (4 kv heads of 128 here) and SmolLM2's (3 of 64).
+With --check the --check-mode (default "own") is first checked against the jnp reference
+on the GPU: ragged caches of every kernel path (fp16 and int8 tiles, RoPE offsets, channel
+groups, exact windows), at Llama's heads (4 kv heads of 128 here) and SmolLM2's (3 of 64).
 
     python -m benchmarks.barrier_probe --check --points 8x4096,8x32768
 """
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from pallas_kernels import decode_attention_mgpu as dm
 
-MODES = ("auto", "auto+colmax", "own+mosaicmax", "own")
+MODES = ("auto", "auto+colmax", "own+mosaicmax", "own", "edges")
 _PARTIALS, _COLUMN_MAX = dm.decode_partials, dm.column_max
 # Kernel paths for the check: fp16 tiles with RoPE offsets and channel groups, int8 tiles
 # (Lloyd-Max and plain-nibble keys, RoPE, channel groups, prerotated values).
@@ -45,7 +47,8 @@ def patch(mode: str) -> None:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   auto = mode.startswith("auto")
   dm.decode_partials = (functools.partial(_PARTIALS, auto_barriers=True) if auto
-                        else _PARTIALS)
+                        else functools.partial(_PARTIALS, mask_edges_only=True)
+                        if mode == "edges" else _PARTIALS)
   mosaic_max = mode in ("auto", "own+mosaicmax")
   dm.column_max = (lambda x, scratch: x.max(axis=0)) if mosaic_max else _COLUMN_MAX
   jax.clear_caches()
@@ -63,6 +66,8 @@ def main(argv=None) -> None:
   p.add_argument("--calls", type=int, default=7)
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--check", action="store_true")
+  p.add_argument("--check-mode", default="own", choices=MODES,
+                 help="the mode --check checks against the reference")
   args = p.parse_args(argv)
   checks, rows = [], []
 
@@ -73,7 +78,7 @@ def main(argv=None) -> None:
 
   ceiling = md.read_ceiling()
   if args.check:
-    patch("own")
+    patch(args.check_mode)
     for h, hq, d in ((4, 16, 128), (3, 9, 64)):
       checks += decode_e2e.check_correctness(CHECK_CACHES, h=h, hq=hq, d=d)
     save()
