@@ -17,6 +17,12 @@ buffer identical; ~110 steps in on 2026-12-02, the kernel rounding differently s
 blocks coded from the tokens after that differ too: `layers_together_gpu.json`, where
 `--compare same` shows the device's runs are otherwise identical, and `--compare codes`
 that the layers' flush vmapped together writes each layer's codes bit for bit).
+What parts them is the int8 kernel's p·‖v‖ scale, the cache's value-norm bound
+(`TileCodes.norm_max`), which the block completed at 1,024 raises at step 24 in the
+step-by-step flush but only after the call in the lazy loop: with each step's own max
+(`--p-scale step`) the two decode the same 384 tokens, with the bound they part at step 24
+(`lazy_codes_pscale_gpu.json`, H200). Both are valid scales (upper bounds of the norms
+read); the tokens differ only at the random model's near-ties.
 The last 128 steps read that block's codes. Reports the tokens' agreement and, per
 cache buffer that differs after 256 steps, the fraction of differing bytes, to
 lazy_codes_check_<platform>.json.
@@ -40,13 +46,37 @@ def _each_layer_alone(caches):
   return [c.flush() for c in caches]
 
 
+def _step_p_scale(partials):
+  """The Mosaic kernel with p·‖v‖'s int8 scale from each step's own max (p_scale="step")
+  instead of the cache's value-norm bound, which a block's codes raise when they are
+  written: at its step in the step-by-step flush, after the call in the lazy loop."""
+  def call(*args, value_bound=None, p_scale=None, **kw):
+    del value_bound, p_scale
+    return partials(*args, p_scale="step", **kw)
+  return call
+
+
 def run(cache_name: str, batch: int = 8, context: int = 2048, filled: int = 1000,
-        steps: int = 128, compare: str = "lazy") -> dict:
+        steps: int = 128, compare: str = "lazy", p_scale: str = "bound") -> dict:
   """384 steps in calls of `steps` (a divisor of 128); the caches compared after 256.
   compare="lazy": lazy codes against the step-by-step flush; "same": the default loop
-  twice (the device's run-to-run numerics)."""
+  twice (the device's run-to-run numerics). p_scale: the int8 kernel's ("bound", the
+  library's default, or "step": `_step_p_scale`)."""
   if 128 % steps:
     raise ValueError(f"steps must divide 128, got {steps}")
+  if p_scale not in ("bound", "step"):
+    raise ValueError(f"p_scale must be 'bound' or 'step', got {p_scale!r}")
+  from pallas_kernels import decode_attention_mgpu as dm
+  partials = dm.decode_partials
+  if p_scale == "step":
+    dm.decode_partials = _step_p_scale(partials)
+  try:
+    return _run(cache_name, batch, context, filled, steps, compare) | {"p_scale": p_scale}
+  finally:
+    dm.decode_partials = partials
+
+
+def _run(cache_name, batch, context, filled, steps, compare):
   calls, compared = 384 // steps, 256
   from benchmarks import step_profile
   from models.generate import decode_loop
@@ -70,12 +100,14 @@ def run(cache_name: str, batch: int = 8, context: int = 2048, filled: int = 1000
     if a.size and not np.array_equal(a, b):
       differ[path] = float(np.mean(a.view(np.uint8) != b.view(np.uint8)))
   before = compared
+  parted = np.flatnonzero(np.any(t_lazy != t_step, axis=0))
   return {"cache": cache_name, "compare": compare, "batch": batch, "filled": filled,
           "steps": steps * calls,
           "tokens_equal_before_codes_read": bool(np.array_equal(t_lazy[:, :before],
                                                                 t_step[:, :before])),
           "tokens_equal": bool(np.array_equal(t_lazy, t_step)),
           "tokens_equal_fraction": float(np.mean(t_lazy == t_step)),
+          "first_differing_step": int(parted[0]) if parted.size else None,
           "buffers": len(c_lazy), "steps_compared": before,
           "differing_byte_fraction": differ}
 
@@ -131,6 +163,9 @@ def main():
                            "random appends (no decoder); same: "
                            "the default loop twice (how far the device's own run-to-run "
                            "numerics part the tokens)")
+  parser.add_argument("--p-scale", default="bound", choices=("bound", "step"),
+                      help="the int8 kernel's p·‖v‖ scale (step: independent of when the "
+                           "block's codes raise the value-norm bound)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   if args.compare == "codes":
@@ -141,11 +176,13 @@ def main():
           f"{row['differing_byte_fraction'] or 'none'}")
     print(path)
     return
-  row = run(args.cache, batch=args.batch, steps=args.steps, compare=args.compare)
+  row = run(args.cache, batch=args.batch, steps=args.steps, compare=args.compare,
+            p_scale=args.p_scale)
   path = common.write_result("lazy_codes_check", {"rows": [row]},
                              pathlib.Path(args.out) if args.out else None)
-  print(f"{row['cache']} ({row['compare']}): tokens equal {row['tokens_equal']} "
-        f"({row['tokens_equal_fraction']:.4f}; before codes are read "
+  print(f"{row['cache']} ({row['compare']}, p_scale {row['p_scale']}): tokens equal "
+        f"{row['tokens_equal']} (first differing step {row['first_differing_step']}, "
+        f"{row['tokens_equal_fraction']:.4f}; before codes are read "
         f"{row['tokens_equal_before_codes_read']}); buffers differing after "
         f"{row['steps_compared']} steps: {row['differing_byte_fraction'] or 'none'}")
   print(path)
