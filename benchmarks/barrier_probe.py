@@ -11,11 +11,13 @@ mode swapped in one process:
 - "auto": Pallas's barriers and Mosaic's max (the kernel before 2026-12-02);
 - "auto+colmax": Pallas's barriers, the kernel's one-barrier max;
 - "own+mosaicmax": the kernel's barriers, Mosaic's two-barrier max;
-- "own": the library's default (the kernel's barriers and max);
-- "edges": "own" with only the edge steps of a split's range masked (`mask_edges_only`:
-  a uniform branch skips the mask's compares and selects on every interior step).
+- "own": the kernel's barriers and max, every step's scores masked (the kernel of
+  2026-12-02 until `mask_edges_only`);
+- "edges": the library's default, "own" with only the edge steps of a split's range
+  masked (`mask_edges_only`: a uniform branch skips the mask's compares and selects on
+  every interior step; `mask_edges_probe_gpu.json`).
 
-With --check the --check-mode (default "own") is first checked against the jnp reference
+With --check the --check-mode (default "edges") is first checked against the jnp reference
 on the GPU: ragged caches of every kernel path (fp16 and int8 tiles, RoPE offsets, channel
 groups, exact windows), at Llama's heads (4 kv heads of 128 here) and SmolLM2's (3 of 64).
 
@@ -46,9 +48,8 @@ def patch(mode: str) -> None:
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   auto = mode.startswith("auto")
-  dm.decode_partials = (functools.partial(_PARTIALS, auto_barriers=True) if auto
-                        else functools.partial(_PARTIALS, mask_edges_only=True)
-                        if mode == "edges" else _PARTIALS)
+  dm.decode_partials = functools.partial(_PARTIALS, auto_barriers=auto,
+                                         mask_edges_only=mode == "edges")
   mosaic_max = mode in ("auto", "own+mosaicmax")
   dm.column_max = (lambda x, scratch: x.max(axis=0)) if mosaic_max else _COLUMN_MAX
   jax.clear_caches()
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
   p.add_argument("--calls", type=int, default=7)
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--check", action="store_true")
-  p.add_argument("--check-mode", default="own", choices=MODES,
+  p.add_argument("--check-mode", default="edges", choices=MODES,
                  help="the mode --check checks against the reference")
   args = p.parse_args(argv)
   checks, rows = [], []
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
                          kernel_us=got["kernel_us"],
                          ceiling_frac=nbytes / got["kernel_us"] / 1e-6 / ceiling))
         print(rows[-1], flush=True)
-      patch("own")
+      patch("edges")
       del cache
       save()
   print(f"wrote {save()}")
