@@ -1148,8 +1148,9 @@ def _flush_together(caches: Sequence[TurboQuantKVCache]) -> list[TurboQuantKVCac
   2.5-2.9 s, 8 layers 12.4-15.9 -> 6.8-7.6 s). Only the small inputs are stacked
   (windows, quantizers, means, the pending tokens), not the code buffers: the work's
   writes (its `write`, in place of `_write_codes`) are recorded, their codes computed
-  under the vmap and written into each cache's own buffers after it, in order. The same caches as flushing each (bit for bit on
-  the CPU and, `layers_together_gpu.json`, on the H200)."""
+  under the vmap and written into each cache's own buffers after it, in order. The same
+  caches as flushing each (bit for bit on the CPU and, `layers_together_gpu.json`, on the
+  H200)."""
   if len(caches) < 2 or any(c.pending is None for c in caches) or not _records_writes(
       caches[0]):
     return [c.flush() for c in caches]
