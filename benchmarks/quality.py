@@ -40,8 +40,9 @@ from models import evaluation, gguf_loader
 from models.tokenizer import tokenizer_from_gguf
 from turboquant_jax import (DenseKVCache, TurboQuantConfig, TurboQuantKVCache, UniformConfig,
                             UniformKVCache, turboquant_per_layer)
-from turboquant_jax.budget import (BUDGET_WIDTHS, budget_layer_bits, budget_with_rings,
-                                   mean_stored_bits, measured_layer_bits, ring_budget_cache)
+from turboquant_jax.budget import (BUDGET_WIDTHS, KEY_WEIGHT, budget_layer_bits,
+                                   budget_with_rings, mean_stored_bits, measured_layer_bits,
+                                   ring_budget_cache)
 from turboquant_jax.channel_split import CACHE_BITS
 from turboquant_jax.layer_policy import window_rings
 from turboquant_jax.ring_cache import RingKVCache
@@ -188,16 +189,19 @@ def ring_budgeted(cfg, budget: float, max_len: int, window: int | None = None,
 
 
 def budgeted(cfg, budget: float, config: TurboQuantConfig = tq_config(),
-             suffix: str = "", widths=None) -> Method:
+             suffix: str = "", widths=None, key_weight: float | None = None) -> Method:
   """TurboQuant with a stored-bits budget spread over the layers (`budget_layer_bits`);
   config: everything but the widths (layout="tiles": integer widths only); widths: the
-  widths to choose from (default: all, or the integer ones for tiles)."""
+  widths to choose from (default: all, or the integer ones for tiles); key_weight: None
+  for the uniform start, else the keys' weight in the modelled error ("key-weighted" in
+  the name)."""
   layer_bits = budget_layer_bits(budget, cfg.num_layers, cfg.head_dim,
                                  layer_window=cfg.layer_window, config=config,
-                                 widths=widths)
+                                 widths=widths, key_weight=key_weight)
   make = lambda seed: turboquant_per_layer(  # noqa: E731
       dataclasses.replace(config, seed=seed), layer_bits=layer_bits)
-  return Method(f"turboquant budget {budget}{suffix}", "budget" + suffix, make, seeded=True,
+  kind = "budget" if key_weight is None else "key-weighted budget"
+  return Method(f"turboquant {kind} {budget}{suffix}", kind + suffix, make, seeded=True,
                 bits=mean_stored_bits(layer_bits, cfg.head_dim, config))
 
 
@@ -407,6 +411,12 @@ def run_model(name: str, args, out: dict, save) -> None:
     extra += [by_hand("K4/V2.5 fp16 key fp8 value norms window 256",
                       {i: (4, 2.5) for i in range(model.cfg.num_layers)}, model.cfg.head_dim,
                       tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256))]
+  # The budget's policy with keys weighted over values (`budget_layer_bits(key_weight=)`):
+  # SmolLM2's 3.5 becomes K4/V2.5 everywhere (as by hand above), 3.0 K3.5/V2 on 25 layers.
+  extra += [budgeted(model.cfg, b, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
+                                             window=256),
+                     " fp16 key fp8 value norms window 256", key_weight=KEY_WEIGHT)
+            for b in (2.5, 3.0, 3.5)]
   # ... against 16-bit norms on both sides (the library's default norms) at that window.
   extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).

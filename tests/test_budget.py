@@ -12,10 +12,11 @@ from conftest import forward
 from models import Decoder, evaluation
 from tests.test_decoder import TINY
 from turboquant_jax import TurboQuantConfig, turboquant_per_layer
-from turboquant_jax.budget import (allocate_bits, budget_layer_bits, mean_stored_bits,
-                                   measured_layer_bits, readback_errors, stored_bits,
-                                   width_errors)
+from turboquant_jax.budget import (KEY_WEIGHT, allocate_bits, budget_layer_bits,
+                                   mean_stored_bits, measured_layer_bits, readback_errors,
+                                   stored_bits, width_distortion, width_errors)
 from turboquant_jax.channel_split import CACHE_BITS
+from turboquant_jax.codebook import lloyd_max_codebook
 
 
 def test_stored_bits_count_norms():
@@ -32,11 +33,12 @@ def test_stored_bits_count_norms():
   assert 3.5 - 1 / 30 < mean_stored_bits(bits, 64, pair) <= 3.5 + 1e-9
 
 
+@pytest.mark.parametrize("key_weight", [None, KEY_WEIGHT])
 @pytest.mark.parametrize("budget, head_dim", [(3.0, 64), (3.5, 64), (2.5, 256), (3.5, 256),
                                               (4.3, 64)])
-def test_budget_is_never_exceeded_and_nothing_more_fits(budget, head_dim):
+def test_budget_is_never_exceeded_and_nothing_more_fits(budget, head_dim, key_weight):
   window = lambda i: None if i % 3 == 2 else 512  # noqa: E731 - Gemma-like: 1 global in 3
-  bits = budget_layer_bits(budget, 9, head_dim, layer_window=window)
+  bits = budget_layer_bits(budget, 9, head_dim, layer_window=window, key_weight=key_weight)
   spent = mean_stored_bits(bits, head_dim)
   assert spent <= budget + 1e-9
   for layer, (kb, vb) in bits.items():
@@ -57,6 +59,47 @@ def test_keys_and_global_layers_get_bits_first():
   assert min(min(b) for b in bits.values()) == 3
   uniform = budget_layer_bits(3.0625, 6, 256)
   assert set(uniform.values()) == {(3, 3)}
+
+
+def test_width_distortion_is_the_codebooks_and_falls_with_width():
+  widths = (2, 2.5, 3, 3.5, 4, 5)
+  dist = width_distortion(widths, 64)
+  assert np.all(np.diff(dist) < 0)
+  assert dist[2] == lloyd_max_codebook(64, 3).mse
+  # A fractional width: half the channels at each neighbour, each half its own d = 32.
+  assert dist[1] == pytest.approx((lloyd_max_codebook(32, 3).mse
+                                   + lloyd_max_codebook(32, 2).mse) / 2, rel=1e-12)
+
+
+def test_key_weight_lets_keys_sit_above_values_where_the_model_says_so():
+  pair = TurboQuantConfig(norm_dtype=(jnp.float16, jnp.float8_e4m3fn))
+  weighted = budget_layer_bits(3.5, 30, 64, config=pair, key_weight=KEY_WEIGHT)
+  uniform = budget_layer_bits(3.5, 30, 64, config=pair)
+  # SmolLM2's shapes: 4-bit keys and 2.5-bit values everywhere, exactly 3.5 stored bits
+  # (the uniform start gives K3.5/V3 and K3/V3, never a key a whole bit above its value).
+  assert set(weighted.values()) == {(4, 2.5)}
+  assert mean_stored_bits(weighted, 64, pair) == pytest.approx(3.5)
+  assert all(kb - vb <= 0.5 for kb, vb in uniform.values())
+  widths = (2, 2.5, 3, 3.5, 4)
+  dist = dict(zip(widths, width_distortion(widths, 64)))
+
+  def model(bits, w):
+    return sum(w * dist[kb] + dist[vb] for kb, vb in bits.values())
+
+  # The uniform start is among those tried, so the weighted choice models no worse ...
+  for w in (1.0, KEY_WEIGHT, 16.0):
+    assert model(budget_layer_bits(3.5, 30, 64, config=pair, key_weight=w), w) <= (
+        model(uniform, w) + 1e-12)
+  # ... and with equal weights keys get no more than values' share.
+  equal = budget_layer_bits(3.5, 30, 64, config=pair, key_weight=1.0)
+  assert sum(kb - vb for kb, vb in equal.values()) <= sum(kb - vb for kb, vb in
+                                                           weighted.values())
+
+
+@pytest.mark.parametrize("key_weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_key_weight_raises(key_weight):
+  with pytest.raises(ValueError, match="key_weight"):
+    budget_layer_bits(3.5, 4, 64, key_weight=key_weight)
 
 
 def test_budget_below_the_narrowest_width_raises():

@@ -11,7 +11,9 @@ classes in turn (global keys, global values, local keys, local values), each as 
 it goes, one width step per layer per round (earlier layers first within a round), until
 no single step fits: the budget is never exceeded and nothing more fits in it. (Gemma 3
 270M, measured: its 3 global layers at 4 bits and the rest at 2.5 give +1.59% perplexity
-at 2.86 stored bits, uniform 3 bits +2.10% at 3.06.)
+at 2.86 stored bits, uniform 3 bits +2.10% at 3.06.) With `key_weight` it tries every
+(key, value) start instead and keeps the choice the codebooks' D_mse, keys weighted, rate
+best: keys may then sit a whole bit or more above values (SmolLM2 at 3.5: K4/V2.5).
 
 `measured_layer_bits` chooses from what the sequence's own prompt shows instead (no
 calibration data, no offline pass): per layer, side and width the attention-output error
@@ -37,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from turboquant_jax.channel_split import CACHE_BITS
+from turboquant_jax.channel_split import CACHE_BITS, group_layout
+from turboquant_jax.codebook import lloyd_max_codebook
 from turboquant_jax.kv_cache import DenseKVCache
 from turboquant_jax.layer_policy import turboquant_per_layer, window_rings
 from turboquant_jax.ring_cache import RingKVCache
@@ -50,6 +53,11 @@ Array = jax.Array
 # budget's measurements) is opt-in there, so the committed budget results keep their
 # choices; beside rings the globals may take it by default (`_ring_widths`).
 BUDGET_WIDTHS = (2, 2.5, 3, 3.5, 4)
+
+# How much more a key's D_mse costs than a value's, for `budget_layer_bits(key_weight=)`:
+# from SmolLM2's splits at 3.5 stored bits (GPL-3 and Python source, 3 seeds), K4/V2.5
+# beats K3.5/V3 (w > 3.3 by the codebooks' D_mse) and K3.5/V3 beats K3/V3.5 (w > 1).
+KEY_WEIGHT = 4.0
 
 
 def _widths(config: TurboQuantConfig, widths: Sequence[float] | None) -> list[float]:
@@ -80,10 +88,22 @@ def stored_bits(config: TurboQuantConfig, head_dim: int) -> tuple[float, float]:
   return per_token("key") * 8 / head_dim, per_token("value") * 8 / head_dim
 
 
+def width_distortion(widths: Sequence[float], head_dim: int) -> np.ndarray:
+  """float64 [W]: D_mse of a unit vector at each width, from the Lloyd-Max codebooks of
+  its channel groups (a fractional width: the mean over its two halves' codebooks)."""
+  out = []
+  for b in widths:
+    groups = group_layout(head_dim, b)
+    dim = lambda c: head_dim if len(groups) == 1 else c  # noqa: E731 - a group's own d
+    out.append(sum(c * lloyd_max_codebook(dim(c), int(g)).mse for c, g in groups) / head_dim)
+  return np.array(out)
+
+
 def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
                       layer_window: Callable[[int], int | None] | None = None,
                       config: TurboQuantConfig = TurboQuantConfig(),
-                      widths: Sequence[float] | None = None
+                      widths: Sequence[float] | None = None,
+                      key_weight: float | None = None,
                       ) -> dict[int, tuple[float, float]]:
   """{layer: (key_bits, value_bits)} for every layer, the model's mean stored bits per
   cached coordinate at most `budget` (see the module docstring for the order).
@@ -93,32 +113,54 @@ def budget_layer_bits(budget: float, num_layers: int, head_dim: int, *,
   widths: the widths to choose from (a subset of `CACHE_BITS`); by default
   `BUDGET_WIDTHS`, or the integer ones for layout="tiles" (what the Mosaic GPU kernel
   serves; 2-4 bits).
+  key_weight: None starts every layer at the widest uniform width that fits, then raises
+  the classes in turn. A number w tries every (key, value) start that fits the same way
+  and keeps the choice with the least w·ΣD(key) + ΣD(value) over the layers
+  (`width_distortion`: a key's error moves every attention weight, so keys may sit more
+  than a step above values): `KEY_WEIGHT` gives SmolLM2's 3.5 budget K4/V2.5 on every
+  layer (float16 key / float8 value norms), where the uniform start's K3.5/V3 on 25
+  layers and K3/V3 on 5 read worse on GPL-3 and Python source.
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+  if key_weight is not None and not (np.isfinite(key_weight) and key_weight > 0):
+    raise ValueError(f"key_weight must be a positive number or None, got {key_weight}")
   widths = _widths(config, widths)
   cost = _costs(config, widths, head_dim)
-  fits = [i for i, c in enumerate(cost) if sum(c) / 2 <= budget + 1e-9]
-  if not fits:
+  pairs = [(i, j) for i in range(len(widths)) for j in range(len(widths))
+           if (cost[i][0] + cost[j][1]) / 2 <= budget + 1e-9
+           and (key_weight is not None or i == j)]
+  if not pairs:
     raise ValueError(f"a budget of {budget} bits is below the narrowest width "
                      f"({sum(cost[0]) / 2:.3f} stored bits at {widths[0]})")
-  chosen = {(layer, side): fits[-1] for layer in range(num_layers) for side in (0, 1)}
-  spent = sum(cost[fits[-1]]) * num_layers
-  limit = budget * 2 * num_layers + 1e-9
   is_global = [layer_window is None or layer_window(i) is None for i in range(num_layers)]
   classes = [[(layer, side) for layer in range(num_layers) if is_global[layer] == glob]
              for glob in (True, False) for side in (0, 1)]
-  for members in classes:
-    changed = True
-    while changed:       # rounds: one step per layer of the class
-      changed = False
-      for item in members:
-        i = chosen[item]
-        if i + 1 == len(widths):
-          continue
-        step = cost[i + 1][item[1]] - cost[i][item[1]]
-        if spent + step <= limit:
-          chosen[item], spent, changed = i + 1, spent + step, True
+  limit = budget * 2 * num_layers + 1e-9
+
+  def raised(start):
+    chosen = {(layer, side): start[side] for layer in range(num_layers) for side in (0, 1)}
+    spent = (cost[start[0]][0] + cost[start[1]][1]) * num_layers
+    for members in classes:
+      changed = True
+      while changed:       # rounds: one step per layer of the class
+        changed = False
+        for item in members:
+          i = chosen[item]
+          if i + 1 == len(widths):
+            continue
+          step = cost[i + 1][item[1]] - cost[i][item[1]]
+          if spent + step <= limit:
+            chosen[item], spent, changed = i + 1, spent + step, True
+    return chosen
+
+  if key_weight is None:
+    chosen = raised(max(pairs))
+  else:
+    dist = width_distortion(widths, head_dim)
+    model = lambda c: sum(key_weight * dist[i] if side == 0 else dist[i]  # noqa: E731
+                          for (_, side), i in c.items())
+    chosen = min((raised(p) for p in pairs), key=model)
   return {layer: (widths[chosen[layer, 0]], widths[chosen[layer, 1]])
           for layer in range(num_layers)}
 
@@ -319,7 +361,7 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
                       layer_window: Callable[[int], int | None],
                       config: TurboQuantConfig = TurboQuantConfig(),
                       widths: Sequence[float] | None = None, exact_recent: int = 128,
-                      max_query: int = 1) -> RingBudget:
+                      max_query: int = 1, key_weight: float | None = None) -> RingBudget:
   """A budget of stored bits per cached coordinate for a model whose sliding-window layers
   may keep a ring of their window, at a cache capacity of `max_len` tokens.
 
@@ -328,16 +370,17 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
   `RING_KINDS` that leaves the global layers at least `budget` bits (a ring never takes
   bits a uniform cache would give the globals); the global layers then share what is left
   (`budget_layer_bits` over `widths`: by default every cache width, 5 bits included, or
-  2-4 bits for tiles). Where no ring leaves that much (short
-  capacities: a bf16 ring of 512 tokens at 2,048 costs 4 bits per coordinate), every
-  layer is a TurboQuant cache under `budget_layer_bits`. Measured on Gemma 3 270M (GPL-3,
-  2,048 tokens, keys centred before RoPE): bf16 rings and 3.5-bit globals -0.02%
-  perplexity, int8 rings with 128 exact tokens +0.07%, int8 rings +0.42%; 2.5-bit globals
-  with int8-exact rings +0.74%. With 5 bits among the widths (the default here; the plain
-  budget's `BUDGET_WIDTHS` stop at 4) the 3.5 budget's globals take 5 bits (3.45 bits at
-  2K instead of 3.28; window 256, 5 seeds): GPL-3 +0.05% from +0.15%, Vim's manual +0.09%
-  from +0.41%, Python source +0.12% from +0.30% (exact rings instead of the int8 ones
-  with 4-bit globals: +0.52%, no better: the globals carried the loss).
+  2-4 bits for tiles). Where no ring leaves that much (short capacities: a bf16 ring of
+  512 tokens at 2,048 costs 4 bits per coordinate), every layer is a TurboQuant cache
+  under `budget_layer_bits` (key_weight: as there, for the global layers too). Measured
+  on Gemma 3 270M (GPL-3, 2,048 tokens, keys centred before RoPE): bf16 rings and 3.5-bit
+  globals -0.02% perplexity, int8 rings with 128 exact tokens +0.07%, int8 rings +0.42%;
+  2.5-bit globals with int8-exact rings +0.74%. With 5 bits among the widths (the default
+  here; the plain budget's `BUDGET_WIDTHS` stop at 4) the 3.5 budget's globals take 5
+  bits (3.45 bits at 2K instead of 3.28; window 256, 5 seeds): GPL-3 +0.05% from
+  +0.15%, Vim's manual +0.09% from +0.41%, Python source +0.12% from +0.30% (exact rings
+  instead of the int8 ones with 4-bit globals: +0.52%, no better: the globals carried
+  the loss).
 
   Returns a `RingBudget`; `ring_budget_cache` makes the caches. The budget is met at
   max_len: `bits_at_capacity` <= budget.
@@ -356,13 +399,13 @@ def budget_with_rings(budget: float, max_len: int, num_layers: int, head_dim: in
       if left + 1e-9 < budget:
         continue
       bits = budget_layer_bits(left, len(glob), head_dim, config=config,
-                               widths=_ring_widths(config, widths))
+                               widths=_ring_widths(config, widths), key_weight=key_weight)
       layer_bits = {layer: bits[j] for j, layer in enumerate(glob)}
       spent = rings + mean_stored_bits(layer_bits, head_dim, config) * len(glob)
       return RingBudget(kind, _ring_storage(kind, exact_recent)[1], layer_bits,
                         spent / num_layers, max_len)
   layer_bits = budget_layer_bits(budget, num_layers, head_dim, layer_window=layer_window,
-                                 config=config, widths=widths)
+                                 config=config, widths=widths, key_weight=key_weight)
   return RingBudget(None, 0, layer_bits, mean_stored_bits(layer_bits, head_dim, config),
                     max_len)
 
