@@ -64,7 +64,10 @@ ROTATION_VARIANTS = (
      for name, packing in PACKINGS.items()]
     + [("xla rotation, query", dict(prologue="query", prologue_rotation="xla")),
        ("dot rotation, packed", dict(prologue="all", prologue_rotation="dot",
-                                     **PACKINGS["packed"]))])
+                                     **PACKINGS["packed"]))]
+    # The Mosaic kernel rotating the query itself (the prologue: q·μ and the ranges).
+    + [(f"kernel rotation, {name}", dict(prologue="all", prologue_rotation="kernel",
+                                         **packing)) for name, packing in PACKINGS.items()])
 
 
 def ring(lengths, w):
@@ -177,7 +180,7 @@ def rotation_checks(only: str | None = None) -> None:
   (and timed alone), then caches through each rotation and packing against the jnp
   reference; only: one rotation's ("xla" or "dot")."""
   prologue, checks = [], []
-  for parts in dp.PARTS if only in (None, "xla") else ():
+  for parts in [p for p in dp.PARTS if p != "none"] if only in (None, "xla") else ():
     for i, case in enumerate(PROLOGUE_CASES):
       common.checked(prologue, prologue_case, 20 + i, *case, parts=parts,
                      error_fields=dict(case=i, parts=parts))
@@ -189,18 +192,41 @@ def rotation_checks(only: str | None = None) -> None:
     usable = [c for c in cases if c[2] // ma.HKV <= 4 or not kernel.get("pack_p_parts")]
     for row in ma.run_checks(usable, 500, kernel=kernel):
       checks.append(dict(row, variant=label))
-  path = common.write_result("decode_prologue_rotation", dict(prologue=prologue, checks=checks))
+  attend = []
+  if only == "kernel":   # one layer's attention, the query rotated in the prologue or kernel
+    ceiling = md.read_ceiling()
+    key = jax.random.PRNGKey(1)
+    for b, t in ((8, 32768), (8, 4096), (1, 4096)):
+      key, sub = jax.random.split(key)
+      base = ma.cudnn_row(attend, sub, b, t, ceiling)
+      cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
+      q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
+      for rep in range(2):
+        for rotation in ("dot", "kernel"):
+          try:
+            sec = ma.time_attend(cache, q, implementation="mosaic", prologue="all",
+                                 prologue_rotation=rotation)
+            attend.append(dict(batch=b, tokens=t, kernel=f"K4/V3 int8, {rotation} rotation",
+                               rep=rep, us=sec * 1e6, speedup=base / sec))
+          except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            attend.append(dict(batch=b, tokens=t, kernel=rotation, error=repr(e)[:300]))
+          print(attend[-1], flush=True)
+  path = common.write_result("decode_prologue_rotation", dict(prologue=prologue, checks=checks,
+                                                              attend=attend))
   print(f"wrote {path}")
   common.print_table(prologue, ["r", "w", "groups", "rotation", "parts", "q_err_units",
                                 "koff", "ranges", "us", "ok"])
   common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])
+  common.print_table(attend, ["batch", "tokens", "kernel", "rep", "us", "speedup"])
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--micro", action="store_true", help="the prologue's parts alone")
   parser.add_argument("--rotation", nargs="?", const="all", default=None,
-                      help="checks of the prologue's rotations only (or of one: xla, dot)")
+                      help="checks of the prologue's rotations only (or of one: xla, dot, "
+                      "kernel)")
   args = parser.parse_args(argv)
   if args.micro:
     return micro()

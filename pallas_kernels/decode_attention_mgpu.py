@@ -838,7 +838,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                     q_scale: Array | None = None, p_scale: str = "bound",
                     value_bound: Array | None = None, key_offsets: Array | None = None,
                     pack_p_parts: bool = False, pack_q_parts: bool = False,
-                    auto_barriers: bool = False, mask_edges_only: bool = True):
+                    auto_barriers: bool = False, mask_edges_only: bool = True,
+                    q_rotation: Array | None = None):
   """Split-K partial softmax results of one query token per kv head over register codes.
 
   Per kv-head row i (batch × kv heads, flattened) and split j, over the compressed tokens
@@ -932,6 +933,14 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       interior steps skip the iota, compares and selects (H200, Llama-3-8B shapes,
       `mask_edges_probe_gpu.json`: K4u/V3 8 x 32K 76.6-76.8 -> 76.5 us, 8 x 4K
       21.4-21.6 -> 21.1, K4/V3 8 x 32K 87.0-87.4 -> 86.3).
+    q_rotation: int8 with one key group only: float16 [D, D], the key quantizer's
+      unrotation U (the rotated query is q·U^T); q then comes unrotated as float16
+      [R, P, 8, D], P = 1 or 2 parts summing to the query (its float16 rounding and the
+      remainder, for float32 queries), and q_scale and key_offsets are None: each CTA
+      rotates its row's query itself (one [D, D] x [D, 8] wgmma per part, U copied into
+      memory the pipeline's buffers take later), takes the scale per head by `column_max`
+      and stores the int8 parts as `quantize_query_s8` makes them (rounding halves to
+      even), so no kernel before this one rotates the query.
   Returns:
     o float32 [R, splits, D, 8] (transposed: channel rows, head columns; value groups'
     rows in order), l, m float32 [R, splits, 8]; splits = num_splits (+ the exact ones).
@@ -950,13 +959,19 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     raise ValueError("pack_q_parts needs pack_p_parts (the query's rows 4-7 repeating 0-3)")
   qparts = 1 if pack_q_parts else 2    # int8: key operands per group
   given_koff = key_offsets       # the name is reused below for the groups' offsets
+  rotate = q_rotation is not None
+  if rotate and not s8:
+    raise ValueError("q_rotation is for operand='int8' only")
+  if rotate and (q_scale is not None or key_offsets is not None):
+    raise ValueError("with q_rotation the kernel makes q_scale and key_offsets itself: "
+                     "pass None")
   k_words, k_norms, q = _groups(k_words), _groups(k_norms), _groups(q)
   v_words, v_norms = _groups(v_words), _groups(v_norms)
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
   if s8:
     key_levels, value_levels = _s8_levels(key_levels), _s8_levels(value_levels)
-    _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
-              sub_steps)
+    _check_s8(key_specs, value_specs, key_levels, value_levels, q,
+              q_scale if not rotate else 1.0, tokens_per_step, sub_steps)
     sub_steps = 1
   else:
     key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
@@ -988,8 +1003,17 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       _check(name("q", g, gk), q[g], (r, HEADS, spec.cols), jnp.float16)
   # int8 with pack_q_parts: q may come packed already ([R, 1, 8, D], `decode_prologue`
   # parts="packed"), else it is packed below.
-  prepacked = s8 and pack_q_parts and q[0].ndim == 4 and q[0].shape[1] == 1
-  if s8:
+  prepacked = s8 and pack_q_parts and q[0].ndim == 4 and q[0].shape[1] == 1 and not rotate
+  raw_parts = q[0].shape[1] if rotate and q[0].ndim == 4 else 0   # unrotated parts
+  if rotate:
+    if gk != 1:
+      raise ValueError(f"q_rotation takes one key group, got {gk}")
+    if raw_parts not in (1, 2):
+      raise ValueError(f"with q_rotation q must be float16 [R, 1 or 2, 8, D], got "
+                       f"{q[0].dtype} {list(q[0].shape)}")
+    _check("q", q[0], (r, raw_parts, HEADS, d), jnp.float16)
+    _check("q_rotation", q_rotation, (d, d), jnp.float16)
+  elif s8:
     _check("q", q[0], (r, 1 if prepacked else 2, HEADS, d), jnp.int8)
     _check("q_scale", q_scale, (r, HEADS), jnp.float32)
   elif nq != gk:
@@ -1005,6 +1029,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if any(key_offsets) and given_koff is not None:
     _check("key_offsets", given_koff, (r, gk, HEADS), jnp.float32)
     koff = given_koff
+  elif any(key_offsets) and rotate:   # made in the kernel, from its own parts
+    pass
   elif any(key_offsets) and prepacked:
     raise ValueError("a packed q ([R, 1, 8, D]) needs its key_offsets (decode_prologue's)")
   elif any(key_offsets):
@@ -1013,7 +1039,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                       for off, at, sp in zip(key_offsets, key_starts, key_specs)], axis=1)
   elif given_koff is not None:
     raise ValueError("key_offsets is read for int8 keys with 4-bit (offset) groups only")
-  if pack_q_parts and not prepacked:   # [high parts of rows 0-3 | low parts of rows 4-7]
+  if pack_q_parts and not prepacked and not rotate:   # [high parts of rows 0-3 | low of 4-7]
     rows_ = jnp.arange(HEADS)[None, :, None]
     q = (jnp.where(rows_ < HEADS // 2, q[0][:, 0], q[0][:, 1])[:, None],)
   for g, spec in enumerate(value_specs):
@@ -1108,7 +1134,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     q_gmem = refs[:nq]
     del refs[:nq]
     if s8:
-      qs_gmem = refs.pop(0)
+      qs_gmem = refs.pop(0)      # with `rotate`: U, float16 [D, D]
       koff_gmem = refs.pop(0) if koff is not None else None
       vb_gmem = refs.pop(0) if p_bound else None
     elif nq != gk:   # each group's columns of the one query array
@@ -1144,9 +1170,48 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     group_barrier = refs[0] if gk > 1 and not s8 else None  # the later query parts' copies
     i, j = jax.lax.axis_index("row"), jax.lax.axis_index("split")
 
+    def rotate_query():
+      """q·U^T of row i into q_smem as int8 parts; returns (q_scale, key offsets) [8]."""
+      def scoped(u_smem, *raw_smem):
+        plgpu.copy_gmem_to_smem(qs_gmem, u_smem, barrier)
+        for part, ref in enumerate(raw_smem):
+          plgpu.copy_gmem_to_smem(q_gmem[0].at[i, part], ref, barrier)
+        plgpu.barrier_wait(barrier)
+
+        def product(acc):     # x^T [D, 8] = U·q^T, summed over the parts
+          for ref in raw_smem:
+            plgpu.wgmma(acc, u_smem, plgpu.transpose_ref(ref, (1, 0)))
+          return acc[...]
+        return pl.run_scoped(product, plgpu.ACC((d, HEADS), jnp.float32))
+      x = pl.run_scoped(scoped, plgpu.SMEM((d, d), jnp.float16, transforms=q_transforms()),
+                        *[plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())]
+                        * raw_parts)
+      amax = column_max(jnp.abs(x), max_smem)
+      qscale = jnp.where(amax > 0, amax * (1 / 127), 1.0)
+      y = x * jax.lax.broadcast_in_dim(1.0 / qscale, x.shape, [1])
+      y_hi = jnp.round(y)
+      y_lo = jnp.round((y - y_hi) * 127.0)
+      if pack_q_parts:   # columns 4-7 repeat heads 0-3: they carry the low parts
+        col = plgpu.broadcasted_iota(jnp.int32, y.shape, 1, layout=plgpu.Layout.WGMMA)
+        ys = [(q_smem[0], jnp.where(col < HEADS // 2, y_hi, y_lo))]
+      else:
+        ys = zip(q_smem, (y_hi, y_lo))
+      for q_ref, part in ys:
+        # Mosaic transposes 16-bit registers only: in fp16 (exact, |part| <= 127).
+        plgpu.transpose_ref(q_ref, (1, 0))[...] = plgpu.layout_cast(
+            part.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+      koffs = [None if not off else off * (y_hi + y_lo * (1 / 127)).sum(axis=0)
+               for off in key_offsets]
+      plgpu.commit_smem()   # the parts for wgmma, and column_max's barrier before its next
+      return qscale, koffs
+
     def compressed():
       """Split j of row i over the compressed tokens."""
-      if s8:      # every group's parts on the one barrier (qparts·gk arrivals)
+      if rotate:  # q·U^T here, into the int8 parts' buffers (`rotate_query`)
+        qscale_v, koff_v = rotate_query()
+        vb_v = [jnp.maximum(vb_gmem[i, g], 1e-30) for g in range(gv)] if p_bound else None
+        vinv_v = [127.0 / v for v in vb_v] if p_bound else None
+      elif s8:    # every group's parts on the one barrier (qparts·gk arrivals)
         for g, (at, sp) in enumerate(zip(key_starts, key_specs)):
           for part in range(qparts):
             src = q_gmem[0].at[i, part] if gk == 1 else q_gmem[0].at[i, part, :,
@@ -1176,7 +1241,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       last = jnp.clip((hi + st - 1) // st, first, split_start + split_steps)
       qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                           optimized=False) * off_scale
-      plgpu.barrier_wait(barrier)
+      if not rotate:
+        plgpu.barrier_wait(barrier)
       for g in range(1, 1 if s8 else gk):
         plgpu.barrier_wait(group_barrier.at[g - 1])
       if rope is not None:
@@ -1459,7 +1525,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                       for s in key_specs]
                      + [plgpu.SMEM((HEADS, sub), jnp.float16, transforms=q_transforms())] * gv)
       + ([] if s8 else [plgpu.SMEM((d, HEADS), f32), plgpu.SMEM((2, HEADS), f32)])
-      + [plgpu.Barrier(num_arrivals=qparts * gk if s8 else 1)]
+      + [plgpu.Barrier(num_arrivals=1 + raw_parts if rotate else qparts * gk if s8 else 1)]
       + ([plgpu.SMEM((rope.table.shape[0], d), jnp.float16, transforms=q_transforms()),
           plgpu.SMEM((2, d, HEADS), rope.coef.dtype)]
          + [plgpu.SMEM((HEADS, d), jnp.float16, transforms=q_transforms())] * pass_blocks
@@ -1467,7 +1533,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       + ([plgpu.Barrier(num_arrivals=1, num_barriers=gk - 1)] if gk > 1 and not s8 else [])
       + [plgpu.SMEM((COLUMN_MAX_SCRATCH,), f32)],
       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=not auto_barriers),
-  )(*k_words, *k_norms, *v_words, *v_norms, *q, *([q_scale] if s8 else []),
+  )(*k_words, *k_norms, *v_words, *v_norms, *q,
+    *([q_rotation] if rotate else [q_scale] if s8 else []),
     *([koff] if koff is not None else []), *([vbound] if p_bound else []), bounds, qoff,
     *(tuple(rope) if rope is not None else ()),
     *(_exact_args(exact) if exact is not None else ()))

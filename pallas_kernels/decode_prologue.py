@@ -70,7 +70,8 @@ class Ranges(NamedTuple):
 class Prologue(NamedTuple):
   """The kernel's outputs, per kv-head row (R = batch x kv heads, batch-major).
 
-  q: int8 [R, 2, 8, D], q_rotated ≈ scale·(q[:, 0] + q[:, 1]/127); scale: float32 [R, 8];
+  q: int8 [R, 2, 8, D], q_rotated ≈ scale·(q[:, 0] + q[:, 1]/127) (None, as scale and
+  key_offsets, for parts "none"); scale: float32 [R, 8];
   key_offsets: float32 [R, groups, 8], offset_g·Σ over group g's columns of (q[:, 0] +
   q[:, 1]/127) (None when no group has an offset); qoff: float32 [R, 8], q·μ (zeros
   without a key mean); bounds: int32 [R, 2], the compressed range [lo, hi); limits: int32
@@ -301,7 +302,31 @@ def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
                   sliding_window=sliding_window)
 
 
-PARTS = ("rows", "repeat", "packed")
+def _kernel_offsets(*refs, has_mean, has_ranges, window, sink_slots, num_sinks,
+                    sliding_window):
+  """`_kernel` without the query's parts (parts "none": the Mosaic kernel rotates and
+  splits the query itself): q·μ of the rows as given, and the ranges."""
+  rest = list(refs)
+  q_ref = rest.pop(0) if has_mean else None                # [8, D] unrotated rows
+  mean_ref = rest.pop(0) if has_mean else None             # [D]
+  len_ref = pos_ref = wpos_ref = bounds_ref = limits_ref = None
+  if has_ranges:
+    len_ref, pos_ref = rest.pop(0), rest.pop(0)            # [1], [1]
+    wpos_ref = rest.pop(0) if window else None             # [W]
+  qoff_ref = rest.pop(0)                                   # [8]
+  if has_ranges:
+    bounds_ref, limits_ref = rest.pop(0), rest.pop(0)      # [2], [2^k]
+  if has_mean:
+    qoff_ref[...] = jnp.sum(q_ref[...].astype(jnp.float32) * mean_ref[...][None, :], axis=1)
+  else:
+    qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
+  if has_ranges:
+    _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, window=window,
+                  sink_slots=sink_slots, num_sinks=num_sinks,
+                  sliding_window=sliding_window)
+
+
+PARTS = ("rows", "repeat", "packed", "none")
 
 
 def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
@@ -329,10 +354,15 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
       rows; "repeat", q's 4 rows then the same 4 again (the Mosaic kernel's
       `pack_p_parts`), scale, offsets and q·μ likewise; "packed", that and the int8
       parts as one operand, q [R, 1, 8, D] = [high parts of rows 0-3 | low parts of the
-      same rows] (`pack_q_parts`).
+      same rows] (`pack_q_parts`); "none", no parts at all (q, scale and key_offsets
+      None; unrotation and rotated unused): q·μ of q's 8 rows and the ranges, for the
+      Mosaic kernel that rotates the query itself (`decode_partials(q_rotation=)`).
   """
   if parts not in PARTS:
     raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
+  if parts == "none":
+    return _offsets_only(q, heads=heads, key_mean=key_mean, ranges=ranges,
+                         interpret=interpret, num_warps=num_warps)
   dot = rotated is None
   if dot and parts != "rows":
     raise ValueError(f"parts={parts!r} needs the query rotated by the caller (rotated)")
@@ -433,6 +463,62 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
   return Prologue(q8, scale, koff, qoff, bounds, limits)
 
 
+def _offsets_only(q: Array, *, heads: int, key_mean: Array | None, ranges: Ranges | None,
+                  interpret: bool, num_warps: int) -> Prologue:
+  """`decode_prologue(parts="none")`: one program per row, q·μ and the ranges."""
+  r, rows, d = q.shape
+  if rows != HEADS:
+    raise ValueError(f"q must hold {HEADS} rows per kv head for parts='none', got {q.shape}")
+  if r % heads:
+    raise ValueError(f"{r} rows do not split into batch entries of {heads} heads")
+  b = r // heads
+  window = 0 if ranges is None else ranges.window_positions.shape[1]
+  why = unsupported(d, (KeyGroup(0, d, 0.0),), window)
+  if why is not None:
+    raise ValueError(f"decode_prologue cannot take this call: {why}")
+  row = lambda i: (i, 0)  # noqa: E731
+  entry = lambda i: (i // heads, 0)  # noqa: E731
+  in_specs, args = [], []
+  if key_mean is not None:
+    if key_mean.shape != (r, d):
+      raise ValueError(f"key_mean must be [{r}, {d}], got {list(key_mean.shape)}")
+    in_specs += [pl.BlockSpec((None, rows, d), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((None, d), row)]
+    args += [q, key_mean.astype(jnp.float32)]
+  out_shapes = [jax.ShapeDtypeStruct((r, HEADS), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, HEADS), row)]
+  if ranges is not None:
+    for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
+      if x.shape != (b,):
+        raise ValueError(f"ranges.{name} must be [{b}], got {list(x.shape)}")
+    in_specs += [pl.BlockSpec((None, 1), entry)] * 2
+    args += [ranges.lengths.astype(jnp.int32).reshape(b, 1),
+             ranges.position.astype(jnp.int32).reshape(b, 1)]
+    if window:
+      in_specs.append(pl.BlockSpec((None, window), entry))
+      args.append(ranges.window_positions.astype(jnp.int32))
+    width = pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
+    out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
+                   jax.ShapeDtypeStruct((r, width), jnp.int32)]
+    out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
+  kernel = functools.partial(
+      _kernel_offsets, has_mean=key_mean is not None, has_ranges=ranges is not None,
+      window=window, sink_slots=0 if ranges is None else ranges.sink_slots,
+      num_sinks=0 if ranges is None else ranges.num_sinks,
+      sliding_window=None if ranges is None else ranges.sliding_window)
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  outs = list(pl.pallas_call(
+      kernel, grid=(r,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
+      compiler_params=compiler_params, interpret=interpret,
+      name="turboquant_decode_offsets")(*args))
+  qoff = outs.pop(0)
+  bounds, limits = (outs.pop(0), outs.pop(0)) if ranges is not None else (None, None)
+  return Prologue(None, None, None, qoff, bounds, limits)
+
+
 def decode_prologue_reference(q: Array, unrotation: Array | None, *, heads: int,
                               key_groups: tuple[KeyGroup, ...],
                               key_mean: Array | None = None, ranges: Ranges | None = None,
@@ -441,6 +527,13 @@ def decode_prologue_reference(q: Array, unrotation: Array | None, *, heads: int,
   """`decode_prologue` in plain jnp: the ground truth of the tests."""
   del unused
   qf = q.astype(jnp.float32)
+  if parts == "none":
+    qoff = (jnp.zeros(qf.shape[:2], jnp.float32) if key_mean is None else
+            jnp.einsum("rmd,rd->rm", qf, key_mean.astype(jnp.float32), precision=_HIGHEST))
+    bounds = limits = None
+    if ranges is not None:
+      bounds, limits = (jnp.repeat(x, heads, axis=0) for x in ranges_reference(ranges))
+    return Prologue(None, None, None, qoff, bounds, limits)
   x = (jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
        if rotated is None else rotated.astype(jnp.float32))
   if parts != "rows":   # rows 4-7 repeat rows 0-3

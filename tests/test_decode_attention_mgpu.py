@@ -400,6 +400,57 @@ def test_int8_kernel_masks_only_the_edge_steps():
   assert edges.count("scf.index_switch") == every.count("scf.index_switch") + 1
 
 
+def lowered_s8_rotating(bits_k, bits_v, parts=2, r=4, t=1024, **options):
+  """`lowered_s8` with the query rotated in the kernel (`q_rotation`)."""
+  s = jax.ShapeDtypeStruct
+  ks, vs = rc.TileSpec(bits_k, 128, D), rc.TileSpec(bits_v, 128, D)
+  args = (s((r, t // 128 * rc.WORD_ROWS, 8 * bits_k), jnp.int32), s((r, t), jnp.float16),
+          s((r, t // 128 * rc.WORD_ROWS, 8 * bits_v), jnp.int32), s((r, t), jnp.float16),
+          s((r, parts, dm.HEADS, D), jnp.float16), s((r, 2), jnp.int32),
+          s((r, dm.HEADS), jnp.float32), s((D, D), jnp.float16))
+  kl = dm.byte_levels(np.linspace(-1.0, 1.0, 1 << bits_k))
+  vl = dm.byte_levels(np.linspace(-2.0, 2.0, 1 << bits_v))
+
+  def call(kw, kn, vw, vn, q, b, qoff, u):
+    return dm.decode_partials(kw, kn, vw, vn, q, b, qoff, key_spec=ks, value_spec=vs,
+                              key_levels=kl, value_levels=vl, num_splits=2, scale=0.1,
+                              operand="int8", q_rotation=u, **options)
+  return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("parts, packed", [(2, False), (1, True)])
+def test_int8_kernel_rotates_the_query_itself_in_the_pipelines_memory(parts, packed):
+  """With q_rotation each CTA rotates its query by float16 wgmmas (one per part) and
+  makes the int8 parts itself, in shared memory the pipeline takes afterwards: U's 32 KB
+  (and the float16 parts') cost a CTA only what they exceed the pipeline's buffers by.
+  Its numbers are checked on the GPU (`benchmarks.kernel_sweep --check`)."""
+  from benchmarks.mosaic_lowering import module_asm, smem_bytes
+  opts = dict(pack_p_parts=True, pack_q_parts=True) if packed else {}
+  asm = module_asm(lowered_s8_rotating(4, 3, parts=parts, **opts))
+  given = module_asm(lowered_s8(4, 3, **opts))
+  f16 = "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16"
+  assert f16 not in given and asm.count(f16) >= parts
+  assert "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8" in asm
+  assert smem_bytes(given) < smem_bytes(asm) < smem_bytes(given) + D * D * 2 // 4
+
+
+def test_int8_kernel_rotation_rejects_bad_input():
+  with pytest.raises(ValueError, match="float16"):
+    lowered_s8_rotating(4, 3, parts=3)
+  kw = dict(key_spec=rc.TileSpec(4, 128, D), value_spec=rc.TileSpec(3, 128, D),
+            key_levels=dm.byte_levels(np.linspace(-1, 1, 16)),
+            value_levels=dm.byte_levels(np.linspace(-1, 1, 8)), num_splits=1, scale=0.1)
+  z = jnp.zeros
+  args = (z((1, 16, 32), jnp.int32), z((1, 128), jnp.float16), z((1, 16, 24), jnp.int32),
+          z((1, 128), jnp.float16), z((1, 1, dm.HEADS, D), jnp.float16),
+          z((1, 2), jnp.int32), z((1, dm.HEADS), jnp.float32))
+  with pytest.raises(ValueError, match="q_rotation is for operand='int8' only"):
+    dm.decode_partials(*args, **kw, q_rotation=z((D, D), jnp.float16))
+  with pytest.raises(ValueError, match="pass None"):
+    dm.decode_partials(*args, **kw, operand="int8", q_rotation=z((D, D), jnp.float16),
+                       q_scale=z((1, dm.HEADS), jnp.float32))
+
+
 def test_quantize_query_s8_keeps_about_14_bits(rng):
   q = jnp.asarray(rng.standard_normal((3, dm.HEADS, D)), jnp.float32)
   q = q.at[1, 2].set(0.0)                                     # a zero row stays zero

@@ -146,7 +146,10 @@ def test_errors_and_reasons():
   assert dp.unsupported(D, TWO, 256) is None
 
 
-@pytest.mark.parametrize("parts", dp.PARTS)
+QUANTIZED = [p for p in dp.PARTS if p != "none"]
+
+
+@pytest.mark.parametrize("parts", QUANTIZED)
 def test_rotated_by_the_caller(rng, parts):
   """`rotated` (the XLA gemm's product): the same outputs as the reference in each layout;
   "repeat" and "packed" take the 4 real rows and write each twice, "packed" as one
@@ -173,10 +176,38 @@ def test_rotated_by_the_caller(rng, parts):
   assert np.max(np.abs(np.asarray(got.q, np.int32) - want)) <= 1   # summation order
 
 
+@pytest.mark.parametrize("w, sliding", [(64, 90), (0, None)])
+def test_offsets_only_for_the_rotating_kernel(rng, w, sliding):
+  """parts "none" (the Mosaic kernel rotates the query itself): q·μ of the 8 rows as given
+  and the ranges, as the reference; no parts, scale or offsets; a Triton lowering."""
+  q, _, kw = inputs(rng, 16, 8, w, ONE, sliding, gaps=1)
+  q = q.astype(jnp.bfloat16)
+  got = dp.decode_prologue(q, None, parts="none", interpret=True, **kw)
+  ref = dp.decode_prologue_reference(q, None, parts="none", **kw)
+  assert got.q is None and got.scale is None and got.key_offsets is None
+  np.testing.assert_allclose(np.asarray(got.qoff), np.asarray(ref.qoff), rtol=1e-5,
+                             atol=1e-5)
+  want = np.einsum("rmd,rd->rm", np.asarray(q, np.float64), np.asarray(kw["key_mean"]))
+  np.testing.assert_allclose(np.asarray(got.qoff), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got.bounds), np.asarray(ref.bounds))
+  np.testing.assert_array_equal(np.asarray(got.limits), np.asarray(ref.limits))
+  plain = dp.decode_prologue(q, None, parts="none", interpret=True,
+                             **dict(kw, key_mean=None))
+  assert not np.any(np.asarray(plain.qoff))
+  s = jax.ShapeDtypeStruct
+  text = jax.jit(lambda q, mean: dp.decode_prologue(
+      q, None, parts="none", heads=8, key_groups=ONE, key_mean=mean,
+      ranges=kw["ranges"])).trace(s(q.shape, q.dtype), s((16, D), jnp.float32)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "turboquant_decode_offsets" in text
+  with pytest.raises(ValueError, match="8 rows"):
+    dp.decode_prologue(q[:, :4], None, parts="none", interpret=True, **kw)
+
+
 def test_rotated_lowers_for_cuda():
   """The rotated kernel's Triton lowering takes every primitive in each layout."""
   s = jax.ShapeDtypeStruct
-  for parts in dp.PARTS:
+  for parts in QUANTIZED:
     n = 8 if parts == "rows" else 4
 
     def f(q, x, mean, lengths, pos, wpos, parts=parts):

@@ -54,6 +54,13 @@ def kernel_twin(k_words, k_norms, v_words, v_norms, q, bounds, qoff, *, key_spec
     kw.pop(unused, None)
   ks, vs = dm._groups(key_spec), dm._groups(value_spec)   # channel groups
   kw.pop("p_scale", None)
+  u = kw.pop("q_rotation", None)
+  if u is not None:   # the kernel rotates the float16 parts by U (float16) and splits them
+    assert operand == "int8" and q.dtype == jnp.float16 and u.dtype == jnp.float16
+    assert "q_scale" not in kw and "key_offsets" not in kw
+    x = jnp.einsum("rpmd,ed->rme", q.astype(jnp.float32), u.astype(jnp.float32),
+                   precision="highest")
+    q, kw["q_scale"] = dm.quantize_query_s8(x)
   if operand == "int8" and q.shape[1] == 1:   # packed by the prologue: [hi 0-3 | lo 0-3]
     hi, lo = q[:, 0, :dm.HEADS // 2], q[:, 0, dm.HEADS // 2:]
     q = jnp.stack([jnp.concatenate([hi, hi], 1), jnp.concatenate([lo, lo], 1)], axis=1)
@@ -564,6 +571,46 @@ def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
     with pytest.raises(ValueError, match="prologue_rotation must be"):
       ka.attend(cache, q, mosaic=True, prologue_rotation="cublas",
                 **dict(kw, prologue=prologue))
+
+
+@pytest.mark.parametrize("hq, dtype", [(8, jnp.bfloat16), (16, jnp.float32)])
+def test_int8_kernel_rotation_glue(rng, monkeypatch, hq, dtype):
+  """prologue_rotation "kernel": the prologue keeps q·μ and the ranges, the kernel gets the
+  unrotated query as float16 parts (one for a bfloat16 query, two for float32: the
+  float16 rounding and its remainder) and U in float16, and nothing rotated; through the
+  twin (the kernel's product in jnp) against the reference."""
+  cache = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                      window=64, dtype=jnp.bfloat16)
+  seen = []
+
+  def twin(*args, **k):
+    seen.append((args[4], k))
+    return kernel_twin(*args, **k)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32).astype(dtype)
+  kw = dict(soft_cap=20.0, sliding_window=400)
+  ref = cache.attend(q, implementation="reference", **kw)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, prologue_rotation="kernel", **kw)
+  # float16 U: the rotated query within ~1e-3 of float32's, the scores likewise.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=4e-3, atol=4e-3)
+  (q_in, k), = seen
+  parts = 1 if dtype == jnp.bfloat16 else 2
+  assert q_in.shape == (B * H, parts, dm.HEADS, D) and q_in.dtype == jnp.float16
+  assert "q_scale" not in k and "key_offsets" not in k
+  qf = np.asarray(q, np.float32).reshape(B, H, hq // H, D)
+  rows = np.asarray(q_in, np.float32).sum(1).reshape(B, H, dm.HEADS, D)
+  np.testing.assert_allclose(rows[:, :, :hq // H], qf, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(k["q_rotation"], np.float32),
+                             np.asarray(cache.key_quantizer.unrotation_matrix()),
+                             atol=2 ** -11)
+  two = tiles_cache(rng, 3.5, 3.5, center_keys="plain", levels="int8", tile_operand="int8",
+                    window=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="one key channel group"):
+    ka.attend(two, q, mosaic=True, num_splits=2, prologue_rotation="kernel")
+  with pytest.raises(ValueError, match="needs a prologue"):
+    ka.attend(cache, q, mosaic=True, num_splits=2, prologue_rotation="kernel",
+              prologue="off")
 
 
 def test_fused_merge_takes_exact_splits(rng):

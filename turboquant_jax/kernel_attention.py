@@ -327,7 +327,10 @@ PACK_Q_MIN_STEPS = 16
 # programs against the dot's R): the same step, paired (1 x 4K 0.935x bf16 against the
 # dot's 0.941x, 8 x 4K 0.961x against 0.950x, `decode_e2e_paired_rotcolumns_4k_gpu.json`;
 # the kernel, `decode_prologue.rotate_queries`, was removed again: see commit c2a0bba).
-PROLOGUE_ROTATIONS = ("dot", "xla")
+# "kernel": the Mosaic kernel rotates the query itself (`decode_partials(q_rotation=)`,
+# one wgmma per CTA against U in float16) and the prologue keeps q·μ and the ranges
+# (parts "none"); one key group only.
+PROLOGUE_ROTATIONS = ("dot", "xla", "kernel")
 DEFAULT_PROLOGUE_ROTATION = "dot"
 # `attend(fused_merge=None)` ends in `merge_exact` at head dims up to this. H200, SmolLM2
 # heads (9 q / 3 kv of 64), K4/V3 int8, one layer's attention in device time
@@ -358,6 +361,10 @@ def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *
   ranges = decode_prologue.Ranges(
       cache.lengths, pos, cache.window_positions, cache.config.num_sinks,
       cache.sink_keys.shape[2], sliding_window) if everything else None
+  if rotation == "kernel":
+    return decode_prologue.decode_prologue(
+        q, None, heads=h, key_groups=_key_groups(cache), key_mean=mean, ranges=ranges,
+        parts="none", interpret=interpret, num_warps=num_warps)
   unrotation = cache.key_quantizer.unrotation_matrix()
   rotated = None
   if rotation == "xla":
@@ -389,7 +396,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             prologue_warps: int = 4,
                             prologue_rotation: str | None = None,
                             pack_p_parts: bool | None = None,
-                            pack_q_parts: bool | None = None, **kernel_kwargs):
+                            pack_q_parts: bool | None = None, query_parts: int = 2,
+                            **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
@@ -410,7 +418,10 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
   query rows per kv head). pack_q_parts: with them, the query's int8 parts as one key
   operand; None: where the p parts are packed and a split holds at least
-  `PACK_Q_MIN_STEPS` steps.
+  `PACK_Q_MIN_STEPS` steps. query_parts: with prologue_rotation "kernel", the float16
+  parts of the unrotated query the kernel takes: 1 where the caller's query was 16-bit
+  (`attend` passes it: a bfloat16 query is float16's within its range), else 2 (its
+  float16 rounding and the remainder).
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -456,11 +467,17 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   elif prologue is None:
     prologue = (DEFAULT_PROLOGUE if DEFAULT_PROLOGUE == "off"
                 or prologue_unsupported(cache, DEFAULT_PROLOGUE) is None else "off")
+  if prologue == "off" and prologue_rotation == "kernel":
+    raise ValueError("prologue_rotation='kernel' needs a prologue ('query' or 'all'): "
+                     "the int8 kernel's own rotation replaces the prologue's")
   if prologue != "off":
     if prologue_interpret is None:
       prologue_interpret = jax.default_backend() != "gpu"
     everything = prologue == "all"
     parts, q_in = "rows", qf
+    if prologue_rotation == "kernel" and len(kcs) != 1:
+      raise ValueError("prologue_rotation='kernel' takes one key channel group, got "
+                       f"{len(kcs)}")
     if prologue_rotation == "xla" and pack_p_parts:
       parts, q_in = ("packed" if pack_q_parts else "repeat"), q_rows
     pro = _prologue_inputs(cache, q_in, q_positions[:, 0], sliding_window,
@@ -468,11 +485,22 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                            num_warps=prologue_warps, rotation=prologue_rotation,
                            parts=parts)
     q, qoff = pro.q, pro.qoff
+    if prologue_rotation == "kernel":   # unrotated float16 parts; U for the kernel's wgmma
+      q_perm = permute_channels(qf, cache.key_perm).reshape(b * h, mosaic.HEADS, d)
+      if query_parts not in (1, 2):
+        raise ValueError(f"query_parts must be 1 or 2, got {query_parts}")
+      q_hi = q_perm.astype(jnp.float16)
+      q = (q_hi[:, None] if query_parts == 1 else jnp.stack(
+          [q_hi, (q_perm.astype(jnp.float32) - q_hi.astype(jnp.float32)).astype(jnp.float16)],
+          axis=1))
+      kernel_kwargs = dict(kernel_kwargs, q_rotation=cache.key_quantizer.unrotation_matrix(
+          ).astype(jnp.float16))
     if everything:
       bounds, limits = pro.bounds, pro.limits
     else:   # cache-only work: XLA runs it beside the query's projection
       bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
-    kernel_kwargs = dict(kernel_kwargs, operand="int8", q_scale=pro.scale,
+    kernel_kwargs = dict(kernel_kwargs, operand="int8",
+                         **({"q_scale": pro.scale} if pro.scale is not None else {}),
                          **({"key_offsets": pro.key_offsets}
                             if pro.key_offsets is not None else {}))
     levels = byte_levels
@@ -716,6 +744,9 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   if mosaic and use_kernel and tq != 1:
     raise ValueError(f"the Mosaic GPU kernel takes one query token per call, got {tq}")
   qf = qg.reshape(b, h, g * tq, d)
+  if kernel_kwargs.get("prologue_rotation") == "kernel":   # qf is float32 from here on
+    kernel_kwargs = dict(kernel_kwargs, query_parts=1 if q.dtype in (
+        jnp.float16, jnp.bfloat16) else 2)
   row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
   common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
   why = exact_unsupported(cache) if mosaic and use_kernel else "no Mosaic kernel"
