@@ -358,7 +358,11 @@ def test_int8_tiles_glue_matches_reference(rng, monkeypatch, bits_k, bits_v, hq,
     q = q.astype(jnp.bfloat16).astype(jnp.float32)
   got = ka.attend(cache, q, mosaic=True, num_splits=2, **kw)
   ref = cache.attend(q, implementation="reference", **kw)
-  assert seen[0]["q_scale"].shape == (B * H, dm.HEADS)
+  # One key group with a prologue: the kernel rotates the query itself (U, float16).
+  own = len(cache.key_codes) == 1 and ka.prologue_unsupported(cache) is None
+  assert ("q_rotation" in seen[0]) == own and ("q_scale" in seen[0]) != own
+  if not own:
+    assert seen[0]["q_scale"].shape == (B * H, dm.HEADS)
   assert all(isinstance(x, dm.ByteLevels) for x in seen[0]["key_levels"])
   assert len(seen[0]["key_levels"]) == len(cache.key_quantizer.groups)
   plain = cfg.get("levels") == ("uniform", "int8")
@@ -499,7 +503,9 @@ def test_int8_prologue_modes_and_fused_merge(rng, monkeypatch, prologue):
   mode = ka.DEFAULT_PROLOGUE if prologue is None else prologue
   assert prologue is not None or mode == "all"   # else add "all" to the cases
   assert bounds_shape == ((B * H, 2) if mode == "all" else (B, 2))   # per row / per entry
-  assert ("key_offsets" in k) == (mode != "off")          # 4-bit keys: the 1/2 offsets
+  # 4-bit keys: the 1/2 offsets, made by the kernel from its own parts: with a prologue
+  # (one key group) it rotates the query too; without, XLA hands it the int8 parts.
+  assert "key_offsets" not in k and ("q_rotation" in k) == (mode != "off")
   assert "value_bound" in k    # the cache's running max, in every mode (checked by the twin)
   assert k["exact"].limits.shape[0] == (B * H if mode == "all" else B)
 
@@ -546,8 +552,8 @@ def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):
   if hq // H <= dm.HEADS // 2:    # at most 4 rows per kv head: packed operands
     kw.update(pack_p_parts=True, pack_q_parts=pack_q)
   ref = cache.attend(q, implementation="reference", soft_cap=20.0, sliding_window=400)
-  assert ka.DEFAULT_PROLOGUE_ROTATION == "dot"
-  for rotation in ("xla", None):
+  assert ka.DEFAULT_PROLOGUE_ROTATION == "kernel"   # the kernel's own: tested below
+  for rotation in ("xla", "dot"):
     got = ka.attend(cache, q, mosaic=True, prologue_rotation=rotation, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
   (q_xla, qoff_xla, k_xla), (q_ker, qoff_ker, k_ker) = seen
@@ -627,15 +633,20 @@ def test_fused_merge_takes_exact_splits(rng):
 
 def test_int8_prologue_attend_lowers_for_cuda(rng):
   """The default int8 path (keys centred after RoPE): the Triton prologue and the Mosaic
-  kernel in one lowered module."""
+  kernel in one lowered module (the kernel rotating the query; Triton's dot on request)."""
   cache = tiles_cache(rng, 4, 3, levels="int8", tile_operand="int8", center_keys="plain",
                       dtype=jnp.bfloat16, window=128)
   q = jax.ShapeDtypeStruct((B, 1, 8, D), jnp.bfloat16)
   text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "turboquant_decode_prologue" in text
+  assert "turboquant_decode_offsets" in text    # q·μ and the ranges
   from benchmarks.mosaic_lowering import module_asm
-  assert "m64n8k32.s32.s8.s8" in module_asm(text)
+  asm = module_asm(text)
+  assert "m64n8k32.s32.s8.s8" in asm and "m64n8k16.f32.f16.f16" in asm  # + the rotation
+  text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False,
+                             prologue_rotation="dot").lower(
+                                 lowering_platforms=("cuda",)).as_text()
+  assert "turboquant_decode_prologue" in text
 
 
 # -- p·‖v‖'s two int8 parts as one value operand (pack_p_parts) ---------------------------

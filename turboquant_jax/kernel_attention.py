@@ -330,8 +330,16 @@ PACK_Q_MIN_STEPS = 16
 # "kernel": the Mosaic kernel rotates the query itself (`decode_partials(q_rotation=)`,
 # one wgmma per CTA against U in float16) and the prologue keeps q·μ and the ranges
 # (parts "none"); one key group only.
+# Measured (H200, Llama-3-8B shapes, K4u/V3 int8 prerotated, the decode step paired with
+# bf16, `decode_e2e_paired_rotating_*_gpu.json`): 1 x 4K 0.955x -> 1.033x bf16 (queued
+# 0.967 -> 1.009), 8 x 4K 0.990 -> 1.007 (0.987 -> 1.032), 8 x 32K 1.586 -> 1.576 (1.604
+# -> 1.609); one layer's attention at 8 x 32K 115-116 -> 113 us
+# (`decode_prologue_rotation_kernel_gpu.json`): the default where it serves, else "dot".
 PROLOGUE_ROTATIONS = ("dot", "xla", "kernel")
-DEFAULT_PROLOGUE_ROTATION = "dot"
+DEFAULT_PROLOGUE_ROTATION = "kernel"
+# ... up to this head dim: U takes d² float16 bytes of a CTA's shared memory (32 KB at 128,
+# within the pipeline's; 128 KB at 256, one CTA per SM at most).
+KERNEL_ROTATION_MAX_HEAD_DIM = 128
 # `attend(fused_merge=None)` ends in `merge_exact` at head dims up to this. H200, SmolLM2
 # heads (9 q / 3 kv of 64), K4/V3 int8, one layer's attention in device time
 # (`kernel_sweep_smollm2_135m_gpu.json`): 8 x 32K 44.8 -> 42.1 us, 8 x 4K 22.2 -> 20.0,
@@ -412,7 +420,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   The value bound of the int8 kernel's p·‖v‖ scale is the cache's (`_value_bound`).
   prologue_interpret: its interpret mode (default: off the GPU); prologue_warps: its
   `num_warps`; prologue_rotation: where the query is rotated (`PROLOGUE_ROTATIONS`;
-  None: `DEFAULT_PROLOGUE_ROTATION`).
+  None: `DEFAULT_PROLOGUE_ROTATION` where it serves the cache (one key group, head dim
+  up to `KERNEL_ROTATION_MAX_HEAD_DIM`), else "dot").
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4
@@ -455,9 +464,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   # columns (no slices after the product).
   if prologue not in (None, *PROLOGUES):
     raise ValueError(f"prologue must be one of {PROLOGUES} or None, got {prologue!r}")
-  if prologue_rotation is None:
-    prologue_rotation = DEFAULT_PROLOGUE_ROTATION
-  if prologue_rotation not in PROLOGUE_ROTATIONS:
+  if prologue_rotation not in (None, *PROLOGUE_ROTATIONS):
     raise ValueError(f"prologue_rotation must be one of {PROLOGUE_ROTATIONS}, got "
                      f"{prologue_rotation!r}")
   if prologue not in (None, "off"):
@@ -467,6 +474,10 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   elif prologue is None:
     prologue = (DEFAULT_PROLOGUE if DEFAULT_PROLOGUE == "off"
                 or prologue_unsupported(cache, DEFAULT_PROLOGUE) is None else "off")
+  if prologue_rotation is None:   # the kernel's own where it serves (one key group)
+    prologue_rotation = (DEFAULT_PROLOGUE_ROTATION if DEFAULT_PROLOGUE_ROTATION != "kernel"
+                         or (prologue != "off" and len(kcs) == 1
+                             and d <= KERNEL_ROTATION_MAX_HEAD_DIM) else "dot")
   if prologue == "off" and prologue_rotation == "kernel":
     raise ValueError("prologue_rotation='kernel' needs a prologue ('query' or 'all'): "
                      "the int8 kernel's own rotation replaces the prologue's")
@@ -744,7 +755,7 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   if mosaic and use_kernel and tq != 1:
     raise ValueError(f"the Mosaic GPU kernel takes one query token per call, got {tq}")
   qf = qg.reshape(b, h, g * tq, d)
-  if kernel_kwargs.get("prologue_rotation") == "kernel":   # qf is float32 from here on
+  if mosaic and use_kernel:   # for the kernel's own rotation: qf is float32 from here on
     kernel_kwargs = dict(kernel_kwargs, query_parts=1 if q.dtype in (
         jnp.float16, jnp.bfloat16) else 2)
   row_pos = jnp.tile(q_positions, (1, g))                  # [B, G·Tq], rows are (g, t)
