@@ -319,7 +319,7 @@ PACK_Q_MIN_STEPS = 16
 # 8 x 4K 44.9 -> 42.6, 8 x 32K 118.8 -> 115.8, `step_profile_prologue_rotation_*_gpu.json`),
 # and in the whole step the kernels' sum is the same (8 x 4K 601.7 / 601.9 us per two
 # layers, 1 x 4K 627.5 / 626.3) and the decode loop no faster (paired, 1 x 4K 7.19 /
-# 7.24 ms; 8 x 4K bimodal, `decode_e2e_paired_prologue_rotation_4k_gpu.json`): "dot" stays.
+# 7.24 ms; 8 x 4K bimodal, `decode_e2e_paired_prologue_rotation_4k_gpu.json`): "dot" stayed.
 # (Broadcast products summed in the prologue instead of the dot took 16-26 us; bfloat16
 # tensor-core products of a 16-row query in it, 11.3-12.7 us against the dot's 8.8-9.6,
 # `step_profile_prologue_mma_*_gpu.json`.)
