@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from benchmarks import mgpu_decode as md
 from benchmarks import mosaic_attend as ma
+from benchmarks.int8_decode_check import attend_ab
 from pallas_kernels import decode_prologue as dp
 from pallas_kernels import merge_exact as me
 
@@ -194,31 +195,16 @@ def rotation_checks(only: str | None = None) -> None:
       checks.append(dict(row, variant=label))
   attend = []
   if only == "kernel":   # one layer's attention, the query rotated in the prologue or kernel
-    ceiling = md.read_ceiling()
-    key = jax.random.PRNGKey(1)
-    for b, t in ((8, 32768), (8, 4096), (1, 4096)):
-      key, sub = jax.random.split(key)
-      base = ma.cudnn_row(attend, sub, b, t, ceiling)
-      cache = ma.make_cache(sub, b, t, ma.tiles_config(4, 3, center_keys="plain", **ma.INT8))
-      q = jax.random.normal(sub, (b, 1, ma.HQ, D), jnp.bfloat16)
-      for rep in range(2):
-        for rotation in ("dot", "kernel"):
-          try:
-            sec = ma.time_attend(cache, q, implementation="mosaic", prologue="all",
-                                 prologue_rotation=rotation)
-            attend.append(dict(batch=b, tokens=t, kernel=f"K4/V3 int8, {rotation} rotation",
-                               rep=rep, us=sec * 1e6, speedup=base / sec))
-          except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            attend.append(dict(batch=b, tokens=t, kernel=rotation, error=repr(e)[:300]))
-          print(attend[-1], flush=True)
+    attend_ab(attend, "prologue_rotation", ("dot", "kernel"),
+              ((8, 32768), (8, 4096), (1, 4096)), md.read_ceiling(), dict(prologue="all"))
   path = common.write_result("decode_prologue_rotation", dict(prologue=prologue, checks=checks,
                                                               attend=attend))
   print(f"wrote {path}")
   common.print_table(prologue, ["r", "w", "groups", "rotation", "parts", "q_err_units",
                                 "koff", "ranges", "us", "ok"])
   common.print_table(checks, ["variant", "bits_k", "bits_v", "q_heads", "rel_err", "ok"])
-  common.print_table(attend, ["batch", "tokens", "kernel", "rep", "us", "speedup"])
+  common.print_table(attend, ["batch", "tokens", "kernel", "prologue_rotation", "rep", "ms",
+                              "speedup"])
 
 
 def main(argv=None) -> None:

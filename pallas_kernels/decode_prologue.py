@@ -326,6 +326,45 @@ def _kernel_offsets(*refs, has_mean, has_ranges, window, sink_slots, num_sinks,
                   sliding_window=sliding_window)
 
 
+def _launch(kernel, r: int, in_specs, out_specs, out_shapes, args, *, interpret: bool,
+            num_warps: int, name: str) -> list:
+  """One Triton program per row (interpret mode off the GPU); the outputs as a list."""
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return list(pl.pallas_call(
+      kernel, grid=(r,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
+      compiler_params=compiler_params, interpret=interpret, name=name)(*args))
+
+
+def _add_ranges(ranges: Ranges | None, r: int, heads: int, in_specs: list, args: list,
+                out_shapes: list, out_specs: list) -> None:
+  """Appends the ranges' inputs (per batch entry) and outputs (bounds [R, 2], limits
+  [R, 2^k], per row) to a prologue call's lists; nothing for ranges None."""
+  if ranges is None:
+    return
+  b, window = r // heads, ranges.window_positions.shape[1]
+  row = lambda i: (i, 0)  # noqa: E731
+  entry = lambda i: (i // heads, 0)  # noqa: E731
+  for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
+    if x.shape != (b,):
+      raise ValueError(f"ranges.{name} must be [{b}], got {list(x.shape)}")
+  if ranges.window_positions.shape[0] != b:
+    raise ValueError(f"ranges.window_positions must be [{b}, W], got "
+                     f"{list(ranges.window_positions.shape)}")
+  in_specs += [pl.BlockSpec((None, 1), entry)] * 2
+  args += [ranges.lengths.astype(jnp.int32).reshape(b, 1),
+           ranges.position.astype(jnp.int32).reshape(b, 1)]
+  if window:
+    in_specs.append(pl.BlockSpec((None, window), entry))
+    args.append(ranges.window_positions.astype(jnp.int32))
+  width = pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
+  out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
+                 jax.ShapeDtypeStruct((r, width), jnp.int32)]
+  out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
+
+
 PARTS = ("rows", "repeat", "packed", "none")
 
 
@@ -385,9 +424,7 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
   why = unsupported(d, key_groups, window)
   if why is not None:
     raise ValueError(f"decode_prologue cannot take this call: {why}")
-  b = r // heads
   row = lambda i: (i, 0)  # noqa: E731
-  entry = lambda i: (i // heads, 0)  # noqa: E731
   rows_spec = pl.BlockSpec((None, n, d), lambda i: (i, 0, 0))
   if dot:
     in_specs = [rows_spec, pl.BlockSpec((d, d), lambda i: (0, 0))]
@@ -417,24 +454,7 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
     gk = len(key_groups)
     out_shapes.append(jax.ShapeDtypeStruct((r, gk, *head), jnp.float32))
     out_specs.append(pl.BlockSpec((None, gk, *head), at(1 + len(head))))
-  width = 0
-  if ranges is not None:
-    for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
-      if x.shape != (b,):
-        raise ValueError(f"ranges.{name} must be [{b}], got {list(x.shape)}")
-    if ranges.window_positions.shape[0] != b:
-      raise ValueError(f"ranges.window_positions must be [{b}, W], got "
-                       f"{list(ranges.window_positions.shape)}")
-    in_specs += [pl.BlockSpec((None, 1), entry)] * 2
-    args += [ranges.lengths.astype(jnp.int32).reshape(b, 1),
-             ranges.position.astype(jnp.int32).reshape(b, 1)]
-    if window:
-      in_specs.append(pl.BlockSpec((None, window), entry))
-      args.append(ranges.window_positions.astype(jnp.int32))
-    width = pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
-    out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
-                   jax.ShapeDtypeStruct((r, width), jnp.int32)]
-    out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
+  _add_ranges(ranges, r, heads, in_specs, args, out_shapes, out_specs)
   common = dict(key_groups=tuple(key_groups), has_mean=key_mean is not None,
                 has_ranges=ranges is not None, window=window,
                 sink_slots=0 if ranges is None else ranges.sink_slots,
@@ -444,14 +464,8 @@ def decode_prologue(q: Array, unrotation: Array | None, *, heads: int,
     kernel = functools.partial(_kernel, **common)
   else:
     kernel = functools.partial(_kernel_rotated, **common, parts=parts)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  outs = list(pl.pallas_call(
-      kernel, grid=(r,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
-      compiler_params=compiler_params, interpret=interpret,
-      name="turboquant_decode_prologue")(*args))
+  outs = _launch(kernel, r, in_specs, out_specs, out_shapes, args, interpret=interpret,
+                 num_warps=num_warps, name="turboquant_decode_prologue")
   q8, scale, qoff = outs[:3]
   outs = outs[3:]
   koff = outs.pop(0) if has_koff else None
@@ -471,13 +485,11 @@ def _offsets_only(q: Array, *, heads: int, key_mean: Array | None, ranges: Range
     raise ValueError(f"q must hold {HEADS} rows per kv head for parts='none', got {q.shape}")
   if r % heads:
     raise ValueError(f"{r} rows do not split into batch entries of {heads} heads")
-  b = r // heads
   window = 0 if ranges is None else ranges.window_positions.shape[1]
   why = unsupported(d, (KeyGroup(0, d, 0.0),), window)
   if why is not None:
     raise ValueError(f"decode_prologue cannot take this call: {why}")
   row = lambda i: (i, 0)  # noqa: E731
-  entry = lambda i: (i // heads, 0)  # noqa: E731
   in_specs, args = [], []
   if key_mean is not None:
     if key_mean.shape != (r, d):
@@ -487,33 +499,14 @@ def _offsets_only(q: Array, *, heads: int, key_mean: Array | None, ranges: Range
     args += [q, key_mean.astype(jnp.float32)]
   out_shapes = [jax.ShapeDtypeStruct((r, HEADS), jnp.float32)]
   out_specs = [pl.BlockSpec((None, HEADS), row)]
-  if ranges is not None:
-    for name, x in (("lengths", ranges.lengths), ("position", ranges.position)):
-      if x.shape != (b,):
-        raise ValueError(f"ranges.{name} must be [{b}], got {list(x.shape)}")
-    in_specs += [pl.BlockSpec((None, 1), entry)] * 2
-    args += [ranges.lengths.astype(jnp.int32).reshape(b, 1),
-             ranges.position.astype(jnp.int32).reshape(b, 1)]
-    if window:
-      in_specs.append(pl.BlockSpec((None, window), entry))
-      args.append(ranges.window_positions.astype(jnp.int32))
-    width = pow2_at_least(1 + 2 * ((window > 0) + (ranges.sink_slots > 0)))
-    out_shapes += [jax.ShapeDtypeStruct((r, 2), jnp.int32),
-                   jax.ShapeDtypeStruct((r, width), jnp.int32)]
-    out_specs += [pl.BlockSpec((None, 2), row), pl.BlockSpec((None, width), row)]
+  _add_ranges(ranges, r, heads, in_specs, args, out_shapes, out_specs)
   kernel = functools.partial(
       _kernel_offsets, has_mean=key_mean is not None, has_ranges=ranges is not None,
       window=window, sink_slots=0 if ranges is None else ranges.sink_slots,
       num_sinks=0 if ranges is None else ranges.num_sinks,
       sliding_window=None if ranges is None else ranges.sliding_window)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-  outs = list(pl.pallas_call(
-      kernel, grid=(r,), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
-      compiler_params=compiler_params, interpret=interpret,
-      name="turboquant_decode_offsets")(*args))
+  outs = _launch(kernel, r, in_specs, out_specs, out_shapes, args, interpret=interpret,
+                 num_warps=num_warps, name="turboquant_decode_offsets")
   qoff = outs.pop(0)
   bounds, limits = (outs.pop(0), outs.pop(0)) if ranges is not None else (None, None)
   return Prologue(None, None, None, qoff, bounds, limits)
