@@ -280,9 +280,13 @@ VARIANTS = [
     ("tq3.5-k4v3-int8-prologue-dot", "tq3.5-k4v3-int8",
      "the query rotated inside the prologue by Triton's dot (float32 FMAs)",
      dict(prologue_rotation="dot")),
+    # (The default since 2026-12-02; these rows were measured against the dot rotation.)
     ("tq3.5-k4uv3-int8-prerotated-rotating", "tq3.5-k4uv3-int8-prerotated",
      "the query rotated inside the Mosaic kernel (a float16 wgmma per CTA), the prologue "
      "only q·μ and the ranges", dict(prologue_rotation="kernel")),
+    ("tq3.5-k4uv3-int8-prerotated-prologue-dot", "tq3.5-k4uv3-int8-prerotated",
+     "the query rotated inside the prologue by Triton's dot (the default before "
+     "2026-12-02)", dict(prologue_rotation="dot")),
     ("tq3-int8-prerotated-rotating", "tq3-int8-prerotated",
      "the query rotated inside the Mosaic kernel (a float16 wgmma per CTA), the prologue "
      "only q·μ and the ranges", dict(prologue_rotation="kernel")),
