@@ -505,6 +505,25 @@ def s8_transforms(cols: int = 128):
   return (plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(width))
 
 
+def store_s8_parts(x, refs, packed: bool) -> tuple[Array, Array]:
+  """Inside the kernel: x float32 [rows, 8] (WGMMA layout, |x| <= 127) as two int8 parts
+  hi = round(x), lo = round((x - hi)·127) (about 14 bits), stored transposed into the
+  [8, rows] wgmma B operands `refs`: two, or with `packed` one holding the high parts in
+  columns 0-3 and the low in 4-7 (columns 4-7 repeating heads 0-3). Returns (hi, lo)."""
+  hi = jnp.round(x)
+  lo = jnp.round((x - hi) * 127.0)
+  if packed:
+    col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA)
+    parts = [(refs[0], jnp.where(col < HEADS // 2, hi, lo))]
+  else:
+    parts = zip(refs, (hi, lo))
+  for ref, y in parts:
+    # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
+    plgpu.transpose_ref(ref, (1, 0))[...] = plgpu.layout_cast(
+        y.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+  return hi, lo
+
+
 def _load_words(ref, spec):
   # Mosaic finds no bank-conflict-free plan for [64, 32] words; the plain load is fine.
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=spec.words_per_row <= 24)
@@ -797,7 +816,7 @@ def _s8_levels(levels) -> tuple:
 
 
 def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
-              sub_steps) -> None:
+              sub_steps, rotate: bool = False) -> None:
   if len(q) != 1:
     raise ValueError("operand='int8' takes one query array (the groups' columns side by "
                      "side)")
@@ -820,7 +839,7 @@ def _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, toke
         raise ValueError(f"operand='int8' takes {spec.bits}-bit levels with offset "
                          f"{0.5 if spec.bits == 4 else 0.0} (or 4-bit plain nibbles' "
                          f"{PLAIN_OFFSET}), got {lv!r}")
-  if q_scale is None:
+  if q_scale is None and not rotate:   # with q_rotation the kernel makes it
     raise ValueError("operand='int8' needs q_scale (see quantize_query_s8)")
   if tokens_per_step > key_specs[0].rows or sub_steps not in (None, 1):
     raise ValueError("operand='int8' steps one tile at a time (tokens_per_step at most "
@@ -970,8 +989,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   key_specs, value_specs = _groups(key_spec), _groups(value_spec)
   if s8:
     key_levels, value_levels = _s8_levels(key_levels), _s8_levels(value_levels)
-    _check_s8(key_specs, value_specs, key_levels, value_levels, q,
-              q_scale if not rotate else 1.0, tokens_per_step, sub_steps)
+    _check_s8(key_specs, value_specs, key_levels, value_levels, q, q_scale, tokens_per_step,
+              sub_steps, rotate)
     sub_steps = 1
   else:
     key_levels, value_levels = _level_groups(key_levels), _level_groups(value_levels)
@@ -1189,17 +1208,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
       amax = column_max(jnp.abs(x), max_smem)
       qscale = jnp.where(amax > 0, amax * (1 / 127), 1.0)
       y = x * jax.lax.broadcast_in_dim(1.0 / qscale, x.shape, [1])
-      y_hi = jnp.round(y)
-      y_lo = jnp.round((y - y_hi) * 127.0)
-      if pack_q_parts:   # columns 4-7 repeat heads 0-3: they carry the low parts
-        col = plgpu.broadcasted_iota(jnp.int32, y.shape, 1, layout=plgpu.Layout.WGMMA)
-        ys = [(q_smem[0], jnp.where(col < HEADS // 2, y_hi, y_lo))]
-      else:
-        ys = zip(q_smem, (y_hi, y_lo))
-      for q_ref, part in ys:
-        # Mosaic transposes 16-bit registers only: in fp16 (exact, |part| <= 127).
-        plgpu.transpose_ref(q_ref, (1, 0))[...] = plgpu.layout_cast(
-            part.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+      y_hi, y_lo = store_s8_parts(y, q_smem, pack_q_parts)
       koffs = [None if not off else off * (y_hi + y_lo * (1 / 127)).sum(axis=0)
                for off in key_offsets]
       plgpu.commit_smem()   # the parts for wgmma, and column_max's barrier before its next
@@ -1385,17 +1394,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
             pmaxes.append(jnp.maximum(pv.max(axis=0), 1e-30))
           x = pv * (vinv_v[g] if p_bound else
                     jax.lax.broadcast_in_dim(127.0 / pmaxes[g], pv.shape, [1]))
-          x_hi = jnp.round(x)
-          x_lo = jnp.round((x - x_hi) * 127.0)
-          if packed:   # columns 4-7 repeat heads 0-3: they carry the low parts
-            col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA)
-            ys = [(p_smem[g], jnp.where(col < HEADS // 2, x_hi, x_lo))]
-          else:
-            ys = zip(p_smem[2 * g:2 * g + 2], (x_hi, x_lo))
-          for p_ref, y in ys:
-            # Mosaic transposes 16-bit registers only: in fp16 (exact, |y| <= 127).
-            plgpu.transpose_ref(p_ref, (1, 0))[...] = plgpu.layout_cast(
-                y.astype(jnp.float16), plgpu.Layout.WGMMA_TRANSPOSED).astype(jnp.int8)
+          store_s8_parts(x, p_smem[g:g + 1] if packed else p_smem[2 * g:2 * g + 2], packed)
         for vn_ref, p_ref in zip(() if s8 else vn_smem, p_smem):
           vn = plgpu.load(part(vn_ref), (), layout=plgpu.Layout.WGMMA.reduce(1)
                           ).astype(jnp.float32)

@@ -190,6 +190,17 @@ def _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, *, window,
   limits_ref[...] = limits
 
 
+def _write_qoff_and_ranges(qoff_ref, q, mean_ref, range_refs, **range_kw) -> None:
+  """q·μ of q's rows (float32 [8, D]; zeros without a mean) into qoff_ref [8], and the
+  ranges (`_write_ranges`) where range_refs (its five refs) is not None."""
+  if mean_ref is not None:
+    qoff_ref[...] = jnp.sum(q * mean_ref[...][None, :], axis=1)
+  else:
+    qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
+  if range_refs is not None:
+    _write_ranges(*range_refs, **range_kw)
+
+
 def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sinks,
             sliding_window):
   q_ref, rot_ref = refs[:2]   # [8, D] unrotated rows (zeros past the real ones), [D, D]
@@ -227,15 +238,11 @@ def _kernel(*refs, key_groups, has_mean, has_ranges, window, sink_slots, num_sin
       part = grp.offset * jnp.sum(jnp.where(inside, units, 0.0), axis=0)
       koff = jnp.where(row == g, part[None, :], koff)
     koff_ref[...] = koff
-  if has_mean:
-    qoff_ref[...] = jnp.sum(q * mean_ref[...][None, :], axis=1)
-  else:
-    qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
-
-  if has_ranges:
-    _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, window=window,
-                  sink_slots=sink_slots, num_sinks=num_sinks,
-                  sliding_window=sliding_window)
+  _write_qoff_and_ranges(
+      qoff_ref, q, mean_ref,
+      (len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref) if has_ranges else None,
+      window=window, sink_slots=sink_slots, num_sinks=num_sinks,
+      sliding_window=sliding_window)
 
 
 def _kernel_rotated(*refs, key_groups, has_mean, has_ranges, window, sink_slots,
@@ -316,14 +323,11 @@ def _kernel_offsets(*refs, has_mean, has_ranges, window, sink_slots, num_sinks,
   qoff_ref = rest.pop(0)                                   # [8]
   if has_ranges:
     bounds_ref, limits_ref = rest.pop(0), rest.pop(0)      # [2], [2^k]
-  if has_mean:
-    qoff_ref[...] = jnp.sum(q_ref[...].astype(jnp.float32) * mean_ref[...][None, :], axis=1)
-  else:
-    qoff_ref[...] = jnp.zeros(qoff_ref.shape, jnp.float32)
-  if has_ranges:
-    _write_ranges(len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref, window=window,
-                  sink_slots=sink_slots, num_sinks=num_sinks,
-                  sliding_window=sliding_window)
+  _write_qoff_and_ranges(
+      qoff_ref, q_ref[...].astype(jnp.float32) if has_mean else None, mean_ref,
+      (len_ref, pos_ref, wpos_ref, bounds_ref, limits_ref) if has_ranges else None,
+      window=window, sink_slots=sink_slots, num_sinks=num_sinks,
+      sliding_window=sliding_window)
 
 
 def _launch(kernel, r: int, in_specs, out_specs, out_shapes, args, *, interpret: bool,
@@ -520,26 +524,20 @@ def decode_prologue_reference(q: Array, unrotation: Array | None, *, heads: int,
   """`decode_prologue` in plain jnp: the ground truth of the tests."""
   del unused
   qf = q.astype(jnp.float32)
-  if parts == "none":
-    qoff = (jnp.zeros(qf.shape[:2], jnp.float32) if key_mean is None else
-            jnp.einsum("rmd,rd->rm", qf, key_mean.astype(jnp.float32), precision=_HIGHEST))
-    bounds = limits = None
-    if ranges is not None:
-      bounds, limits = (jnp.repeat(x, heads, axis=0) for x in ranges_reference(ranges))
-    return Prologue(None, None, None, qoff, bounds, limits)
-  x = (jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
-       if rotated is None else rotated.astype(jnp.float32))
-  if parts != "rows":   # rows 4-7 repeat rows 0-3
-    qf, x = (jnp.concatenate([a, a], axis=1) for a in (qf, x))
-  hi, lo, scale = quantize_rotated(x)
-  q8 = jnp.stack([hi, lo], axis=1).astype(jnp.int8)
-  if parts == "packed":
-    q8 = jnp.concatenate([q8[:, 0, :HEADS // 2], q8[:, 1, HEADS // 2:]], axis=1)[:, None]
-  koff = None
-  if any(g.offset for g in key_groups):
-    units = hi + lo / 127.0
-    koff = jnp.stack([g.offset * units[..., g.start:g.start + g.cols].sum(-1)
-                      for g in key_groups], axis=1)
+  q8 = scale = koff = None
+  if parts != "none":
+    x = (jnp.einsum("rmd,ed->rme", qf, unrotation.astype(jnp.float32), precision=_HIGHEST)
+         if rotated is None else rotated.astype(jnp.float32))
+    if parts != "rows":   # rows 4-7 repeat rows 0-3
+      qf, x = (jnp.concatenate([a, a], axis=1) for a in (qf, x))
+    hi, lo, scale = quantize_rotated(x)
+    q8 = jnp.stack([hi, lo], axis=1).astype(jnp.int8)
+    if parts == "packed":
+      q8 = jnp.concatenate([q8[:, 0, :HEADS // 2], q8[:, 1, HEADS // 2:]], axis=1)[:, None]
+    if any(g.offset for g in key_groups):
+      units = hi + lo / 127.0
+      koff = jnp.stack([g.offset * units[..., g.start:g.start + g.cols].sum(-1)
+                        for g in key_groups], axis=1)
   qoff = (jnp.zeros(qf.shape[:2], jnp.float32) if key_mean is None else
           jnp.einsum("rmd,rd->rm", qf, key_mean.astype(jnp.float32), precision=_HIGHEST))
   bounds = limits = None
