@@ -49,6 +49,24 @@ def test_group_rotations_as_one_block_diagonal_product(rotation, rng):
   np.testing.assert_array_equal(back, y)
 
 
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_float16_blocks_are_kept_rounded_once(bits):
+  """float16_blocks: the unrotation matrix rounded to float16 once, at create, and returned
+  as kept (the int8 kernel's rotation reads it every decode call); not kept unless asked,
+  nor for Hadamard rotations (rounded on demand there)."""
+  key = jax.random.PRNGKey(5)
+  q = channel_split.SplitQuantizer.create(key, 64, bits, float16_blocks=True)
+  plain = channel_split.SplitQuantizer.create(key, 64, bits)
+  assert plain.blocks_f16 is None and q.blocks_f16.dtype == jnp.float16
+  np.testing.assert_array_equal(q.blocks_f16, plain.unrotation_matrix().astype(jnp.float16))
+  assert q.unrotation_matrix(jnp.float16) is q.blocks_f16
+  np.testing.assert_array_equal(plain.unrotation_matrix(jnp.float16), q.blocks_f16)
+  assert q.unrotation_matrix().dtype == jnp.float32
+  had = channel_split.SplitQuantizer.create(key, 64, bits, rotation="hadamard",
+                                            float16_blocks=True)
+  assert had.blocks_f16 is None and had.unrotation_matrix(jnp.float16).dtype == jnp.float16
+
+
 def test_fractional_distortion_sits_between_integer_widths():
   x = jax.random.normal(jax.random.PRNGKey(1), (4000, 128))
   x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)

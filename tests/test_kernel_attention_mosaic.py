@@ -610,6 +610,7 @@ def test_int8_kernel_rotation_glue(rng, monkeypatch, hq, dtype):
   np.testing.assert_allclose(np.asarray(k["q_rotation"], np.float32),
                              np.asarray(cache.key_quantizer.unrotation_matrix()),
                              atol=2 ** -11)
+  assert k["q_rotation"] is cache.key_quantizer.blocks_f16   # the cache's copy, no cast
   two = tiles_cache(rng, 3.5, 3.5, center_keys="plain", levels="int8", tile_operand="int8",
                     window=64, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="one key channel group"):
@@ -643,6 +644,8 @@ def test_int8_prologue_attend_lowers_for_cuda(rng):
   from benchmarks.mosaic_lowering import module_asm
   asm = module_asm(text)
   assert "m64n8k32.s32.s8.s8" in asm and "m64n8k16.f32.f16.f16" in asm  # + the rotation
+  # U reaches the kernel as the cache keeps it: no float32 -> float16 cast per call.
+  assert f"tensor<{D}x{D}xf32>) -> tensor<{D}x{D}xf16>" not in text
   text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False,
                              prologue_rotation="dot").lower(
                                  lowering_platforms=("cuda",)).as_text()

@@ -53,19 +53,24 @@ class SplitQuantizer:
       (`unrotation_matrix`), kept where `create` made two or more Haar groups: built
       from the traced rotations it cost three small XLA kernels per decode step; None:
       built on demand.
+    blocks_f16: [d, d] float16, the same matrix rounded once, kept where `create` was
+      asked for it (`float16_blocks`): the int8 Mosaic kernel rotates its query by a
+      float16 wgmma against it, and a cast per decode call cost an XLA kernel per layer.
   """
 
   groups: tuple[Any, ...]
   bits: float = flax.struct.field(pytree_node=False)
   kind: str = flax.struct.field(pytree_node=False)
   blocks: Array | None = None
+  blocks_f16: Array | None = None
 
   @classmethod
   def create(cls, key: Array, d: int, bits: float, kind: str = "mse", *,
              rotation: str = "haar", norm_dtype=jnp.float16,
-             levels: str = "lloyd_max") -> "SplitQuantizer":
+             levels: str = "lloyd_max", float16_blocks: bool = False) -> "SplitQuantizer":
     """Quantizers for d-vectors at `bits` in `CACHE_BITS` bits per coordinate;
-    `levels` as for `MSEQuantizer.create`."""
+    `levels` as for `MSEQuantizer.create`; float16_blocks: keep `blocks_f16` too (dense
+    rotations only)."""
     if kind not in ("mse", "prod"):
       raise ValueError(f"quantizer kind must be 'mse' or 'prod', got {kind!r}")
     make = MSEQuantizer.create if kind == "mse" else ProdQuantizer.create
@@ -76,6 +81,9 @@ class SplitQuantizer:
     quantizer = cls(groups=groups, bits=bits, kind=kind)
     if quantizer._dense_blocks():
       quantizer = quantizer.replace(blocks=quantizer._block_diagonal())
+    if float16_blocks and all(isinstance(r, HaarRotation) for r in quantizer._rotations()):
+      quantizer = quantizer.replace(
+          blocks_f16=quantizer.unrotation_matrix().astype(jnp.float16))
     return quantizer
 
   @property
@@ -110,10 +118,14 @@ class SplitQuantizer:
   def _rotations(self) -> list[Any]:
     return [g.rotation if self.kind == "mse" else g.mse.rotation for g in self.groups]
 
-  def unrotation_matrix(self) -> Array:
+  def unrotation_matrix(self, dtype=jnp.float32) -> Array:
     """[d, d] block-diagonal: a row vector of the groups' rotated parts side by side, times
-    this, is the vector in the groups' channel order (each group's Πᵀ applied)."""
-    return self._block_diagonal() if self.blocks is None else self.blocks
+    this, is the vector in the groups' channel order (each group's Πᵀ applied); float32,
+    or float16 (`blocks_f16` where kept, else rounded here)."""
+    if jnp.dtype(dtype) == jnp.float16 and self.blocks_f16 is not None:
+      return self.blocks_f16
+    u = self._block_diagonal() if self.blocks is None else self.blocks
+    return u.astype(dtype)
 
   def _block_diagonal(self) -> Array:
     return jax.scipy.linalg.block_diag(*(r.as_matrix() for r in self._rotations()))

@@ -335,6 +335,14 @@ PACK_Q_MIN_STEPS = 16
 # 0.967 -> 1.009), 8 x 4K 0.990 -> 1.007 (0.987 -> 1.032), 8 x 32K 1.586 -> 1.576 (1.604
 # -> 1.609); one layer's attention at 8 x 32K 115-116 -> 113 us
 # (`decode_prologue_rotation_kernel_gpu.json`): the default where it serves, else "dot".
+# U reaches the kernel as the key quantizer keeps it in float16 (`blocks_f16`): the cast
+# per call was one more XLA kernel, 1.2-1.6 us (one layer's attention at 1 x 4K 16.2-16.6
+# -> 15.0 us, `kernel_check_float16_u_llama3_8b_gpu.json`). SmolLM2's heads (d = 64), the
+# attention call 1 x 4K 12.1 us, 8 x 32K 38.5 (the dot rotation's 14.1-14.9 and 41.1 on
+# 2026-12-01, `kernel_check_float16_u_smollm2_gpu.json`); its decode step, paired, 4
+# rounds, against the dot rotation in the same rounds: 1 x 4K 0.83x / 0.88x bf16 a call
+# at a time, 0.94x / 0.91x queued; 8 x 32K 1.16x / 1.17x, 1.26x / 1.24x queued
+# (`decode_e2e_paired_smollm2_rotating_gpu.json`: within the rounds' spread).
 PROLOGUE_ROTATIONS = ("dot", "xla", "kernel")
 DEFAULT_PROLOGUE_ROTATION = "kernel"
 # ... up to this head dim: U takes d² float16 bytes of a CTA's shared memory (32 KB at 128,
@@ -505,7 +513,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
           [q_hi, (q_perm.astype(jnp.float32) - q_hi.astype(jnp.float32)).astype(jnp.float16)],
           axis=1))
       kernel_kwargs = dict(kernel_kwargs, q_rotation=cache.key_quantizer.unrotation_matrix(
-          ).astype(jnp.float16))
+          jnp.float16))
     if everything:
       bounds, limits = pro.bounds, pro.limits
     else:   # cache-only work: XLA runs it beside the query's projection

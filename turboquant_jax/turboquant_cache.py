@@ -268,11 +268,14 @@ def _quantizers(config: TurboQuantConfig, layer: int, head_dim: int
   the value quantizer rotates values itself (values_prerotated aside)."""
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), layer)
   k_key, v_key = jax.random.split(key)
-  make = lambda k, bits, kind, norms, levels: channel_split.SplitQuantizer.create(  # noqa: E731
-      k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=norms, levels=levels)
+  make = lambda k, bits, kind, norms, levels, **kw: channel_split.SplitQuantizer.create(  # noqa: E731
+      k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=norms, levels=levels, **kw)
   key_norms, value_norms = config.norm_dtypes
   key_levels, value_levels = config.levels_pair
-  return (make(k_key, config.key_bits, config.key_quantizer, key_norms, key_levels),
+  # The int8 Mosaic kernel rotates the query itself against U in float16 (kept, not cast
+  # per call).
+  return (make(k_key, config.key_bits, config.key_quantizer, key_norms, key_levels,
+               float16_blocks=config.tile_operand == "int8"),
           make(v_key, config.value_bits, "mse", value_norms, value_levels))
 
 
