@@ -290,6 +290,9 @@ VARIANTS = [
     ("tq3-int8-prerotated-rotating", "tq3-int8-prerotated",
      "the query rotated inside the Mosaic kernel (a float16 wgmma per CTA), the prologue "
      "only q·μ and the ranges", dict(prologue_rotation="kernel")),
+    ("tq3.5-k4uv3-int8-prerotated-merge-splits", "tq3.5-k4uv3-int8-prerotated",
+     "the kernel's splits merged by `merge_exact.merge_splits` (one Triton launch) instead "
+     "of XLA's max, reduce and convert", dict(split_merge="kernel")),
     ("tq3.5-quintic-rope-table256", "tq3.5-quintic-rope",
      "RoPE offsets from a table as long as the 256-token tiles (the default is 64 rows: "
      "two CTAs per SM, where this leaves one)", dict(rope_table_rows=256)),

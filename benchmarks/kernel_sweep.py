@@ -57,7 +57,9 @@ GRID = [dict(), dict(max_concurrent_steps=3), dict(max_concurrent_steps=4),
         dict(ctas_per_sm=2), dict(ctas_per_sm=4), dict(ctas_per_sm=6),
         dict(splits_x=0.5), dict(splits_x=2), dict(splits_x=4),
         dict(fused_merge=True), dict(fused_merge=False),
-        dict(fused_merge=True, ctas_per_sm=6)]
+        dict(fused_merge=True, ctas_per_sm=6),
+        # The splits merged by one Triton launch (`merge_exact.merge_splits`), not XLA's three.
+        dict(split_merge="kernel")]
 
 
 def shapes(model: str) -> tuple[int, int, int]:

@@ -262,6 +262,115 @@ def merge_exact(q: Array, o: Array, l: Array, m: Array, q_positions: Array,
   )(*args)
 
 
+def _pow2_parts(n: int) -> list[tuple[int, int]]:
+  """(start, size) of n's binary decomposition, largest first: 33 = 32 + 1, 12 = 8 + 4."""
+  parts, start = [], 0
+  for k in reversed(range(n.bit_length())):
+    if n >> k & 1:
+      parts.append((start, 1 << k))
+      start += 1 << k
+  return parts
+
+
+def _splits_kernel(o_ref, l_ref, m_ref, *refs, num_splits, compressed, has_mean,
+                   has_poison):
+  refs = list(refs)
+  out_ref = refs.pop()
+  mean_ref = refs.pop(0) if has_mean else None
+  poison_ref = refs.pop(0) if has_poison else None
+  # Every split in a few wide loads (the binary parts of S): one load per split would wait
+  # on each in turn, and Triton's tensors are powers of two.
+  parts = [(pl.ds(a, n), a, n) for a, n in _pow2_parts(num_splits)]
+  m_all = None
+  for sr, _, _ in parts:
+    mx = m_ref[sr, :].max(axis=0)
+    m_all = mx if m_all is None else jnp.maximum(m_all, mx)
+  acc = l_total = l_comp = None
+  for sr, a, n in parts:
+    w = jnp.exp(m_ref[sr, :] - m_all[None, :])                     # [n, M]
+    wl = l_ref[sr, :] * w
+    part = (o_ref[sr, :, :] * w[:, None, :]).sum(axis=0)            # [BD, M]
+    acc = part if acc is None else acc + part
+    l_part = wl.sum(axis=0)
+    l_total = l_part if l_total is None else l_total + l_part
+    if has_mean and a < compressed:   # the compressed splits' share of the value mean
+      if a + n > compressed:
+        keep = a + jax.lax.broadcasted_iota(jnp.int32, wl.shape, 0) < compressed
+        l_part = jnp.where(keep, wl, 0.0).sum(axis=0)
+      l_comp = l_part if l_comp is None else l_comp + l_part
+  out = acc.T                                                        # [M, BD]
+  if has_mean and l_comp is not None:
+    out += l_comp[:, None] * mean_ref[...][None, :]
+  out = out / jnp.where(l_total > 0, l_total, 1.0)[:, None]
+  if has_poison:   # rows of an overflowed cache read NaN, as the jnp merge's
+    out = jnp.where(poison_ref[0] != 0, jnp.nan, out)
+  out_ref[...] = out.astype(out_ref.dtype)
+
+
+def merge_splits(o: Array, l: Array, m: Array, *, rows: int, heads: int,
+                 value_mean: Array | None = None, exact_splits: int = 0,
+                 poison: Array | None = None, out_dtype=jnp.float32,
+                 block_d: int = 32, interpret: bool = False, num_warps: int = 4) -> Array:
+  """The split merge alone, for partials that need no rotation back (values the decoder
+  rotated) and no exact tokens beyond the kernel's own splits: one program per kv-head
+  row and `block_d` channels, out in the layout the output projection reads.
+
+  R = batch x `heads` kv-head rows, S splits, D channels, M query columns of which the
+  first `rows` are real (a power of two).
+
+  Args:
+    o: float32 [R, S, D, M], the splits' unnormalised sums of p·values, transposed (as
+      `decode_attention_mgpu` writes them); l, m: float32 [R, S, M], their sums of p and
+      maxima (natural-log units; an empty split has l = 0).
+    value_mean: float32 [R, D], the value mean added to the compressed tokens (all but
+      the last `exact_splits` splits), or None.
+    poison: [batch] bool, entries whose output becomes NaN (an overflowed cache), or None.
+    out_dtype: the output's dtype (the query's).
+
+  Returns:
+    out_dtype [R, rows, D]: softmax(scores)·values over every split; 0 for a row that
+    sees no token.
+  """
+  r, s_splits, d, cols = o.shape
+  if l.shape != (r, s_splits, cols) or m.shape != l.shape:
+    raise ValueError(f"o {o.shape}, l {l.shape} and m {m.shape} do not fit together")
+  if not (_pow2(rows) and rows <= cols):
+    raise ValueError(f"rows must be a power of two <= {cols}, got {rows}")
+  if d % block_d or not _pow2(block_d):
+    raise ValueError(f"block_d must be a power of two dividing {d}, got {block_d}")
+  if r % heads:
+    raise ValueError(f"{r} rows are not batch x {heads} heads")
+  if not 0 <= exact_splits <= s_splits:
+    raise ValueError(f"exact_splits must lie in [0, {s_splits}], got {exact_splits}")
+  in_specs = [pl.BlockSpec((None, s_splits, block_d, rows), lambda i, c: (i, 0, c, 0)),
+              pl.BlockSpec((None, s_splits, rows), lambda i, c: (i, 0, 0)),
+              pl.BlockSpec((None, s_splits, rows), lambda i, c: (i, 0, 0))]
+  args = [o, l, m]
+  if value_mean is not None:
+    if value_mean.shape != (r, d):
+      raise ValueError(f"value_mean must be [{r}, {d}], got {list(value_mean.shape)}")
+    in_specs.append(pl.BlockSpec((None, block_d), lambda i, c: (i, c)))
+    args.append(value_mean.astype(jnp.float32))
+  if poison is not None:
+    if poison.shape != (r // heads,):
+      raise ValueError(f"poison must be [{r // heads}], got {list(poison.shape)}")
+    in_specs.append(pl.BlockSpec((1,), lambda i, c: (i // heads,)))   # the row's entry
+    args.append(poison.astype(jnp.int32))
+  kernel = functools.partial(_splits_kernel, num_splits=s_splits,
+                             compressed=s_splits - exact_splits,
+                             has_mean=value_mean is not None, has_poison=poison is not None)
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      kernel, grid=(r, d // block_d), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, rows, block_d), lambda i, c: (i, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((r, rows, d), out_dtype),
+      compiler_params=compiler_params, interpret=interpret, name="turboquant_merge_splits",
+  )(*args)
+
+
 def merge_exact_reference(q, o, l, m, q_positions, unrotation, exact, *, heads, scale,
                           soft_cap=None, sliding_window=None, value_mean=None,
                           value_perm=None, unrotated_splits=0, **unused):

@@ -199,6 +199,45 @@ def test_mosaic_glue_prerotated_values(rng, monkeypatch, dtype, fused_merge):
   assert unrotations == ([None] if fused_merge else [])   # no [D, D] operand
 
 
+@pytest.mark.parametrize("hq, levels, center_values", [(8, ("uniform", "int8"), False),
+                                                      (16, "int8", True)])
+def test_split_merge_kernel_glue(rng, monkeypatch, hq, levels, center_values):
+  """split_merge="kernel": the int8 kernel's partials (its exact splits included) merged by
+  `merge_exact.merge_splits` in interpret mode, through the twin, against the reference;
+  an overflowed entry reads NaN; unsupported calls are refused."""
+  cache = tiles_cache(rng, 4, 3, dtype=jnp.bfloat16, levels=levels, tile_operand="int8",
+                      values_prerotated=True, center_values=center_values, window=64)
+  monkeypatch.setattr(ka.mosaic, "decode_partials", kernel_twin)
+  merges = []
+  merge = ka.merge_exact.merge_splits
+  monkeypatch.setattr(ka.merge_exact, "merge_splits",
+                      lambda *a, **k: merges.append(k) or merge(*a, **k))
+  q = jnp.asarray(rng.standard_normal((B, 1, hq, D)), jnp.float32).astype(jnp.bfloat16)
+  kw = dict(sliding_window=300)
+  ref = cache.attend(q, implementation="reference", **kw)
+  got = ka.attend(cache, q, mosaic=True, num_splits=2, split_merge="kernel", **kw)
+  assert got.dtype == jnp.bfloat16 and got.shape == q.shape
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                             rtol=1e-2, atol=1e-2)
+  (k,) = merges
+  assert k["exact_splits"] > 0 and (k["value_mean"] is not None) == center_values
+  xla = ka.attend(cache, q, mosaic=True, num_splits=2, split_merge="xla", **kw)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(xla, np.float32),
+                             rtol=1e-2, atol=1e-2)
+  bad = cache.replace(overflowed=jnp.array([False, True]))
+  out = np.asarray(ka.attend(bad, q, mosaic=True, num_splits=2, split_merge="kernel"),
+                   np.float32)
+  assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
+  with pytest.raises(ValueError, match="power of two"):
+    ka.attend(cache, q[:, :, :6], mosaic=True, num_splits=2, split_merge="kernel")
+  with pytest.raises(ValueError, match="split_merge must be"):
+    ka.attend(cache, q, mosaic=True, num_splits=2, split_merge="triton")
+  plain = tiles_cache(rng, 4, 3, dtype=jnp.bfloat16, levels="int8", tile_operand="int8",
+                      window=64)
+  with pytest.raises(ValueError, match="values_prerotated"):
+    ka.attend(plain, q, mosaic=True, num_splits=2, split_merge="kernel")
+
+
 def test_merge_fits_head_dim_256_only_without_rotation():
   """merge_exact holds a float32 [D, D] unrotation in shared memory: at head_dim 256 only
   prerotated values (and the exact tokens attended by the kernel) leave it out."""

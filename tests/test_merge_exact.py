@@ -145,3 +145,49 @@ def test_unrotated_splits(rng, splits, unrotated, sizes):
   with pytest.raises(ValueError, match="unrotated_splits"):
     me.merge_exact(q, o, l, m, qpos, rot, exact, heads=H, scale=0.3,
                    unrotated_splits=splits + 1, interpret=True)
+
+
+# -- merge_splits: the split merge alone (values prerotated, exact tokens as splits) -------
+
+@pytest.mark.parametrize("splits, exact, rows, mean", [(17, 1, 4, False), (33, 2, 4, True),
+                                                       (12, 0, 2, True), (1, 1, 8, False)])
+def test_merge_splits_matches_reference(rng, splits, exact, rows, mean):
+  """Interpret mode against `merge_exact_reference` (no rotation, no exact parts, the last
+  `exact` splits unrotated: the value mean skips them), the first `rows` of 8 columns, a
+  split that saw nothing (l = 0) and a poisoned batch entry."""
+  b, heads, d, cols = 2, 3, 64, 8
+  r = b * heads
+  o = jnp.asarray(rng.standard_normal((r, splits, d, cols)), jnp.float32)
+  l = jnp.asarray(rng.uniform(0.5, 3.0, (r, splits, cols)), jnp.float32)
+  m = jnp.asarray(rng.standard_normal((r, splits, cols)) * 4, jnp.float32)
+  l = l.at[1, 0].set(0.0)
+  o, m = o.at[1, 0].set(0.0), m.at[1, 0].set(-1e30)
+  value_mean = jnp.asarray(rng.standard_normal((r, d)), jnp.float32) if mean else None
+  poison = jnp.array([False, True])
+  got = me.merge_splits(o, l, m, rows=rows, heads=heads, value_mean=value_mean,
+                        exact_splits=exact, poison=poison, out_dtype=jnp.bfloat16,
+                        block_d=16, interpret=True)
+  q = jnp.zeros((r, cols, d), jnp.float32)
+  qpos = jnp.zeros((b, cols), jnp.int32)
+  ref = me.merge_exact_reference(q, o, l, m, qpos, None, (), heads=heads, scale=1.0,
+                                 value_mean=value_mean, unrotated_splits=exact)
+  ref = jnp.swapaxes(ref, 1, 2)[:, :rows]                           # [R, rows, D]
+  assert got.shape == (r, rows, d) and got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got[:heads], np.float32), ref[:heads],
+                             rtol=1e-2, atol=1e-2)
+  assert np.isnan(np.asarray(got[heads:], np.float32)).all()
+
+
+def test_merge_splits_errors(rng):
+  o = jnp.zeros((6, 5, 64, 8))
+  l = m = jnp.zeros((6, 5, 8))
+  with pytest.raises(ValueError, match="power of two"):
+    me.merge_splits(o, l, m, rows=3, heads=3, interpret=True)
+  with pytest.raises(ValueError, match="block_d"):
+    me.merge_splits(o, l, m, rows=4, heads=3, block_d=24, interpret=True)
+  with pytest.raises(ValueError, match="do not fit"):
+    me.merge_splits(o, l[:, :4], m, rows=4, heads=3, interpret=True)
+  with pytest.raises(ValueError, match="exact_splits"):
+    me.merge_splits(o, l, m, rows=4, heads=3, exact_splits=6, interpret=True)
+  with pytest.raises(ValueError, match="poison"):
+    me.merge_splits(o, l, m, rows=4, heads=3, poison=jnp.zeros(3, bool), interpret=True)

@@ -360,6 +360,12 @@ KERNEL_ROTATION_MAX_HEAD_DIM = 128
 # fits once unrotated) 1 x 4K 23.6 / 19.6, 8 x 32K 67.1 / 57.9
 # (`kernel_sweep_*_prerotated_gpu.json`): then the jnp merge.
 FUSED_MERGE_MAX_HEAD_DIM = 64
+# Where the kernel's splits are merged when `merge_exact` is not used: "xla" (jnp: a max,
+# a reduce and a convert, three XLA kernels) or "kernel" (`merge_exact.merge_splits`, one
+# Triton launch gridded over rows and channel blocks), where it serves
+# (`split_merge_unsupported`).
+SPLIT_MERGES = ("xla", "kernel")
+DEFAULT_SPLIT_MERGE = "xla"
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -682,6 +688,33 @@ def merge_unsupported(cache, rows: int, exact: bool = True) -> str | None:
                                  rotated=not cache.config.values_prerotated)
 
 
+def split_merge_unsupported(cache, rows: int, exact_in_kernel: bool) -> str | None:
+  """Why `merge_exact.merge_splits` cannot finish this Mosaic call (None: it can)."""
+  if not cache.config.values_prerotated:
+    return "it rotates nothing back (values_prerotated caches only)"
+  if cache.value_perm is not None:
+    return "it takes one value channel group"
+  if not exact_in_kernel and cache.exact_parts():
+    return "it merges the kernel's splits only (exact_in_kernel)"
+  if rows & (rows - 1) or rows > mosaic.HEADS:
+    return f"{rows} query rows per kv head is not a power of two up to {mosaic.HEADS}"
+  return None
+
+
+def _attend_mosaic_split_merge(cache, qf: Array, row_pos: Array, *, out_dtype,
+                               merge_interpret: bool | None, **kwargs) -> Array:
+  """[B, H, M, D] out_dtype: the Mosaic kernel's partials merged by `merge_splits`."""
+  b, h, rows, d = qf.shape
+  o, l, m, e = _mosaic_partials_padded(cache, qf, row_pos, **kwargs)
+  if merge_interpret is None:
+    merge_interpret = jax.default_backend() != "gpu"
+  mean = None if cache.value_mean is None else cache.value_mean.reshape(b * h, d)
+  out = merge_exact.merge_splits(o, l, m, rows=rows, heads=h, value_mean=mean,
+                                 exact_splits=e, poison=cache.overflowed,
+                                 out_dtype=out_dtype, interpret=merge_interpret)
+  return out.reshape(b, h, rows, d)
+
+
 def _attend_mosaic_fused(cache, qf: Array, row_pos: Array, *, scale: float,
                          soft_cap: float | None, sliding_window: int | None,
                          use_kernel: bool, merge_interpret: bool | None,
@@ -732,7 +765,7 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
            sliding_window: int | None = None, soft_cap: float | None = None,
            use_kernel: bool = True, mosaic: bool = False, fused_merge: bool | None = None,
            merge_interpret: bool | None = None, exact_in_kernel: bool | None = None,
-           **kernel_kwargs) -> Array:
+           split_merge: str | None = None, **kernel_kwargs) -> Array:
   """`TurboQuantKVCache.attend` through a fused kernel: [B, Tq, Hq, D] -> same.
 
   mosaic: the Mosaic GPU kernel (tiles layout) instead of the Triton one; use_kernel=False:
@@ -750,6 +783,11 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
   or fp16 tokens by TMA, wgmma with the unrotated query rounded to their dtype, p
   rounded to it as cuDNN does);
   None: where it can (`exact_unsupported`), else in jnp (float32 products).
+
+  split_merge: with mosaic and no fused_merge, where the splits are merged
+  (`SPLIT_MERGES`): "kernel", `merge_exact.merge_splits` (values prerotated, the exact
+  tokens in the kernel, a power of two of query rows: `split_merge_unsupported`), "xla"
+  in jnp; None: `DEFAULT_SPLIT_MERGE` where it serves, else "xla".
 
   The exact window and sinks are more partials of the same softmax, merged with the
   kernel's split partials; each value group's sum is rotated back once.
@@ -782,6 +820,20 @@ def attend(cache, q: Array, q_positions: Array | None = None, *, scale: float | 
                                exact_in_kernel=exact_in_kernel, **kernel_kwargs)
     out = jnp.where(cache.overflowed[:, None, None, None], jnp.nan, out)
     return attention.ungroup_output(out.reshape(b, h, g, tq, d)).astype(q.dtype)
+  if split_merge not in (None, *SPLIT_MERGES):
+    raise ValueError(f"split_merge must be one of {SPLIT_MERGES} or None, got "
+                     f"{split_merge!r}")
+  if mosaic and use_kernel:
+    why = split_merge_unsupported(cache, g * tq, exact_in_kernel)
+    if split_merge == "kernel" and why is not None:
+      raise ValueError(f"split_merge='kernel' cannot finish this call: {why}")
+    if split_merge is None:
+      split_merge = DEFAULT_SPLIT_MERGE if why is None else "xla"
+    if split_merge == "kernel":
+      out = _attend_mosaic_split_merge(cache, qf, row_pos, out_dtype=q.dtype,
+                                       merge_interpret=merge_interpret, **common,
+                                       exact_in_kernel=exact_in_kernel, **kernel_kwargs)
+      return attention.ungroup_output(out.reshape(b, h, g, tq, d))
   if mosaic and use_kernel and exact_in_kernel:
     o_c, l_c, m_c, exact = mosaic_partials(cache, qf, row_pos, exact_in_kernel=True,
                                            **common, **kernel_kwargs)
@@ -815,4 +867,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
     "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
-    "prologue_rotation", "pack_p_parts", "pack_q_parts"))
+    "prologue_rotation", "pack_p_parts", "pack_q_parts", "split_merge"))
