@@ -685,6 +685,15 @@ def test_int8_prologue_attend_lowers_for_cuda(rng):
   assert "m64n8k32.s32.s8.s8" in asm and "m64n8k16.f32.f16.f16" in asm  # + the rotation
   # U reaches the kernel as the cache keeps it: no float32 -> float16 cast per call.
   assert f"tensor<{D}x{D}xf32>) -> tensor<{D}x{D}xf16>" not in text
+  # ... and the split merge (the default with prerotated values) the overflow flags as
+  # they are.
+  pre = tiles_cache(rng, 4, 3, levels="int8", tile_operand="int8", center_keys="plain",
+                    dtype=jnp.bfloat16, window=128, values_prerotated=True)
+  text = ka.attend_jit.trace(pre, q, mosaic=True, prologue_interpret=False,
+                             merge_interpret=False).lower(
+                                 lowering_platforms=("cuda",)).as_text()
+  assert "turboquant_merge_splits" in text
+  assert f"tensor<{B}xi1>) -> tensor<{B}xi32>" not in text
   text = ka.attend_jit.trace(cache, q, mosaic=True, prologue_interpret=False,
                              prologue_rotation="dot").lower(
                                  lowering_platforms=("cuda",)).as_text()

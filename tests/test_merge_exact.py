@@ -191,3 +191,6 @@ def test_merge_splits_errors(rng):
     me.merge_splits(o, l, m, rows=4, heads=3, exact_splits=6, interpret=True)
   with pytest.raises(ValueError, match="poison"):
     me.merge_splits(o, l, m, rows=4, heads=3, poison=jnp.zeros(3, bool), interpret=True)
+  with pytest.raises(ValueError, match="poison must be bool"):
+    me.merge_splits(o, l, m, rows=4, heads=3, poison=jnp.zeros(2, jnp.int32),
+                    interpret=True)
