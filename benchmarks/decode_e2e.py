@@ -293,6 +293,13 @@ VARIANTS = [
     ("tq3.5-k4uv3-int8-prerotated-merge-splits", "tq3.5-k4uv3-int8-prerotated",
      "the kernel's splits merged by `merge_exact.merge_splits` (one Triton launch) instead "
      "of XLA's max, reduce and convert", dict(split_merge="kernel")),
+    # (merge_splits is the default where it serves since 2026-12-02: these time XLA's.)
+    ("tq3.5-k4uv3-int8-prerotated-xla-merge", "tq3.5-k4uv3-int8-prerotated",
+     "the kernel's splits merged by XLA's max, reduce and convert (the default before "
+     "2026-12-02) instead of `merge_exact.merge_splits`", dict(split_merge="xla")),
+    ("tq3.5-k4v3-quintic-prerotated-xla-merge", "tq3.5-k4v3-quintic-prerotated",
+     "the kernel's splits merged by XLA's max, reduce and convert instead of "
+     "`merge_exact.merge_splits`", dict(split_merge="xla")),
     ("tq3.5-quintic-rope-table256", "tq3.5-quintic-rope",
      "RoPE offsets from a table as long as the 256-token tiles (the default is 64 rows: "
      "two CTAs per SM, where this leaves one)", dict(rope_table_rows=256)),

@@ -59,7 +59,9 @@ GRID = [dict(), dict(max_concurrent_steps=3), dict(max_concurrent_steps=4),
         dict(fused_merge=True), dict(fused_merge=False),
         dict(fused_merge=True, ctas_per_sm=6),
         # The splits merged by one Triton launch (`merge_exact.merge_splits`), not XLA's three.
-        dict(split_merge="kernel")]
+        dict(split_merge="kernel"),
+        # XLA's merge (the default before 2026-12-02), to time the default against.
+        dict(split_merge="xla")]
 
 
 def shapes(model: str) -> tuple[int, int, int]:
