@@ -307,10 +307,28 @@ def _splits_kernel(o_ref, l_ref, m_ref, *refs, num_splits, compressed, has_mean,
   out_ref[...] = out.astype(out_ref.dtype)
 
 
+# merge_splits' programs: blocks of channels are made as small as keeps the grid within
+# this many (and one warp each). H200, the decode path's shapes, device time
+# (`merge_splits_probe_gpu.log`): 32 channels and 4 warps read 1.9 / 2.1 / 2.9 / 3.7 us at
+# Llama-3-8B's 1 x 4K / 8 x 4K / 8 x 32K / 64 x 4K; one warp and this rule's 16 / 16 / 16 /
+# 128 channels 1.6 / 1.7 / 2.1 / 2.5 (Gemma 3 1 x 4K: 2.1 -> 1.3).
+SPLITS_PROGRAMS = 512
+
+
+def splits_block_d(r: int, d: int) -> int:
+  """The smallest power of two of channels (16 or more, dividing d) that gives at most
+  `SPLITS_PROGRAMS` programs over r rows."""
+  block = min(16, d)
+  while r * d // block > SPLITS_PROGRAMS and block < d:
+    block *= 2
+  return block
+
+
 def merge_splits(o: Array, l: Array, m: Array, *, rows: int, heads: int,
                  value_mean: Array | None = None, exact_splits: int = 0,
                  poison: Array | None = None, out_dtype=jnp.float32,
-                 block_d: int = 32, interpret: bool = False, num_warps: int = 4) -> Array:
+                 block_d: int | None = None, interpret: bool = False,
+                 num_warps: int = 1) -> Array:
   """The split merge alone, for partials that need no rotation back (values the decoder
   rotated) and no exact tokens beyond the kernel's own splits: one program per kv-head
   row and `block_d` channels, out in the layout the output projection reads.
@@ -326,6 +344,7 @@ def merge_splits(o: Array, l: Array, m: Array, *, rows: int, heads: int,
       the last `exact_splits` splits), or None.
     poison: [batch] bool, entries whose output becomes NaN (an overflowed cache), or None.
     out_dtype: the output's dtype (the query's).
+    block_d: channels per program (None: `splits_block_d`); num_warps: each program's.
 
   Returns:
     out_dtype [R, rows, D]: softmax(scores)·values over every split; 0 for a row that
@@ -334,6 +353,8 @@ def merge_splits(o: Array, l: Array, m: Array, *, rows: int, heads: int,
   r, s_splits, d, cols = o.shape
   if l.shape != (r, s_splits, cols) or m.shape != l.shape:
     raise ValueError(f"o {o.shape}, l {l.shape} and m {m.shape} do not fit together")
+  if block_d is None:
+    block_d = splits_block_d(r, d)
   if not (_pow2(rows) and rows <= cols):
     raise ValueError(f"rows must be a power of two <= {cols}, got {rows}")
   if d % block_d or not _pow2(block_d):

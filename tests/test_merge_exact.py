@@ -178,6 +178,32 @@ def test_merge_splits_matches_reference(rng, splits, exact, rows, mean):
   assert np.isnan(np.asarray(got[heads:], np.float32)).all()
 
 
+def test_splits_block_d_keeps_the_grid_small():
+  """16 channels while the grid stays within SPLITS_PROGRAMS, wider blocks past it, never
+  wider than the head."""
+  assert me.splits_block_d(8, 128) == 16            # Llama-3-8B heads at batch 1: 64
+  assert me.splits_block_d(64, 128) == 16           # batch 8: 512 programs
+  assert me.splits_block_d(65, 128) == 32
+  assert me.splits_block_d(512, 128) == 128         # batch 64
+  assert me.splits_block_d(4096, 64) == 64
+  assert me.splits_block_d(1, 8) == 8
+  for r, d in ((8, 128), (300, 256), (2048, 128)):
+    b = me.splits_block_d(r, d)
+    assert d % b == 0 and (r * d // b <= me.SPLITS_PROGRAMS or b == d)
+
+
+def test_merge_splits_default_block_matches_explicit(rng):
+  """The default block (`splits_block_d`) merges as an explicit one does."""
+  r, s, d, cols = 6, 9, 64, 8
+  o = jnp.asarray(rng.standard_normal((r, s, d, cols)), jnp.float32)
+  l = jnp.asarray(rng.uniform(0.5, 3.0, (r, s, cols)), jnp.float32)
+  m = jnp.asarray(rng.standard_normal((r, s, cols)), jnp.float32)
+  got = me.merge_splits(o, l, m, rows=4, heads=3, exact_splits=1, interpret=True)
+  want = me.merge_splits(o, l, m, rows=4, heads=3, exact_splits=1, block_d=64,
+                         interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def test_merge_splits_errors(rng):
   o = jnp.zeros((6, 5, 64, 8))
   l = m = jnp.zeros((6, 5, 8))
