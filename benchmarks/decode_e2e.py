@@ -300,6 +300,10 @@ VARIANTS = [
     ("tq3.5-k4v3-quintic-prerotated-xla-merge", "tq3.5-k4v3-quintic-prerotated",
      "the kernel's splits merged by XLA's max, reduce and convert instead of "
      "`merge_exact.merge_splits`", dict(split_merge="xla")),
+    # (int8 tiles decode values after the softmax since 2026-12-03: this times the old way.)
+    ("tq3.5-k4uv3-int8-prerotated-early-values", "tq3.5-k4uv3-int8-prerotated",
+     "the value tile decoded under the key wgmma (overlap_values=True, the default before "
+     "2026-12-03) instead of after the softmax", dict(overlap_values=True)),
     ("tq3.5-quintic-rope-table256", "tq3.5-quintic-rope",
      "RoPE offsets from a table as long as the 256-token tiles (the default is 64 rows: "
      "two CTAs per SM, where this leaves one)", dict(rope_table_rows=256)),

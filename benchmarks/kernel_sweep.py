@@ -61,7 +61,10 @@ GRID = [dict(), dict(max_concurrent_steps=3), dict(max_concurrent_steps=4),
         # The splits merged by one Triton launch (`merge_exact.merge_splits`), not XLA's three.
         dict(split_merge="kernel"),
         # XLA's merge (the default before 2026-12-02), to time the default against.
-        dict(split_merge="xla")]
+        dict(split_merge="xla"),
+        # Values decoded after the softmax (the int8 default since 2026-12-03: fewer
+        # registers live under the key wgmma), or under it (the default before).
+        dict(overlap_values=False), dict(overlap_values=True)]
 
 
 def shapes(model: str) -> tuple[int, int, int]:

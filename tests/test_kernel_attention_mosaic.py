@@ -570,6 +570,27 @@ def test_prologue_default_and_errors(rng, monkeypatch):
     ka.attend(odd, q, mosaic=True, num_splits=2, prologue="yes")
 
 
+def test_int8_overlap_values_default(rng, monkeypatch):
+  """int8 tiles decode the value tile after the softmax unless told (`INT8_OVERLAP_VALUES`);
+  a caller's choice passes through; the fp16 path keeps the kernel's own default."""
+  seen = []
+
+  def twin(*args, **kw):
+    seen.append(kw.get("overlap_values", "unset"))
+    return kernel_twin(*args, **kw)
+
+  monkeypatch.setattr(ka.mosaic, "decode_partials", twin)
+  q = jnp.asarray(rng.standard_normal((B, 1, 8, D)), jnp.float32)
+  int8 = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
+                     dtype=jnp.bfloat16)
+  ref = int8.attend(q, implementation="reference")
+  for given in ({}, dict(overlap_values=True)):
+    got = ka.attend(int8, q, mosaic=True, num_splits=2, **given)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
+  ka.attend(tiles_cache(rng, 4, 3, levels="quintic"), q, mosaic=True, num_splits=2)
+  assert seen == [ka.INT8_OVERLAP_VALUES, True, "unset"] and ka.INT8_OVERLAP_VALUES is False
+
+
 @pytest.mark.parametrize("prologue, hq, pack_q", [("all", 8, True), ("all", 6, False),
                                                   ("query", 16, False)])
 def test_int8_prologue_rotations(rng, monkeypatch, prologue, hq, pack_q):

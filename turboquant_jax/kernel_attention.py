@@ -370,6 +370,12 @@ FUSED_MERGE_MAX_HEAD_DIM = 64
 # a call at a time (queued 0.981x -> 0.997x), 8 x 32K 1.587x -> 1.609x (1.609x -> 1.638x).
 SPLIT_MERGES = ("xla", "kernel")
 DEFAULT_SPLIT_MERGE = "kernel"
+# int8 tiles: whether the kernel decodes a step's value tile under the key wgmma
+# (`decode_partials(overlap_values=True)`) or after the softmax. H200, Llama-3-8B heads,
+# K4u/V3 int8 prerotated, in-kernel rotation, one layer's attention in device time
+# (`kernel_sweep_rotating_settings_llama3_8b_gpu.json`): 8 x 32K kernel 84.9 -> 79.7 us
+# after (fewer registers live at once), 1 x 4K 6.4 -> 6.5 (noise).
+INT8_OVERLAP_VALUES = False
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -448,7 +454,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   `PACK_Q_MIN_STEPS` steps. query_parts: with prologue_rotation "kernel", the float16
   parts of the unrotated query the kernel takes: 1 where the caller's query was 16-bit
   (`attend` passes it: a bfloat16 query is float16's within its range), else 2 (its
-  float16 rounding and the remainder).
+  float16 rounding and the remainder). The int8 kernel's overlap_values defaults to
+  `INT8_OVERLAP_VALUES`.
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -546,6 +553,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     # One position per batch entry (decode): the compressed range, causal and windowed,
     # and the exact parts' visible ranges, read by each row as i // h in the kernel.
     bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
+  if int8:
+    kernel_kwargs = dict(dict(overlap_values=INT8_OVERLAP_VALUES), **kernel_kwargs)
   if int8 and kernel_kwargs.get("p_scale", "bound") == "bound":
     kernel_kwargs = dict(kernel_kwargs, value_bound=_value_bound(cache))
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
