@@ -571,8 +571,11 @@ def test_prologue_default_and_errors(rng, monkeypatch):
 
 
 def test_int8_overlap_values_default(rng, monkeypatch):
-  """int8 tiles decode the value tile after the softmax unless told (`INT8_OVERLAP_VALUES`);
-  a caller's choice passes through; the fp16 path keeps the kernel's own default."""
+  """int8 tiles decode the value tile under the key wgmma on a grid of one wave or less
+  and after the softmax on more (`int8_overlap_values`); a caller's choice passes through;
+  the fp16 path keeps the kernel's own default."""
+  assert ka.int8_overlap_values(256, 132) and ka.int8_overlap_values(396, 132)
+  assert not ka.int8_overlap_values(397, 132) and not ka.int8_overlap_values(1024, 132)
   seen = []
 
   def twin(*args, **kw):
@@ -584,11 +587,14 @@ def test_int8_overlap_values_default(rng, monkeypatch):
   int8 = tiles_cache(rng, 4, 3, center_keys="plain", levels="int8", tile_operand="int8",
                      dtype=jnp.bfloat16)
   ref = int8.attend(q, implementation="reference")
-  for given in ({}, dict(overlap_values=True)):
+  ctas = B * H * 2
+  for sms, given in ((132, {}), (1, {}), (1, dict(overlap_values=True))):
+    monkeypatch.setattr(ka, "_multiprocessors", lambda sms=sms: sms)
     got = ka.attend(int8, q, mosaic=True, num_splits=2, **given)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-3, atol=2e-3)
   ka.attend(tiles_cache(rng, 4, 3, levels="quintic"), q, mosaic=True, num_splits=2)
-  assert seen == [ka.INT8_OVERLAP_VALUES, True, "unset"] and ka.INT8_OVERLAP_VALUES is False
+  assert ctas > ka.INT8_CTAS_PER_SM          # one SM: more than a wave
+  assert seen == [True, False, True, "unset"]
 
 
 @pytest.mark.parametrize("prologue, hq, pack_q", [("all", 8, True), ("all", 6, False),

@@ -370,12 +370,21 @@ FUSED_MERGE_MAX_HEAD_DIM = 64
 # a call at a time (queued 0.981x -> 0.997x), 8 x 32K 1.587x -> 1.609x (1.609x -> 1.638x).
 SPLIT_MERGES = ("xla", "kernel")
 DEFAULT_SPLIT_MERGE = "kernel"
-# int8 tiles: whether the kernel decodes a step's value tile under the key wgmma
-# (`decode_partials(overlap_values=True)`) or after the softmax. H200, Llama-3-8B heads,
-# K4u/V3 int8 prerotated, in-kernel rotation, one layer's attention in device time
-# (`kernel_sweep_rotating_settings_llama3_8b_gpu.json`): 8 x 32K kernel 84.9 -> 79.7 us
-# after (fewer registers live at once), 1 x 4K 6.4 -> 6.5 (noise).
-INT8_OVERLAP_VALUES = False
+# CTAs of the int8 kernel resident per SM, which its splits are chosen for (`_mosaic_splits`).
+INT8_CTAS_PER_SM = 3
+
+
+def int8_overlap_values(ctas: int, sms: int) -> bool:
+  """Whether the int8 kernel decodes a step's value tile under the key wgmma
+  (`decode_partials(overlap_values=True)`) rather than after the softmax: where the grid
+  is one wave or less (at most `INT8_CTAS_PER_SM` per SM), each CTA's own chain is the
+  time and the overlap shortens it; with more waves the SMs are full and decoding after
+  the softmax, fewer registers live at once, goes faster. H200, Llama-3-8B heads, K4u/V3
+  int8 prerotated, the kernel alone (`kernel_sweep_late_values_*_gpu.json`): 8 x 32K
+  (1,024 CTAs) 85.0 -> 78.7 us after the softmax, the decode step paired 1.614x -> 1.658x
+  bf16; 8 x 4K (256 CTAs) 20.3 -> 23.0 us (worse), 1 x 4K (256) 6.3 -> 6.4; SmolLM2
+  heads 8 x 32K (384) 26.4 -> 27.1."""
+  return ctas <= INT8_CTAS_PER_SM * sms
 
 
 def _prologue_inputs(cache, qf: Array, pos: Array, sliding_window: int | None, *,
@@ -455,7 +464,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   parts of the unrotated query the kernel takes: 1 where the caller's query was 16-bit
   (`attend` passes it: a bfloat16 query is float16's within its range), else 2 (its
   float16 rounding and the remainder). The int8 kernel's overlap_values defaults to
-  `INT8_OVERLAP_VALUES`.
+  `int8_overlap_values` of its grid.
 
   Returns (o, l, m, e): e of the S splits are the exact tokens' (0 without them)."""
   b, h, rows, d = qf.shape
@@ -468,7 +477,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   int8 = _int8_tiles(cache)
   if num_splits is None:   # int8 tiles: waves of three CTAs per SM (measured, above)
     num_splits = _mosaic_splits(steps, b * h, **(
-        dict(ctas_per_sm=3, sms=_multiprocessors()) if int8 else {}))
+        dict(ctas_per_sm=INT8_CTAS_PER_SM, sms=_multiprocessors()) if int8 else {}))
   packable = int8 and rows <= mosaic.HEADS // 2
   if pack_p_parts is None:
     pack_p_parts = DEFAULT_PACK_P_PARTS and packable
@@ -554,7 +563,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
     # and the exact parts' visible ranges, read by each row as i // h in the kernel.
     bounds, limits = _limits(cache, q_positions[:, 0], sliding_window)
   if int8:
-    kernel_kwargs = dict(dict(overlap_values=INT8_OVERLAP_VALUES), **kernel_kwargs)
+    kernel_kwargs = dict(dict(overlap_values=int8_overlap_values(
+        b * h * num_splits, _multiprocessors())), **kernel_kwargs)
   if int8 and kernel_kwargs.get("p_scale", "bound") == "bound":
     kernel_kwargs = dict(kernel_kwargs, value_bound=_value_bound(cache))
   flat = lambda x: x.reshape(b * h, *x.shape[2:])  # noqa: E731
