@@ -417,6 +417,11 @@ def run_model(name: str, args, out: dict, save) -> None:
                                              window=256),
                      " fp16 key fp8 value norms window 256", key_weight=KEY_WEIGHT)
             for b in (2.5, 3.0, 3.5)]
+  # ... with 16 sinks instead of 4 (12 more exact tokens per sequence, nothing per token):
+  # whether code and manuals' sharp attention leans on more of the first tokens.
+  extra += [budgeted(model.cfg, 3.5, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
+                                               window=256, num_sinks=16),
+                     " fp16 key fp8 value norms window 256 sinks 16", key_weight=KEY_WEIGHT)]
   # ... against 16-bit norms on both sides (the library's default norms) at that window.
   extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
@@ -427,6 +432,10 @@ def run_model(name: str, args, out: dict, save) -> None:
   extra += [budgeted(model.cfg, b, suffix=" integer", widths=(2, 3, 4)) for b in (3.0, 3.5)]
   # Widths per layer from the text's first tokens (what the cache sees of its prompt).
   extra += [measured(model, tokens[:, :MEASURED_PROMPT], b) for b in (2.5, 3.0, 3.5)]
+  # ... with float16 key and float8 value norms (the key-weighted budget's best norms).
+  extra += [measured(model, tokens[:, :MEASURED_PROMPT], 3.5,
+                     tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256),
+                     " fp16 key fp8 value norms window 256")]
   # ... with the library's defaults (window 256, keys centred before RoPE) and 8-bit norms,
   # as the budget's best rows.
   extra += [measured(model, tokens[:, :MEASURED_PROMPT], 3.5,
