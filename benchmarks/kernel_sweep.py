@@ -86,10 +86,17 @@ def kernel_options(setting: dict, cache, b: int, hkv: int) -> dict:
     splits = kernel_attention._mosaic_splits(steps, b * hkv, ctas_per_sm=ctas or 3,
                                              sms=kernel_attention._multiprocessors())
   splits = int(splits * (times or 1))
-  if splits < 1 or steps % splits:
-    raise ValueError(f"{splits} splits do not divide {steps} steps")
+  if not 1 <= splits <= steps:
+    raise ValueError(f"{splits} splits do not fit {steps} steps")
   kw["num_splits"] = splits
   return kw
+
+
+def split_setting(text: str) -> dict:
+  """A `--splits` entry: "12" -> num_splits 12; "12t" / "12f" with overlap_values."""
+  overlap = {"t": True, "f": False}.get(text[-1:])
+  setting = dict(num_splits=int(text[:-1] if overlap is not None else text))
+  return setting if overlap is None else dict(setting, overlap_values=overlap)
 
 
 def check(seed: int, hq: int, hkv: int, d: int, kw: dict, config=CONFIG) -> dict:
@@ -103,7 +110,11 @@ def check(seed: int, hq: int, hkv: int, d: int, kw: dict, config=CONFIG) -> dict
   q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.float32)
   ref = cache.attend(q, implementation="reference")
   jax.block_until_ready(jnp.full((4, *ref.shape), jnp.nan, ref.dtype))
-  got = cache.attend(q, implementation="mosaic", **kernel_options(kw, cache, b, hkv))
+  opts = kernel_options(kw, cache, b, hkv)
+  if "num_splits" in opts:   # a setting's own count (`--splits`), up to this cache's steps
+    opts["num_splits"] = min(opts["num_splits"],
+                             t // cache.key_codes[0].layout.tokens)
+  got = cache.attend(q, implementation="mosaic", **opts)
   err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
   nan = bool(jnp.any(jnp.isnan(got)))
   return dict(setting=str(kw), rel_err=err, nan=nan, ok=err <= 3e-3 and not nan)
@@ -148,15 +159,22 @@ def main(argv=None) -> None:
   p.add_argument("--config", default="k4v3-int8", choices=sorted(CONFIGS))
   p.add_argument("--settings", default=None,
                  help="indices into GRID, e.g. 0,3,5 (default: all)")
+  p.add_argument("--splits", default="",
+                 help="more settings, each its own split count, with t / f for the value "
+                      "tiles decoded under the key wgmma or not: e.g. 6,12t,16f (checked "
+                      "at up to the check cache's 16 steps)")
+  p.add_argument("--name", default="", help="a suffix to the result's file name")
   args = p.parse_args(argv)
   hq, hkv, d = shapes(args.model)
   config = CONFIGS[args.config]
   grid = ([GRID[int(i)] for i in args.settings.split(",")] if args.settings else GRID)
+  grid = grid + [split_setting(n) for n in args.splits.split(",") if n]
   ceiling = md.read_ceiling()
   checks, rows = [], []
 
   def save():
     suffix = "" if args.config == "k4v3-int8" else "_" + args.config.replace("-", "_")
+    suffix += f"_{args.name}" if args.name else ""
     return common.write_result(f"kernel_sweep_{args.model}{suffix}", dict(
         shape=dict(q_heads=hq, kv_heads=hkv, head_dim=d), config=repr(config),
         read_ceiling_bytes_per_s=ceiling, checks=checks, timings=rows))

@@ -194,7 +194,8 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
                            exact=ex, p_scale=p_scale, pack_p_parts=pack_p_parts,
                            **({"pack_q_parts": True} if pack_q_parts else {}), **kw)
   ref = dm.decode_partials_reference(kc, kn, vc, vn, q8, bounds, qoff, bits_k=bits_k,
-                                     bits_v=bits_v, q_scale=qs, exact=ex, **kw)
+                                     bits_v=bits_v, q_scale=qs, exact=ex, step_tokens=128,
+                                     **kw)
   finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
   out, out_ref = md.merged(*got), md.merged(*ref)
   err = float(jnp.linalg.norm(out - out_ref) / jnp.linalg.norm(out_ref))
@@ -202,7 +203,7 @@ def check_library(key, bits_k, bits_v, soft_cap=None, rope=False, exact=False, s
   empty_ok = bool(jnp.all((got[2] > -1e29) == (ref[2] > -1e29)))
   l_err = float(jnp.max(jnp.abs(got[1] - ref[1])) / jnp.max(ref[1]))
   return dict(bits_k=bits_k, bits_v=bits_v, soft_cap=soft_cap, rope=rope, exact=exact,
-              p_scale=p_scale, value_spread=value_spread, pack_p_parts=pack_p_parts,
+              splits=splits, p_scale=p_scale, value_spread=value_spread, pack_p_parts=pack_p_parts,
               pack_q_parts=pack_q_parts,
               rel_err=err, m_err=m_err,
               l_err=l_err, finite=finite,

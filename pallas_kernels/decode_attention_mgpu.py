@@ -710,6 +710,17 @@ def exact_splits(exact: ExactTokens, exact_blocks=EXACT_BLOCK) -> int:
              for k, n in zip(exact.keys, exact_block_sizes(exact, exact_blocks)))
 
 
+def split_steps(steps: int, num_splits: int) -> np.ndarray:
+  """int [S + 1]: split j of a row runs its steps [b[j], b[j + 1]), b[j] = ⌊j·steps / S⌋.
+
+  Any S from 1 to steps: runs differ by at most one step, so the grid can be sized to
+  fill whole waves of CTAs rather than to divide the steps (H200, int8 tiles, three CTAs
+  per SM: `kernel_attention._mosaic_splits`)."""
+  if not 1 <= num_splits <= steps:
+    raise ValueError(f"num_splits must lie in [1, {steps}] (the steps), got {num_splits}")
+  return np.arange(num_splits + 1) * steps // num_splits
+
+
 def _exact_split(i, j, refs, o_gmem, l_gmem, m_gmem, o_smem, lm_smem, *, first: int,
                  blocks: tuple[int, ...], position_heads: tuple[int | None, ...],
                  heads: int,
@@ -883,6 +894,8 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
     bounds: int32 [R', 2], the compressed range [lo, hi) of each row, or of each batch
       entry (R' = B dividing R: rows i·R/B to (i + 1)·R/B share entry i).
     qoff: float32 [R, 8], added to every score before the scale (the key-centering term).
+    num_splits: splits per row, each a run of whole steps (`split_steps`: S need not
+      divide the steps).
     key_spec, value_spec: the `register_codes.TileSpec` of the tiles (a tuple per group).
     key_levels, value_levels: (c₁, c₃[, c₅]) (a tuple of them per group; `level_form`).
     overlap_values: decode the value tile while the key wgmma runs (else after softmax).
@@ -1010,9 +1023,9 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   r, t_len = k_norms[0].shape
   per_step = max(tokens_per_step // tt, 1)
   st = per_step * tt                              # tokens per step
-  if t_len % (st * num_splits):
-    raise ValueError(f"{t_len} tokens do not split into {num_splits} x {st}-token steps "
-                     f"of {per_step} tile(s)")
+  if t_len % st or not 1 <= num_splits <= t_len // st:
+    raise ValueError(f"{t_len} tokens do not split into {num_splits} runs of whole "
+                     f"{st}-token steps of {per_step} tile(s)")
   words = t_len // tt * register_codes.WORD_ROWS
   name = lambda base, g, n: base if n == 1 else f"{base}[{g}]"  # noqa: E731
   for g, spec in enumerate(key_specs):
@@ -1093,7 +1106,7 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
   if exact is not None:
     _check_exact(exact, r, d)
     exact_sizes = exact_block_sizes(exact, exact_blocks)
-  split_steps = t_len // st // num_splits
+  total_steps = t_len // st
   if sub_steps is None:
     sub_steps = st // 128 if per_step == 1 and st % 128 == 0 else 1
   if serial_groups is None:
@@ -1244,10 +1257,11 @@ def decode_partials(k_words, k_norms, v_words, v_norms, q, bounds: Array, qoff: 
                               optimized=False) * off_scale
       lo, hi = (bounds_gmem[_batch_entry(i, rows_per_entry), 0],
                 bounds_gmem[_batch_entry(i, rows_per_entry), 1])
-      # The steps of this split that hold tokens of [lo, hi).
-      split_start = j * split_steps
-      first = jnp.clip(lo // st, split_start, split_start + split_steps)
-      last = jnp.clip((hi + st - 1) // st, first, split_start + split_steps)
+      # The steps of this split (`split_steps`) that hold tokens of [lo, hi).
+      split_start = j * total_steps // num_splits
+      split_end = (j + 1) * total_steps // num_splits
+      first = jnp.clip(lo // st, split_start, split_end)
+      last = jnp.clip((hi + st - 1) // st, first, split_end)
       qoff_v = plgpu.load(qoff_gmem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0),
                           optimized=False) * off_scale
       if not rotate:
@@ -1545,9 +1559,12 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
                               rope: RopeOffsets | None = None,
                               exact: ExactTokens | None = None, exact_blocks=EXACT_BLOCK,
                               sliding_window: int | None = None,
-                              q_scale: Array | None = None, pack_p_parts: bool = False):
+                              q_scale: Array | None = None, pack_p_parts: bool = False,
+                              step_tokens: int | None = None):
   """`decode_partials` in float32 jnp, from level indices k_codes, v_codes [R, T, D_g]
-  (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group).
+  (channel groups as in `decode_partials`: tuples, with bits_k, bits_v per group), split
+  as the kernel splits T in steps of `step_tokens` (`split_steps`; None: T / num_splits
+  tokens per split).
   With q_scale (the int8 path): q int8 [R, 2, 8, D] parts and `ByteLevels`, taken as the
   kernel takes them (the p·‖v‖ rounding of its value product aside); pack_p_parts: checks
   the query's rows 4-7 repeat rows 0-3 (where they are concrete), as the kernel needs."""
@@ -1586,16 +1603,24 @@ def decode_partials_reference(k_codes, k_norms, v_codes, v_norms, q, bounds: Arr
   bounds = jnp.repeat(bounds, r // bounds.shape[0], axis=0)      # per row
   pos = jnp.arange(t)[None, :, None]
   valid = (pos >= bounds[:, 0, None, None]) & (pos < bounds[:, 1, None, None])
-  s = jnp.where(valid, s, -1e30).reshape(r, num_splits, t // num_splits, HEADS)
-  valid = valid.reshape(r, num_splits, t // num_splits, 1)
-  m = s.max(axis=2)
-  p = jnp.where(valid, jnp.exp(s - m[:, :, None]), 0.0)
-  l = p.sum(axis=2)
+  if step_tokens is None:
+    if t % num_splits:
+      raise ValueError(f"{t} tokens do not split evenly into {num_splits}: give step_tokens")
+    step_tokens = t // num_splits
+  if t % step_tokens:
+    raise ValueError(f"{t} tokens are not whole steps of {step_tokens}")
+  # split[t]: the split of token t; a one-hot [T, S] membership reduces per split.
+  cuts = split_steps(t // step_tokens, num_splits) * step_tokens
+  member = (pos[0] >= cuts[None, :-1]) & (pos[0] < cuts[None, 1:])        # [T, S]
+  valid = valid[:, :, None, :] & member[None, :, :, None]                  # [R, T, S, 1]
+  s = jnp.where(valid, s[:, :, None, :], -1e30)                            # [R, T, S, H]
+  m = s.max(axis=1)
+  p = jnp.where(valid, jnp.exp(s - m[:, None]), 0.0)
+  l = p.sum(axis=1)
   o = []
   for codes, norms, bits, ac in zip(v_codes, v_norms, bits_v, value_levels):
-    pv = p * f(norms).reshape(r, num_splits, t // num_splits, 1)
-    lv = levels(codes, bits, ac).reshape(r, num_splits, t // num_splits, -1)
-    o.append(jnp.einsum("rstd,rsth->rsdh", lv, pv, precision=hi_))
+    pv = p * f(norms)[:, :, None, None]
+    o.append(jnp.einsum("rtd,rtsh->rsdh", levels(codes, bits, ac), pv, precision=hi_))
   o = jnp.concatenate(o, axis=2)
   if exact is not None:
     o_e, l_e, m_e = _exact_reference(exact, exact_block_sizes(exact, exact_blocks), scale,

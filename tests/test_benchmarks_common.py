@@ -139,8 +139,9 @@ def test_step_profile_groups_kernels_by_family():
 
 
 def test_kernel_sweep_options_are_whole_splits():
-  """ctas_per_sm and splits_x become a number of splits that divides the tile steps (the
-  kernel's own rule for the CTAs), or an error, never a silently different setting."""
+  """ctas_per_sm and splits_x become a number of splits of whole tile steps (the kernel's
+  own rule for the CTAs), or an error, never a silently different setting; `--splits`
+  entries give the count (and overlap_values) themselves."""
   from benchmarks import kernel_sweep
   from turboquant_jax import kernel_attention as ka
   cache = kernel_sweep.TurboQuantKVCache.create(8, 4096, 3, 64, config=kernel_sweep.CONFIG)
@@ -151,9 +152,12 @@ def test_kernel_sweep_options_are_whole_splits():
     got = kernel_sweep.kernel_options(dict(ctas_per_sm=ctas), cache, 8, 3)
     assert got == dict(num_splits=ka._mosaic_splits(steps, 24, ctas_per_sm=ctas))
   half = kernel_sweep.kernel_options(dict(splits_x=0.5), cache, 8, 3)["num_splits"]
-  assert half == ka._mosaic_splits(steps, 24, ctas_per_sm=3) // 2 and steps % half == 0
-  with pytest.raises(ValueError, match="do not divide"):
+  assert half == ka._mosaic_splits(steps, 24, ctas_per_sm=3) // 2 and 1 <= half <= steps
+  with pytest.raises(ValueError, match="do not fit"):
     kernel_sweep.kernel_options(dict(splits_x=64), cache, 8, 3)
+  assert kernel_sweep.split_setting("12") == dict(num_splits=12)
+  assert kernel_sweep.split_setting("5t") == dict(num_splits=5, overlap_values=True)
+  assert kernel_sweep.split_setting("6f") == dict(num_splits=6, overlap_values=False)
 
 
 def test_step_timeline_splits_span_into_kernels_and_gaps():

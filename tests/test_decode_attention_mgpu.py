@@ -29,9 +29,10 @@ def random_inputs(rng, r, t, bits_k, bits_v):
   return kc, vc, kn, vn, q
 
 
-@pytest.mark.parametrize("soft_cap", [None, 3.0])
-def test_reference_partials_merge_to_softmax_attention(rng, soft_cap):
-  r, t, splits, bk, bv = 3, 256, 4, 3, 2
+@pytest.mark.parametrize("soft_cap, splits, step_tokens", [
+    (None, 4, None), (3.0, 4, None), (None, 3, 64), (3.0, 5, 32)])   # 3, 5: uneven runs
+def test_reference_partials_merge_to_softmax_attention(rng, soft_cap, splits, step_tokens):
+  r, t, bk, bv = 3, 256, 3, 2
   kc, vc, kn, vn, q = random_inputs(rng, r, t, bk, bv)
   a_k, c_k, a_v, c_v = 0.9, 0.03, 1.1, -0.02
   qoff = rng.standard_normal((r, dm.HEADS))
@@ -41,7 +42,8 @@ def test_reference_partials_merge_to_softmax_attention(rng, soft_cap):
       jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn),
       jnp.asarray(q, jnp.float32), jnp.asarray(bounds), jnp.asarray(qoff, jnp.float32),
       bits_k=bk, bits_v=bv, key_levels=(a_k, c_k), value_levels=(a_v, c_v),
-      num_splits=splits, scale=scale, soft_cap=soft_cap)
+      num_splits=splits, scale=scale, soft_cap=soft_cap, step_tokens=step_tokens)
+  assert o.shape == (r, splits, D, dm.HEADS) and l.shape == m.shape == (r, splits, dm.HEADS)
   # Merge the splits as the cache does.
   w = np.exp(m - m.max(axis=1, keepdims=True))
   out = np.sum(np.asarray(o) * w[:, :, None, :], 1)
@@ -287,6 +289,8 @@ def test_bad_inputs_raise():
     _call_with(ks, rc.TileSpec(4, D, 128))
   with pytest.raises(ValueError, match="do not split"):
     _call_with(ks, vs, t=64 * 3, splits=2)
+  with pytest.raises(ValueError, match="do not split"):   # more splits than steps
+    _call_with(ks, vs, t=1024, splits=9)
   with pytest.raises(ValueError, match="overflow fp16"):
     _call_with(ks, vs, levels=(1.0, 1e-6))
   with pytest.raises(ValueError, match="q must"):
@@ -328,7 +332,8 @@ def test_level_form_kinds_and_errors():
 
 # -- the int8 operand path (byte codes, PRMT decode) ---------------------------------------
 
-def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024, **options):
+def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024, splits=2,
+               **options):
   s = jax.ShapeDtypeStruct
   ks, vs = rc.TileSpec(bits_k, 128, D), rc.TileSpec(bits_v, 128, D)
   args = (s((r, t // 128 * rc.WORD_ROWS, 8 * bits_k), jnp.int32), s((r, t), jnp.float16),
@@ -345,10 +350,49 @@ def lowered_s8(bits_k, bits_v, rope=False, soft_cap=None, r=4, t=1024, **options
       offsets = dm.rope_offsets(qoff[:, :, None] * jnp.ones(D // 2),
                                 qoff[:, :, None] * jnp.ones(D // 2), freq, t)
     return dm.decode_partials(kw, kn, vw, vn, q, b, qoff, key_spec=ks, value_spec=vs,
-                              key_levels=kl, value_levels=vl, num_splits=2, scale=0.1,
-                              soft_cap=soft_cap, rope=offsets, operand="int8", q_scale=qs,
+                              key_levels=kl, value_levels=vl, num_splits=splits,
+                              scale=0.1, soft_cap=soft_cap, rope=offsets, operand="int8",
+                              q_scale=qs,
                               **options)
   return jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_split_steps_are_runs_of_whole_steps_differing_by_one_at_most():
+  for steps in (1, 7, 32, 256):
+    for splits in {1, 2, 3, 5, 6, 12, steps} - {n for n in (2, 3, 5, 6, 12) if n > steps}:
+      b = dm.split_steps(steps, splits)
+      runs = np.diff(b)
+      assert b[0] == 0 and b[-1] == steps and len(runs) == splits
+      assert runs.min() >= 1 and runs.max() - runs.min() <= 1
+  assert dm.split_steps(256, 6).tolist() == [0, 42, 85, 128, 170, 213, 256]
+  for bad in (0, 33):
+    with pytest.raises(ValueError, match="num_splits"):
+      dm.split_steps(32, bad)
+
+
+def test_reference_splits_where_the_kernel_does(rng):
+  """Split j's partial holds exactly the tokens of steps [b[j], b[j + 1]) (`split_steps`):
+  a split's l is the sum of p over those tokens and no other."""
+  r, t, bk, bv, splits, st = 1, 7 * 32, 2, 2, 3, 32
+  kc, vc, kn, vn, q = random_inputs(rng, r, t, bk, bv)
+  q = np.zeros_like(q)       # every score 0: p = 1 on each visible token
+  _, l, m = dm.decode_partials_reference(
+      jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn),
+      jnp.asarray(q, jnp.float32), jnp.asarray([[0, t]]), jnp.zeros((r, dm.HEADS)),
+      bits_k=bk, bits_v=bv, key_levels=(1.0, 0.0), value_levels=(1.0, 0.0),
+      num_splits=splits, scale=1.0, step_tokens=st)
+  np.testing.assert_allclose(np.asarray(l)[0, :, 0], np.diff(dm.split_steps(7, 3)) * st)
+  with pytest.raises(ValueError, match="step_tokens"):
+    dm.decode_partials_reference(
+        jnp.asarray(kc), jnp.asarray(kn), jnp.asarray(vc), jnp.asarray(vn),
+        jnp.asarray(q, jnp.float32), jnp.asarray([[0, t]]), jnp.zeros((r, dm.HEADS)),
+        bits_k=bk, bits_v=bv, key_levels=(1.0, 0.0), value_levels=(1.0, 0.0),
+        num_splits=splits, scale=1.0)
+
+
+@pytest.mark.parametrize("splits", [3, 8])   # 3 does not divide the 8 steps
+def test_int8_path_lowers_with_uneven_splits(splits):
+  assert "mosaic_gpu" in lowered_s8(4, 3, rope=True, splits=splits)
 
 
 @pytest.mark.parametrize("bits, rope", [((3, 3), True), ((2, 4), False)])
