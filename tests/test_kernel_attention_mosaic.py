@@ -502,17 +502,37 @@ def test_mosaic_splits_rules():
   assert [ka._mosaic_splits(s, r) for s, r in ((256, 64), (32, 64), (32, 8))] == [8, 8, 32]
   # int8, three CTAs per SM on 132 SMs (396 at once): 8 x 32K takes 16 splits (1,024 CTAs,
   # 3 waves of 16 + 2 steps) over 8 (512 CTAs, 2 waves of 32 + 2); 8 x 4K takes 4.
-  assert ka._mosaic_splits(256, 64, ctas_per_sm=3) == 16
-  assert ka._mosaic_splits(32, 64, ctas_per_sm=3) == 4
-  assert ka._mosaic_splits(32, 8, ctas_per_sm=3) == 32      # 1 x 4K: one wave
-  assert ka._mosaic_splits(256, 8, ctas_per_sm=3) == 32     # 1 x 32K
+  div = dict(ctas_per_sm=3, rule="divisors")
+  assert ka._mosaic_splits(256, 64, **div) == 16
+  assert ka._mosaic_splits(32, 64, **div) == 4
+  assert ka._mosaic_splits(32, 8, **div) == 32      # 1 x 4K: one wave
+  assert ka._mosaic_splits(256, 8, **div) == 32     # 1 x 32K
   # One more CTA per SM moves 8 x 32K back to one wave of 8 splits.
-  assert ka._mosaic_splits(256, 64, ctas_per_sm=4) == 8
+  assert ka._mosaic_splits(256, 64, ctas_per_sm=4, rule="divisors") == 8
   for steps, rows in ((1, 3), (96, 24), (1024, 512)):
-    s = ka._mosaic_splits(steps, rows, ctas_per_sm=3, sms=114)
+    s = ka._mosaic_splits(steps, rows, ctas_per_sm=3, sms=114, rule="divisors")
     assert steps % s == 0
-    waves = lambda n: -(-rows * n // (3 * 114)) * (steps // n + 2)  # noqa: E731
+    waves = lambda n: -(-rows * n // (3 * 114)) * (-(-steps // n) + 2)  # noqa: E731
     assert all(waves(s) <= waves(n) for n in range(1, steps + 1) if steps % n == 0)
+    s = ka._mosaic_splits(steps, rows, ctas_per_sm=3, sms=114, rule="any")
+    assert all(waves(s) <= waves(n) for n in range(1, steps + 1))
+  with pytest.raises(ValueError, match="rule"):
+    ka._mosaic_splits(32, 8, ctas_per_sm=3, rule="even")
+
+
+def test_mosaic_splits_fill_one_wave_of_short_splits():
+  """"fill" (the default): 1 x 128K (8 rows, 1,024 steps) takes one wave of 49 splits per
+  row (392 of 396 CTAs, 21 steps each) where the divisors give 128 in three waves; 8 x
+  32K keeps 16 (one wave would be 43-step splits), and grids of one wave or less (8 x 4K,
+  1 x 4K, 1 x 32K) or of more rows than slots (64 x 4K) keep the divisors' count."""
+  fill, div = dict(ctas_per_sm=3, rule="fill"), dict(ctas_per_sm=3, rule="divisors")
+  assert ka.DEFAULT_SPLITS_RULE == "fill"
+  assert ka._mosaic_splits(1024, 8, **fill) == 49 and ka._mosaic_splits(1024, 8, **div) == 128
+  assert ka._mosaic_splits(1024, 8, ctas_per_sm=3) == 49               # the default
+  for steps, rows in ((256, 64), (32, 64), (32, 8), (256, 8), (32, 512), (1024, 64)):
+    assert ka._mosaic_splits(steps, rows, **fill) == ka._mosaic_splits(steps, rows, **div)
+  # "any" counts beyond the divisors: one wave of 6 at 8 x 4K instead of 4.
+  assert ka._mosaic_splits(32, 64, ctas_per_sm=3, rule="any") == 6
 
 
 # -- the int8 path's prologue (`pallas_kernels.decode_prologue`) and the fused merge --------

@@ -170,9 +170,30 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
   return None
 
 
+# How the int8 kernel's splits are counted (`_mosaic_splits`). H200, Llama-3-8B heads, K4u/V3
+# int8 prerotated, the kernel alone (`kernel_sweep_*_uneven*_gpu.json`, two runs): 1 x 128K
+# 49 splits (one wave, 21 steps each) 40.8-41.6 us against the divisors' 128 (three waves
+# of 8) 45.2-49.2, and the whole attention 49.0-49.7 against 57.4-60.2 (the merge of 54
+# splits instead of 133: 4.0 against 10.7 us); but 8 x 32K's one wave (6 splits of 43
+# steps) 82.6-83.8 against 16's 79.2-80.3, and the counts between (11-13) 85-89; 8 x 4K
+# and 64 x 4K: every count within 1-2 us but 8 x 4K's 8 splits, 18.3-18.4 against 4's
+# 20.6-20.7 (after the softmax, two waves: a divisor the waves model passes over).
+# "fill" takes the one-wave count only where the divisors' grid runs over more than one
+# wave and the one wave's splits are at most FILL_MAX_STEPS long (1 x 128K, not 8 x 32K).
+SPLITS_RULES = ("divisors", "any", "fill")
+DEFAULT_SPLITS_RULE = "fill"
+FILL_MAX_STEPS = 32
+
+
 def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
-                   sms: int = 132) -> int:
+                   sms: int = 132, rule: str | None = None) -> int:
   """Splits of `steps` 128-token steps over `rows` kv-head rows.
+
+  rule (with ctas_per_sm; None: `DEFAULT_SPLITS_RULE`): "divisors", the counts that
+  divide the steps; "any", every count up to the steps (runs differing by one step:
+  `decode_attention_mgpu.split_steps`), by the same waves x (longest run + 2); "fill",
+  the divisors' count, or the most splits one wave holds where the divisors' grid takes
+  more than one wave and that one wave's splits are at most `FILL_MAX_STEPS` steps.
 
   ctas_per_sm None: the largest divisor with at most 512 CTAs. Measured
   (`mosaic_attend_splits_gpu.json`, H200, fp16 path, K3/V3 keys centred before RoPE, two
@@ -192,8 +213,17 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   divisors = [s for s in range(1, steps + 1) if steps % s == 0]
   if ctas_per_sm is None:
     return max([s for s in divisors if rows * s <= 512] or [1])
+  rule = DEFAULT_SPLITS_RULE if rule is None else rule
+  if rule not in SPLITS_RULES:
+    raise ValueError(f"rule must be one of {SPLITS_RULES}, got {rule!r}")
   slots = ctas_per_sm * sms
-  return min(divisors, key=lambda s: (-(-rows * s // slots) * (steps // s + 2), s))
+  counts = range(1, steps + 1) if rule == "any" else divisors
+  best = min(counts, key=lambda s: (-(-rows * s // slots) * (-(-steps // s) + 2), s))
+  one_wave = min(steps, slots // rows)
+  if (rule == "fill" and rows * best > slots and one_wave >= 1
+      and -(-steps // one_wave) <= FILL_MAX_STEPS):
+    return one_wave
+  return best
 
 
 def _multiprocessors() -> int:
@@ -442,7 +472,7 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
                             prologue_rotation: str | None = None,
                             pack_p_parts: bool | None = None,
                             pack_q_parts: bool | None = None, query_parts: int = 2,
-                            **kernel_kwargs):
+                            splits_rule: str | None = None, **kernel_kwargs):
   """The Mosaic kernel's own outputs: o [R, S, D, 8] (transposed), l, m [R, S, 8], with
   R = B x kv heads and the query rows padded to the kernel's 8 columns. rope_table_rows:
   the RoPE offsets' table length (`decode_attention_mgpu.rope_offsets`; default the
@@ -481,7 +511,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   int8 = _int8_tiles(cache)
   if num_splits is None:   # int8 tiles: waves of three CTAs per SM (measured, above)
     num_splits = _mosaic_splits(steps, b * h, **(
-        dict(ctas_per_sm=INT8_CTAS_PER_SM, sms=_multiprocessors()) if int8 else {}))
+        dict(ctas_per_sm=INT8_CTAS_PER_SM, sms=_multiprocessors(),
+             rule=splits_rule) if int8 else {}))
   packable = int8 and rows <= mosaic.HEADS // 2
   if pack_p_parts is None:
     pack_p_parts = DEFAULT_PACK_P_PARTS and packable
@@ -894,4 +925,4 @@ attend_jit = jax.jit(attend, static_argnames=(
     "max_concurrent_steps", "overlap_values", "tokens_per_step", "serial_groups",
     "sub_steps", "rope_table_rows", "fused_merge", "merge_interpret", "exact_in_kernel",
     "exact_blocks", "p_scale", "prologue", "prologue_interpret", "prologue_warps",
-    "prologue_rotation", "pack_p_parts", "pack_q_parts", "split_merge"))
+    "prologue_rotation", "pack_p_parts", "pack_q_parts", "split_merge", "splits_rule"))
