@@ -171,7 +171,7 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
 
 
 # How the int8 kernel's splits are counted (`_mosaic_splits`). H200, Llama-3-8B heads, K4u/V3
-# int8 prerotated, the kernel alone (`kernel_sweep_*_uneven*_gpu.json`, two runs): 1 x 128K
+# int8 prerotated, the kernel alone (`kernel_sweep_*_uneven*_gpu.*`, two runs): 1 x 128K
 # 49 splits (one wave, 21 steps each) 40.8-41.6 us against the divisors' 128 (three waves
 # of 8) 45.2-49.2, and the whole attention 49.0-49.7 against 57.4-60.2 (the merge of 54
 # splits instead of 133: 4.0 against 10.7 us); but 8 x 32K's one wave (6 splits of 43
@@ -489,6 +489,8 @@ def _mosaic_partials_padded(cache, qf: Array, q_positions: Array, *, scale: floa
   `num_warps`; prologue_rotation: where the query is rotated (`PROLOGUE_ROTATIONS`;
   None: `DEFAULT_PROLOGUE_ROTATION` where it serves the cache (one key group, head dim
   up to `KERNEL_ROTATION_MAX_HEAD_DIM`), else "dot").
+  splits_rule: how int8 tiles' splits are counted when num_splits is None
+  (`SPLITS_RULES`; None: `DEFAULT_SPLITS_RULE`; the fp16 path keeps its own rule).
   pack_p_parts: the int8 kernel's p·‖v‖ parts as one value operand
   (`decode_attention_mgpu.decode_partials`), the query's rows repeated instead of
   zero-padded; None: `DEFAULT_PACK_P_PARTS` where it applies (int8 tiles, at most 4

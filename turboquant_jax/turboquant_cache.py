@@ -923,8 +923,9 @@ class TurboQuantKVCache(kv_cache.HeadMajorShape):
         token); None: Mosaic on a Hopper GPU where it applies, else Triton on a GPU where
         it applies, else the reference.
       **kernel_kwargs: for Triton block_k, num_splits, num_warps, num_stages,
-        compute_dtype; for Mosaic num_splits, max_concurrent_steps, overlap_values,
-        fused_merge, exact_in_kernel, exact_blocks (`kernel_attention.attend`).
+        compute_dtype; for Mosaic num_splits (or, for int8 tiles, splits_rule),
+        max_concurrent_steps, overlap_values, fused_merge, exact_in_kernel, exact_blocks
+        (`kernel_attention.attend`).
     """
     kv_cache.check_query(q, self.batch, self.num_kv_heads, self.head_dim)
     on_gpu = jax.default_backend() == "gpu"
