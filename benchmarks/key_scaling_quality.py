@@ -31,8 +31,9 @@ from turboquant_jax import rope as rope_lib
 CALIBRATION = 256
 
 
-def pair_scales(cfg, layer: int, q, k):
-  """float32 [Hkv, D]: s per channel (equal within a RoPE pair), geometric mean 1."""
+def pair_energies(cfg, layer: int, q, k):
+  """float32 [Hkv, D/2] each: the centred pre-RoPE key energy and the query energy (over
+  the kv head's query heads) of every RoPE pair."""
   spec = cfg.layer_rope(layer)
   b, t, hkv, d = k.shape
   g = q.shape[2] // hkv
@@ -42,9 +43,15 @@ def pair_scales(cfg, layer: int, q, k):
   e_k = (a1 ** 2 + a2 ** 2).mean((0, 1))
   b1, b2 = spec.pairs(q.astype(jnp.float32).reshape(b, t, hkv, g, d))
   e_q = (b1 ** 2 + b2 ** 2).mean((0, 1, 3))
+  return e_k, e_q
+
+
+def pair_scales(cfg, layer: int, q, k):
+  """float32 [Hkv, D]: s per channel (equal within a RoPE pair), geometric mean 1."""
+  e_k, e_q = pair_energies(cfg, layer, q, k)
   s = (e_k / jnp.maximum(e_q, 1e-12)) ** 0.25
   s = s / jnp.exp(jnp.log(s).mean(-1, keepdims=True))
-  return spec.unpairs(s, s)
+  return cfg.layer_rope(layer).unpairs(s, s)
 
 
 def fold_key_scaling(model, tokens) -> None:

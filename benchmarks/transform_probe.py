@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks.key_scaling_quality import pair_energies, pair_scales
 from benchmarks.quality_probe import load
 from models import evaluation
 from turboquant_jax import DenseKVCache, TurboQuantConfig, TurboQuantKVCache
-from turboquant_jax import rope as rope_lib
 from turboquant_jax.budget import readback_errors
 
 TOKENS, CALIBRATION = 1024, 256
@@ -62,16 +62,10 @@ def key_scaling(model, qkv) -> list[dict]:
   rows = []
   for layer, (q, k, v) in enumerate(qkv):
     spec, (b, t, hkv, d), g = model.cfg.layer_rope(layer), k.shape, q.shape[2] // k.shape[2]
-    pos = jnp.arange(t)[None, :, None]
-    before = rope_lib.rotate(k.astype(jnp.float32), -pos, spec)[:, :CALIBRATION]
-    a1, a2 = spec.pairs(before - before.mean(1, keepdims=True))
-    e_k = (a1 ** 2 + a2 ** 2).mean((0, 1))                                   # [H, D/2]
-    b1, b2 = spec.pairs(q.astype(jnp.float32)[:, :CALIBRATION].reshape(b, -1, hkv, g, d))
-    e_q = (b1 ** 2 + b2 ** 2).mean((0, 1, 3))
+    cal = lambda x: x[:, :CALIBRATION]  # noqa: E731
+    e_k, e_q = pair_energies(model.cfg, layer, cal(q), cal(k))
     bound = jnp.sqrt(e_k * e_q).sum(-1) ** 2 / (e_k.sum(-1) * e_q.sum(-1))
-    s = (e_k / jnp.maximum(e_q, 1e-12)) ** 0.25
-    s = s / jnp.exp(jnp.log(s).mean(-1, keepdims=True))
-    s = spec.unpairs(s, s)                                                    # [H, D]
+    s = pair_scales(model.cfg, layer, cal(q), cal(k))                         # [H, D]
     qs = (q.astype(jnp.float32).reshape(b, t, hkv, g, d) * s[:, None]).reshape(q.shape)
     ks = k.astype(jnp.float32) / s
     row = dict(layer=layer, bound=np.round(np.asarray(bound), 3).tolist())
