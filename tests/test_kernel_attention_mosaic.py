@@ -521,16 +521,31 @@ def test_mosaic_splits_rules():
 
 
 def test_mosaic_splits_fill_one_wave_of_short_splits():
-  """"fill" (the default): 1 x 128K (8 rows, 1,024 steps) takes one wave of 49 splits per
-  row (392 of 396 CTAs, 21 steps each) where the divisors give 128 in three waves; 8 x
-  32K keeps 16 (one wave would be 43-step splits), and grids of one wave or less (8 x 4K,
-  1 x 4K, 1 x 32K) or of more rows than slots (64 x 4K) keep the divisors' count."""
+  """"fill" (the default), three CTAs per SM on 132 SMs (396 slots): a grid of more than
+  one wave whose one wave would hold splits of at most FILL_MAX_STEPS steps takes that
+  wave; a grid short of one wave then grows to the most divisor splits of four CTAs per
+  SM (528) that keep FILL_MIN_STEPS steps. 1 x 128K (8 rows, 1,024 steps): 49 -> 64
+  where the divisors' waves give 128; 8 x 4K 4 -> 8, 1 x 32K 32 -> 64; 8 x 32K keeps 16
+  (one wave would be 43-step splits), 32 x 4K 4 (32-step splits), SmolLM2's 8 x 32K 16
+  (32 would be 768 CTAs), 64 x 4K 2, 1 x 8K 32 (64 would be one-step splits), 1 x 4K 32."""
   fill, div = dict(ctas_per_sm=3, rule="fill"), dict(ctas_per_sm=3, rule="divisors")
   assert ka.DEFAULT_SPLITS_RULE == "fill"
-  assert ka._mosaic_splits(1024, 8, **fill) == 49 and ka._mosaic_splits(1024, 8, **div) == 128
-  assert ka._mosaic_splits(1024, 8, ctas_per_sm=3) == 49               # the default
-  for steps, rows in ((256, 64), (32, 64), (32, 8), (256, 8), (32, 512), (1024, 64)):
-    assert ka._mosaic_splits(steps, rows, **fill) == ka._mosaic_splits(steps, rows, **div)
+  assert ka._mosaic_splits(1024, 8, **fill) == 64 and ka._mosaic_splits(1024, 8, **div) == 128
+  assert ka._mosaic_splits(1024, 8, ctas_per_sm=3) == 64               # the default
+  got = {(steps, rows): (ka._mosaic_splits(steps, rows, **div),
+                         ka._mosaic_splits(steps, rows, **fill))
+         for steps, rows in ((32, 64), (256, 8), (32, 256), (256, 64), (128, 24), (32, 512),
+                             (64, 8), (32, 8))}
+  assert got == {(32, 64): (4, 8), (256, 8): (32, 64), (32, 256): (4, 4), (256, 64): (16, 16),
+                 (128, 24): (16, 16), (32, 512): (2, 2), (64, 8): (32, 32), (32, 8): (32, 32)}
+  # One wave of a count that divides nothing: 1,021 steps (a prime) over 8 rows -> 49.
+  assert ka._mosaic_splits(1021, 8, **fill) == 49
+  for steps, rows in ((1, 3), (96, 24), (1000, 8), (256, 100), (2048, 1)):
+    n = ka._mosaic_splits(steps, rows, **fill)
+    d = ka._mosaic_splits(steps, rows, **div)
+    assert 1 <= n <= steps
+    # never past four CTAs per SM, unless the divisors' own grid was
+    assert rows * n <= 4 * 132 or n == d
   # "any" counts beyond the divisors: one wave of 6 at 8 x 4K instead of 4.
   assert ka._mosaic_splits(32, 64, ctas_per_sm=3, rule="any") == 6
 

@@ -179,10 +179,21 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
 # and 64 x 4K: every count within 1-2 us but 8 x 4K's 8 splits, 18.3-18.4 against 4's
 # 20.6-20.7 (after the softmax, two waves: a divisor the waves model passes over).
 # "fill" takes the one-wave count only where the divisors' grid runs over more than one
-# wave and the one wave's splits are at most FILL_MAX_STEPS long (1 x 128K, not 8 x 32K).
+# wave and the one wave's splits are at most FILL_MAX_STEPS long (1 x 128K, not 8 x 32K);
+# Then, where that grid is short of a wave, the most divisor splits of one more CTA per SM
+# whose splits keep at least FILL_MIN_STEPS steps (a second wave of at most a third of
+# the first: its CTAs' few steps cost less than the idle slots do). Re-run 2026-12-03
+# (`kernel_sweep_*_{head,underwave}_gpu.json`): 8 x 4K 8 splits 18.7 us against 4's 20.3
+# (the third run to agree), 1 x 32K 64 splits 15.7 against 32's 18.5; SmolLM2's 8 x 32K
+# keeps its 16 (384 CTAs: 26.5 us, 32 splits 28.5); 1 x 128K 49 -> 64 (41.7 us against
+# 41.9; the attention call 49.3 against 50.2). Where they stop: 32 x 4K's one wave (1
+# split of 32 steps) 66.3 us and 2 splits 57.7 against the divisors' 4 (2.6 waves) 54.2,
+# hence one-wave splits of at most 24 steps; 1 x 8K's 64 one-step splits 9.4 us against
+# 32's 8.7, hence at least 4 steps.
 SPLITS_RULES = ("divisors", "any", "fill")
 DEFAULT_SPLITS_RULE = "fill"
-FILL_MAX_STEPS = 32
+FILL_MAX_STEPS = 24
+FILL_MIN_STEPS = 4
 
 
 def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
@@ -193,7 +204,9 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   divide the steps; "any", every count up to the steps (runs differing by one step:
   `decode_attention_mgpu.split_steps`), by the same waves x (longest run + 2); "fill",
   the divisors' count, or the most splits one wave holds where the divisors' grid takes
-  more than one wave and that one wave's splits are at most `FILL_MAX_STEPS` steps.
+  more than one wave and that one wave's splits are at most `FILL_MAX_STEPS` steps, or
+  then, where that grid is short of one wave, the most splits among the larger divisors
+  that take at most ctas_per_sm + 1 CTAs per SM and keep `FILL_MIN_STEPS` steps each.
 
   ctas_per_sm None: the largest divisor with at most 512 CTAs. Measured
   (`mosaic_attend_splits_gpu.json`, H200, fp16 path, K3/V3 keys centred before RoPE, two
@@ -219,10 +232,15 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   slots = ctas_per_sm * sms
   counts = range(1, steps + 1) if rule == "any" else divisors
   best = min(counts, key=lambda s: (-(-rows * s // slots) * (-(-steps // s) + 2), s))
+  if rule != "fill":
+    return best
   one_wave = min(steps, slots // rows)
-  if (rule == "fill" and rows * best > slots and one_wave >= 1
-      and -(-steps // one_wave) <= FILL_MAX_STEPS):
-    return one_wave
+  if rows * best > slots and one_wave >= 1 and -(-steps // one_wave) <= FILL_MAX_STEPS:
+    best = one_wave
+  if rows * best < slots:   # short of a wave: up to one more CTA per SM
+    best = max(s for s in divisors + [best]
+               if s == best or (best < s and rows * s <= (ctas_per_sm + 1) * sms
+                                and steps // s >= FILL_MIN_STEPS))
   return best
 
 
