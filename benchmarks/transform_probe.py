@@ -65,16 +65,18 @@ def key_scaling(model, qkv) -> list[dict]:
     cal = lambda x: x[:, :CALIBRATION]  # noqa: E731
     e_k, e_q = pair_energies(model.cfg, layer, cal(q), cal(k))
     bound = jnp.sqrt(e_k * e_q).sum(-1) ** 2 / (e_k.sum(-1) * e_q.sum(-1))
-    s = pair_scales(model.cfg, layer, cal(q), cal(k))                         # [H, D]
-    qs = (q.astype(jnp.float32).reshape(b, t, hkv, g, d) * s[:, None]).reshape(q.shape)
-    ks = k.astype(jnp.float32) / s
+    def scaled(use_queries):
+      s = pair_scales(model.cfg, layer, cal(q), cal(k), use_queries)            # [H, D]
+      qs = (q.astype(jnp.float32).reshape(b, t, hkv, g, d) * s[:, None]).reshape(q.shape)
+      return qs, k.astype(jnp.float32) / s
     row = dict(layer=layer, bound=np.round(np.asarray(bound), 3).tolist())
     for bits in (3, 4):
       c = TurboQuantConfig(key_bits=bits, value_bits=4, window=0)
-      plain, scaled = (readback_errors(*x, v, [c], layer=layer, rope=spec,
-                                       scale=model.cfg.scale)[0, 0]
-                       for x in ((q, k), (qs, ks)))
-      row[f"k{bits}"] = dict(plain=plain, scaled=scaled, ratio=scaled / plain)
+      plain, by_both, by_keys = (readback_errors(*x, v, [c], layer=layer, rope=spec,
+                                                 scale=model.cfg.scale)[0, 0]
+                                 for x in ((q, k), scaled(True), scaled(False)))
+      row[f"k{bits}"] = dict(plain=plain, scaled=by_both, ratio=by_both / plain,
+                             keys_only=by_keys, keys_only_ratio=by_keys / plain)
     rows.append(row)
     print("keys", row, flush=True)
   return rows
@@ -164,9 +166,12 @@ def main(argv=None) -> None:
     rows = result[name] = probes[name](model, qkv)
     if name == "keys":
       for bits in (3, 4):
-        total = [sum(r[f"k{bits}"][x] for r in rows) for x in ("plain", "scaled")]
+        total = [sum(r[f"k{bits}"][x] for r in rows) for x in ("plain", "scaled",
+                                                                 "keys_only")]
         summary.append(dict(probe=f"keys {bits} bits", before=total[0], after=total[1],
                             ratio=total[1] / total[0]))
+        summary.append(dict(probe=f"keys {bits} bits, s from keys alone", before=total[0],
+                            after=total[2], ratio=total[2] / total[0]))
     elif name == "values":
       total = [sum(r[x] for r in rows) for x in ("plain", "transformed")]
       summary.append(dict(probe="values 2.5 bits", before=total[0], after=total[1],
