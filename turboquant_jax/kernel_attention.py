@@ -179,7 +179,7 @@ def mosaic_unsupported(cache, rows: int, query_tokens: int = 1) -> str | None:
 # and 64 x 4K: every count within 1-2 us but 8 x 4K's 8 splits, 18.3-18.4 against 4's
 # 20.6-20.7 (after the softmax, two waves: a divisor the waves model passes over).
 # "fill" takes the one-wave count only where the divisors' grid runs over more than one
-# wave and the one wave's splits are at most FILL_MAX_STEPS long (1 x 128K, not 8 x 32K);
+# wave and the one wave's splits are at most FILL_MAX_STEPS long (1 x 128K, not 8 x 32K).
 # Then, where that grid is short of a wave, the most divisor splits of one more CTA per SM
 # whose splits keep at least FILL_MIN_STEPS steps (a second wave of at most a third of
 # the first: its CTAs' few steps cost less than the idle slots do). Re-run 2026-12-03
@@ -204,7 +204,7 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   divide the steps; "any", every count up to the steps (runs differing by one step:
   `decode_attention_mgpu.split_steps`), by the same waves x (longest run + 2); "fill",
   the divisors' count, or the most splits one wave holds where the divisors' grid takes
-  more than one wave and that one wave's splits are at most `FILL_MAX_STEPS` steps, or
+  more than one wave and that one wave's splits are at most `FILL_MAX_STEPS` steps;
   then, where that grid is short of one wave, the most splits among the larger divisors
   that take at most ctas_per_sm + 1 CTAs per SM and keep `FILL_MIN_STEPS` steps each.
 
