@@ -411,6 +411,12 @@ def run_model(name: str, args, out: dict, save) -> None:
     extra += [by_hand("K4/V2.5 fp16 key fp8 value norms window 256",
                       {i: (4, 2.5) for i in range(model.cfg.num_layers)}, model.cfg.head_dim,
                       tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256))]
+    # ... and the bits the other way, K3/V3.5 (3.25 + 3.75: also exactly 3.5): on Python
+    # source at seed 4, 5-bit values halved K4/V2.5's loss where 5-bit keys did not move it
+    # (`token_loss_probe`).
+    extra += [by_hand("K3/V3.5 fp16 key fp8 value norms window 256",
+                      {i: (3, 3.5) for i in range(model.cfg.num_layers)}, model.cfg.head_dim,
+                      tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256))]
   # The budget's policy with keys weighted over values (`budget_layer_bits(key_weight=)`):
   # SmolLM2's 3.5 becomes K4/V2.5 everywhere (as by hand above), 3.0 K3.5/V2 on 25 layers.
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=(jnp.float16, jnp.float8_e4m3fn),
