@@ -304,7 +304,7 @@ VARIANTS = [
     ("tq3.5-k4uv3-int8-prerotated-early-values", "tq3.5-k4uv3-int8-prerotated",
      "the value tile decoded under the key wgmma (overlap_values=True, the default before "
      "2026-12-03) instead of after the softmax", dict(overlap_values=True)),
-    # (int8 tiles fill one wave of short splits since 2026-12-03, `SPLITS_RULES`: this
+    # (int8 tiles' splits fill the GPU since 2026-12-03, `SPLITS_RULES` "fill": this
     # times the rule before, the divisors' count everywhere.)
     ("tq3.5-k4uv3-int8-prerotated-divisor-splits", "tq3.5-k4uv3-int8-prerotated",
      "as many splits as the best divisor of the steps gives (the rule before 2026-12-03)",

@@ -83,15 +83,16 @@ def fold_key_scaling(model, tokens) -> None:
                                ).astype(qq.dtype)   # q head h·g + j reads kv head h
 
 
-def rows_path(quality_argv) -> pathlib.Path:
-  """The quality results file a run of `quality_argv` writes (one --model, CPU)."""
+def rows_path(quality_argv) -> tuple[pathlib.Path, str]:
+  """The quality results file a run of `quality_argv` writes (one --model, CPU), and the
+  model."""
   q = argparse.ArgumentParser(add_help=False)
   q.add_argument("--model", action="append")
   q.add_argument("--out", type=pathlib.Path, default=quality.common.RESULTS_DIR)
   known, _ = q.parse_known_args(quality_argv)
   if not known.model or len(known.model) != 1:
     raise ValueError("give exactly one --model to the quality arguments")
-  return known.out / f"quality_{known.model[0]}_cpu.json"
+  return known.out / f"quality_{known.model[0]}_cpu.json", known.model[0]
 
 
 def main(argv=None) -> None:
@@ -102,8 +103,7 @@ def main(argv=None) -> None:
   p.add_argument("--text-lines", default=None)
   args = p.parse_args(argv[:cut])
   quality_argv = argv[cut + 1:]
-  path = rows_path(quality_argv)
-  model_name = quality_argv[quality_argv.index("--model") + 1]
+  path, model_name = rows_path(quality_argv)
   # quality skips the rows its results file holds: the unscaled rows of these names would
   # stand in for the scaled ones. They are set aside and put back, the scaled rows renamed.
   out = json.loads(path.read_text()) if path.exists() else {}

@@ -535,9 +535,10 @@ def test_mosaic_splits_fill_one_wave_of_short_splits():
   got = {(steps, rows): (ka._mosaic_splits(steps, rows, **div),
                          ka._mosaic_splits(steps, rows, **fill))
          for steps, rows in ((32, 64), (256, 8), (32, 256), (256, 64), (128, 24), (32, 512),
-                             (64, 8), (32, 8))}
+                             (64, 8), (32, 8), (1024, 64))}
   assert got == {(32, 64): (4, 8), (256, 8): (32, 64), (32, 256): (4, 4), (256, 64): (16, 16),
-                 (128, 24): (16, 16), (32, 512): (2, 2), (64, 8): (32, 32), (32, 8): (32, 32)}
+                 (128, 24): (16, 16), (32, 512): (2, 2), (64, 8): (32, 32), (32, 8): (32, 32),
+                 (1024, 64): (16, 16)}
   # One wave of a count that divides nothing: 1,021 steps (a prime) over 8 rows -> 49.
   assert ka._mosaic_splits(1021, 8, **fill) == 49
   for steps, rows in ((1, 3), (96, 24), (1000, 8), (256, 100), (2048, 1)):

@@ -238,9 +238,8 @@ def _mosaic_splits(steps: int, rows: int, ctas_per_sm: int | None = None,
   if rows * best > slots and one_wave >= 1 and -(-steps // one_wave) <= FILL_MAX_STEPS:
     best = one_wave
   if rows * best < slots:   # short of a wave: up to one more CTA per SM
-    best = max(s for s in divisors + [best]
-               if s == best or (best < s and rows * s <= (ctas_per_sm + 1) * sms
-                                and steps // s >= FILL_MIN_STEPS))
+    best = max((s for s in divisors if s > best and rows * s <= (ctas_per_sm + 1) * sms
+                and steps // s >= FILL_MIN_STEPS), default=best)
   return best
 
 
