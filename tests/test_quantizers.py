@@ -278,3 +278,42 @@ def test_norm_dtypes_checked_and_float8_saturates():
   codes = big.quantize(x * 1000.0)
   assert codes.norms.dtype == jnp.float8_e4m3fn
   assert not bool(jnp.any(jnp.isnan(codes.norms.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("levels", ["lloyd_max", "int8"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_norm_fit_projected_and_matched_norms(bits, levels, unit_data):
+  """"projected": <x̂, x> = ‖x‖² per vector (the paper's norms shrink it by ~1 - D_mse);
+  "matched": ‖x̂‖ = ‖x‖; the codes are the exact quantizer's, only the norm differs."""
+  x, y = unit_data
+  x = x[:2000] * jnp.linspace(0.5, 3.0, 2000)[:, None]
+  key = jax.random.PRNGKey(3)
+  exact = MSEQuantizer.create(key, D, bits, levels=levels)
+  shrink = []
+  for fit in ("projected", "matched"):
+    q = MSEQuantizer.create(key, D, bits, levels=levels, norm_fit=fit)
+    codes, base = q.quantize(x), exact.quantize(x)
+    np.testing.assert_array_equal(codes.planes, base.planes)
+    x_hat = q.dequantize(codes)
+    norms = jnp.sum(x * x, -1)
+    if fit == "projected":
+      np.testing.assert_allclose(jnp.sum(x_hat * x, -1), norms, rtol=1e-5)
+      shrink = jnp.sum(exact.dequantize(base) * x, -1) / norms
+      np.testing.assert_allclose(jnp.mean(shrink), 1 - D_MSE_128[bits], rtol=0.02)
+      # Inner products with fresh unit vectors: the exact norms' are shrunk by the same
+      # factor on average, the projected ones' are not (least squares slope through 0).
+      qy = y[:2000]
+      true = jnp.sum(qy * x, -1)
+      slope = lambda est: float(jnp.sum(est * true) / jnp.sum(true * true))  # noqa: E731
+      assert slope(jnp.sum(qy * x_hat, -1)) == pytest.approx(1.0, abs=0.02)
+      assert slope(jnp.sum(qy * exact.dequantize(base), -1)) == pytest.approx(
+          1 - D_MSE_128[bits], abs=0.02)
+    else:
+      np.testing.assert_allclose(jnp.sum(x_hat * x_hat, -1), norms, rtol=1e-5)
+  # Zero and (under jit, where NaN is not refused) NaN vectors keep their norms.
+  q = MSEQuantizer.create(key, D, bits, norm_fit="projected")
+  special = jnp.zeros((2, D)).at[1, 0].set(jnp.nan)
+  stored = jax.jit(q.quantize)(special).norms
+  assert float(stored[0]) == 0.0 and bool(jnp.isnan(stored[1]))
+  with pytest.raises(ValueError, match="norm_fit"):
+    MSEQuantizer.create(key, D, bits, norm_fit="unbiased")

@@ -786,3 +786,36 @@ def test_norm_dtype_per_side(rng):
   for bad in ((f16,), (f16, f8, f8), (f16, jnp.int8)):
     with pytest.raises(ValueError, match="norm_dtype"):
       TurboQuantConfig(norm_dtype=bad)
+
+
+@pytest.mark.parametrize("layout", ["planes", "tiles"])
+def test_norm_fit_keys_projected_values_matched(layout, rng):
+  """A cache with fitted norms reads back keys whose projection on the (centred) key is
+  exact per channel group and values of exact norm per group; the config rejects what it
+  cannot serve, and the fused append kernel declines fitted norms."""
+  from turboquant_jax.turboquant_cache import append_kernel_unsupported
+  levels = "lloyd_max" if layout == "planes" else "cubic"
+  config = TurboQuantConfig(key_bits=4, value_bits=3, center_keys=False, window=0,
+                            num_sinks=0, layout=layout, levels=levels,
+                            norm_fit=["projected", "matched"], norm_dtype=jnp.float32)
+  assert config.norm_fit == ("projected", "matched")
+  k, v = rand(rng, B, 40, HKV, D), rand(rng, B, 40, HKV, D, scale=2.0)
+  length = L if layout == "planes" else 256     # tiles of 256 tokens at D = 64
+  cache = TurboQuantKVCache.create(B, length, HKV, D, config=config).update(k, v)
+  keys, values = (np.asarray(x)[:, :, :40] for x in cache.reconstruct())
+  kh, vh = (np.swapaxes(np.asarray(x), 1, 2) for x in (k, v))
+  np.testing.assert_allclose(np.sum(keys * kh, -1), np.sum(kh * kh, -1), rtol=1e-4)
+  np.testing.assert_allclose(np.sum(values * values, -1), np.sum(vh * vh, -1), rtol=1e-4)
+  exact = TurboQuantKVCache.create(B, length, HKV, D, config=TurboQuantConfig(
+      key_bits=4, value_bits=3, center_keys=False, window=0, num_sinks=0, layout=layout,
+      levels=levels, norm_dtype=jnp.float32)).update(k, v)
+  ek = np.asarray(exact.reconstruct()[0])[:, :, :40]
+  assert np.mean(np.sum(ek * kh, -1) / np.sum(kh * kh, -1)) < 0.995   # shrunk
+  if layout == "tiles":
+    assert "exact norms" in append_kernel_unsupported(cache.key_quantizer, cache.key_codes)
+  with pytest.raises(ValueError, match="norm_fit"):
+    TurboQuantConfig(norm_fit="unbiased")
+  with pytest.raises(ValueError, match="norm_fit"):
+    TurboQuantConfig(norm_fit=("projected", "matched", "exact"))
+  with pytest.raises(ValueError, match="QJL keys"):
+    TurboQuantConfig(key_bits=3, key_quantizer="prod", norm_fit="projected")

@@ -67,16 +67,21 @@ class SplitQuantizer:
   @classmethod
   def create(cls, key: Array, d: int, bits: float, kind: str = "mse", *,
              rotation: str = "haar", norm_dtype=jnp.float16,
-             levels: str = "lloyd_max", float16_blocks: bool = False) -> "SplitQuantizer":
+             levels: str = "lloyd_max", float16_blocks: bool = False,
+             norm_fit: str = "exact") -> "SplitQuantizer":
     """Quantizers for d-vectors at `bits` in `CACHE_BITS` bits per coordinate;
-    `levels` as for `MSEQuantizer.create`; float16_blocks: keep `blocks_f16` too (dense
-    rotations only)."""
+    `levels` and `norm_fit` (each group's own) as for `MSEQuantizer.create`;
+    float16_blocks: keep `blocks_f16` too (dense rotations only)."""
     if kind not in ("mse", "prod"):
       raise ValueError(f"quantizer kind must be 'mse' or 'prod', got {kind!r}")
+    if kind == "prod" and norm_fit != "exact":
+      raise ValueError(f"norm_fit={norm_fit!r} is for MSE codes; QJL keys' residual sketch "
+                       "keeps their inner products unbiased already (use 'exact')")
     make = MSEQuantizer.create if kind == "mse" else ProdQuantizer.create
+    fit = {} if kind == "prod" else dict(norm_fit=norm_fit)
     groups = tuple(
         make(jax.random.fold_in(key, g), size, b, rotation=rotation, norm_dtype=norm_dtype,
-             levels=levels)
+             levels=levels, **fit)
         for g, (size, b) in enumerate(group_layout(d, bits)))
     quantizer = cls(groups=groups, bits=bits, kind=kind)
     if quantizer._dense_blocks():

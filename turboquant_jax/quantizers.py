@@ -135,6 +135,11 @@ def level_of_code(bits: int) -> np.ndarray:
 
 LEVELS = ("lloyd_max", "cubic", "quintic", "int8", "uniform")
 
+# What a stored norm is (`MSEQuantizer.create(norm_fit=)`): the vector's norm (the paper's
+# Algorithm 1), or that norm over the codes' projection on the rotated unit vector or
+# over the codes' own norm.
+NORM_FITS = ("exact", "projected", "matched")
+
 
 def _codebook(d: int, bits: int, density, levels: str):
   if levels not in LEVELS:
@@ -175,6 +180,7 @@ class MSEQuantizer:
     code_values: [2^bits] float32, the level each code stands for.
     bits: bits per coordinate (static).
     norm_dtype: dtype the norms are stored in (static).
+    norm_fit: what the stored norm is (static; `create`).
   """
 
   rotation: rotation_lib.Rotation
@@ -185,6 +191,7 @@ class MSEQuantizer:
   norm_dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
   levels: str = flax.struct.field(pytree_node=False, default="lloyd_max")
   density: str = flax.struct.field(pytree_node=False, default="sphere")
+  norm_fit: str = flax.struct.field(pytree_node=False, default="exact")
 
   @classmethod
   def create(
@@ -197,6 +204,7 @@ class MSEQuantizer:
       density: codebook_lib.Density = "sphere",
       norm_dtype=jnp.float32,
       levels: str = "lloyd_max",
+      norm_fit: str = "exact",
   ) -> "MSEQuantizer":
     """A quantizer for d-vectors at `bits` bits per coordinate (1..5).
 
@@ -217,15 +225,22 @@ class MSEQuantizer:
         0.05% at 4: odd multiples of half a step, sign-magnitude) is what its int8
         path looks up exactly; "uniform" (`codebook.uniform_codebook`: evenly spaced,
         +18-21% at 4 bits) what it decodes at 4 bits without a lookup (plain nibbles).
+      norm_fit: the norm stored with a vector x whose rotated unit vector y has the
+        levels c: "exact" ‖x‖ (Algorithm 1: x̂ = ‖x‖·Πᵀc is shrunk, <x̂, x> = (1 -
+        D)·‖x‖² on average), "projected" ‖x‖ / <y, c> (<x̂, x> = ‖x‖²: inner products
+        along x unbiased, so a key's logits keep their scale) or "matched" ‖x‖ / ‖c‖
+        (‖x̂‖ = ‖x‖). Only the stored number changes: readers need nothing new.
     """
     _validate_config(d, bits, MSE_BITS, "MSEQuantizer")
     return cls._create(key, d, bits, rotation=rotation, density=density, norm_dtype=norm_dtype,
-                       levels=levels)
+                       levels=levels, norm_fit=norm_fit)
 
   @classmethod
   def _create(cls, key, d, bits, *, rotation, density, norm_dtype,
-              levels="lloyd_max") -> "MSEQuantizer":
+              levels="lloyd_max", norm_fit="exact") -> "MSEQuantizer":
     check_norm_dtype(norm_dtype)
+    if norm_fit not in NORM_FITS:
+      raise ValueError(f"norm_fit must be one of {NORM_FITS}, got {norm_fit!r}")
     cb = _codebook(d, bits, density, levels)
     return cls(
         rotation=rotation_lib.make_rotation(key, d, rotation),
@@ -236,6 +251,7 @@ class MSEQuantizer:
         norm_dtype=norm_dtype,
         levels=levels,
         density=density,
+        norm_fit=norm_fit,
     )
 
   @property
@@ -261,19 +277,32 @@ class MSEQuantizer:
     safe = jnp.where(norms > 0, norms, 1.0)[..., None]
     return self.rotation.rotate(x32 / safe), norms
 
+  def fitted_norms(self, y: Array, level: Array, norms: Array) -> Array:
+    """The norms to store (`norm_fit`), float32 [...]: y [..., d] rotated unit vectors,
+    level [..., d] indices of their nearest levels, norms [...] the vectors' norms."""
+    if self.norm_fit == "exact":
+      return norms
+    c = jnp.take(self.centroids, level.astype(jnp.int32), axis=0)
+    fit = jnp.sum(y * c, -1) if self.norm_fit == "projected" else jnp.sqrt(jnp.sum(c * c, -1))
+    # y = 0 (a zero vector) keeps its zero norm; otherwise fit > 0: a level has its
+    # coordinate's sign.
+    return norms / jnp.where(fit > 0, fit, 1.0)
+
   def quantize_levels(self, x: Array) -> tuple[Array, Array]:
     """(uint8 [..., d] indices of the nearest levels, 0 = the smallest; the stored norms
     [...]): what the tiles layout (`tile_codes`) packs. x: [..., d]."""
     x = _check_input(x, self.dim)
     y, norms = self._rotated_unit(x)
     level = jnp.sum(y[..., None] > self.boundaries, axis=-1)
-    return level.astype(jnp.uint8), store_norms(norms, self.norm_dtype)
+    return level.astype(jnp.uint8), store_norms(self.fitted_norms(y, level, norms),
+                                                self.norm_dtype)
 
   def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
     """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
     y, norms = self._rotated_unit(x)
-    idx = self.encode_rotated(y)
-    stored = store_norms(norms, self.norm_dtype)
+    level = jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
+    idx = code_of_level(level, self.bits).astype(jnp.uint8)
+    stored = store_norms(self.fitted_norms(y, level, norms), self.norm_dtype)
     codes = MSECodes(planes=packing.pack_codes(idx, self.bits), norms=stored)
     return codes, y * norms[..., None], stored.astype(jnp.float32)
 

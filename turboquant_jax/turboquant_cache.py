@@ -72,7 +72,7 @@ from turboquant_jax import rope as rope_lib
 from turboquant_jax import rotation as rotation_lib
 from turboquant_jax import tile_codes
 from turboquant_jax.channel_split import permute_channels, unpermute_channels
-from turboquant_jax.quantizers import LEVELS, ProdCodes, check_norm_dtype
+from turboquant_jax.quantizers import LEVELS, NORM_FITS, ProdCodes, check_norm_dtype
 
 Array = jax.Array
 
@@ -152,6 +152,11 @@ class TurboQuantConfig:
       domain, so no decode step pays the inverse rotation (a [D, D] product per layer
       after the kernel). Integer value_bits only: fractional widths order each row's
       channels from its data, which no weight can hold.
+    norm_fit: what a stored norm is (`MSEQuantizer.create(norm_fit=)`), one or a (keys,
+      values) pair: "exact" (the paper's ‖x‖), "projected" (‖x‖ over the codes'
+      projection on x: a key's logits keep their scale instead of shrinking by 1 - D_mse)
+      or "matched" (the reconstruction keeps x's norm). Free: only the stored number
+      changes, every reader takes it as is; the fused append kernel writes "exact" only.
   """
 
   key_bits: float = 3.5
@@ -170,6 +175,7 @@ class TurboQuantConfig:
   tile_operand: str = "fp16"
   calibration_tokens: int | None = None
   values_prerotated: bool = False
+  norm_fit: Any = "exact"
 
   @property
   def norm_dtypes(self) -> tuple[Any, Any]:
@@ -180,6 +186,13 @@ class TurboQuantConfig:
                          f"{self.norm_dtype!r}")
       return tuple(self.norm_dtype)
     return self.norm_dtype, self.norm_dtype
+
+  @property
+  def norm_fits(self) -> tuple[str, str]:
+    """(keys', values') `norm_fit` (one or a pair)."""
+    if isinstance(self.norm_fit, tuple):
+      return self.norm_fit
+    return self.norm_fit, self.norm_fit
 
   @property
   def levels_pair(self) -> tuple[str, str]:
@@ -204,6 +217,15 @@ class TurboQuantConfig:
     for lv in self.levels_pair:
       if lv not in LEVELS:
         raise ValueError(f"levels must be one of {LEVELS} (or a pair), got {self.levels!r}")
+    if isinstance(self.norm_fit, list):   # a static field: hashable
+      object.__setattr__(self, "norm_fit", tuple(self.norm_fit))
+    if (isinstance(self.norm_fit, tuple) and len(self.norm_fit) != 2) or any(
+        f not in NORM_FITS for f in self.norm_fits):
+      raise ValueError(f"norm_fit must be one of {NORM_FITS} or a (keys, values) pair, "
+                       f"got {self.norm_fit!r}")
+    if self.key_quantizer == "prod" and self.norm_fits[0] != "exact":
+      raise ValueError("norm_fit for keys is for MSE keys (key_quantizer='mse'), got "
+                       f"{self.norm_fit!r} with QJL keys")
     if isinstance(self.norm_dtype, list):   # a static field: hashable
       object.__setattr__(self, "norm_dtype", tuple(self.norm_dtype))
     for dtype in self.norm_dtypes:
@@ -272,11 +294,13 @@ def _quantizers(config: TurboQuantConfig, layer: int, head_dim: int
       k, head_dim, bits, kind, rotation=config.rotation, norm_dtype=norms, levels=levels, **kw)
   key_norms, value_norms = config.norm_dtypes
   key_levels, value_levels = config.levels_pair
+  key_fit, value_fit = config.norm_fits
   # The int8 Mosaic kernel rotates the query itself against U in float16 (kept, not cast
   # per call).
   return (make(k_key, config.key_bits, config.key_quantizer, key_norms, key_levels,
-               float16_blocks=config.tile_operand == "int8"),
-          make(v_key, config.value_bits, "mse", value_norms, value_levels))
+               float16_blocks=config.tile_operand == "int8", norm_fit=key_fit),
+          make(v_key, config.value_bits, "mse", value_norms, value_levels,
+               norm_fit=value_fit))
 
 
 def value_rotation(config: TurboQuantConfig, layer: int, head_dim: int) -> Array:
@@ -324,6 +348,8 @@ def append_kernel_unsupported(quantizer: channel_split.SplitQuantizer,
   for g, c in zip(quantizer.groups, codes):
     if not isinstance(g.rotation, rotation_lib.HaarRotation):
       return "it takes dense (Haar) rotations"
+    if g.norm_fit != "exact":
+      return "it stores exact norms (norm_fit='exact')"
     why = tile_quantize.unsupported(c.layout.spec, g.dim)
     if why is not None:
       return why
