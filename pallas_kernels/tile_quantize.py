@@ -107,10 +107,12 @@ def unsupported(spec: register_codes.TileSpec, dim: int | None = None) -> str | 
   return None
 
 
-def _rotated_levels(x: Array, rotation_t: Array, bounds_ref, num_bounds: int, precision
-                    ) -> tuple[Array, Array]:
-  """(levels int32 [T, n], norms float32 [T]) of x [T, d] float32 against rotation_t
-  [d, n], as `MSEQuantizer.quantize_levels` computes them."""
+def _rotated_levels(x: Array, rotation_t: Array, bounds_ref, num_bounds: int, precision,
+                    cents_ref=None, norm_fit: str = "exact"
+                    ) -> tuple[Array, Array, Array | None]:
+  """(levels int32 [T, n], norms float32 [T], fit float32 [T] or None) of x [T, d] float32
+  against rotation_t [d, n], as `MSEQuantizer.quantize_levels` computes them; fit: these
+  n coordinates' share of the `norm_fit` denominator (Σ y·c, or Σ c² for "matched")."""
   finite = jnp.logical_and(~jnp.isnan(x), ~jnp.isinf(x))
   bad = jnp.max(jnp.where(finite, 0, 1), axis=-1)
   norms = jnp.sqrt(jnp.sum(x * x, axis=-1))
@@ -121,15 +123,29 @@ def _rotated_levels(x: Array, rotation_t: Array, bounds_ref, num_bounds: int, pr
   level = jnp.zeros(y.shape, jnp.int32)
   for k in range(num_bounds):
     level += (y > bounds_ref[k]).astype(jnp.int32)
-  return level, norms
+  if norm_fit == "exact":
+    return level, norms, None
+  c = jnp.zeros(y.shape, jnp.float32)     # the levels' values, exactly (a select each)
+  for k in range(num_bounds + 1):
+    c = jnp.where(level == k, cents_ref[k], c)
+  return level, norms, jnp.sum((y if norm_fit == "projected" else c) * c, axis=-1)
+
+
+def _fitted(norms: Array, fit: Array | None, norm_fit: str) -> Array:
+  """`MSEQuantizer.fitted_norms` from the norms and the fit summed over every channel."""
+  if fit is None:
+    return norms
+  fit = jnp.sqrt(fit) if norm_fit == "matched" else fit
+  return norms / jnp.where(fit > 0, fit, 1.0)
 
 
 def _kernel(x_ref,          # [tokens, d]
             rot_ref,        # [d, d]: rotate(x) = x @ rot
             bounds_ref,     # [nb]: level boundaries, +inf padded
+            cents_ref,      # [nb + 1]: the levels' values (norm_fit's), 0 padded
             *refs,          # per field: its matrices [mts, 2, K, C]; then outputs
             spec: register_codes.TileSpec, fields: tuple[PackField, ...],
-            num_bounds: int, transposed: bool, precision):
+            num_bounds: int, transposed: bool, precision, norm_fit: str):
   mat_refs = refs[:len(fields)]
   words_ref, norms_ref = refs[len(fields):]   # [64, C padded], [tokens]
   wr = register_codes.WORD_ROWS
@@ -152,16 +168,19 @@ def _kernel(x_ref,          # [tokens, d]
     rot = rot_ref[...]
     for mt in range(spec.rows // wr):
       x = x_ref[pl.ds(mt * wr, wr), :].astype(jnp.float32)
-      level, norms = _rotated_levels(x, rot, bounds_ref, num_bounds, precision)
-      norms_ref[pl.ds(mt * wr, wr)] = norms
+      level, norms, fit = _rotated_levels(x, rot, bounds_ref, num_bounds, precision,
+                                          cents_ref, norm_fit)
+      norms_ref[pl.ds(mt * wr, wr)] = _fitted(norms, fit, norm_fit)
       halves = pack(halves, level, mt, transposed=False)
   else:                               # values: tile rows are channels
     x = x_ref[...].astype(jnp.float32)
+    total = None
     for mt in range(spec.rows // wr):
-      level, norms = _rotated_levels(x, rot_ref[:, pl.ds(mt * wr, wr)], bounds_ref,
-                                     num_bounds, precision)
+      level, norms, fit = _rotated_levels(x, rot_ref[:, pl.ds(mt * wr, wr)], bounds_ref,
+                                          num_bounds, precision, cents_ref, norm_fit)
+      total = fit if total is None else total + fit
       halves = pack(halves, level, mt, transposed=True)
-    norms_ref[...] = norms
+    norms_ref[...] = _fitted(norms, total, norm_fit)
   lo, hi = (h.astype(jnp.int32) for h in halves)
   words_ref[...] = lo | (hi << 16)
 
@@ -177,10 +196,12 @@ PRECISIONS = {
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tokens", "transposed", "interpret",
-                                             "num_warps", "precision"))
+                                             "num_warps", "precision", "norm_fit"))
 def quantize_tiles(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
                    tokens: int, transposed: bool, interpret: bool = False,
-                   num_warps: int = 4, precision: str = "highest") -> tuple[Array, Array]:
+                   num_warps: int = 4, precision: str = "highest",
+                   centroids: Array | None = None, norm_fit: str = "exact"
+                   ) -> tuple[Array, Array]:
   """Codes of whole tiles of tokens in the tiles layout.
 
   Args:
@@ -191,10 +212,13 @@ def quantize_tiles(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
     boundaries: float32 [2^bits - 1] ascending level boundaries.
     bits, tokens, transposed: the `tile_codes.TileLayout` (values: transposed).
     precision: of the rotation's products, a key of `PRECISIONS`.
+    centroids, norm_fit: float32 [2^bits] ascending levels and what the stored norms are
+      (`MSEQuantizer.create(norm_fit=)`; centroids needed unless "exact").
 
   Returns:
     words int32 [R, T / tokens · 64, C] (`register_codes.pack_tile` of each tile's levels)
-    and norms float32 [R, T] (NaN where a vector holds NaN or Inf, whose levels are 0).
+    and norms float32 [R, T] (NaN where a vector holds NaN or Inf, whose levels are 0),
+    before their storage dtype.
   """
   r, t, d = x.shape
   spec = (register_codes.TileSpec(bits, d, tokens) if transposed
@@ -207,10 +231,18 @@ def quantize_tiles(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
   if rotation_t.shape != (d, d) or boundaries.shape != ((1 << bits) - 1,):
     raise ValueError(f"rotation_t {rotation_t.shape} and boundaries {boundaries.shape} "
                      f"do not fit d = {d}, {bits} bits")
+  if norm_fit not in ("exact", "projected", "matched"):
+    raise ValueError(f"norm_fit must be 'exact', 'projected' or 'matched', got {norm_fit!r}")
+  if norm_fit != "exact" and (centroids is None or centroids.shape != (1 << bits,)):
+    raise ValueError(f"norm_fit={norm_fit!r} needs centroids [{1 << bits}], got "
+                     f"{None if centroids is None else centroids.shape}")
   fields = pack_fields(spec)
   nb = (1 << bits) - 1
   bounds = jnp.concatenate([boundaries.astype(jnp.float32),
                             jnp.full((_next_pow2(nb + 1) - nb,), jnp.inf, jnp.float32)])
+  cents = jnp.zeros((_next_pow2(nb + 1),), jnp.float32)
+  if centroids is not None:
+    cents = cents.at[:nb + 1].set(centroids.astype(jnp.float32))
   c = spec.words_per_row
   c_pad = fields[0].matrices.shape[-1]
   n_tiles = t // tokens
@@ -218,11 +250,12 @@ def quantize_tiles(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
   full = lambda a: pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n)  # noqa: E731
   mats = [jnp.asarray(f.matrices, jnp.bfloat16) for f in fields]   # exact: 0 and 2^p
   in_specs = [pl.BlockSpec((None, tokens, d), lambda i, j: (i, j, 0)),
-              full(rotation_t), full(bounds)] + [full(m) for m in mats]
+              full(rotation_t), full(bounds), full(cents)] + [full(m) for m in mats]
   if precision not in PRECISIONS:
     raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
   kernel = functools.partial(_kernel, spec=spec, fields=fields, num_bounds=nb,
-                             transposed=transposed, precision=PRECISIONS[precision])
+                             transposed=transposed, precision=PRECISIONS[precision],
+                             norm_fit=norm_fit)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
@@ -235,12 +268,13 @@ def quantize_tiles(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
                  jax.ShapeDtypeStruct((r, t), jnp.float32)],
       compiler_params=compiler_params, interpret=interpret,
       name="turboquant_quantize_tiles",
-  )(x, rotation_t.astype(jnp.float32), bounds, *mats)
+  )(x, rotation_t.astype(jnp.float32), bounds, cents, *mats)
   return (words[..., :c] if c_pad != c else words), norms
 
 
 def quantize_tiles_reference(x: Array, rotation_t: Array, boundaries: Array, *, bits: int,
-                             tokens: int, transposed: bool, **unused) -> tuple[Array, Array]:
+                             tokens: int, transposed: bool, centroids: Array | None = None,
+                             norm_fit: str = "exact", **unused) -> tuple[Array, Array]:
   """`quantize_tiles` in jnp: levels as `quantize_levels` computes them, packed by
   `register_codes.pack_tile`."""
   del unused
@@ -251,6 +285,9 @@ def quantize_tiles_reference(x: Array, rotation_t: Array, boundaries: Array, *, 
   safe = jnp.where(norms > 0, norms, 1.0)[..., None]
   y = jnp.matmul(x32 / safe, rotation_t.astype(jnp.float32), precision=_HIGHEST)
   level = jnp.sum(y[..., None] > boundaries, axis=-1).astype(jnp.uint8)
+  if norm_fit != "exact":
+    c = jnp.take(centroids.astype(jnp.float32), level.astype(jnp.int32), axis=0)
+    norms = _fitted(norms, jnp.sum((y if norm_fit == "projected" else c) * c, -1), norm_fit)
   tiles = level.reshape(r, t // tokens, tokens, d)
   if transposed:
     spec = register_codes.TileSpec(bits, d, tokens)

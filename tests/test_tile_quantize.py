@@ -48,6 +48,39 @@ def test_kernel_matches_quantizer_and_pack_tile(bits, d, tokens, values):
   assert np.isnan(norms[1, 7]) and np.isnan(norms[1, 9]) and norms[0, 5] == 0
 
 
+@pytest.mark.parametrize("norm_fit", ["projected", "matched"])
+@pytest.mark.parametrize("bits,d,tokens,values", [(4, 64, 256, False), (3, 128, 128, True)])
+def test_kernel_fitted_norms_match_the_quantizer(bits, d, tokens, values, norm_fit):
+  """`norm_fit`: the same words, and the norms `quantize_levels` stores (the values'
+  tiles sum the fit over two 64-channel blocks at d = 128: equal up to rounding)."""
+  key = jax.random.PRNGKey(bits * 100 + d)
+  q, x = _inputs(key, d, bits, rows=2, tokens=tokens)
+  q = dataclasses.replace(q, norm_fit=norm_fit)
+  kw = dict(bits=bits, tokens=tokens, transposed=values, centroids=q.centroids,
+            norm_fit=norm_fit)
+  words, norms = tile_quantize.quantize_tiles(x, q.rotation.matrix.T, q.boundaries,
+                                              interpret=True, **kw)
+  ref_words, ref_norms = tile_quantize.quantize_tiles_reference(
+      x, q.rotation.matrix.T, q.boundaries, **kw)
+  exact_words, exact_norms = tile_quantize.quantize_tiles_reference(
+      x, q.rotation.matrix.T, q.boundaries, bits=bits, tokens=tokens, transposed=values)
+  np.testing.assert_array_equal(words, ref_words)
+  np.testing.assert_array_equal(words, exact_words)
+  _, q_norms = jax.jit(q.quantize_levels)(x)
+  for got in (norms, ref_norms):
+    np.testing.assert_allclose(got, q_norms, rtol=2e-6)
+  finite = np.isfinite(exact_norms) & (exact_norms > 0)
+  # Codes shrink a vector on average (E <y, c> = E ‖c‖² = 1 - D_mse), so fitted norms
+  # are larger on average (not each: a vector's fit can pass 1).
+  ratio = np.asarray(norms)[finite] / np.asarray(exact_norms)[finite]
+  assert 1.0 < np.mean(ratio) < 1.05 and not np.allclose(ratio, 1.0)
+  assert np.isnan(norms[1, 7]) and norms[0, 5] == 0
+  with pytest.raises(ValueError, match="needs centroids"):
+    tile_quantize.quantize_tiles(x, q.rotation.matrix.T, q.boundaries, interpret=True,
+                                 bits=bits, tokens=tokens, transposed=values,
+                                 norm_fit=norm_fit)
+
+
 def test_kernel_takes_bfloat16():
   q, x = _inputs(jax.random.PRNGKey(3), 64, 3, rows=1, tokens=256, dtype=jnp.bfloat16)
   kw = dict(bits=3, tokens=256, transposed=False)
@@ -160,6 +193,22 @@ def test_cache_with_append_kernel_equals_jnp(monkeypatch):
   plain1 = _fill(with_kernel(False), one_tile, b=1, length=512)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(broken.key_codes),
                                                        jax.tree.leaves(plain1.key_codes)))
+
+
+def test_cache_with_append_kernel_equals_jnp_with_fitted_norms():
+  """The fused writer with `norm_fit` (keys projected, values matched) writes what jnp
+  writes: the same codes, norms equal up to float rounding."""
+  config = TurboQuantConfig(key_bits=3.5, value_bits=3, layout="tiles", levels="cubic",
+                            center_keys="rope", window=256, seed=7,
+                            norm_fit=("projected", "matched"))
+  fused = _fill(dataclasses.replace(config, append_kernel=True), STEPS)
+  plain = _fill(dataclasses.replace(config, append_kernel=False), STEPS)
+  assert fused.fused_append
+  for side in ("key_codes", "value_codes"):
+    for a, b in zip(getattr(fused, side), getattr(plain, side)):
+      np.testing.assert_array_equal(a.words, b.words)
+      np.testing.assert_allclose(np.asarray(a.norms, np.float32),
+                                 np.asarray(b.norms, np.float32), rtol=2e-3)
 
 
 def test_append_kernel_config_errors():

@@ -156,7 +156,7 @@ class TurboQuantConfig:
       values) pair: "exact" (the paper's ‖x‖), "projected" (‖x‖ over the codes'
       projection on x: a key's logits keep their scale instead of shrinking by 1 - D_mse)
       or "matched" (the reconstruction keeps x's norm). Free: only the stored number
-      changes, every reader takes it as is; the fused append kernel writes "exact" only.
+      changes, every reader takes it as is (the fused append kernel writes it too).
   """
 
   key_bits: float = 3.5
@@ -348,8 +348,6 @@ def append_kernel_unsupported(quantizer: channel_split.SplitQuantizer,
   for g, c in zip(quantizer.groups, codes):
     if not isinstance(g.rotation, rotation_lib.HaarRotation):
       return "it takes dense (Haar) rotations"
-    if g.norm_fit != "exact":
-      return "it stores exact norms (norm_fit='exact')"
     why = tile_quantize.unsupported(c.layout.spec, g.dim)
     if why is not None:
       return why
@@ -371,7 +369,8 @@ def _write_tiles_fused(quantizer: channel_split.SplitQuantizer, codes: tuple[Any
         bits=g.bits, tokens=tt, transposed=c.layout.transposed, interpret=interpret,
         # Interpret mode computes as the jnp writer does; on the GPU float32 products run
         # on the tensor cores (codes differ from jnp's only at boundary ties).
-        precision="highest" if interpret else "tf32x3", num_warps=8)
+        precision="highest" if interpret else "tf32x3", num_warps=8,
+        centroids=g.centroids, norm_fit=g.norm_fit)
     words = words.reshape(b, h, *words.shape[1:])
     norms = quantizers.store_norms(norms.reshape(b, h, t + pad), g.norm_dtype)
     out.append(tile_codes.write_tiles(c, words, norms, start, count))
