@@ -15,8 +15,11 @@ last 512 queries, `budget.readback_errors`' measure), each against today's cache
 - `pairs`: 2.5-bit values as pairs of rotated coordinates, each the nearest of 32 points
   (Lloyd on a 2-D Gaussian: 0.057 per coordinate, against 0.076 for a blind half-2-bit,
   half-3-bit mix), against the cache's 2.5-bit channel split.
+- `norms`: the cache's `norm_fit` (what a stored norm is; no transform, no bits): keys
+  and values at each fit against the paper's exact norms, K4 and K3 keys, V2.5 and V3.
 
-    python -m benchmarks.transform_probe [--text T] [--probes keys,values,pairs]
+    python -m benchmarks.transform_probe [--text T] [--text-lines a:b]
+        [--probes keys,values,pairs,norms] [--out DIR]
 
 Writes benchmarks/results/transform_probe_cpu.json.
 """
@@ -151,17 +154,37 @@ def value_pairs(model, qkv, sinks: int = 4) -> list[dict]:
   return rows
 
 
+def norm_fits(model, qkv) -> list[dict]:
+  rows = []
+  for layer, (q, k, v) in enumerate(qkv):
+    row = dict(layer=layer)
+    for side, widths in (("keys", (4, 3)), ("values", (2.5, 3))):
+      for bits in widths:
+        configs = [TurboQuantConfig(key_bits=bits if side == "keys" else 4,
+                                    value_bits=bits if side == "values" else 4, window=0,
+                                    norm_fit=fit)
+                   for fit in ("exact", "projected", "matched")]
+        e = readback_errors(q, k, v, configs, layer=layer, rope=model.cfg.layer_rope(layer),
+                            scale=model.cfg.scale)[:, 0 if side == "keys" else 1]
+        row[f"{side} {bits}"] = dict(zip(("exact", "projected", "matched"), e.tolist()))
+    rows.append(row)
+    print("norms", row, flush=True)
+  return rows
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--text", default="/usr/share/vim/vim90/doc/usr_03.txt")
+  p.add_argument("--text-lines", default=None, help="a:b, only these lines of --text")
   p.add_argument("--probes", default="keys,values,pairs")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
-  model, tokens = load("smollm2", 2048, text=pathlib.Path(args.text))
+  model, tokens = load("smollm2", 2048, text=pathlib.Path(args.text), lines=args.text_lines)
   qkv = evaluation.layer_qkv(model, tokens[:, :TOKENS])
-  result = dict(model="smollm2", text=args.text, tokens=TOKENS, calibration=CALIBRATION)
+  result = dict(model="smollm2", text=args.text, text_lines=args.text_lines, tokens=TOKENS,
+                calibration=CALIBRATION)
   summary = []
-  probes = dict(keys=key_scaling, values=value_transform, pairs=value_pairs)
+  probes = dict(keys=key_scaling, values=value_transform, pairs=value_pairs, norms=norm_fits)
   for name in args.probes.split(","):
     rows = result[name] = probes[name](model, qkv)
     if name == "keys":
@@ -172,6 +195,12 @@ def main(argv=None) -> None:
                             ratio=total[1] / total[0]))
         summary.append(dict(probe=f"keys {bits} bits, s from keys alone", before=total[0],
                             after=total[2], ratio=total[2] / total[0]))
+    elif name == "norms":
+      for what in [x for x in rows[0] if x != "layer"]:
+        total = {fit: sum(r[what][fit] for r in rows) for fit in rows[0][what]}
+        for fit in ("projected", "matched"):
+          summary.append(dict(probe=f"{what} bits, {fit} norms", before=total["exact"],
+                              after=total[fit], ratio=total[fit] / total["exact"]))
     elif name == "values":
       total = [sum(r[x] for r in rows) for x in ("plain", "transformed")]
       summary.append(dict(probe="values 2.5 bits", before=total[0], after=total[1],
