@@ -62,8 +62,10 @@ MEASURED_WINDOW = 128
 
 
 def tq_config(**kw) -> TurboQuantConfig:
-  """A `TurboQuantConfig` with the committed results' window unless `window` is given."""
+  """A `TurboQuantConfig` with the committed results' window and exact norms (what every
+  row before `norm_fit` measured) unless `window` or `norm_fit` is given."""
   kw.setdefault("window", MEASURED_WINDOW)
+  kw.setdefault("norm_fit", "exact")
   return TurboQuantConfig(**kw)
 
 

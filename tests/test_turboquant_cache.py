@@ -806,7 +806,7 @@ def test_norm_fit_keys_projected_values_matched(layout, rng):
   np.testing.assert_allclose(np.sum(values * values, -1), np.sum(vh * vh, -1), rtol=1e-4)
   exact = TurboQuantKVCache.create(B, length, HKV, D, config=TurboQuantConfig(
       key_bits=4, value_bits=3, center_keys=False, window=0, num_sinks=0, layout=layout,
-      levels=levels, norm_dtype=jnp.float32)).update(k, v)
+      levels=levels, norm_dtype=jnp.float32, norm_fit="exact")).update(k, v)
   ek = np.asarray(exact.reconstruct()[0])[:, :, :40]
   assert np.mean(np.sum(ek * kh, -1) / np.sum(kh * kh, -1)) < 0.995   # shrunk
   with pytest.raises(ValueError, match="norm_fit"):
