@@ -266,10 +266,13 @@ class MSEQuantizer:
     """Stored bytes per vector: packed codes plus one norm."""
     return packing.packed_bytes(self.dim, self.bits) + jnp.dtype(self.norm_dtype).itemsize
 
+  def _levels(self, y: Array) -> Array:
+    """int32 [..., d]: indices of the nearest centroids (0 = the smallest) of y [..., d]."""
+    return jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
+
   def encode_rotated(self, y: Array) -> Array:
     """Sign-magnitude codes of the nearest centroids. y: [..., d] -> uint8 [..., d]."""
-    level = jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
-    return code_of_level(level, self.bits).astype(jnp.uint8)
+    return code_of_level(self._levels(y), self.bits).astype(jnp.uint8)
 
   def _rotated_unit(self, x: Array) -> tuple[Array, Array]:
     x32 = x.astype(jnp.float32)
@@ -293,14 +296,14 @@ class MSEQuantizer:
     [...]): what the tiles layout (`tile_codes`) packs. x: [..., d]."""
     x = _check_input(x, self.dim)
     y, norms = self._rotated_unit(x)
-    level = jnp.sum(y[..., None] > self.boundaries, axis=-1)
+    level = self._levels(y)
     return level.astype(jnp.uint8), store_norms(self.fitted_norms(y, level, norms),
                                                 self.norm_dtype)
 
   def _quantize_rotated(self, x: Array) -> tuple[MSECodes, Array, Array]:
     """Codes, plus the rotated input and the stored norms (both float32) for Algorithm 2."""
     y, norms = self._rotated_unit(x)
-    level = jnp.sum(y[..., None] > self.boundaries, axis=-1).astype(jnp.int32)
+    level = self._levels(y)
     idx = code_of_level(level, self.bits).astype(jnp.uint8)
     stored = store_norms(self.fitted_norms(y, level, norms), self.norm_dtype)
     codes = MSECodes(planes=packing.pack_codes(idx, self.bits), norms=stored)
