@@ -478,6 +478,25 @@ def test_int8_kernel_rotates_the_query_itself_in_the_pipelines_memory(parts, pac
   assert smem_bytes(given) < smem_bytes(asm) < smem_bytes(given) + D * D * 2 // 4
 
 
+def test_rotation_probe_copies_an_eighth_of_u_then_restores_the_kernel():
+  """`benchmarks.rotation_probe` times the kernel copying part of U: its patch turns the
+  copy's 32 KB into 4 KB in the lowered kernel, and undoing it gives back the library's
+  kernel, so the probe's other modes time what ships."""
+  from benchmarks import rotation_probe
+  from benchmarks.mosaic_lowering import module_asm
+  full = module_asm(lowered_s8_rotating(4, 3))
+  try:
+    rotation_probe.patch(8, D)
+    jax.clear_caches()
+    part = module_asm(lowered_s8_rotating(4, 3))
+  finally:
+    rotation_probe.patch(None, D)
+    jax.clear_caches()
+  assert full.count("32768 : i32") == 1 and part.count("32768 : i32") == 0
+  assert part.count("4096 : i32") == full.count("4096 : i32") + 1
+  assert module_asm(lowered_s8_rotating(4, 3)) == full
+
+
 def test_int8_kernel_rotation_rejects_bad_input():
   with pytest.raises(ValueError, match="float16"):
     lowered_s8_rotating(4, 3, parts=3)
