@@ -439,14 +439,20 @@ def run_model(name: str, args, out: dict, save) -> None:
                      f" fp16 key fp8 value norms window 256 {suffix}", key_weight=KEY_WEIGHT)
             for fit, suffix in ((("projected", "matched"), "fitted norms"),
                                 (("projected", "exact"), "projected key norms"))]
-  # ... and at the lower budgets, with the norms each measured best with on Python source
-  # (SmolLM2: 8-bit norms on both sides; Gemma 3: float16 key and float8 value norms).
+  # ... and the plain budget, with the norms each model's lower budgets measured best with
+  # on Python source (SmolLM2: 8-bit norms on both sides; Gemma 3: float16 key and float8
+  # value norms).
   extra += [budgeted(model.cfg, b, tq_config(norm_dtype=dtype, window=256,
                                              norm_fit=("projected", "matched")),
                      f" {norms} window 256 fitted norms")
-            for b in (2.5, 3.0)
+            for b in (2.5, 3.0, 3.5)
             for dtype, norms in ((jnp.float8_e4m3fn, "fp8 norms"),
                                  ((jnp.float16, jnp.float8_e4m3fn), "fp16 key fp8 value norms"))]
+  # ... and keys weighted with 8-bit norms on both sides (SmolLM2 3.5: K4/V3 on 10 layers,
+  # K4/V2.5 on 20, where float16 key norms leave K4/V2.5 on all 30).
+  extra += [budgeted(model.cfg, 3.5, tq_config(norm_dtype=jnp.float8_e4m3fn, window=256,
+                                               norm_fit=("projected", "matched")),
+                     " fp8 norms window 256 fitted norms", key_weight=KEY_WEIGHT)]
   # ... against 16-bit norms on both sides (the library's default norms) at that window.
   extra += [budgeted(model.cfg, 3.5, tq_config(window=256), " window 256")]
   # ... with 5 bits among the widths (Gemma 3: its globals at 5, the local keys lower).
