@@ -147,6 +147,50 @@ def kernel_time(fn, *args, calls: int = CALLS) -> dict:
               breakdown=breakdown)
 
 
+def probe_modes(name: str, description: str, modes, setup, argv=None,
+                config: str = "k4v3-int8-prerotated") -> list[dict]:
+  """The `main` of a speed probe that swaps part of the Mosaic kernel (`key_decode_probe`,
+  `rotation_probe`): per --points, one `attend` call's device time (`kernel_time`) under
+  each of `modes`, in order, on the same cache and query. setup(mode) applies a mode (its
+  patch, JAX's caches cleared) and returns attend's extra keyword arguments; setup(None)
+  restores the library's kernel, on error too. Writes <name>_<platform>.json, prints the
+  table and returns the rows."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--model", default="llama3_8b")
+  p.add_argument("--config", default=config, choices=sorted(CONFIGS))
+  p.add_argument("--points", default="8x32768")
+  p.add_argument("--calls", type=int, default=7)
+  p.add_argument("--out", default=None, help="results folder for the JSON")
+  args = p.parse_args(argv)
+  hq, hkv, d = shapes(args.model)
+  ceiling = md.read_ceiling()
+  rows = []
+  try:
+    for point in args.points.split(","):
+      b, t = (int(x) for x in point.split("x"))
+      cache = make_cache(jax.random.PRNGKey(0), b, t, CONFIGS[args.config], kv_heads=hkv,
+                         head_dim=d)
+      q = jax.random.normal(jax.random.PRNGKey(1), (b, 1, hq, d), jnp.bfloat16)
+      nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
+      for mode in modes:
+        kw = setup(mode)
+        fn = jax.jit(lambda q, c, kw=kw: c.attend(q, implementation="mosaic", **kw))
+        got = kernel_time(fn, q, cache, calls=args.calls)
+        rows.append(dict(batch=b, tokens=t, mode=mode, us=got["us"],
+                         kernel_us=got["kernel_us"],
+                         ceiling_frac=nbytes / got["kernel_us"] / 1e-6 / ceiling))
+        print(rows[-1], flush=True)
+      del cache
+  finally:
+    setup(None)
+  path = common.write_result(name, dict(
+      model=args.model, config=repr(CONFIGS[args.config]), read_ceiling_bytes_per_s=ceiling,
+      rows=rows), args.out)
+  print(f"wrote {path}")
+  common.print_table(rows, ["batch", "tokens", "mode", "us", "kernel_us", "ceiling_frac"])
+  return rows
+
+
 def cudnn_time(key, b, t, hq, hkv, d) -> tuple[dict, int]:
   q, k, v = md.cudnn_inputs(key, b, t, hq, hkv, d)
   return kernel_time(jax.jit(md.cudnn_attention), q, k, v), k.nbytes + v.nbytes

@@ -25,12 +25,7 @@ outputs are not attention. A first "default" and a last one bracket the run's no
 
 from __future__ import annotations
 
-import argparse
-
 import jax
-import jax.numpy as jnp
-
-from benchmarks import common
 from pallas_kernels import byte_codes
 from pallas_kernels import decode_attention_mgpu as dm
 
@@ -56,38 +51,12 @@ def patch(mode: str) -> None:
 
 
 def main(argv=None) -> None:
-  from benchmarks import mgpu_decode as md
-  from benchmarks.decode_attention import make_cache
-  from benchmarks.kernel_sweep import CONFIGS, kernel_time, shapes
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="llama3_8b")
-  p.add_argument("--config", default="k4v3-int8-prerotated", choices=sorted(CONFIGS))
-  p.add_argument("--points", default="8x32768")
-  p.add_argument("--calls", type=int, default=7)
-  args = p.parse_args(argv)
-  hq, hkv, d = shapes(args.model)
-  ceiling = md.read_ceiling()
-  rows = []
-  for point in args.points.split(","):
-    b, t = (int(x) for x in point.split("x"))
-    cache = make_cache(jax.random.PRNGKey(0), b, t, CONFIGS[args.config], kv_heads=hkv,
-                       head_dim=d)
-    q = jax.random.normal(jax.random.PRNGKey(1), (b, 1, hq, d), jnp.bfloat16)
-    nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
-    for mode in (*MODES, "default"):
-      patch(mode)
-      fn = jax.jit(lambda q, c: c.attend(q, implementation="mosaic"))
-      got = kernel_time(fn, q, cache, calls=args.calls)
-      rows.append(dict(batch=b, tokens=t, mode=mode, us=got["us"], kernel_us=got["kernel_us"],
-                       ceiling_frac=nbytes / got["kernel_us"] / 1e-6 / ceiling))
-      print(rows[-1], flush=True)
-    patch("default")
-    del cache
-  path = common.write_result("key_decode_probe", dict(
-      model=args.model, config=repr(CONFIGS[args.config]), read_ceiling_bytes_per_s=ceiling,
-      rows=rows))
-  print(f"wrote {path}")
-  common.print_table(rows, ["batch", "tokens", "mode", "us", "kernel_us", "ceiling_frac"])
+  from benchmarks.kernel_sweep import probe_modes
+
+  def setup(mode):
+    patch(mode or "default")
+    return {}
+  probe_modes("key_decode_probe", __doc__.split("\n")[0], (*MODES, "default"), setup, argv)
 
 
 if __name__ == "__main__":

@@ -17,68 +17,37 @@ A first "kernel" and a last one bracket the run's noise.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks import common
-
 MODES = {"kernel": None, "kernel, U/2": 2, "kernel, U/8": 8}
 _COPY = plgpu.copy_gmem_to_smem
 
 
-def patch(divisor: int | None, d: int) -> None:
-  """Copies only the first d / divisor rows of any float16 [d, d] operand (U) into shared
-  memory; None restores the full copy. Kernels are traced once per shape: clear JAX's
-  caches after patching."""
+def patch(divisor: int | None) -> None:
+  """Copies only the first 1 / divisor of the rows of any square float16 operand (U: the
+  kernel copies no other) into shared memory; None restores the full copy. Kernels are
+  traced once per shape: clear JAX's caches after patching."""
   def copy(src, dst, *args, **kwargs):
-    if divisor and tuple(src.shape) == (d, d) and src.dtype == jnp.float16:
-      rows = pl.ds(0, d // divisor)
-      return _COPY(src.at[rows], dst.at[rows], *args, **kwargs)
+    if (divisor and src.ndim == 2 and src.shape[0] == src.shape[1]
+        and src.dtype == jnp.float16):
+      part = pl.ds(0, src.shape[0] // divisor)
+      return _COPY(src.at[part], dst.at[part], *args, **kwargs)
     return _COPY(src, dst, *args, **kwargs)
   plgpu.copy_gmem_to_smem = copy if divisor else _COPY
 
 
 def main(argv=None) -> None:
-  from benchmarks import mgpu_decode as md
-  from benchmarks.decode_attention import make_cache
-  from benchmarks.kernel_sweep import CONFIGS, kernel_time, shapes
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="llama3_8b")
-  p.add_argument("--config", default="k4uv3-int8-prerotated", choices=sorted(CONFIGS))
-  p.add_argument("--points", default="8x32768")
-  p.add_argument("--calls", type=int, default=7)
-  p.add_argument("--out", default=None, help="results folder for the JSON")
-  args = p.parse_args(argv)
-  hq, hkv, d = shapes(args.model)
-  ceiling = md.read_ceiling()
-  rows = []
-  for point in args.points.split(","):
-    b, t = (int(x) for x in point.split("x"))
-    cache = make_cache(jax.random.PRNGKey(0), b, t, CONFIGS[args.config], kv_heads=hkv,
-                       head_dim=d)
-    q = jax.random.normal(jax.random.PRNGKey(1), (b, 1, hq, d), jnp.bfloat16)
-    nbytes = int(cache.memory_report()["bytes_per_token_per_head"] * b * hkv * t)
-    for mode in (*MODES, "dot", "kernel"):
-      patch(MODES.get(mode), d)
-      jax.clear_caches()
-      rotation = "dot" if mode == "dot" else "kernel"
-      fn = jax.jit(lambda q, c, r=rotation: c.attend(q, implementation="mosaic",
-                                                    prologue_rotation=r))
-      got = kernel_time(fn, q, cache, calls=args.calls)
-      rows.append(dict(batch=b, tokens=t, mode=mode, us=got["us"], kernel_us=got["kernel_us"],
-                       ceiling_frac=nbytes / got["kernel_us"] / 1e-6 / ceiling))
-      print(rows[-1], flush=True)
-    patch(None, d)
-    del cache
-  path = common.write_result("rotation_probe", dict(
-      model=args.model, config=repr(CONFIGS[args.config]), read_ceiling_bytes_per_s=ceiling,
-      rows=rows), args.out)
-  print(f"wrote {path}")
-  common.print_table(rows, ["batch", "tokens", "mode", "us", "kernel_us", "ceiling_frac"])
+  from benchmarks.kernel_sweep import probe_modes
+
+  def setup(mode):
+    patch(MODES.get(mode))
+    jax.clear_caches()
+    return {"prologue_rotation": "dot" if mode == "dot" else "kernel"}
+  probe_modes("rotation_probe", __doc__.split("\n")[0], (*MODES, "dot", "kernel"), setup,
+              argv, config="k4uv3-int8-prerotated")
 
 
 if __name__ == "__main__":

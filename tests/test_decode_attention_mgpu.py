@@ -486,11 +486,11 @@ def test_rotation_probe_copies_an_eighth_of_u_then_restores_the_kernel():
   from benchmarks.mosaic_lowering import module_asm
   full = module_asm(lowered_s8_rotating(4, 3))
   try:
-    rotation_probe.patch(8, D)
+    rotation_probe.patch(8)
     jax.clear_caches()
     part = module_asm(lowered_s8_rotating(4, 3))
   finally:
-    rotation_probe.patch(None, D)
+    rotation_probe.patch(None)
     jax.clear_caches()
   assert full.count("32768 : i32") == 1 and part.count("32768 : i32") == 0
   assert part.count("4096 : i32") == full.count("4096 : i32") + 1
