@@ -1,5 +1,6 @@
 """The quality harness (models.evaluation) pinned on tiny models."""
 
+import dataclasses
 import functools
 
 import jax
@@ -148,3 +149,42 @@ def test_hidden_states_times_unembedding_are_the_logits(name):
   if cfg.final_soft_cap is not None:
     got = cfg.final_soft_cap * jnp.tanh(got / cfg.final_soft_cap)
   np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_readback_nll_with_no_cache_is_the_full_forward_nll(name):
+  model, tokens = tiny(name)
+  logits, _ = forward(model, tokens)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(evaluation.readback_nll(model, tokens, None), want,
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_readback_nll_is_the_decode_paths_nll(name):
+  """One causal pass over read-back codes gives the token-by-token decode path's losses,
+  per token, for one cache and for a cache per kv head; a different seed's codes do not."""
+  model, tokens = tiny(name)
+  config = TurboQuantConfig(key_bits=3, value_bits=2.5, window=8, num_sinks=2)
+  make = lambda seed: functools.partial(  # noqa: E731
+      TurboQuantKVCache.create, config=dataclasses.replace(config, seed=seed))
+  want = np.asarray(evaluation.decode_nll(model, tokens, make(0)))
+  got = evaluation.readback_nll(model, tokens, make(0))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  heads = TINY[name].num_kv_heads
+  np.testing.assert_allclose(
+      evaluation.readback_nll(model, tokens, (make(0),) * heads), want,
+      rtol=2e-4, atol=2e-4)
+  other = evaluation.readback_nll(model, tokens, make(1))
+  assert np.max(np.abs(other - want)) > 1e-3
+
+
+def test_readback_nll_refuses_caches_it_cannot_read_back():
+  model, tokens = tiny()
+  with pytest.raises(ValueError, match="TurboQuant caches"):
+    evaluation.readback_nll(model, tokens, DenseKVCache.create)
+  with pytest.raises(ValueError, match="one maker or one per kv head"):
+    evaluation.readback_nll(model, tokens, (TurboQuantKVCache.create,) * 5)
+  with pytest.raises(ValueError, match=r"\[B, T\]"):
+    evaluation.readback_nll(model, tokens[0], None)
