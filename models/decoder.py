@@ -135,13 +135,18 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, cache, num_tokens, prefill):
     h, cache = self.attn(self.input_norm(x), positions, cache, num_tokens, prefill)
+    return self.after_attention(x, h), cache
+
+  def after_attention(self, x: Array, h: Array) -> Array:
+    """The block's output from its input x and its attention's output h ([B, T, d_model]
+    each): the residual adds, the MLP and the sandwich norms."""
     if self.sandwich:
       h = self.post_attn_norm(h)
     x = x + h
     h = self.mlp(self.pre_mlp_norm(x))
     if self.sandwich:
       h = self.post_mlp_norm(h)
-    return x + h, cache
+    return x + h
 
 
 def _unembed(embed: nnx.Embed, x: Array) -> Array:

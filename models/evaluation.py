@@ -166,14 +166,7 @@ def _readback_layer(graphdef, state, x, positions, caches, *, layer, window, tai
   out = _attend_mixed(q, kh, vh, kr, vr, exact_window=window, scale=cfg.scale,
                       soft_cap=cfg.attn_soft_cap, sliding_window=cfg.layer_window(layer))
   b, t = x.shape[:2]
-  h = block.attn.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
-  if block.sandwich:
-    h = block.post_attn_norm(h)
-  x = x + h
-  h = block.mlp(block.pre_mlp_norm(x))
-  if block.sandwich:
-    h = block.post_mlp_norm(h)
-  return x + h
+  return block.after_attention(x, block.attn.o_proj(out.reshape(b, t, -1)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
