@@ -199,9 +199,7 @@ class Decoder(nnx.Module):
       start = (jnp.zeros((b,), jnp.int32) if caches is None or prefill
                else caches[0].lengths)
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    x = self.embed(tokens)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+    x = self.embed_tokens(tokens)
     new_caches = None if caches is None else []
     for i, block in enumerate(self.layers):
       x, cache = block(x, positions, None if caches is None else caches[i], num_tokens, prefill)
@@ -209,6 +207,18 @@ class Decoder(nnx.Module):
         new_caches.append(cache)
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+    return self.logits(x), new_caches
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    """tokens [B, T] int -> the first block's input [B, T, d_model]."""
+    x = self.embed(tokens)
+    if self.cfg.embed_scale:
+      x = x * jnp.asarray(self.cfg.d_model**0.5, x.dtype)
+    return x
+
+  def logits(self, x: Array) -> Array:
+    """The last block's output [B, T, d_model] -> logits [B, T, vocab] float32."""
+    cfg = self.cfg
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = _unembed(self.embed, x.astype(jnp.float32))
@@ -217,7 +227,7 @@ class Decoder(nnx.Module):
     logits = logits.astype(jnp.float32)
     if cfg.final_soft_cap is not None:
       logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
-    return logits, new_caches
+    return logits
 
 
 def fold_value_rotations(model: Decoder, rotations: Sequence[Array | None]) -> Decoder:

@@ -171,17 +171,7 @@ def _readback_layer(graphdef, state, x, positions, caches, *, layer, window, tai
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _next_token_nll(graphdef, state, x, tokens):
-  model = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  x = model.final_norm(x)
-  if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), model.embed.embedding[...])
-  else:
-    logits = model.lm_head(x)
-  logits = logits.astype(jnp.float32)
-  if cfg.final_soft_cap is not None:
-    logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  logp = jax.nn.log_softmax(nnx.merge(graphdef, state).logits(x[:, :-1]), axis=-1)
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -218,31 +208,29 @@ def readback_nll(model, tokens: Array, make_cache: MakeCache | Sequence[MakeCach
     raise ValueError(f"need one maker or one per kv head ({cfg.num_kv_heads}), got "
                      f"{len(makers)}")
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  x = model.embed(tokens)
-  if cfg.embed_scale:
-    x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+  x = model.embed_tokens(tokens)
+  window = tail = 0
+  if makers:   # one window for every layer: read once, with room past the text for a
+    # window and a block of zeros, so that every real token is coded
+    first_cache = makers[0](b, t, cfg.num_kv_heads, cfg.head_dim, jnp.float32, layer=0,
+                            rope=cfg.layer_rope(0))
+    if not hasattr(first_cache, "reconstruct"):
+      raise ValueError("readback_nll reads codes back from TurboQuant caches; the maker "
+                       f"gave a {type(first_cache).__name__}")
+    window, code_block = first_cache.config.window, first_cache.code_block
+    tail = _round_up(t + window + code_block, code_block) - t
   kind = {}   # layers of one rope and window share the first such layer's graph
-  window = None
   for i, block in enumerate(model.layers):
     first = kind.setdefault((cfg.layer_rope(i), cfg.layer_window(i)), i)
-    made = lambda n: tuple(m(b, n, cfg.num_kv_heads, cfg.head_dim, jnp.float32, layer=i,  # noqa: E731
-                             rope=cfg.layer_rope(i)) for m in makers)
-    caches = made(t)
+    caches = tuple(m(b, t + tail, cfg.num_kv_heads, cfg.head_dim, jnp.float32, layer=i,
+                     rope=cfg.layer_rope(i)) for m in makers)
     for c in caches:
-      if not hasattr(c, "reconstruct"):
-        raise ValueError(f"layer {i}: readback_nll reads codes back from TurboQuant "
-                         f"caches; the maker gave a {type(c).__name__}")
-      if window is None:
-        window = c.config.window
-      elif c.config.window != window:
-        raise ValueError(f"every cache needs one exact window; layer {i} has "
-                         f"{c.config.window}, an earlier one {window}")
-    tail = 0
-    if caches:   # room past the text for a window and a block of zeros: all of it coded
-      tail = _round_up(t + window + caches[0].code_block, caches[0].code_block) - t
-      caches = made(t + tail)
+      if not hasattr(c, "reconstruct") or c.config.window != window:
+        raise ValueError(f"layer {i}: readback_nll needs TurboQuant caches of one exact "
+                         f"window ({window}); the maker gave a {type(c).__name__}"
+                         + (f" of window {c.config.window}" if hasattr(c, "config") else ""))
     x = _readback_layer(nnx.graphdef(model.layers[first]), nnx.state(block), x, positions,
-                        caches, layer=first, window=window or 0, tail=tail)
+                        caches, layer=first, window=window, tail=tail)
   graphdef, state = nnx.split(model)
   return np.asarray(_next_token_nll(graphdef, state, x, tokens))
 
@@ -361,9 +349,7 @@ def layer_qkv(model, tokens: Array) -> list[tuple[Array, Array, Array]]:
 
   @nnx.jit
   def run(model, tokens):
-    x = model.embed(tokens)
-    if model.cfg.embed_scale:
-      x = x * jnp.asarray(model.cfg.d_model**0.5, x.dtype)
+    x = model.embed_tokens(tokens)
     out = []
     for block in model.layers:
       out.append(block.attn.project(block.input_norm(x), positions))
@@ -431,9 +417,7 @@ def final_hidden_states(model, tokens: Array) -> Array:
 
   @nnx.jit
   def run(model, tokens):
-    x = model.embed(tokens)
-    if model.cfg.embed_scale:
-      x = x * jnp.asarray(model.cfg.d_model**0.5, x.dtype)
+    x = model.embed_tokens(tokens)
     for block in model.layers:
       x, _ = block(x, positions, None, None, False)
     return model.final_norm(x).astype(jnp.float32)

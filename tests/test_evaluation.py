@@ -25,6 +25,13 @@ def tiny(name="llama", seed=0):
   return model, tokens
 
 
+def forward_nll(model, tokens):
+  """[B, T-1] losses of tokens[:, 1:] from the full forward pass (no cache)."""
+  logits, _ = forward(model, tokens)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
   model, tokens = tiny()
   model.embed.embedding[...] = jnp.zeros_like(model.embed.embedding[...])  # logits all 0
@@ -36,9 +43,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_decode_nll_with_a_dense_cache_is_the_full_forward_nll(name):
   model, tokens = tiny(name)
-  logits, _ = forward(model, tokens)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  want = forward_nll(model, tokens)
   np.testing.assert_allclose(evaluation.decode_nll(model, tokens, DenseKVCache.create), want,
                              rtol=1e-4, atol=1e-4)
 
@@ -154,9 +159,7 @@ def test_hidden_states_times_unembedding_are_the_logits(name):
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_readback_nll_with_no_cache_is_the_full_forward_nll(name):
   model, tokens = tiny(name)
-  logits, _ = forward(model, tokens)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  want = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  want = forward_nll(model, tokens)
   np.testing.assert_allclose(evaluation.readback_nll(model, tokens, None), want,
                              rtol=1e-4, atol=1e-4)
 
