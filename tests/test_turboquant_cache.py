@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -786,6 +787,33 @@ def test_norm_dtype_per_side(rng):
   for bad in ((f16,), (f16, f8, f8), (f16, jnp.int8)):
     with pytest.raises(ValueError, match="norm_dtype"):
       TurboQuantConfig(norm_dtype=bad)
+
+
+def test_default_norm_fit_leaves_attention_unshrunk(rng):
+  """The default stores projected value norms: attention averages the values' errors
+  over tokens, so the shrinkage of matched (or the paper's exact) norms, a bias along each
+  value, stays in the output where part of the projected values' noise averages away."""
+  t, d = 256, 64
+  config = TurboQuantConfig(key_bits=4, value_bits=2, window=0, num_sinks=0,
+                            norm_dtype=jnp.float32)
+  assert config.norm_fits == ("projected", "projected")
+  assert TurboQuantConfig(key_bits=3, key_quantizer="prod").norm_fits == ("exact", "projected")
+  q = jnp.zeros((1, 1, 1, d), jnp.float32)      # equal scores: the output is the mean value
+  fits = (None, ("projected", "matched"), "exact")
+  errors = np.zeros(len(fits))
+  for seed in range(3):
+    k = rand(rng, 1, t, 1, d)
+    v = rand(rng, 1, 1, 1, d) + rand(rng, 1, t, 1, d, scale=2.0)   # a shared direction
+    want = np.asarray(jnp.mean(v, axis=1))[:, None]
+    for i, fit in enumerate(fits):
+      cache = TurboQuantKVCache.create(1, t, 1, d, config=dataclasses.replace(
+          config, norm_fit=fit, seed=seed)).update(k, v)
+      if fit is None:   # <v̂, v> = ‖v‖² per token
+        vh = np.swapaxes(np.asarray(v), 1, 2)
+        values = np.asarray(cache.reconstruct()[1])
+        np.testing.assert_allclose(np.sum(values * vh, -1), np.sum(vh * vh, -1), rtol=1e-4)
+      errors[i] += np.linalg.norm(np.asarray(cache.attend(q)) - want) / np.linalg.norm(want)
+  assert errors[0] < 0.85 * errors[1] and errors[1] < 0.85 * errors[2], errors / 3
 
 
 @pytest.mark.parametrize("layout", ["planes", "tiles"])
