@@ -49,17 +49,16 @@ def _budget(config, cfg, budget: float):
       key_weight=KEY_WEIGHT))
 
 
+_K4V25 = lambda c, m: _layers(c, m, lambda i: (4, 2.5))  # noqa: E731
+_PROJECTED = {"norm_fit": ("projected", "projected")}
+
 # name -> (config overrides, maker from (config, the model's DecoderConfig)); the kw35,
 # k*v* and v5-* rows are SmolLM2's (v5-head*: 3 kv heads), budget* any model's.
 SETTINGS: dict[str, tuple[dict, Callable]] = {
-    "kw35": ({}, lambda c, m: _layers(c, m, lambda i: (4, 2.5))),
-    "kw35-projected-values": ({"norm_fit": ("projected", "projected")},
-                              lambda c, m: _layers(c, m, lambda i: (4, 2.5))),
-    "kw35-exact-values": ({"norm_fit": ("projected", "exact")},
-                          lambda c, m: _layers(c, m, lambda i: (4, 2.5))),
-    "kw35-projected-centred-values": ({"norm_fit": ("projected", "projected"),
-                                       "center_values": True},
-                                      lambda c, m: _layers(c, m, lambda i: (4, 2.5))),
+    "kw35": ({}, _K4V25),
+    "kw35-projected-values": (_PROJECTED, _K4V25),
+    "kw35-exact-values": ({"norm_fit": ("projected", "exact")}, _K4V25),
+    "kw35-projected-centred-values": ({**_PROJECTED, "center_values": True}, _K4V25),
     "k5v5": ({}, lambda c, m: _layers(c, m, lambda i: (5, 5))),
     "k4v5": ({}, lambda c, m: _layers(c, m, lambda i: (4, 5))),
     "k5v2.5": ({}, lambda c, m: _layers(c, m, lambda i: (5, 2.5))),
@@ -71,9 +70,7 @@ SETTINGS: dict[str, tuple[dict, Callable]] = {
        for g in range(0, 30, 5)},
     **{f"budget{b:g}{suffix}": (over, functools.partial(
         lambda b, c, m: _budget(c, m, b), b))
-       for b in (2.5, 3.0, 3.5)
-       for suffix, over in (("", {}),
-                            ("-projected-values", {"norm_fit": ("projected", "projected")}))},
+       for b in (2.5, 3.0, 3.5) for suffix, over in (("", {}), ("-projected-values", _PROJECTED))},
 }
 BASE = dict(norm_dtype=(jnp.float16, jnp.float8_e4m3fn), window=256,
             norm_fit=("projected", "matched"))
